@@ -1,0 +1,167 @@
+"""`cifar-cli`: LightningCLI over `ImageClassifier` and the data modules, with the tutorial recipe as its defaults."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from jsonargparse import ArgumentError
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+from cifar_cli.callbacks import run_dir
+from cifar_cli.classifier import ImageClassifier
+from cifar_cli.data import ImageDataModule
+from cifar_cli.errors import UsageError
+
+# Set to any value to get the full traceback of an error instead of its one-line summary.
+DEBUG_ENV = "JSONARGPARSE_DEBUG"
+
+
+class RunConfigSaver(SaveConfigCallback):
+    """Saves the resolved config as `config.yaml` beside the run's checkpoints, and into the W&B run's config.
+
+    Lightning's SaveConfigCallback writes to `trainer.log_dir`, which for WandbLogger is the shared `save_dir`:
+    the second run in the same folder would stop on the first run's `config.yaml`. The run's own folder is unique.
+    """
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self.already_saved or not trainer.is_global_zero:
+            return
+        folder = run_dir(trainer)
+        os.makedirs(folder, exist_ok=True)
+        # Without a logger every run shares default_root_dir, like its checkpoints: the newest config wins there.
+        overwrite = self.overwrite or not trainer.loggers
+        self.parser.save(self.config, os.path.join(folder, self.config_filename), skip_none=False, overwrite=overwrite)
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.experiment.config.update(yaml.safe_load(self.parser.dump(self.config, skip_none=False)))
+        self.already_saved = True
+
+
+class CifarCLI(LightningCLI):
+    """The command line: data modules by class path, the model's net and sizes linked from the data."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # Derived values are linked, never typed twice: the data decides the classes and the image size.
+        parser.link_arguments("data.num_classes", "model.net.init_args.num_classes", apply_on="instantiate")
+        parser.link_arguments("data.image_shape", "model.net.init_args.image_shape", apply_on="instantiate")
+        parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
+        # The tutorial's recipe. Given as class paths, so each object is built after the seed is set.
+        parser.set_defaults(
+            {
+                "data": {"class_path": "cifar_cli.data.CIFAR10DataModule"},
+                "model.net": {"class_path": "cifar_cli.nets.TutorialCNN"},
+                "trainer.max_epochs": 2,
+                "trainer.logger": {
+                    "class_path": "lightning.pytorch.loggers.WandbLogger",
+                    "init_args": {"project": "cifar-cli", "save_dir": "runs", "offline": True},
+                },
+                "trainer.callbacks": [
+                    {
+                        "class_path": "lightning.pytorch.callbacks.EarlyStopping",
+                        "init_args": {"monitor": "val_loss", "mode": "min", "patience": 3},
+                    },
+                    {
+                        "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                        "init_args": {"monitor": "val_loss", "mode": "min", "save_top_k": 1},
+                    },
+                    {"class_path": "cifar_cli.callbacks.ImagePredictionLogger", "init_args": {"num_samples": 32}},
+                    {"class_path": "cifar_cli.callbacks.PredictionWriter"},
+                    {"class_path": "lightning.pytorch.callbacks.RichProgressBar"},
+                ],
+            }
+        )
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        ckpt_path = subcommand and self.config[subcommand].get("ckpt_path")
+        if ckpt_path:
+            check_checkpoint(ckpt_path)
+
+    def _check_checkpoint_fits(self) -> None:
+        ckpt_path = self.config[self.subcommand].get("ckpt_path")
+        if not ckpt_path:
+            return
+        state_dict = torch.load(ckpt_path, map_location="cpu", weights_only=True)["state_dict"]
+        own = self.model.state_dict()
+        problems = [f"{k} is missing" for k in own.keys() - state_dict.keys()]
+        problems += [f"{k} is unexpected" for k in state_dict.keys() - own.keys()]
+        problems += [
+            f"{k} has shape {tuple(v.shape)} but the model needs {tuple(own[k].shape)}"
+            for k, v in state_dict.items()
+            if k in own and v.shape != own[k].shape
+        ]
+        if problems:
+            raise UsageError(
+                f"checkpoint {ckpt_path} does not fit the model ({'; '.join(problems[:3])}): it comes from another "
+                "model or data set; drop the --model/--data flags that differ from its training run"
+            )
+
+    def before_fit(self) -> None:
+        self._check_checkpoint_fits()
+
+    def before_validate(self) -> None:
+        self._check_checkpoint_fits()
+
+    def before_test(self) -> None:
+        self._check_checkpoint_fits()
+
+    def before_predict(self) -> None:
+        self._check_checkpoint_fits()
+
+    def after_fit(self) -> None:
+        best = self.trainer.checkpoint_callback
+        if self.trainer.is_global_zero and best is not None and best.best_model_path:
+            score = f" ({best.monitor} {best.best_model_score:.4f})" if best.best_model_score is not None else ""
+            print(f"Best checkpoint{score}: {best.best_model_path}")
+
+
+def check_checkpoint(ckpt_path: str) -> None:
+    """Fail early, in one line, on a --ckpt_path that is missing, not a checkpoint, or from another model."""
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise UsageError(f"--ckpt_path {ckpt_path}: no such file; pass a .ckpt file written by `cifar-cli fit`")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises pickle, zip and runtime errors alike for a file that is no checkpoint
+        raise UsageError(f"--ckpt_path {ckpt_path} is not a Lightning checkpoint ({type(err).__name__})") from err
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise UsageError(f"--ckpt_path {ckpt_path} is not a Lightning checkpoint (it has no state_dict)")
+    hparams: dict[str, Any] = checkpoint.get("hyper_parameters") or {}
+    if "net" not in hparams or "class_names" not in hparams:
+        raise UsageError(
+            f"--ckpt_path {ckpt_path} was not written by cifar-cli's ImageClassifier "
+            f"(its hyperparameters are {sorted(hparams) or 'empty'}); pass a checkpoint from `cifar-cli fit`"
+        )
+
+
+def one_line(err: BaseException) -> str:
+    """An error's message folded onto one line (jsonargparse nests the reasons over several)."""
+    lines = [line.strip(" -") for line in str(err).splitlines()]
+    return "; ".join(line for line in lines if line)
+
+
+def main(args: ArgsType = None) -> None:
+    """Entry point of `cifar-cli` and `python -m cifar_cli`."""
+    try:
+        CifarCLI(
+            ImageClassifier,
+            ImageDataModule,
+            subclass_mode_data=True,
+            seed_everything_default=42,
+            save_config_callback=RunConfigSaver,
+            parser_kwargs={"exit_on_error": False},
+            args=args,
+        )
+    except (ArgumentError, MisconfigurationException, UsageError) as err:
+        if os.environ.get(DEBUG_ENV):
+            raise
+        sys.exit(f"cifar-cli: error: {one_line(err)}")
