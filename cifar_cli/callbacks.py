@@ -29,8 +29,8 @@ def run_dir(trainer: Trainer) -> str:
 class ImagePredictionLogger(Callback):
     """After every validation epoch, logs the same validation images to W&B, captioned "Pred: cat, Label: dog".
 
-    The sample is the first `num_samples` images of the validation split, taken once, so the panel shows how the
-    predictions on fixed images change as training goes on.
+    The sample is drawn once, with a fixed seed, from the whole validation split (whose first images may all be
+    of one class), so the panel shows how the predictions on the same images change as training goes on.
 
     Args:
         num_samples: Number of validation images to log.
@@ -60,7 +60,9 @@ class ImagePredictionLogger(Callback):
             self._warn_once("it needs one of cifar_cli's data modules")
             return
         if self._sample is None:
-            self._sample = data.splits["val"][: self.num_samples]
+            val = data.splits["val"]
+            pick = torch.randperm(len(val), generator=torch.Generator().manual_seed(0))[: self.num_samples]
+            self._sample = val[pick]
         images, labels = self._sample
         precision = trainer.precision_plugin
         with torch.no_grad(), precision.forward_context():

@@ -11,6 +11,7 @@ import torch
 import yaml
 from jsonargparse import ArgumentError
 from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -22,6 +23,8 @@ from cifar_cli.errors import UsageError
 
 # Set to any value to get the full traceback of an error instead of its one-line summary.
 DEBUG_ENV = "JSONARGPARSE_DEBUG"
+# Checkpoint entry holding the run's data config.
+CHECKPOINT_KEY = "cifar_cli"
 
 
 class RunConfigSaver(SaveConfigCallback):
@@ -43,6 +46,10 @@ class RunConfigSaver(SaveConfigCallback):
             if isinstance(logger, WandbLogger):
                 logger.experiment.config.update(yaml.safe_load(self.parser.dump(self.config, skip_none=False)))
         self.already_saved = True
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        # The data module's full config (class_path and init_args), so that `--ckpt_path` restores it too.
+        checkpoint[CHECKPOINT_KEY] = {"data": yaml.safe_load(self.parser.dump(self.config, skip_none=False))["data"]}
 
 
 class CifarCLI(LightningCLI):
@@ -74,17 +81,31 @@ class CifarCLI(LightningCLI):
                     },
                     {"class_path": "cifar_cli.callbacks.ImagePredictionLogger", "init_args": {"num_samples": 32}},
                     {"class_path": "cifar_cli.callbacks.PredictionWriter"},
-                    {"class_path": "lightning.pytorch.callbacks.RichProgressBar"},
                 ],
             }
         )
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        # A rich progress bar unless the config picks another or turns progress bars off. Not a default callback
+        # in the config: there it would clash with `--trainer.enable_progress_bar false`.
+        trainer = self._get(self.config_init, "trainer", default={})
+        callbacks = trainer.get("callbacks") or []
+        if trainer.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+            kwargs.setdefault("callbacks", [*callbacks, RichProgressBar()])
+        return super().instantiate_trainer(**kwargs)
 
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
         ckpt_path = subcommand and self.config[subcommand].get("ckpt_path")
-        if ckpt_path:
-            check_checkpoint(ckpt_path)
+        if not ckpt_path:
+            return
+        # The model's settings come from the checkpoint (LightningCLI applies them next); its data settings
+        # become the defaults here, so `test --ckpt_path FILE` alone evaluates on the split it was trained with.
+        data = load_checkpoint(ckpt_path).get(CHECKPOINT_KEY, {}).get("data")
+        if data:
+            self._parser(subcommand).set_defaults({"data": data})
+            super().parse_arguments(parser, args)
 
     def _check_checkpoint_fits(self) -> None:
         ckpt_path = self.config[self.subcommand].get("ckpt_path")
@@ -124,8 +145,8 @@ class CifarCLI(LightningCLI):
             print(f"Best checkpoint{score}: {best.best_model_path}")
 
 
-def check_checkpoint(ckpt_path: str) -> None:
-    """Fail early, in one line, on a --ckpt_path that is missing, not a checkpoint, or from another model."""
+def load_checkpoint(ckpt_path: str) -> dict[str, Any]:
+    """Load a --ckpt_path, failing in one line when it is missing, not a checkpoint, or from another model."""
     path = Path(ckpt_path)
     if not path.is_file():
         raise UsageError(f"--ckpt_path {ckpt_path}: no such file; pass a .ckpt file written by `cifar-cli fit`")
@@ -141,6 +162,7 @@ def check_checkpoint(ckpt_path: str) -> None:
             f"--ckpt_path {ckpt_path} was not written by cifar-cli's ImageClassifier "
             f"(its hyperparameters are {sorted(hparams) or 'empty'}); pass a checkpoint from `cifar-cli fit`"
         )
+    return checkpoint
 
 
 def one_line(err: BaseException) -> str:

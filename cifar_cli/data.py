@@ -106,6 +106,7 @@ class ImageDataModule(LightningDataModule):
         split_seed: Seed of the train/validation split; the same seed gives the same split on every run and rank.
         num_workers: DataLoader worker processes. Batches are slices of an in-memory tensor, so 0 is fastest.
         augment: Randomly crop (4-pixel reflect padding) and flip training images, batched on the device.
+        predict_root: Folder of unlabelled images for `predict` (searched recursively); default: the test split.
     """
 
     def __init__(
@@ -115,6 +116,7 @@ class ImageDataModule(LightningDataModule):
         split_seed: int = 42,
         num_workers: NonNegativeInt = 0,
         augment: bool = False,
+        predict_root: str | None = None,
     ) -> None:
         super().__init__()
         self.batch_size = batch_size
@@ -122,6 +124,7 @@ class ImageDataModule(LightningDataModule):
         self.split_seed = split_seed
         self.num_workers = num_workers
         self.augment = augment
+        self.predict_root = None if predict_root is None else Path(predict_root).expanduser()
         self.splits: dict[str, TensorImageDataset] = {}
         # Names of the predicted images (paths or indices) in the order of the predict split, for predictions.csv.
         self.predict_names: list[str] = []
@@ -147,6 +150,30 @@ class ImageDataModule(LightningDataModule):
         pixels = train_images.transpose(0, 1).reshape(train_images.shape[1], -1).double()
         self.mean, self.std = pixels.mean(1).float(), pixels.std(1).float()
         self._stats_on.clear()
+
+    def setup(self, stage: str) -> None:
+        if not self.splits:
+            self.load_splits()
+        if stage == "predict":
+            self.setup_predict_folder()
+
+    def load_splits(self) -> None:
+        """Fill `self.splits` with the labelled splits and set the normalisation statistics."""
+        raise NotImplementedError
+
+    def setup_predict_folder(self) -> None:
+        """Make `predict_root`'s images the predict split, named by their paths relative to it."""
+        if self.predict_root is None:
+            return
+        if not self.predict_root.is_dir():
+            raise UsageError(f"--data.predict_root {self.predict_root} is not a folder")
+        paths = list_images(self.predict_root)
+        if not paths:
+            raise UsageError(f"{self.predict_root} has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        _, height, width = self.image_shape
+        images = decode_images(paths, height)
+        self.splits["predict"] = TensorImageDataset(images, torch.full((len(paths),), -1, dtype=torch.long))
+        self.predict_names = [p.relative_to(self.predict_root).as_posix() for p in paths]
 
     def check_split_sizes(self, n_train: int, held_out: int) -> None:
         if held_out >= n_train:
@@ -217,6 +244,7 @@ class CIFAR10DataModule(ImageDataModule):
         split_seed: Seed of the train/validation split; the same seed gives the same split on every run and rank.
         num_workers: DataLoader worker processes. Batches are slices of an in-memory tensor, so 0 is fastest.
         augment: Randomly crop (4-pixel reflect padding) and flip training images, batched on the device.
+        predict_root: Folder of unlabelled images for `predict` (searched recursively); default: the test split.
     """
 
     dataset_class: type[CIFAR10] = CIFAR10
@@ -233,8 +261,9 @@ class CIFAR10DataModule(ImageDataModule):
         split_seed: int = 42,
         num_workers: NonNegativeInt = 0,
         augment: bool = False,
+        predict_root: str | None = None,
     ) -> None:
-        super().__init__(batch_size, val_size, split_seed, num_workers, augment)
+        super().__init__(batch_size, val_size, split_seed, num_workers, augment, predict_root)
         self.data_dir = data_dir
         self.download = download
         self.save_hyperparameters()
@@ -270,9 +299,7 @@ class CIFAR10DataModule(ImageDataModule):
         self._load(train=False, download=self.download)
         self.check_split_sizes(len(train.data), self.val_size)
 
-    def setup(self, stage: str) -> None:
-        if self.splits:
-            return
+    def load_splits(self) -> None:
         train = self._load(train=True)
         images = torch.from_numpy(train.data).permute(0, 3, 1, 2).contiguous()  # NHWC -> NCHW, still uint8
         labels = torch.tensor(train.targets, dtype=torch.long)
@@ -301,6 +328,7 @@ class CIFAR100DataModule(CIFAR10DataModule):
         split_seed: Seed of the train/validation split; the same seed gives the same split on every run and rank.
         num_workers: DataLoader worker processes. Batches are slices of an in-memory tensor, so 0 is fastest.
         augment: Randomly crop (4-pixel reflect padding) and flip training images, batched on the device.
+        predict_root: Folder of unlabelled images for `predict` (searched recursively); default: the test split.
     """
 
     dataset_class = CIFAR100
@@ -359,7 +387,7 @@ class ImageFolderDataModule(ImageDataModule):
         split_seed: Seed of the held-out splits; the same seed gives the same split on every run and rank.
         num_workers: DataLoader worker processes. Batches are slices of an in-memory tensor, so 0 is fastest.
         augment: Randomly crop (4-pixel reflect padding) and flip training images, batched on the device.
-        predict_root: Folder of unlabelled images to predict (searched recursively); default: the test split.
+        predict_root: Folder of unlabelled images for `predict` (searched recursively); default: the test split.
         cache_dir: Where decoded folders are cached; default `$XDG_CACHE_HOME/cifar-cli` or `~/.cache/cifar-cli`.
     """
 
@@ -376,11 +404,10 @@ class ImageFolderDataModule(ImageDataModule):
         predict_root: str | None = None,
         cache_dir: str | None = None,
     ) -> None:
-        super().__init__(batch_size, val_size, split_seed, num_workers, augment)
+        super().__init__(batch_size, val_size, split_seed, num_workers, augment, predict_root)
         self.root = Path(root).expanduser()
-        self.image_size = image_size
+        self.image_size = int(image_size)
         self.test_size = test_size
-        self.predict_root = None if predict_root is None else Path(predict_root).expanduser()
         xdg_cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else Path(xdg_cache) / "cifar-cli"
         self._classes = self._find_classes()
@@ -459,20 +486,7 @@ class ImageFolderDataModule(ImageDataModule):
             if (self.root / split).is_dir():
                 self._read_folder(split)
 
-    def setup(self, stage: str) -> None:
-        if not self.splits:
-            self._setup_labelled()
-        if stage == "predict" and self.predict_root is not None:
-            if not self.predict_root.is_dir():
-                raise UsageError(f"--data.predict_root {self.predict_root} is not a folder")
-            paths = list_images(self.predict_root)
-            if not paths:
-                raise UsageError(f"{self.predict_root} has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-            images = decode_images(paths, self.image_size)
-            self.splits["predict"] = TensorImageDataset(images, torch.full((len(paths),), -1, dtype=torch.long))
-            self.predict_names = [p.relative_to(self.predict_root).as_posix() for p in paths]
-
-    def _setup_labelled(self) -> None:
+    def load_splits(self) -> None:
         images, labels, names = self._read_folder("train")
         self.check_split_sizes(len(images), self._held_out())
         self.set_statistics(images)

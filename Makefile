@@ -1,0 +1,42 @@
+# Quick start: `make fit` trains the tutorial recipe, `make test` runs the test suite. Both create .venv first.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+ARGS ?=
+# The CIFAR-10 training images as JPEG class folders, for machines that cannot download CIFAR-10 (see README).
+CIFAR10_JPG ?= ../shared/data/cifar10-train-jpg.tar.gz
+
+.PHONY: fit test lint data clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# Reinstall when the dependencies change; the stamps remember what was installed.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@ $(VENV)/.installed
+
+fit: $(VENV)/.installed
+	$(BIN)/cifar-cli fit $(ARGS)
+
+test: $(VENV)/.installed-dev
+	$(BIN)/ruff check cifar_cli tests
+	$(BIN)/pytest -q $(ARGS)
+
+lint: $(VENV)/.installed-dev
+	$(BIN)/ruff check cifar_cli tests
+	$(BIN)/ruff format --check cifar_cli tests
+
+# Unpack the JPEG copy into data/cifar10-jpg/train/<class>/, for configs/cifar10-jpg.yaml.
+data: data/cifar10-jpg/train
+data/cifar10-jpg/train: $(CIFAR10_JPG)
+	mkdir -p data/cifar10-jpg.partial
+	tar -xzf $(CIFAR10_JPG) -C data/cifar10-jpg.partial
+	rm -rf data/cifar10-jpg && mv data/cifar10-jpg.partial data/cifar10-jpg
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
