@@ -11,7 +11,7 @@ from jsonargparse.typing import PositiveInt
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from cifar_cli.data import ImageDataModule
@@ -92,9 +92,10 @@ class PredictionWriter(BasePredictionWriter):
     def write_on_epoch_end(
         self, trainer: Trainer, pl_module: LightningModule, predictions: Any, batch_indices: Any
     ) -> None:
-        if trainer.num_predict_dataloaders > 1:
-            raise NotImplementedError("PredictionWriter writes one predict dataloader")
-        index = torch.tensor([i for batch in batch_indices for i in batch], dtype=torch.long)
+        # Lightning passes one list of batch indices per dataloader, and the predictions of a single one unnested.
+        if len(batch_indices) != 1:
+            raise NotImplementedError("PredictionWriter writes the predictions of one dataloader")
+        index = torch.tensor([i for batch in batch_indices[0] for i in batch], dtype=torch.long)
         columns = [index] + [torch.cat([p[k] for p in predictions]) for k in ("predicted", "confidence", "label")]
         index, predicted, confidence, label = gather_rows(trainer, pl_module, columns)
         if not trainer.is_global_zero:
@@ -119,7 +120,7 @@ class PredictionWriter(BasePredictionWriter):
                     [image_names[i], names[int(predicted[row])], f"{float(confidence[row]):.4f}", true_name]
                 )
         os.replace(partial, path)  # complete or absent, never half-written
-        rank_zero_info(f"Predictions for {len(index)} images written to {path}")
+        print(f"Predictions for {len(index)} images written to {path}")
 
 
 def gather_rows(trainer: Trainer, pl_module: LightningModule, columns: list[Tensor]) -> list[Tensor]:

@@ -21,7 +21,7 @@ from cifar_cli.classifier import ImageClassifier
 from cifar_cli.data import ImageDataModule
 from cifar_cli.errors import UsageError
 
-# Set to any value to get the full traceback of an error instead of its one-line summary.
+# Set to true to get the full traceback of an error instead of its one-line summary (jsonargparse reads it too).
 DEBUG_ENV = "JSONARGPARSE_DEBUG"
 # Checkpoint entry holding the run's data config.
 CHECKPOINT_KEY = "cifar_cli"
@@ -84,6 +84,14 @@ class CifarCLI(LightningCLI):
                 ],
             }
         )
+
+    def before_instantiate_classes(self) -> None:
+        trainer = self.config[self.subcommand]["trainer"] if self.subcommand else self.config["trainer"]
+        if str(trainer.get("accelerator")) in ("gpu", "cuda") and not torch.cuda.is_available():
+            raise UsageError(
+                f"--trainer.accelerator {trainer['accelerator']}: this machine has no CUDA GPU that PyTorch can use; "
+                "run with --config configs/cpu.yaml or --trainer.accelerator cpu"
+            )
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         # A rich progress bar unless the config picks another or turns progress bars off. Not a default callback
@@ -165,14 +173,42 @@ def load_checkpoint(ckpt_path: str) -> dict[str, Any]:
     return checkpoint
 
 
+# Lines of jsonargparse's nested messages that repeat what the other lines say, or spell out internals.
+_NOISE = (
+    "Does not validate against any of the Union subtypes",
+    "Subtypes:",
+    "Errors:",
+    "Given value",
+    "Expected a <class 'NoneType'>",
+)
+USER_ERRORS = (ArgumentError, MisconfigurationException, UsageError)
+
+
+def user_error(err: BaseException) -> BaseException | None:
+    """The bad-input error behind `err`, if any: jsonargparse wraps errors raised while it builds the classes."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, UsageError):
+            return err
+        if isinstance(err, USER_ERRORS):
+            inner = user_error(err.__cause__) if err.__cause__ is not None else None
+            return inner if isinstance(inner, UsageError) else err
+        err = err.__cause__ or err.__context__
+    return None
+
+
 def one_line(err: BaseException) -> str:
-    """An error's message folded onto one line (jsonargparse nests the reasons over several)."""
-    lines = [line.strip(" -") for line in str(err).splitlines()]
-    return "; ".join(line for line in lines if line)
+    """An error's message on one line, without jsonargparse's repetitions."""
+    lines = [line.strip().removeprefix("- ") for line in str(err).splitlines()]
+    lines = [
+        line.replace("Problem with given class_path ", "") for line in lines if line and not line.startswith(_NOISE)
+    ]
+    return " ".join(lines)
 
 
 def main(args: ArgsType = None) -> None:
-    """Entry point of `cifar-cli` and `python -m cifar_cli`."""
+    """Entry point of `cifar-cli` and `python -m cifar_cli`. Bad input ends in one line on stderr and exit code 2."""
     try:
         CifarCLI(
             ImageClassifier,
@@ -183,7 +219,9 @@ def main(args: ArgsType = None) -> None:
             parser_kwargs={"exit_on_error": False},
             args=args,
         )
-    except (ArgumentError, MisconfigurationException, UsageError) as err:
-        if os.environ.get(DEBUG_ENV):
+    except Exception as err:
+        cause = user_error(err)
+        if cause is None or os.environ.get(DEBUG_ENV, "").lower() in ("true", "1"):
             raise
-        sys.exit(f"cifar-cli: error: {one_line(err)}")
+        print(f"cifar-cli: error: {one_line(cause)}", file=sys.stderr)
+        sys.exit(2)

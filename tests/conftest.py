@@ -111,9 +111,12 @@ def offline_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.delenv("JSONARGPARSE_DEBUG", raising=False)
     yield
-    # The CLI leaves the W&B run to end at process exit, as a command should; tests share one process.
+    # The CLI leaves the W&B run to end at process exit, as a command should; tests share one process. The W&B
+    # service resolves relative run folders against its own working directory: stop it, so that the next test's
+    # service starts in that test's folder.
     if wandb.run is not None:
         wandb.finish()
+    wandb.teardown()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

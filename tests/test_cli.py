@@ -1,0 +1,317 @@
+"""The command line, driven through `main([...])` (and the console script) on tiny offline data."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from wandb_offline import read_run
+
+from cifar_cli.cli import main
+from cifar_cli.data import CIFAR10DataModule
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+CSV_LOGGER = ["--trainer.logger", "CSVLogger", "--trainer.logger.save_dir", "runs"]
+
+
+def cifar_args(data_dir: Path) -> list[str]:
+    return ["--data.data_dir", str(data_dir), "--data.val_size", "40", "--trainer.enable_progress_bar", "false"]
+
+
+def checkpoints() -> list[Path]:
+    return sorted(Path().glob("**/checkpoints/*.ckpt"))
+
+
+def run_folders() -> list[Path]:
+    return sorted(p.parent for p in Path("runs").glob("*/*/config.yaml"))
+
+
+def metrics_rows(save_dir: str) -> list[dict[str, str]]:
+    """The rows of the one CSVLogger run under `save_dir`."""
+    (path,) = Path(save_dir).glob("**/metrics.csv")
+    with open(path) as file:
+        return list(csv.DictReader(file))
+
+
+def values(rows: list[dict[str, str]], key: str) -> list[float]:
+    return [float(row[key]) for row in rows if row.get(key)]
+
+
+def fails(capsys: pytest.CaptureFixture, *args: str) -> str:
+    """Run the CLI expecting bad input: a non-zero exit and one line on stderr, with no traceback."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(args))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("cifar-cli: error: "), err
+    return err[0]
+
+
+def test_fit_then_validate_test_predict_with_ckpt_path_alone(fake_cifar10: Path, capsys) -> None:
+    main(["fit", *cifar_args(fake_cifar10), *CSV_LOGGER, "--trainer.max_epochs", "8", "--model.learning_rate", "1e-3"])
+    (ckpt,) = checkpoints()
+    assert "Best checkpoint (val_loss " in capsys.readouterr().out
+    fit_rows = metrics_rows("runs")
+    # Class-coloured images are easy: training must beat chance (0.1) by far.
+    assert max(values(fit_rows, "val_acc")) >= 0.8
+    losses = values(fit_rows, "train_loss_epoch")
+    assert losses[-1] < 0.5 * losses[0]
+
+    # validate on the checkpoint reproduces the val_loss that ModelCheckpoint recorded for it.
+    best_score = torch.load(ckpt, weights_only=True)["callbacks"]
+    (state,) = [v for k, v in best_score.items() if k.startswith("ModelCheckpoint")]
+    main(["validate", "--ckpt_path", str(ckpt), "--trainer.logger", "CSVLogger", "--trainer.logger.save_dir", "v"])
+    assert values(metrics_rows("v"), "val_loss")[-1] == pytest.approx(float(state["best_model_score"]), abs=1e-5)
+
+    # test and predict need nothing but the checkpoint: model and data settings come from it.
+    main(["test", "--ckpt_path", str(ckpt), "--trainer.logger", "CSVLogger", "--trainer.logger.save_dir", "t"])
+    test_acc = values(metrics_rows("t"), "test_acc")[-1]
+    main(["predict", "--ckpt_path", str(ckpt), "--trainer.logger", "false"])
+    out = capsys.readouterr()
+    assert "Predictions for 50 images written to" in out.out + out.err
+    with open("predictions.csv") as file:
+        rows = list(csv.DictReader(file))
+    assert [row["image"] for row in rows] == [str(i) for i in range(50)]
+    names = set(CIFAR10DataModule.names)
+    assert all(row["predicted"] in names and row["label"] in names for row in rows)
+    assert all(0.0 < float(row["confidence"]) <= 1.0 for row in rows)
+    # The CSV's predictions agree with test: its accuracy is test_acc.
+    hits = sum(row["predicted"] == row["label"] for row in rows)
+    assert hits / len(rows) == pytest.approx(test_acc, abs=1e-6)
+
+
+def test_overrides_reach_config_hparams_and_optimizer(fake_cifar10: Path) -> None:
+    main(
+        [
+            "fit",
+            *cifar_args(fake_cifar10),
+            "--trainer.max_epochs", "1",
+            "--data.batch_size", "16",
+            "--model.learning_rate", "1e-3",
+            "--optimizer", "SGD",
+            "--optimizer.lr", "0.05",
+            "--optimizer.momentum", "0.9",
+            "--lr_scheduler", "CosineAnnealingLR",
+            "--lr_scheduler.T_max", "10",
+            "--trainer.callbacks+=LearningRateMonitor",
+        ]
+    )  # fmt: skip
+    (folder,) = run_folders()
+    config = yaml.safe_load((folder / "config.yaml").read_text())
+    assert config["data"]["init_args"]["batch_size"] == 16
+    assert config["optimizer"]["class_path"] == "torch.optim.SGD"
+    callbacks = [c["class_path"].rsplit(".", 1)[1] for c in config["trainer"]["callbacks"]]
+    assert callbacks[-1] == "LearningRateMonitor" and "ModelCheckpoint" in callbacks
+    ckpt = torch.load(checkpoints()[0], weights_only=True)
+    assert ckpt["hyper_parameters"]["learning_rate"] == 1e-3
+    group = ckpt["optimizer_states"][0]["param_groups"][0]
+    assert group["initial_lr"] == 0.05 and group["momentum"] == 0.9
+    assert ckpt["lr_schedulers"][0]["T_max"] == 10
+    assert ckpt["global_step"] == 10  # 160 training images / batch 16
+
+
+def test_stacked_configs_last_wins(fake_cifar10: Path, tmp_path: Path) -> None:
+    first, second = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    first.write_text("trainer:\n  max_epochs: 3\ndata:\n  init_args:\n    batch_size: 8\n")
+    second.write_text("trainer:\n  max_epochs: 1\n")
+    main(["fit", "--config", str(first), "--config", str(second), *cifar_args(fake_cifar10)])
+    (folder,) = run_folders()
+    config = yaml.safe_load((folder / "config.yaml").read_text())
+    assert config["trainer"]["max_epochs"] == 1
+    assert config["data"]["init_args"]["batch_size"] == 8
+    assert torch.load(checkpoints()[0], weights_only=True)["epoch"] == 0
+
+
+def print_config(capsys: pytest.CaptureFixture, *args: str) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *args, "--print_config"])
+    assert exit_info.value.code in (0, None)
+    return capsys.readouterr().out
+
+
+def test_print_config_round_trip(capsys, tmp_path: Path) -> None:
+    printed = print_config(capsys, "--trainer.max_epochs", "7", "--data.batch_size", "64")
+    saved = tmp_path / "printed.yaml"
+    saved.write_text(printed)
+    assert print_config(capsys, "--config", str(saved)) == printed
+    assert yaml.safe_load(printed)["trainer"]["max_epochs"] == 7
+
+
+def test_default_config_file_is_the_builtin_default(capsys) -> None:
+    assert print_config(capsys, "--config", str(REPO / "configs" / "default.yaml")) == print_config(capsys)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.name for c in CONFIGS])
+def test_every_config_parses(config: Path, capsys) -> None:
+    printed = yaml.safe_load(print_config(capsys, "--config", str(config)))
+    stated = yaml.safe_load(config.read_text())
+    for key, value in (stated.get("trainer") or {}).items():
+        if not isinstance(value, (dict, list)):
+            assert printed["trainer"][key] == value, key
+
+
+def test_wandb_offline_run_holds_metrics_config_and_images(fake_cifar10: Path) -> None:
+    main(["fit", *cifar_args(fake_cifar10), "--trainer.max_epochs", "2", "--data.batch_size", "64"])
+    import wandb
+
+    wandb.finish()
+    (folder,) = Path("runs/wandb").glob("offline-run-*")
+    run = read_run(folder)
+    # The resolved CLI config, under its own keys, beside the model's hyperparameters.
+    assert run.config["trainer"]["max_epochs"] == 2
+    assert run.config["data"]["init_args"]["batch_size"] == 64
+    assert run.config["class_names"] == list(CIFAR10DataModule.names)
+    epochs = [row for row in run.history if "val_acc" in row]
+    assert [row["epoch"] for row in epochs] == [0, 1]
+    assert 0.0 <= run.summary["val_acc"] <= 1.0 and run.summary["val_loss"] > 0
+    # 32 validation images a validation epoch (the sanity check logs none), with class-name captions.
+    assert len(run.images) == 2 * 32
+    captions = run.summary["examples/captions"]
+    assert len(captions) == 32 and all(c.startswith("Pred: ") and ", Label: " in c for c in captions)
+    # config.yaml beside the checkpoints of the same run.
+    assert run_folders() == [Path("runs/cifar-cli") / folder.name.rsplit("-", 1)[1]]
+
+
+def test_second_fit_in_the_same_folder(fake_cifar10: Path) -> None:
+    import wandb
+
+    for _ in range(2):
+        main(["fit", *cifar_args(fake_cifar10), "--trainer.max_epochs", "1"])
+        wandb.finish()  # as at the end of a cifar-cli process
+    assert len(run_folders()) == 2 and len(checkpoints()) == 2
+
+
+def test_image_folder_data_links_classes_and_shape(image_folder: Path) -> None:
+    main(
+        [
+            "fit",
+            "--data", "ImageFolderDataModule",
+            "--data.root", str(image_folder),
+            "--data.val_size", "30",
+            "--data.image_size", "24",
+            "--trainer.max_epochs", "1",
+            "--trainer.logger", "false",
+        ]
+    )  # fmt: skip
+    ckpt = torch.load(checkpoints()[0], weights_only=True)
+    assert ckpt["hyper_parameters"]["class_names"] == ["cat", "dog", "frog"]
+    assert ckpt["hyper_parameters"]["net"]["init_args"] == {"num_classes": 3, "image_shape": (3, 24, 24)}
+    assert ckpt["state_dict"]["net.fc3.weight"].shape == (3, 128)
+
+
+def test_predict_folder_of_unlabelled_images(image_folder: Path, tmp_path: Path, capsys) -> None:
+    main(["fit", "--data", "ImageFolderDataModule", "--data.root", str(image_folder), "--data.val_size", "30",
+          "--trainer.max_epochs", "1", "--trainer.logger", "false"])  # fmt: skip
+    unlabelled = tmp_path / "new"
+    (unlabelled / "sub").mkdir(parents=True)
+    for source, target in zip(sorted((image_folder / "test" / "dog").iterdir())[:3], ["a.png", "b.png", "sub/c.png"]):
+        (unlabelled / target).write_bytes(source.read_bytes())
+    capsys.readouterr()
+    main(["predict", "--ckpt_path", str(checkpoints()[0]), "--data.predict_root", str(unlabelled)])
+    written = capsys.readouterr().out.split("Predictions for 3 images written to ")[1].split()[0]
+    assert Path(written).parent.parent.name == "cifar-cli"  # the W&B run's folder: runs/cifar-cli/<run id>/
+    with open(written) as file:
+        rows = list(csv.DictReader(file))
+    assert [row["image"] for row in rows] == ["a.png", "b.png", "sub/c.png"]
+    assert all(row["label"] == "" and row["predicted"] in {"cat", "dog", "frog"} for row in rows)
+
+
+def test_python_m_and_console_script(tmp_path: Path) -> None:
+    bin_dir = Path(sys.executable).parent
+    helped = subprocess.run([sys.executable, "-m", "cifar_cli", "fit", "--help"], capture_output=True, text=True)
+    assert (
+        helped.returncode == 0 and "--data.batch_size" not in helped.stdout and "--model.learning_rate" in helped.stdout
+    )
+    bad = subprocess.run([bin_dir / "cifar-cli", "fit", "--config", "missing.yaml"], capture_output=True, text=True)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines() == [f"cifar-cli: error: Parser key \"config\": File does not exist: "
+                                               f"'{tmp_path / 'missing.yaml'}'"]  # fmt: skip
+
+
+# Bad input: one line naming the problem, exit code 2, and nothing written.
+def test_error_unknown_key(capsys) -> None:
+    assert "unrecognized arguments: --trainer.max_epochs_x" in fails(capsys, "fit", "--trainer.max_epochs_x", "3")
+
+
+def test_error_wrong_type_in_flag_and_config(capsys, tmp_path: Path) -> None:
+    assert 'Parser key "model.learning_rate"' in fails(capsys, "fit", "--model.learning_rate", "fast")
+    config = tmp_path / "bad.yaml"
+    config.write_text("trainer:\n  max_epochs: two\n")
+    assert "max_epochs" in fails(capsys, "fit", "--config", str(config))
+    config.write_text("model:\n  dropout: 0.5\n")
+    assert "dropout" in fails(capsys, "fit", "--config", str(config))
+
+
+def test_error_missing_config(capsys) -> None:
+    assert "File does not exist" in fails(capsys, "fit", "--config", "nope.yaml")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without GPU")
+def test_error_gpu_without_gpu(capsys, fake_cifar10: Path) -> None:
+    message = fails(capsys, "fit", *cifar_args(fake_cifar10), "--config", str(REPO / "configs" / "gpu.yaml"))
+    assert "no CUDA GPU" in message and "configs/cpu.yaml" in message
+    assert not Path("runs").exists()
+
+
+def test_error_batch_size_not_positive(capsys) -> None:
+    assert "batch_size" in fails(capsys, "fit", "--data.batch_size", "0")
+
+
+def test_error_val_size_outside_train(capsys, fake_cifar10: Path) -> None:
+    message = fails(capsys, "fit", *cifar_args(fake_cifar10), "--data.val_size", "200")
+    assert "200 of 200 training images" in message
+    assert "val_size" in fails(capsys, "fit", *cifar_args(fake_cifar10), "--data.val_size", "0")
+    assert not Path("runs").exists()
+
+
+def test_error_image_folder_without_class_folders(capsys, tmp_path: Path) -> None:
+    (tmp_path / "flat" / "train").mkdir(parents=True)
+    (tmp_path / "flat" / "train" / "x.jpg").write_bytes(b"")
+    message = fails(capsys, "fit", "--data", "ImageFolderDataModule", "--data.root", str(tmp_path / "flat"))
+    assert "has no class folders" in message
+    assert not Path("runs").exists()
+
+
+def test_error_no_network_for_download(capsys, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import urllib.error
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr("torchvision.datasets.utils._get_redirect_url", offline)
+    monkeypatch.setattr("torchvision.datasets.utils._urlretrieve", offline)
+    message = fails(capsys, "fit", "--data.data_dir", str(tmp_path / "empty"))
+    assert "could not download CIFAR10" in message and "cifar-10-python.tar.gz" in message
+    assert not Path("runs").exists()
+
+
+def test_error_ckpt_path_missing_or_not_a_checkpoint(capsys, tmp_path: Path) -> None:
+    assert "no such file" in fails(capsys, "test", "--ckpt_path", "nothing.ckpt")
+    junk = tmp_path / "junk.ckpt"
+    junk.write_text("not a checkpoint")
+    assert "is not a Lightning checkpoint" in fails(capsys, "test", "--ckpt_path", str(junk))
+    other = tmp_path / "other.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"hidden_dim": 64}}, other)
+    assert "was not written by cifar-cli" in fails(capsys, "test", "--ckpt_path", str(other))
+
+
+def test_error_ckpt_from_another_model(capsys, fake_cifar10: Path, fake_cifar100: Path) -> None:
+    main(["fit", *cifar_args(fake_cifar10), "--trainer.max_epochs", "1", "--trainer.logger", "false"])
+    (ckpt,) = checkpoints()
+    message = fails(capsys, "test", "--ckpt_path", str(ckpt), "--data", "CIFAR100DataModule",
+                    "--data.data_dir", str(fake_cifar100))  # fmt: skip
+    assert "does not fit the model" in message and "net.fc3.weight" in message
+
+
+def test_debug_env_brings_the_traceback_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cifar_cli.errors import UsageError
+
+    monkeypatch.setenv("JSONARGPARSE_DEBUG", "true")
+    with pytest.raises(UsageError, match="no such file"):
+        main(["test", "--ckpt_path", "nothing.ckpt"])
