@@ -1,0 +1,202 @@
+"""Data modules: splits, statistics, batched augmentation, the image-folder cache."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import write_image_folder
+
+from cifar_cli.data import (
+    CIFAR10DataModule,
+    CIFAR100DataModule,
+    ImageFolderDataModule,
+    TensorImageDataset,
+    random_crop,
+    random_flip,
+    split_indices,
+)
+from cifar_cli.errors import UsageError
+
+
+def test_split_is_seeded_disjoint_and_complete() -> None:
+    val, test, train = split_indices(100, [10, 5], seed=7)
+    assert (len(val), len(test), len(train)) == (10, 5, 85)
+    assert sorted(torch.cat([val, test, train]).tolist()) == list(range(100))
+    again = split_indices(100, [10, 5], seed=7)
+    assert all(torch.equal(a, b) for a, b in zip([val, test, train], again))
+    assert not torch.equal(split_indices(100, [10, 5], seed=8)[0], val)
+
+
+def test_split_ignores_the_global_seed() -> None:
+    torch.manual_seed(1)
+    first = split_indices(50, [10], seed=3)[0]
+    torch.manual_seed(2)
+    assert torch.equal(split_indices(50, [10], seed=3)[0], first)
+
+
+def test_random_crop_takes_a_window_of_the_padded_image() -> None:
+    images = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8)
+    crops = random_crop(images, padding=2)
+    assert crops.shape == images.shape
+    padded = F.pad(images, (2, 2, 2, 2), mode="reflect")
+    for image, crop in zip(padded, crops):
+        windows = [image[:, y : y + 8, x : x + 8] for y in range(5) for x in range(5)]
+        assert any(torch.equal(window, crop) for window in windows)
+
+
+def test_random_crop_and_flip_vary_per_image() -> None:
+    torch.manual_seed(0)
+    images = torch.rand(1, 3, 16, 16).expand(64, -1, -1, -1)
+    crops = random_crop(images, padding=4)
+    assert len({crop.sum().item() for crop in crops}) > 10
+    flipped = random_flip(images)
+    mirrored = torch.tensor([torch.equal(f, i.flip(-1)) for f, i in zip(flipped, images)])
+    assert 10 < mirrored.sum() < 54
+
+
+def test_dataset_returns_whole_batches() -> None:
+    data = TensorImageDataset(torch.arange(10).view(10, 1, 1, 1).to(torch.uint8), torch.arange(10))
+    images, labels = data.__getitems__([3, 1, 4])
+    assert labels.tolist() == [3, 1, 4] and images.flatten().tolist() == [3, 1, 4]
+
+
+def test_cifar10_splits_and_statistics(fake_cifar10: Path) -> None:
+    data = CIFAR10DataModule(str(fake_cifar10), val_size=40, download=False)
+    data.prepare_data()
+    data.setup("fit")
+    assert [len(data.splits[s]) for s in ("train", "val", "test")] == [160, 40, 50]
+    assert data.splits["train"].images.dtype == torch.uint8 and data.image_shape == (3, 32, 32)
+    assert data.num_classes == 10 and data.class_names[3] == "cat"
+    # The same seed gives the same validation images in a second module (a second run, or another DDP rank).
+    other = CIFAR10DataModule(str(fake_cifar10), val_size=40)
+    other.setup("validate")
+    assert torch.equal(other.splits["val"].images, data.splits["val"].images)
+    # Normalised with the training images' own statistics: mean 0 and std 1 per channel over all 200.
+    x = data.preprocess(torch.cat([data.splits["train"].images, data.splits["val"].images]))
+    assert x.mean(dim=(0, 2, 3)).abs().max() < 1e-4
+    assert (x.std(dim=(0, 2, 3)) - 1).abs().max() < 1e-3
+
+
+def test_augmentation_only_for_training_batches(fake_cifar10: Path) -> None:
+    data = CIFAR10DataModule(str(fake_cifar10), val_size=40, augment=True)
+    data.setup("fit")
+    images = data.splits["val"].images[:16]
+    assert torch.equal(data.preprocess(images), data.preprocess(images))
+    assert not torch.equal(data.preprocess(images, train=True), data.preprocess(images))
+    plain = CIFAR10DataModule(str(fake_cifar10), val_size=40)
+    plain.setup("fit")
+    assert torch.equal(plain.preprocess(images, train=True), plain.preprocess(images))
+
+
+def test_train_loader_yields_uint8_batches_of_batch_size(fake_cifar10: Path) -> None:
+    data = CIFAR10DataModule(str(fake_cifar10), val_size=40, batch_size=64)
+    data.setup("fit")
+    images, labels = next(iter(data.train_dataloader()))
+    assert images.shape == (64, 3, 32, 32) and images.dtype == torch.uint8 and labels.shape == (64,)
+    assert sum(len(y) for _, y in data.val_dataloader()) == 40
+
+
+def test_cifar100(fake_cifar100: Path) -> None:
+    data = CIFAR100DataModule(str(fake_cifar100), val_size=50)
+    data.prepare_data()
+    data.setup("test")
+    assert data.num_classes == 100 and len(data.splits["test"]) == 100 and len(data.splits["train"]) == 250
+    assert data.class_names[:2] == ["apple", "aquarium_fish"]
+
+
+def test_image_folder_splits_classes_and_test_folder(image_folder: Path) -> None:
+    data = ImageFolderDataModule(str(image_folder), val_size=30)
+    data.prepare_data()
+    data.setup("fit")
+    assert data.class_names == ["cat", "dog", "frog"]
+    assert [len(data.splits[s]) for s in ("train", "val", "test")] == [90, 30, 30]
+    assert data.splits["test"].labels.tolist() == [0] * 10 + [1] * 10 + [2] * 10
+    assert data.predict_names[0] == "test/cat/0000.png"
+
+
+def test_image_folder_test_split_held_out_of_train(tmp_path: Path) -> None:
+    write_image_folder(tmp_path / "train", {"a": 30, "b": 30})
+    data = ImageFolderDataModule(str(tmp_path), val_size=10, test_size=12)
+    data.setup("test")
+    sizes = {split: len(data.splits[split]) for split in ("train", "val", "test")}
+    assert sizes == {"train": 38, "val": 10, "test": 12}
+    names = data.predict_names
+    assert len(set(names)) == 12 and all(name.startswith("train/") for name in names)
+    no_test = ImageFolderDataModule(str(tmp_path), val_size=10)
+    no_test.setup("test")
+    with pytest.raises(UsageError, match="--data.test_size"):
+        no_test.test_dataloader()
+
+
+def test_image_folder_resizes_other_sizes(tmp_path: Path) -> None:
+    write_image_folder(tmp_path / "train", {"a": 4, "b": 4}, size=48)
+    data = ImageFolderDataModule(str(tmp_path), val_size=2, image_size=32)
+    data.setup("fit")
+    assert data.splits["train"].images.shape == (6, 3, 32, 32)
+
+
+def test_image_folder_cache_is_reused_and_rebuilt_on_change(tmp_path: Path, monkeypatch) -> None:
+    write_image_folder(tmp_path / "data" / "train", {"a": 6, "b": 6})
+    decoded = []
+    import cifar_cli.data as data_module
+
+    real_decode = data_module.decode_images
+    monkeypatch.setattr(
+        data_module, "decode_images", lambda paths, size: decoded.append(len(paths)) or real_decode(paths, size)
+    )
+
+    def load() -> torch.Tensor:
+        data = ImageFolderDataModule(str(tmp_path / "data"), val_size=2, cache_dir=str(tmp_path / "cache"))
+        data.prepare_data()
+        data.setup("fit")
+        return torch.cat([data.splits["train"].images, data.splits["val"].images])
+
+    first = load()
+    assert decoded == [12] and len(list((tmp_path / "cache").glob("*.pt"))) == 1
+    assert torch.equal(load(), first) and decoded == [12]  # served from the cache
+    # Replace one image with another class's image: same name, new content, new modification time.
+    target = tmp_path / "data" / "train" / "a" / "0000.jpg"
+    target.write_bytes((tmp_path / "data" / "train" / "b" / "0006.jpg").read_bytes())
+    os.utime(target, ns=(target.stat().st_atime_ns, target.stat().st_mtime_ns + 10**9))
+    changed = load()
+    assert decoded == [12, 12] and not torch.equal(changed, first)
+    (tmp_path / "data" / "train" / "b" / "0011.jpg").unlink()
+    assert len(load()) == 11 and decoded == [12, 12, 11]
+    assert not list((tmp_path / "cache").glob("*.tmp"))
+
+
+@pytest.mark.parametrize(
+    ("layout", "message"),
+    [
+        ({}, "has no train/ folder"),
+        ({"train": None}, "has no class folders"),
+        ({"train": {"a": 3}, "test": {"zebra": 2}}, "classes that train/ lacks: zebra"),
+    ],
+)
+def test_image_folder_layout_errors(tmp_path: Path, layout: dict, message: str) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    for split, counts in layout.items():
+        (root / split).mkdir()
+        if counts:
+            write_image_folder(root / split, counts)
+    with pytest.raises(UsageError, match=message):
+        data = ImageFolderDataModule(str(root), val_size=1)
+        data.prepare_data()
+
+
+def test_image_folder_undecodable_file(tmp_path: Path) -> None:
+    write_image_folder(tmp_path / "train", {"a": 3, "b": 3})
+    (tmp_path / "train" / "a" / "broken.jpg").write_bytes(b"not an image")
+    with pytest.raises(UsageError, match="cannot decode .*broken.jpg"):
+        ImageFolderDataModule(str(tmp_path), val_size=1).prepare_data()
+
+
+def test_predict_root_missing(image_folder: Path, tmp_path: Path) -> None:
+    data = ImageFolderDataModule(str(image_folder), val_size=30, predict_root=str(tmp_path / "none"))
+    with pytest.raises(UsageError, match="is not a folder"):
+        data.setup("predict")
