@@ -20,8 +20,15 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@ $(VENV)/.installed
 
-fit: $(VENV)/.installed
-	$(BIN)/cifar-cli fit $(ARGS)
+# Where the JPEG copy is at hand (machines that cannot reach the CIFAR-10 server), `make fit` trains on it with
+# configs/cifar10-jpg.yaml; elsewhere on CIFAR-10 itself, downloaded on first use. `make fit DATA_CONFIG=` forces
+# the download.
+ifneq ($(wildcard $(CIFAR10_JPG)),)
+DATA_CONFIG ?= --config configs/cifar10-jpg.yaml
+endif
+
+fit: $(VENV)/.installed $(if $(DATA_CONFIG),data)
+	$(BIN)/cifar-cli fit $(DATA_CONFIG) $(ARGS)
 
 test: $(VENV)/.installed-dev
 	$(BIN)/ruff check cifar_cli tests
