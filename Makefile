@@ -39,10 +39,12 @@ lint: $(VENV)/.installed-dev
 	$(BIN)/ruff format --check cifar_cli tests
 
 # Unpack the JPEG copy into data/cifar10-jpg/train/<class>/, for configs/cifar10-jpg.yaml.
-data: data/cifar10-jpg/train
-data/cifar10-jpg/train: $(CIFAR10_JPG)
-	mkdir -p data/cifar10-jpg.partial
+# Unpacked beside, then renamed: an interrupted unpack leaves no half-filled data/cifar10-jpg.
+data: data/cifar10-jpg/.unpacked
+data/cifar10-jpg/.unpacked: $(CIFAR10_JPG)
+	rm -rf data/cifar10-jpg.partial && mkdir -p data/cifar10-jpg.partial
 	tar -xzf $(CIFAR10_JPG) -C data/cifar10-jpg.partial
+	touch data/cifar10-jpg.partial/.unpacked
 	rm -rf data/cifar10-jpg && mv data/cifar10-jpg.partial data/cifar10-jpg
 
 clean:
