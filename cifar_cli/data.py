@@ -491,6 +491,10 @@ class ImageFolderDataModule(ImageDataModule):
         # Build the caches once per node (Lightning calls this on local rank 0 only), before any logger starts.
         images, _, _ = self._read_folder("train")
         self.check_split_sizes(len(images), self._held_out())
+        stage = self.trainer.state.fn if self.trainer is not None else None
+        needs_test = stage == "test" or (stage == "predict" and self.predict_root is None)
+        if needs_test and not (self.root / "test").is_dir() and not self.test_size:
+            raise UsageError(f"{type(self).__name__} has no test split: {self._missing_split_hint('test')}")
         for split in ("val", "test"):
             if (self.root / split).is_dir():
                 self._read_folder(split)

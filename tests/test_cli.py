@@ -315,3 +315,19 @@ def test_debug_env_brings_the_traceback_back(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv("JSONARGPARSE_DEBUG", "true")
     with pytest.raises(UsageError, match="no such file"):
         main(["test", "--ckpt_path", "nothing.ckpt"])
+
+
+def test_error_test_without_test_split(capsys, tmp_path: Path) -> None:
+    from conftest import write_image_folder
+
+    write_image_folder(tmp_path / "images" / "train", {"a": 20, "b": 20})
+    main(["fit", "--data", "ImageFolderDataModule", "--data.root", str(tmp_path / "images"), "--data.val_size", "10",
+          "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false"])  # fmt: skip
+    import wandb
+
+    wandb.finish()
+    runs_before = sorted(Path("runs/wandb").glob("offline-run-*"))
+    capsys.readouterr()
+    message = fails(capsys, "test", "--ckpt_path", str(checkpoints()[0]))
+    assert "has no test split" in message and "--data.test_size" in message
+    assert sorted(Path("runs/wandb").glob("offline-run-*")) == runs_before  # no W&B run for the failed test
