@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,11 @@ class RunConfigSaver(SaveConfigCallback):
     the second run in the same folder would stop on the first run's `config.yaml`. The run's own folder is unique.
     """
 
+    @cached_property
+    def resolved(self) -> dict[str, Any]:
+        """The resolved config as plain data."""
+        return yaml.safe_load(self.parser.dump(self.config, skip_none=False))
+
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self.already_saved or not trainer.is_global_zero:
             return
@@ -44,12 +50,12 @@ class RunConfigSaver(SaveConfigCallback):
         self.parser.save(self.config, os.path.join(folder, self.config_filename), skip_none=False, overwrite=overwrite)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
-                logger.experiment.config.update(yaml.safe_load(self.parser.dump(self.config, skip_none=False)))
+                logger.experiment.config.update(self.resolved)
         self.already_saved = True
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         # The data module's full config (class_path and init_args), so that `--ckpt_path` restores it too.
-        checkpoint[CHECKPOINT_KEY] = {"data": yaml.safe_load(self.parser.dump(self.config, skip_none=False))["data"]}
+        checkpoint[CHECKPOINT_KEY] = {"data": self.resolved["data"]}
 
 
 class CifarCLI(LightningCLI):
@@ -104,53 +110,47 @@ class CifarCLI(LightningCLI):
 
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
         super().parse_arguments(parser, args)
+        self.checkpoint: dict[str, Any] | None = None
         subcommand = self.config.get("subcommand")
         ckpt_path = subcommand and self.config[subcommand].get("ckpt_path")
         if not ckpt_path:
             return
+        self.checkpoint = load_checkpoint(ckpt_path)
         # The model's settings come from the checkpoint (LightningCLI applies them next); its data settings
         # become the defaults here, so `test --ckpt_path FILE` alone evaluates on the split it was trained with.
-        data = load_checkpoint(ckpt_path).get(CHECKPOINT_KEY, {}).get("data")
+        data = self.checkpoint.get(CHECKPOINT_KEY, {}).get("data")
         if data:
             self._parser(subcommand).set_defaults({"data": data})
             super().parse_arguments(parser, args)
 
-    def _check_checkpoint_fits(self) -> None:
-        ckpt_path = self.config[self.subcommand].get("ckpt_path")
-        if not ckpt_path:
-            return
-        state_dict = torch.load(ckpt_path, map_location="cpu", weights_only=True)["state_dict"]
-        own = self.model.state_dict()
-        problems = [f"{k} is missing" for k in own.keys() - state_dict.keys()]
-        problems += [f"{k} is unexpected" for k in state_dict.keys() - own.keys()]
-        problems += [
-            f"{k} has shape {tuple(v.shape)} but the model needs {tuple(own[k].shape)}"
-            for k, v in state_dict.items()
-            if k in own and v.shape != own[k].shape
-        ]
-        if problems:
-            raise UsageError(
-                f"checkpoint {ckpt_path} does not fit the model ({'; '.join(problems[:3])}): it comes from another "
-                "model or data set; drop the --model/--data flags that differ from its training run"
-            )
-
-    def before_fit(self) -> None:
-        self._check_checkpoint_fits()
-
-    def before_validate(self) -> None:
-        self._check_checkpoint_fits()
-
-    def before_test(self) -> None:
-        self._check_checkpoint_fits()
-
-    def before_predict(self) -> None:
-        self._check_checkpoint_fits()
+    def after_instantiate_classes(self) -> None:
+        # Check the checkpoint against the model before the trainer starts a run and writes anything.
+        if self.checkpoint is not None:
+            check_weights_fit(self.model, self.checkpoint["state_dict"], self.config[self.subcommand]["ckpt_path"])
+            self.checkpoint = None
 
     def after_fit(self) -> None:
         best = self.trainer.checkpoint_callback
         if self.trainer.is_global_zero and best is not None and best.best_model_path:
             score = f" ({best.monitor} {best.best_model_score:.4f})" if best.best_model_score is not None else ""
             print(f"Best checkpoint{score}: {best.best_model_path}")
+
+
+def check_weights_fit(model: LightningModule, state_dict: dict[str, torch.Tensor], ckpt_path: str) -> None:
+    """Fail in one line when a checkpoint's weights do not fit the model the config builds."""
+    own = model.state_dict()
+    problems = [f"{k} is missing" for k in own.keys() - state_dict.keys()]
+    problems += [f"{k} is unexpected" for k in state_dict.keys() - own.keys()]
+    problems += [
+        f"{k} has shape {tuple(v.shape)} but the model needs {tuple(own[k].shape)}"
+        for k, v in state_dict.items()
+        if k in own and v.shape != own[k].shape
+    ]
+    if problems:
+        raise UsageError(
+            f"checkpoint {ckpt_path} does not fit the model ({'; '.join(problems[:3])}): it comes from another "
+            "model or data set; drop the --model/--data flags that differ from its training run"
+        )
 
 
 def load_checkpoint(ckpt_path: str) -> dict[str, Any]:
