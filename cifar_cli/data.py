@@ -179,8 +179,8 @@ class ImageDataModule(LightningDataModule):
         paths = list_images(self.predict_root)
         if not paths:
             raise UsageError(f"{self.predict_root} has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-        _, height, width = self.image_shape
-        images = decode_images(paths, height)
+        _, size, _ = self.image_shape  # square, as every data module here
+        images = decode_images(paths, size)
         self.splits["predict"] = TensorImageDataset(images, torch.full((len(paths),), -1, dtype=torch.long))
         self.predict_names = [p.relative_to(self.predict_root).as_posix() for p in paths]
 
@@ -506,15 +506,14 @@ class ImageFolderDataModule(ImageDataModule):
         has_val, has_test = (self.root / "val").is_dir(), (self.root / "test").is_dir()
         sizes = [0 if has_val else self.val_size, 0 if has_test else self.test_size]
         val_index, test_index, train_index = split_indices(len(images), sizes, self.split_seed)
-        splits = {"train": (images[train_index], labels[train_index], [names[i] for i in train_index])}
-        splits["val"] = self._read_folder("val") if has_val else (
-            images[val_index], labels[val_index], [names[i] for i in val_index]
-        )  # fmt: skip
-        if has_test:
-            splits["test"] = self._read_folder("test")
-        elif self.test_size:
-            splits["test"] = (images[test_index], labels[test_index], [names[i] for i in test_index])
-        self.splits = {split: TensorImageDataset(x, y) for split, (x, y, _) in splits.items()}
-        if "test" in splits:
+
+        def part(index: Tensor) -> tuple[Tensor, Tensor, list[str]]:
+            return images[index], labels[index], [names[i] for i in index]
+
+        parts = {"train": part(train_index), "val": self._read_folder("val") if has_val else part(val_index)}
+        if has_test or self.test_size:
+            parts["test"] = self._read_folder("test") if has_test else part(test_index)
+        self.splits = {split: TensorImageDataset(x, y) for split, (x, y, _) in parts.items()}
+        if "test" in parts:
             self.splits["predict"] = self.splits["test"]
-            self.predict_names = splits["test"][2]
+            self.predict_names = parts["test"][2]
