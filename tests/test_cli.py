@@ -161,6 +161,7 @@ def test_wandb_offline_run_holds_metrics_config_and_images(fake_cifar10: Path) -
     import wandb
 
     wandb.finish()
+    wandb.teardown()  # waits for the W&B service to write out every record and media file
     (folder,) = Path("runs/wandb").glob("offline-run-*")
     run = read_run(folder)
     # The resolved CLI config, under its own keys, beside the model's hyperparameters.
