@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from torch import Tensor, nn
+from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 Batch = tuple[Tensor, Tensor]
@@ -35,33 +36,38 @@ class ImageClassifier(LightningModule):
         self.net = net
         self.class_names = list(class_names)
         num_classes = len(self.class_names)
-        # One metric object per stage: sharing one would mix training and validation counts.
+        # One metric object per stage: sharing one would mix training and validation counts. Metric objects also
+        # keep DDP cheap: they accumulate on each rank and synchronise once, when the epoch's value is computed.
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
 
-    def _step(self, batch: Batch, stage: str, metric: MulticlassAccuracy) -> Tensor:
+    def _step(self, batch: Batch, stage: str) -> Tensor:
         images, labels = batch
         logits = self(images)
         loss = F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing)
-        metric(logits, labels)
+        mean_loss: MeanMetric = getattr(self, f"{stage}_loss")
+        accuracy: MulticlassAccuracy = getattr(self, f"{stage}_acc")
+        mean_loss(loss, weight=len(labels))  # the epoch's value is the mean over images, not over batches
+        accuracy(logits, labels)
+        # Logged as metric objects: Lightning reads them only every log_every_n_steps, so no host sync per step.
         training = stage == "train"
-        # Logged as tensors: Lightning converts them only every log_every_n_steps, so no host sync per step.
-        self.log(f"{stage}_loss", loss, on_step=training, on_epoch=True, prog_bar=True, sync_dist=not training)
-        self.log(f"{stage}_acc", metric, on_step=training, on_epoch=True, prog_bar=True)
+        self.log(f"{stage}_loss", mean_loss, on_step=training, on_epoch=True, prog_bar=True)
+        self.log(f"{stage}_acc", accuracy, on_step=training, on_epoch=True, prog_bar=True)
         return loss
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
-        return self._step(batch, "train", self.train_acc)
+        return self._step(batch, "train")
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
-        self._step(batch, "val", self.val_acc)
+        self._step(batch, "val")
 
     def test_step(self, batch: Batch, batch_idx: int) -> None:
-        self._step(batch, "test", self.test_acc)
+        self._step(batch, "test")
 
     def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, Tensor]:
         images, labels = batch

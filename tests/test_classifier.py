@@ -17,8 +17,8 @@ def make(**kwargs) -> ImageClassifier:
 
 def test_one_metric_object_per_stage() -> None:
     model = make()
-    metrics = [model.train_acc, model.val_acc, model.test_acc]
-    assert len({id(m) for m in metrics}) == 3
+    metrics = [model.train_acc, model.val_acc, model.test_acc, model.train_loss, model.val_loss, model.test_loss]
+    assert len({id(m) for m in metrics}) == 6
 
 
 def test_training_loss_is_cross_entropy_on_logits() -> None:
@@ -28,6 +28,7 @@ def test_training_loss_is_cross_entropy_on_logits() -> None:
     expected = F.cross_entropy(model(images), labels, label_smoothing=0.1)
     assert torch.allclose(loss, expected)
     assert model.train_acc.update_count == 1 and model.val_acc.update_count == 0
+    assert torch.allclose(model.train_loss.compute(), expected) and model.val_loss.update_count == 0
 
 
 def test_predict_step_gives_class_confidence_and_label() -> None:
