@@ -1,7 +1,7 @@
 """Offline fixtures: a small fake CIFAR-10/100 in the real on-disk format, and a small image folder.
 
 Images are class-coloured noise, so a network can learn them in a few steps and tests can check that training
-really lowers the loss. Nothing here reads ../shared or the network.
+really lowers the loss. Nothing here reads the real data set or the network.
 """
 
 from __future__ import annotations
