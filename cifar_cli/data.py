@@ -463,7 +463,8 @@ class ImageFolderDataModule(ImageDataModule):
         fingerprint = digest.hexdigest()
         cache = self._cache_path(folder)
         if cache.is_file():
-            cached = torch.load(cache, weights_only=True)
+            # Memory-mapped: prepare_data only counts the images, and setup copies out just the splits it indexes.
+            cached = torch.load(cache, weights_only=True, mmap=True)
             if cached["fingerprint"] == fingerprint:
                 return cached["images"], cached["labels"], names
         classes = [Path(name).parts[1] for name in names]
@@ -508,12 +509,12 @@ class ImageFolderDataModule(ImageDataModule):
         val_index, test_index, train_index = split_indices(len(images), sizes, self.split_seed)
 
         def part(index: Tensor) -> tuple[Tensor, Tensor, list[str]]:
-            return images[index], labels[index], [names[i] for i in index]
+            return images[index], labels[index], [names[i] for i in index.tolist()]
 
-        parts = {"train": part(train_index), "val": self._read_folder("val") if has_val else part(val_index)}
+        # Only the test split keeps its image names (for predictions.csv); train gets none built.
+        self.splits = {"train": TensorImageDataset(images[train_index], labels[train_index])}
+        val_images, val_labels, _ = self._read_folder("val") if has_val else part(val_index)
+        self.splits["val"] = TensorImageDataset(val_images, val_labels)
         if has_test or self.test_size:
-            parts["test"] = self._read_folder("test") if has_test else part(test_index)
-        self.splits = {split: TensorImageDataset(x, y) for split, (x, y, _) in parts.items()}
-        if "test" in parts:
-            self.splits["predict"] = self.splits["test"]
-            self.predict_names = parts["test"][2]
+            test_images, test_labels, self.predict_names = self._read_folder("test") if has_test else part(test_index)
+            self.splits["test"] = self.splits["predict"] = TensorImageDataset(test_images, test_labels)
