@@ -47,3 +47,101 @@ class TutorialCNN(nn.Module):
         x = F.relu(self.fc1(x))
         x = F.relu(self.fc2(x))
         return self.fc3(x)
+
+
+class ConvBlock(nn.Sequential):
+    """3x3 convolution, 2x2 max-pool, BatchNorm, GELU, 3x3 convolution, BatchNorm, GELU: one stage of `FastNet`."""
+
+    def __init__(self, in_channels: int, out_channels: int, batchnorm_momentum: float) -> None:
+        super().__init__(
+            conv3x3(in_channels, out_channels),
+            nn.MaxPool2d(2),
+            batch_norm(out_channels, batchnorm_momentum),
+            nn.GELU(),
+            conv3x3(out_channels, out_channels),
+            batch_norm(out_channels, batchnorm_momentum),
+            nn.GELU(),
+        )
+
+
+def conv3x3(in_channels: int, out_channels: int) -> nn.Conv2d:
+    conv = nn.Conv2d(in_channels, out_channels, 3, padding="same", bias=False)
+    # Identity on the first in_channels filters: each block starts out passing its input through (airbench).
+    nn.init.dirac_(conv.weight.data[: min(in_channels, out_channels)])
+    return conv
+
+
+def batch_norm(channels: int, momentum: float) -> nn.BatchNorm2d:
+    # A learned shift only: the scale stays 1, and the next convolution's weights carry it. eps 1e-12 as in
+    # airbench, where the batch variance never approaches 0.
+    norm = nn.BatchNorm2d(channels, eps=1e-12, momentum=momentum)
+    norm.weight.requires_grad_(False)
+    return norm
+
+
+class FastNet(nn.Module):
+    """The CIFAR-10 speed-record network (airbench94, Keller Jordan 2024), with configurable widths.
+
+    A frozen patch-whitening convolution (2x2 patches: its filters are the eigenvectors of the patches'
+    covariance, scaled to unit variance, and their negatives), GELU, then one `ConvBlock` per width (each halves
+    the resolution), a global max-pool and a bias-free linear layer. No residual connections. The logits are
+    scaled down (`logit_scale`) so that the high learning rates of the fast recipe stay stable.
+
+    The whitening filters come from the training images: the classifier calls `init_whitening` once before the
+    first training step. Until then the layer holds random filters.
+
+    Args:
+        num_classes: Number of output logits.
+        image_shape: `(channels, height, width)` of the input images.
+        widths: Output channels of each block; airbench94 uses 64, 256, 256.
+        whiten_kernel: Side of the whitening patches, in pixels.
+        batchnorm_momentum: Weight of each batch in BatchNorm's running statistics (PyTorch convention).
+        logit_scale: Factor on the logits.
+    """
+
+    def __init__(
+        self,
+        num_classes: PositiveInt = 10,
+        image_shape: tuple[int, int, int] = (3, 32, 32),
+        widths: tuple[PositiveInt, ...] = (64, 256, 256),
+        whiten_kernel: PositiveInt = 2,
+        batchnorm_momentum: float = 0.4,
+        logit_scale: float = 1 / 9,
+    ) -> None:
+        super().__init__()
+        channels, height, width = image_shape
+        side = min(height, width) - whiten_kernel + 1
+        for _ in widths:
+            side //= 2
+        if not widths or side < 1:
+            raise ValueError(
+                f"FastNet with {len(widths)} blocks needs images of at least {whiten_kernel - 1 + 2 ** len(widths)} "
+                f"pixels a side, got {height}x{width}"
+            )
+        whiten_width = 2 * channels * whiten_kernel**2
+        self.whiten = nn.Conv2d(channels, whiten_width, whiten_kernel, bias=True)
+        self.whiten.weight.requires_grad_(False)
+        blocks, in_channels = [], whiten_width
+        for out_channels in widths:
+            blocks.append(ConvBlock(in_channels, out_channels, batchnorm_momentum))
+            in_channels = out_channels
+        self.blocks = nn.Sequential(*blocks)
+        self.head = nn.Linear(in_channels, num_classes, bias=False)
+        self.logit_scale = logit_scale
+
+    @torch.no_grad()
+    def init_whitening(self, images: Tensor, eps: float = 5e-4) -> None:
+        """Set the whitening filters from normalised training images `(N, C, H, W)`; a few thousand suffice."""
+        c, (h, w) = images.shape[1], self.whiten.kernel_size
+        patches = images.float().unfold(2, h, 1).unfold(3, w, 1).transpose(1, 3).reshape(-1, c * h * w)
+        covariance = patches.T @ patches / len(patches)
+        eigenvalues, eigenvectors = torch.linalg.eigh(covariance.double())
+        # Largest-variance directions first; each filter scaled so its response has unit variance.
+        filters = (eigenvectors.T / (eigenvalues[:, None] + eps).sqrt()).flip(0).reshape(-1, c, h, w)
+        self.whiten.weight.copy_(torch.cat([filters, -filters]).to(self.whiten.weight))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.gelu(self.whiten(x))
+        x = self.blocks(x)
+        x = F.adaptive_max_pool2d(x, 1).flatten(1)
+        return self.head(x) * self.logit_scale

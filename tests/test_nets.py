@@ -13,7 +13,9 @@ import cifar_cli.nets as nets
 NETS = [
     cls
     for _, cls in inspect.getmembers(nets, inspect.isclass)
-    if issubclass(cls, nn.Module) and cls.__module__ == nets.__name__
+    if issubclass(cls, nn.Module)
+    and cls.__module__ == nets.__name__
+    and "num_classes" in inspect.signature(cls).parameters  # networks, not their building blocks
 ]
 
 
@@ -38,3 +40,31 @@ def test_tutorial_cnn_matches_the_tutorial() -> None:
 def test_tutorial_cnn_rejects_too_small_images() -> None:
     with pytest.raises(ValueError, match="at least 14x14"):
         nets.TutorialCNN(image_shape=(3, 12, 12))
+
+
+def test_fast_net_whitening_layer_whitens_patches() -> None:
+    torch.manual_seed(0)
+    # Correlated channels: the whitening filters must decorrelate them.
+    base = torch.randn(200, 1, 16, 16)
+    images = torch.cat([base, 0.5 * base + 0.1 * torch.randn_like(base), torch.randn_like(base)], dim=1)
+    net = nets.FastNet(image_shape=(3, 16, 16), widths=(8, 8))
+    net.init_whitening(images)
+    out = net.whiten(images) - net.whiten.bias.view(1, -1, 1, 1)
+    features = out[:, :12].permute(0, 2, 3, 1).reshape(-1, 12)  # the first half: the negatives mirror it
+    covariance = features.T @ features / len(features)
+    off_diagonal = covariance - torch.diag(covariance.diag())
+    assert off_diagonal.abs().max() < 1e-3
+    # Unit variance, but for the eps (5e-4) that keeps the weakest direction (variance ~0.01 here) from blowing up.
+    assert covariance.diag().min() > 0.9 and covariance.diag().max() < 1.0 + 1e-3
+    assert torch.equal(net.whiten.weight[12:], -net.whiten.weight[:12])
+    assert not net.whiten.weight.requires_grad and net.whiten.bias.requires_grad
+
+
+def test_fast_net_widths_and_frozen_batchnorm_scale() -> None:
+    net = nets.FastNet(widths=(16, 32, 48, 64))
+    assert [block[0].out_channels for block in net.blocks] == [16, 32, 48, 64] and net.head.in_features == 64
+    norms = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(norms) == 8 and not any(n.weight.requires_grad for n in norms)
+    assert all(n.bias.requires_grad for n in norms)
+    with pytest.raises(ValueError, match="at least 17 pixels"):
+        nets.FastNet(widths=(16, 32, 48, 64), image_shape=(3, 16, 16))
