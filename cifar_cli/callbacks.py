@@ -1,4 +1,4 @@
-"""Callbacks: validation images with their predictions on W&B, and the `predict` subcommand's CSV writer."""
+"""Callbacks: validation images with their predictions on W&B, the `predict` CSV writer, a fit clock."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from jsonargparse.typing import PositiveInt
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
@@ -62,7 +62,8 @@ class ImagePredictionLogger(Callback):
         if self._sample is None:
             val = data.splits["val"]
             pick = torch.randperm(len(val), generator=torch.Generator().manual_seed(0))[: self.num_samples]
-            self._sample = val[pick]
+            images, labels = val[pick.to(val.device)]
+            self._sample = images.cpu(), labels.cpu()
         images, labels = self._sample
         precision = trainer.precision_plugin
         with torch.no_grad(), precision.forward_context():
@@ -75,32 +76,44 @@ class ImagePredictionLogger(Callback):
             logger.log_image(key=self.key, images=pictures, caption=captions, step=trainer.global_step)
 
 
-class PredictionWriter(BasePredictionWriter):
+class PredictionWriter(Callback):
     """Writes `predict`'s results to a CSV file in the run's folder and prints where.
 
     Columns: `image` (path relative to the image folder, or index in the split), `predicted` class name,
     `confidence` (softmax probability of that class), and `label`, the true class name where the split has labels.
+    Rows follow the order of the split, whichever rank predicted them.
 
     Args:
         filename: Name of the CSV file.
     """
 
     def __init__(self, filename: str = "predictions.csv") -> None:
-        super().__init__(write_interval="epoch")
         self.filename = filename
+        self._rows: list[dict[str, Tensor]] = []
 
-    def write_on_epoch_end(
-        self, trainer: Trainer, pl_module: LightningModule, predictions: Any, batch_indices: Any
+    def on_predict_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._rows = []
+
+    def on_predict_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
     ) -> None:
-        # Lightning passes one list of batch indices per dataloader, and the predictions of a single one unnested.
-        if len(batch_indices) != 1:
-            raise NotImplementedError("PredictionWriter writes the predictions of one dataloader")
-        index = torch.tensor([i for batch in batch_indices[0] for i in batch], dtype=torch.long)
-        columns = [index] + [torch.cat([p[k] for p in predictions]) for k in ("predicted", "confidence", "label")]
-        index, predicted, confidence, label = gather_rows(trainer, pl_module, columns)
+        # Each batch's rows carry their images' index in the split (`predict_step`), so no sampler bookkeeping.
+        self._rows.append(outputs)
+
+    def on_predict_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        keys = ("index", "predicted", "confidence", "label")
+        columns = [torch.cat([row[k] for row in self._rows]) if self._rows else torch.empty(0) for k in keys]
+        self._rows = []
+        index, predicted, confidence, label = (c.cpu() for c in gather_rows(trainer, pl_module, columns))
         if not trainer.is_global_zero:
             return
-        # Under DDP a sampler may hand a few images to two ranks; keep each image once, in data order.
+        # Under DDP the sampler hands a few images to two ranks; keep each image once, in data order.
         index, first = torch.unique(index, return_inverse=True)
         keep = torch.empty(len(index), dtype=torch.long).scatter_(0, first, torch.arange(len(first)))
         names = pl_module.class_names
@@ -121,6 +134,25 @@ class PredictionWriter(BasePredictionWriter):
                 )
         os.replace(partial, path)  # complete or absent, never half-written
         print(f"Predictions for {len(index)} images written to {path}")
+
+
+class FitTimer(Timer):
+    """Lightning's Timer that also logs `fit_time`: seconds since training began, at the end of every validation.
+
+    Plots accuracy against wall-clock time on W&B, and gives the benchmarks their time to accuracy. The time
+    counts training and validation, not the setup before the first step; a resumed run continues its count.
+
+    Args:
+        duration: Stop training after this long (`"DD:HH:MM:SS"` or a dict such as `{"minutes": 30}`).
+    """
+
+    def __init__(self, duration: str | dict[str, int] | None = None) -> None:
+        super().__init__(duration=duration, interval="step")
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        elapsed = self.time_elapsed("train")
+        if not trainer.sanity_checking and elapsed > 0:
+            pl_module.log("fit_time", elapsed, sync_dist=False, rank_zero_only=True)
 
 
 def gather_rows(trainer: Trainer, pl_module: LightningModule, columns: list[Tensor]) -> list[Tensor]:

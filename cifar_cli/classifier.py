@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+import inspect
+from typing import Any, Literal
+
 import torch
 import torch.nn.functional as F
+from jsonargparse.typing import PositiveFloat
 from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
+from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-Batch = tuple[Tensor, Tensor]
+from cifar_cli.errors import UsageError
+from cifar_cli.optim import LRSchedule, param_groups
+
+Batch = tuple[Tensor, ...]  # (images, labels) or, for predict, (images, labels, index in the split)
+TTA = Literal["none", "flip", "flip-shift"]
+# Training images the whitening layer of a net with `init_whitening` is fitted to (airbench uses 5,000).
+WHITENING_IMAGES = 5000
 
 
 class ImageClassifier(LightningModule):
@@ -18,23 +30,42 @@ class ImageClassifier(LightningModule):
     Args:
         net: The network; it returns logits. On the command line: `--model.net cifar_cli.nets.TutorialCNN`.
         class_names: Class names in label order; the CLI links them from the data module.
-        learning_rate: Adam's learning rate, used unless `--optimizer` picks another optimizer.
+        learning_rate: Peak learning rate, per step, of every parameter but those of normalisation layers.
+        weight_decay: The optimizer's (coupled) weight decay.
         label_smoothing: Cross-entropy label smoothing, 0 for none.
+        optimizer: Optimizer class and its other arguments (`--model.optimizer torch.optim.SGD
+            --model.optimizer.momentum 0.9`); its learning rate and weight decay are the two above, not its own.
+        lr_schedule: Learning-rate factor over training, updated every step; default constant.
+        norm_lr_factor: Learning-rate multiplier for BatchNorm parameters (the fast recipe trains their biases
+            64x faster); their weight decay is divided by it.
+        tta: Test-time augmentation in validation, test and predict: average the logits of the image and its
+            mirror image (`flip`), and also of both shifted by one pixel diagonally (`flip-shift`, 6 passes).
+        channels_last: Run the network on NHWC tensors, which convolutions prefer on CPUs and tensor cores.
+        compile: Compile the network with `torch.compile` (a minute or two of compiling at the first steps).
     """
 
     def __init__(
         self,
         net: nn.Module,
         class_names: list[str],
-        learning_rate: float = 2e-4,
+        learning_rate: PositiveFloat = 2e-4,
+        weight_decay: float = 0.0,
         label_smoothing: float = 0.0,
+        optimizer: OptimizerCallable = torch.optim.Adam,
+        lr_schedule: LRSchedule | None = None,
+        norm_lr_factor: PositiveFloat = 1.0,
+        tta: TTA = "none",
+        channels_last: bool = True,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         # Under LightningCLI the saved `net` is its config (class_path, init_args), so `--ckpt_path` alone can
         # rebuild the model.
         self.save_hyperparameters()
-        self.net = net
+        self.net = net.to(memory_format=torch.channels_last) if channels_last else net
         self.class_names = list(class_names)
+        self.optimizer = optimizer
+        self.lr_schedule = lr_schedule
         num_classes = len(self.class_names)
         # One metric object per stage: sharing one would mix training and validation counts. Metric objects also
         # keep DDP cheap: they accumulate on each rank and synchronise once, when the epoch's value is computed.
@@ -44,11 +75,30 @@ class ImageClassifier(LightningModule):
         self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.hparams.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         return self.net(x)
 
+    def evaluate(self, x: Tensor) -> Tensor:
+        """Logits for evaluation, averaged over the test-time augmentations that `tta` asks for."""
+        if self.hparams.tta == "none":
+            return self(x)
+        views = [x, x.flip(-1)]
+        if self.hparams.tta == "flip-shift":
+            # One pixel up-left and one down-right, from a reflect-padded copy, each also mirrored (airbench).
+            h, w = x.shape[-2:]
+            padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+            for shifted in (padded[..., :h, :w], padded[..., 2:, 2:]):
+                views += [shifted, shifted.flip(-1)]
+        logits = self(torch.cat(views)).view(len(views), len(x), -1)
+        if len(views) == 2:
+            return logits.mean(0)
+        # Half the weight on the unshifted pair, as airbench's level-2 TTA.
+        return 0.5 * logits[:2].mean(0) + 0.5 * logits[2:].mean(0)
+
     def _step(self, batch: Batch, stage: str) -> Tensor:
-        images, labels = batch
-        logits = self(images)
+        images, labels = batch[0], batch[1]
+        logits = self(images) if stage == "train" else self.evaluate(images)
         loss = F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing)
         mean_loss: MeanMetric = getattr(self, f"{stage}_loss")
         accuracy: MulticlassAccuracy = getattr(self, f"{stage}_acc")
@@ -70,10 +120,55 @@ class ImageClassifier(LightningModule):
         self._step(batch, "test")
 
     def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, Tensor]:
-        images, labels = batch
-        confidence, predicted = self(images).float().softmax(dim=1).max(dim=1)
-        return {"predicted": predicted, "confidence": confidence, "label": labels}
+        images, labels, index = batch
+        confidence, predicted = self.evaluate(images).float().softmax(dim=1).max(dim=1)
+        return {"index": index, "predicted": predicted, "confidence": confidence, "label": labels}
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        # Replaced by LightningCLI when --optimizer / --lr_scheduler are given.
-        return torch.optim.Adam(self.parameters(), lr=self.hparams.learning_rate)
+    def setup(self, stage: str) -> None:
+        # In place, so the state_dict keeps its keys; after the callbacks' setup, whose weight averaging copies
+        # the module and would otherwise copy the compiled wrapper too.
+        if self.hparams.compile:
+            self.net.compile()
+
+    def on_fit_start(self) -> None:
+        # A fresh run fits the whitening layer to the data; a resumed one has it in its checkpoint already.
+        if hasattr(self.net, "init_whitening") and self.trainer.ckpt_path is None:
+            data = self.trainer.datamodule
+            train = data.splits["train"].images
+            # A seeded random sample: the split is in file order, and an image folder's first files are one class.
+            pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:WHITENING_IMAGES]
+            images = train[pick.to(train.device)].to(self.device)
+            self.net.init_whitening(data.preprocess(images))
+            # The same images give every rank the same filters; broadcasting rules out numerical differences,
+            # which DDP would never reconcile in a frozen layer.
+            for tensor in self.net.state_dict().values():
+                tensor.copy_(self.trainer.strategy.broadcast(tensor))
+
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        optimizer = self.optimizer(param_groups(self.net, hp.learning_rate, hp.weight_decay, hp.norm_lr_factor))
+        if self.lr_schedule is None:
+            return optimizer
+        total = self.trainer.estimated_stepping_batches
+        if total == float("inf"):
+            raise UsageError("--model.lr_schedule needs a known length: set --trainer.max_epochs or max_steps")
+        schedule = self.lr_schedule
+        scheduler = LambdaLR(optimizer, lambda step: schedule(min(step / total, 1.0)))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def check_optimizer_arguments(optimizer: OptimizerCallable) -> None:
+    """Refuse `--model.optimizer.lr` and `.weight_decay`: the parameter groups would silently override them.
+
+    jsonargparse hands the optimizer over as a `functools.partial` holding the class and all its arguments; one
+    that differs from the class's default was set by the user.
+    """
+    keywords = getattr(optimizer, "keywords", None) or {}
+    candidates = (getattr(optimizer, "func", None), *getattr(optimizer, "args", ()))
+    cls = next((c for c in candidates if isinstance(c, type)), None)
+    if cls is None:
+        return
+    defaults = inspect.signature(cls).parameters
+    for name, flag in (("lr", "learning_rate"), ("weight_decay", "weight_decay")):
+        if name in keywords and name in defaults and keywords[name] != defaults[name].default:
+            raise UsageError(f"--model.optimizer.{name} is not used: set --model.{flag} instead")

@@ -18,7 +18,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from cifar_cli.callbacks import run_dir
-from cifar_cli.classifier import ImageClassifier
+from cifar_cli.classifier import ImageClassifier, check_optimizer_arguments
 from cifar_cli.data import ImageDataModule
 from cifar_cli.errors import UsageError
 
@@ -87,6 +87,7 @@ class CifarCLI(LightningCLI):
                     },
                     {"class_path": "cifar_cli.callbacks.ImagePredictionLogger", "init_args": {"num_samples": 32}},
                     {"class_path": "cifar_cli.callbacks.PredictionWriter"},
+                    {"class_path": "cifar_cli.callbacks.FitTimer"},
                 ],
             }
         )
@@ -98,6 +99,15 @@ class CifarCLI(LightningCLI):
                 f"--trainer.accelerator {trainer['accelerator']}: this machine has no CUDA GPU that PyTorch can use; "
                 "run with --config configs/cpu.yaml or --trainer.accelerator cpu"
             )
+        if self.subcommand == "fit" and trainer.get("limit_val_batches") == 0:
+            # Lightning's EarlyStopping would stop at the first epoch's end with a traceback.
+            for callback in trainer.get("callbacks") or []:
+                monitor = str(callback.get("init_args", {}).get("monitor", ""))
+                if callback.get("class_path", "").endswith("EarlyStopping") and monitor.startswith("val_"):
+                    raise UsageError(
+                        f"--trainer.limit_val_batches 0 turns validation off, but EarlyStopping monitors {monitor}: "
+                        "validate on fewer batches (--trainer.limit_val_batches 0.1) or use --config without it"
+                    )
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         # A rich progress bar unless the config picks another or turns progress bars off. Not a default callback
@@ -124,6 +134,7 @@ class CifarCLI(LightningCLI):
             super().parse_arguments(parser, args)
 
     def after_instantiate_classes(self) -> None:
+        check_optimizer_arguments(self.model.optimizer)
         # Check the checkpoint against the model before the trainer starts a run and writes anything.
         if self.checkpoint is not None:
             check_weights_fit(self.model, self.checkpoint["state_dict"], self.config[self.subcommand]["ckpt_path"])
@@ -215,6 +226,9 @@ def main(args: ArgsType = None) -> None:
             ImageDataModule,
             subclass_mode_data=True,
             seed_everything_default=42,
+            # The optimizer and schedule are the model's (--model.optimizer, --model.lr_schedule): it builds the
+            # parameter groups. LightningCLI's own --optimizer would put every parameter in one group.
+            auto_configure_optimizers=False,
             save_config_callback=RunConfigSaver,
             parser_kwargs={"exit_on_error": False},
             args=args,

@@ -1,14 +1,16 @@
-"""Data modules: CIFAR-10/100 and class-folder image sets, all held in memory as uint8 tensors.
+"""Data modules: CIFAR-10/100 and class-folder image sets, held as uint8 tensors on the training device.
 
-Every split is decoded once into a `(N, 3, H, W)` uint8 tensor. Batches are cut from it by one index operation
-(`TensorImageDataset.__getitems__`), moved to the device as uint8 (4x less to copy than float32), and only there
-turned into normalised floats and, for training, randomly cropped and flipped as a whole batch
-(`ImageDataModule.preprocess`). No per-sample PIL or Python work happens on the hot path.
+Every split is decoded once into a `(N, 3, H, W)` uint8 tensor and moved to the training device once, when its
+loader is first asked for (CIFAR-10's 60,000 images take 184 MB). A batch is then one index operation on that
+device (`DeviceBatches`), turned there into normalised floats and, for training, randomly cropped and flipped as a
+whole batch (`ImageDataModule.preprocess`). No worker processes, per-sample Python work or host-to-device copies
+happen on the hot path.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import urllib.error
 from collections.abc import Sequence
@@ -19,7 +21,7 @@ import torch.nn.functional as F
 from jsonargparse.typing import NonNegativeInt, PositiveInt
 from lightning.pytorch import LightningDataModule
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset, DistributedSampler
 from torchvision.datasets import CIFAR10, CIFAR100
 from torchvision.io import ImageReadMode, decode_image, read_file
 from torchvision.transforms.v2 import functional as TF
@@ -42,18 +44,68 @@ class TensorImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+    def __getitem__(self, index: int | Tensor) -> tuple[Tensor, Tensor]:
         return self.images[index], self.labels[index]
 
-    def __getitems__(self, indices: list[int]) -> tuple[Tensor, Tensor]:
-        # DataLoader calls this with a batch's indices: one gather instead of batch_size __getitem__ calls + stack.
-        index = torch.as_tensor(indices)
-        return self.images[index], self.labels[index]
+    @property
+    def device(self) -> torch.device:
+        return self.images.device
+
+    def to(self, device: torch.device) -> TensorImageDataset:
+        return TensorImageDataset(self.images.to(device), self.labels.to(device))
 
 
-def keep_batch(batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-    """Collate function for `TensorImageDataset`: `__getitems__` already returns the batch."""
-    return batch
+class DeviceBatches:
+    """The batches of one split, cut by index from its tensors on the device they live on; a DataLoader's stand-in.
+
+    Written by hand because a DataLoader collates every batch on the host: here a batch is one gather on the
+    training device. The order comes from torch's DistributedSampler: a permutation seeded by `seed + epoch`, the
+    same on every rank, of which each of the `num_replicas` ranks takes its own shard. Lightning calls
+    `sampler.set_epoch` before every training epoch, so a resumed run sees the same order as an uninterrupted one.
+
+    Args:
+        data: The split, on the device the batches are wanted on.
+        batch_size: Images per batch.
+        shuffle: Draw a new order every epoch; otherwise the split's order.
+        drop_last: Leave out the last batch when it is short (training: every step sees `batch_size` images),
+            unless it is the only one.
+        num_replicas: Number of DDP ranks sharing the split.
+        rank: This process's rank.
+        seed: Seed of the shuffled order.
+        with_index: Yield `(images, labels, index)`, the index of each image in the split, instead of
+            `(images, labels)`.
+    """
+
+    def __init__(
+        self,
+        data: TensorImageDataset,
+        batch_size: int,
+        shuffle: bool = False,
+        drop_last: bool = False,
+        num_replicas: int = 1,
+        rank: int = 0,
+        seed: int = 0,
+        with_index: bool = False,
+    ) -> None:
+        self.data = data
+        self.batch_size = batch_size
+        self.drop_last = drop_last
+        self.with_index = with_index
+        # Under DDP without shuffling the sampler repeats a few images to give every rank as many batches.
+        self.sampler = DistributedSampler(data, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
+        self.batch_sampler = None  # Lightning inspects `sampler` and `batch_sampler` as on a DataLoader
+
+    def __len__(self) -> int:
+        n = len(self.sampler)
+        return n // self.batch_size if self.drop_last and n >= self.batch_size else math.ceil(n / self.batch_size)
+
+    def __iter__(self):
+        order = torch.tensor(list(self.sampler), dtype=torch.long, device=self.data.device)
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
+            index = order[start : start + self.batch_size]
+            # index_select, not images[index]: 14x faster for a batch of 32 on a CPU (5 us against 70 us).
+            images, labels = self.data.images.index_select(0, index), self.data.labels.index_select(0, index)
+            yield (images, labels, index) if self.with_index else (images, labels)
 
 
 def random_crop(images: Tensor, padding: int) -> Tensor:
@@ -104,8 +156,8 @@ class ImageDataModule(LightningDataModule):
         batch_size: Images per batch, per device.
         val_size: Images held out of the training split for validation, when the data set has no validation split.
         split_seed: Seed of the train/validation split; the same seed gives the same split on every run and rank.
-        num_workers: DataLoader worker processes. Batches are slices of an in-memory tensor, so 0 is fastest.
-        augment: Randomly crop (4-pixel reflect padding) and flip training images, batched on the device.
+        augment: Randomly crop and flip training images, batched on the device.
+        crop_padding: With `augment`, the most pixels a crop shifts the image by (reflect padding), per side.
         predict_root: Folder of unlabelled images for `predict` (searched recursively); default: the test split.
     """
 
@@ -114,16 +166,16 @@ class ImageDataModule(LightningDataModule):
         batch_size: PositiveInt = 32,
         val_size: PositiveInt = 5000,
         split_seed: int = 42,
-        num_workers: NonNegativeInt = 0,
         augment: bool = False,
+        crop_padding: PositiveInt = 4,
         predict_root: str | None = None,
     ) -> None:
         super().__init__()
         self.batch_size = batch_size
         self.val_size = val_size
         self.split_seed = split_seed
-        self.num_workers = num_workers
         self.augment = augment
+        self.crop_padding = crop_padding
         self.predict_root = None if predict_root is None else Path(predict_root).expanduser()
         self.splits: dict[str, TensorImageDataset] = {}
         # Names of the predicted images (paths or indices) in the order of the predict split, for predictions.csv.
@@ -199,46 +251,52 @@ class ImageDataModule(LightningDataModule):
             shape = (1, -1, 1, 1)
             self._stats_on[images.device] = (
                 self.mean.to(images.device).view(shape),
-                self.std.to(images.device).view(shape),
+                (1 / self.std).to(images.device).view(shape),
             )
-        mean, std = self._stats_on[images.device]
-        x = (images.float() - mean) / std
+        mean, inverse_std = self._stats_on[images.device]
+        # Two kernels: uint8 - float32 promotes to float32 without a separate conversion.
+        x = (images - mean) * inverse_std
         if train and self.augment:
-            x = random_flip(random_crop(x, padding=4))
+            x = random_flip(random_crop(x, padding=self.crop_padding))
         return x
 
-    def on_after_batch_transfer(self, batch: tuple[Tensor, Tensor], dataloader_idx: int) -> tuple[Tensor, Tensor]:
-        images, labels = batch
+    def on_after_batch_transfer(self, batch: tuple[Tensor, ...], dataloader_idx: int) -> tuple[Tensor, ...]:
+        images, *rest = batch
         training = self.trainer is not None and self.trainer.training
-        return self.preprocess(images, train=training), labels
+        return self.preprocess(images, train=training), *rest
 
-    def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
+    def _loader(self, split: str, train: bool = False) -> DeviceBatches:
         if split not in self.splits:
             raise UsageError(f"{type(self).__name__} has no {split} split: {self._missing_split_hint(split)}")
-        on_gpu = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
-        return DataLoader(
+        trainer = self.trainer
+        device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+        if self.splits[split].device != device:
+            self.splits[split] = self.splits[split].to(device)  # once per split: later batches never leave it
+        return DeviceBatches(
             self.splits[split],
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            collate_fn=keep_batch,
-            pin_memory=on_gpu,
-            persistent_workers=self.num_workers > 0,
+            self.batch_size,
+            shuffle=train,
+            drop_last=train,
+            num_replicas=trainer.world_size if trainer is not None else 1,
+            rank=trainer.global_rank if trainer is not None else 0,
+            # Lightning's own seed variable, as its DistributedSampler uses: --seed_everything sets the order too.
+            seed=int(os.environ.get("PL_GLOBAL_SEED", 0)),
+            with_index=split == "predict",
         )
 
     def _missing_split_hint(self, split: str) -> str:
         return "call setup first"
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+    def train_dataloader(self) -> DeviceBatches:
+        return self._loader("train", train=True)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DeviceBatches:
         return self._loader("val")
 
-    def test_dataloader(self) -> DataLoader:
+    def test_dataloader(self) -> DeviceBatches:
         return self._loader("test")
 
-    def predict_dataloader(self) -> DataLoader:
+    def predict_dataloader(self) -> DeviceBatches:
         return self._loader("predict")
 
 
@@ -251,8 +309,8 @@ class CIFAR10DataModule(ImageDataModule):
         batch_size: Images per batch, per device.
         val_size: Training images held out for validation.
         split_seed: Seed of the train/validation split; the same seed gives the same split on every run and rank.
-        num_workers: DataLoader worker processes. Batches are slices of an in-memory tensor, so 0 is fastest.
-        augment: Randomly crop (4-pixel reflect padding) and flip training images, batched on the device.
+        augment: Randomly crop and flip training images, batched on the device.
+        crop_padding: With `augment`, the most pixels a crop shifts the image by (reflect padding), per side.
         predict_root: Folder of unlabelled images for `predict` (searched recursively); default: the test split.
     """
 
@@ -268,11 +326,11 @@ class CIFAR10DataModule(ImageDataModule):
         batch_size: PositiveInt = 32,
         val_size: PositiveInt = 5000,
         split_seed: int = 42,
-        num_workers: NonNegativeInt = 0,
         augment: bool = False,
+        crop_padding: PositiveInt = 4,
         predict_root: str | None = None,
     ) -> None:
-        super().__init__(batch_size, val_size, split_seed, num_workers, augment, predict_root)
+        super().__init__(batch_size, val_size, split_seed, augment, crop_padding, predict_root)
         self.data_dir = data_dir
         self.download = download
         self.save_hyperparameters()
@@ -335,8 +393,8 @@ class CIFAR100DataModule(CIFAR10DataModule):
         batch_size: Images per batch, per device.
         val_size: Training images held out for validation.
         split_seed: Seed of the train/validation split; the same seed gives the same split on every run and rank.
-        num_workers: DataLoader worker processes. Batches are slices of an in-memory tensor, so 0 is fastest.
-        augment: Randomly crop (4-pixel reflect padding) and flip training images, batched on the device.
+        augment: Randomly crop and flip training images, batched on the device.
+        crop_padding: With `augment`, the most pixels a crop shifts the image by (reflect padding), per side.
         predict_root: Folder of unlabelled images for `predict` (searched recursively); default: the test split.
     """
 
@@ -394,8 +452,8 @@ class ImageFolderDataModule(ImageDataModule):
         val_size: Training images held out for validation when there is no `root/val/`.
         test_size: Training images held out for testing when there is no `root/test/`.
         split_seed: Seed of the held-out splits; the same seed gives the same split on every run and rank.
-        num_workers: DataLoader worker processes. Batches are slices of an in-memory tensor, so 0 is fastest.
-        augment: Randomly crop (4-pixel reflect padding) and flip training images, batched on the device.
+        augment: Randomly crop and flip training images, batched on the device.
+        crop_padding: With `augment`, the most pixels a crop shifts the image by (reflect padding), per side.
         predict_root: Folder of unlabelled images for `predict` (searched recursively); default: the test split.
         cache_dir: Where decoded folders are cached; default `$XDG_CACHE_HOME/cifar-cli` or `~/.cache/cifar-cli`.
     """
@@ -408,12 +466,12 @@ class ImageFolderDataModule(ImageDataModule):
         val_size: PositiveInt = 5000,
         test_size: NonNegativeInt = 0,
         split_seed: int = 42,
-        num_workers: NonNegativeInt = 0,
         augment: bool = False,
+        crop_padding: PositiveInt = 4,
         predict_root: str | None = None,
         cache_dir: str | None = None,
     ) -> None:
-        super().__init__(batch_size, val_size, split_seed, num_workers, augment, predict_root)
+        super().__init__(batch_size, val_size, split_seed, augment, crop_padding, predict_root)
         self.root = Path(root).expanduser()
         self.image_size = int(image_size)
         self.test_size = test_size

@@ -28,11 +28,15 @@ def test_ddp_on_cpu_predicts_every_image_once(image_folder: Path, tmp_path: Path
            "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"]  # fmt: skip
     data = ["--data", "ImageFolderDataModule", "--data.root", str(image_folder), "--data.val_size", "30",
             "--data.cache_dir", str(tmp_path / "cache")]  # fmt: skip
-    fit = subprocess.run([*cli, "fit", *ddp, *data, "--trainer.max_epochs", "1"], capture_output=True, text=True)
+    fit = subprocess.run(
+        [*cli, "fit", *ddp, *data, "--trainer.max_epochs", "1", "--data.batch_size", "15"],
+        capture_output=True,
+        text=True,
+    )
     assert fit.returncode == 0, fit.stderr[-2000:]
     (ckpt,) = Path("checkpoints").glob("*.ckpt")
-    # Each rank trains on its own 45 of the 90 training images: 2 steps of batch 32 an epoch (one process: 3).
-    assert ckpt.name == "epoch=0-step=2.ckpt"
+    # Each rank trains on its own 45 of the 90 training images: 3 steps of batch 15 an epoch (one process: 6).
+    assert ckpt.name == "epoch=0-step=3.ckpt"
     predict = subprocess.run([*cli, "predict", *ddp, "--ckpt_path", str(ckpt)], capture_output=True, text=True)
     assert predict.returncode == 0, predict.stderr[-2000:]
     with open("predictions.csv") as file:

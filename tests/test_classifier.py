@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cifar_cli.classifier import ImageClassifier
-from cifar_cli.nets import TutorialCNN
+from cifar_cli.classifier import ImageClassifier, check_optimizer_arguments
+from cifar_cli.errors import UsageError
+from cifar_cli.nets import FastNet, TutorialCNN
+from cifar_cli.optim import WarmupLinearDecay, param_groups
 
 
 def make(**kwargs) -> ImageClassifier:
@@ -34,11 +37,11 @@ def test_training_loss_is_cross_entropy_on_logits() -> None:
 def test_predict_step_gives_class_confidence_and_label() -> None:
     model = make().eval()
     images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, -1])
-    out = model.predict_step((images, labels), 0)
+    out = model.predict_step((images, labels, torch.tensor([5, 6, 7, 8])), 0)
     probabilities = model(images).softmax(1)
     assert torch.equal(out["predicted"], probabilities.argmax(1))
     assert torch.allclose(out["confidence"], probabilities.max(1).values)
-    assert torch.equal(out["label"], labels)
+    assert torch.equal(out["label"], labels) and out["index"].tolist() == [5, 6, 7, 8]
 
 
 def test_default_optimizer_is_adam_with_learning_rate() -> None:
@@ -50,3 +53,62 @@ def test_any_network_can_be_injected() -> None:
     net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 2))
     model = ImageClassifier(net, class_names=["x", "y"])
     assert model(torch.randn(3, 3, 8, 8)).shape == (3, 2)
+
+
+def test_tta_averages_logits_over_flips_and_shifts() -> None:
+    model = make(tta="flip").eval()
+    images = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        expected = (model(images) + model(images.flip(-1))) / 2
+        assert torch.allclose(model.evaluate(images), expected, atol=1e-5)
+        model.hparams.tta = "flip-shift"
+        padded = F.pad(images, (1, 1, 1, 1), mode="reflect")
+        shifted = [padded[..., :32, :32], padded[..., 2:, 2:]]
+        shift_logits = sum(model(x) + model(x.flip(-1)) for x in shifted) / 4
+        assert torch.allclose(model.evaluate(images), 0.5 * expected + 0.5 * shift_logits, atol=1e-5)
+        model.hparams.tta = "none"
+        assert torch.equal(model.evaluate(images), model(images))
+
+
+def test_batchnorm_parameters_get_their_own_learning_rate() -> None:
+    net = FastNet(widths=(8, 16))
+    groups = param_groups(net, lr=0.5, weight_decay=1e-3, norm_lr_factor=64)
+    norm_biases = {id(m.bias) for m in net.modules() if isinstance(m, nn.BatchNorm2d)}
+    assert {id(p) for p in groups[1]["params"]} == norm_biases  # frozen BatchNorm scales are in no group
+    assert groups[1]["lr"] == 32 and groups[1]["weight_decay"] == 1e-3 / 64
+    assert groups[0]["lr"] == 0.5 and all(p.requires_grad for p in groups[0]["params"])
+    assert all(p is not net.whiten.weight for p in groups[0]["params"])  # frozen whitening filters
+    # The decay per step, learning rate times weight decay, is the same in both groups.
+    assert groups[0]["lr"] * groups[0]["weight_decay"] == groups[1]["lr"] * groups[1]["weight_decay"]
+
+
+def test_warmup_linear_decay_schedule() -> None:
+    schedule = WarmupLinearDecay(start=0.2, peak=0.25, end=0.1)
+    assert [round(schedule(p), 6) for p in (0, 0.125, 0.25, 0.625, 1)] == [0.2, 0.6, 1.0, 0.55, 0.1]
+
+
+def test_optimizer_and_schedule_are_injected() -> None:
+    from functools import partial
+
+    sgd = partial(torch.optim.SGD, momentum=0.9, nesterov=True)
+    model = make(learning_rate=0.4, weight_decay=5e-4, optimizer=sgd, lr_schedule=WarmupLinearDecay(0.2, 0.5, 0.0))
+    model.trainer = type("FakeTrainer", (), {"estimated_stepping_batches": 10})()
+    config = model.configure_optimizers()
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    assert isinstance(optimizer, torch.optim.SGD) and optimizer.defaults["nesterov"]
+    assert config["lr_scheduler"]["interval"] == "step"
+    lrs = []
+    for _ in range(10):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert [round(lr, 6) for lr in lrs] == [0.08, 0.144, 0.208, 0.272, 0.336, 0.4, 0.32, 0.24, 0.16, 0.08]
+    assert optimizer.param_groups[0]["weight_decay"] == 5e-4
+
+
+def test_optimizer_learning_rate_flag_is_refused() -> None:
+    from functools import partial
+
+    check_optimizer_arguments(partial(torch.optim.SGD, lr=1e-3, momentum=0.9))  # the class default: fine
+    with pytest.raises(UsageError, match="--model.learning_rate"):
+        check_optimizer_arguments(partial(torch.optim.SGD, lr=0.1))

@@ -9,11 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 from wandb_offline import read_run
 
 from cifar_cli.cli import main
 from cifar_cli.data import CIFAR10DataModule
+from cifar_cli.optim import WarmupLinearDecay
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
@@ -93,27 +95,66 @@ def test_overrides_reach_config_hparams_and_optimizer(fake_cifar10: Path) -> Non
             *cifar_args(fake_cifar10),
             "--trainer.max_epochs", "1",
             "--data.batch_size", "16",
-            "--model.learning_rate", "1e-3",
-            "--optimizer", "SGD",
-            "--optimizer.lr", "0.05",
-            "--optimizer.momentum", "0.9",
-            "--lr_scheduler", "CosineAnnealingLR",
-            "--lr_scheduler.T_max", "10",
+            "--model.learning_rate", "0.05",
+            "--model.optimizer", "SGD",
+            "--model.optimizer.momentum", "0.9",
+            "--model.lr_schedule", "WarmupLinearDecay",
+            "--model.lr_schedule.end", "0.1",
             "--trainer.callbacks+=LearningRateMonitor",
         ]
     )  # fmt: skip
     (folder,) = run_folders()
     config = yaml.safe_load((folder / "config.yaml").read_text())
     assert config["data"]["init_args"]["batch_size"] == 16
-    assert config["optimizer"]["class_path"] == "torch.optim.SGD"
+    assert config["model"]["optimizer"]["class_path"] == "torch.optim.SGD"
     callbacks = [c["class_path"].rsplit(".", 1)[1] for c in config["trainer"]["callbacks"]]
     assert callbacks[-1] == "LearningRateMonitor" and "ModelCheckpoint" in callbacks
     ckpt = torch.load(checkpoints()[0], weights_only=True)
-    assert ckpt["hyper_parameters"]["learning_rate"] == 1e-3
+    assert ckpt["hyper_parameters"]["learning_rate"] == 0.05
     group = ckpt["optimizer_states"][0]["param_groups"][0]
     assert group["initial_lr"] == 0.05 and group["momentum"] == 0.9
-    assert ckpt["lr_schedulers"][0]["T_max"] == 10
+    assert group["lr"] == pytest.approx(0.05 * 0.1)  # the schedule's end, after the last of the 10 steps
     assert ckpt["global_step"] == 10  # 160 training images / batch 16
+
+
+def test_fast_cpu_recipe_end_to_end(fake_cifar10: Path) -> None:
+    main(["fit", "--config", str(REPO / "configs" / "fast-cpu.yaml"), *cifar_args(fake_cifar10), *CSV_LOGGER,
+          "--data.batch_size", "32", "--trainer.max_epochs", "2", "--model.net.init_args.widths", "[8, 16, 16]",
+          "--trainer.log_every_n_steps", "1"])  # fmt: skip
+    rows = metrics_rows("runs")
+    fit_times = values(rows, "fit_time")
+    assert len(fit_times) == 2 and 0 < fit_times[0] < fit_times[1]  # one per validation, on a running clock
+    # 160 images / batch 32 x 2 epochs = 10 steps of warm-up and decay; BatchNorm parameters at 64x.
+    lr, lr_norm = values(rows, "lr-SGD/pg1"), values(rows, "lr-SGD/pg2")
+    assert lr == pytest.approx([0.75 * WarmupLinearDecay()(step / 10) for step in range(10)])
+    assert lr_norm == pytest.approx([64 * x for x in lr])
+    (ckpt_path,) = checkpoints()
+    ckpt = torch.load(ckpt_path, weights_only=True)
+    # EMA weight averaging: the checkpoint's weights are the average; the raw ones are kept beside them.
+    assert "current_model_state" in ckpt
+    averaged, raw = ckpt["state_dict"], ckpt["current_model_state"]
+    assert not torch.equal(averaged["net.head.weight"], raw["net.head.weight"])
+    # The frozen whitening filters were fitted to the training images before the first step: their responses to
+    # the images' 2x2 patches are uncorrelated, with unit variance (eigenvectors are only unique up to rotation
+    # where eigenvalues are close, so the filters themselves are not compared).
+    data = CIFAR10DataModule(str(fake_cifar10), val_size=40, download=False)
+    data.setup("fit")
+    responses = F.conv2d(data.preprocess(data.splits["train"].images), averaged["net.whiten.weight"])
+    features = responses[:, :12].permute(0, 2, 3, 1).reshape(-1, 12)
+    covariance = features.T @ features / len(features)
+    torch.testing.assert_close(covariance, torch.eye(12), atol=0.02, rtol=0)
+
+
+def test_error_optimizer_learning_rate_flag(capsys) -> None:
+    message = fails(capsys, "fit", "--model.optimizer", "SGD", "--model.optimizer.lr", "0.1")
+    assert message == "cifar-cli: error: --model.optimizer.lr is not used: set --model.learning_rate instead"
+    assert not Path("runs").exists()
+
+
+def test_error_validation_off_with_early_stopping(capsys) -> None:
+    message = fails(capsys, "fit", "--trainer.limit_val_batches", "0")
+    assert "turns validation off, but EarlyStopping monitors val_loss" in message
+    assert not Path("runs").exists()
 
 
 def test_stacked_configs_last_wins(fake_cifar10: Path, tmp_path: Path) -> None:

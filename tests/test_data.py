@@ -13,6 +13,7 @@ from conftest import write_image_folder
 from cifar_cli.data import (
     CIFAR10DataModule,
     CIFAR100DataModule,
+    DeviceBatches,
     ImageFolderDataModule,
     TensorImageDataset,
     random_crop,
@@ -58,10 +59,29 @@ def test_random_crop_and_flip_vary_per_image() -> None:
     assert 10 < mirrored.sum() < 54
 
 
-def test_dataset_returns_whole_batches() -> None:
+def test_device_batches_shuffle_per_epoch_and_shard_across_ranks() -> None:
     data = TensorImageDataset(torch.arange(10).view(10, 1, 1, 1).to(torch.uint8), torch.arange(10))
-    images, labels = data.__getitems__([3, 1, 4])
-    assert labels.tolist() == [3, 1, 4] and images.flatten().tolist() == [3, 1, 4]
+    in_order = DeviceBatches(data, batch_size=4)
+    assert [labels.tolist() for _, labels in in_order] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    ranks = [DeviceBatches(data, 2, shuffle=True, drop_last=True, num_replicas=2, rank=r, seed=3) for r in (0, 1)]
+    epochs = []
+    for epoch in (0, 1):
+        shards = []
+        for loader in ranks:
+            loader.sampler.set_epoch(epoch)  # as Lightning does before each training epoch
+            batches = list(loader)
+            assert len(batches) == len(loader) == 2  # 5 images per rank: 2 full batches, the short one dropped
+            assert all(torch.equal(images.flatten().long(), labels) for images, labels in batches)
+            shards.append(torch.cat([labels for _, labels in batches]))
+        assert not set(shards[0].tolist()) & set(shards[1].tolist())  # no image on both ranks
+        epochs.append(torch.cat(shards).tolist())
+    assert epochs[0] != epochs[1]  # a new order every epoch
+    again = DeviceBatches(data, 2, shuffle=True, drop_last=True, num_replicas=2, rank=0, seed=3)
+    assert torch.cat([labels for _, labels in again]).tolist() == epochs[0][:4]  # the same seed, the same order
+    with_index = DeviceBatches(data, 4, with_index=True)
+    assert [index.tolist() for _, _, index in with_index][-1] == [8, 9]
+    # drop_last keeps a short batch when it is the only one: a tiny training split still trains.
+    assert len(DeviceBatches(data, 32, drop_last=True)) == 1
 
 
 def test_cifar10_splits_and_statistics(fake_cifar10: Path) -> None:

@@ -1,4 +1,4 @@
-"""On a CUDA GPU: the batch path on the device, and configs/gpu.yaml end to end. Skipped without a GPU."""
+"""On a CUDA GPU: the batch path on the device, configs/gpu.yaml and fast.yaml end to end. Skipped without one."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cifar_cli.cli import main
-from cifar_cli.data import CIFAR10DataModule
+from cifar_cli.data import CIFAR10DataModule, DeviceBatches
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.gpu
@@ -32,3 +32,21 @@ def test_fit_with_gpu_config(fake_cifar10: Path) -> None:
     assert state["global_step"] == 5  # 160 images / batch 32
     # 16-mixed trains with a gradient scaler, whose state the checkpoint keeps.
     assert "scale" in state["MixedPrecision"]
+
+
+def test_fast_config_on_gpu(fake_cifar10: Path) -> None:
+    fast, debug = REPO / "configs" / "fast.yaml", REPO / "configs" / "debug.yaml"
+    main(["fit", "--config", str(fast), "--config", str(debug), "--data.data_dir", str(fake_cifar10),
+          "--data.val_size", "40", "--data.batch_size", "32", "--trainer.check_val_every_n_epoch", "1"])  # fmt: skip
+    (ckpt,) = Path("runs/debug/checkpoints").glob("*.ckpt")
+    state = torch.load(ckpt, weights_only=True)
+    assert state["global_step"] == 5 and "current_model_state" in state  # EMA weights saved beside the raw ones
+    assert "scale" in state["MixedPrecision"]
+
+
+def test_batches_are_cut_on_the_gpu(fake_cifar10: Path) -> None:
+    data = CIFAR10DataModule(str(fake_cifar10), val_size=40)
+    data.setup("fit")
+    split = data.splits["train"].to(torch.device("cuda"))
+    images, labels = next(iter(DeviceBatches(split, 32, shuffle=True)))
+    assert images.device.type == "cuda" and labels.device.type == "cuda" and images.dtype == torch.uint8
