@@ -6,7 +6,7 @@ ARGS ?=
 # The CIFAR-10 training images as JPEG class folders, for machines that cannot download CIFAR-10 (see README).
 CIFAR10_JPG ?= ../shared/data/cifar10-train-jpg.tar.gz
 
-.PHONY: fit test lint data clean
+.PHONY: fit test lint bench data clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,12 +31,20 @@ fit: $(VENV)/.installed $(if $(DATA_CONFIG),data)
 	$(BIN)/cifar-cli fit $(DATA_CONFIG) $(ARGS)
 
 test: $(VENV)/.installed-dev
-	$(BIN)/ruff check cifar_cli tests
+	$(BIN)/ruff check cifar_cli tests bench
 	$(BIN)/pytest -q $(ARGS)
 
 lint: $(VENV)/.installed-dev
-	$(BIN)/ruff check cifar_cli tests
-	$(BIN)/ruff format --check cifar_cli tests
+	$(BIN)/ruff check cifar_cli tests bench
+	$(BIN)/ruff format --check cifar_cli tests bench
+
+# The benchmarks (bench/run.py): one table, about 35 minutes on a 2-core CPU. They train on the JPEG copy.
+# `make bench ARGS="--smoke true"` checks in a minute that every part runs.
+bench: $(VENV)/.installed
+	@test -f data/cifar10-jpg/.unpacked || test -f $(CIFAR10_JPG) || \
+		{ echo "make bench: needs the CIFAR-10 JPEG archive; set CIFAR10_JPG=path/to/cifar10-train-jpg.tar.gz"; exit 2; }
+	$(MAKE) data
+	$(BIN)/python -m bench.run $(ARGS)
 
 # Unpack the JPEG copy into data/cifar10-jpg/train/<class>/, for configs/cifar10-jpg.yaml.
 # Unpacked beside, then renamed: an interrupted unpack leaves no half-filled data/cifar10-jpg.
