@@ -7,7 +7,8 @@ least that runs it here:
   uint8 array torchvision's CIFAR10 holds, and serves them through CIFAR10's own `__getitem__` (PIL image,
   ToTensor, Normalize per sample), the same per-sample path.
 - The test set is a held-out part of the training images; the 45,000/5,000 split becomes (rest)/5,000.
-- Lightning 2 APIs: Accuracy(task=...), no `gpus=` or `progress_bar_refresh_rate=`; the logger runs offline.
+- Lightning 2 APIs: Accuracy(task=...), TQDMProgressBar(refresh_rate=20) for `progress_bar_refresh_rate=20`,
+  the accelerator found instead of `gpus=1`; the logger runs offline.
 
 Run as `python -m bench.tutorial ARRAYS.pt`: prints one JSON line with the fit's seconds and the test accuracy.
 """
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import wandb
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import WandbLogger
 from torch import nn
 from torch.utils.data import DataLoader, random_split
@@ -179,8 +180,12 @@ def main(arrays_path: str, max_epochs: int = 2, val_size: int = 5000, limit_batc
     trainer = pl.Trainer(
         max_epochs=max_epochs,
         logger=wandb_logger,
-        callbacks=[early_stop_callback, ImagePredictionLogger(val_samples), checkpoint_callback],
-        enable_progress_bar=False,
+        callbacks=[
+            early_stop_callback,
+            ImagePredictionLogger(val_samples),
+            checkpoint_callback,
+            TQDMProgressBar(refresh_rate=20),
+        ],
         **limits,
     )
     start = time.perf_counter()

@@ -85,6 +85,11 @@ def test_batchnorm_parameters_get_their_own_learning_rate() -> None:
 def test_warmup_linear_decay_schedule() -> None:
     schedule = WarmupLinearDecay(start=0.2, peak=0.25, end=0.1)
     assert [round(schedule(p), 6) for p in (0, 0.125, 0.25, 0.625, 1)] == [0.2, 0.6, 1.0, 0.55, 0.1]
+    # A restart at 40%: each cycle has the same shape over its own length.
+    cycles = WarmupLinearDecay(start=0.2, peak=0.25, end=0.1, restarts=(0.4,))
+    assert [round(cycles(p), 6) for p in (0, 0.1, 0.4, 0.55, 1)] == [0.2, 1.0, 0.2, 1.0, 0.1]
+    with pytest.raises(ValueError, match="increasing"):
+        WarmupLinearDecay(restarts=(0.5, 0.3))
 
 
 def test_optimizer_and_schedule_are_injected() -> None:

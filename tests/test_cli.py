@@ -124,9 +124,13 @@ def test_fast_cpu_recipe_end_to_end(fake_cifar10: Path) -> None:
     rows = metrics_rows("runs")
     fit_times = values(rows, "fit_time")
     assert len(fit_times) == 2 and 0 < fit_times[0] < fit_times[1]  # one per validation, on a running clock
-    # 160 images / batch 32 x 2 epochs = 10 steps of warm-up and decay; BatchNorm parameters at 64x.
-    lr, lr_norm = values(rows, "lr-SGD/pg1"), values(rows, "lr-SGD/pg2")
-    assert lr == pytest.approx([0.75 * WarmupLinearDecay()(step / 10) for step in range(10)])
+    # 160 images / batch 32 x 2 epochs = 10 steps: two cycles of warm-up and decay, the second from step 4 on;
+    # BatchNorm parameters at 64x.
+    by_step = sorted((int(row["step"]), row) for row in rows if row.get("lr-SGD/pg1"))
+    lr, lr_norm = [float(r["lr-SGD/pg1"]) for _, r in by_step], [float(r["lr-SGD/pg2"]) for _, r in by_step]
+    schedule = WarmupLinearDecay(restarts=(0.4,))
+    assert lr == pytest.approx([0.75 * schedule(step / 10) for step in range(10)])
+    assert lr[0] == lr[4] == pytest.approx(0.75 * 0.2)
     assert lr_norm == pytest.approx([64 * x for x in lr])
     (ckpt_path,) = checkpoints()
     ckpt = torch.load(ckpt_path, weights_only=True)
