@@ -38,7 +38,7 @@ lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check cifar_cli tests bench
 	$(BIN)/ruff format --check cifar_cli tests bench
 
-# The benchmarks (bench/run.py): one table, about 35 minutes on a 2-core CPU. They train on the JPEG copy.
+# The benchmarks (bench/run.py): one table, about 30 minutes on a 2-core CPU. They train on the JPEG copy.
 # `make bench ARGS="--smoke true"` checks in a minute that every part runs.
 bench: $(VENV)/.installed
 	@test -f data/cifar10-jpg/.unpacked || test -f $(CIFAR10_JPG) || \
