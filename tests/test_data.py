@@ -162,7 +162,7 @@ def test_image_folder_resizes_other_sizes(tmp_path: Path) -> None:
 def test_image_folder_cache_is_reused_and_rebuilt_on_change(tmp_path: Path, monkeypatch) -> None:
     write_image_folder(tmp_path / "data" / "train", {"a": 6, "b": 6})
     decoded = []
-    import cifar_cli.data as data_module
+    import cifar_cli.data.folder as data_module
 
     real_decode = data_module.decode_images
     monkeypatch.setattr(
