@@ -214,8 +214,8 @@ class LastCheckpoint(ModelCheckpoint):
         self._last_save = time.monotonic()
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any, **kwargs: Any) -> None:
-        if self._should_skip_saving_checkpoint(trainer):
-            return
+        if self._should_skip_saving_checkpoint(trainer) or trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            return  # (the epoch's end saves after the last batch)
         due = bool(self.every_n_steps) and trainer.global_step % self.every_n_steps == 0
         if self.every_n_minutes and (trainer.world_size == 1 or trainer.global_step % self.TIME_CHECK_STEPS == 0):
             late = time.monotonic() - self._last_save >= 60 * self.every_n_minutes

@@ -146,8 +146,15 @@ class ImageClassifier(LightningModule):
         torch.manual_seed(derived_seed(run_seed(), self.current_epoch, batch_idx, self.global_rank))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # The training metrics' sums so far this epoch: a run resumed mid-epoch reports the whole epoch's values.
-        # Kept beside the weights rather than in the state_dict, which stays the network's alone.
+        # The training metrics' sums so far this epoch, when the checkpoint falls within an epoch: a run resumed
+        # there reports the whole epoch's values. Kept beside the weights rather than in the state_dict, which
+        # stays the network's alone.
+        trainer = self._trainer
+        if (
+            trainer is None
+            or trainer.fit_loop.epoch_loop.batch_progress.current.processed >= trainer.num_training_batches
+        ):
+            return  # the epoch's batches are done: a resumed run starts the next epoch from zero
         checkpoint[METRICS_KEY] = {
             name: {"state": getattr(self, name).metric_state, "updates": getattr(self, name)._update_count}
             for name in ("train_acc", "train_loss")

@@ -19,8 +19,9 @@ RUN_KEY = "run"
 
 def last_checkpoints(roots: list[Path]) -> list[Path]:
     """`last*.ckpt` files in the runs under `roots`, newest first: `root/checkpoints/` (no logger),
-    `root/<name>/<run id>/checkpoints/` (a logger's runs), or a checkpoint folder itself."""
-    patterns = ("checkpoints/last*.ckpt", "*/*/checkpoints/last*.ckpt", "last*.ckpt")
+    `root/<name>/<run id>/checkpoints/` or `root/<run id>/checkpoints/` (a logger's runs, with or without a
+    name), or a checkpoint folder itself."""
+    patterns = ("last*.ckpt", "checkpoints/last*.ckpt", "*/checkpoints/last*.ckpt", "*/*/checkpoints/last*.ckpt")
     found = {p.resolve(): p for root in roots for pattern in patterns for p in root.glob(pattern) if p.is_file()}
     return sorted(found.values(), key=lambda p: p.stat().st_mtime_ns, reverse=True)
 

@@ -1,0 +1,111 @@
+"""`make bench-resume`: kill training at random moments, resume it, and count the runs that end bit for bit where
+an uninterrupted run ends.
+
+One uninterrupted run of the recipe gives the reference. Each trial starts the same command in a fresh folder,
+kills it after a random delay (SIGKILL and SIGTERM in turn), checks that every `*.ckpt` left behind loads, and
+resumes with `--ckpt_path last` until the run finishes. Its final checkpoint (weights, EMA weights, optimizer
+state) is compared tensor by tensor with the reference's: `torch.equal`, no tolerance.
+
+The recipe is configs/fast-cpu.yaml (augmentation, EMA, warm-up and decay with a restart, bf16-mixed) with a
+narrow network and 3 short epochs, so that a trial takes seconds; checkpoints every 5 steps, so that kills land
+between saves as well as on them.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from jsonargparse import auto_cli
+
+from bench.run import CONFIGS, bench_env
+
+RECIPE = ["--config", str(CONFIGS / "cifar10-jpg.yaml"), "--config", str(CONFIGS / "fast-cpu.yaml"),
+          "--model.net.init_args.widths", "[16, 32, 32]", "--data.batch_size", "256",
+          "--trainer.max_epochs", "3", "--trainer.limit_train_batches", "12", "--trainer.limit_val_batches", "2",
+          "--last_checkpoint.every_n_steps", "5", "--trainer.enable_progress_bar", "false",
+          "--trainer.logger", "CSVLogger", "--trainer.logger.save_dir", "logs"]  # fmt: skip
+
+
+def fit(args: list[str], cwd: Path) -> subprocess.Popen:
+    cwd.mkdir(parents=True, exist_ok=True)
+    log = open(cwd / "output.log", "a")  # noqa: SIM115 (the process owns it until it ends)
+    command = [sys.executable, "-m", "cifar_cli", "fit", *RECIPE, *args]
+    return subprocess.Popen(command, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, env=bench_env())
+
+
+def final_state(cwd: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the run's final `last.ckpt`: weights, EMA weights, optimizer state."""
+    path = max(cwd.glob("logs/**/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime_ns)
+    checkpoint = torch.load(path, weights_only=True)
+    tensors = {f"state_dict.{k}": v for k, v in checkpoint["state_dict"].items()}
+    tensors |= {f"current.{k}": v for k, v in checkpoint.get("current_model_state", {}).items()}
+    for i, state in checkpoint["optimizer_states"][0]["state"].items():
+        tensors |= {f"optimizer.{i}.{k}": v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    return tensors
+
+
+def all_loadable(cwd: Path) -> bool:
+    for path in cwd.rglob("*.ckpt"):
+        try:
+            torch.load(path, weights_only=True)
+        except Exception:
+            return False
+    return True
+
+
+def run(root: str = "data/cifar10-jpg", out: str = "runs/bench-resume", trials: int = 10, seed: int = 0) -> dict:
+    """Run the trials and print one line each, then the count.
+
+    Args:
+        root: Image folder with `train/<class>/` (`make data` unpacks the CIFAR-10 JPEGs there).
+        out: Folder for the runs.
+        trials: Kill-and-resume trials, half with SIGKILL, half with SIGTERM.
+        seed: Seed of the random kill moments.
+    """
+    out_path = Path(out).resolve()
+    data = ["--data.root", str(Path(root).resolve())]
+    start = time.perf_counter()
+    reference = fit(data, out_path / "reference")
+    if reference.wait():
+        raise SystemExit(f"the reference run failed: see {out_path / 'reference' / 'output.log'}")
+    duration = time.perf_counter() - start
+    expected = final_state(out_path / "reference")
+    print(f"reference: {duration:.1f} s, {len(expected)} tensors")
+    rng = random.Random(seed)
+    rows = []
+    for trial in range(trials):
+        cwd = out_path / f"trial-{trial}"
+        kind = signal.SIGKILL if trial % 2 == 0 else signal.SIGTERM
+        delay = rng.uniform(0.2, 0.95) * duration
+        process = fit(data, cwd)
+        time.sleep(delay)
+        process.send_signal(kind)
+        code = killed = process.wait()
+        loadable = all_loadable(cwd)
+        resumes = 0
+        while not list(cwd.glob("logs/**/checkpoints/last.ckpt")) or code != 0:
+            resumes += 1
+            code = fit([*data, "--ckpt_path", "last"], cwd).wait()
+            if resumes > 3:
+                break
+        state = final_state(cwd)
+        equal = state.keys() == expected.keys() and all(torch.equal(state[k], expected[k]) for k in expected)
+        rows.append({"trial": trial, "signal": kind.name, "delay_s": round(delay, 1), "exit": killed,
+                     "resumes": resumes, "checkpoints_loadable": loadable, "equal": equal})  # fmt: skip
+        print(json.dumps(rows[-1]))
+    exact = sum(r["equal"] and r["checkpoints_loadable"] for r in rows)
+    summary = {"trials": trials, "exact": exact, "reference_seconds": round(duration, 1), "rows": rows}
+    print(f"{exact} of {trials} interrupted and resumed runs ended with exactly the uninterrupted run's weights")
+    (out_path / "results.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+if __name__ == "__main__":
+    auto_cli(run)

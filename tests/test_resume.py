@@ -1,0 +1,186 @@
+"""Runs that survive: exact resume from any step, `--ckpt_path last`, SIGTERM and Ctrl-C, whole checkpoint files."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from test_cli import CSV_LOGGER, metrics_rows, values
+
+from cifar_cli.atomic import AtomicCheckpointIO, atomic_write
+from cifar_cli.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+# The fast recipe shrunk: augmentation, EMA, a warm-up/decay schedule with a restart, bf16-mixed, as shipped.
+FAST = ["--config", str(REPO / "configs" / "fast-cpu.yaml"), "--model.net.init_args.widths", "[8, 16, 16]",
+        "--data.batch_size", "32", "--trainer.enable_progress_bar", "false"]  # fmt: skip
+# Lightning's own ModelCheckpoint, as a user would add it: a checkpoint after every step, all kept.
+EVERY_STEP = ["--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.every_n_train_steps", "1",
+              "--trainer.callbacks.save_top_k", "-1", "--trainer.callbacks.dirpath", "steps"]  # fmt: skip
+
+
+def cifar(data_dir: Path) -> list[str]:
+    return ["--data.data_dir", str(data_dir), "--data.val_size", "40"]  # 160 training images: 5 steps an epoch
+
+
+def tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor that decides where training goes: weights, EMA weights, optimizer state."""
+    checkpoint = torch.load(path, weights_only=True)
+    out = {f"weights.{k}": v for k, v in checkpoint["state_dict"].items()}
+    out |= {f"raw.{k}": v for k, v in checkpoint.get("current_model_state", {}).items()}
+    for i, state in checkpoint["optimizer_states"][0]["state"].items():
+        out |= {f"optimizer.{i}.{k}": v for k, v in state.items()}
+    return out
+
+
+def assert_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"{len(different)} of {len(a)} tensors differ, e.g. {different[:3]}"
+
+
+@pytest.mark.parametrize("resume_at", ["epoch=0-step=2", "epoch=0-step=5"], ids=["mid-epoch", "epoch-boundary"])
+def test_resumed_run_ends_with_exactly_the_uninterrupted_weights(fake_cifar10: Path, tmp_path: Path, resume_at):
+    args = [*FAST, *cifar(fake_cifar10), *EVERY_STEP, "--trainer.max_epochs", "3", "--trainer.log_every_n_steps", "1"]
+    os.chdir(tmp_path / "full" if (tmp_path / "full").mkdir() is None else tmp_path)
+    main(["fit", *args, *CSV_LOGGER])
+    full = {p.name: p for p in Path("steps").glob("*.ckpt")}
+    assert len(full) == 15  # 5 steps x 3 epochs
+    os.chdir(tmp_path / "resumed" if (tmp_path / "resumed").mkdir() is None else tmp_path)
+    main(["fit", *args, *CSV_LOGGER, "--ckpt_path", str(tmp_path / "full" / "steps" / f"{resume_at}.ckpt")])
+    resumed = {p.name: p for p in Path("steps").glob("*.ckpt")}
+    # Every step after the checkpoint was taken again, and each one's state equals the uninterrupted run's.
+    start = int(resume_at.rsplit("=", 1)[1])
+    assert len(resumed) == 15 - start
+    for name in sorted(resumed, key=lambda n: int(n.rsplit("=", 1)[1].split(".")[0])):
+        assert_identical(tensors(resumed[name]), tensors(full[name]))
+    # The epoch's training metrics count the batches before the interruption too (their sums are in the checkpoint).
+    first = tmp_path / "full" / "runs"
+    epoch_acc = {row["epoch"]: row["train_acc_epoch"] for row in metrics_rows(str(first)) if row["train_acc_epoch"]}
+    resumed_acc = {row["epoch"]: row["train_acc_epoch"] for row in metrics_rows("runs") if row["train_acc_epoch"]}
+    assert resumed_acc == {e: acc for e, acc in epoch_acc.items() if int(e) >= start // 5}
+    assert values(metrics_rows("runs"), "val_acc") == values(metrics_rows(str(first)), "val_acc")[start // 5 :]
+
+
+def fit_process(args: list[str], cwd: Path) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen(
+        [sys.executable, "-m", "cifar_cli", "fit", *args], cwd=cwd, env=env, stderr=subprocess.PIPE, text=True
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_saves_prints_the_resume_command_and_ckpt_path_last_continues_the_run(
+    fake_cifar10: Path, tmp_path: Path, signum: int
+) -> None:
+    args = [*FAST, *cifar(fake_cifar10), "--trainer.max_epochs", "40"]
+    process = fit_process(args, tmp_path)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob("runs/cifar-cli/*/checkpoints/last.ckpt")) and time.monotonic() < deadline:
+        time.sleep(0.2)  # the first epoch's end: training is under way
+    process.send_signal(signum)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 128 + signum, err[-2000:]
+    (line,) = [line for line in err.splitlines() if line.startswith("cifar-cli: stopped by")]
+    assert line.startswith(f"cifar-cli: stopped by {signal.Signals(signum).name} at epoch ")
+    (run,) = (tmp_path / "runs" / "cifar-cli").iterdir()
+    last = run / "checkpoints" / "last.ckpt"
+    assert line.endswith(f"resume with: cifar-cli fit --config {Path('runs/cifar-cli') / run.name / 'config.yaml'} "
+                         f"--ckpt_path {Path('runs/cifar-cli') / run.name / 'checkpoints' / 'last.ckpt'}")  # fmt: skip
+    stopped_at = torch.load(last, weights_only=True)["global_step"]
+    assert 5 <= stopped_at < 200
+    config = (run / "config.yaml").read_bytes()
+
+    # `--ckpt_path last` finds the run, continues it in its folder and W&B run, and ends where an uninterrupted
+    # run ends.
+    resumed = fit_process([*args, "--ckpt_path", "last"], tmp_path)
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err[-2000:]
+    assert f"cifar-cli: resuming from {Path('runs/cifar-cli') / run.name / 'checkpoints' / 'last.ckpt'}" in err
+    assert list((tmp_path / "runs" / "cifar-cli").iterdir()) == [run] and (run / "config.yaml").read_bytes() == config
+    wandb_runs = sorted(p.name.rsplit("-", 1)[1] for p in (tmp_path / "runs" / "wandb").glob("offline-run-*"))
+    assert wandb_runs == [run.name, run.name]
+    assert torch.load(last, weights_only=True)["global_step"] == 200
+
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    done = fit_process(args, reference)
+    _, err = done.communicate(timeout=300)
+    assert done.returncode == 0, err[-2000:]
+    (reference_last,) = reference.glob("runs/cifar-cli/*/checkpoints/last.ckpt")
+    assert_identical(tensors(last), tensors(reference_last))
+
+
+def test_ckpt_path_last_without_a_run_starts_one(fake_cifar10: Path, capfd) -> None:
+    main(["fit", *FAST, *cifar(fake_cifar10), "--trainer.max_epochs", "1", "--ckpt_path", "last", *CSV_LOGGER])
+    err = capfd.readouterr().err
+    assert "cifar-cli: --ckpt_path last: no run to resume under runs; starting a new run" in err
+    assert len(list(Path("runs").glob("**/checkpoints/last.ckpt"))) == 1
+
+
+def test_max_time_stops_training(fake_cifar10: Path) -> None:
+    # Every shipped config has a FitTimer (a Lightning Timer), which made Lightning ignore max_time.
+    main(["fit", *FAST, *cifar(fake_cifar10), *CSV_LOGGER, "--trainer.max_epochs", "1000",
+          "--trainer.max_time", "00:00:00:03"])  # fmt: skip
+    (last,) = Path("runs").glob("**/checkpoints/last.ckpt")
+    assert torch.load(last, weights_only=True)["global_step"] < 1000 * 5
+
+
+def test_last_checkpoint_every_n_steps(fake_cifar10: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    saved = []
+    real = AtomicCheckpointIO.save_checkpoint
+
+    def save(self, checkpoint, path, storage_options=None) -> None:
+        saved.append((Path(path).name, checkpoint["global_step"]))
+        real(self, checkpoint, path, storage_options)
+
+    monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", save)
+    main(["fit", *FAST, *cifar(fake_cifar10), *CSV_LOGGER, "--trainer.max_epochs", "2",
+          "--last_checkpoint.every_n_steps", "2"])  # fmt: skip
+    # Steps 2, 4, 6 and 8, and every epoch's end (after its validation), through the atomic writer.
+    assert [step for name, step in saved if name == "last.ckpt"] == [2, 4, 5, 6, 8, 10]
+
+
+def test_atomic_write_leaves_the_old_file_or_the_new_one(tmp_path: Path) -> None:
+    target = tmp_path / "last.ckpt"
+    atomic_write(target, lambda file: file.write(b"old"))
+
+    def fails_halfway(file) -> None:
+        file.write(b"new, half wri")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(target, fails_halfway)
+    assert target.read_bytes() == b"old" and os.listdir(tmp_path) == ["last.ckpt"]
+
+
+WRITER = """
+import sys, torch
+from cifar_cli.atomic import AtomicCheckpointIO
+io, state = AtomicCheckpointIO(), {"weights": torch.randn(4_000_000), "step": 0}
+print("ready", flush=True)
+while True:
+    state["step"] += 1
+    io.save_checkpoint(state, sys.argv[1])
+"""
+
+
+def test_kill_9_during_checkpoint_writes_leaves_a_loadable_checkpoint(tmp_path: Path) -> None:
+    target = tmp_path / "checkpoints" / "last.ckpt"
+    steps = []
+    for delay in (0.3, 0.45, 0.6, 0.75, 0.9):
+        writer = subprocess.Popen([sys.executable, "-c", WRITER, str(target)], stdout=subprocess.PIPE, text=True)
+        assert writer.stdout.readline() == "ready\n"
+        time.sleep(delay)  # each save of 16 MB takes tens of ms: the kill lands during one
+        writer.kill()
+        writer.wait()
+        steps.append(torch.load(target, weights_only=True)["step"])
+    assert all(step >= 1 for step in steps)
+    assert [p.name for p in target.parent.glob("*.ckpt")] == ["last.ckpt"]
