@@ -20,6 +20,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from cifar_cli.callbacks import run_dir
 from cifar_cli.classifier import ImageClassifier, check_optimizer_arguments
 from cifar_cli.data import ImageDataModule
+from cifar_cli.distributed import exit_if_rank_failed, watch_ranks
 from cifar_cli.errors import UsageError
 
 # Set to true to get the full traceback of an error instead of its one-line summary (jsonargparse reads it too).
@@ -116,7 +117,9 @@ class CifarCLI(LightningCLI):
         callbacks = trainer.get("callbacks") or []
         if trainer.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
             kwargs.setdefault("callbacks", [*callbacks, RichProgressBar()])
-        return super().instantiate_trainer(**kwargs)
+        instance = super().instantiate_trainer(**kwargs)
+        watch_ranks(instance)  # a failed DDP rank is named, not SIGKILLed silently with the others
+        return instance
 
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
         super().parse_arguments(parser, args)
@@ -235,6 +238,7 @@ def main(args: ArgsType = None) -> None:
         )
     except Exception as err:
         cause = user_error(err)
+        exit_if_rank_failed(err, one_line(cause) if cause is not None else None)  # under DDP: "rank R failed: ..."
         if cause is None or os.environ.get(DEBUG_ENV, "").lower() in ("true", "1"):
             raise
         print(f"cifar-cli: error: {one_line(cause)}", file=sys.stderr)
