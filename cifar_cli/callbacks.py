@@ -1,19 +1,28 @@
-"""Callbacks: validation images with their predictions on W&B, the `predict` CSV writer, a fit clock."""
+"""Callbacks: validation images with their predictions on W&B, the `predict` CSV writer, a fit clock, and the
+checkpoint that keeps a run resumable (`LastCheckpoint`) with the clean stop on SIGTERM or Ctrl-C (`Preemption`)."""
 
 from __future__ import annotations
 
 import csv
+import io
 import os
+import signal
+import sys
+import threading
+import time
 from typing import Any
 
 import torch
-from jsonargparse.typing import PositiveInt
+from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveInt
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.callbacks import Timer
+from lightning.pytorch.callbacks import ModelCheckpoint, Timer
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import Tensor
 
+from cifar_cli.atomic import atomic_write_text
 from cifar_cli.data import ImageDataModule
 
 
@@ -122,17 +131,14 @@ class PredictionWriter(Callback):
         folder = run_dir(trainer)
         os.makedirs(folder, exist_ok=True)
         path = os.path.join(folder, self.filename)
-        partial = f"{path}.{os.getpid()}.tmp"
-        with open(partial, "w", newline="") as file:
-            writer = csv.writer(file)
-            writer.writerow(["image", "predicted", "confidence", "label"])
-            for i, row in zip(index.tolist(), keep.tolist()):
-                y = int(label[row])
-                true_name = names[y] if y >= 0 else ""
-                writer.writerow(
-                    [image_names[i], names[int(predicted[row])], f"{float(confidence[row]):.4f}", true_name]
-                )
-        os.replace(partial, path)  # complete or absent, never half-written
+        text = io.StringIO(newline="")
+        writer = csv.writer(text)
+        writer.writerow(["image", "predicted", "confidence", "label"])
+        for i, row in zip(index.tolist(), keep.tolist()):
+            y = int(label[row])
+            true_name = names[y] if y >= 0 else ""
+            writer.writerow([image_names[i], names[int(predicted[row])], f"{float(confidence[row]):.4f}", true_name])
+        atomic_write_text(path, text.getvalue())  # complete or absent, never half-written
         print(f"Predictions for {len(index)} images written to {path}")
 
 
@@ -148,6 +154,11 @@ class FitTimer(Timer):
 
     def __init__(self, duration: str | dict[str, int] | None = None) -> None:
         super().__init__(duration=duration, interval="step")
+
+    def limit(self, duration: str | dict[str, int]) -> None:
+        """Stop training after `duration`: `--trainer.max_time`, which Lightning ignores when the callbacks already
+        hold a Timer, as they do with this one. Called before training starts."""
+        super().__init__(duration=duration, interval="step", verbose=self._verbose)
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         elapsed = self.time_elapsed("train")
@@ -169,3 +180,134 @@ def gather_rows(trainer: Trainer, pl_module: LightningModule, columns: list[Tens
         gathered.append(trainer.strategy.all_gather(padded).reshape(-1).cpu())
     valid = gathered[0] >= 0  # padding rows carry index -1
     return [column[valid] for column in gathered]
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """Keeps `last.ckpt` current in the run's checkpoint folder: what `fit --ckpt_path last` resumes from.
+
+    Saved at the end of every training epoch (after its validation, so the resumed run knows the epoch's
+    results) and, within an epoch, once `every_n_minutes` of training have passed since the last save, or every
+    `every_n_steps` steps. The file is replaced whole (see `cifar_cli.atomic`), so a kill during a save leaves the
+    previous one.
+
+    Args:
+        every_n_minutes: Longest stretch of training between two saves, in minutes; 0 saves only at epoch ends.
+        every_n_steps: Also save every this many optimizer steps; 0: no step cadence.
+    """
+
+    # Under DDP rank 0's clock decides, broadcast to the others every this many steps (a broadcast per step
+    # would add a host sync to every step).
+    TIME_CHECK_STEPS = 10
+
+    def __init__(self, every_n_minutes: NonNegativeFloat = 10.0, every_n_steps: NonNegativeInt = 0) -> None:
+        super().__init__(save_last=True, save_top_k=0, save_on_train_epoch_end=True)
+        self.every_n_minutes = every_n_minutes
+        self.every_n_steps = every_n_steps
+        self._last_save = time.monotonic()
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(every_n_minutes=self.every_n_minutes, every_n_steps=self.every_n_steps)
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._last_save = time.monotonic()
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any, **kwargs: Any) -> None:
+        if self._should_skip_saving_checkpoint(trainer):
+            return
+        due = bool(self.every_n_steps) and trainer.global_step % self.every_n_steps == 0
+        if self.every_n_minutes and (trainer.world_size == 1 or trainer.global_step % self.TIME_CHECK_STEPS == 0):
+            late = time.monotonic() - self._last_save >= 60 * self.every_n_minutes
+            due = trainer.strategy.broadcast(late) or due
+        if due:
+            self.save(trainer)
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Also when a step save came at this same step: validation has run since, and its results belong in it.
+        if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking and not trainer.fast_dev_run:
+            self.save(trainer)
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        pass  # saved at the epoch's end instead, after every other callback has seen the validation
+
+    def save(self, trainer: Trainer) -> str:
+        """Write `last.ckpt` now; returns its path."""
+        self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        self._last_save = time.monotonic()
+        return self.last_model_path
+
+
+class Preemption(Callback):
+    """A clean stop on SIGTERM (schedulers, spot instances, `kill`) and SIGINT (Ctrl-C) during training.
+
+    The signal is noted, and training stops at the end of the current training batch (a validation under way is
+    finished first): `last.ckpt` is saved there, one line on stderr gives the command that resumes, and the
+    process exits with 128 + the signal's number (143, 130), as a shell reports a process stopped by it. A
+    second Ctrl-C stops at once, without saving. Under DDP rank 0 decides, and every rank stops at the same step.
+
+    Lightning already stops at a batch end on SIGTERM (its SIGTERMException), but exits with code 0 as if
+    training had finished, saves nothing, and ignores SIGINT until it interrupts the step wherever it is.
+    """
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._trainer: Trainer | None = None
+        self._previous: dict[int, Any] = {}
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Installed here, after Lightning has installed its own SIGTERM handler, which stays part of the chain.
+        if threading.current_thread() is not threading.main_thread():
+            return
+        self._trainer = trainer
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self._previous[signum] = signal.getsignal(signum)
+            signal.signal(signum, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        first = self.signal is None
+        self.signal = self.signal or signum
+        previous = self._previous.get(signum)
+        if signum == signal.SIGINT:
+            # The next Ctrl-C interrupts at once, as Python's default does.
+            signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+        elif callable(previous):
+            previous(signum, frame)  # Lightning's: forwards the signal to DDP child processes
+        if first and self._trainer is not None and not self._trainer.validating:
+            self._trainer._signal_connector.received_sigterm = True  # Lightning's stop flag, checked per batch
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.signal is not None and trainer.state.fn == TrainerFn.FITTING:
+            trainer._signal_connector.received_sigterm = True  # the validation has finished: stop now
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._restore()
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._restore()
+        if not isinstance(exception, SIGTERMException):
+            return
+        signum = self.signal or signal.SIGTERM
+        last = next((c for c in trainer.checkpoint_callbacks if isinstance(c, LastCheckpoint)), None)
+        if last is not None:
+            path = last.save(trainer)
+        else:
+            path = os.path.join(run_dir(trainer), "checkpoints", "last.ckpt")
+            trainer.save_checkpoint(path)
+        # A SystemExit's code is the process's exit status.
+        exception.code = 128 + signum
+        if trainer.is_global_zero:
+            config = os.path.join(run_dir(trainer), "config.yaml")
+            command = f"cifar-cli fit --config {config}" if os.path.isfile(config) else "cifar-cli fit ..."
+            print(
+                f"cifar-cli: stopped by {signal.Signals(signum).name} at epoch {trainer.current_epoch}, step "
+                f"{trainer.global_step}; resume with: {command} --ckpt_path {path}",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def _restore(self) -> None:
+        for signum, handler in self._previous.items():
+            if handler is not None:
+                signal.signal(signum, handler)
+        self._previous = {}

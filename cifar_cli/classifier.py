@@ -17,9 +17,12 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from cifar_cli.errors import UsageError
 from cifar_cli.optim import LRSchedule, param_groups
+from cifar_cli.seeding import derived_seed, run_seed
 
 Batch = tuple[Tensor, ...]  # (images, labels) or, for predict, (images, labels, index in the split)
 TTA = Literal["none", "flip", "flip-shift"]
+# Checkpoint entry holding the training metrics' running sums.
+METRICS_KEY = "cifar_cli_train_metrics"
 # Training images the whitening layer of a net with `init_whitening` is fitted to (airbench uses 5,000).
 WHITENING_IMAGES = 5000
 
@@ -73,6 +76,7 @@ class ImageClassifier(LightningModule):
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
         self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
+        self._logged_stages: set[str] = set()  # stages that called self.log since their epoch began
 
     def forward(self, x: Tensor) -> Tensor:
         if self.hparams.channels_last:
@@ -117,12 +121,44 @@ class ImageClassifier(LightningModule):
         return loss
 
     def _logs(self, stage: str, batch_idx: int) -> bool:
-        """Whether this batch logs: the first of every epoch, and in training the steps whose values the logger
+        """Whether this batch logs: the first of every epoch (or of a resumed one: Lightning reports a metric's
+        epoch value only if it was logged in this process), and in training the steps whose values the logger
         writes (every `log_every_n_steps`, as Lightning counts them); other batches only update the metrics."""
         trainer = self._trainer
-        if batch_idx == 0 or trainer is None:
+        if batch_idx == 0 or trainer is None or stage not in self._logged_stages:
+            self._logged_stages.add(stage)
             return True
         return stage == "train" and (self.global_step + 1) % trainer.log_every_n_steps == 0
+
+    def on_train_start(self) -> None:
+        # Lightning hands a resumed run's loader state to the loader in `fit_loop.setup_data`, but only while it is
+        # restarting; `estimated_stepping_batches` (asked for by configure_optimizers for the schedule) runs
+        # setup_data before the checkpoint is restored, so the state would be dropped and the epoch would start
+        # over at batch 0. Handing it over here, before the first batch is drawn, resumes at the next batch.
+        self.trainer.fit_loop._load_combined_loader_states()
+
+    def on_train_epoch_start(self) -> None:
+        self._logged_stages.discard("train")
+
+    def on_train_batch_start(self, batch: Batch, batch_idx: int) -> None:
+        # Whatever the network draws from the global generator (dropout, say) is seeded by the position in
+        # training, so a resumed run draws what the uninterrupted one did. Data augmentation has its own generator.
+        torch.manual_seed(derived_seed(run_seed(), self.current_epoch, batch_idx, self.global_rank))
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The training metrics' sums so far this epoch: a run resumed mid-epoch reports the whole epoch's values.
+        # Kept beside the weights rather than in the state_dict, which stays the network's alone.
+        checkpoint[METRICS_KEY] = {
+            name: {"state": getattr(self, name).metric_state, "updates": getattr(self, name)._update_count}
+            for name in ("train_acc", "train_loss")
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        for name, saved in checkpoint.get(METRICS_KEY, {}).items():
+            metric = getattr(self, name)
+            for attr, value in saved["state"].items():
+                setattr(metric, attr, value.to(metric.device) if isinstance(value, Tensor) else value)
+            metric._update_count = saved["updates"]  # torchmetrics keeps the count privately; compute() reads it
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         return self._step(batch, "train", batch_idx)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -15,13 +16,16 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from cifar_cli.callbacks import run_dir
+from cifar_cli.atomic import AtomicCheckpointIO, atomic_write_text, torch_load
+from cifar_cli.callbacks import FitTimer, LastCheckpoint, Preemption, run_dir
 from cifar_cli.classifier import ImageClassifier, check_optimizer_arguments
 from cifar_cli.data import ImageDataModule
 from cifar_cli.distributed import exit_if_rank_failed, watch_ranks
 from cifar_cli.errors import UsageError
+from cifar_cli.resume import RUN_KEY, continue_run, last_checkpoints, run_identity
 
 # Set to true to get the full traceback of an error instead of its one-line summary (jsonargparse reads it too).
 DEBUG_ENV = "JSONARGPARSE_DEBUG"
@@ -44,25 +48,32 @@ class RunConfigSaver(SaveConfigCallback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self.already_saved or not trainer.is_global_zero:
             return
-        folder = run_dir(trainer)
-        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(run_dir(trainer), self.config_filename)
         # Without a logger every run shares default_root_dir, like its checkpoints: the newest config wins there.
         overwrite = self.overwrite or not trainer.loggers
-        self.parser.save(self.config, os.path.join(folder, self.config_filename), skip_none=False, overwrite=overwrite)
+        if not (self.resuming and os.path.isfile(path)):
+            if os.path.exists(path) and not overwrite:
+                raise UsageError(f"{path} exists already: pass --trainer.logger.version with a new run name")
+            atomic_write_text(path, self.parser.dump(self.config, skip_none=False))
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 logger.experiment.config.update(self.resolved)
         self.already_saved = True
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
-        # The data module's full config (class_path and init_args), so that `--ckpt_path` restores it too.
-        checkpoint[CHECKPOINT_KEY] = {"data": self.resolved["data"]}
+        # The data module's full config (class_path and init_args), so that `--ckpt_path` restores it too, and the
+        # run's identity, so that resuming from it continues the same run folder and W&B run.
+        checkpoint[CHECKPOINT_KEY] = {"data": self.resolved["data"], RUN_KEY: run_identity(trainer)}
 
 
 class CifarCLI(LightningCLI):
     """The command line: data modules by class path, the model's net and sizes linked from the data."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # `last.ckpt`, kept current for `fit --ckpt_path last`: `--last_checkpoint.every_n_minutes 10` (default),
+        # `--last_checkpoint.every_n_steps N`. Its own flags, not an entry of the callbacks list, so that it stays
+        # when a config replaces the list.
+        parser.add_lightning_class_args(LastCheckpoint, "last_checkpoint")
         # Derived values are linked, never typed twice: the data decides the classes and the image size.
         parser.link_arguments("data.num_classes", "model.net.init_args.num_classes", apply_on="instantiate")
         parser.link_arguments("data.image_shape", "model.net.init_args.image_shape", apply_on="instantiate")
@@ -111,30 +122,86 @@ class CifarCLI(LightningCLI):
                     )
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+        callbacks = list(config.get("callbacks") or [])
+        extra = [self._get(self.config_init, key) for key in self._parser(self.subcommand).callback_keys]
+        if config.get("enable_checkpointing") is False:
+            extra = [c for c in extra if not isinstance(c, LastCheckpoint)]  # Lightning refuses any ModelCheckpoint
         # A rich progress bar unless the config picks another or turns progress bars off. Not a default callback
         # in the config: there it would clash with `--trainer.enable_progress_bar false`.
-        trainer = self._get(self.config_init, "trainer", default={})
-        callbacks = trainer.get("callbacks") or []
-        if trainer.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
-            kwargs.setdefault("callbacks", [*callbacks, RichProgressBar()])
-        instance = super().instantiate_trainer(**kwargs)
-        watch_ranks(instance)  # a failed DDP rank is named, not SIGKILLed silently with the others
-        return instance
+        if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+            callbacks.append(RichProgressBar())
+        # The clean stop on SIGTERM and Ctrl-C, whatever callbacks a config lists.
+        if not any(isinstance(c, Preemption) for c in callbacks):
+            callbacks.append(Preemption())
+        # Lightning ignores `max_time` when the callbacks hold a Timer, as they do with FitTimer: give it to FitTimer.
+        timers = [c for c in callbacks if isinstance(c, FitTimer)]
+        if config.get("max_time") is not None and timers:
+            timers[0].limit(config.pop("max_time"))
+        # Checkpoints written whole or not at all, and loaded weights-only, unless the config brings its own IO.
+        plugins = config.get("plugins")
+        plugins = [] if plugins is None else list(plugins) if isinstance(plugins, list) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            plugins.append(AtomicCheckpointIO())
+        config.update(callbacks=callbacks, plugins=plugins)
+        trainer = self._instantiate_trainer(config, extra)
+        for callback in trainer.callbacks:
+            if isinstance(callback, RunConfigSaver):
+                callback.resuming = self.resuming
+        watch_ranks(trainer)  # a failed DDP rank is named, not SIGKILLed silently with the others
+        return trainer
 
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
         super().parse_arguments(parser, args)
         self.checkpoint: dict[str, Any] | None = None
+        self.resuming = False
         subcommand = self.config.get("subcommand")
         ckpt_path = subcommand and self.config[subcommand].get("ckpt_path")
         if not ckpt_path:
             return
-        self.checkpoint = load_checkpoint(ckpt_path)
+        if ckpt_path == "last":
+            self.checkpoint, ckpt_path = self._find_last(subcommand)
+        else:
+            self.checkpoint = load_checkpoint(ckpt_path)
+        if self.checkpoint is None:
+            return
         # The model's settings come from the checkpoint (LightningCLI applies them next); its data settings
         # become the defaults here, so `test --ckpt_path FILE` alone evaluates on the split it was trained with.
-        data = self.checkpoint.get(CHECKPOINT_KEY, {}).get("data")
-        if data:
-            self._parser(subcommand).set_defaults({"data": data})
+        saved = self.checkpoint.get(CHECKPOINT_KEY, {})
+        if saved.get("data"):
+            self._parser(subcommand).set_defaults({"data": saved["data"]})
             super().parse_arguments(parser, args)
+        config = self.config[subcommand]
+        config["ckpt_path"] = ckpt_path
+        if subcommand == "fit":
+            # Training goes on in the checkpoint's own run: its folder, its config.yaml, its W&B run.
+            self.resuming = continue_run(config["trainer"].get("logger"), saved.get(RUN_KEY))
+            if self.resuming:  # its checkpoint folder holds its checkpoints so far, as it should
+                warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+            step, epoch = self.checkpoint.get("global_step"), self.checkpoint.get("epoch")
+            print(f"cifar-cli: resuming from {ckpt_path} (epoch {epoch}, step {step})", file=sys.stderr)
+
+    def _find_last(self, subcommand: str) -> tuple[dict[str, Any] | None, str | None]:
+        """`--ckpt_path last`: the newest loadable `last.ckpt` under the save folder of the configured logger."""
+        trainer = self.config[subcommand]["trainer"]
+        logger = trainer.get("logger")
+        init_args = getattr(logger, "init_args", None) or {}
+        roots = [Path(init_args.get("save_dir") or trainer.get("default_root_dir") or ".")]
+        if trainer.get("default_root_dir"):
+            roots.append(Path(trainer["default_root_dir"]))
+        dirpaths = [getattr(getattr(c, "init_args", None), "dirpath", None) for c in trainer.get("callbacks") or []]
+        roots += [Path(d) for d in dirpaths if d]
+        for path in last_checkpoints(roots):
+            try:  # the newest that loads: a file copied in half, say, is passed over
+                return load_checkpoint(str(path)), str(path)
+            except UsageError as err:
+                print(f"cifar-cli: skipping {path}: {err}", file=sys.stderr)
+        where = ", ".join(sorted({str(r) for r in roots}))
+        if subcommand != "fit":
+            raise UsageError(f"--ckpt_path last: no last.ckpt under {where}; pass the path of a checkpoint")
+        print(f"cifar-cli: --ckpt_path last: no run to resume under {where}; starting a new run", file=sys.stderr)
+        self.config[subcommand]["ckpt_path"] = None
+        return None, None
 
     def after_instantiate_classes(self) -> None:
         check_optimizer_arguments(self.model.optimizer)
@@ -173,7 +240,9 @@ def load_checkpoint(ckpt_path: str) -> dict[str, Any]:
     if not path.is_file():
         raise UsageError(f"--ckpt_path {ckpt_path}: no such file; pass a .ckpt file written by `cifar-cli fit`")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch_load(path)
+    except UsageError:
+        raise
     except Exception as err:  # torch raises pickle, zip and runtime errors alike for a file that is no checkpoint
         raise UsageError(f"--ckpt_path {ckpt_path} is not a Lightning checkpoint ({type(err).__name__})") from err
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:

@@ -27,7 +27,8 @@ def cifar_args(data_dir: Path) -> list[str]:
 
 
 def checkpoints() -> list[Path]:
-    return sorted(Path().glob("**/checkpoints/*.ckpt"))
+    """The checkpoints ModelCheckpoint kept (the best ones), without the `last.ckpt` kept for resuming."""
+    return sorted(p for p in Path().glob("**/checkpoints/*.ckpt") if not p.name.startswith("last"))
 
 
 def run_folders() -> list[Path]:

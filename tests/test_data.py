@@ -17,6 +17,7 @@ from cifar_cli.data import (
     ImageFolderDataModule,
     TensorImageDataset,
     random_crop,
+    random_crop_flip,
     random_flip,
     split_indices,
 )
@@ -102,14 +103,51 @@ def test_cifar10_splits_and_statistics(fake_cifar10: Path) -> None:
 
 
 def test_augmentation_only_for_training_batches(fake_cifar10: Path) -> None:
-    data = CIFAR10DataModule(str(fake_cifar10), val_size=40, augment=True)
-    data.setup("fit")
-    images = data.splits["val"].images[:16]
-    assert torch.equal(data.preprocess(images), data.preprocess(images))
-    assert not torch.equal(data.preprocess(images, train=True), data.preprocess(images))
-    plain = CIFAR10DataModule(str(fake_cifar10), val_size=40)
-    plain.setup("fit")
-    assert torch.equal(plain.preprocess(images, train=True), plain.preprocess(images))
+    def first_batches(augment: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        data = CIFAR10DataModule(str(fake_cifar10), val_size=40, augment=augment)
+        data.setup("fit")
+        return next(iter(data.train_dataloader()))[0], next(iter(data.val_dataloader()))[0]
+
+    (train, val), (plain_train, plain_val) = first_batches(True), first_batches(False)
+    assert torch.equal(val, plain_val)  # the same images, in the same order: validation is never augmented
+    assert train.dtype == torch.uint8 and not torch.equal(train, plain_train)
+    # Each augmented image is a flipped or unflipped window of its reflect-padded original.
+    padded = F.pad(plain_train.float(), (4, 4, 4, 4), mode="reflect")
+    for image, original in zip(train.float(), padded):
+        windows = [original[:, y : y + 32, x : x + 32] for y in range(9) for x in range(9)]
+        assert any(torch.equal(image, w) or torch.equal(image, w.flip(-1)) for w in windows)
+
+
+def test_device_batches_resume_at_the_next_batch_with_the_same_augmentation() -> None:
+    images = torch.randint(0, 256, (40, 3, 8, 8), dtype=torch.uint8)
+    data = TensorImageDataset(images, torch.arange(40))
+
+    def loader() -> DeviceBatches:
+        batches = DeviceBatches(
+            data, 4, shuffle=True, drop_last=True, seed=5, augment=lambda x, g: random_crop_flip(x, 2, generator=g)
+        )
+        batches.sampler.set_epoch(3)
+        return batches
+
+    full = loader()
+    uninterrupted = list(full)
+    assert full.state_dict() == {"epoch": 3, "batches_taken": 10}
+    interrupted = loader()
+    iterator = iter(interrupted)
+    for _ in range(4):
+        next(iterator)
+    state = interrupted.state_dict()
+    assert state == {"epoch": 3, "batches_taken": 4}
+    resumed = loader()
+    resumed.load_state_dict(state)
+    rest = list(resumed)
+    assert len(rest) == 6
+    for (x, y), (x0, y0) in zip(rest, uninterrupted[4:]):
+        assert torch.equal(y, y0) and torch.equal(x, x0)  # same images, same crops and flips
+    # A state from the end of an epoch, or from another epoch, starts the next pass at its first batch.
+    after = loader()
+    after.load_state_dict({"epoch": 2, "batches_taken": 10})
+    assert len(list(after)) == 10
 
 
 def test_train_loader_yields_uint8_batches_of_batch_size(fake_cifar10: Path) -> None:

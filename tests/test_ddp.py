@@ -156,11 +156,6 @@ def test_failing_rank_on_another_node_is_named_there(images: Path, tmp_path: Pat
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    reason="needs the stateful batch iterable (exact resume from any step): without it a mid-epoch resume starts "
-    "the epoch's batches over",
-    strict=True,
-)
 def test_resumed_run_matches_uninterrupted_run(images: Path, uninterrupted: Path, tmp_path: Path) -> None:
     """Resume two processes from the checkpoint after step 12 (3 steps into the second epoch) and train to the end:
     the last weights equal the uninterrupted run's."""

@@ -7,7 +7,7 @@ whole batch (`ImageDataModule.preprocess`). No worker processes, per-sample Pyth
 happen on the hot path.
 """
 
-from cifar_cli.data.augment import random_crop, random_flip
+from cifar_cli.data.augment import random_crop, random_crop_flip, random_flip
 from cifar_cli.data.base import ImageDataModule
 from cifar_cli.data.batches import DeviceBatches, TensorImageDataset, split_indices
 from cifar_cli.data.cifar import CIFAR10DataModule, CIFAR100DataModule
@@ -25,6 +25,7 @@ __all__ = [
     "decode_images",
     "list_images",
     "random_crop",
+    "random_crop_flip",
     "random_flip",
     "split_indices",
 ]

@@ -1,30 +1,53 @@
-"""Augmentation of a whole batch at once, on the device the batch is on."""
+"""Augmentation of a whole batch at once, on the device the batch is on, from a generator the caller seeds."""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 
-def random_crop(images: Tensor, padding: int) -> Tensor:
-    """Crop each image of a batch at its own random offset from a reflect-padded copy.
+def reflect(index: Tensor, size: int) -> Tensor:
+    """Fold indices in `(-size, 2 * size - 1)` back into `[0, size)` as reflect padding does (-1 -> 1, size -> size - 2)."""
+    last = size - 1
+    return last - (last - index.abs()).abs()
 
-    Written by hand because torchvision's transforms draw one crop per call: per-sample crops would need a Python
-    loop over the batch.
+
+def random_crop_flip(
+    images: Tensor, padding: int, flip: bool = True, generator: torch.Generator | None = None
+) -> Tensor:
+    """Crop each image at its own random offset from a reflect-padded copy, and mirror a random half of them.
+
+    Written by hand because torchvision's transforms draw one crop per call, and a per-sample loop over the batch
+    would cost more than the step. One gather does both: the crop offsets and the mirroring are folded into the
+    row and column indices, so no padded copy is made, and uint8 batches stay uint8.
+
+    Args:
+        images: `(N, C, H, W)` batch, any dtype.
+        padding: Largest shift, in pixels, per side; below H and W.
+        flip: Also mirror each image left to right with probability 1/2.
+        generator: Source of the offsets and flips, on the batch's device; the global generator when None.
     """
     n, c, h, w = images.shape
-    padded = F.pad(images, (padding,) * 4, mode="reflect")
-    dy = torch.randint(0, 2 * padding + 1, (n, 1), device=images.device)
-    dx = torch.randint(0, 2 * padding + 1, (n, 1), device=images.device)
-    rows = (dy + torch.arange(h, device=images.device))[:, None, :, None]  # (n, 1, h, 1)
-    cols = (dx + torch.arange(w, device=images.device))[:, None, None, :]  # (n, 1, 1, w)
-    batch = torch.arange(n, device=images.device)[:, None, None, None]
-    channel = torch.arange(c, device=images.device)[None, :, None, None]
-    return padded[batch, channel, rows, cols]
+    if not 0 <= padding < min(h, w):
+        raise ValueError(f"crop padding must be below the image side ({h}x{w}), got {padding}")
+    device = images.device
+    dy = torch.randint(0, 2 * padding + 1, (n, 1), device=device, generator=generator)
+    dx = torch.randint(0, 2 * padding + 1, (n, 1), device=device, generator=generator)
+    rows = reflect(dy - padding + torch.arange(h, device=device), h)  # (n, h)
+    cols = reflect(dx - padding + torch.arange(w, device=device), w)  # (n, w)
+    if flip:
+        mirror = torch.rand(n, 1, device=device, generator=generator) < 0.5
+        cols = torch.where(mirror, cols.flip(-1), cols)
+    batch = torch.arange(n, device=device)[:, None, None, None]
+    channel = torch.arange(c, device=device)[None, :, None, None]
+    return images[batch, channel, rows[:, None, :, None], cols[:, None, None, :]]
 
 
-def random_flip(images: Tensor) -> Tensor:
+def random_crop(images: Tensor, padding: int, generator: torch.Generator | None = None) -> Tensor:
+    """Crop each image of a batch at its own random offset from a reflect-padded copy."""
+    return random_crop_flip(images, padding, flip=False, generator=generator)
+
+
+def random_flip(images: Tensor, generator: torch.Generator | None = None) -> Tensor:
     """Mirror a random half of the batch left to right."""
-    flip = torch.rand(len(images), 1, 1, 1, device=images.device) < 0.5
-    return torch.where(flip, images.flip(-1), images)
+    return random_crop_flip(images, 0, flip=True, generator=generator)

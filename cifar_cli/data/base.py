@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -10,10 +9,11 @@ from jsonargparse.typing import PositiveInt
 from lightning.pytorch import LightningDataModule
 from torch import Tensor
 
-from cifar_cli.data.augment import random_crop, random_flip
+from cifar_cli.data.augment import random_crop_flip
 from cifar_cli.data.batches import DeviceBatches, TensorImageDataset
 from cifar_cli.data.images import IMAGE_SUFFIXES, decode_images, list_images
 from cifar_cli.errors import UsageError
+from cifar_cli.seeding import run_seed
 
 
 class ImageDataModule(LightningDataModule):
@@ -83,6 +83,9 @@ class ImageDataModule(LightningDataModule):
         self._stats_on.clear()
 
     def setup(self, stage: str) -> None:
+        side = min(self.image_shape[1:])
+        if self.augment and self.crop_padding >= side:
+            raise UsageError(f"--data.crop_padding {self.crop_padding} must be below the image side, {side} pixels")
         if not self.splits:
             self.load_splits()
         if stage == "predict":
@@ -113,8 +116,8 @@ class ImageDataModule(LightningDataModule):
                 f"choose --data.val_size (and --data.test_size) with a sum below {n_train}"
             )
 
-    def preprocess(self, images: Tensor, train: bool = False) -> Tensor:
-        """uint8 batch -> normalised float batch, augmented when `train` and `augment` are set."""
+    def preprocess(self, images: Tensor) -> Tensor:
+        """uint8 batch -> normalised float batch. Training batches arrive augmented already (`augment_batch`)."""
         if self.mean is None or self.std is None:
             raise RuntimeError("preprocess needs the training statistics: call setup first")
         if images.device not in self._stats_on:
@@ -125,15 +128,16 @@ class ImageDataModule(LightningDataModule):
             )
         mean, inverse_std = self._stats_on[images.device]
         # Two kernels: uint8 - float32 promotes to float32 without a separate conversion.
-        x = (images - mean) * inverse_std
-        if train and self.augment:
-            x = random_flip(random_crop(x, padding=self.crop_padding))
-        return x
+        return (images - mean) * inverse_std
+
+    def augment_batch(self, images: Tensor, generator: torch.Generator) -> Tensor:
+        """Random crops and flips of a uint8 training batch: on uint8, a quarter of the bytes to move that floats
+        would take, and the same pixels, since cropping and mirroring commute with the per-channel normalisation."""
+        return random_crop_flip(images, self.crop_padding, generator=generator)
 
     def on_after_batch_transfer(self, batch: tuple[Tensor, ...], dataloader_idx: int) -> tuple[Tensor, ...]:
         images, *rest = batch
-        training = self.trainer is not None and self.trainer.training
-        return self.preprocess(images, train=training), *rest
+        return self.preprocess(images), *rest
 
     def _loader(self, split: str, train: bool = False) -> DeviceBatches:
         if split not in self.splits:
@@ -150,8 +154,9 @@ class ImageDataModule(LightningDataModule):
             num_replicas=trainer.world_size if trainer is not None else 1,
             rank=trainer.global_rank if trainer is not None else 0,
             # Lightning's own seed variable, as its DistributedSampler uses: --seed_everything sets the order too.
-            seed=int(os.environ.get("PL_GLOBAL_SEED", 0)),
+            seed=run_seed(),
             with_index=split == "predict",
+            augment=self.augment_batch if train and self.augment else None,
         )
 
     def _missing_split_hint(self, split: str) -> str:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset, DistributedSampler
+
+from cifar_cli.seeding import derived_seed
 
 
 class TensorImageDataset(Dataset):
@@ -39,7 +41,13 @@ class DeviceBatches:
     Written by hand because a DataLoader collates every batch on the host: here a batch is one gather on the
     training device. The order comes from torch's DistributedSampler: a permutation seeded by `seed + epoch`, the
     same on every rank, of which each of the `num_replicas` ranks takes its own shard. Lightning calls
-    `sampler.set_epoch` before every training epoch, so a resumed run sees the same order as an uninterrupted one.
+    `sampler.set_epoch` before every training epoch.
+
+    Stateful in Lightning's sense (`state_dict`, `load_state_dict`): a checkpoint records the epoch and how many of
+    its batches were taken, and a resumed run goes on at the next batch, not at batch 0. Lightning saves that state
+    with every checkpoint and does not prefetch from an iterable whose length it knows, so the count is exact.
+    Augmentation draws from a generator seeded by (seed, epoch, batch, rank), so a resumed epoch also crops and
+    flips its remaining batches as the uninterrupted one did.
 
     Args:
         data: The split, on the device the batches are wanted on.
@@ -49,9 +57,10 @@ class DeviceBatches:
             unless it is the only one.
         num_replicas: Number of DDP ranks sharing the split.
         rank: This process's rank.
-        seed: Seed of the shuffled order.
+        seed: Seed of the shuffled order and of the augmentation.
         with_index: Yield `(images, labels, index)`, the index of each image in the split, instead of
             `(images, labels)`.
+        augment: Applied to each batch's uint8 images with a seeded generator on their device; none by default.
     """
 
     def __init__(
@@ -64,27 +73,50 @@ class DeviceBatches:
         rank: int = 0,
         seed: int = 0,
         with_index: bool = False,
+        augment: Callable[[Tensor, torch.Generator], Tensor] | None = None,
     ) -> None:
         self.data = data
         self.batch_size = batch_size
         self.drop_last = drop_last
         self.with_index = with_index
+        self.augment = augment
+        self.seed = seed
+        self.rank = rank
         # Under DDP without shuffling the sampler repeats a few images to give every rank as many batches.
         self.sampler = DistributedSampler(data, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
         self.batch_sampler = None  # Lightning inspects `sampler` and `batch_sampler` as on a DataLoader
+        self._generator = torch.Generator(device=data.device) if augment is not None else None
+        self._epoch = 0  # the epoch of the current (or last) pass
+        self._taken = 0  # batches of that epoch handed out so far
+        self._resume: dict[str, int] | None = None  # a loaded state, applied by the next pass
 
     def __len__(self) -> int:
         n = len(self.sampler)
         return n // self.batch_size if self.drop_last and n >= self.batch_size else math.ceil(n / self.batch_size)
 
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self._epoch, "batches_taken": self._taken}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._resume = {"epoch": int(state["epoch"]), "batches_taken": int(state["batches_taken"])}
+
     def __iter__(self):
+        # The body runs at the first `next`, after Lightning has set the sampler's epoch.
+        epoch = self.sampler.epoch
+        resume, self._resume = self._resume, None
+        # A state from the end of an epoch, or from another epoch, starts this one from its first batch.
+        first = resume["batches_taken"] if resume is not None and resume["epoch"] == epoch else 0
+        self._epoch, self._taken = epoch, first
         order = torch.tensor(list(self.sampler), dtype=torch.long, device=self.data.device)
-        for start in range(0, len(self) * self.batch_size, self.batch_size):
-            index = order[start : start + self.batch_size]
+        for batch in range(first, len(self)):
+            index = order[batch * self.batch_size : (batch + 1) * self.batch_size]
             # index_select, not images[index]: 14x faster for a batch of 32 on a CPU (5 us against 70 us).
             images, labels = self.data.images.index_select(0, index), self.data.labels.index_select(0, index)
+            if self.augment is not None:
+                self._generator.manual_seed(derived_seed(self.seed, epoch, batch, self.rank))
+                images = self.augment(images, self._generator)
+            self._taken = batch + 1  # counted before the yield: a checkpoint taken during this step counts it
             yield (images, labels, index) if self.with_index else (images, labels)
-
 
 
 def split_indices(n: int, sizes: Sequence[int], seed: int) -> list[Tensor]:

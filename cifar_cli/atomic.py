@@ -1,0 +1,90 @@
+"""Files that are whole or absent: checkpoints, configs and CSVs are written beside their target, flushed to disk
+and renamed over it, so a kill at any moment leaves the old file or the new one, never a truncated one.
+
+Written by hand because Lightning's checkpoint writer stages the file in the system's temporary folder and moves
+it: across file systems that move is a copy, and a kill during the copy leaves a truncated checkpoint behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+from fsspec.implementations.local import LocalFileSystem
+from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from cifar_cli.errors import UsageError
+
+# torch ignores weights_only=True when this variable is set: loading would unpickle arbitrary objects.
+UNSAFE_LOAD_ENV = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
+# Suffix of a file being written; never `.ckpt`, so no search for checkpoints finds one.
+PARTIAL = ".partial"
+
+
+def _mode() -> int:
+    """The permission bits a plain `open(..., "w")` would give a new file (mkstemp gives 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def atomic_write(path: _PATH, write: Callable[[IO[bytes]], Any]) -> None:
+    """Call `write(file)` on a new file beside `path`, fsync it, rename it to `path`, and fsync the folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, partial = tempfile.mkstemp(prefix=f".{path.name}.", suffix=PARTIAL, dir=path.parent)
+    try:
+        os.fchmod(fd, _mode())
+        with os.fdopen(fd, "wb") as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(partial, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(partial)
+        raise
+    # The rename itself is durable only once the folder's entry is on disk.
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
+def atomic_write_text(path: _PATH, text: str) -> None:
+    atomic_write(path, lambda file: file.write(text.encode()))
+
+
+def torch_load(path: _PATH, map_location: Any = "cpu") -> Any:
+    """`torch.load` with `weights_only=True`: tensors, numbers, strings and containers, never arbitrary objects.
+
+    A checkpoint whose pickle would build other objects (or run code through `__reduce__`) fails to load.
+    """
+    if os.environ.get(UNSAFE_LOAD_ENV, "").strip().lower() not in ("", "0", "false"):
+        raise UsageError(
+            f"{UNSAFE_LOAD_ENV} is set, which makes torch load checkpoints without the weights-only safeguard: "
+            f"unset it to load {path}"
+        )
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint IO, writing each local checkpoint whole or not at all, and loading weights only."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
+        if storage_options is not None or not isinstance(get_filesystem(path), LocalFileSystem):
+            return super().save_checkpoint(checkpoint, path, storage_options)  # remote storage: fsspec's own way
+        atomic_write(path, lambda file: torch.save(checkpoint, file))
+
+    def load_checkpoint(self, path: _PATH, map_location: Any | None = None, weights_only: bool | None = None) -> Any:
+        if not Path(path).is_file():  # remote paths: Lightning's loader, still weights only
+            return super().load_checkpoint(path, map_location=map_location, weights_only=True)
+        return torch_load(path, map_location=map_location or (lambda storage, loc: storage))
