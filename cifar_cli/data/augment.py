@@ -7,7 +7,10 @@ from torch import Tensor
 
 
 def reflect(index: Tensor, size: int) -> Tensor:
-    """Fold indices in `(-size, 2 * size - 1)` back into `[0, size)` as reflect padding does (-1 -> 1, size -> size - 2)."""
+    """Fold indices in `(-size, 2 * size - 1)` back into `[0, size)` as reflect padding does.
+
+    -1 -> 1, size -> size - 2.
+    """
     last = size - 1
     return last - (last - index.abs()).abs()
 
