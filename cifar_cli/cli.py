@@ -23,6 +23,7 @@ from cifar_cli.atomic import AtomicCheckpointIO, atomic_write_text, torch_load
 from cifar_cli.callbacks import FitTimer, LastCheckpoint, Preemption, run_dir
 from cifar_cli.classifier import ImageClassifier, check_optimizer_arguments
 from cifar_cli.data import ImageDataModule
+from cifar_cli.distributed import exit_if_rank_failed, watch_ranks
 from cifar_cli.errors import UsageError
 from cifar_cli.resume import RUN_KEY, continue_run, last_checkpoints, run_identity
 
@@ -147,6 +148,7 @@ class CifarCLI(LightningCLI):
         for callback in trainer.callbacks:
             if isinstance(callback, RunConfigSaver):
                 callback.resuming = self.resuming
+        watch_ranks(trainer)  # a failed DDP rank is named, not SIGKILLed silently with the others
         return trainer
 
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
@@ -305,6 +307,7 @@ def main(args: ArgsType = None) -> None:
         )
     except Exception as err:
         cause = user_error(err)
+        exit_if_rank_failed(err, one_line(cause) if cause is not None else None)  # under DDP: "rank R failed: ..."
         if cause is None or os.environ.get(DEBUG_ENV, "").lower() in ("true", "1"):
             raise
         print(f"cifar-cli: error: {one_line(cause)}", file=sys.stderr)

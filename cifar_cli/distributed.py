@@ -1,0 +1,208 @@
+"""When one DDP rank fails, every rank exits within seconds and the output names the rank that failed, and why.
+
+Left to Lightning and gloo, a failure is reported haphazardly: the failing rank prints a traceback, its peers die
+in a collective with gloo's "Connection closed by peer" (which names an address, not a rank), and on a single node
+Lightning's child-process observer SIGKILLs the launching process up to 5 s later, often before it says anything;
+a rank killed from outside leaves no word at all. Here the failing rank writes "rank R failed: why" to the process
+group's store (a TCPStore served by rank 0) before it exits; a peer whose collective breaks reads it from there,
+and the process that launched the node's other ranks reads a killed child's exit status. One line per node names
+the failure: the failing rank prints its own; local rank 0 of every other node repeats it; a peer that finds no
+record says that it lost contact.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch.distributed as dist
+from lightning.pytorch import Trainer
+from lightning.pytorch.strategies.launchers import subprocess_script
+
+# Store key of the first failure: "rank leader message", where leader is the global rank of local rank 0 on the
+# failing rank's node.
+FAILURE_KEY = "cifar-cli/failure"
+# The project's switch for full tracebacks (cli.DEBUG_ENV): with it, failures are recorded but not summarised.
+DEBUG_ENV = "JSONARGPARSE_DEBUG"
+# Seconds a peer waits for the failing rank's record, or for a failed child to be reaped: the failing rank writes
+# its record before it exits, and gloo reports the broken connection when it exits, so the record is there in
+# practice; the wait covers the time a dying process takes to become reapable.
+WAIT_S = 2.0
+# Seconds between two looks at the launched ranks (Lightning's observer: 5).
+POLL_S = 0.5
+# Peers that broke off in a collective: gloo's transport errors, and torch's own distributed error types.
+_LOST_CONTACT = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Socket Timeout")
+
+# Global ranks and processes of the ranks this process launched (local ranks 1 and up), for the watcher and for
+# the main thread's report; empty unless this process is a node's Lightning launcher.
+_children: list[tuple[int, subprocess.Popen]] = []
+# One report per process: the main thread (a broken collective) and the watcher (a failed child) may both see
+# the same failure. Never released: whoever takes it ends the process.
+_reporting = threading.Lock()
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A failed rank and why; `printed` when its line is already on this node's output."""
+
+    rank: int
+    leader: int
+    message: str
+    printed: bool = False
+
+    def encode(self) -> str:
+        return f"{self.rank} {self.leader} {self.message}"
+
+    @classmethod
+    def decode(cls, value: bytes, printed_on: int) -> Failure:
+        rank, leader, message = value.decode().split(" ", 2)
+        return cls(int(rank), int(leader), message, printed=int(leader) == printed_on)
+
+
+def watch_ranks(trainer: Trainer) -> None:
+    """Have Lightning's launcher start `_watch` instead of its own child-process observer.
+
+    Lightning's observer SIGKILLs this process and its children when a child fails, silently and up to 5 s late,
+    which can cut short this process's own report. `_watch` names the failed rank (a killed one leaves no record),
+    then ends the node's processes the same way.
+    """
+    if isinstance(trainer.strategy.launcher, subprocess_script._SubprocessScriptLauncher):
+        subprocess_script._launch_process_observer = _watch
+
+
+def exit_if_rank_failed(err: BaseException, usage: str | None) -> None:
+    """Under DDP, report this rank's failure, or the peer's failure that broke this rank, and exit.
+
+    Returns without doing anything when no process group with other ranks is up. With JSONARGPARSE_DEBUG set it
+    records the failure for the peers and returns, for the caller to raise it with its traceback.
+
+    Args:
+        err: The error that ended this rank's run.
+        usage: `err`'s one-line summary when it is bad input (exit code 2); otherwise its first line is used.
+    """
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() < 2:
+        return
+    rank = dist.get_rank()
+    leader = rank - int(os.environ.get("LOCAL_RANK", 0))
+    debug = os.environ.get(DEBUG_ENV, "").lower() in ("true", "1")
+    store = _store()
+    if _lost_contact(err):
+        failure = _find_failure(store, leader)
+        if debug:
+            return
+        if failure is None:
+            _exit(f"rank {rank} lost contact with the other ranks ({_first_line(err)})", 1)
+        if failure == "store lost":
+            _exit(f"rank {rank} lost contact with rank 0, which holds the run's store: rank 0 failed or was killed", 1)
+        # One line a node: from the failing rank itself, or from local rank 0 of every other node.
+        _exit(None if failure.printed or rank != leader else f"rank {failure.rank} failed: {failure.message}", 1)
+    failure = Failure(rank, leader, usage or f"{type(err).__name__}: {_first_line(err)}")
+    try:
+        # compare_set, not set: the first failure stays recorded, and the answer confirms the store has it.
+        store.compare_set(FAILURE_KEY, "", failure.encode())
+    except Exception:  # rank 0 and its store are gone already: the report below still stands
+        pass
+    if not debug:
+        _exit(f"rank {rank} failed: {failure.message}", 2 if usage else 1)
+
+
+def _store() -> dist.Store:
+    store = dist.distributed_c10d._get_default_store()
+    # Its timeout is the process group's, 30 minutes: a store whose server died must not hold the exit up.
+    store.set_timeout(timedelta(seconds=WAIT_S))
+    return store
+
+
+def _lost_contact(err: BaseException) -> bool:
+    """Whether `err` (or an error behind it) is a collective broken off by a peer."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, dist.DistError) or any(text in str(err) for text in _LOST_CONTACT):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def _find_failure(store: dist.Store | None, leader: int) -> Failure | str | None:
+    """The recorded failure, or a launched rank that died without one; "store lost" when rank 0 is gone."""
+    deadline = time.monotonic() + WAIT_S
+    while True:
+        try:
+            if store is not None and store.check([FAILURE_KEY]):
+                return Failure.decode(store.get(FAILURE_KEY), printed_on=leader)
+        except Exception:  # the store's server, rank 0, is gone
+            return "store lost"
+        for rank, proc in _children:
+            if proc.poll():
+                # It may have recorded its failure just before the check above.
+                if store is not None and store.check([FAILURE_KEY]):
+                    return Failure.decode(store.get(FAILURE_KEY), printed_on=leader)
+                return Failure(rank, leader, _exit_status(proc.returncode))
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.1)
+
+
+def _exit_status(code: int) -> str:
+    if code < 0:
+        return f"killed by {signal.Signals(-code).name}, without a report (out of memory, or killed by hand)"
+    return f"exited with code {code} without a report"
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
+
+
+def _exit(line: str | None, code: int, thread: bool = False) -> None:
+    """Print `line` as the run's error, end the ranks this process launched, and exit with `code`."""
+    if not _reporting.acquire(timeout=10 if thread else -1):
+        os._exit(code)  # the main thread has been exiting for 10 s: stuck in a destructor
+    if line:
+        print(f"cifar-cli: error: {line}", file=sys.stderr, flush=True)
+    # SIGKILL, as Lightning's observer: a process blocked in a collective does not act on SIGTERM.
+    for _, proc in _children:
+        if proc.poll() is None:
+            proc.kill()
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "gloo":
+        # Closes this rank's connections now, so that a peer waiting in a collective stops at once rather than
+        # when this process ends. (NCCL's destroy may wait on the peers' collectives: left to the exit there.)
+        dist.destroy_process_group()
+    if not thread:
+        atexit._run_exitfuncs()  # the W&B run ends as failed, log files are closed
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Not sys.exit: tearing down the interpreter with torch and Lightning loaded took 7 s on a busy 2-core machine.
+    os._exit(code)
+
+
+def _watch(child_processes: list[subprocess.Popen]) -> None:
+    """Start watching the ranks this process launched; Lightning calls it right after launching them."""
+    # Lightning's launcher: global rank = node rank x processes per node + local rank; NODE_RANK was just set.
+    first = int(os.environ.get("NODE_RANK", 0)) * (len(child_processes) + 1)
+    _children[:] = [(first + i + 1, proc) for i, proc in enumerate(child_processes)]
+    threading.Thread(target=_watch_loop, args=(first,), daemon=True, name="cifar-cli-rank-watcher").start()
+
+
+def _watch_loop(leader: int) -> None:
+    while True:
+        time.sleep(POLL_S)
+        codes = [proc.poll() for _, proc in _children]
+        if all(code == 0 for code in codes):
+            return
+        if any(codes):
+            store = _store() if dist.is_available() and dist.is_initialized() else None
+            failure = _find_failure(store, leader)
+            if isinstance(failure, Failure):
+                line = None if failure.printed else f"rank {failure.rank} failed: {failure.message}"
+            else:
+                line = "a rank this process launched failed"  # not reached: a failed child is found above
+            _exit(line, 1, thread=True)

@@ -1,0 +1,167 @@
+"""DDP under faults, two CPU processes with gloo: a failing rank is named and ends the run; two nodes train as one.
+
+Every run is the `cifar-cli` command in its own process group with a timeout, so a hang fails the test instead of
+blocking the suite. OMP_NUM_THREADS=1 everywhere: Lightning otherwise gives each process cores / processes-per-node
+threads, 1 on one node of two processes but 2 on each of two one-process nodes, and a different thread count may
+sum a convolution's gradient in another order.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import write_image_folder
+
+CLI = str(Path(sys.executable).parent / "cifar-cli")
+# 90 training images over 2 ranks, 5 a batch: 9 steps an epoch, 18 in all.
+STEPS = 18
+TRAIN = [
+    "fit", "--trainer.accelerator", "cpu", "--trainer.strategy", "ddp", "--trainer.logger", "false",
+    "--trainer.enable_progress_bar", "false", "--trainer.max_epochs", "2",
+    "--data", "ImageFolderDataModule", "--data.val_size", "30", "--data.batch_size", "5", "--data.cache_dir", "cache",
+    # A checkpoint every 3 steps, all kept: a mid-epoch one to resume from, and the weights after the last step.
+    "--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.dirpath", "steps",
+    "--trainer.callbacks.every_n_train_steps", "3", "--trainer.callbacks.save_top_k", "-1",
+]  # fmt: skip
+ONE_NODE = ["--trainer.devices", "2"]
+TWO_NODES = ["--trainer.devices", "1", "--trainer.num_nodes", "2"]
+TIMEOUT_S = 240  # a DDP run here takes 15 to 40 s, most of it two interpreters importing torch and Lightning
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def ddp_env(port: int, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "GROUP_RANK")}
+    tests = str(Path(__file__).parent)  # faults.py, for --trainer.callbacks+=faults.FailOnRank
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [tests, env.get("PYTHONPATH")]))
+    return {**env, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1", **extra}
+
+
+def start(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Popen:
+    cwd.mkdir(parents=True, exist_ok=True)
+    # A session of its own, so that a timeout ends the launched ranks too.
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    return subprocess.Popen([CLI, *args], cwd=cwd, env=env, start_new_session=True, **pipes)
+
+
+def finish(proc: subprocess.Popen, timeout: float = TIMEOUT_S) -> tuple[int, str]:
+    """Return code and stderr; the test fails, and the whole process group is killed, if it runs past `timeout`."""
+    try:
+        _, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        _, stderr = proc.communicate()
+        pytest.fail(f"cifar-cli still running after {timeout:.0f} s; stderr ends:\n{stderr[-2000:]}")
+    return proc.returncode, stderr
+
+
+def errors(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("cifar-cli: error: ")]
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+
+
+def assert_same_weights(path: Path, reference: Path) -> None:
+    ours, theirs = weights(path), weights(reference)
+    assert ours.keys() == theirs.keys()
+    differ = [k for k in ours if not torch.equal(ours[k], theirs[k])]
+    assert not differ, f"{path} differs from {reference} in {differ}"
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("ddp") / "images"
+    write_image_folder(root / "train", {"cat": 40, "dog": 40, "frog": 40})
+    return root
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(images: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The run the others must match: one node, two processes, 18 steps; its folder, with steps/*.ckpt."""
+    run = tmp_path_factory.mktemp("one-node")
+    code, stderr = finish(start([*TRAIN, *ONE_NODE, "--data.root", str(images)], run, ddp_env(free_port())))
+    assert code == 0, stderr[-2000:]
+    assert sorted(p.name for p in (run / "steps").glob("*.ckpt"))[-1] == f"epoch=1-step={STEPS}.ckpt"
+    return run
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["raise", "kill"])
+def test_failing_rank_is_named_and_every_rank_exits(images: Path, tmp_path: Path, how: str) -> None:
+    """Rank 1 alone fails at step 2 (an exception, or kill -9 by its process id) while rank 0 waits for it in the
+    gradient all-reduce: the command ends within a minute, non-zero, with one error line naming rank 1."""
+    fault = ["--trainer.callbacks+=faults.FailOnRank", "--trainer.callbacks.step", "2",
+             "--trainer.callbacks.how", "raise" if how == "raise" else "hang"]  # fmt: skip
+    proc = start([*TRAIN, *ONE_NODE, "--data.root", str(images), *fault], tmp_path, ddp_env(free_port()))
+    if how == "kill":
+        pid_file = tmp_path / "failing.pid"
+        deadline = time.monotonic() + TIMEOUT_S
+        while not pid_file.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert pid_file.exists(), finish(proc)[1][-2000:]
+        os.kill(int(pid_file.read_text()), signal.SIGKILL)
+    failed_at = time.monotonic()  # for "raise": an upper bound of the time the step failed
+    code, stderr = finish(proc, timeout=TIMEOUT_S if how == "raise" else 60)
+    assert time.monotonic() - failed_at < 60
+    assert code == 1
+    why = {
+        "raise": "ValueError: bad batch 2 in this rank's shard",
+        "kill": "killed by SIGKILL, without a report (out of memory, or killed by hand)",
+    }[how]
+    assert errors(stderr) == [f"cifar-cli: error: rank 1 failed: {why}"], stderr[-2000:]
+    assert "Traceback" not in stderr
+    assert not list((tmp_path / "steps").glob("*step=3.ckpt"))  # it stopped at the failing step
+
+
+@pytest.mark.slow
+def test_two_nodes_train_as_one_node_with_two_processes(images: Path, uninterrupted: Path, tmp_path: Path) -> None:
+    """The README's multi-node commands, both "nodes" on this machine: the same weights as one node, bit for bit."""
+    env = ddp_env(free_port())
+    args = [*TRAIN, *TWO_NODES, "--data.root", str(images)]
+    nodes = [start(args, tmp_path / f"node{rank}", {**env, "NODE_RANK": str(rank)}) for rank in (0, 1)]
+    for rank, proc in enumerate(nodes):
+        code, stderr = finish(proc)
+        assert code == 0, f"node {rank}: {stderr[-2000:]}"
+    # Global rank 0 writes the checkpoints; every 3 steps of 18 means each rank stepped 9 times an epoch, as on
+    # one node: each node took its own half of the split.
+    last = f"epoch=1-step={STEPS}.ckpt"
+    assert not (tmp_path / "node1" / "steps").exists()
+    assert_same_weights(tmp_path / "node0" / "steps" / last, uninterrupted / "steps" / last)
+
+
+@pytest.mark.slow
+def test_failing_rank_on_another_node_is_named_there(images: Path, tmp_path: Path) -> None:
+    """Two nodes: rank 1 fails; node 0 reads why from the store and says so in its own output."""
+    env = ddp_env(free_port())
+    args = [*TRAIN, *TWO_NODES, "--data.root", str(images), "--trainer.callbacks+=faults.FailOnRank"]
+    nodes = [start(args, tmp_path / f"node{rank}", {**env, "NODE_RANK": str(rank)}) for rank in (0, 1)]
+    line = "cifar-cli: error: rank 1 failed: ValueError: bad batch 2 in this rank's shard"
+    for proc in nodes:
+        code, stderr = finish(proc)
+        assert (code, errors(stderr)) == (1, [line]), stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_resumed_run_matches_uninterrupted_run(images: Path, uninterrupted: Path, tmp_path: Path) -> None:
+    """Resume two processes from the checkpoint after step 12 (3 steps into the second epoch) and train to the end:
+    the last weights equal the uninterrupted run's."""
+    ckpt = uninterrupted / "steps" / "epoch=1-step=12.ckpt"
+    args = [*TRAIN, *ONE_NODE, "--data.root", str(images), "--ckpt_path", str(ckpt)]
+    code, stderr = finish(start(args, tmp_path, ddp_env(free_port())))
+    assert code == 0, stderr[-2000:]
+    last = f"epoch=1-step={STEPS}.ckpt"
+    assert_same_weights(tmp_path / "steps" / last, uninterrupted / "steps" / last)
