@@ -76,11 +76,13 @@ def fit_process(args: list[str], cwd: Path) -> subprocess.Popen:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize(
+    ("signum", "resume"), [(signal.SIGTERM, True), (signal.SIGINT, False)], ids=["SIGTERM", "SIGINT"]
+)
 def test_signal_saves_prints_the_resume_command_and_ckpt_path_last_continues_the_run(
-    fake_cifar10: Path, tmp_path: Path, signum: int
+    fake_cifar10: Path, tmp_path: Path, signum: int, resume: bool
 ) -> None:
-    args = [*FAST, *cifar(fake_cifar10), "--trainer.max_epochs", "40"]
+    args = [*FAST, *cifar(fake_cifar10), "--trainer.max_epochs", "20"]
     process = fit_process(args, tmp_path)
     deadline = time.monotonic() + 120
     while not list(tmp_path.glob("runs/cifar-cli/*/checkpoints/last.ckpt")) and time.monotonic() < deadline:
@@ -95,7 +97,9 @@ def test_signal_saves_prints_the_resume_command_and_ckpt_path_last_continues_the
     assert line.endswith(f"resume with: cifar-cli fit --config {Path('runs/cifar-cli') / run.name / 'config.yaml'} "
                          f"--ckpt_path {Path('runs/cifar-cli') / run.name / 'checkpoints' / 'last.ckpt'}")  # fmt: skip
     stopped_at = torch.load(last, weights_only=True)["global_step"]
-    assert 5 <= stopped_at < 200
+    assert 5 <= stopped_at < 100
+    if not resume:
+        return
     config = (run / "config.yaml").read_bytes()
 
     # `--ckpt_path last` finds the run, continues it in its folder and W&B run, and ends where an uninterrupted
@@ -107,7 +111,7 @@ def test_signal_saves_prints_the_resume_command_and_ckpt_path_last_continues_the
     assert list((tmp_path / "runs" / "cifar-cli").iterdir()) == [run] and (run / "config.yaml").read_bytes() == config
     wandb_runs = sorted(p.name.rsplit("-", 1)[1] for p in (tmp_path / "runs" / "wandb").glob("offline-run-*"))
     assert wandb_runs == [run.name, run.name]
-    assert torch.load(last, weights_only=True)["global_step"] == 200
+    assert torch.load(last, weights_only=True)["global_step"] == 100
 
     reference = tmp_path / "reference"
     reference.mkdir()
