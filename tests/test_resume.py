@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_image_folder
 from test_cli import CSV_LOGGER, metrics_rows, values
 
 from cifar_cli.atomic import AtomicCheckpointIO, atomic_write
@@ -80,9 +81,12 @@ def fit_process(args: list[str], cwd: Path) -> subprocess.Popen:
     ("signum", "resume"), [(signal.SIGTERM, True), (signal.SIGINT, False)], ids=["SIGTERM", "SIGINT"]
 )
 def test_signal_saves_prints_the_resume_command_and_ckpt_path_last_continues_the_run(
-    fake_cifar10: Path, tmp_path: Path, signum: int, resume: bool
+    tmp_path: Path, signum: int, resume: bool
 ) -> None:
-    args = [*FAST, *cifar(fake_cifar10), "--trainer.max_epochs", "20"]
+    # An image folder: the fake CIFAR-10's checksums are patched in this process only, not in the subprocess.
+    write_image_folder(tmp_path / "images" / "train", {"a": 70, "b": 70, "c": 60})
+    data = ["--data", "ImageFolderDataModule", "--data.root", str(tmp_path / "images"), "--data.val_size", "40"]
+    args = [*FAST, *data, "--trainer.max_epochs", "20"]  # 160 training images: 5 steps an epoch
     process = fit_process(args, tmp_path)
     deadline = time.monotonic() + 120
     while not list(tmp_path.glob("runs/cifar-cli/*/checkpoints/last.ckpt")) and time.monotonic() < deadline:
