@@ -1,0 +1,170 @@
+"""`ImageDataModule`, the base of the data modules: uint8 splits in memory, batches normalised on the device."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from jsonargparse.typing import PositiveInt
+from lightning.pytorch import LightningDataModule
+from torch import Tensor
+
+from cifar_cli.data.augment import random_crop, random_flip
+from cifar_cli.data.batches import DeviceBatches, TensorImageDataset
+from cifar_cli.data.images import IMAGE_SUFFIXES, decode_images, list_images
+from cifar_cli.errors import UsageError
+
+
+class ImageDataModule(LightningDataModule):
+    """Base of the data modules: uint8 splits in memory, batched normalisation and augmentation on the device.
+
+    Subclasses fill `self.splits` with `TensorImageDataset`s in `setup` and say what the data is through
+    `class_names` and `image_shape`.
+
+    Args:
+        batch_size: Images per batch, per device.
+        val_size: Images held out of the training split for validation, when the data set has no validation split.
+        split_seed: Seed of the train/validation split; the same seed gives the same split on every run and rank.
+        augment: Randomly crop and flip training images, batched on the device.
+        crop_padding: With `augment`, the most pixels a crop shifts the image by (reflect padding), per side.
+        predict_root: Folder of unlabelled images for `predict` (searched recursively); default: the test split.
+    """
+
+    def __init__(
+        self,
+        batch_size: PositiveInt = 32,
+        val_size: PositiveInt = 5000,
+        split_seed: int = 42,
+        augment: bool = False,
+        crop_padding: PositiveInt = 4,
+        predict_root: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.batch_size = batch_size
+        self.val_size = val_size
+        self.split_seed = split_seed
+        self.augment = augment
+        self.crop_padding = crop_padding
+        self.predict_root = None if predict_root is None else Path(predict_root).expanduser()
+        self.splits: dict[str, TensorImageDataset] = {}
+        # Names of the predicted images (paths or indices) in the order of the predict split, for predictions.csv.
+        self.predict_names: list[str] = []
+        self.mean: Tensor | None = None  # per channel, 0-255 scale, from the training images
+        self.std: Tensor | None = None
+        self._stats_on: dict[torch.device, tuple[Tensor, Tensor]] = {}
+
+    @property
+    def class_names(self) -> list[str]:
+        raise NotImplementedError
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """`(channels, height, width)` of the images the model sees."""
+        raise NotImplementedError
+
+    def set_statistics(self, train_images: Tensor) -> None:
+        """Take the per-channel mean and std for normalisation from all training images.
+
+        Exact and cheap from each channel's 256-bin histogram: no float copy of the whole data set.
+        """
+        levels = torch.arange(256, dtype=torch.float64)
+        mean, std = [], []
+        for channel in range(train_images.shape[1]):
+            counts = torch.bincount(train_images[:, channel].flatten(), minlength=256).double()
+            mu = (counts * levels).sum() / counts.sum()
+            mean.append(mu)
+            std.append(((counts * (levels - mu) ** 2).sum() / (counts.sum() - 1)).sqrt())
+        self.mean, self.std = torch.stack(mean).float(), torch.stack(std).float()
+        self._stats_on.clear()
+
+    def setup(self, stage: str) -> None:
+        if not self.splits:
+            self.load_splits()
+        if stage == "predict":
+            self.setup_predict_folder()
+
+    def load_splits(self) -> None:
+        """Fill `self.splits` with the labelled splits and set the normalisation statistics."""
+        raise NotImplementedError
+
+    def setup_predict_folder(self) -> None:
+        """Make `predict_root`'s images the predict split, named by their paths relative to it."""
+        if self.predict_root is None:
+            return
+        if not self.predict_root.is_dir():
+            raise UsageError(f"--data.predict_root {self.predict_root} is not a folder")
+        paths = list_images(self.predict_root)
+        if not paths:
+            raise UsageError(f"{self.predict_root} has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        _, size, _ = self.image_shape  # square, as every data module here
+        images = decode_images(paths, size)
+        self.splits["predict"] = TensorImageDataset(images, torch.full((len(paths),), -1, dtype=torch.long))
+        self.predict_names = [p.relative_to(self.predict_root).as_posix() for p in paths]
+
+    def check_split_sizes(self, n_train: int, held_out: int) -> None:
+        if held_out >= n_train:
+            raise UsageError(
+                f"val_size/test_size hold out {held_out} of {n_train} training images, leaving none to train on: "
+                f"choose --data.val_size (and --data.test_size) with a sum below {n_train}"
+            )
+
+    def preprocess(self, images: Tensor, train: bool = False) -> Tensor:
+        """uint8 batch -> normalised float batch, augmented when `train` and `augment` are set."""
+        if self.mean is None or self.std is None:
+            raise RuntimeError("preprocess needs the training statistics: call setup first")
+        if images.device not in self._stats_on:
+            shape = (1, -1, 1, 1)
+            self._stats_on[images.device] = (
+                self.mean.to(images.device).view(shape),
+                (1 / self.std).to(images.device).view(shape),
+            )
+        mean, inverse_std = self._stats_on[images.device]
+        # Two kernels: uint8 - float32 promotes to float32 without a separate conversion.
+        x = (images - mean) * inverse_std
+        if train and self.augment:
+            x = random_flip(random_crop(x, padding=self.crop_padding))
+        return x
+
+    def on_after_batch_transfer(self, batch: tuple[Tensor, ...], dataloader_idx: int) -> tuple[Tensor, ...]:
+        images, *rest = batch
+        training = self.trainer is not None and self.trainer.training
+        return self.preprocess(images, train=training), *rest
+
+    def _loader(self, split: str, train: bool = False) -> DeviceBatches:
+        if split not in self.splits:
+            raise UsageError(f"{type(self).__name__} has no {split} split: {self._missing_split_hint(split)}")
+        trainer = self.trainer
+        device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+        if self.splits[split].device != device:
+            self.splits[split] = self.splits[split].to(device)  # once per split: later batches never leave it
+        return DeviceBatches(
+            self.splits[split],
+            self.batch_size,
+            shuffle=train,
+            drop_last=train,
+            num_replicas=trainer.world_size if trainer is not None else 1,
+            rank=trainer.global_rank if trainer is not None else 0,
+            # Lightning's own seed variable, as its DistributedSampler uses: --seed_everything sets the order too.
+            seed=int(os.environ.get("PL_GLOBAL_SEED", 0)),
+            with_index=split == "predict",
+        )
+
+    def _missing_split_hint(self, split: str) -> str:
+        return "call setup first"
+
+    def train_dataloader(self) -> DeviceBatches:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DeviceBatches:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DeviceBatches:
+        return self._loader("test")
+
+    def predict_dataloader(self) -> DeviceBatches:
+        return self._loader("predict")
