@@ -97,9 +97,10 @@ class ImageDataModule(LightningDataModule):
         """
         if self._prepared_for == stage:
             return
+        # The predict folder first: the data set's preparation may write its cache.
+        predict = self._decode_predict_folder() if stage == "predict" and self.predict_root is not None else None
         self.prepare_files(stage)
-        if stage == "predict" and self.predict_root is not None:
-            self._predict_folder = self._decode_predict_folder()
+        self._predict_folder = predict
         self._prepared_for = stage
 
     def prepare_files(self, stage: str) -> None:

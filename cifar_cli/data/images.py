@@ -31,9 +31,9 @@ def list_images(folder: Path) -> list[Path]:
 def decode_rgb(path: Path) -> Tensor:
     """One image file as a `(3, H, W)` uint8 RGB tensor: grayscale, palette and alpha images, 16-bit PNGs, CMYK
     JPEGs and animated GIFs (their first frame) included. A file that is no image ends in a UsageError naming it."""
-    data = read_file(str(path))
-    if data.numel() == 0:
+    if path.stat().st_size == 0:
         raise UsageError(f"image {path} is empty (0 bytes): remove or replace the file")
+    data = read_file(str(path))
     try:
         image = decode_image(data, mode=ImageReadMode.RGB)
     except RuntimeError as err:
