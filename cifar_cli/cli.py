@@ -9,7 +9,6 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 from jsonargparse import ArgumentError
 from lightning.pytorch import LightningModule, Trainer
@@ -19,8 +18,16 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from cifar_cli.atomic import AtomicCheckpointIO, atomic_write_text, torch_load
+from cifar_cli.atomic import AtomicCheckpointIO, atomic_write_text
 from cifar_cli.callbacks import FitTimer, LastCheckpoint, Preemption, run_dir
+from cifar_cli.checkpoints import (
+    CHECKPOINT_KEY,
+    apply_hyperparameters,
+    check_optimizer_class,
+    check_weights_fit,
+    load_checkpoint,
+)
+from cifar_cli.checks import ArgumentParser, QuietSeed, check_accelerator, check_data
 from cifar_cli.classifier import ImageClassifier, check_optimizer_arguments
 from cifar_cli.data import ImageDataModule
 from cifar_cli.distributed import exit_if_rank_failed, watch_ranks
@@ -29,8 +36,6 @@ from cifar_cli.resume import RUN_KEY, continue_run, last_checkpoints, run_identi
 
 # Set to true to get the full traceback of an error instead of its one-line summary (jsonargparse reads it too).
 DEBUG_ENV = "JSONARGPARSE_DEBUG"
-# Checkpoint entry holding the run's data config.
-CHECKPOINT_KEY = "cifar_cli"
 
 
 class RunConfigSaver(SaveConfigCallback):
@@ -69,6 +74,11 @@ class RunConfigSaver(SaveConfigCallback):
 class CifarCLI(LightningCLI):
     """The command line: data modules by class path, the model's net and sizes linked from the data."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # A parser that reads a config file holding only comments as an empty config (see checks.ArgumentParser).
+        kwargs.setdefault("parser_class", ArgumentParser)
+        super().__init__(*args, **kwargs)
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # `last.ckpt`, kept current for `fit --ckpt_path last`: `--last_checkpoint.every_n_minutes 10` (default),
         # `--last_checkpoint.every_n_steps N`. Its own flags, not an entry of the callbacks list, so that it stays
@@ -104,13 +114,25 @@ class CifarCLI(LightningCLI):
             }
         )
 
+    def _parse_ckpt_path(self) -> None:
+        # Replaces LightningCLI's, which loads the file a second time: the hyperparameters come from the checkpoint
+        # parse_arguments loaded (weights only) and are type-checked as command-line values, with an error naming
+        # the file.
+        if getattr(self, "checkpoint", None) is None:
+            return
+        self.config = apply_hyperparameters(
+            self.parser, self.config, self.checkpoint, self.config[self.config.subcommand].ckpt_path
+        )
+
+    def _set_seed(self) -> None:
+        with QuietSeed():  # announced after the checks, whose errors it would otherwise precede
+            super()._set_seed()
+
     def before_instantiate_classes(self) -> None:
-        trainer = self.config[self.subcommand]["trainer"] if self.subcommand else self.config["trainer"]
-        if str(trainer.get("accelerator")) in ("gpu", "cuda") and not torch.cuda.is_available():
-            raise UsageError(
-                f"--trainer.accelerator {trainer['accelerator']}: this machine has no CUDA GPU that PyTorch can use; "
-                "run with --config configs/cpu.yaml or --trainer.accelerator cpu"
-            )
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        trainer = config["trainer"]
+        check_accelerator(trainer)
+        check_optimizer_class(config)
         if self.subcommand == "fit" and trainer.get("limit_val_batches") == 0:
             # Lightning's EarlyStopping would stop at the first epoch's end with a traceback.
             for callback in trainer.get("callbacks") or []:
@@ -120,6 +142,25 @@ class CifarCLI(LightningCLI):
                         f"--trainer.limit_val_batches 0 turns validation off, but EarlyStopping monitors {monitor}: "
                         "validate on fewer batches (--trainer.limit_val_batches 0.1) or use --config without it"
                     )
+
+    def instantiate_classes(self) -> None:
+        # LightningCLI's, with the checks of the model and the data before the trainer is built: the trainer logs
+        # its banner (GPU/TPU lines, tips) as it is built, which would precede their one-line errors.
+        self.config_init = self.parser.instantiate_classes(self.config)
+        self.datamodule = self._get(self.config_init, "data")
+        self.model = self._get(self.config_init, "model")
+        self._add_configure_optimizers_method_to_model(self.subcommand)
+        self.check_model_and_data()
+        self.trainer = self.instantiate_trainer()
+
+    def check_model_and_data(self) -> None:
+        check_optimizer_arguments(self.model.optimizer)
+        if getattr(self, "checkpoint", None) is not None:
+            check_weights_fit(self.model, self.checkpoint["state_dict"], self.config[self.subcommand]["ckpt_path"])
+            self.checkpoint = None
+        if self.subcommand is not None:
+            check_data(self.datamodule, self.subcommand)
+            QuietSeed.announce(self._get(self.config, "seed_everything"))
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
@@ -203,57 +244,11 @@ class CifarCLI(LightningCLI):
         self.config[subcommand]["ckpt_path"] = None
         return None, None
 
-    def after_instantiate_classes(self) -> None:
-        check_optimizer_arguments(self.model.optimizer)
-        # Check the checkpoint against the model before the trainer starts a run and writes anything.
-        if self.checkpoint is not None:
-            check_weights_fit(self.model, self.checkpoint["state_dict"], self.config[self.subcommand]["ckpt_path"])
-            self.checkpoint = None
-
     def after_fit(self) -> None:
         best = self.trainer.checkpoint_callback
         if self.trainer.is_global_zero and best is not None and best.best_model_path:
             score = f" ({best.monitor} {best.best_model_score:.4f})" if best.best_model_score is not None else ""
             print(f"Best checkpoint{score}: {best.best_model_path}")
-
-
-def check_weights_fit(model: LightningModule, state_dict: dict[str, torch.Tensor], ckpt_path: str) -> None:
-    """Fail in one line when a checkpoint's weights do not fit the model the config builds."""
-    own = model.state_dict()
-    problems = [f"{k} is missing" for k in own.keys() - state_dict.keys()]
-    problems += [f"{k} is unexpected" for k in state_dict.keys() - own.keys()]
-    problems += [
-        f"{k} has shape {tuple(v.shape)} but the model needs {tuple(own[k].shape)}"
-        for k, v in state_dict.items()
-        if k in own and v.shape != own[k].shape
-    ]
-    if problems:
-        raise UsageError(
-            f"checkpoint {ckpt_path} does not fit the model ({'; '.join(problems[:3])}): it comes from another "
-            "model or data set; drop the --model/--data flags that differ from its training run"
-        )
-
-
-def load_checkpoint(ckpt_path: str) -> dict[str, Any]:
-    """Load a --ckpt_path, failing in one line when it is missing, not a checkpoint, or from another model."""
-    path = Path(ckpt_path)
-    if not path.is_file():
-        raise UsageError(f"--ckpt_path {ckpt_path}: no such file; pass a .ckpt file written by `cifar-cli fit`")
-    try:
-        checkpoint = torch_load(path)
-    except UsageError:
-        raise
-    except Exception as err:  # torch raises pickle, zip and runtime errors alike for a file that is no checkpoint
-        raise UsageError(f"--ckpt_path {ckpt_path} is not a Lightning checkpoint ({type(err).__name__})") from err
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise UsageError(f"--ckpt_path {ckpt_path} is not a Lightning checkpoint (it has no state_dict)")
-    hparams: dict[str, Any] = checkpoint.get("hyper_parameters") or {}
-    if "net" not in hparams or "class_names" not in hparams:
-        raise UsageError(
-            f"--ckpt_path {ckpt_path} was not written by cifar-cli's ImageClassifier "
-            f"(its hyperparameters are {sorted(hparams) or 'empty'}); pass a checkpoint from `cifar-cli fit`"
-        )
-    return checkpoint
 
 
 # Lines of jsonargparse's nested messages that repeat what the other lines say, or spell out internals.

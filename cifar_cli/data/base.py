@@ -53,6 +53,8 @@ class ImageDataModule(LightningDataModule):
         self.mean: Tensor | None = None  # per channel, 0-255 scale, from the training images
         self.std: Tensor | None = None
         self._stats_on: dict[torch.device, tuple[Tensor, Tensor]] = {}
+        self._prepared_for: str | None = None  # the stage `prepare` checked the data for
+        self._predict_folder: tuple[Tensor, list[Path]] | None = None  # predict_root decoded by `prepare`
 
     @property
     def class_names(self) -> list[str]:
@@ -82,6 +84,28 @@ class ImageDataModule(LightningDataModule):
         self.mean, self.std = torch.stack(mean).float(), torch.stack(std).float()
         self._stats_on.clear()
 
+    def prepare_data(self) -> None:
+        # Lightning calls this on local rank 0 of each node. cifar-cli calls `prepare` before it builds the trainer,
+        # so that bad data stops the command before Lightning logs or writes anything; then this costs nothing.
+        fn = self.trainer.state.fn if self.trainer is not None else None
+        self.prepare(fn.value if fn is not None else "fit")
+
+    def prepare(self, stage: str) -> None:
+        """Check the data for `stage` (fit, validate, test or predict) and download or cache it, once per process.
+
+        Bad data ends in a UsageError that says what to change.
+        """
+        if self._prepared_for == stage:
+            return
+        # The predict folder first: the data set's preparation may write its cache.
+        predict = self._decode_predict_folder() if stage == "predict" and self.predict_root is not None else None
+        self.prepare_files(stage)
+        self._predict_folder = predict
+        self._prepared_for = stage
+
+    def prepare_files(self, stage: str) -> None:
+        """Download or cache the data set and check it for `stage`."""
+
     def setup(self, stage: str) -> None:
         side = min(self.image_shape[1:])
         if self.augment and self.crop_padding >= side:
@@ -99,15 +123,23 @@ class ImageDataModule(LightningDataModule):
         """Make `predict_root`'s images the predict split, named by their paths relative to it."""
         if self.predict_root is None:
             return
-        if not self.predict_root.is_dir():
-            raise UsageError(f"--data.predict_root {self.predict_root} is not a folder")
-        paths = list_images(self.predict_root)
-        if not paths:
-            raise UsageError(f"{self.predict_root} has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-        _, size, _ = self.image_shape  # square, as every data module here
-        images = decode_images(paths, size)
+        images, paths = self._predict_folder or self._decode_predict_folder()
+        self._predict_folder = None
         self.splits["predict"] = TensorImageDataset(images, torch.full((len(paths),), -1, dtype=torch.long))
         self.predict_names = [p.relative_to(self.predict_root).as_posix() for p in paths]
+
+    def _decode_predict_folder(self) -> tuple[Tensor, list[Path]]:
+        """predict_root's images and their paths."""
+        root = self.predict_root
+        assert root is not None
+        if not root.is_dir():
+            missing = "" if root.exists() else " (no such path)"
+            raise UsageError(f"--data.predict_root {root} is not a folder{missing}: pass a folder of images")
+        paths = list_images(root)
+        if not paths:
+            raise UsageError(f"--data.predict_root {root} has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        _, size, _ = self.image_shape  # square, as every data module here
+        return decode_images(paths, size), paths
 
     def check_split_sizes(self, n_train: int, held_out: int) -> None:
         if held_out >= n_train:

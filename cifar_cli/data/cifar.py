@@ -74,8 +74,8 @@ class CIFAR10DataModule(ImageDataModule):
                 f"drop --data.download false to download it, or put {cls.filename} from {cls.url} there"
             ) from err
 
-    def prepare_data(self) -> None:
-        # Download once per node (Lightning calls this on local rank 0 only); torchvision verifies the MD5 sums.
+    def prepare_files(self, stage: str) -> None:
+        # Download once per node; torchvision verifies the MD5 sums.
         train = self._load(train=True, download=self.download)
         self._load(train=False, download=self.download)
         self.check_split_sizes(len(train.data), self.val_size)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from jsonargparse.typing import NonNegativeInt, PositiveInt
@@ -14,6 +15,16 @@ from cifar_cli.data.base import ImageDataModule
 from cifar_cli.data.batches import TensorImageDataset, split_indices
 from cifar_cli.data.images import IMAGE_SUFFIXES, decode_images, list_images
 from cifar_cli.errors import UsageError
+
+
+class _Listing(NamedTuple):
+    """A split folder's image files, before decoding."""
+
+    cache: Path
+    paths: list[Path]
+    names: list[str]  # relative to the data set's root: <split>/<class>/<file>
+    labels: Tensor
+    fingerprint: str
 
 
 class ImageFolderDataModule(ImageDataModule):
@@ -61,6 +72,8 @@ class ImageFolderDataModule(ImageDataModule):
     def _find_classes(self) -> list[str]:
         train = self.root / "train"
         layout = "expected ROOT/train/<class>/<image>.jpg (or .png)"
+        if not self.root.is_dir():
+            raise UsageError(f"image folder {self.root} does not exist: {layout}")
         if not train.is_dir():
             raise UsageError(f"image folder {self.root} has no train/ folder: {layout}")
         classes = sorted(d.name for d in train.iterdir() if d.is_dir() and not d.name.startswith("."))
@@ -85,56 +98,85 @@ class ImageFolderDataModule(ImageDataModule):
         key = hashlib.sha1(f"{folder.resolve()}|{self.image_size}".encode()).hexdigest()[:16]
         return self.cache_dir / f"{folder.name}-{self.image_size}px-{key}.pt"
 
-    def _read_folder(self, split: str) -> tuple[Tensor, Tensor, list[str]]:
-        """A labelled split folder as (images, labels, paths relative to root), from the cache when it is current."""
+    def _list_folder(self, split: str) -> _Listing:
+        """A labelled split folder's images, checked against the class folders of `train/`."""
         folder = self.root / split
         paths = list_images(folder)
         names = [p.relative_to(self.root).as_posix() for p in paths]
-        # The fingerprint covers every file's name, size and modification time: editing, adding or removing an
-        # image rebuilds the cache. Stat-ing 50,000 files takes about 0.5 s.
-        digest = hashlib.sha1(str(self.image_size).encode())
-        for name, path in zip(names, paths):
-            stat = path.stat()
-            digest.update(f"{name}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
-        fingerprint = digest.hexdigest()
-        cache = self._cache_path(folder)
-        if cache.is_file():
-            # Memory-mapped: prepare_data only counts the images, and setup copies out just the splits it indexes.
-            cached = torch.load(cache, weights_only=True, mmap=True)
-            if cached["fingerprint"] == fingerprint:
-                return cached["images"], cached["labels"], names
+        stray = [name for name in names if len(Path(name).parts) < 3]
+        if stray:
+            raise UsageError(
+                f"{self.root / stray[0]} is not in a class folder of {folder}: move it into {split}/<class>/ or "
+                "remove it"
+            )
         classes = [Path(name).parts[1] for name in names]
         unknown = sorted(set(classes) - set(self._classes))
         if unknown:
             raise UsageError(f"{folder} has classes that train/ lacks: {', '.join(unknown)}")
         if split == "train" and not paths:
             raise UsageError(f"{folder} has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        if split == "train":
+            empty = sorted(set(self._classes) - set(classes))
+            if empty:
+                # A class without training images would be an output the network never learns.
+                raise UsageError(
+                    f"class folder{'s' if len(empty) > 1 else ''} {', '.join(empty)} in {folder} "
+                    f"{'have' if len(empty) > 1 else 'has'} no images ({', '.join(sorted(IMAGE_SUFFIXES))}): "
+                    "add images or remove the folder"
+                )
+        # The fingerprint covers every file's name, size and modification time: editing, adding or removing an
+        # image rebuilds the cache. Stat-ing 50,000 files takes about 0.5 s.
+        digest = hashlib.sha1(str(self.image_size).encode())
+        for name, path in zip(names, paths):
+            stat = path.stat()
+            digest.update(f"{name}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
         index = {name: i for i, name in enumerate(self._classes)}
         labels = torch.tensor([index[c] for c in classes], dtype=torch.long)
-        images = decode_images(paths, self.image_size)
+        return _Listing(self._cache_path(folder), paths, names, labels, digest.hexdigest())
+
+    def _cached(self, listing: _Listing) -> Tensor | None:
+        """The listing's decoded images from the cache, or None when there is none or it is out of date."""
+        if listing.cache.is_file():
+            # Memory-mapped: prepare_data only checks the fingerprint, and setup copies out just the splits it
+            # indexes.
+            cached = torch.load(listing.cache, weights_only=True, mmap=True)
+            if cached["fingerprint"] == listing.fingerprint:
+                return cached["images"]
+        return None
+
+    def _write_cache(self, listing: _Listing, images: Tensor) -> None:
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         # Write then rename, so an interrupted build never leaves a truncated cache behind.
-        partial = cache.with_suffix(f".{os.getpid()}.tmp")
-        torch.save({"fingerprint": fingerprint, "images": images, "labels": labels}, partial)
-        os.replace(partial, cache)
-        return images, labels, names
+        partial = listing.cache.with_suffix(f".{os.getpid()}.tmp")
+        torch.save({"fingerprint": listing.fingerprint, "images": images, "labels": listing.labels}, partial)
+        os.replace(partial, listing.cache)
+
+    def _read_folder(self, split: str) -> tuple[Tensor, Tensor, list[str]]:
+        """A labelled split folder as (images, labels, paths relative to root), from the cache when it is current."""
+        listing = self._list_folder(split)
+        images = self._cached(listing)
+        if images is None:
+            images = decode_images(listing.paths, self.image_size)
+            self._write_cache(listing, images)
+        return images, listing.labels, listing.names
 
     def _held_out(self) -> int:
         val = 0 if (self.root / "val").is_dir() else self.val_size
         test = 0 if (self.root / "test").is_dir() else self.test_size
         return val + test
 
-    def prepare_data(self) -> None:
-        # Build the caches once per node (Lightning calls this on local rank 0 only), before any logger starts.
-        images, _, _ = self._read_folder("train")
-        self.check_split_sizes(len(images), self._held_out())
-        stage = self.trainer.state.fn if self.trainer is not None else None
+    def prepare_files(self, stage: str) -> None:
+        # Every check before any decoding, and every folder decoded before any cache is written: bad data stops
+        # the command with nothing written.
+        listings = [self._list_folder(split) for split in ("train", "val", "test") if (self.root / split).is_dir()]
+        self.check_split_sizes(len(listings[0].paths), self._held_out())
         needs_test = stage == "test" or (stage == "predict" and self.predict_root is None)
         if needs_test and not (self.root / "test").is_dir() and not self.test_size:
             raise UsageError(f"{type(self).__name__} has no test split: {self._missing_split_hint('test')}")
-        for split in ("val", "test"):
-            if (self.root / split).is_dir():
-                self._read_folder(split)
+        stale = [listing for listing in listings if self._cached(listing) is None]
+        decoded = [(listing, decode_images(listing.paths, self.image_size)) for listing in stale]
+        for listing, images in decoded:
+            self._write_cache(listing, images)
 
     def load_splits(self) -> None:
         images, labels, names = self._read_folder("train")

@@ -1,0 +1,161 @@
+"""Reading a `--ckpt_path` safely: weights only, checked to come from `cifar-cli fit`, refused in one line otherwise.
+
+A checkpoint is a pickle, and a pickle can run code when it is loaded. Every load here passes
+`weights_only=True`, which restricts the unpickler to tensors and plain data, and refuses to load at all when
+`TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD` is set (older torch versions let it override `weights_only=True`). The
+hyperparameters a checkpoint holds become command-line values: they are type-checked by the CLI's own parser, so a
+checkpoint can name only classes the command line itself accepts.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import pickle
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from jsonargparse import ArgumentError, Namespace
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import LightningArgumentParser
+
+from cifar_cli.data import ImageDataModule
+from cifar_cli.errors import UsageError
+
+# Checkpoint entry holding the run's data config.
+CHECKPOINT_KEY = "cifar_cli"
+FORCE_UNSAFE_ENV = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
+# The one `_instantiator` LightningCLI writes into the hyperparameters of the modules it builds.
+LIGHTNING_INSTANTIATOR = "lightning.pytorch.cli.instantiate_module"
+FROM_FIT = "pass a .ckpt file written by `cifar-cli fit`"
+
+
+def load_checkpoint(ckpt_path: str) -> dict[str, Any]:
+    """Load a --ckpt_path with weights only, failing in one line when it is missing, not a checkpoint, or not
+    written by cifar-cli."""
+    flag = f"--ckpt_path {ckpt_path}"
+    if os.environ.get(FORCE_UNSAFE_ENV, "").strip().lower() not in ("", "0", "false", "no", "n"):
+        # Checked before torch.load is called: under this variable torch may load the pickle unrestricted.
+        raise UsageError(
+            f"{flag}: refusing to load a checkpoint while {FORCE_UNSAFE_ENV} is set, as it can turn off "
+            "weights-only loading and let the file run code; unset it"
+        )
+    path = Path(ckpt_path)
+    if path.is_dir():
+        raise UsageError(f"{flag} is a directory, not a checkpoint file; {FROM_FIT}")
+    if not path.is_file():
+        raise UsageError(f"{flag}: no such file; {FROM_FIT}")
+    if path.stat().st_size == 0:
+        raise UsageError(f"{flag} is empty (0 bytes); {FROM_FIT}")
+    try:
+        with warnings.catch_warnings():
+            # A pickle of another protocol than torch.save's gets a warning before it is refused: a second line.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        refused = re.search(r"GLOBAL ([\w.]+)", str(err))
+        if refused is None:  # "Unsupported operand": no pickle torch.save wrote, e.g. a text file
+            raise UsageError(f"{flag} is not a Lightning checkpoint (not a file torch.save wrote); {FROM_FIT}") from err
+        # The weights-only unpickler met a reference to a function or class, e.g. a `__reduce__` that would call
+        # one. Nothing of it ran.
+        raise UsageError(
+            f"{flag} holds objects that weights-only loading refuses (GLOBAL {refused[1]}): loading it could run "
+            f"code; {FROM_FIT}"
+        ) from err
+    except Exception as err:  # torch raises zip, EOF and runtime errors alike for a damaged or foreign file
+        damaged = path.read_bytes()[:4] == b"PK\x03\x04"  # the zip format torch.save writes, cut short
+        what = "the file is truncated or damaged" if damaged else "not a file torch.save wrote"
+        raise UsageError(f"{flag} is not a Lightning checkpoint ({what}: {type(err).__name__}); {FROM_FIT}") from err
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
+        holds = "a dict without a state_dict" if isinstance(checkpoint, dict) else f"a {type(checkpoint).__name__}"
+        raise UsageError(f"{flag} is not a Lightning checkpoint (it holds {holds}); {FROM_FIT}")
+    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in checkpoint["state_dict"].items()):
+        raise UsageError(f"{flag} is not a Lightning checkpoint (its state_dict holds more than tensors); {FROM_FIT}")
+    hparams = checkpoint.get("hyper_parameters") or {}
+    if not isinstance(hparams, dict) or "net" not in hparams or "class_names" not in hparams:
+        names = sorted(map(str, hparams)) if isinstance(hparams, dict) else type(hparams).__name__
+        raise UsageError(
+            f"{flag} was not written by cifar-cli's ImageClassifier (its hyperparameters are {names or 'empty'}); "
+            f"{FROM_FIT}"
+        )
+    instantiator = hparams.get("_instantiator", LIGHTNING_INSTANTIATOR)
+    if instantiator != LIGHTNING_INSTANTIATOR:
+        # Lightning's load_from_checkpoint would import and call it.
+        raise UsageError(f"{flag}: its hyperparameters name an unknown _instantiator {instantiator!r}; {FROM_FIT}")
+    entry = checkpoint.get(CHECKPOINT_KEY, {})
+    if not isinstance(entry, dict) or not isinstance(entry.get("data", {}), dict):
+        raise UsageError(f"{flag}: its {CHECKPOINT_KEY!r} entry is not a data config; {FROM_FIT}")
+    if entry.get("data"):
+        check_data_config(entry["data"], flag)
+    return checkpoint
+
+
+def check_data_config(data: dict[str, Any], flag: str) -> None:
+    """Type-check a checkpoint's data config as `--data` is: a subclass of ImageDataModule and its arguments."""
+    # The CLI's own parser holds the data config as this type (LightningCLI with subclass_mode_data).
+    parser = LightningArgumentParser(exit_on_error=False)
+    parser.add_subclass_arguments(ImageDataModule, "data", fail_untyped=False, required=True)
+    try:
+        parser.parse_object({"data": data})
+    except (ArgumentError, SystemExit) as err:
+        raise UsageError(f"{flag}: its data config is refused: {err}") from err
+
+
+def apply_hyperparameters(
+    parser: LightningArgumentParser, config: Namespace, checkpoint: dict[str, Any], ckpt_path: str
+) -> Namespace:
+    """`config` with the checkpoint's model hyperparameters, type-checked as command-line values are.
+
+    As LightningCLI's own `_parse_ckpt_path`, but from the checkpoint `load_checkpoint` read, with an error that
+    names the file. Unknown keys and classes the command line would refuse are refused.
+    """
+    hparams = {k: v for k, v in checkpoint["hyper_parameters"].items() if k != "_instantiator"}
+    try:
+        config = parser.parse_object({config.subcommand: {"model": hparams}}, config)
+    except (ArgumentError, SystemExit) as err:
+        raise UsageError(f"--ckpt_path {ckpt_path}: its hyperparameters are refused: {err}") from err
+    check_optimizer_class(config[config.subcommand], f"--ckpt_path {ckpt_path}: its hyperparameters are refused:")
+    return config
+
+
+def check_optimizer_class(config: Namespace, context: str = "") -> None:
+    """Refuse an optimizer `class_path` that names no optimizer class, before anything is instantiated.
+
+    jsonargparse accepts any callable as the `class_path` of `--model.optimizer` (its type is a Callable that
+    returns an Optimizer) and calls it with the `init_args` while it builds the model: `os.system` would run.
+    """
+    optimizer = config.get("model.optimizer")
+    class_path = optimizer.get("class_path") if isinstance(optimizer, (Namespace, dict)) else None
+    if not class_path:
+        return
+    module, _, name = str(class_path).rpartition(".")
+    try:  # the parser has imported the module already while type-checking the value
+        target = getattr(importlib.import_module(module), name, None) if module else None
+    except ImportError:
+        target = None
+    if not (isinstance(target, type) and issubclass(target, torch.optim.Optimizer)):
+        prefix = f"{context} " if context else ""
+        raise UsageError(
+            f'{prefix}Parser key "model.optimizer": {class_path} is not an optimizer class (a subclass of '
+            "torch.optim.Optimizer)"
+        )
+
+
+def check_weights_fit(model: LightningModule, state_dict: dict[str, torch.Tensor], ckpt_path: str) -> None:
+    """Fail in one line when a checkpoint's weights do not fit the model the config builds."""
+    own = model.state_dict()
+    problems = [f"{k} is missing" for k in own.keys() - state_dict.keys()]
+    problems += [f"{k} is unexpected" for k in state_dict.keys() - own.keys()]
+    problems += [
+        f"{k} has shape {tuple(v.shape)} but the model needs {tuple(own[k].shape)}"
+        for k, v in state_dict.items()
+        if k in own and v.shape != own[k].shape
+    ]
+    if problems:
+        raise UsageError(
+            f"checkpoint {ckpt_path} does not fit the model ({'; '.join(sorted(problems)[:3])}): it comes from "
+            "another model or data set; drop the --model/--data flags that differ from its training run"
+        )

@@ -1,0 +1,102 @@
+"""Checks of a command's input before anything runs: config files, the trainer's accelerator, the data.
+
+Lightning reports some bad input only once the trainer is built or running: after its banner (seed, GPU/TPU lines,
+tips), in a traceback, or after a logger has created its run. These checks run first and raise a UsageError, which
+`cifar-cli` prints in one line.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from jsonargparse import Namespace
+from lightning.fabric.utilities.rank_zero import _get_rank, rank_prefixed_message
+from lightning.fabric.utilities.seed import log as seed_log
+from lightning.pytorch.accelerators import AcceleratorRegistry
+from lightning.pytorch.cli import LightningArgumentParser
+
+from cifar_cli.data import ImageDataModule
+from cifar_cli.errors import UsageError
+
+
+class ArgumentParser(LightningArgumentParser):
+    """LightningCLI's parser, reading a config file that holds only comments as an empty config, and saying what a
+    config must be when a file holds a list or a single value (jsonargparse: "Unexpected config")."""
+
+    def _load_config_parser_mode(
+        self, content: str, path: str | os.PathLike = "", ext_vars: dict | None = None, prev_cfg: Any = None
+    ) -> Namespace:
+        # Overrides a private jsonargparse method (4.53): the one place that sees a config file's whole content.
+        try:
+            loaded = yaml.safe_load(content)
+        except yaml.YAMLError:
+            loaded = {}  # jsonargparse reports the syntax error with its line and column
+        if loaded is None:
+            content = "{}"
+        elif not isinstance(loaded, dict):
+            name = f"config {Path(path).name} " if path else "config "
+            raise TypeError(
+                f"{name}holds a {type(loaded).__name__}, not a mapping of keys (trainer:, model:, data:): see the "
+                "output of --print_config for the form"
+            )
+        return super()._load_config_parser_mode(content, path, ext_vars, prev_cfg)
+
+
+def check_accelerator(trainer: Namespace) -> None:
+    """Refuse an accelerator that does not exist or that this machine lacks; Lightning would fail with a
+    traceback (tpu without torch_xla, a misspelt name) or after the seed line."""
+    accelerator = trainer.get("accelerator")
+    if not isinstance(accelerator, str) or accelerator == "auto":
+        return  # an Accelerator object, or Lightning's own choice
+    name = accelerator.lower()
+    flag = f"--trainer.accelerator {accelerator}"
+    if name in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise UsageError(
+            f"{flag}: this machine has no CUDA GPU that PyTorch can use; "
+            "run with --config configs/cpu.yaml or --trainer.accelerator cpu"
+        )
+    known = AcceleratorRegistry.available_accelerators()
+    if name == "gpu":
+        return
+    if name not in known:
+        raise UsageError(f"{flag}: no such accelerator; choose one of {', '.join(sorted({'auto', 'gpu', *known}))}")
+    if not AcceleratorRegistry[name]["accelerator"].is_available():
+        raise UsageError(
+            f"{flag}: this machine has no {name.upper()} that PyTorch can use; run with --trainer.accelerator cpu"
+        )
+
+
+def local_rank_zero() -> bool:
+    """Whether this process is the first of its node, as Lightning decides where it calls prepare_data: before the
+    trainer exists, from the variables its launchers set."""
+    return all(os.environ.get(name, "0") == "0" for name in ("LOCAL_RANK", "SLURM_LOCALID"))
+
+
+def check_data(data: Any, stage: str) -> None:
+    """Check, download and cache the data for `stage` before the trainer is built (on a node's first process
+    only, as Lightning's own prepare_data call, which then costs nothing)."""
+    if isinstance(data, ImageDataModule) and local_rank_zero():
+        data.prepare(stage)
+
+
+class QuietSeed:
+    """Seeds without Lightning's "Seed set to N" line, which would precede the checks' errors; `announce` logs it
+    once they pass."""
+
+    def __enter__(self) -> None:
+        self.level = seed_log.level
+        seed_log.setLevel(logging.WARNING)
+
+    def __exit__(self, *exc: object) -> None:
+        seed_log.setLevel(self.level)
+
+    @staticmethod
+    def announce(seed: int | bool | None) -> None:
+        """Log the seed as seed_everything does, for the seed LightningCLI set (False or None: no seeding)."""
+        if isinstance(seed, int) and not isinstance(seed, bool):
+            seed_log.info(rank_prefixed_message(f"Seed set to {seed}", _get_rank()))

@@ -1,0 +1,532 @@
+"""Bad input, case by case: every case ends in one line on stderr and exit code 2, with nothing written.
+
+Each case writes its inputs into the test's folder, then runs `main([...])` in this process. Lightning's log lines
+(the seed, the GPU/TPU banner, tips) go to the real stderr through logging handlers bound at import, so the cases
+read file descriptor 2 (`capfd`), which sees them, and the warnings Python would print. The folder's files (names,
+sizes, modification times) are the same after the run as before it. Odd but valid input must work instead: the
+images and config at the end of the file.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import struct
+import subprocess
+import sys
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import write_image_folder
+from PIL import Image
+
+from cifar_cli.cli import main
+from cifar_cli.data import ImageFolderDataModule, decode_images
+from cifar_cli.data.images import decode_rgb
+from cifar_cli.nets import TutorialCNN
+
+REPO = Path(__file__).resolve().parents[1]
+FOLDER = ["--data", "ImageFolderDataModule", "--data.root", "images"]
+# Warnings Python prints by default: each would be one more line on stderr.
+SHOWN = (UserWarning, RuntimeWarning, FutureWarning, SyntaxWarning, UnicodeWarning, BytesWarning)
+
+
+class Payload:
+    """A pickle that would create `path` when loaded: the code a hostile checkpoint runs."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (open, (str(self.path), "w"))
+
+
+def images(counts: dict[str, int], split: str = "train") -> None:
+    write_image_folder(Path("images") / split, counts)
+
+
+def checkpoint(num_classes: int = 10, **changes: Any) -> dict[str, Any]:
+    """A checkpoint as `cifar-cli fit` writes it, of TutorialCNN on CIFAR-10, with `changes` to its entries."""
+    net = TutorialCNN(num_classes=num_classes, image_shape=(3, 32, 32))
+    ckpt = {
+        "state_dict": {f"net.{k}": v for k, v in net.state_dict().items()},
+        "hyper_parameters": {
+            "net": {
+                "class_path": "cifar_cli.nets.TutorialCNN",
+                "init_args": {"num_classes": num_classes, "image_shape": (3, 32, 32)},
+            },
+            "class_names": [f"c{i}" for i in range(num_classes)],
+            "optimizer": {"class_path": "torch.optim.Adam"},
+            "_instantiator": "lightning.pytorch.cli.instantiate_module",
+        },
+        "cifar_cli": {"data": {"class_path": "cifar_cli.data.CIFAR10DataModule", "init_args": {"val_size": 40}}},
+    }
+    for key, value in changes.items():  # "hyper_parameters.net.class_path": "os.system"
+        *parents, last = key.split(".")
+        entry = ckpt
+        for parent in parents:
+            entry = entry[parent]
+        entry[last] = value
+    return ckpt
+
+
+def write(name: str, content: str | bytes) -> None:
+    Path(name).parent.mkdir(parents=True, exist_ok=True)
+    Path(name).write_bytes(content.encode() if isinstance(content, str) else content)
+
+
+def truncate(name: str) -> None:
+    data = Path(name).read_bytes()
+    write(name, data[: len(data) // 2])
+
+
+def pickle_payload(name: str, protocol: int = 2) -> None:
+    """A plain pickle (not torch.save's zip) whose loading would create `pwned`."""
+    write(name, pickle.dumps({"state_dict": {}, "x": Payload(Path("pwned"))}, protocol=protocol))
+
+
+def force_unsafe_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    """TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD set, and torch.load failing the case if it is called at all."""
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("torch.load was called")
+
+    monkeypatch.setattr(torch, "load", refuse)
+
+
+class Case(NamedTuple):
+    id: str
+    args: list[str]
+    phrase: str  # in the error line
+    files: dict[str, str | bytes] = {}  # written before the run
+    setup: Callable[[], Any] | None = None  # writes other inputs before the run
+    ckpt: Any = None  # torch.save-d as model.ckpt before the run
+    env: Callable[[pytest.MonkeyPatch], None] | None = None
+
+
+FIT = ["fit", *FOLDER, "--data.val_size", "2"]
+TEST_CKPT = ["test", "--ckpt_path", "model.ckpt"]
+CLASSES_AB = {"a": 4, "b": 4}
+CASES = [
+    # Flags: sizes, types, names, choices.
+    Case("batch_size_zero", ["fit", "--data.batch_size", "0"], '"batch_size": Not of type PositiveInt: 0'),
+    Case("val_size_negative", ["fit", "--data.val_size", "-5"], '"val_size": Not of type PositiveInt: -5'),
+    Case("batch_size_not_a_number", ["fit", "--data.batch_size", "many"], '"batch_size": Not of type PositiveInt'),
+    Case("learning_rate_not_a_number", ["fit", "--model.learning_rate", "fast"], 'Parser key "model.learning_rate"'),
+    Case("max_epochs_not_a_number", ["fit", "--trainer.max_epochs", "two"], 'Parser key "trainer.max_epochs"'),
+    Case("unknown_option", ["fit", "--trainer.max_epochs_x", "3"], "unrecognized arguments: --trainer.max_epochs_x"),
+    Case("unknown_subcommand", ["train"], "invalid choice: 'train'"),
+    Case("unknown_data_class", ["fit", "--data", "NoSuchDataModule"], "NoSuchDataModule"),
+    Case("unknown_net_class", ["fit", "--model.net", "NoSuchNet"], "NoSuchNet"),
+    Case("bad_tta_choice", ["fit", "--model.tta", "sideways"], 'Parser key "model.tta"'),
+    Case("bad_precision", ["fit", "--trainer.precision", "17"], 'Parser key "trainer.precision"'),
+    Case(
+        "accelerator_tpu", ["fit", "--trainer.accelerator", "tpu"], "--trainer.accelerator tpu: this machine has no TPU"
+    ),
+    Case(
+        "accelerator_mps", ["fit", "--trainer.accelerator", "mps"], "--trainer.accelerator mps: this machine has no MPS"
+    ),
+    Case(
+        "accelerator_misspelt", ["fit", "--trainer.accelerator", "cpuu"], "no such accelerator; choose one of auto, cpu"
+    ),
+    Case(
+        "optimizer_lr_flag",
+        ["fit", "--model.optimizer", "SGD", "--model.optimizer.lr", "0.1"],
+        "--model.optimizer.lr is not used",
+    ),
+    Case(
+        "optimizer_class_path_runs_code",
+        ["fit", "--model.optimizer", '{"class_path": "os.system", "init_args": {"command": "touch pwned"}}'],
+        "os.system is not an optimizer class",
+    ),
+    Case(
+        "validation_off_with_early_stopping",
+        ["fit", "--trainer.limit_val_batches", "0"],
+        "EarlyStopping monitors val_loss",
+    ),
+    # Config files.
+    Case("config_missing", ["fit", "--config", "missing.yaml"], "File does not exist"),
+    Case(
+        "config_yaml_syntax", ["fit", "--config", "c.yaml"], "Problems parsing config", {"c.yaml": "trainer: [1, 2\n"}
+    ),
+    Case(
+        "config_list",
+        ["fit", "--config", "c.yaml"],
+        "config c.yaml holds a list, not a mapping",
+        {"c.yaml": "- trainer\n- model\n"},
+    ),
+    Case(
+        "config_scalar",
+        ["fit", "--config", "c.yaml"],
+        "config c.yaml holds a str, not a mapping",
+        {"c.yaml": "max_epochs 3\n"},
+    ),
+    Case("config_unknown_key", ["fit", "--config", "c.yaml"], "dropout", {"c.yaml": "model:\n  dropout: 0.5\n"}),
+    Case("config_wrong_type", ["fit", "--config", "c.yaml"], "max_epochs", {"c.yaml": "trainer:\n  max_epochs: two\n"}),
+    # Data.
+    Case(
+        "cifar_missing_no_download",
+        ["fit", "--data.data_dir", "nowhere", "--data.download", "false"],
+        "CIFAR10 is missing or corrupted",
+    ),
+    Case("folder_root_missing", FIT, "image folder images does not exist"),
+    Case("folder_no_train", FIT, "image folder images has no train/ folder", {"images/val/a/x.png": b""}),
+    Case("folder_no_class_folders", FIT, "images/train has no class folders", {"images/train/x.jpg": b""}),
+    Case(
+        "folder_empty_class",
+        FIT,
+        "class folder b in images/train has no images",
+        setup=lambda: [images({"a": 4}), Path("images/train/b").mkdir()],
+    ),
+    Case(
+        "folder_stray_file",
+        FIT,
+        "images/train/x.png is not in a class folder",
+        {"images/train/x.png": b""},
+        lambda: images(CLASSES_AB),
+    ),
+    Case(
+        "folder_corrupt_image",
+        FIT,
+        "cannot decode image images/train/a/bad.jpg",
+        {"images/train/a/bad.jpg": b"\xff\xd8\xffjunk"},
+        lambda: images(CLASSES_AB),
+    ),
+    Case(
+        "folder_zero_byte_image",
+        FIT,
+        "image images/train/b/empty.png is empty (0 bytes)",
+        {"images/train/b/empty.png": b""},
+        lambda: images(CLASSES_AB),
+    ),
+    Case(
+        "folder_test_class_unknown",
+        FIT,
+        "classes that train/ lacks: zebra",
+        setup=lambda: [images(CLASSES_AB), images({"zebra": 2}, "test")],
+    ),
+    Case(
+        "folder_val_size_too_large",
+        [*FIT, "--data.val_size", "50"],
+        "hold out 50 of 8 training images",
+        setup=lambda: images(CLASSES_AB),
+    ),
+    Case("folder_test_without_test_split", ["test", *FIT[1:]], "has no test split", setup=lambda: images(CLASSES_AB)),
+    Case(
+        "predict_root_missing",
+        ["predict", *FIT[1:], "--data.predict_root", "new"],
+        "--data.predict_root new is not a folder (no such path)",
+        setup=lambda: images(CLASSES_AB),
+    ),
+    Case(
+        "predict_root_empty",
+        ["predict", *FIT[1:], "--data.predict_root", "new"],
+        "--data.predict_root new has no images",
+        {"new/notes.txt": "no images\n"},
+        lambda: images(CLASSES_AB),
+    ),
+    Case(
+        "predict_root_corrupt_image",
+        ["predict", *FIT[1:], "--data.predict_root", "new"],
+        "cannot decode image new/x.png",
+        {"new/x.png": b"\x89PNG\r\n\x1a\njunk"},
+        lambda: images(CLASSES_AB),
+    ),
+    # Checkpoints.
+    Case("ckpt_missing", TEST_CKPT, "--ckpt_path model.ckpt: no such file"),
+    Case(
+        "ckpt_directory", TEST_CKPT, "--ckpt_path model.ckpt is a directory", setup=lambda: Path("model.ckpt").mkdir()
+    ),
+    Case("ckpt_empty", TEST_CKPT, "--ckpt_path model.ckpt is empty (0 bytes)", {"model.ckpt": b""}),
+    Case(
+        "ckpt_text",
+        TEST_CKPT,
+        "is not a Lightning checkpoint (not a file torch.save wrote",
+        {"model.ckpt": "epoch: 3\n"},
+    ),
+    Case(
+        "ckpt_truncated",
+        TEST_CKPT,
+        "is not a Lightning checkpoint (the file is truncated or damaged",
+        ckpt=checkpoint(),
+        setup=lambda: truncate("model.ckpt"),
+    ),
+    Case("ckpt_plain_tensor", TEST_CKPT, "is not a Lightning checkpoint (it holds a Tensor", ckpt=torch.zeros(3)),
+    Case("ckpt_without_state_dict", TEST_CKPT, "it holds a dict without a state_dict", ckpt={"epoch": 3}),
+    Case(
+        "ckpt_state_dict_not_tensors",
+        TEST_CKPT,
+        "its state_dict holds more than tensors",
+        ckpt=checkpoint(state_dict={"net.w": [1, 2]}),
+    ),
+    Case(
+        "ckpt_not_from_cifar_cli",
+        TEST_CKPT,
+        "was not written by cifar-cli",
+        ckpt={"state_dict": {}, "hyper_parameters": {"hidden_dim": 64}},
+    ),
+    Case(
+        "ckpt_pickle_runs_code",
+        TEST_CKPT,
+        "weights-only loading refuses (GLOBAL io.open)",
+        ckpt={"state_dict": {}, "x": Payload(Path("pwned"))},
+    ),
+    Case(
+        "ckpt_plain_pickle_runs_code",
+        TEST_CKPT,
+        "weights-only loading refuses (GLOBAL io.open)",
+        setup=lambda: pickle_payload("model.ckpt"),
+    ),
+    Case(
+        "ckpt_plain_pickle_protocol_4",
+        TEST_CKPT,
+        "not a file torch.save wrote",
+        setup=lambda: pickle_payload("model.ckpt", 4),
+    ),
+    Case(
+        "ckpt_force_no_weights_only_env",
+        TEST_CKPT,
+        "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD is set",
+        ckpt=checkpoint(),
+        env=force_unsafe_load,
+    ),
+    Case(
+        "ckpt_other_model",
+        TEST_CKPT,
+        "does not fit the model (net.",
+        ckpt=checkpoint(**{"hyper_parameters.net.class_path": "cifar_cli.nets.FastNet"}),
+    ),
+    Case(
+        "ckpt_other_class_count",
+        TEST_CKPT,
+        "net.fc3.bias has shape (3,) but the model needs (10,)",
+        ckpt=checkpoint(num_classes=3),
+    ),
+    Case(
+        "ckpt_net_is_a_function",
+        TEST_CKPT,
+        "os.system does not correspond to a subclass of Module",
+        ckpt=checkpoint(**{"hyper_parameters.net.class_path": "os.system"}),
+    ),
+    Case(
+        "ckpt_optimizer_runs_code",
+        TEST_CKPT,
+        "builtins.eval is not an optimizer class",
+        ckpt=checkpoint(**{"hyper_parameters.optimizer": {"class_path": "builtins.eval", "init_args": {}}}),
+    ),
+    Case(
+        "ckpt_schedule_not_a_schedule",
+        TEST_CKPT,
+        "subprocess.Popen does not correspond to a subclass of LRSchedule",
+        ckpt=checkpoint(
+            **{"hyper_parameters.lr_schedule": {"class_path": "subprocess.Popen", "init_args": {"args": "touch pwned"}}}
+        ),
+    ),
+    Case(
+        "ckpt_unknown_hyperparameter",
+        TEST_CKPT,
+        "does not accept option 'model.bogus'",
+        ckpt=checkpoint(**{"hyper_parameters.bogus": 1}),
+    ),
+    Case(
+        "ckpt_unknown_instantiator",
+        TEST_CKPT,
+        "unknown _instantiator 'os.system'",
+        ckpt=checkpoint(**{"hyper_parameters._instantiator": "os.system"}),
+    ),
+    Case(
+        "ckpt_data_class_is_a_function",
+        TEST_CKPT,
+        'its data config is refused: Parser key "data": Import path builtins.eval',
+        ckpt=checkpoint(**{"cifar_cli.data.class_path": "builtins.eval"}),
+    ),
+    Case(
+        "ckpt_data_unknown_argument",
+        TEST_CKPT,
+        "Option 'bogus' is not accepted",
+        ckpt=checkpoint(**{"cifar_cli.data.init_args.bogus": 1}),
+    ),
+]
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, int] | None]:
+    """Every file and folder below `root`: size and modification time (None for a folder)."""
+    tree: dict[str, tuple[int, int] | None] = {}
+    for path in sorted(root.rglob("*")):
+        stat = path.lstat()
+        tree[path.relative_to(root).as_posix()] = None if path.is_dir() else (stat.st_size, stat.st_mtime_ns)
+    return tree
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input(case: Case, tmp_path: Path, capfd, recwarn, monkeypatch: pytest.MonkeyPatch) -> None:
+    if case.ckpt is not None:
+        torch.save(case.ckpt, "model.ckpt")
+    for name, content in case.files.items():
+        write(name, content)
+    if case.setup is not None:
+        case.setup()
+    if case.env is not None:
+        case.env(monkeypatch)
+    before = snapshot(tmp_path)
+    capfd.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(case.args)
+    err = capfd.readouterr().err
+    assert exit_info.value.code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cifar-cli: error: "), err
+    assert case.phrase in lines[0]
+    assert "Traceback" not in err
+    assert not [str(w.message) for w in recwarn if issubclass(w.category, SHOWN)]
+    assert snapshot(tmp_path) == before
+    assert not Path("pwned").exists()  # the payload of the code-running cases
+
+
+def test_matrix_is_large() -> None:
+    assert len(CASES) >= 30 and len({c.id for c in CASES}) == len(CASES)
+
+
+def test_bad_input_in_a_real_process(tmp_path: Path) -> None:
+    """The console script prints the one line too: no log line, warning or banner before it, in its own process."""
+    images({"a": 4, "b": 4})
+    bin_dir = Path(sys.executable).parent
+    # matplotlib (imported by a dependency) keeps a font cache, built on first import: the user's, as in any run,
+    # not one in this test's folder (XDG_CACHE_HOME points there).
+    env = {**os.environ, "MPLCONFIGDIR": str(Path.home() / ".cache" / "matplotlib")}
+    before = snapshot(tmp_path)
+    # The case that printed the seed, the GPU/TPU lines and a tip before its error: the data is checked first.
+    args = ["fit", *FOLDER, "--data.val_size", "50"]
+    run = subprocess.run([bin_dir / "cifar-cli", *args], capture_output=True, text=True, env=env)
+    assert run.returncode == 2
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cifar-cli: error: val_size/test_size hold out 50 of 8" in lines[0], run.stderr
+    assert snapshot(tmp_path) == before
+
+
+# Odd but valid input.
+def gradient(height: int = 32, width: int = 32) -> np.ndarray:
+    """A smooth `(H, W, 3)` uint8 RGB image, which JPEG keeps within a few levels."""
+    y, x = np.mgrid[0:height, 0:width]
+    return np.stack(
+        [x * 255 // (width - 1), y * 255 // (height - 1), (x + y) * 255 // (height + width - 2)], -1
+    ).astype(np.uint8)
+
+
+def png16(path: Path, rgb16: np.ndarray) -> None:
+    """Write a 16-bit RGB PNG by hand: Pillow cannot write one."""
+    height, width, _ = rgb16.shape
+    raw = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in rgb16)
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+    )
+
+
+def odd_image(kind: str, path: Path) -> np.ndarray:
+    """Write an odd but valid image file; return the `(H, W, 3)` uint8 RGB it shows."""
+    rgb = gradient()
+    image = Image.fromarray(rgb)
+    if kind == "grayscale.png":
+        gray = image.convert("L")
+        gray.save(path)
+        return np.repeat(np.asarray(gray)[..., None], 3, -1)
+    if kind == "rgba.png":
+        image.convert("RGBA").save(path)
+        return rgb
+    if kind == "palette.png":
+        palette = image.convert("P")
+        palette.save(path)
+        return np.asarray(palette.convert("RGB"))
+    if kind == "gray16.png":
+        Image.fromarray(rgb[..., 0].astype(np.uint16) * 257).save(path)
+        return np.repeat(rgb[..., :1], 3, -1)
+    if kind == "rgb16.png":
+        png16(path, rgb.astype(np.uint16) * 257)
+        return rgb
+    if kind == "cmyk.jpg":
+        image.convert("CMYK").save(path, quality=95)
+        return rgb
+    if kind == "animated.gif":
+        frames = [image.convert("P"), Image.fromarray(255 - rgb).convert("P")]
+        frames[0].save(path, save_all=True, append_images=frames[1:])
+        return np.asarray(frames[0].convert("RGB"))
+    if kind == "animated.webp":  # torchvision refuses animated WebP: Pillow decodes it
+        Image.fromarray(rgb).save(path, save_all=True, append_images=[Image.fromarray(255 - rgb)], lossless=True)
+        return rgb
+    raise ValueError(kind)
+
+
+ODD_KINDS = ["grayscale.png", "rgba.png", "palette.png", "gray16.png", "rgb16.png", "cmyk.jpg", "animated.gif",
+             "animated.webp"]  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ODD_KINDS)
+def test_odd_but_valid_image_decodes_to_rgb(kind: str, tmp_path: Path) -> None:
+    path = tmp_path / f"image-{kind}"
+    expected = torch.from_numpy(odd_image(kind, path)).permute(2, 0, 1)
+    decoded = decode_rgb(path)
+    assert decoded.dtype == torch.uint8 and decoded.shape == (3, 32, 32)
+    tolerance = 8 if kind.endswith(".jpg") else 0  # JPEG is lossy, and its CMYK round trip more so
+    assert (decoded.int() - expected.int()).abs().max() <= tolerance
+
+
+def test_odd_images_of_mixed_sizes_train_and_predict(tmp_path: Path, capfd) -> None:
+    train = Path("images/train")
+    write_image_folder(train, {"a": 6, "b": 6})
+    for i, kind in enumerate(ODD_KINDS):
+        folder = train / "ab"[i % 2]
+        odd_image(kind, folder / f"odd-{kind}")
+    for size in [(20, 20), (48, 32), (32, 90)]:  # (width, height): resized and centre-cropped to 32x32
+        Image.fromarray(gradient(size[1], size[0])).save(train / "a" / f"size-{size[0]}x{size[1]}.png")
+    data = ImageFolderDataModule("images", val_size=4)
+    data.setup("fit")
+    assert len(data.splits["train"]) + len(data.splits["val"]) == 12 + len(ODD_KINDS) + 3
+    main(["fit", *FOLDER, "--data.val_size", "4", "--trainer.max_epochs", "1", "--trainer.logger", "false",
+          "--trainer.enable_progress_bar", "false"])  # fmt: skip
+    (ckpt,) = Path().glob("**/checkpoints/*.ckpt")
+    main(["predict", "--ckpt_path", str(ckpt), "--data.predict_root", "images/train/a", "--trainer.logger", "false"])
+    out = capfd.readouterr().out
+    assert f"Predictions for {6 + len(ODD_KINDS) // 2 + 3} images written to" in out
+
+
+def test_decode_images_keeps_mixed_sizes_square(tmp_path: Path) -> None:
+    paths = []
+    for width, height in [(32, 32), (64, 32), (16, 40)]:
+        paths.append(tmp_path / f"{width}x{height}.png")
+        Image.fromarray(gradient(height, width)).save(paths[-1])
+    assert decode_images(paths, 24).shape == (3, 3, 24, 24)
+
+
+@pytest.mark.parametrize(
+    "content", ["# only a comment\n", "", "\n# two\n# comments\n"], ids=["comment", "empty", "comments"]
+)
+def test_config_of_only_comments_is_an_empty_config(content: str, tmp_path: Path, capfd) -> None:
+    write("c.yaml", content)
+
+    def printed(*args: str) -> dict[str, Any]:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["fit", *args, "--print_config"])
+        assert exit_info.value.code in (0, None)
+        return yaml.safe_load(io.StringIO(capfd.readouterr().out))
+
+    assert printed("--config", "c.yaml") == printed()
+
+
+def test_config_of_only_comments_trains(tmp_path: Path, fake_cifar10: Path) -> None:
+    write("c.yaml", "# a preset still to be written\n")
+    data = ["--data.data_dir", str(fake_cifar10), "--data.val_size", "40"]
+    main(["fit", "--config", "c.yaml", *data, "--trainer.max_epochs", "1", "--trainer.logger", "false"])
+    assert len(list(Path().glob("**/checkpoints/*.ckpt"))) == 1
