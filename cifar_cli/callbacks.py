@@ -241,44 +241,61 @@ class LastCheckpoint(ModelCheckpoint):
 class Preemption(Callback):
     """A clean stop on SIGTERM (schedulers, spot instances, `kill`) and SIGINT (Ctrl-C) during training.
 
-    The signal is noted, and training stops at the end of the current training batch (a validation under way is
-    finished first): `last.ckpt` is saved there, one line on stderr gives the command that resumes, and the
-    process exits with 128 + the signal's number (143, 130), as a shell reports a process stopped by it. A
-    second Ctrl-C stops at once, without saving. Under DDP rank 0 decides, and every rank stops at the same step.
+    The signal is noted, and training stops at the end of the current training batch; a validation under way is
+    finished first, never cut short (with weight averaging, the module holds the averaged weights during
+    validation: a checkpoint taken there would lose the raw ones). `last.ckpt` is saved there, one line on
+    stderr gives the command that resumes, and the process exits with 128 + the signal's number (143, 130), as a
+    shell reports a process stopped by it. A second Ctrl-C stops at once, without saving. Under DDP the ranks
+    agree at every batch end (one all-reduce of a flag): a signal to any rank stops every rank at the same step.
 
     Lightning already stops at a batch end on SIGTERM (its SIGTERMException), but exits with code 0 as if
-    training had finished, saves nothing, and ignores SIGINT until it interrupts the step wherever it is.
+    training had finished, saves nothing, stops in the middle of a validation, and ignores SIGINT until it
+    interrupts the step wherever it is.
     """
 
     def __init__(self) -> None:
         self.signal: int | None = None
-        self._trainer: Trainer | None = None
         self._previous: dict[int, Any] = {}
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        # Installed here, after Lightning has installed its own SIGTERM handler, which stays part of the chain.
+        # Installed here, after Lightning has installed its own SIGTERM handler, which this one replaces for the
+        # training (Lightning's would also stop validations halfway). Both are restored when training ends.
         if threading.current_thread() is not threading.main_thread():
             return
-        self._trainer = trainer
         for signum in (signal.SIGTERM, signal.SIGINT):
             self._previous[signum] = signal.getsignal(signum)
             signal.signal(signum, self._handle)
 
     def _handle(self, signum: int, frame: Any) -> None:
-        first = self.signal is None
         self.signal = self.signal or signum
-        previous = self._previous.get(signum)
-        if signum == signal.SIGINT:
-            # The next Ctrl-C interrupts at once, as Python's default does.
-            signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
-        elif callable(previous):
-            previous(signum, frame)  # Lightning's: forwards the signal to DDP child processes
-        if first and self._trainer is not None and not self._trainer.validating:
-            self._trainer._signal_connector.received_sigterm = True  # Lightning's stop flag, checked per batch
+        if signum == signal.SIGINT:  # the next Ctrl-C interrupts at once, as Python's default does
+            previous = self._previous.get(signum)
+            signal.signal(signal.SIGINT, previous if callable(previous) else signal.default_int_handler)
+
+    def _stop_if_signalled(self, trainer: Trainer) -> None:
+        """Set Lightning's stop flag (it raises SIGTERMException at the next batch end or epoch end) once a signal
+        has come to any rank; every rank takes the same decision at the same point."""
+        if trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking:
+            return
+        signalled = self.signal is not None
+        if trainer.world_size > 1:
+            signalled = trainer.strategy.reduce_boolean_decision(signalled, all=False)
+        if signalled:
+            trainer._signal_connector.received_sigterm = True
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any, **kwargs: Any) -> None:
+        self._stop_if_signalled(trainer)
+
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Held during a validation: Lightning checks the flag after every validation batch.
+        if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
+            trainer._signal_connector.received_sigterm = False
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.signal is not None and trainer.state.fn == TrainerFn.FITTING:
-            trainer._signal_connector.received_sigterm = True  # the validation has finished: stop now
+        self._stop_if_signalled(trainer)
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._stop_if_signalled(trainer)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._restore()
@@ -287,7 +304,7 @@ class Preemption(Callback):
         self._restore()
         if not isinstance(exception, SIGTERMException):
             return
-        signum = self.signal or signal.SIGTERM
+        signum = self.signal or signal.SIGTERM  # on another rank than the one signalled: report it as a SIGTERM
         last = next((c for c in trainer.checkpoint_callbacks if isinstance(c, LastCheckpoint)), None)
         if last is not None:
             path = last.save(trainer)

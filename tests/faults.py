@@ -39,3 +39,32 @@ class FailOnRank(Callback):
             file.write(str(os.getpid()))
         os.replace(self.pid_file + ".partial", self.pid_file)  # the test never reads a half-written id
         time.sleep(120)  # longer than the test waits: only the kill ends this process
+
+
+class SignalAt(Callback):
+    """Sends a signal to this process at a chosen point of training: before a training batch, or during a
+    validation batch. For the tests of the clean stop, at moments a timer could only hit by chance.
+
+    Args:
+        signum: The signal's number (15: SIGTERM, 2: SIGINT).
+        epoch: The epoch it is sent in.
+        batch: The training batch it is sent before; with `in_validation`, the validation batch it is sent in.
+        in_validation: Send it during that epoch's validation instead of during training.
+    """
+
+    def __init__(self, signum: int = 15, epoch: int = 0, batch: int = 0, in_validation: bool = False) -> None:
+        self.signum, self.epoch, self.batch, self.in_validation = signum, epoch, batch, in_validation
+        self.sent = False
+
+    def _send(self, trainer: Trainer, batch_idx: int, validating: bool) -> None:
+        due = trainer.current_epoch == self.epoch and batch_idx == self.batch and validating == self.in_validation
+        if due and not self.sent and not trainer.sanity_checking:
+            self.sent = True
+            os.kill(os.getpid(), self.signum)
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        self._send(trainer, batch_idx, validating=False)
+
+    def on_validation_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int,
+                                  dataloader_idx: int = 0) -> None:  # fmt: skip
+        self._send(trainer, batch_idx, validating=True)

@@ -496,7 +496,7 @@ def test_odd_images_of_mixed_sizes_train_and_predict(tmp_path: Path, capfd) -> N
     assert len(data.splits["train"]) + len(data.splits["val"]) == 12 + len(ODD_KINDS) + 3
     main(["fit", *FOLDER, "--data.val_size", "4", "--trainer.max_epochs", "1", "--trainer.logger", "false",
           "--trainer.enable_progress_bar", "false"])  # fmt: skip
-    (ckpt,) = Path().glob("**/checkpoints/*.ckpt")
+    (ckpt,) = Path().glob("**/checkpoints/epoch=*.ckpt")
     main(["predict", "--ckpt_path", str(ckpt), "--data.predict_root", "images/train/a", "--trainer.logger", "false"])
     out = capfd.readouterr().out
     assert f"Predictions for {6 + len(ODD_KINDS) // 2 + 3} images written to" in out
@@ -529,4 +529,4 @@ def test_config_of_only_comments_trains(tmp_path: Path, fake_cifar10: Path) -> N
     write("c.yaml", "# a preset still to be written\n")
     data = ["--data.data_dir", str(fake_cifar10), "--data.val_size", "40"]
     main(["fit", "--config", "c.yaml", *data, "--trainer.max_epochs", "1", "--trainer.logger", "false"])
-    assert len(list(Path().glob("**/checkpoints/*.ckpt"))) == 1
+    assert len(list(Path().glob("**/checkpoints/epoch=*.ckpt"))) == 1

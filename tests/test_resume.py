@@ -69,6 +69,48 @@ def test_resumed_run_ends_with_exactly_the_uninterrupted_weights(fake_cifar10: P
     assert values(metrics_rows("runs"), "val_acc") == values(metrics_rows(str(first)), "val_acc")[start // 5 :]
 
 
+@pytest.mark.parametrize(
+    ("moment", "signum"),
+    [
+        (["--trainer.callbacks.epoch", "1", "--trainer.callbacks.batch", "2"], signal.SIGTERM),
+        # The last batch of an epoch: the validation that follows it is finished, not cut short (with EMA the
+        # module holds the averaged weights during validation).
+        (["--trainer.callbacks.epoch", "0", "--trainer.callbacks.batch", "3"], signal.SIGTERM),  # of 4
+        (
+            [
+                "--trainer.callbacks.epoch",
+                "1",
+                "--trainer.callbacks.batch",
+                "0",
+                "--trainer.callbacks.in_validation",
+                "true",
+            ],
+            signal.SIGINT,
+        ),  # fmt: skip
+    ],
+    ids=["mid-epoch", "last-batch", "in-validation"],
+)
+def test_stop_on_a_signal_then_resume_ends_with_the_uninterrupted_weights(
+    fake_cifar10: Path, tmp_path: Path, moment: list[str], signum: int, capfd
+) -> None:
+    args = [*FAST, *cifar(fake_cifar10), *CSV_LOGGER, "--trainer.max_epochs", "3", "--data.val_size", "64",
+            "--data.batch_size", "32"]  # fmt: skip
+    os.chdir(tmp_path / "reference" if (tmp_path / "reference").mkdir() is None else tmp_path)
+    main(["fit", *args])
+    (reference,) = Path().glob("runs/**/last.ckpt")
+    reference = reference.resolve()
+    os.chdir(tmp_path / "stopped" if (tmp_path / "stopped").mkdir() is None else tmp_path)
+    sys.path.insert(0, str(REPO / "tests"))
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", *args, "--trainer.callbacks+=faults.SignalAt", "--trainer.callbacks.signum", str(int(signum)),
+              *moment])  # fmt: skip
+    assert stop.value.code == 128 + signum
+    assert f"cifar-cli: stopped by {signal.Signals(signum).name} at epoch " in capfd.readouterr().err
+    main(["fit", *args, "--ckpt_path", "last"])
+    (last,) = Path().glob("runs/**/last.ckpt")
+    assert_identical(tensors(last), tensors(reference))
+
+
 def fit_process(args: list[str], cwd: Path) -> subprocess.Popen:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     return subprocess.Popen(
