@@ -50,14 +50,18 @@ class SignalAt(Callback):
         epoch: The epoch it is sent in.
         batch: The training batch it is sent before; with `in_validation`, the validation batch it is sent in.
         in_validation: Send it during that epoch's validation instead of during training.
+        rank: Under DDP, the only rank that sends it (to its own process); None: every rank.
     """
 
-    def __init__(self, signum: int = 15, epoch: int = 0, batch: int = 0, in_validation: bool = False) -> None:
-        self.signum, self.epoch, self.batch, self.in_validation = signum, epoch, batch, in_validation
+    def __init__(
+        self, signum: int = 15, epoch: int = 0, batch: int = 0, in_validation: bool = False, rank: int | None = None
+    ) -> None:
+        self.signum, self.epoch, self.batch, self.in_validation, self.rank = signum, epoch, batch, in_validation, rank
         self.sent = False
 
     def _send(self, trainer: Trainer, batch_idx: int, validating: bool) -> None:
         due = trainer.current_epoch == self.epoch and batch_idx == self.batch and validating == self.in_validation
+        due = due and self.rank in (None, trainer.global_rank)
         if due and not self.sent and not trainer.sanity_checking:
             self.sent = True
             os.kill(os.getpid(), self.signum)

@@ -165,3 +165,20 @@ def test_resumed_run_matches_uninterrupted_run(images: Path, uninterrupted: Path
     assert code == 0, stderr[-2000:]
     last = f"epoch=1-step={STEPS}.ckpt"
     assert_same_weights(tmp_path / "steps" / last, uninterrupted / "steps" / last)
+
+
+@pytest.mark.slow
+def test_signal_to_one_rank_stops_every_rank_and_resume_matches(images: Path, uninterrupted: Path, tmp_path: Path):
+    """SIGTERM to rank 1 alone, before the 6th batch of the first epoch: both ranks stop at the same step, exit
+    143, and `--ckpt_path last` trains on to the uninterrupted run's last weights."""
+    signal_rank_1 = ["--trainer.callbacks+=faults.SignalAt", "--trainer.callbacks.batch", "5",
+                     "--trainer.callbacks.rank", "1"]  # fmt: skip
+    args = [*TRAIN, *ONE_NODE, "--data.root", str(images)]
+    code, stderr = finish(start([*args, *signal_rank_1], tmp_path, ddp_env(free_port())))
+    assert code == 143, stderr[-2000:]
+    assert "cifar-cli: stopped by SIGTERM at epoch 0, step 6; resume with: " in stderr
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6
+    code, stderr = finish(start([*args, "--ckpt_path", "last"], tmp_path, ddp_env(free_port())))
+    assert code == 0, stderr[-2000:]
+    last = f"epoch=1-step={STEPS}.ckpt"
+    assert_same_weights(tmp_path / "steps" / last, uninterrupted / "steps" / last)
