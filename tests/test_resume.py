@@ -119,12 +119,12 @@ def fit_process(args: list[str], cwd: Path) -> subprocess.Popen:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    ("signum", "resume"), [(signal.SIGTERM, True), (signal.SIGINT, False)], ids=["SIGTERM", "SIGINT"]
-)
-def test_signal_saves_prints_the_resume_command_and_ckpt_path_last_continues_the_run(
-    tmp_path: Path, signum: int, resume: bool
+def test_sigterm_to_the_command_saves_prints_the_resume_command_and_ckpt_path_last_continues_the_run(
+    tmp_path: Path,
 ) -> None:
+    """The real command, stopped by a SIGTERM from outside at whatever step it has reached, with the default W&B
+    logger: exit status 143, the resume line, and `--ckpt_path last` continuing the same run folder and W&B run.
+    (The weights after such a stop and resume are compared with an uninterrupted run's in the test above.)"""
     # An image folder: the fake CIFAR-10's checksums are patched in this process only, not in the subprocess.
     write_image_folder(tmp_path / "images" / "train", {"a": 70, "b": 70, "c": 60})
     data = ["--data", "ImageFolderDataModule", "--data.root", str(tmp_path / "images"), "--data.val_size", "40"]
@@ -133,39 +133,25 @@ def test_signal_saves_prints_the_resume_command_and_ckpt_path_last_continues_the
     deadline = time.monotonic() + 120
     while not list(tmp_path.glob("runs/cifar-cli/*/checkpoints/last.ckpt")) and time.monotonic() < deadline:
         time.sleep(0.2)  # the first epoch's end: training is under way
-    process.send_signal(signum)
+    process.send_signal(signal.SIGTERM)
     _, err = process.communicate(timeout=120)
-    assert process.returncode == 128 + signum, err[-2000:]
+    assert process.returncode == 143, err[-2000:]
     (line,) = [line for line in err.splitlines() if line.startswith("cifar-cli: stopped by")]
-    assert line.startswith(f"cifar-cli: stopped by {signal.Signals(signum).name} at epoch ")
     (run,) = (tmp_path / "runs" / "cifar-cli").iterdir()
-    last = run / "checkpoints" / "last.ckpt"
-    assert line.endswith(f"resume with: cifar-cli fit --config {Path('runs/cifar-cli') / run.name / 'config.yaml'} "
-                         f"--ckpt_path {Path('runs/cifar-cli') / run.name / 'checkpoints' / 'last.ckpt'}")  # fmt: skip
-    stopped_at = torch.load(last, weights_only=True)["global_step"]
-    assert 5 <= stopped_at < 100
-    if not resume:
-        return
+    last = Path("runs/cifar-cli") / run.name / "checkpoints" / "last.ckpt"
+    assert line.startswith("cifar-cli: stopped by SIGTERM at epoch ")
+    assert line.endswith(f"resume with: cifar-cli fit --config {last.parent.parent / 'config.yaml'} --ckpt_path {last}")
+    assert 5 <= torch.load(tmp_path / last, weights_only=True)["global_step"] < 100
     config = (run / "config.yaml").read_bytes()
 
-    # `--ckpt_path last` finds the run, continues it in its folder and W&B run, and ends where an uninterrupted
-    # run ends.
     resumed = fit_process([*args, "--ckpt_path", "last"], tmp_path)
     _, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err[-2000:]
-    assert f"cifar-cli: resuming from {Path('runs/cifar-cli') / run.name / 'checkpoints' / 'last.ckpt'}" in err
+    assert f"cifar-cli: resuming from {last} (epoch " in err
     assert list((tmp_path / "runs" / "cifar-cli").iterdir()) == [run] and (run / "config.yaml").read_bytes() == config
     wandb_runs = sorted(p.name.rsplit("-", 1)[1] for p in (tmp_path / "runs" / "wandb").glob("offline-run-*"))
     assert wandb_runs == [run.name, run.name]
-    assert torch.load(last, weights_only=True)["global_step"] == 100
-
-    reference = tmp_path / "reference"
-    reference.mkdir()
-    done = fit_process(args, reference)
-    _, err = done.communicate(timeout=300)
-    assert done.returncode == 0, err[-2000:]
-    (reference_last,) = reference.glob("runs/cifar-cli/*/checkpoints/last.ckpt")
-    assert_identical(tensors(last), tensors(reference_last))
+    assert torch.load(tmp_path / last, weights_only=True)["global_step"] == 100
 
 
 def test_ckpt_path_last_without_a_run_starts_one(fake_cifar10: Path, capfd) -> None:
