@@ -8,6 +8,7 @@ it: across file systems that move is a copy, and a kill during the copy leaves a
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import tempfile
 from collections.abc import Callable
@@ -39,6 +40,10 @@ def atomic_write(path: _PATH, write: Callable[[IO[bytes]], Any]) -> None:
     """Call `write(file)` on a new file beside `path`, fsync it, rename it to `path`, and fsync the folder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    # What a killed writer of this file left behind (one writer per file: rank 0, or the one process).
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*{PARTIAL}"):
+        with contextlib.suppress(FileNotFoundError):
+            stale.unlink()
     fd, partial = tempfile.mkstemp(prefix=f".{path.name}.", suffix=PARTIAL, dir=path.parent)
     try:
         os.fchmod(fd, _mode())
