@@ -62,7 +62,9 @@ class RunConfigSaver(SaveConfigCallback):
             atomic_write_text(path, self.parser.dump(self.config, skip_none=False))
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
-                logger.experiment.config.update(self.resolved)
+                # A resumed W&B run already holds the config it started with; the resumed one differs in
+                # ckpt_path and the logger's version.
+                logger.experiment.config.update(self.resolved, allow_val_change=True)
         self.already_saved = True
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
@@ -197,6 +199,7 @@ class CifarCLI(LightningCLI):
         self.checkpoint: dict[str, Any] | None = None
         self.resuming = False
         subcommand = self.config.get("subcommand")
+        self._save_under_root_dir(subcommand)
         ckpt_path = subcommand and self.config[subcommand].get("ckpt_path")
         if not ckpt_path:
             return
@@ -212,6 +215,7 @@ class CifarCLI(LightningCLI):
         if saved.get("data"):
             self._parser(subcommand).set_defaults({"data": saved["data"]})
             super().parse_arguments(parser, args)
+            self._save_under_root_dir(subcommand)
         config = self.config[subcommand]
         config["ckpt_path"] = ckpt_path
         if subcommand == "fit":
@@ -221,6 +225,18 @@ class CifarCLI(LightningCLI):
                 warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
             step, epoch = self.checkpoint.get("global_step"), self.checkpoint.get("epoch")
             print(f"cifar-cli: resuming from {ckpt_path} (epoch {epoch}, step {step})", file=sys.stderr)
+
+    def _save_under_root_dir(self, subcommand: str | None) -> None:
+        """`--trainer.default_root_dir DIR` puts the logger's relative `save_dir` (`runs` by default) under DIR.
+
+        Lightning takes the outputs' folder from the logger when there is one, so DIR alone would be silently
+        ignored with the default W&B logger: the runs would go to ./runs whatever DIR says.
+        """
+        trainer = (self.config[subcommand] if subcommand else self.config)["trainer"]
+        root, init_args = trainer.get("default_root_dir"), getattr(trainer.get("logger"), "init_args", None)
+        save_dir = init_args.get("save_dir") if init_args is not None else None
+        if root and save_dir and not os.path.isabs(save_dir) and not Path(save_dir).is_relative_to(root):
+            init_args.save_dir = os.path.join(root, save_dir)
 
     def _find_last(self, subcommand: str) -> tuple[dict[str, Any] | None, str | None]:
         """`--ckpt_path last`: the newest loadable `last.ckpt` under the save folder of the configured logger."""

@@ -221,3 +221,16 @@ def test_kill_9_during_checkpoint_writes_leaves_a_loadable_checkpoint(tmp_path: 
     assert cut_short >= 1  # the kills did land in the middle of saves
     assert len(list(target.parent.iterdir())) <= 2  # the next save clears what a killed one left
     assert [p.name for p in target.parent.glob("*.ckpt")] == ["last.ckpt"]
+
+
+def test_default_root_dir_holds_the_runs_of_the_default_logger(fake_cifar10: Path) -> None:
+    # With the default W&B logger the runs went to ./runs whatever --trainer.default_root_dir said.
+    args = [*FAST, *cifar(fake_cifar10), "--trainer.max_epochs", "1", "--trainer.default_root_dir", "experiment"]
+    main(["fit", *args])
+    assert not Path("runs").exists()
+    (last,) = Path("experiment/runs/cifar-cli").glob("*/checkpoints/last.ckpt")
+    assert (last.parent.parent / "config.yaml").is_file()
+    # Finds the run there, and continues it. The W&B run still holds the first part's config, as an online run
+    # resumed from the server does: the resumed config (its ckpt_path, the logger's version) updates it.
+    main(["fit", *args, "--ckpt_path", "last"])
+    assert list(Path("experiment/runs/cifar-cli").iterdir()) == [last.parent.parent]
