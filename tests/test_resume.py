@@ -21,9 +21,11 @@ REPO = Path(__file__).resolve().parents[1]
 # The fast recipe shrunk: augmentation, EMA, a warm-up/decay schedule with a restart, bf16-mixed, as shipped.
 FAST = ["--config", str(REPO / "configs" / "fast-cpu.yaml"), "--model.net.init_args.widths", "[8, 16, 16]",
         "--data.batch_size", "32", "--trainer.enable_progress_bar", "false"]  # fmt: skip
-# Lightning's own ModelCheckpoint, as a user would add it: a checkpoint after every step, all kept.
+# Lightning's own ModelCheckpoint(save_last=True, every_n_train_steps=N), as a user would add it: a checkpoint
+# after every step, all kept.
 EVERY_STEP = ["--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.every_n_train_steps", "1",
-              "--trainer.callbacks.save_top_k", "-1", "--trainer.callbacks.dirpath", "steps"]  # fmt: skip
+              "--trainer.callbacks.save_top_k", "-1", "--trainer.callbacks.save_last", "true",
+              "--trainer.callbacks.dirpath", "steps"]  # fmt: skip
 
 
 def cifar(data_dir: Path) -> list[str]:
@@ -51,11 +53,11 @@ def test_resumed_run_ends_with_exactly_the_uninterrupted_weights(fake_cifar10: P
     args = [*FAST, *cifar(fake_cifar10), *EVERY_STEP, "--trainer.max_epochs", "3", "--trainer.log_every_n_steps", "1"]
     os.chdir(tmp_path / "full" if (tmp_path / "full").mkdir() is None else tmp_path)
     main(["fit", *args, *CSV_LOGGER])
-    full = {p.name: p for p in Path("steps").glob("*.ckpt")}
+    full = {p.name: p for p in Path("steps").glob("epoch=*.ckpt")}
     assert len(full) == 15  # 5 steps x 3 epochs
     os.chdir(tmp_path / "resumed" if (tmp_path / "resumed").mkdir() is None else tmp_path)
     main(["fit", *args, *CSV_LOGGER, "--ckpt_path", str(tmp_path / "full" / "steps" / f"{resume_at}.ckpt")])
-    resumed = {p.name: p for p in Path("steps").glob("*.ckpt")}
+    resumed = {p.name: p for p in Path("steps").glob("epoch=*.ckpt")}
     # Every step after the checkpoint was taken again, and each one's state equals the uninterrupted run's.
     start = int(resume_at.rsplit("=", 1)[1])
     assert len(resumed) == 15 - start
