@@ -1,10 +1,12 @@
 """`make bench-resume`: kill training at random moments, resume it, and count the runs that end bit for bit where
 an uninterrupted run ends.
 
-One uninterrupted run of the recipe gives the reference. Each trial starts the same command in a fresh folder,
-kills it after a random delay (SIGKILL and SIGTERM in turn), checks that every `*.ckpt` left behind loads, and
-resumes with `--ckpt_path last` until the run finishes. Its final checkpoint (weights, EMA weights, optimizer
-state) is compared tensor by tensor with the reference's: `torch.equal`, no tolerance.
+One uninterrupted run of the recipe gives the reference. Each trial starts the same command in a fresh folder
+and, so that every kill lands in training (not in the start-up or the shutdown, whose length varies with the
+machine's load), waits for a random number (1 to 5) of `last.ckpt` saves, then a random 0 to 0.5 s more, which
+falls anywhere in a step or a save; it kills the run (SIGKILL and SIGTERM in turn), checks that every `*.ckpt`
+left behind loads, and resumes with `--ckpt_path last` until the run finishes. Its final checkpoint (weights,
+EMA weights, optimizer state) is compared tensor by tensor with the reference's: `torch.equal`, no tolerance.
 
 The recipe is configs/fast-cpu.yaml (augmentation, EMA, warm-up and decay with a restart, bf16-mixed) with a
 narrow network and 3 short epochs, so that a trial takes seconds; checkpoints every 5 steps, so that kills land
@@ -40,6 +42,18 @@ def fit(args: list[str], cwd: Path) -> subprocess.Popen:
     return subprocess.Popen(command, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, env=bench_env())
 
 
+def wait_for_saves(process: subprocess.Popen, cwd: Path, saves: int) -> None:
+    """Wait until the run has written `last.ckpt` `saves` times (or has ended)."""
+    seen: set[int] = set()
+    while len(seen) < saves and process.poll() is None:
+        for path in cwd.glob("logs/**/checkpoints/last.ckpt"):
+            try:
+                seen.add(path.stat().st_mtime_ns)
+            except FileNotFoundError:  # between two saves' renames
+                pass
+        time.sleep(0.01)
+
+
 def final_state(cwd: Path) -> dict[str, torch.Tensor]:
     """Every tensor of the run's final `last.ckpt`: weights, EMA weights, optimizer state."""
     path = max(cwd.glob("logs/**/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime_ns)
@@ -72,19 +86,19 @@ def run(root: str = "data/cifar10-jpg", out: str = "runs/bench-resume", trials: 
     out_path = Path(out).resolve()
     data = ["--data.root", str(Path(root).resolve())]
     start = time.perf_counter()
-    reference = fit(data, out_path / "reference")
-    if reference.wait():
+    if fit(data, out_path / "reference").wait():
         raise SystemExit(f"the reference run failed: see {out_path / 'reference' / 'output.log'}")
-    duration = time.perf_counter() - start
     expected = final_state(out_path / "reference")
+    duration = time.perf_counter() - start
     print(f"reference: {duration:.1f} s, {len(expected)} tensors")
     rng = random.Random(seed)
     rows = []
     for trial in range(trials):
         cwd = out_path / f"trial-{trial}"
         kind = signal.SIGKILL if trial % 2 == 0 else signal.SIGTERM
-        delay = rng.uniform(0.2, 0.95) * duration
+        saves, delay = rng.randint(1, 5), rng.uniform(0.0, 0.5)
         process = fit(data, cwd)
+        wait_for_saves(process, cwd, saves)
         time.sleep(delay)
         process.send_signal(kind)
         code = killed = process.wait()
@@ -97,8 +111,9 @@ def run(root: str = "data/cifar10-jpg", out: str = "runs/bench-resume", trials: 
                 break
         state = final_state(cwd)
         equal = state.keys() == expected.keys() and all(torch.equal(state[k], expected[k]) for k in expected)
-        rows.append({"trial": trial, "signal": kind.name, "delay_s": round(delay, 1), "exit": killed,
-                     "resumes": resumes, "checkpoints_loadable": loadable, "equal": equal})  # fmt: skip
+        rows.append({"trial": trial, "signal": kind.name, "after_saves": saves, "then_s": round(delay, 2),
+                     "exit": killed, "resumes": resumes, "checkpoints_loadable": loadable,
+                     "equal": equal})  # fmt: skip
         print(json.dumps(rows[-1]))
     exact = sum(r["equal"] and r["checkpoints_loadable"] for r in rows)
     summary = {"trials": trials, "exact": exact, "reference_seconds": round(duration, 1), "rows": rows}

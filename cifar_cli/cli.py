@@ -32,7 +32,14 @@ from cifar_cli.classifier import ImageClassifier, check_optimizer_arguments
 from cifar_cli.data import ImageDataModule
 from cifar_cli.distributed import exit_if_rank_failed, watch_ranks
 from cifar_cli.errors import UsageError
-from cifar_cli.resume import RUN_KEY, continue_run, last_checkpoints, run_identity
+from cifar_cli.resume import (
+    RUN_KEY,
+    continue_run,
+    keep_csv_metrics,
+    last_checkpoints,
+    run_identity,
+    set_aside_csv_metrics,
+)
 
 # Set to true to get the full traceback of an error instead of its one-line summary (jsonargparse reads it too).
 DEBUG_ENV = "JSONARGPARSE_DEBUG"
@@ -56,6 +63,8 @@ class RunConfigSaver(SaveConfigCallback):
         path = os.path.join(run_dir(trainer), self.config_filename)
         # Without a logger every run shares default_root_dir, like its checkpoints: the newest config wins there.
         overwrite = self.overwrite or not trainer.loggers
+        if self.resuming:
+            keep_csv_metrics(trainer, self.resume_step)
         if not (self.resuming and os.path.isfile(path)):
             if os.path.exists(path) and not overwrite:
                 raise UsageError(f"{path} exists already: pass --trainer.logger.version with a new run name")
@@ -191,6 +200,7 @@ class CifarCLI(LightningCLI):
         for callback in trainer.callbacks:
             if isinstance(callback, RunConfigSaver):
                 callback.resuming = self.resuming
+                callback.resume_step = int(self.resume_step)
         watch_ranks(trainer)  # a failed DDP rank is named, not SIGKILLed silently with the others
         return trainer
 
@@ -198,6 +208,7 @@ class CifarCLI(LightningCLI):
         super().parse_arguments(parser, args)
         self.checkpoint: dict[str, Any] | None = None
         self.resuming = False
+        self.resume_step = 0
         subcommand = self.config.get("subcommand")
         self._save_under_root_dir(subcommand)
         ckpt_path = subcommand and self.config[subcommand].get("ckpt_path")
@@ -221,9 +232,11 @@ class CifarCLI(LightningCLI):
         if subcommand == "fit":
             # Training goes on in the checkpoint's own run: its folder, its config.yaml, its W&B run.
             self.resuming = continue_run(config["trainer"].get("logger"), saved.get(RUN_KEY))
-            if self.resuming:  # its checkpoint folder holds its checkpoints so far, as it should
+            if self.resuming:  # its folders hold its checkpoints and logs so far, as they should
                 warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+                warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
             step, epoch = self.checkpoint.get("global_step"), self.checkpoint.get("epoch")
+            self.resume_step = step or 0
             print(f"cifar-cli: resuming from {ckpt_path} (epoch {epoch}, step {step})", file=sys.stderr)
 
     def _save_under_root_dir(self, subcommand: str | None) -> None:
@@ -259,6 +272,10 @@ class CifarCLI(LightningCLI):
         print(f"cifar-cli: --ckpt_path last: no run to resume under {where}; starting a new run", file=sys.stderr)
         self.config[subcommand]["ckpt_path"] = None
         return None, None
+
+    def before_fit(self) -> None:
+        if self.resuming:
+            set_aside_csv_metrics(self.trainer)  # before Lightning's CSV writer deletes the earlier rows
 
     def after_fit(self) -> None:
         best = self.trainer.checkpoint_callback

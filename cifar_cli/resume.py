@@ -8,13 +8,21 @@ same W&B run, whose charts then continue one curve.
 
 from __future__ import annotations
 
+import csv
+import io
+import os
 from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import Trainer
+from lightning.pytorch.loggers import CSVLogger
+
+from cifar_cli.atomic import atomic_write_text
 
 # Checkpoint entry (under cifar_cli's own key) holding the run's identity.
 RUN_KEY = "run"
+CSV_METRICS = "metrics.csv"  # Lightning's CSVLogger's file
+SET_ASIDE = ".resumed"
 
 
 def last_checkpoints(roots: list[Path]) -> list[Path]:
@@ -47,3 +55,48 @@ def continue_run(logger_config: Any, identity: dict[str, Any] | None) -> bool:
         return False
     logger_config.init_args.version = identity["version"]
     return True
+
+
+def set_aside_csv_metrics(trainer: Trainer) -> None:
+    """Before a resumed run's CSVLogger opens its folder, move its `metrics.csv` aside for `keep_csv_metrics`."""
+    for logger in trainer.loggers:
+        metrics = Path(logger.log_dir or "", CSV_METRICS) if isinstance(logger, CSVLogger) else None
+        if trainer.is_global_zero and metrics is not None and metrics.is_file():
+            os.replace(metrics, metrics.with_name(CSV_METRICS + SET_ASIDE))
+
+
+def keep_csv_metrics(trainer: Trainer, step: int) -> None:
+    """Put a resumed run's earlier rows back into its CSVLogger `metrics.csv`, up to the checkpoint's `step`.
+
+    Written by hand because Lightning's CSV writer deletes an existing `metrics.csv` when it opens a run's folder
+    ("Previous log files in this directory will be deleted"), so a resumed run would lose everything logged before
+    the interruption. Called once the writer exists: the rows logged up to the checkpoint go back into the file
+    (whole, through `atomic_write`); those logged after it are dropped, since the resumed run logs them again.
+    A row cut short by a kill is passed over.
+    """
+    for logger in trainer.loggers:
+        if not isinstance(logger, CSVLogger) or not trainer.is_global_zero:
+            continue
+        writer = logger.experiment
+        saved = Path(writer.metrics_file_path).with_name(CSV_METRICS + SET_ASIDE)
+        if not saved.is_file():
+            continue
+        with open(saved, newline="") as file:
+            reader = csv.DictReader(file)
+            keys = list(reader.fieldnames or [])
+            rows = [row for row in reader if None not in row.values() and (_step(row) or 0) <= step]
+        text = io.StringIO(newline="")
+        out = csv.DictWriter(text, fieldnames=keys)
+        out.writeheader()
+        out.writerows(rows)
+        atomic_write_text(writer.metrics_file_path, text.getvalue())
+        # The writer appends its rows under this header; a key it has not seen rewrites the header, not the rows.
+        writer.metrics_keys = sorted(set(writer.metrics_keys) | set(keys))
+        saved.unlink()
+
+
+def _step(row: dict[str, str]) -> int | None:
+    try:
+        return int(float(row.get("step") or ""))
+    except ValueError:
+        return None

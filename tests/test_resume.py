@@ -236,3 +236,23 @@ def test_default_root_dir_holds_the_runs_of_the_default_logger(fake_cifar10: Pat
     # resumed from the server does: the resumed config (its ckpt_path, the logger's version) updates it.
     main(["fit", *args, "--ckpt_path", "last"])
     assert list(Path("experiment/runs/cifar-cli").iterdir()) == [last.parent.parent]
+
+
+def test_resumed_run_keeps_its_csv_metrics(fake_cifar10: Path, tmp_path: Path) -> None:
+    # Lightning's CSV writer deletes an existing metrics.csv when it opens the run's folder: the resumed run lost
+    # every row logged before the interruption. Now its metrics.csv reads as the uninterrupted run's.
+    args = [*FAST, *cifar(fake_cifar10), *CSV_LOGGER, "--trainer.max_epochs", "3", "--trainer.log_every_n_steps", "1"]
+
+    def rows() -> list[dict[str, str]]:
+        return [{k: v for k, v in row.items() if k != "fit_time"} for row in metrics_rows("runs")]  # wall clock
+
+    os.chdir(tmp_path / "reference" if (tmp_path / "reference").mkdir() is None else tmp_path)
+    main(["fit", *args])
+    reference = rows()
+    os.chdir(tmp_path / "stopped" if (tmp_path / "stopped").mkdir() is None else tmp_path)
+    sys.path.insert(0, str(REPO / "tests"))
+    with pytest.raises(SystemExit):
+        main(["fit", *args, "--trainer.callbacks+=faults.SignalAt", "--trainer.callbacks.epoch", "1",
+              "--trainer.callbacks.batch", "2"])  # fmt: skip
+    main(["fit", *args, "--ckpt_path", "last"])
+    assert len(reference) > 20 and rows() == reference
