@@ -143,7 +143,12 @@ class ImageClassifier(LightningModule):
     def on_train_batch_start(self, batch: Batch, batch_idx: int) -> None:
         # Whatever the network draws from the global generator (dropout, say) is seeded by the position in
         # training, so a resumed run draws what the uninterrupted one did. Data augmentation has its own generator.
-        torch.manual_seed(derived_seed(run_seed(), self.current_epoch, batch_idx, self.global_rank))
+        # Only this device's generator: torch.manual_seed visits every backend and costs 150 us a call on a CPU,
+        # against 3 us here.
+        seed = derived_seed(run_seed(), self.current_epoch, batch_idx, self.global_rank)
+        torch.default_generator.manual_seed(seed)
+        if self.device.type == "cuda":
+            torch.cuda.default_generators[self.device.index or 0].manual_seed(seed)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # The training metrics' sums so far this epoch, when the checkpoint falls within an epoch: a run resumed
