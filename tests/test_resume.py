@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_image_folder
+import wandb
 from test_cli import CSV_LOGGER, metrics_rows, values
 
 from cifar_cli.atomic import AtomicCheckpointIO, atomic_write
@@ -113,47 +112,31 @@ def test_stop_on_a_signal_then_resume_ends_with_the_uninterrupted_weights(
     assert_identical(tensors(last), tensors(reference))
 
 
-def fit_process(args: list[str], cwd: Path) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.Popen(
-        [sys.executable, "-m", "cifar_cli", "fit", *args], cwd=cwd, env=env, stderr=subprocess.PIPE, text=True
-    )
-
-
-@pytest.mark.slow
-def test_sigterm_to_the_command_saves_prints_the_resume_command_and_ckpt_path_last_continues_the_run(
-    tmp_path: Path,
+def test_sigterm_saves_prints_the_resume_command_and_ckpt_path_last_continues_the_run(
+    fake_cifar10: Path, capfd
 ) -> None:
-    """The real command, stopped by a SIGTERM from outside at whatever step it has reached, with the default W&B
-    logger: exit status 143, the resume line, and `--ckpt_path last` continuing the same run folder and W&B run.
-    (The weights after such a stop and resume are compared with an uninterrupted run's in the test above.)"""
-    # An image folder: the fake CIFAR-10's checksums are patched in this process only, not in the subprocess.
-    write_image_folder(tmp_path / "images" / "train", {"a": 70, "b": 70, "c": 60})
-    data = ["--data", "ImageFolderDataModule", "--data.root", str(tmp_path / "images"), "--data.val_size", "40"]
-    args = [*FAST, *data, "--trainer.max_epochs", "8"]  # 160 training images: 5 steps an epoch
-    process = fit_process(args, tmp_path)
-    deadline = time.monotonic() + 120
-    while not list(tmp_path.glob("runs/cifar-cli/*/checkpoints/last.ckpt")) and time.monotonic() < deadline:
-        time.sleep(0.2)  # the first epoch's end: training is under way
-    process.send_signal(signal.SIGTERM)
-    _, err = process.communicate(timeout=120)
-    assert process.returncode == 143, err[-2000:]
-    (line,) = [line for line in err.splitlines() if line.startswith("cifar-cli: stopped by")]
-    (run,) = (tmp_path / "runs" / "cifar-cli").iterdir()
-    last = Path("runs/cifar-cli") / run.name / "checkpoints" / "last.ckpt"
-    assert line.startswith("cifar-cli: stopped by SIGTERM at epoch ")
-    assert line.endswith(f"resume with: cifar-cli fit --config {last.parent.parent / 'config.yaml'} --ckpt_path {last}")
-    assert 5 <= torch.load(tmp_path / last, weights_only=True)["global_step"] < 40
+    """With the default W&B logger: exit code 143, the resume line, and `--ckpt_path last` continuing the same run
+    folder, config.yaml and W&B run. (tests/test_ddp.py does it to the real command, on two processes.)"""
+    args = [*FAST, *cifar(fake_cifar10), "--trainer.max_epochs", "3"]
+    sys.path.insert(0, str(REPO / "tests"))
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", *args, "--trainer.callbacks+=faults.SignalAt", "--trainer.callbacks.epoch", "1",
+              "--trainer.callbacks.batch", "2"])  # fmt: skip
+    assert stop.value.code == 143
+    (run,) = Path("runs/cifar-cli").iterdir()
+    last = run / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 8  # the batch under way when the signal came
+    lines = [line for line in capfd.readouterr().err.splitlines() if line.startswith("cifar-cli: stopped by")]
+    assert lines == [f"cifar-cli: stopped by SIGTERM at epoch 1, step 8; resume with: cifar-cli fit --config "
+                     f"{run / 'config.yaml'} --ckpt_path {last}"]  # fmt: skip
     config = (run / "config.yaml").read_bytes()
+    wandb.finish()  # as at the end of the process
 
-    resumed = fit_process([*args, "--ckpt_path", "last"], tmp_path)
-    _, err = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0, err[-2000:]
-    assert f"cifar-cli: resuming from {last} (epoch " in err
-    assert list((tmp_path / "runs" / "cifar-cli").iterdir()) == [run] and (run / "config.yaml").read_bytes() == config
-    wandb_runs = sorted(p.name.rsplit("-", 1)[1] for p in (tmp_path / "runs" / "wandb").glob("offline-run-*"))
-    assert wandb_runs == [run.name, run.name]
-    assert torch.load(tmp_path / last, weights_only=True)["global_step"] == 40
+    main(["fit", *args, "--ckpt_path", "last"])
+    assert f"cifar-cli: resuming from {last} (epoch 1, step 8)" in capfd.readouterr().err
+    assert list(Path("runs/cifar-cli").iterdir()) == [run] and (run / "config.yaml").read_bytes() == config
+    assert {p.name.rsplit("-", 1)[1] for p in Path("runs/wandb").glob("offline-run-*")} == {run.name}
+    assert torch.load(last, weights_only=True)["global_step"] == 15
 
 
 def test_ckpt_path_last_without_a_run_starts_one(fake_cifar10: Path, capfd) -> None:
