@@ -8,6 +8,7 @@ sum a convolution's gradient in another order.
 
 from __future__ import annotations
 
+import csv
 import os
 import signal
 import socket
@@ -91,7 +92,8 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def uninterrupted(images: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The run the others must match: one node, two processes, 18 steps; its folder, with steps/*.ckpt."""
+    """The run the others must match: one node, two processes, 18 steps (each rank takes its own 45 of the 90
+    training images: 9 steps of 5 an epoch, where one process would take 18); its folder, with steps/*.ckpt."""
     run = tmp_path_factory.mktemp("one-node")
     code, stderr = finish(start([*TRAIN, *ONE_NODE, "--data.root", str(images)], run, ddp_env(free_port())))
     assert code == 0, stderr[-2000:]
@@ -171,3 +173,23 @@ def test_signal_to_one_rank_stops_every_rank_and_resume_matches(images: Path, un
     assert code == 0, stderr[-2000:]
     last = f"epoch=1-step={STEPS}.ckpt"
     assert_same_weights(tmp_path / "steps" / last, uninterrupted / "steps" / last)
+
+
+@pytest.mark.slow
+def test_predictions_of_two_processes_list_every_image_once(images: Path, uninterrupted: Path, tmp_path: Path):
+    """25 images over 2 ranks: the sampler pads the shards to 13 each, and predictions.csv still lists every
+    image once, in the folder's order."""
+    folder = tmp_path / "new"
+    folder.mkdir()
+    for source in sorted((images / "train" / "cat").iterdir())[:25]:
+        (folder / source.name).write_bytes(source.read_bytes())
+    ckpt = uninterrupted / "steps" / f"epoch=1-step={STEPS}.ckpt"
+    predict = ["predict", "--trainer.accelerator", "cpu", "--trainer.strategy", "ddp", *ONE_NODE,
+               "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+               "--ckpt_path", str(ckpt), "--data.predict_root", str(folder)]  # fmt: skip
+    code, stderr = finish(start(predict, tmp_path, ddp_env(free_port())))
+    assert code == 0, stderr[-2000:]
+    with open(tmp_path / "predictions.csv") as file:
+        rows = list(csv.DictReader(file))
+    assert [row["image"] for row in rows] == sorted(p.name for p in folder.iterdir())
+    assert all(row["predicted"] in {"cat", "dog", "frog"} for row in rows)
