@@ -8,7 +8,9 @@ it: across file systems that move is a copy, and a kill during the copy leaves a
 from __future__ import annotations
 
 import contextlib
+import csv
 import glob
+import io
 import os
 import tempfile
 from collections.abc import Callable
@@ -93,3 +95,30 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if not Path(path).is_file():  # remote paths: Lightning's loader, still weights only
             return super().load_checkpoint(path, map_location=map_location, weights_only=True)
         return torch_load(path, map_location=map_location or (lambda storage, loc: storage))
+
+
+def atomic_csv_logs(logger: Any) -> None:
+    """Make a Lightning CSVLogger write its `metrics.csv` whole at every flush, through `atomic_write`.
+
+    Lightning's writer appends rows, and rewrites the file in place when a new column appears: a kill during
+    either leaves a cut row or a half-written file. Here every flush writes the earlier rows and the new ones to
+    a new file that replaces the old. The file stays small (one row per logged step), so the rewrite is cheap.
+    """
+    writer = logger.experiment
+
+    def save() -> None:
+        if not writer.metrics:
+            return
+        writer._record_new_keys()
+        rows: list[dict[str, Any]] = []
+        if os.path.isfile(writer.metrics_file_path):
+            with open(writer.metrics_file_path, newline="") as file:
+                rows = list(csv.DictReader(file))
+        text = io.StringIO(newline="")
+        out = csv.DictWriter(text, fieldnames=writer.metrics_keys)
+        out.writeheader()
+        out.writerows(rows + writer.metrics)
+        atomic_write_text(writer.metrics_file_path, text.getvalue())
+        writer.metrics = []
+
+    writer.save = save

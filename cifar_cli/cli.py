@@ -14,11 +14,11 @@ from jsonargparse import ArgumentError
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
-from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from cifar_cli.atomic import AtomicCheckpointIO, atomic_write_text
+from cifar_cli.atomic import AtomicCheckpointIO, atomic_csv_logs, atomic_write_text
 from cifar_cli.callbacks import FitTimer, LastCheckpoint, Preemption, run_dir
 from cifar_cli.checkpoints import (
     CHECKPOINT_KEY,
@@ -201,6 +201,11 @@ class CifarCLI(LightningCLI):
             if isinstance(callback, RunConfigSaver):
                 callback.resuming = self.resuming
                 callback.resume_step = int(self.resume_step)
+        if self.resuming:
+            set_aside_csv_metrics(trainer)  # before Lightning's CSV writer, created next, deletes the earlier rows
+        for logger in trainer.loggers:
+            if isinstance(logger, CSVLogger) and trainer.is_global_zero:
+                atomic_csv_logs(logger)
         watch_ranks(trainer)  # a failed DDP rank is named, not SIGKILLed silently with the others
         return trainer
 
@@ -272,10 +277,6 @@ class CifarCLI(LightningCLI):
         print(f"cifar-cli: --ckpt_path last: no run to resume under {where}; starting a new run", file=sys.stderr)
         self.config[subcommand]["ckpt_path"] = None
         return None, None
-
-    def before_fit(self) -> None:
-        if self.resuming:
-            set_aside_csv_metrics(self.trainer)  # before Lightning's CSV writer deletes the earlier rows
 
     def after_fit(self) -> None:
         best = self.trainer.checkpoint_callback

@@ -13,7 +13,7 @@ import torch
 import wandb
 from test_cli import CSV_LOGGER, metrics_rows, values
 
-from cifar_cli.atomic import AtomicCheckpointIO, atomic_write
+from cifar_cli.atomic import AtomicCheckpointIO, atomic_csv_logs, atomic_write
 from cifar_cli.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -239,3 +239,32 @@ def test_resumed_run_keeps_its_csv_metrics(fake_cifar10: Path, tmp_path: Path) -
               "--trainer.callbacks.batch", "2"])  # fmt: skip
     main(["fit", *args, "--ckpt_path", "last"])
     assert len(reference) > 20 and rows() == reference
+
+
+def test_csv_logs_are_written_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lightning.pytorch.loggers import CSVLogger
+
+    import cifar_cli.atomic
+
+    logger = CSVLogger(str(tmp_path))
+    atomic_csv_logs(logger)
+    logger.log_metrics({"loss": 1.0}, step=0)
+    logger.save()
+    logger.log_metrics({"loss": 0.5, "acc": 0.75}, step=1)  # a new column: Lightning rewrote the file in place
+    logger.save()
+    path = Path(logger.experiment.metrics_file_path)
+    assert path.read_text().splitlines() == ["acc,loss,step", ",1.0,0", "0.75,0.5,1"]
+
+    def killed_halfway(target, text: str) -> None:
+        def write(file) -> None:
+            file.write(text[:10].encode())
+            raise KeyboardInterrupt
+
+        atomic_write(target, write)
+
+    monkeypatch.setattr(cifar_cli.atomic, "atomic_write_text", killed_halfway)
+    logger.log_metrics({"loss": 0.25}, step=2)
+    with pytest.raises(KeyboardInterrupt):
+        logger.save()
+    assert path.read_text().splitlines() == ["acc,loss,step", ",1.0,0", "0.75,0.5,1"]
+    assert [p.name for p in path.parent.iterdir()] == ["metrics.csv"]
