@@ -12,6 +12,7 @@ import csv
 import glob
 import io
 import os
+import socket
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -42,11 +43,9 @@ def atomic_write(path: _PATH, write: Callable[[IO[bytes]], Any]) -> None:
     """Call `write(file)` on a new file beside `path`, fsync it, rename it to `path`, and fsync the folder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # What a killed writer of this file left behind (one writer per file: rank 0, or the one process).
-    for stale in path.parent.glob(f".{glob.escape(path.name)}.*{PARTIAL}"):
-        with contextlib.suppress(FileNotFoundError):
-            stale.unlink()
-    fd, partial = tempfile.mkstemp(prefix=f".{path.name}.", suffix=PARTIAL, dir=path.parent)
+    remove_stale_partials(path)
+    prefix = f".{path.name}.{socket.gethostname()}.{os.getpid()}."
+    fd, partial = tempfile.mkstemp(prefix=prefix, suffix=PARTIAL, dir=path.parent)
     try:
         os.fchmod(fd, _mode())
         with os.fdopen(fd, "wb") as file:
@@ -64,6 +63,27 @@ def atomic_write(path: _PATH, write: Callable[[IO[bytes]], Any]) -> None:
         os.fsync(folder)
     finally:
         os.close(folder)
+
+
+def remove_stale_partials(path: Path) -> None:
+    """Remove what killed writers of `path` left behind: partial files of this machine's dead processes. Another
+    live process's, or another machine's (a cache on a shared file system), are left alone."""
+    host = socket.gethostname()
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.{glob.escape(host)}.*{PARTIAL}"):
+        pid = stale.name[len(f".{path.name}.{host}.") :].split(".", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            with contextlib.suppress(FileNotFoundError):
+                stale.unlink()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def atomic_write_text(path: _PATH, text: str) -> None:

@@ -11,6 +11,7 @@ import torch
 from jsonargparse.typing import NonNegativeInt, PositiveInt
 from torch import Tensor
 
+from cifar_cli.atomic import atomic_write
 from cifar_cli.data.base import ImageDataModule
 from cifar_cli.data.batches import TensorImageDataset, split_indices
 from cifar_cli.data.images import IMAGE_SUFFIXES, decode_images, list_images
@@ -147,9 +148,8 @@ class ImageFolderDataModule(ImageDataModule):
     def _write_cache(self, listing: _Listing, images: Tensor) -> None:
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         # Write then rename, so an interrupted build never leaves a truncated cache behind.
-        partial = listing.cache.with_suffix(f".{os.getpid()}.tmp")
-        torch.save({"fingerprint": listing.fingerprint, "images": images, "labels": listing.labels}, partial)
-        os.replace(partial, listing.cache)
+        state = {"fingerprint": listing.fingerprint, "images": images, "labels": listing.labels}
+        atomic_write(listing.cache, lambda file: torch.save(state, file))
 
     def _read_folder(self, split: str) -> tuple[Tensor, Tensor, list[str]]:
         """A labelled split folder as (images, labels, paths relative to root), from the cache when it is current."""
