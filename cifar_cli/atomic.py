@@ -90,6 +90,15 @@ def atomic_write_text(path: _PATH, text: str) -> None:
     atomic_write(path, lambda file: file.write(text.encode()))
 
 
+def atomic_write_csv(path: _PATH, fieldnames: list[str], rows: list[dict[str, Any]]) -> None:
+    """A CSV file with a header and `rows` (dicts; missing keys left empty), written whole."""
+    text = io.StringIO(newline="")
+    out = csv.DictWriter(text, fieldnames=fieldnames)
+    out.writeheader()
+    out.writerows(rows)
+    atomic_write_text(path, text.getvalue())
+
+
 def torch_load(path: _PATH, map_location: Any = "cpu") -> Any:
     """`torch.load` with `weights_only=True`: tensors, numbers, strings and containers, never arbitrary objects.
 
@@ -134,11 +143,7 @@ def atomic_csv_logs(logger: Any) -> None:
         if os.path.isfile(writer.metrics_file_path):
             with open(writer.metrics_file_path, newline="") as file:
                 rows = list(csv.DictReader(file))
-        text = io.StringIO(newline="")
-        out = csv.DictWriter(text, fieldnames=writer.metrics_keys)
-        out.writeheader()
-        out.writerows(rows + writer.metrics)
-        atomic_write_text(writer.metrics_file_path, text.getvalue())
+        atomic_write_csv(writer.metrics_file_path, writer.metrics_keys, rows + writer.metrics)
         writer.metrics = []
 
     writer.save = save

@@ -9,7 +9,6 @@ same W&B run, whose charts then continue one curve.
 from __future__ import annotations
 
 import csv
-import io
 import os
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from typing import Any
 from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import CSVLogger
 
-from cifar_cli.atomic import atomic_write_text
+from cifar_cli.atomic import atomic_write_csv
 
 # Checkpoint entry (under cifar_cli's own key) holding the run's identity.
 RUN_KEY = "run"
@@ -85,11 +84,7 @@ def keep_csv_metrics(trainer: Trainer, step: int) -> None:
             reader = csv.DictReader(file)
             keys = list(reader.fieldnames or [])
             rows = [row for row in reader if None not in row.values() and (_step(row) or 0) <= step]
-        text = io.StringIO(newline="")
-        out = csv.DictWriter(text, fieldnames=keys)
-        out.writeheader()
-        out.writerows(rows)
-        atomic_write_text(writer.metrics_file_path, text.getvalue())
+        atomic_write_csv(writer.metrics_file_path, keys, rows)
         # The writer appends its rows under this header; a key it has not seen rewrites the header, not the rows.
         writer.metrics_keys = sorted(set(writer.metrics_keys) | set(keys))
         saved.unlink()
