@@ -104,12 +104,18 @@ def torch_load(path: _PATH, map_location: Any = "cpu") -> Any:
 
     A checkpoint whose pickle would build other objects (or run code through `__reduce__`) fails to load.
     """
-    if os.environ.get(UNSAFE_LOAD_ENV, "").strip().lower() not in ("", "0", "false"):
-        raise UsageError(
-            f"{UNSAFE_LOAD_ENV} is set, which makes torch load checkpoints without the weights-only safeguard: "
-            f"unset it to load {path}"
-        )
+    refuse_unsafe_load(f"--ckpt_path {path}")
     return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def refuse_unsafe_load(what: str) -> None:
+    """Fail in one line when UNSAFE_LOAD_ENV is set; checked before torch.load is called, since under this
+    variable torch may load the pickle unrestricted."""
+    if os.environ.get(UNSAFE_LOAD_ENV, "").strip().lower() not in ("", "0", "false", "no", "n"):
+        raise UsageError(
+            f"{what}: refusing to load a checkpoint while {UNSAFE_LOAD_ENV} is set, as it can turn off "
+            "weights-only loading and let the file run code; unset it"
+        )
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

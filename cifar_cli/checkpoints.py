@@ -10,7 +10,6 @@ checkpoint can name only classes the command line itself accepts.
 from __future__ import annotations
 
 import importlib
-import os
 import pickle
 import re
 import warnings
@@ -22,12 +21,12 @@ from jsonargparse import ArgumentError, Namespace
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LightningArgumentParser
 
+from cifar_cli.atomic import refuse_unsafe_load
 from cifar_cli.data import ImageDataModule
 from cifar_cli.errors import UsageError
 
 # Checkpoint entry holding the run's data config.
 CHECKPOINT_KEY = "cifar_cli"
-FORCE_UNSAFE_ENV = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
 # The one `_instantiator` LightningCLI writes into the hyperparameters of the modules it builds.
 LIGHTNING_INSTANTIATOR = "lightning.pytorch.cli.instantiate_module"
 FROM_FIT = "pass a .ckpt file written by `cifar-cli fit`"
@@ -37,12 +36,7 @@ def load_checkpoint(ckpt_path: str) -> dict[str, Any]:
     """Load a --ckpt_path with weights only, failing in one line when it is missing, not a checkpoint, or not
     written by cifar-cli."""
     flag = f"--ckpt_path {ckpt_path}"
-    if os.environ.get(FORCE_UNSAFE_ENV, "").strip().lower() not in ("", "0", "false", "no", "n"):
-        # Checked before torch.load is called: under this variable torch may load the pickle unrestricted.
-        raise UsageError(
-            f"{flag}: refusing to load a checkpoint while {FORCE_UNSAFE_ENV} is set, as it can turn off "
-            "weights-only loading and let the file run code; unset it"
-        )
+    refuse_unsafe_load(flag)
     path = Path(ckpt_path)
     if path.is_dir():
         raise UsageError(f"{flag} is a directory, not a checkpoint file; {FROM_FIT}")
