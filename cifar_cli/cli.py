@@ -53,9 +53,14 @@ class RunConfigSaver(SaveConfigCallback):
     """
 
     @cached_property
+    def dumped(self) -> str:
+        """The resolved config as YAML."""
+        return self.parser.dump(self.config, skip_none=False)
+
+    @cached_property
     def resolved(self) -> dict[str, Any]:
         """The resolved config as plain data."""
-        return yaml.safe_load(self.parser.dump(self.config, skip_none=False))
+        return yaml.safe_load(self.dumped)
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self.already_saved or not trainer.is_global_zero:
@@ -68,7 +73,7 @@ class RunConfigSaver(SaveConfigCallback):
         if not (self.resuming and os.path.isfile(path)):
             if os.path.exists(path) and not overwrite:
                 raise UsageError(f"{path} exists already: pass --trainer.logger.version with a new run name")
-            atomic_write_text(path, self.parser.dump(self.config, skip_none=False))
+            atomic_write_text(path, self.dumped)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 # A resumed W&B run already holds the config it started with; the resumed one differs in
