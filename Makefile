@@ -30,9 +30,11 @@ endif
 fit: $(VENV)/.installed $(if $(DATA_CONFIG),data)
 	$(BIN)/cifar-cli fit $(DATA_CONFIG) $(ARGS)
 
+# One pytest worker per core (pytest-xdist); each test file stays in one worker, so the DDP tests never run
+# side by side. `make test ARGS="-n 0 tests/test_cli.py"` runs one file in this process.
 test: $(VENV)/.installed-dev
 	$(BIN)/ruff check cifar_cli tests bench
-	$(BIN)/pytest -q $(ARGS)
+	$(BIN)/pytest -q -n auto --dist loadfile $(ARGS)
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check cifar_cli tests bench
