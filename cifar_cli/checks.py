@@ -24,6 +24,29 @@ from cifar_cli.data import ImageDataModule
 from cifar_cli.errors import UsageError
 
 
+def plain_numbers(value: Any) -> Any:
+    """`value` with the numbers of jsonargparse's restricted types (PositiveInt, ...) made plain int and float, in
+    place where it is a Namespace or a list.
+
+    jsonargparse keeps a value of such a type as an instance of it, and carries it over when another class
+    replaces the one that declared it (`--model.net mypkg.MyNet` keeps TutorialCNN's `num_classes`). Where the
+    new class declares a plain `int`, the instance stays, and YAML cannot write it: the run failed when
+    LightningCLI saved its hyperparameters. Plain numbers pass every type's check again at instantiation.
+    """
+    if isinstance(value, Namespace):
+        for key in value.keys():
+            value[key] = plain_numbers(value[key])
+    elif isinstance(value, list):
+        value[:] = [plain_numbers(item) for item in value]
+    elif isinstance(value, tuple):
+        return tuple(plain_numbers(item) for item in value)
+    elif isinstance(value, int) and type(value) not in (int, bool):
+        return int(value)
+    elif isinstance(value, float) and type(value) is not float:
+        return float(value)
+    return value
+
+
 class ArgumentParser(LightningArgumentParser):
     """LightningCLI's parser, reading a config file that holds only comments as an empty config, and saying what a
     config must be when a file holds a list or a single value (jsonargparse: "Unexpected config")."""

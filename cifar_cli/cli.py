@@ -27,7 +27,7 @@ from cifar_cli.checkpoints import (
     check_weights_fit,
     load_checkpoint,
 )
-from cifar_cli.checks import ArgumentParser, QuietSeed, check_accelerator, check_data
+from cifar_cli.checks import ArgumentParser, QuietSeed, check_accelerator, check_data, plain_numbers
 from cifar_cli.classifier import ImageClassifier, check_optimizer_arguments
 from cifar_cli.data import ImageDataModule
 from cifar_cli.distributed import exit_if_rank_failed, watch_ranks
@@ -146,6 +146,7 @@ class CifarCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
+        plain_numbers(config)
         trainer = config["trainer"]
         check_accelerator(trainer)
         check_optimizer_class(config)

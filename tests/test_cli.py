@@ -89,6 +89,27 @@ def test_fit_then_validate_test_predict_with_ckpt_path_alone(fake_cifar10: Path,
     assert hits / len(rows) == pytest.approx(test_acc, abs=1e-6)
 
 
+def test_a_net_of_the_users_own_module_by_class_path(fake_cifar10: Path, tmp_path: Path, monkeypatch) -> None:
+    # Declares plain `int` where TutorialCNN, the default net, declares PositiveInt: the values jsonargparse
+    # carried over from the default used to stop the run when its config was saved.
+    (tmp_path / "mynets.py").write_text(
+        "from torch import nn\n\n\n"
+        "class OneConv(nn.Module):\n"
+        "    def __init__(self, num_classes: int = 10, image_shape: tuple[int, int, int] = (3, 32, 32)) -> None:\n"
+        "        super().__init__()\n"
+        "        self.conv = nn.Conv2d(image_shape[0], num_classes, 1)\n\n"
+        "    def forward(self, x):\n"
+        "        return self.conv(x).mean((2, 3))\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    main(["fit", *cifar_args(fake_cifar10), "--model.net", "mynets.OneConv", "--trainer.max_epochs", "1"])
+    (folder,) = run_folders()
+    config = yaml.safe_load((folder / "config.yaml").read_text())
+    assert config["model"]["net"]["class_path"] == "mynets.OneConv"  # its init_args are linked from the data
+    ckpt = torch.load(checkpoints()[0], weights_only=True)
+    assert ckpt["state_dict"]["net.conv.weight"].shape == (10, 3, 1, 1)
+
+
 def test_overrides_reach_config_hparams_and_optimizer(fake_cifar10: Path) -> None:
     main(
         [
