@@ -6,7 +6,7 @@ ARGS ?=
 # The CIFAR-10 training images as JPEG class folders, for machines that cannot download CIFAR-10 (see README).
 CIFAR10_JPG ?= ../shared/data/cifar10-train-jpg.tar.gz
 
-.PHONY: fit test lint bench bench-resume data clean
+.PHONY: fit test lint bench bench-gpu gpu-bundle bench-resume data clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,22 @@ bench: $(VENV)/.installed
 		{ echo "make bench: needs the CIFAR-10 JPEG archive; set CIFAR10_JPG=path/to/cifar10-train-jpg.tar.gz"; exit 2; }
 	$(MAKE) data
 	$(BIN)/python -m bench.run $(ARGS)
+
+# The GPU check (bench/gpu.py): the GPU tests, the tutorial recipe's epoch against the tutorial's code,
+# configs/fast.yaml 5 times, configs/ddp.yaml; one table and results.json in runs/bench-gpu/. About 5 minutes
+# on an H100. `make bench-gpu ARGS="--smoke true"` runs the same steps on the CPU.
+bench-gpu: $(VENV)/.installed-dev data
+	$(BIN)/python -m bench.gpu $(ARGS)
+
+# For a GPU machine without network whose Python has torch, torchvision, lightning, torchmetrics, rich and pytest:
+# `make gpu-bundle` gathers here what else the GPU check needs (jsonargparse's wheels, the JPEG archive) into
+# bundle/ (17 MB); copy the repository with it there and run `bench/gpu-offline.sh OUT_DIR`.
+BUNDLE_WHEELS := jsonargparse==4.53.0 docstring_parser==0.18.0 typeshed_client==2.15.0
+gpu-bundle: $(BIN)/python
+	rm -rf bundle.partial && mkdir -p bundle.partial/wheels
+	$(BIN)/pip download -q --no-deps --only-binary=:all: -d bundle.partial/wheels $(BUNDLE_WHEELS)
+	cp $(CIFAR10_JPG) bundle.partial/cifar10-train-jpg.tar.gz
+	rm -rf bundle && mv bundle.partial bundle
 
 # Kill training at random moments (SIGKILL and SIGTERM), resume it, and count the runs that end with exactly the
 # uninterrupted run's weights: `make bench-resume ARGS="--trials 20"`. About 10 minutes on a 2-core CPU.

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from conftest import write_image_folder
 
+from bench.gpu import run as gpu_check
 from bench.run import run
 
 
@@ -18,6 +19,8 @@ def test_bench_smoke_run_fills_every_row(tmp_path: Path, capsys) -> None:
     printed = capsys.readouterr().out
     a, b, c, d = results["pipeline"], results["overhead"], results["recipe"], results["fast_cpu"]
     assert a["tutorial"] > 0 and a["ours"] > 0 and a["ours_fast"] > 0
+    host = results["host"]
+    assert host["steps"] == 1 and host["overhead_ms"] == pytest.approx(1000 * (host["cifar_cli"] - host["plain"]))
     assert b["steps"] == 1 and b["plain"] > 0 and b["cifar_cli"] > 0
     # Both recipes were tested on the same 20 held-out images: accuracies are multiples of 1/20.
     assert all(abs(acc * 20 - round(acc * 20)) < 1e-4 for acc in (c["tutorial_acc"], c["ours_acc"]))
@@ -26,8 +29,40 @@ def test_bench_smoke_run_fills_every_row(tmp_path: Path, capsys) -> None:
     saved = json.loads((tmp_path / "bench" / "results.json").read_text())
     assert saved["recipe"] == c and saved["machine"].startswith("cifar-cli benchmarks:")
     table = (tmp_path / "bench" / "results.txt").read_text()
-    for row in ("a. data pipeline", "b. Lightning overhead", "c. tutorial recipe", "fast-cpu.yaml", "e. GPU"):
+    for row in (
+        "a. data pipeline",
+        "b. host time per step",
+        "b. Lightning overhead",
+        "c. tutorial recipe",
+        "fast-cpu.yaml",
+    ):
         assert row in table and row in printed
+
+
+@pytest.mark.slow
+def test_gpu_check_smoke_run_fills_every_row(tmp_path: Path, capsys) -> None:
+    write_image_folder(tmp_path / "images" / "train", {"a": 40, "b": 40, "c": 40})
+    results = gpu_check(root=str(tmp_path / "images"), out=str(tmp_path / "gpu"), smoke=True)
+    printed = capsys.readouterr().out
+    tests, recipe, fast, ddp = results["tests"], results["recipe"], results["fast"], results["ddp"]
+    # Without a GPU every GPU test is collected and skipped; pytest exits 0.
+    assert tests["exit_code"] == 0 and tests["skipped"] >= 4 and "passed" not in tests and "error" not in tests
+    assert recipe["images"] == 64 and recipe["tutorial_seconds"] > 0 and recipe["ours_images_per_s"] > 0
+    # The one smoke run was tested on the 20 held-out images: its accuracy is a multiple of 1/20.
+    assert fast["runs"] == 1 and abs(fast["acc_mean"] * 20 - round(fast["acc_mean"] * 20)) < 1e-4
+    assert fast["seconds_mean"] > 0 and fast["startup_mean"] > 0
+    assert ddp["devices"] == 1 and ddp["seconds"] > 0
+    saved = json.loads((tmp_path / "gpu" / "results.json").read_text())
+    assert saved["fast"] == fast and saved["machine"].startswith("cifar-cli GPU check:")
+    table = (tmp_path / "gpu" / "results.txt").read_text()
+    for row in ("1. pytest -m gpu", "2. tutorial recipe", "3. fast.yaml", "4. ddp.yaml"):
+        assert row in table and row in printed
+
+
+def test_gpu_check_refuses_a_machine_without_gpu(tmp_path: Path) -> None:
+    (tmp_path / "train").mkdir()
+    with pytest.raises(SystemExit, match="no CUDA GPU here"):
+        gpu_check(root=str(tmp_path), out=str(tmp_path / "gpu"))
 
 
 def test_bench_refuses_a_folder_without_train(tmp_path: Path) -> None:

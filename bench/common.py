@@ -1,0 +1,194 @@
+"""What the benchmarks share: running cifar-cli, reading its CSV metrics and output, and naming the machine."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import datetime
+import io
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIGS = REPO / "configs"
+# `--smoke` runs on a CPU, whatever a config names, and each fit stops after a few batches.
+SMOKE_DEVICE = ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.precision", "32-true"]
+SMOKE_LIMITS = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "2"]
+
+
+def cifar_cli(args: list[str], cwd: Path, in_process: bool = False) -> tuple[float, str]:
+    """Run `cifar-cli ARGS` in `cwd`; return its wall-clock seconds and its output. Fails loudly on errors.
+
+    Each run is the real command in its own process. `in_process` (the smoke runs of the test suite) calls the
+    same entry point in this process instead, which saves the 5 to 10 s of imports a process costs.
+    """
+    cwd.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    if in_process:
+        code, output = _in_process(args, cwd)
+    else:
+        done = subprocess.run(
+            [sys.executable, "-m", "cifar_cli", *args], cwd=cwd, capture_output=True, text=True, env=bench_env()
+        )
+        code, output = done.returncode, done.stdout + done.stderr
+    seconds = time.perf_counter() - start
+    if code:
+        raise SystemExit(f"cifar-cli {' '.join(args)} failed in {cwd}:\n{output[-3000:]}")
+    return seconds, output
+
+
+def tutorial(
+    arrays: Path, epochs: int, val_size: int, limit: int | None, in_process: bool = False
+) -> tuple[float, dict]:
+    """Run the tutorial's code (bench/tutorial.py) on `arrays` in their folder: its wall-clock seconds and the
+    JSON it prints (fit and training seconds, test accuracy and loss). `in_process` as for `cifar_cli`."""
+    start = time.perf_counter()
+    if in_process:
+        from bench.tutorial import main
+
+        with environment(bench_env()), contextlib.chdir(arrays.parent):
+            result = main(str(arrays), epochs, val_size, limit)
+        return time.perf_counter() - start, result
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.tutorial", str(arrays), str(epochs), str(val_size),
+         *([str(limit)] if limit else [])],
+        cwd=arrays.parent, capture_output=True, text=True, env=bench_env(),
+    )  # fmt: skip
+    if done.returncode:
+        raise SystemExit(f"the tutorial's code failed:\n{done.stderr[-3000:]}")
+    return time.perf_counter() - start, json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _in_process(args: list[str], cwd: Path) -> tuple[int, str]:
+    from cifar_cli.cli import main
+
+    output = io.StringIO()
+    code = 0
+    with environment(bench_env()), contextlib.chdir(cwd):
+        with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
+            try:
+                main(args)
+            except SystemExit as stop:
+                code = stop.code if isinstance(stop.code, int) else 1
+            finally:
+                # What a process would end at its exit: the W&B run, and a one-process DDP group.
+                if "wandb" in sys.modules and sys.modules["wandb"].run is not None:
+                    sys.modules["wandb"].finish()
+                if torch.distributed.is_available() and torch.distributed.is_initialized():
+                    torch.distributed.destroy_process_group()
+    return code, output.getvalue()
+
+
+@contextlib.contextmanager
+def environment(env: dict[str, str]) -> Iterator[None]:
+    """os.environ replaced by `env`, and restored whole afterwards (a run sets PL_GLOBAL_SEED, say)."""
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def bench_env() -> dict[str, str]:
+    env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true")
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    return env
+
+
+def metrics(folder: Path) -> list[dict[str, float]]:
+    """The rows of the newest CSVLogger metrics.csv under `folder`, with empty cells dropped."""
+    path = max(folder.rglob("metrics.csv"), key=lambda p: p.stat().st_mtime)
+    with open(path) as file:
+        return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(file)]
+
+
+def fit_time(folder: Path) -> float:
+    """FitTimer's last `fit_time` under `folder`: seconds from the first training step to the last validation."""
+    return [row for row in metrics(folder) if "fit_time" in row][-1]["fit_time"]
+
+
+def best_checkpoint(output: str) -> str:
+    match = re.search(r"Best checkpoint.*?: (\S+\.ckpt)", output)
+    if match is None:
+        raise SystemExit(f"no best checkpoint in the fit's output:\n{output[-2000:]}")
+    return match.group(1)
+
+
+def data_args(root: Path, val_size: int, test_size: int) -> list[str]:
+    return ["--config", str(CONFIGS / "cifar10-jpg.yaml"), "--data.root", str(root),
+            "--data.val_size", str(val_size), "--data.test_size", str(test_size)]  # fmt: skip
+
+
+def csv_logger(save_dir: str) -> list[str]:
+    """Flags that log to CSV in `save_dir` (the benchmarks read their numbers there) without a progress bar."""
+    return ["--trainer.logger", "CSVLogger", "--trainer.logger.save_dir", save_dir,
+            "--trainer.enable_progress_bar", "false"]  # fmt: skip
+
+
+def tutorial_arrays(data, path: Path) -> Path:
+    """Save the splits of `data` as the tutorial's code reads them: uint8 HWC arrays, its train set being our
+    train + val splits (it splits off its own validation set), its test set our test split."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    held_in = [data.splits["train"], data.splits["val"]]
+    torch.save(
+        {
+            "train_images": torch.cat([s.images for s in held_in]).permute(0, 2, 3, 1).contiguous().numpy(),
+            "train_labels": torch.cat([s.labels for s in held_in]).tolist(),
+            "test_images": data.splits["test"].images.permute(0, 2, 3, 1).contiguous().numpy(),
+            "test_labels": data.splits["test"].labels.tolist(),
+        },
+        path,
+    )
+    return path
+
+
+def run_steps(steps: list[tuple[str, str, Callable[[], dict | None]]], results: dict, out: Path,
+              table: Callable[[dict], Table]) -> dict:  # fmt: skip
+    """Run each (key, name, step), keeping its result under `key`; then print the table of the results.
+
+    `results.json` in `out` is rewritten after every step (a run stopped by a time limit keeps what it measured),
+    and `results.txt` holds the table.
+    """
+    console = Console(width=150)
+    for key, name, step in steps:
+        console.print(f"[bold]{name}[/bold] ...")
+        start = time.perf_counter()
+        results[key] = step()
+        console.print(f"  {json.dumps(results[key])} ({time.perf_counter() - start:.0f} s)")
+        (out / "results.json").write_text(json.dumps(results, indent=2))
+    grid = table(results)
+    console.print(grid)
+    with open(os.devnull, "w") as devnull:
+        recorder = Console(record=True, width=150, file=devnull)
+        recorder.print(grid)
+    (out / "results.txt").write_text(recorder.export_text())
+    return results
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    flags = set()
+    if os.path.exists("/proc/cpuinfo"):
+        text = Path("/proc/cpuinfo").read_text()
+        cpu = next((line.split(":", 1)[1].strip() for line in text.splitlines() if "model name" in line), cpu)
+        flags = {f for line in text.splitlines() if line.startswith("flags") for f in line.split()}
+    bf16 = sorted(flags & {"amx_bf16", "avx512_bf16"}) or ["no bf16 instructions"]
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    return (
+        f"{cpu}, {os.cpu_count()} cores ({', '.join(bf16)}), {gpu}; torch {torch.__version__}; "
+        f"{datetime.date.today().isoformat()}"
+    )

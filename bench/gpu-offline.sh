@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The GPU check (bench/gpu.py) on a GPU machine without network, from the bundle `make gpu-bundle` gathers.
+# Its Python must have torch, torchvision, lightning, torchmetrics, rich and pytest; the bundle's wheels
+# (jsonargparse and its signature extras) are installed into a temporary folder, not into that Python.
+# Run from anywhere: bench/gpu-offline.sh OUT_DIR [flags of bench/gpu.py]. OUT_DIR receives results.json,
+# results.txt and the log, also when a step fails or the run is stopped (results.json is written step by step).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${1:?usage: bench/gpu-offline.sh OUT_DIR [flags of bench/gpu.py]}
+shift
+python=${PYTHON:-python3}
+mkdir -p "$out"
+site=$(mktemp -d)
+"$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" bundle/wheels/*.whl \
+    || { echo "gpu-offline: could not install bundle/wheels (run make gpu-bundle first)" >&2; exit 2; }
+export PYTHONPATH="$site:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+if [ ! -f data/cifar10-jpg/.unpacked ]; then
+    rm -rf data/cifar10-jpg.partial && mkdir -p data/cifar10-jpg.partial
+    tar -xzf bundle/cifar10-train-jpg.tar.gz -C data/cifar10-jpg.partial || exit 2
+    touch data/cifar10-jpg.partial/.unpacked
+    rm -rf data/cifar10-jpg && mv data/cifar10-jpg.partial data/cifar10-jpg
+fi
+"$python" -m bench.gpu --out runs/bench-gpu "$@" 2>&1 | tee "$out/log.txt"
+status=${PIPESTATUS[0]}
+cp runs/bench-gpu/results.json runs/bench-gpu/results.txt "$out/" 2>/dev/null
+exit "$status"
