@@ -32,6 +32,7 @@ from cifar_cli.classifier import ImageClassifier, check_optimizer_arguments
 from cifar_cli.data import ImageDataModule
 from cifar_cli.distributed import exit_if_rank_failed, watch_ranks
 from cifar_cli.errors import UsageError
+from cifar_cli.precision import choose_precision
 from cifar_cli.resume import (
     RUN_KEY,
     continue_run,
@@ -192,6 +193,9 @@ class CifarCLI(LightningCLI):
         # The clean stop on SIGTERM and Ctrl-C, whatever callbacks a config lists.
         if not any(isinstance(c, Preemption) for c in callbacks):
             callbacks.append(Preemption())
+        # bf16-mixed where the hardware has native bf16, unless a config says otherwise; config.yaml records it.
+        if (precision := choose_precision(config)) is not None:
+            self._get(self.config, "trainer")["precision"] = precision
         # Lightning ignores `max_time` when the callbacks hold a Timer, as they do with FitTimer: give it to FitTimer.
         timers = [c for c in callbacks if isinstance(c, FitTimer)]
         if config.get("max_time") is not None and timers:

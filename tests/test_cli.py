@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 import yaml
 from wandb_offline import read_run
 
+from cifar_cli import precision
 from cifar_cli.cli import main
 from cifar_cli.data import CIFAR10DataModule
 from cifar_cli.optim import WarmupLinearDecay
@@ -399,3 +401,46 @@ def test_error_test_without_test_split(capsys, tmp_path: Path) -> None:
     message = fails(capsys, "test", "--ckpt_path", str(checkpoints()[0]))
     assert "has no test split" in message and "--data.test_size" in message
     assert sorted(Path("runs/wandb").glob("offline-run-*")) == runs_before  # no W&B run for the failed test
+
+
+@pytest.mark.parametrize(
+    ("cuda", "gpu_bf16", "cpu_bf16", "accelerator", "expected"),
+    [
+        (False, False, "AMX", "cpu", "bf16-mixed"),
+        (False, False, "AVX512-BF16", None, "bf16-mixed"),
+        (False, False, None, "auto", "32-true"),
+        (True, True, "AMX", "gpu", "bf16-mixed"),
+        (True, False, None, "auto", "16-mixed"),
+        (True, True, "AMX", "cpu", "bf16-mixed"),
+        (False, False, "AMX", "mps", None),
+    ],
+)
+def test_default_precision_follows_the_hardware(monkeypatch, cuda, gpu_bf16, cpu_bf16, accelerator, expected) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: gpu_bf16)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Some GPU")
+    monkeypatch.setattr(precision, "cpu_bf16", lambda: cpu_bf16)
+    chosen = precision.default_precision(accelerator)
+    assert (chosen and chosen[0]) == expected
+
+
+def test_precision_is_chosen_once_said_in_one_line_and_recorded(fake_cifar10: Path, caplog, monkeypatch) -> None:
+    monkeypatch.setattr(precision, "cpu_bf16", lambda: "AMX")
+    with caplog.at_level(logging.INFO):
+        main(["fit", *cifar_args(fake_cifar10), "--trainer.max_epochs", "1"])
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Precision")]
+    assert said == ["Precision bf16-mixed (this CPU has AMX); --trainer.precision overrides"]
+    (folder,) = run_folders()
+    assert yaml.safe_load((folder / "config.yaml").read_text())["trainer"]["precision"] == "bf16-mixed"
+    assert any(r.getMessage().startswith("Using bfloat16 Automatic Mixed Precision") for r in caplog.records)
+
+
+def test_precision_flag_overrides_the_choice(fake_cifar10: Path, caplog, monkeypatch) -> None:
+    monkeypatch.setattr(precision, "cpu_bf16", lambda: "AMX")
+    with caplog.at_level(logging.INFO):
+        main(["fit", *cifar_args(fake_cifar10), "--trainer.max_epochs", "1", "--trainer.precision", "32-true"])
+    assert not [r for r in caplog.records if r.getMessage().startswith("Precision")]
+    assert any(r.getMessage().startswith("GPU available") for r in caplog.records)  # the banner was captured
+    (folder,) = run_folders()
+    assert yaml.safe_load((folder / "config.yaml").read_text())["trainer"]["precision"] == "32-true"
+    assert not any("Automatic Mixed Precision" in r.getMessage() for r in caplog.records)

@@ -1,0 +1,62 @@
+"""The precision a run uses when none is given: decided once at start-up from the hardware, and said in one line.
+
+On a CPU with native bf16 arithmetic (AMX or AVX512-BF16), bf16-mixed runs convolutions about twice as fast as
+fp32; without it, bf16 is emulated and slower, so fp32. On a CUDA GPU: bf16-mixed where the GPU supports bf16
+(Ampere and later), which needs no loss scaling, else 16-mixed. Other accelerators keep Lightning's default (fp32).
+`--trainer.precision` overrides the choice.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+
+
+def cpu_bf16() -> str | None:
+    """The CPU's native bf16 instructions ("AMX", "AVX512-BF16"), or None where it has none."""
+    cpu = getattr(torch, "cpu", None)
+    try:
+        if cpu._is_amx_tile_supported():
+            return "AMX"
+        if cpu._is_avx512_bf16_supported():
+            return "AVX512-BF16"
+        return None
+    except AttributeError:  # a torch without these probes: read the CPU's flags where the system lists them
+        info = Path("/proc/cpuinfo")
+        flags = set(info.read_text().split()) if info.exists() else set()
+        return "AMX" if "amx_bf16" in flags else "AVX512-BF16" if "avx512_bf16" in flags else None
+
+
+def default_precision(accelerator: object) -> tuple[str, str] | None:
+    """(precision, why) for a run on `accelerator` (a name from the config, or None/"auto"), or None to keep
+    Lightning's default."""
+    name = accelerator if isinstance(accelerator, str) else None if accelerator is None else "other"
+    if name in (None, "auto", "gpu", "cuda") and torch.cuda.is_available():
+        gpu = torch.cuda.get_device_name()
+        if torch.cuda.is_bf16_supported():
+            return "bf16-mixed", f"{gpu} supports bf16"
+        return "16-mixed", f"{gpu} has no bf16"
+    if name in (None, "auto", "cpu"):
+        found = cpu_bf16()
+        if found is not None:
+            return "bf16-mixed", f"this CPU has {found}"
+        return "32-true", "this CPU has no native bf16"
+    return None
+
+
+def choose_precision(trainer_config: dict) -> str | None:
+    """Set `precision` in the trainer's config where it is unset, say so once (on the first process), and return
+    it; None where the config gives one or Lightning's default stays."""
+    if trainer_config.get("precision") is not None:
+        return None
+    chosen = default_precision(trainer_config.get("accelerator"))
+    if chosen is None:
+        return None
+    trainer_config["precision"], why = chosen
+    # The model summary cannot size bf16 weights and says so at every fit; its estimate (in fp32) is still shown.
+    warnings.filterwarnings("ignore", message=r"Precision bf16-mixed is not supported by the model summary")
+    rank_zero_info(f"Precision {chosen[0]} ({why}); --trainer.precision overrides")
+    return chosen[0]
