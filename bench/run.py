@@ -43,7 +43,9 @@ THRESHOLDS = (0.85, 0.90, 0.93)
 
 
 class StepClock(Callback):
-    """Times training steps `warmup` to the last, and writes seconds and steps as JSON to `path` at the end.
+    """Times training steps `warmup` to the last, and writes JSON to `path` at the end: `steps`, `seconds` (wall
+    clock) and `cpu_seconds` (this thread's CPU time: the host's own work, which other processes on a shared
+    machine do not inflate).
 
     Args:
         path: JSON file to write.
@@ -53,20 +55,22 @@ class StepClock(Callback):
     def __init__(self, path: str, warmup: int = 50) -> None:
         self.path = path
         self.warmup = warmup
-        self._start: float | None = None
+        self._start: tuple[float, float] | None = None
         self._steps = 0
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch, batch_idx: int) -> None:
         if trainer.global_step == self.warmup:
-            self._start = time.perf_counter()
+            self._start = (time.perf_counter(), time.thread_time())
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
         if self._start is not None:
             self._steps += 1
-            self._seconds = time.perf_counter() - self._start
+            self._seconds = time.perf_counter() - self._start[0]
+            self._cpu_seconds = time.thread_time() - self._start[1]
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        Path(self.path).write_text(json.dumps({"seconds": self._seconds, "steps": self._steps}))
+        result = {"seconds": self._seconds, "cpu_seconds": self._cpu_seconds, "steps": self._steps}
+        Path(self.path).write_text(json.dumps(result))
 
 
 def images_per_second(batches, preprocess, limit: int) -> float:
@@ -152,7 +156,7 @@ def plain_against_cli(data: ImageFolderDataModule, root: Path, out: Path, net: s
         plain.append(time.perf_counter() - start)
         clock = out / "overhead" / f"{name}-{repeat}.json"
         cifar_cli(["fit", "--config", str(CONFIGS / "cpu.yaml"), *data_args(root, data.val_size, data.test_size),
-                   "--model.net", net, "--data.batch_size", str(batch_size),
+                   "--model.net", net, "--data.batch_size", str(batch_size), "--trainer.precision", "32-true",
                    "--trainer.max_epochs", "1", "--trainer.limit_train_batches", str(warmup + steps),
                    "--trainer.limit_val_batches", "2",
                    "--trainer.callbacks+=bench.run.StepClock", "--trainer.callbacks.path", str(clock),
@@ -164,10 +168,56 @@ def plain_against_cli(data: ImageFolderDataModule, root: Path, out: Path, net: s
             "plain_runs": plain, "cifar_cli_runs": ours}  # fmt: skip
 
 
+class BareModule(LightningModule):
+    """The plain loop's step as a LightningModule with nothing else: Lightning's own loop, for the host row."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        images, labels = batch
+        return F.cross_entropy(self.net(images), labels)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=2e-4)
+
+
+def bare_lightning(data: ImageFolderDataModule, out: Path, warmup: int, steps: int) -> float:
+    """Seconds of `steps` steps of BareModule (OneConv, batch 8) under a Trainer with no logger, no callbacks,
+    no progress bar: what Lightning's loop alone adds to the plain loop."""
+    torch.manual_seed(42)
+    preprocess = data.preprocess
+
+    class Batches(DeviceBatches):  # the plain loop's batches, normalised and channels-last as it feeds them
+        def __iter__(self):
+            for images, labels in super().__iter__():
+                yield preprocess(images).contiguous(memory_format=torch.channels_last), labels
+
+    net = OneConv(len(data.class_names), data.image_shape).to(memory_format=torch.channels_last)
+    clock = out / "overhead" / "bare-lightning.json"
+    quiet = {
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+    }
+    clock_callback = StepClock(str(clock), warmup)
+    trainer = Trainer(max_steps=warmup + steps, accelerator="cpu", devices=1, callbacks=[clock_callback], **quiet)
+    trainer.fit(BareModule(net), train_dataloaders=Batches(data.splits["train"], 8, shuffle=True, drop_last=True))
+    return json.loads(clock.read_text())["seconds"]
+
+
 def bench_host(data: ImageFolderDataModule, root: Path, out: Path, smoke: bool) -> dict[str, float]:
-    """b. Host overhead per step: OneConv at batch 8, 2,000 steps; cifar-cli's time per step minus the loop's."""
-    result = plain_against_cli(data, root, out, "bench.run.OneConv", 8, (200, 2000, 5), smoke)
+    """b. Host overhead per step: OneConv at batch 8, 2,000 steps; cifar-cli's time per step minus the loop's, and
+    Lightning's own loop (BareModule) between the two."""
+    counts = (1, 1, 1) if smoke else (200, 2000, 5)
+    result = plain_against_cli(data, root, out, "bench.run.OneConv", 8, counts, smoke)
+    bare = [bare_lightning(data, out, counts[0], counts[1]) for _ in range(counts[2])]
+    result["lightning"] = statistics.median(bare)
+    result["lightning_runs"] = bare
     result["overhead_ms"] = 1000 * (result["cifar_cli"] - result["plain"]) / result["steps"]
+    result["lightning_ms"] = 1000 * (result["lightning"] - result["plain"]) / result["steps"]
     return result
 
 
@@ -235,6 +285,8 @@ def table(results: dict, title: str) -> Table:
     grid.add_row(f"b. host time per step, OneConv batch 8 (ms, median of {len(h['plain_runs'])})",
                  f"{1000 * h['plain'] / h['steps']:.3f} (plain loop)", f"{1000 * h['cifar_cli'] / h['steps']:.3f}",
                  f"+{h['overhead_ms']:.3f} ms", "<= +0.3 ms")  # fmt: skip
+    grid.add_row("   Lightning's loop alone (no logger, callbacks, bar)", f"{1000 * h['lightning'] / h['steps']:.3f}",
+                 "", f"+{h['lightning_ms']:.3f} ms", "")  # fmt: skip
     b = results["overhead"]
     grid.add_row(f"b. Lightning overhead, {b['steps']} steps (s, median of {len(b['plain_runs'])})",
                  f"{b['plain']:.2f} (plain loop)",

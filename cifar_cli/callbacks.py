@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveInt
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint, Timer
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, Timer
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
@@ -236,6 +236,34 @@ class LastCheckpoint(ModelCheckpoint):
         self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
         self._last_save = time.monotonic()
         return self.last_model_path
+
+
+class RichBar(RichProgressBar):
+    """Lightning's rich progress bar, reading the logged metrics at most twice a second in training.
+
+    Lightning's bar reads them after every step: about 0.1 ms of host time on a CPU, and on a GPU an `.item()`
+    per shown metric, each of which waits for the GPU to finish its queued work. The bar itself still moves
+    every step.
+
+    Args:
+        metrics_interval: Seconds between two reads of the metrics during training.
+    """
+
+    def __init__(self, metrics_interval: NonNegativeFloat = 0.5, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.metrics_interval = metrics_interval
+        self._metrics_read = float("-inf")
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if not self.is_disabled and self.train_progress_bar_id is None:
+            self._initialize_train_progress_bar_id()  # a run resumed mid-epoch, as Lightning's bar does
+        self._update(self.train_progress_bar_id, batch_idx + 1)
+        now = time.monotonic()
+        if now - self._metrics_read >= self.metrics_interval:
+            self._metrics_read = now
+            self._update_metrics(trainer, pl_module)
 
 
 class Preemption(Callback):

@@ -12,14 +12,15 @@ from typing import Any
 import yaml
 from jsonargparse import ArgumentError
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
+from cifar_cli import hooks
 from cifar_cli.atomic import AtomicCheckpointIO, atomic_csv_logs, atomic_write_text
-from cifar_cli.callbacks import FitTimer, LastCheckpoint, Preemption, run_dir
+from cifar_cli.callbacks import FitTimer, LastCheckpoint, Preemption, RichBar, run_dir
 from cifar_cli.checkpoints import (
     CHECKPOINT_KEY,
     apply_hyperparameters,
@@ -189,7 +190,7 @@ class CifarCLI(LightningCLI):
         # A rich progress bar unless the config picks another or turns progress bars off. Not a default callback
         # in the config: there it would clash with `--trainer.enable_progress_bar false`.
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
-            callbacks.append(RichProgressBar())
+            callbacks.append(RichBar())
         # The clean stop on SIGTERM and Ctrl-C, whatever callbacks a config lists.
         if not any(isinstance(c, Preemption) for c in callbacks):
             callbacks.append(Preemption())
@@ -331,6 +332,7 @@ def one_line(err: BaseException) -> str:
 
 def main(args: ArgsType = None) -> None:
     """Entry point of `cifar-cli` and `python -m cifar_cli`. Bad input ends in one line on stderr and exit code 2."""
+    hooks.install()  # callback hooks called only where implemented (see cifar_cli.hooks)
     try:
         CifarCLI(
             ImageClassifier,

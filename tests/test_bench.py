@@ -21,6 +21,7 @@ def test_bench_smoke_run_fills_every_row(tmp_path: Path, capsys) -> None:
     assert a["tutorial"] > 0 and a["ours"] > 0 and a["ours_fast"] > 0
     host = results["host"]
     assert host["steps"] == 1 and host["overhead_ms"] == pytest.approx(1000 * (host["cifar_cli"] - host["plain"]))
+    assert host["lightning"] > 0 and len(host["lightning_runs"]) == 1
     assert b["steps"] == 1 and b["plain"] > 0 and b["cifar_cli"] > 0
     # Both recipes were tested on the same 20 held-out images: accuracies are multiples of 1/20.
     assert all(abs(acc * 20 - round(acc * 20)) < 1e-4 for acc in (c["tutorial_acc"], c["ours_acc"]))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -117,3 +119,29 @@ def test_optimizer_learning_rate_flag_is_refused() -> None:
     check_optimizer_arguments(partial(torch.optim.SGD, lr=1e-3, momentum=0.9))  # the class default: fine
     with pytest.raises(UsageError, match="--model.learning_rate"):
         check_optimizer_arguments(partial(torch.optim.SGD, lr=0.1))
+
+
+def test_training_metrics_count_every_image_of_the_epoch_and_log_window_means(monkeypatch) -> None:
+    # Three steps of an epoch of three, logging every 2 steps: the first step and the second logged step log, the
+    # last flushes; the epoch's values are the exact means over all 7 images, whatever was logged.
+    model = make()
+    logged: list[tuple[str, float]] = []
+    monkeypatch.setattr(
+        model, "log", lambda name, metric, **kwargs: logged.append((name, float(metric._forward_cache)))
+    )
+    trainer = SimpleNamespace(num_training_batches=3, log_every_n_steps=2, global_step=0)
+    model._trainer = trainer
+    logits = [torch.tensor([[2.0, 0, 0], [0, 2.0, 0], [0, 0, 2.0]]), torch.tensor([[2.0, 0, 0], [2.0, 0, 0]]),
+              torch.tensor([[0, 0, 2.0], [0, 2.0, 0]])]  # fmt: skip
+    labels = [torch.tensor([0, 1, 1]), torch.tensor([0, 2]), torch.tensor([2, 2])]
+    losses = [F.cross_entropy(x, y, reduction="sum") for x, y in zip(logits, labels)]
+    for step, (x, y) in enumerate(zip(logits, labels)):
+        trainer.global_step = step
+        model._train_metrics(F.cross_entropy(x, y), x, y, step)
+    assert model.train_acc.compute().item() == pytest.approx(4 / 7)
+    assert model.train_loss.compute().item() == pytest.approx(float(sum(losses)) / 7)
+    # Logged: step 0 alone (2 of 3 right), then steps 1-2 together, at the second logged step (step 1 + 1 = 2).
+    assert [name for name, _ in logged] == ["train_loss", "train_acc", "train_loss", "train_acc"]
+    assert logged[1][1] == pytest.approx(2 / 3) and logged[3][1] == pytest.approx(2 / 4)
+    assert logged[2][1] == pytest.approx(float(losses[1] + losses[2]) / 4)
+    assert model._window_images == 0 and not model._window.any()
