@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from jsonargparse.typing import PositiveFloat
 from lightning.pytorch import LightningModule
+from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
@@ -23,6 +24,8 @@ Batch = tuple[Tensor, ...]  # (images, labels) or, for predict, (images, labels,
 TTA = Literal["none", "flip", "flip-shift"]
 # Checkpoint entry holding the training metrics' running sums.
 METRICS_KEY = "cifar_cli_train_metrics"
+# Steps before the pace of training, and with it the steps that fit in a time budget, is first estimated.
+BUDGET_MIN_STEPS = 10
 # Training images the whitening layer of a net with `init_whitening` is fitted to (airbench uses 5,000).
 WHITENING_IMAGES = 5000
 
@@ -87,6 +90,8 @@ class ImageClassifier(LightningModule):
         self.register_buffer("_window", torch.zeros(2), persistent=False)
         self._window_images = 0
         self._logged_stages: set[str] = set()  # stages that called self.log since their epoch began
+        self._steps_total: float | None = None  # training steps and, with a time budget, the steps it holds
+        self._budget_steps: float | None = None
 
     def __setattr__(self, name: str, value: Any) -> None:
         # Lightning sets `_current_fx_name` twice around every hook it calls, about 40 times a training step;
@@ -268,12 +273,50 @@ class ImageClassifier(LightningModule):
         optimizer = self.optimizer(param_groups(self.net, hp.learning_rate, hp.weight_decay, hp.norm_lr_factor))
         if self.lr_schedule is None:
             return optimizer
-        total = self.trainer.estimated_stepping_batches
-        if total == float("inf"):
-            raise UsageError("--model.lr_schedule needs a known length: set --trainer.max_epochs or max_steps")
+        self._steps_total = self.trainer.estimated_stepping_batches
+        self._budget_steps = None
+        if self._steps_total == float("inf") and self._budget_timer() is None:
+            raise UsageError(
+                "--model.lr_schedule needs a known length: set --trainer.max_epochs, max_steps or max_time"
+            )
         schedule = self.lr_schedule
-        scheduler = LambdaLR(optimizer, lambda step: schedule(min(step / total, 1.0)))
+        scheduler = LambdaLR(optimizer, lambda step: schedule(self.progress(step)))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def progress(self, step: int) -> float:
+        """The fraction of training done after `step` optimizer steps, which drives the LR schedule: of the steps
+        that max_epochs (or max_steps) allow, or of the time budget (`--trainer.max_time`), whichever is further.
+
+        Time is counted in steps: the steps that fit in the budget are estimated from the pace so far, so that
+        every rank of a DDP run sees the same progress at the same step."""
+        done = step / self._steps_total
+        if self._budget_steps:
+            done = max(done, step / self._budget_steps)
+        return min(done, 1.0)
+
+    def _budget_timer(self) -> Timer | None:
+        """The trainer's Timer, where it has a time limit (FitTimer takes `--trainer.max_time`)."""
+        timers = (c for c in self.trainer.callbacks if isinstance(c, Timer) and c.time_remaining() is not None)
+        return next(timers, None)
+
+    def on_train_batch_end(self, outputs: Any, batch: Batch, batch_idx: int) -> None:
+        # With a time budget and a schedule: re-estimate the steps that fit in the budget (every step; under DDP
+        # every 20th, from rank 0's clock, broadcast), and stop when the schedule has run its course. A run cut
+        # off by the budget instead validates at once (Lightning validates when a Timer stops it), so its last
+        # model can still be the best.
+        if self.lr_schedule is None or self._trainer is None or self._steps_total is None:
+            return
+        timer = self._budget_timer()
+        step = self.global_step
+        if timer is None or step < BUDGET_MIN_STEPS or (self.trainer.world_size > 1 and step % 20):
+            return
+        elapsed = timer.time_elapsed("train")
+        if self.trainer.world_size > 1:
+            elapsed = self.trainer.strategy.broadcast(elapsed)
+        if elapsed > 0:
+            self._budget_steps = step * (timer.time_elapsed() + timer.time_remaining()) / elapsed
+        if self.progress(step) >= 1.0:
+            self.trainer.should_stop = True
 
 
 def check_optimizer_arguments(optimizer: OptimizerCallable) -> None:

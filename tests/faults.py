@@ -72,3 +72,14 @@ class SignalAt(Callback):
     def on_validation_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int,
                                   dataloader_idx: int = 0) -> None:  # fmt: skip
         self._send(trainer, batch_idx, validating=True)
+
+
+# Seconds on the fake clock that TickClock advances; a test points Lightning's Timer at it.
+CLOCK = {"now": 0.0}
+
+
+class TickClock(Callback):
+    """Advances CLOCK by one second at the start of every training step: a run whose steps take exactly 1 s."""
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        CLOCK["now"] += 1.0

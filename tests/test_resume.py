@@ -8,13 +8,16 @@ import sys
 import time
 from pathlib import Path
 
+import faults
 import pytest
 import torch
 import wandb
+from lightning.pytorch.callbacks import Timer
 from test_cli import CSV_LOGGER, metrics_rows, values
 
 from cifar_cli.atomic import AtomicCheckpointIO, atomic_csv_logs, atomic_write
 from cifar_cli.cli import main
+from cifar_cli.optim import WarmupLinearDecay
 
 REPO = Path(__file__).resolve().parents[1]
 # The fast recipe shrunk: augmentation, EMA, a warm-up/decay schedule with a restart, bf16-mixed, as shipped.
@@ -152,6 +155,24 @@ def test_max_time_stops_training(fake_cifar10: Path) -> None:
           "--trainer.max_time", "00:00:00:03"])  # fmt: skip
     (last,) = Path("runs").glob("**/checkpoints/last.ckpt")
     assert torch.load(last, weights_only=True)["global_step"] < 1000 * 5
+
+
+def test_time_budget_drives_the_schedule_and_ends_it_when_time_runs_out(fake_cifar10: Path, monkeypatch) -> None:
+    # Steps of exactly 1 s on a fake clock, a 12 s budget, and epochs for 500 steps: the schedule's progress is the
+    # budget's, so training stops after 12 steps with the learning rate at the schedule's end.
+    faults.CLOCK["now"] = 0.0
+    monkeypatch.setattr(Timer, "time_elapsed", lambda self, stage="train": faults.CLOCK["now"])
+    main(["fit", *FAST, *cifar(fake_cifar10), *CSV_LOGGER, "--trainer.max_epochs", "100",
+          "--trainer.max_time", "00:00:00:12", "--trainer.callbacks+=faults.TickClock"])  # fmt: skip
+    (last,) = Path("runs").glob("**/checkpoints/last.ckpt")
+    state = torch.load(last, weights_only=True)
+    assert state["global_step"] == 12
+    end = WarmupLinearDecay(start=0.2, peak=0.23, end=0.07, restarts=(0.4,))(1.0)
+    assert state["optimizer_states"][0]["param_groups"][0]["lr"] == pytest.approx(0.75 * end)
+    # The run validated where the budget ended (Lightning validates when training is stopped): its last model
+    # is among those the checkpoints compare.
+    rows = [row for row in metrics_rows("runs") if row.get("val_acc")]
+    assert rows[-1]["step"] == "11"
 
 
 def test_last_checkpoint_every_n_steps(fake_cifar10: Path, monkeypatch: pytest.MonkeyPatch) -> None:
