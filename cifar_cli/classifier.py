@@ -87,7 +87,8 @@ class ImageClassifier(LightningModule):
         # no host-device synchronisation); the metric objects take them whenever their values are read: at the
         # logged steps, the epoch's last step and a checkpoint. Two torchmetrics updates a step cost 140 us, and
         # on a GPU each waited for the device.
-        self.register_buffer("_window", torch.zeros(2), persistent=False)
+        # Not a buffer: DDP would overwrite every rank's sums with rank 0's before each step.
+        self._window: Tensor | None = None
         self._window_images = 0
         self._logged_stages: set[str] = set()  # stages that called self.log since their epoch began
         self._steps_total: float | None = None  # training steps and, with a time budget, the steps it holds
@@ -149,7 +150,8 @@ class ImageClassifier(LightningModule):
         costs about 1 ms a call on a CPU: logging twice a step made the tutorial recipe 10% slower.
         """
         correct = (logits.detach().argmax(dim=1) == labels).sum()
-        self._window += torch.stack((loss.detach().float() * len(labels), correct.float()))
+        step = torch.stack((loss.detach().float() * len(labels), correct.float()))
+        self._window = step if self._window is None or self._window_images == 0 else self._window + step
         self._window_images += len(labels)
         last = self._trainer is not None and batch_idx + 1 >= self.trainer.num_training_batches
         if not self._logs("train", batch_idx):
@@ -171,7 +173,6 @@ class ImageClassifier(LightningModule):
             lambda m, v: m.update(v, weight=self._window_images))  # fmt: skip
         update(self.train_loss, mean_loss)
         update(self.train_acc, accuracy)
-        self._window.zero_()
         self._window_images = 0
 
     def _logs(self, stage: str, batch_idx: int) -> bool:
