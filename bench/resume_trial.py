@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from jsonargparse import auto_cli
 
-from bench.run import CONFIGS, bench_env
+from bench.common import CONFIGS, bench_env
 
 RECIPE = ["--config", str(CONFIGS / "cifar10-jpg.yaml"), "--config", str(CONFIGS / "fast-cpu.yaml"),
           "--model.net.init_args.widths", "[16, 32, 32]", "--data.batch_size", "256",

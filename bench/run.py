@@ -13,21 +13,19 @@ and the tutorial's code in this process, for the test suite.
 
 from __future__ import annotations
 
-import importlib
 import json
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
 from jsonargparse import auto_cli
-from lightning.pytorch import Callback, LightningModule, Trainer
 from rich.table import Table
-from torch import nn
 
 from bench.common import (
     CONFIGS,
+    bench_env,
     best_checkpoint,
     cifar_cli,
     data_args,
@@ -37,40 +35,11 @@ from bench.common import (
     tutorial,
     tutorial_arrays,
 )
+from bench.steps import endless
+from bench.steps import main as steps_main
 from cifar_cli.data import DeviceBatches, ImageFolderDataModule
 
 THRESHOLDS = (0.85, 0.90, 0.93)
-
-
-class StepClock(Callback):
-    """Times training steps `warmup` to the last, and writes JSON to `path` at the end: `steps`, `seconds` (wall
-    clock) and `cpu_seconds` (this thread's CPU time: the host's own work, which other processes on a shared
-    machine do not inflate).
-
-    Args:
-        path: JSON file to write.
-        warmup: Steps left out of the timing (first-call costs: allocation, oneDNN kernel selection).
-    """
-
-    def __init__(self, path: str, warmup: int = 50) -> None:
-        self.path = path
-        self.warmup = warmup
-        self._start: tuple[float, float] | None = None
-        self._steps = 0
-
-    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch, batch_idx: int) -> None:
-        if trainer.global_step == self.warmup:
-            self._start = (time.perf_counter(), time.thread_time())
-
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
-        if self._start is not None:
-            self._steps += 1
-            self._seconds = time.perf_counter() - self._start[0]
-            self._cpu_seconds = time.thread_time() - self._start[1]
-
-    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        result = {"seconds": self._seconds, "cpu_seconds": self._cpu_seconds, "steps": self._steps}
-        Path(self.path).write_text(json.dumps(result))
 
 
 def images_per_second(batches, preprocess, limit: int) -> float:
@@ -105,117 +74,52 @@ def bench_pipeline(data: ImageFolderDataModule, smoke: bool) -> dict[str, float]
     }
 
 
-def endless(loader: DeviceBatches):
-    """The loader's batches, epoch after epoch, reshuffled as Lightning does."""
-    epoch = 0
-    while True:
-        loader.sampler.set_epoch(epoch)
-        yield from loader
-        epoch += 1
-
-
-class OneConv(nn.Module):
-    """A network with almost no compute, one 1x1 convolution and the mean over the image: its training steps time
-    the host's own work per step (the loop, hooks, logging, metrics), what every GPU step pays on top of its
-    kernels."""
-
-    def __init__(self, num_classes: int = 10, image_shape: tuple[int, int, int] = (3, 32, 32)) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(image_shape[0], num_classes, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x).mean((2, 3))
-
-
 def plain_against_cli(data: ImageFolderDataModule, root: Path, out: Path, net: str, batch_size: int,
-                      counts: tuple[int, int, int], smoke: bool) -> dict[str, float]:  # fmt: skip
+                      counts: tuple[int, int, int], smoke: bool, lightning: bool = False) -> dict:  # fmt: skip
     """The same training steps (the net named by class path, Adam, fp32, the same batches) as a plain PyTorch loop
-    and as `cifar-cli fit --config configs/cpu.yaml`: seconds for `steps` steps after `warmup`, each side run
-    `repeats` times, alternating.
+    and as `cifar-cli fit --config configs/cpu.yaml` (and, with `lightning`, as Lightning's bare loop), each in a
+    process of its own: seconds for `steps` steps after `warmup`, each side run `repeats` times, alternating.
 
     Identical runs differ by up to 10% on a shared 2-core machine, so the medians are compared.
     """
     warmup, steps, repeats = (1, 1, 1) if smoke else counts
-    module, name = net.rsplit(".", 1)
-    net_class = getattr(importlib.import_module(module), name)
-    plain, ours = [], []
+    loops = ["plain", "lightning"] if lightning else ["plain"]
+    runs: dict[str, list[float]] = {name: [] for name in [*loops, "cifar_cli"]}
     for repeat in range(repeats):
-        torch.manual_seed(42)
-        model = net_class(len(data.class_names), data.image_shape).to(memory_format=torch.channels_last)
-        optimizer = torch.optim.Adam(model.parameters(), lr=2e-4)
-        batches = endless(DeviceBatches(data.splits["train"], batch_size, shuffle=True, drop_last=True))
-        for step in range(warmup + steps):
-            if step == warmup:
-                start = time.perf_counter()
-            images, labels = next(batches)
-            x = data.preprocess(images).contiguous(memory_format=torch.channels_last)
-            loss = F.cross_entropy(model(x), labels)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-        plain.append(time.perf_counter() - start)
-        clock = out / "overhead" / f"{name}-{repeat}.json"
+        for loop in loops:
+            args = [loop, str(root), data.val_size, data.test_size, net, batch_size, warmup, steps]
+            runs[loop].append(timed_steps(args, smoke)["seconds"])
+        clock = out / "overhead" / f"{net.rsplit('.', 1)[1]}-{repeat}.json"
         cifar_cli(["fit", "--config", str(CONFIGS / "cpu.yaml"), *data_args(root, data.val_size, data.test_size),
                    "--model.net", net, "--data.batch_size", str(batch_size), "--trainer.precision", "32-true",
                    "--trainer.max_epochs", "1", "--trainer.limit_train_batches", str(warmup + steps),
                    "--trainer.limit_val_batches", "2",
-                   "--trainer.callbacks+=bench.run.StepClock", "--trainer.callbacks.path", str(clock),
+                   "--trainer.callbacks+=bench.steps.StepClock", "--trainer.callbacks.path", str(clock),
                    "--trainer.callbacks.warmup", str(warmup)], out / "overhead", in_process=smoke)  # fmt: skip
         timed = json.loads(clock.read_text())
         assert timed["steps"] == steps, timed
-        ours.append(timed["seconds"])
-    return {"steps": steps, "plain": statistics.median(plain), "cifar_cli": statistics.median(ours),
-            "plain_runs": plain, "cifar_cli_runs": ours}  # fmt: skip
+        runs["cifar_cli"].append(timed["seconds"])
+    result: dict = {"steps": steps, **{name: statistics.median(values) for name, values in runs.items()}}
+    result.update({f"{name}_runs": values for name, values in runs.items()})
+    return result
 
 
-class BareModule(LightningModule):
-    """The plain loop's step as a LightningModule with nothing else: Lightning's own loop, for the host row."""
-
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net = net
-
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        images, labels = batch
-        return F.cross_entropy(self.net(images), labels)
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.parameters(), lr=2e-4)
-
-
-def bare_lightning(data: ImageFolderDataModule, out: Path, warmup: int, steps: int) -> float:
-    """Seconds of `steps` steps of BareModule (OneConv, batch 8) under a Trainer with no logger, no callbacks,
-    no progress bar: what Lightning's loop alone adds to the plain loop."""
-    torch.manual_seed(42)
-    preprocess = data.preprocess
-
-    class Batches(DeviceBatches):  # the plain loop's batches, normalised and channels-last as it feeds them
-        def __iter__(self):
-            for images, labels in super().__iter__():
-                yield preprocess(images).contiguous(memory_format=torch.channels_last), labels
-
-    net = OneConv(len(data.class_names), data.image_shape).to(memory_format=torch.channels_last)
-    clock = out / "overhead" / "bare-lightning.json"
-    quiet = {
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-    }
-    clock_callback = StepClock(str(clock), warmup)
-    trainer = Trainer(max_steps=warmup + steps, accelerator="cpu", devices=1, callbacks=[clock_callback], **quiet)
-    trainer.fit(BareModule(net), train_dataloaders=Batches(data.splits["train"], 8, shuffle=True, drop_last=True))
-    return json.loads(clock.read_text())["seconds"]
+def timed_steps(args: list, smoke: bool) -> dict:
+    """bench/steps.py's loop with `args`: in its own process, or in this one for a smoke run."""
+    if smoke:
+        loop, root, val_size, test_size, net, batch_size, warmup, steps = args
+        return steps_main(loop, root, val_size, test_size, net, batch_size, warmup, steps)
+    done = subprocess.run([sys.executable, "-m", "bench.steps", *map(str, args)], capture_output=True, text=True,
+                          env=bench_env(), check=False)  # fmt: skip
+    if done.returncode:
+        raise SystemExit(f"bench.steps {' '.join(map(str, args))} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def bench_host(data: ImageFolderDataModule, root: Path, out: Path, smoke: bool) -> dict[str, float]:
     """b. Host overhead per step: OneConv at batch 8, 2,000 steps; cifar-cli's time per step minus the loop's, and
     Lightning's own loop (BareModule) between the two."""
-    counts = (1, 1, 1) if smoke else (200, 2000, 5)
-    result = plain_against_cli(data, root, out, "bench.run.OneConv", 8, counts, smoke)
-    bare = [bare_lightning(data, out, counts[0], counts[1]) for _ in range(counts[2])]
-    result["lightning"] = statistics.median(bare)
-    result["lightning_runs"] = bare
+    result = plain_against_cli(data, root, out, "bench.steps.OneConv", 8, (200, 2000, 5), smoke, lightning=True)
     result["overhead_ms"] = 1000 * (result["cifar_cli"] - result["plain"]) / result["steps"]
     result["lightning_ms"] = 1000 * (result["lightning"] - result["plain"]) / result["steps"]
     return result
