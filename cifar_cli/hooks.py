@@ -2,8 +2,8 @@
 
 Lightning calls each of its six per-step callback hooks on every callback, whether or not the callback overrides
 it, and wraps each call in a profiler context named with the callback's `state_key` (for ModelCheckpoint and
-EarlyStopping, a repr of their arguments, built anew on every call). With the eleven callbacks of a default run
-that is 66 calls a step, most of them to `Callback`'s empty methods; on a GPU, where a fast recipe's step takes a
+EarlyStopping, a repr of their arguments, built anew on every call). With the ten callbacks of a default run
+that is 60 calls a step, most of them to `Callback`'s empty methods; on a GPU, where a fast recipe's step takes a
 few milliseconds, the host time of those calls is time the GPU waits.
 
 `install()` replaces `lightning.pytorch.trainer.call._call_callback_hooks`, which every loop calls through its
