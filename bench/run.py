@@ -28,6 +28,7 @@ from bench.common import (
     bench_env,
     best_checkpoint,
     cifar_cli,
+    csv_logger,
     data_args,
     machine,
     metrics,
@@ -163,8 +164,7 @@ def bench_fast_cpu(root: Path, out: Path, smoke: bool, val_size: int) -> dict[st
     limits = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2"] if smoke else []
     folder = out / "fast-cpu"
     cifar_cli(["fit", *data_args(root, val_size, 0), "--config", str(CONFIGS / "fast-cpu.yaml"), *limits,
-               "--trainer.logger", "CSVLogger", "--trainer.logger.save_dir", "logs",
-               "--trainer.enable_progress_bar", "false"], folder, in_process=smoke)  # fmt: skip
+               *csv_logger("logs")], folder, in_process=smoke)  # fmt: skip
     validations = [row for row in metrics(folder / "logs") if "val_acc" in row and "fit_time" in row]
     result: dict[str, float | None] = {
         f"{t:.2f}": next((r["fit_time"] for r in validations if r["val_acc"] >= t), None) for t in THRESHOLDS

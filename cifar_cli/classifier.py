@@ -93,6 +93,7 @@ class ImageClassifier(LightningModule):
         self._logged_stages: set[str] = set()  # stages that called self.log since their epoch began
         self._steps_total: float | None = None  # training steps and, with a time budget, the steps it holds
         self._budget_steps: float | None = None
+        self._budget_timer_found: Timer | None = None  # the Timer holding the time budget, found at train start
 
     def __setattr__(self, name: str, value: Any) -> None:
         # Lightning sets `_current_fx_name` twice around every hook it calls, about 40 times a training step;
@@ -151,7 +152,7 @@ class ImageClassifier(LightningModule):
         """
         correct = (logits.detach().argmax(dim=1) == labels).sum()
         step = torch.stack((loss.detach().float() * len(labels), correct.float()))
-        self._window = step if self._window is None or self._window_images == 0 else self._window + step
+        self._window = step if self._window_images == 0 else self._window + step
         self._window_images += len(labels)
         last = self._trainer is not None and batch_idx + 1 >= self.trainer.num_training_batches
         if not self._logs("train", batch_idx):
@@ -169,10 +170,8 @@ class ImageClassifier(LightningModule):
         if self._window_images == 0:
             return
         mean_loss, accuracy = self._window / self._window_images
-        update = (lambda m, v: m(v, weight=self._window_images)) if log else (
-            lambda m, v: m.update(v, weight=self._window_images))  # fmt: skip
-        update(self.train_loss, mean_loss)
-        update(self.train_acc, accuracy)
+        for metric, value in ((self.train_loss, mean_loss), (self.train_acc, accuracy)):
+            (metric if log else metric.update)(value, weight=self._window_images)
         self._window_images = 0
 
     def _logs(self, stage: str, batch_idx: int) -> bool:
@@ -191,6 +190,7 @@ class ImageClassifier(LightningModule):
         # setup_data before the checkpoint is restored, so the state would be dropped and the epoch would start
         # over at batch 0. Handing it over here, before the first batch is drawn, resumes at the next batch.
         self.trainer.fit_loop._load_combined_loader_states()
+        self._budget_timer_found = self._budget_timer() if self.lr_schedule is not None else None
 
     def on_train_epoch_start(self) -> None:
         self._logged_stages.discard("train")
@@ -305,9 +305,7 @@ class ImageClassifier(LightningModule):
         # every 20th, from rank 0's clock, broadcast), and stop when the schedule has run its course. A run cut
         # off by the budget instead validates at once (Lightning validates when a Timer stops it), so its last
         # model can still be the best.
-        if self.lr_schedule is None or self._trainer is None or self._steps_total is None:
-            return
-        timer = self._budget_timer()
+        timer = self._budget_timer_found
         step = self.global_step
         if timer is None or step < BUDGET_MIN_STEPS or (self.trainer.world_size > 1 and step % 20):
             return
