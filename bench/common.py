@@ -10,6 +10,7 @@ import json
 import os
 import platform
 import re
+import resource
 import subprocess
 import sys
 import time
@@ -46,6 +47,26 @@ def cifar_cli(args: list[str], cwd: Path, in_process: bool = False) -> tuple[flo
     if code:
         raise SystemExit(f"cifar-cli {' '.join(args)} failed in {cwd}:\n{output[-3000:]}")
     return seconds, output
+
+
+def cifar_cli_peak_rss(args: list[str], cwd: Path, in_process: bool = False) -> tuple[float, str, int]:
+    """`cifar_cli`, returning also the peak resident memory of its process, in bytes: its own `ru_maxrss`, from
+    `wait4` (RUSAGE_CHILDREN would give the largest of all children so far). `in_process` (smoke runs) gives this
+    process's peak instead."""
+    if in_process:
+        seconds, output = cifar_cli(args, cwd, in_process=True)
+        return seconds, output, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    cwd.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    process = subprocess.Popen([sys.executable, "-m", "cifar_cli", *args], cwd=cwd, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, env=bench_env())  # fmt: skip
+    output = process.stdout.read()
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    seconds = time.perf_counter() - start
+    if process.returncode:
+        raise SystemExit(f"cifar-cli {' '.join(args)} failed in {cwd}:\n{output[-3000:]}")
+    return seconds, output, usage.ru_maxrss * 1024  # kilobytes on Linux
 
 
 def tutorial(

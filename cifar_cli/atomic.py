@@ -14,7 +14,7 @@ import io
 import os
 import socket
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -41,21 +41,39 @@ def _mode() -> int:
 
 def atomic_write(path: _PATH, write: Callable[[IO[bytes]], Any]) -> None:
     """Call `write(file)` on a new file beside `path`, fsync it, rename it to `path`, and fsync the folder."""
+    with atomic_file(path) as partial, open(partial, "wb") as file:
+        write(file)
+
+
+@contextlib.contextmanager
+def atomic_file(path: _PATH) -> Iterator[Path]:
+    """A new empty file beside `path`, to fill by its name (other processes too: the decoding workers); when the
+    block ends, it is fsynced and renamed to `path`, and the folder fsynced. When the block raises, the file is
+    removed, and so are the folders made for it that are still empty: a failed write leaves nothing behind."""
     path = Path(path)
+    missing = [folder for folder in [path.parent, *path.parent.parents] if not folder.exists()]
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_partials(path)
     prefix = f".{path.name}.{socket.gethostname()}.{os.getpid()}."
     fd, partial = tempfile.mkstemp(prefix=prefix, suffix=PARTIAL, dir=path.parent)
     try:
         os.fchmod(fd, _mode())
-        with os.fdopen(fd, "wb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
+        os.close(fd)
+        yield Path(partial)
+        fd = os.open(partial, os.O_RDONLY)  # fsync flushes the file's data whichever way it is opened
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(partial, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(partial)
+        for folder in missing:  # deepest first; one another writer has filled stays
+            try:
+                folder.rmdir()
+            except OSError:
+                break
         raise
     # The rename itself is durable only once the folder's entry is on disk.
     folder = os.open(path.parent, os.O_RDONLY)

@@ -10,6 +10,7 @@ from conftest import write_image_folder
 
 from bench.gpu import run as gpu_check
 from bench.run import run
+from bench.scale import PLACEMENTS
 
 
 @pytest.mark.slow
@@ -27,6 +28,9 @@ def test_bench_smoke_run_fills_every_row(tmp_path: Path, capsys) -> None:
     assert all(abs(acc * 20 - round(acc * 20)) < 1e-4 for acc in (c["tutorial_acc"], c["ours_acc"]))
     assert c["tutorial_fit"] > 0 and c["ours_fit"] > 0
     assert d["epochs"] == 1 and 0 <= d["final_acc"] <= 1 and d["fit_time"] > 0
+    f, g = results["decode"], results["placement"]
+    assert f["images"] == 24 and f["one_process"] > 0 and f["all_cores"] > 0 and f["npy_bytes"] > 24 * 3 * 48 * 48
+    assert g["cache_bytes"] > 0 and all(g[p]["images_per_s"] > 0 and g[p]["peak_rss"] > 0 for p in PLACEMENTS)
     saved = json.loads((tmp_path / "bench" / "results.json").read_text())
     assert saved["recipe"] == c and saved["machine"].startswith("cifar-cli benchmarks:")
     table = (tmp_path / "bench" / "results.txt").read_text()
@@ -36,6 +40,9 @@ def test_bench_smoke_run_fills_every_row(tmp_path: Path, capsys) -> None:
         "b. Lightning overhead",
         "c. tutorial recipe",
         "fast-cpu.yaml",
+        "f. decode",
+        "g. placement device",
+        "placement disk, page cache dropped",
     ):
         assert row in table and row in printed
 

@@ -374,6 +374,7 @@ def test_error_ckpt_path_missing_or_not_a_checkpoint(capsys, tmp_path: Path) -> 
 def test_error_ckpt_from_another_model(capsys, fake_cifar10: Path, fake_cifar100: Path) -> None:
     main(["fit", *cifar_args(fake_cifar10), "--trainer.max_epochs", "1", "--trainer.logger", "false"])
     (ckpt,) = checkpoints()
+    capsys.readouterr()  # the fit's own lines (its data placement)
     message = fails(capsys, "test", "--ckpt_path", str(ckpt), "--data", "CIFAR100DataModule",
                     "--data.data_dir", str(fake_cifar100))  # fmt: skip
     assert "does not fit the model" in message and "net.fc3.weight" in message

@@ -123,9 +123,10 @@ def test_device_batches_resume_at_the_next_batch_with_the_same_augmentation() ->
     data = TensorImageDataset(images, torch.arange(40))
 
     def loader() -> DeviceBatches:
-        batches = DeviceBatches(
-            data, 4, shuffle=True, drop_last=True, seed=5, augment=lambda x, g: random_crop_flip(x, 2, generator=g)
-        )
+        def augment(x: torch.Tensor, y: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+            return random_crop_flip(x, 2, generator=g), y
+
+        batches = DeviceBatches(data, 4, shuffle=True, drop_last=True, seed=5, augment=augment)
         batches.sampler.set_epoch(3)
         return batches
 
@@ -202,9 +203,11 @@ def test_image_folder_cache_is_reused_and_rebuilt_on_change(tmp_path: Path, monk
     decoded = []
     import cifar_cli.data.folder as data_module
 
-    real_decode = data_module.decode_images
+    real_decode = data_module.decode_images_to_npy
     monkeypatch.setattr(
-        data_module, "decode_images", lambda paths, size: decoded.append(len(paths)) or real_decode(paths, size)
+        data_module,
+        "decode_images_to_npy",
+        lambda paths, *args: decoded.append(len(paths)) or real_decode(paths, *args),
     )
 
     def load() -> torch.Tensor:
@@ -214,7 +217,7 @@ def test_image_folder_cache_is_reused_and_rebuilt_on_change(tmp_path: Path, monk
         return torch.cat([data.splits["train"].images, data.splits["val"].images])
 
     first = load()
-    assert decoded == [12] and len(list((tmp_path / "cache").glob("*.pt"))) == 1
+    assert decoded == [12] and len(list((tmp_path / "cache").glob("train-32px-*.npy"))) == 1
     assert torch.equal(load(), first) and decoded == [12]  # served from the cache
     # Replace one image with another class's image: same name, new content, new modification time.
     target = tmp_path / "data" / "train" / "a" / "0000.jpg"
@@ -224,7 +227,8 @@ def test_image_folder_cache_is_reused_and_rebuilt_on_change(tmp_path: Path, monk
     assert decoded == [12, 12] and not torch.equal(changed, first)
     (tmp_path / "data" / "train" / "b" / "0011.jpg").unlink()
     assert len(load()) == 11 and decoded == [12, 12, 11]
-    assert not list((tmp_path / "cache").glob("*.tmp"))
+    # Each rebuild replaced the cache it made stale; no partial file is left.
+    assert len(os.listdir(tmp_path / "cache")) == 1
 
 
 @pytest.mark.parametrize(

@@ -51,3 +51,25 @@ def random_crop(images: Tensor, padding: int, generator: torch.Generator | None 
 def random_flip(images: Tensor, generator: torch.Generator | None = None) -> Tensor:
     """Mirror a random half of the batch left to right."""
     return random_crop_flip(images, 0, flip=True, generator=generator)
+
+
+class BatchAugment:
+    """Base of the augmentations `--data.augment` names by class (`--data.augment PhotoAugment`); `true` is the
+    CIFAR crop and flip (`random_crop_flip`) instead.
+
+    A subclass's `__init__` is its configuration. `__call__` takes a training batch of uint8 images `(N, C, H, W)`
+    with int64 labels `(N,)` on the training device and returns the images (uint8, or float on the 0-255 scale:
+    `ImageDataModule.preprocess` normalises either) and the labels, as class indices or as probabilities
+    `(N, num_classes)` float. Every random draw comes from `generator`, which DeviceBatches seeds per
+    (seed, epoch, batch, rank): a resumed run draws what the uninterrupted one did, and DDP ranks draw differently.
+    """
+
+    def check(self) -> None:
+        """Raise a UsageError for settings that cannot work. The data module calls it as it is built: raised in
+        `__init__` instead, jsonargparse would report it inside its error for the union `bool | BatchAugment`, a
+        multi-line ValueError that no longer holds the UsageError (jsonargparse 4.53)."""
+
+    def __call__(
+        self, images: Tensor, labels: Tensor, generator: torch.Generator, num_classes: int
+    ) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError

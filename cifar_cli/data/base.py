@@ -1,7 +1,9 @@
-"""`ImageDataModule`, the base of the data modules: uint8 splits in memory, batches normalised on the device."""
+"""`ImageDataModule`, the base of the data modules: uint8 splits on the device, in host memory or on disk; batches
+normalised on the device."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -9,9 +11,11 @@ from jsonargparse.typing import PositiveInt
 from lightning.pytorch import LightningDataModule
 from torch import Tensor
 
-from cifar_cli.data.augment import random_crop_flip
+from cifar_cli.data.augment import BatchAugment, random_crop_flip
 from cifar_cli.data.batches import DeviceBatches, TensorImageDataset
-from cifar_cli.data.images import IMAGE_SUFFIXES, decode_images, list_images
+from cifar_cli.data.images import IMAGE_SUFFIXES, decode_images, list_images, usable_cpus
+from cifar_cli.data.placement import Placement, choose_placement
+from cifar_cli.data.storage import DiskImages, chunks
 from cifar_cli.errors import UsageError
 from cifar_cli.seeding import run_seed
 
@@ -26,9 +30,13 @@ class ImageDataModule(LightningDataModule):
         batch_size: Images per batch, per device.
         val_size: Images held out of the training split for validation, when the data set has no validation split.
         split_seed: Seed of the train/validation split; the same seed gives the same split on every run and rank.
-        augment: Randomly crop and flip training images, batched on the device.
-        crop_padding: With `augment`, the most pixels a crop shifts the image by (reflect padding), per side.
+        augment: Augment training images, batched on the device: `true` crops and flips them (CIFAR style), a
+            class such as `PhotoAugment` does what it says (`--data.augment PhotoAugment --data.augment.mixup 0.2`).
+        crop_padding: With `augment` true, the most pixels a crop shifts the image by (reflect padding), per side.
         predict_root: Folder of unlabelled images for `predict` (searched recursively); default: the test split.
+        placement: Where the uint8 splits live while training: `device` (moved to it once), `host` (host memory,
+            each batch copied to the device one batch ahead), `disk` (a file each batch reads its rows from: host
+            memory stays bounded), `auto` (the first of these the splits fit in half the free memory of).
     """
 
     def __init__(
@@ -36,17 +44,23 @@ class ImageDataModule(LightningDataModule):
         batch_size: PositiveInt = 32,
         val_size: PositiveInt = 5000,
         split_seed: int = 42,
-        augment: bool = False,
+        augment: bool | BatchAugment = False,
         crop_padding: PositiveInt = 4,
         predict_root: str | None = None,
+        placement: Placement = "auto",
     ) -> None:
         super().__init__()
         self.batch_size = batch_size
         self.val_size = val_size
         self.split_seed = split_seed
         self.augment = augment
+        if isinstance(augment, BatchAugment):
+            augment.check()
         self.crop_padding = crop_padding
         self.predict_root = None if predict_root is None else Path(predict_root).expanduser()
+        self.placement = placement
+        self.placement_used: str | None = None  # `placement` resolved by `choose_placement` (auto: from free memory)
+        self.decode_workers = usable_cpus()  # processes that decode image files (ImageFolderDataModule's flag)
         self.splits: dict[str, TensorImageDataset] = {}
         # Names of the predicted images (paths or indices) in the order of the predict split, for predictions.csv.
         self.predict_names: list[str] = []
@@ -69,19 +83,29 @@ class ImageDataModule(LightningDataModule):
         """`(channels, height, width)` of the images the model sees."""
         raise NotImplementedError
 
-    def set_statistics(self, train_images: Tensor) -> None:
+    def set_statistics(self, train_images: Tensor | DiskImages) -> None:
         """Take the per-channel mean and std for normalisation from all training images.
 
-        Exact and cheap from each channel's 256-bin histogram: no float copy of the whole data set.
+        Exact and cheap from each channel's 256-bin histogram: no float copy of the whole data set. Counted a chunk
+        of about 64 MB at a time, so that images on disk are read once and never held whole.
         """
+        histograms = torch.zeros(train_images.shape[1], 256, dtype=torch.long)
+        for chunk in chunks(train_images):
+            for channel, histogram in enumerate(histograms):
+                histogram += torch.bincount(chunk[:, channel].flatten(), minlength=256).cpu()
         levels = torch.arange(256, dtype=torch.float64)
         mean, std = [], []
-        for channel in range(train_images.shape[1]):
-            counts = torch.bincount(train_images[:, channel].flatten(), minlength=256).double()
+        for histogram in histograms:
+            counts = histogram.double()
             mu = (counts * levels).sum() / counts.sum()
             mean.append(mu)
             std.append(((counts * (levels - mu) ** 2).sum() / (counts.sum() - 1)).sqrt())
         self.mean, self.std = torch.stack(mean).float(), torch.stack(std).float()
+        self._stats_on.clear()
+
+    def set_normalization(self, mean: Tensor, std: Tensor) -> None:
+        """Normalise with the given per-channel mean and std (0-255 scale) from now on: a pretrained network's."""
+        self.mean, self.std = mean.float(), std.float()
         self._stats_on.clear()
 
     def prepare_data(self) -> None:
@@ -108,7 +132,7 @@ class ImageDataModule(LightningDataModule):
 
     def setup(self, stage: str) -> None:
         side = min(self.image_shape[1:])
-        if self.augment and self.crop_padding >= side:
+        if self.augment is True and self.crop_padding >= side:
             raise UsageError(f"--data.crop_padding {self.crop_padding} must be below the image side, {side} pixels")
         if not self.splits:
             self.load_splits()
@@ -116,8 +140,28 @@ class ImageDataModule(LightningDataModule):
             self.setup_predict_folder()
 
     def load_splits(self) -> None:
-        """Fill `self.splits` with the labelled splits and set the normalisation statistics."""
+        """Fill `self.splits` with the labelled splits and set the normalisation statistics.
+
+        Subclasses call `choose_placement` first, and `place` each split's images.
+        """
         raise NotImplementedError
+
+    def choose_placement(self, nbytes: int) -> str:
+        """Resolve `placement` for `nbytes` of splits on the trainer's device (`auto`: from the free memory, in a
+        line on stderr) and keep it in `placement_used`."""
+        trainer = self.trainer
+        device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+        processes = trainer.num_devices if trainer is not None else 1  # DDP ranks on this machine, a copy each
+        self.placement_used, line = choose_placement(self.placement, nbytes, device, processes)
+        if line is not None and (trainer is None or trainer.is_global_zero):
+            print(f"cifar-cli: {line}", file=sys.stderr)
+        return self.placement_used
+
+    def place(self, images: Tensor | DiskImages) -> Tensor | DiskImages:
+        """A split's images as `placement_used` keeps them: read into memory, unless they stay on disk."""
+        if isinstance(images, DiskImages) and self.placement_used != "disk":
+            return images.load()
+        return images
 
     def setup_predict_folder(self) -> None:
         """Make `predict_root`'s images the predict split, named by their paths relative to it."""
@@ -139,7 +183,7 @@ class ImageDataModule(LightningDataModule):
         if not paths:
             raise UsageError(f"--data.predict_root {root} has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
         _, size, _ = self.image_shape  # square, as every data module here
-        return decode_images(paths, size), paths
+        return decode_images(paths, size, self.decode_workers, label=f"decoding {root}"), paths
 
     def check_split_sizes(self, n_train: int, held_out: int) -> None:
         if held_out >= n_train:
@@ -162,10 +206,15 @@ class ImageDataModule(LightningDataModule):
         # Two kernels: uint8 - float32 promotes to float32 without a separate conversion.
         return (images - mean) * inverse_std
 
-    def augment_batch(self, images: Tensor, generator: torch.Generator) -> Tensor:
-        """Random crops and flips of a uint8 training batch: on uint8, a quarter of the bytes to move that floats
-        would take, and the same pixels, since cropping and mirroring commute with the per-channel normalisation."""
-        return random_crop_flip(images, self.crop_padding, generator=generator)
+    def augment_batch(self, images: Tensor, labels: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """The augmented training batch: `(images, labels)` in, `(images, labels)` out (probabilities with MixUp).
+
+        `augment` true: random crops and flips of the uint8 batch: on uint8, a quarter of the bytes to move that
+        floats would take, and the same pixels, since cropping and mirroring commute with the per-channel
+        normalisation."""
+        if isinstance(self.augment, BatchAugment):
+            return self.augment(images, labels, generator, self.num_classes)
+        return random_crop_flip(images, self.crop_padding, generator=generator), labels
 
     def on_after_batch_transfer(self, batch: tuple[Tensor, ...], dataloader_idx: int) -> tuple[Tensor, ...]:
         images, *rest = batch
@@ -176,7 +225,8 @@ class ImageDataModule(LightningDataModule):
             raise UsageError(f"{type(self).__name__} has no {split} split: {self._missing_split_hint(split)}")
         trainer = self.trainer
         device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
-        if self.splits[split].device != device:
+        on_device = self.placement_used in (None, "device")
+        if on_device and self.splits[split].device != device:
             self.splits[split] = self.splits[split].to(device)  # once per split: later batches never leave it
         return DeviceBatches(
             self.splits[split],
@@ -189,6 +239,7 @@ class ImageDataModule(LightningDataModule):
             seed=run_seed(),
             with_index=split == "predict",
             augment=self.augment_batch if train and self.augment else None,
+            device=None if on_device else device,  # host or disk: each batch is sent to the device ahead
         )
 
     def _missing_split_hint(self, split: str) -> str:

@@ -2,15 +2,32 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import urllib.error
+from pathlib import Path
 
+import numpy as np
 import torch
 from jsonargparse.typing import PositiveInt
+from torch import Tensor
 from torchvision.datasets import CIFAR10, CIFAR100
 
+from cifar_cli.atomic import atomic_file
+from cifar_cli.data.augment import BatchAugment
 from cifar_cli.data.base import ImageDataModule
 from cifar_cli.data.batches import TensorImageDataset, split_indices
+from cifar_cli.data.placement import Placement
+from cifar_cli.data.storage import (
+    DiskImages,
+    cache_path,
+    chunk_bounds,
+    create_npy,
+    default_cache_dir,
+    remove_other_versions,
+    rows_of,
+    write_at,
+)
 from cifar_cli.errors import UsageError
 
 
@@ -23,9 +40,15 @@ class CIFAR10DataModule(ImageDataModule):
         batch_size: Images per batch, per device.
         val_size: Training images held out for validation.
         split_seed: Seed of the train/validation split; the same seed gives the same split on every run and rank.
-        augment: Randomly crop and flip training images, batched on the device.
-        crop_padding: With `augment`, the most pixels a crop shifts the image by (reflect padding), per side.
+        augment: Augment training images, batched on the device: `true` crops and flips them (CIFAR style), a
+            class such as `PhotoAugment` does what it says (`--data.augment PhotoAugment --data.augment.mixup 0.2`).
+        crop_padding: With `augment` true, the most pixels a crop shifts the image by (reflect padding), per side.
         predict_root: Folder of unlabelled images for `predict` (searched recursively); default: the test split.
+        cache_dir: Where `placement` disk keeps its copy of the data set, as `.npy` files; default
+            `$XDG_CACHE_HOME/cifar-cli` or `~/.cache/cifar-cli`.
+        placement: Where the uint8 splits live while training: `device` (moved to it once), `host` (host memory,
+            each batch copied to the device one batch ahead), `disk` (a copy in `cache_dir`, each batch reading its
+            rows: host memory stays bounded), `auto` (the first of these the splits fit in half the free memory of).
     """
 
     dataset_class: type[CIFAR10] = CIFAR10
@@ -40,13 +63,16 @@ class CIFAR10DataModule(ImageDataModule):
         batch_size: PositiveInt = 32,
         val_size: PositiveInt = 5000,
         split_seed: int = 42,
-        augment: bool = False,
+        augment: bool | BatchAugment = False,
         crop_padding: PositiveInt = 4,
         predict_root: str | None = None,
+        cache_dir: str | None = None,
+        placement: Placement = "auto",
     ) -> None:
-        super().__init__(batch_size, val_size, split_seed, augment, crop_padding, predict_root)
+        super().__init__(batch_size, val_size, split_seed, augment, crop_padding, predict_root, placement)
         self.data_dir = data_dir
         self.download = download
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
         self.save_hyperparameters()
 
     @property
@@ -75,24 +101,81 @@ class CIFAR10DataModule(ImageDataModule):
             ) from err
 
     def prepare_files(self, stage: str) -> None:
+        if self.placement == "disk" and all(self._disk_copy(train) is not None for train in (True, False)):
+            # Checked when the copy was made (a changed file changes its name): reading the data set again would
+            # load it whole into memory, which disk placement keeps bounded.
+            return
         # Download once per node; torchvision verifies the MD5 sums.
         train = self._load(train=True, download=self.download)
         self._load(train=False, download=self.download)
         self.check_split_sizes(len(train.data), self.val_size)
 
+    def _files(self, train: bool) -> list[Path]:
+        listed = self.dataset_class.train_list if train else self.dataset_class.test_list
+        return [Path(self.data_dir) / self.dataset_class.base_folder / name for name, _ in listed]
+
+    def _disk_copy_path(self, train: bool) -> Path:
+        # Named by the archive files' sizes and modification times, as ImageFolderDataModule's caches are.
+        digest = hashlib.sha1()
+        for path in self._files(train):
+            stat = path.stat()
+            digest.update(f"{path.name}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+        name = f"{self.dataset_class.__name__.lower()}-{'train' if train else 'test'}"
+        return cache_path(
+            self.cache_dir, name, Path(self.data_dir) / self.dataset_class.base_folder, digest.hexdigest()
+        )
+
+    def _disk_copy(self, train: bool) -> tuple[DiskImages, Path] | None:
+        """The split's images and the path of its labels in the disk copy, or None when there is none yet."""
+        try:
+            images = self._disk_copy_path(train)
+            labels = images.with_suffix(".labels.npy")
+            return (DiskImages(images), labels) if labels.is_file() else None
+        except (OSError, ValueError):
+            return None
+
+    def _disk_split(self, train: bool) -> tuple[DiskImages, Tensor]:
+        """The training or test images as a `.npy` file in `cache_dir` (made on first use), and their labels."""
+        copy = self._disk_copy(train)
+        if copy is None:
+            data = self._load(train)  # 150 MB of CIFAR-10 in memory, once
+            path = self._disk_copy_path(train)
+            with atomic_file(path) as partial, atomic_file(path.with_suffix(".labels.npy")) as labels_partial:
+                offset = create_npy(partial, (len(data.data), 3, 32, 32))
+                fd = os.open(partial, os.O_WRONLY)
+                try:
+                    for start, stop in chunk_bounds(len(data.data), 3 * 32 * 32):
+                        rows = np.ascontiguousarray(data.data[start:stop].transpose(0, 3, 1, 2))  # NHWC -> NCHW
+                        write_at(fd, rows, offset + start * rows[0].nbytes)
+                finally:
+                    os.close(fd)
+                with open(labels_partial, "wb") as file:
+                    np.save(file, np.asarray(data.targets, dtype=np.int64))
+            remove_other_versions(path)
+            copy = self._disk_copy(train)
+            assert copy is not None
+        images, labels = copy
+        return images, torch.from_numpy(np.load(labels))
+
     def load_splits(self) -> None:
-        train = self._load(train=True)
-        images = torch.from_numpy(train.data).permute(0, 3, 1, 2).contiguous()  # NHWC -> NCHW, still uint8
-        labels = torch.tensor(train.targets, dtype=torch.long)
+        # About the bytes of the images: the pickled batches hold them with a few bytes of labels and names.
+        nbytes = sum(path.stat().st_size for path in [*self._files(True), *self._files(False)])
+        if self.choose_placement(nbytes) == "disk":
+            images, labels = self._disk_split(train=True)
+            test_images, test_labels = self._disk_split(train=False)
+        else:
+            train, test = self._load(train=True), self._load(train=False)
+            images = torch.from_numpy(train.data).permute(0, 3, 1, 2).contiguous()  # NHWC -> NCHW, still uint8
+            labels = torch.tensor(train.targets, dtype=torch.long)
+            test_images = torch.from_numpy(test.data).permute(0, 3, 1, 2).contiguous()
+            test_labels = torch.tensor(test.targets, dtype=torch.long)
         self.check_split_sizes(len(images), self.val_size)
         self.set_statistics(images)
         val_index, train_index = split_indices(len(images), [self.val_size], self.split_seed)
-        test = self._load(train=False)
-        test_images = torch.from_numpy(test.data).permute(0, 3, 1, 2).contiguous()
         self.splits = {
-            "train": TensorImageDataset(images[train_index], labels[train_index]),
-            "val": TensorImageDataset(images[val_index], labels[val_index]),
-            "test": TensorImageDataset(test_images, torch.tensor(test.targets, dtype=torch.long)),
+            "train": TensorImageDataset(rows_of(images, train_index), labels[train_index]),
+            "val": TensorImageDataset(rows_of(images, val_index), labels[val_index]),
+            "test": TensorImageDataset(test_images, test_labels),
         }
         self.splits["predict"] = self.splits["test"]
         self.predict_names = [str(i) for i in range(len(test_images))]
@@ -107,9 +190,15 @@ class CIFAR100DataModule(CIFAR10DataModule):
         batch_size: Images per batch, per device.
         val_size: Training images held out for validation.
         split_seed: Seed of the train/validation split; the same seed gives the same split on every run and rank.
-        augment: Randomly crop and flip training images, batched on the device.
-        crop_padding: With `augment`, the most pixels a crop shifts the image by (reflect padding), per side.
+        augment: Augment training images, batched on the device: `true` crops and flips them (CIFAR style), a
+            class such as `PhotoAugment` does what it says (`--data.augment PhotoAugment --data.augment.mixup 0.2`).
+        crop_padding: With `augment` true, the most pixels a crop shifts the image by (reflect padding), per side.
         predict_root: Folder of unlabelled images for `predict` (searched recursively); default: the test split.
+        cache_dir: Where `placement` disk keeps its copy of the data set, as `.npy` files; default
+            `$XDG_CACHE_HOME/cifar-cli` or `~/.cache/cifar-cli`.
+        placement: Where the uint8 splits live while training: `device` (moved to it once), `host` (host memory,
+            each batch copied to the device one batch ahead), `disk` (a copy in `cache_dir`, each batch reading its
+            rows: host memory stays bounded), `auto` (the first of these the splits fit in half the free memory of).
     """
 
     dataset_class = CIFAR100

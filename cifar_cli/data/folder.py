@@ -1,9 +1,9 @@
-"""Image data sets in class folders, decoded once and cached as uint8 tensors."""
+"""Image data sets in class folders, decoded once on every core and cached as uint8 `.npy` files."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import os
 from pathlib import Path
 from typing import NamedTuple
 
@@ -11,10 +11,13 @@ import torch
 from jsonargparse.typing import NonNegativeInt, PositiveInt
 from torch import Tensor
 
-from cifar_cli.atomic import atomic_write
+from cifar_cli.atomic import atomic_file
+from cifar_cli.data.augment import BatchAugment
 from cifar_cli.data.base import ImageDataModule
 from cifar_cli.data.batches import TensorImageDataset, split_indices
-from cifar_cli.data.images import IMAGE_SUFFIXES, decode_images, list_images
+from cifar_cli.data.images import IMAGE_SUFFIXES, decode_images_to_npy, list_images
+from cifar_cli.data.placement import Placement
+from cifar_cli.data.storage import DiskImages, cache_path, default_cache_dir, remove_other_versions, rows_of
 from cifar_cli.errors import UsageError
 
 
@@ -32,8 +35,8 @@ class ImageFolderDataModule(ImageDataModule):
     """Any image data set in class folders: `root/train/<class>/*.jpg|png`, optionally `root/val/` and `root/test/`.
 
     Without `root/val/`, `val_size` training images are held out for validation; without `root/test/`,
-    `test_size` more (0: no test split). Each folder is decoded once and cached as a uint8 tensor file, which is
-    rebuilt when any image file is added, removed or changed.
+    `test_size` more (0: no test split). Each folder is decoded once, by a process per core, into a uint8 `.npy`
+    file in `cache_dir`, which is rebuilt when any image file is added, removed or changed.
 
     Args:
         root: Folder holding `train/<class>/` (and optionally `val/<class>/`, `test/<class>/`).
@@ -42,10 +45,15 @@ class ImageFolderDataModule(ImageDataModule):
         val_size: Training images held out for validation when there is no `root/val/`.
         test_size: Training images held out for testing when there is no `root/test/`.
         split_seed: Seed of the held-out splits; the same seed gives the same split on every run and rank.
-        augment: Randomly crop and flip training images, batched on the device.
-        crop_padding: With `augment`, the most pixels a crop shifts the image by (reflect padding), per side.
+        augment: Augment training images, batched on the device: `true` crops and flips them (CIFAR style), a
+            class such as `PhotoAugment` does what it says (`--data.augment PhotoAugment --data.augment.mixup 0.2`).
+        crop_padding: With `augment` true, the most pixels a crop shifts the image by (reflect padding), per side.
         predict_root: Folder of unlabelled images for `predict` (searched recursively); default: the test split.
         cache_dir: Where decoded folders are cached; default `$XDG_CACHE_HOME/cifar-cli` or `~/.cache/cifar-cli`.
+        decode_workers: Processes that decode the images; default: one per CPU this process may use.
+        placement: Where the uint8 splits live while training: `device` (moved to it once), `host` (host memory,
+            each batch copied to the device one batch ahead), `disk` (the cache file, each batch reading its rows:
+            host memory stays bounded), `auto` (the first of these the splits fit in half the free memory of).
     """
 
     def __init__(
@@ -56,17 +64,20 @@ class ImageFolderDataModule(ImageDataModule):
         val_size: PositiveInt = 5000,
         test_size: NonNegativeInt = 0,
         split_seed: int = 42,
-        augment: bool = False,
+        augment: bool | BatchAugment = False,
         crop_padding: PositiveInt = 4,
         predict_root: str | None = None,
         cache_dir: str | None = None,
+        decode_workers: PositiveInt | None = None,
+        placement: Placement = "auto",
     ) -> None:
-        super().__init__(batch_size, val_size, split_seed, augment, crop_padding, predict_root)
+        super().__init__(batch_size, val_size, split_seed, augment, crop_padding, predict_root, placement)
         self.root = Path(root).expanduser()
         self.image_size = int(image_size)
         self.test_size = test_size
-        xdg_cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else Path(xdg_cache) / "cifar-cli"
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+        if decode_workers is not None:
+            self.decode_workers = int(decode_workers)
         self._classes = self._find_classes()
         self.save_hyperparameters()
 
@@ -94,10 +105,6 @@ class ImageFolderDataModule(ImageDataModule):
         if split == "test":
             return f"add {self.root}/test/<class>/ or hold out training images with --data.test_size N"
         return super()._missing_split_hint(split)
-
-    def _cache_path(self, folder: Path) -> Path:
-        key = hashlib.sha1(f"{folder.resolve()}|{self.image_size}".encode()).hexdigest()[:16]
-        return self.cache_dir / f"{folder.name}-{self.image_size}px-{key}.pt"
 
     def _list_folder(self, split: str) -> _Listing:
         """A labelled split folder's images, checked against the class folders of `train/`."""
@@ -133,32 +140,34 @@ class ImageFolderDataModule(ImageDataModule):
             digest.update(f"{name}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
         index = {name: i for i, name in enumerate(self._classes)}
         labels = torch.tensor([index[c] for c in classes], dtype=torch.long)
-        return _Listing(self._cache_path(folder), paths, names, labels, digest.hexdigest())
+        # The labels are not cached: they come from the class folders' names, listed on every run anyway.
+        cache = cache_path(self.cache_dir, f"{split}-{self.image_size}px", folder, digest.hexdigest())
+        return _Listing(cache, paths, names, labels, digest.hexdigest())
 
-    def _cached(self, listing: _Listing) -> Tensor | None:
-        """The listing's decoded images from the cache, or None when there is none or it is out of date."""
-        if listing.cache.is_file():
-            # Memory-mapped: prepare_data only checks the fingerprint, and setup copies out just the splits it
-            # indexes.
-            cached = torch.load(listing.cache, weights_only=True, mmap=True)
-            if cached["fingerprint"] == listing.fingerprint:
-                return cached["images"]
-        return None
+    def _cached(self, listing: _Listing) -> DiskImages | None:
+        """The listing's decoded images in their cache file, or None when there is none: the file's name holds the
+        fingerprint, so a file of that name is current."""
+        try:
+            images = DiskImages(listing.cache)
+        except (OSError, ValueError):  # absent, or not a file this code wrote
+            return None
+        return images if tuple(images.shape) == (len(listing.paths), *self.image_shape) else None
 
-    def _write_cache(self, listing: _Listing, images: Tensor) -> None:
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        # Write then rename, so an interrupted build never leaves a truncated cache behind.
-        state = {"fingerprint": listing.fingerprint, "images": images, "labels": listing.labels}
-        atomic_write(listing.cache, lambda file: torch.save(state, file))
+    def _write_caches(self, listings: list[_Listing]) -> None:
+        """Decode the listings' folders into their cache files. Each is written beside its name and renamed when
+        every folder has decoded: a bad image, or a kill, leaves no cache (and no cache folder) behind."""
+        with contextlib.ExitStack() as written:
+            for listing in listings:
+                partial = written.enter_context(atomic_file(listing.cache))
+                label = f"decoding {self.root / Path(listing.names[0]).parts[0]}" if listing.names else ""
+                decode_images_to_npy(listing.paths, self.image_size, partial, self.decode_workers, label)
+        for listing in listings:
+            remove_other_versions(listing.cache)
 
-    def _read_folder(self, split: str) -> tuple[Tensor, Tensor, list[str]]:
-        """A labelled split folder as (images, labels, paths relative to root), from the cache when it is current."""
-        listing = self._list_folder(split)
-        images = self._cached(listing)
-        if images is None:
-            images = decode_images(listing.paths, self.image_size)
-            self._write_cache(listing, images)
-        return images, listing.labels, listing.names
+    def _listings(self) -> dict[str, _Listing]:
+        """The listings of the split folders there are (train, and val and test where present)."""
+        splits = [split for split in ("train", "val", "test") if (self.root / split).is_dir()]
+        return {split: self._list_folder(split) for split in splits}
 
     def _held_out(self) -> int:
         val = 0 if (self.root / "val").is_dir() else self.val_size
@@ -168,31 +177,34 @@ class ImageFolderDataModule(ImageDataModule):
     def prepare_files(self, stage: str) -> None:
         # Every check before any decoding, and every folder decoded before any cache is written: bad data stops
         # the command with nothing written.
-        listings = [self._list_folder(split) for split in ("train", "val", "test") if (self.root / split).is_dir()]
-        self.check_split_sizes(len(listings[0].paths), self._held_out())
+        listings = self._listings()
+        self.check_split_sizes(len(listings["train"].paths), self._held_out())
         needs_test = stage == "test" or (stage == "predict" and self.predict_root is None)
-        if needs_test and not (self.root / "test").is_dir() and not self.test_size:
+        if needs_test and "test" not in listings and not self.test_size:
             raise UsageError(f"{type(self).__name__} has no test split: {self._missing_split_hint('test')}")
-        stale = [listing for listing in listings if self._cached(listing) is None]
-        decoded = [(listing, decode_images(listing.paths, self.image_size)) for listing in stale]
-        for listing, images in decoded:
-            self._write_cache(listing, images)
+        self._write_caches([listing for listing in listings.values() if self._cached(listing) is None])
 
     def load_splits(self) -> None:
-        images, labels, names = self._read_folder("train")
-        self.check_split_sizes(len(images), self._held_out())
+        listings = self._listings()
+        self.check_split_sizes(len(listings["train"].paths), self._held_out())
+        self.choose_placement(sum(len(listing.paths) for listing in listings.values()) * 3 * self.image_size**2)
+        self._write_caches([listing for listing in listings.values() if self._cached(listing) is None])
+        files = {split: self._cached(listing) for split, listing in listings.items()}
+        images, labels, names = files["train"], listings["train"].labels, listings["train"].names
         self.set_statistics(images)
-        has_val, has_test = (self.root / "val").is_dir(), (self.root / "test").is_dir()
-        sizes = [0 if has_val else self.val_size, 0 if has_test else self.test_size]
+        sizes = [0 if "val" in listings else self.val_size, 0 if "test" in listings else self.test_size]
         val_index, test_index, train_index = split_indices(len(images), sizes, self.split_seed)
 
-        def part(index: Tensor) -> tuple[Tensor, Tensor, list[str]]:
-            return images[index], labels[index], [names[i] for i in index.tolist()]
+        def split(name: str, index: Tensor) -> tuple[Tensor | DiskImages, Tensor, list[str]]:
+            """A split: its own folder, or the rows `index` of train/."""
+            if name in listings:
+                return self.place(files[name]), listings[name].labels, listings[name].names
+            return self.place(rows_of(images, index)), labels[index], [names[i] for i in index.tolist()]
 
-        # Only the test split keeps its image names (for predictions.csv); train gets none built.
-        self.splits = {"train": TensorImageDataset(images[train_index], labels[train_index])}
-        val_images, val_labels, _ = self._read_folder("val") if has_val else part(val_index)
+        # Only the test split keeps its image names (for predictions.csv).
+        self.splits = {"train": TensorImageDataset(self.place(rows_of(images, train_index)), labels[train_index])}
+        val_images, val_labels, _ = split("val", val_index)
         self.splits["val"] = TensorImageDataset(val_images, val_labels)
-        if has_test or self.test_size:
-            test_images, test_labels, self.predict_names = self._read_folder("test") if has_test else part(test_index)
+        if "test" in listings or self.test_size:
+            test_images, test_labels, self.predict_names = split("test", test_index)
             self.splits["test"] = self.splits["predict"] = TensorImageDataset(test_images, test_labels)

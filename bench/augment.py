@@ -1,0 +1,77 @@
+"""Milliseconds per training batch of the batched augmentations, on this machine's CPU (or `--device cuda`).
+
+    python -m bench.augment [--batch 64] [--device cpu] [--repeats 20] [--threads N]
+
+Times the full PhotoAugment pipeline (random-resized crop and flip, colour jitter with hue, random erasing,
+MixUp and CutMix) at 224 and 128 px, and its parts at 224 px, against the CIFAR crop and flip
+(`--data.augment true`) at 32 px. Not part of `make bench`: a measurement for the README.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+
+import torch
+
+from cifar_cli.data import PhotoAugment, random_crop_flip
+
+FULL = PhotoAugment(hue=0.1, erasing=0.25, mixup=0.8, cutmix=1.0)
+
+
+def ms_per_batch(fn: Callable[[torch.Generator], object], device: torch.device, repeats: int) -> tuple[float, float]:
+    """Fastest wall time and median CPU time (all of this process's threads) of `fn` over `repeats` calls, after 3
+    warm-up calls, in ms. On a shared machine other processes stretch the wall time, and with more than one thread
+    also the CPU time (idle OpenMP threads spin); `--threads 1` gives the steadiest CPU time."""
+    generator = torch.Generator(device=device)
+    wall, cpu = [], []
+    for i in range(repeats + 3):
+        generator.manual_seed(i)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter(), time.process_time()
+        fn(generator)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        wall.append(time.perf_counter() - start[0])
+        cpu.append(time.process_time() - start[1])
+    return 1000 * min(wall[3:]), 1000 * sorted(cpu[3:])[repeats // 2]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    n = args.batch
+    threads = torch.get_num_threads()
+    print(f"torch {torch.__version__}, {threads} threads, {device}, batch {n}: ms per batch, fastest wall (median CPU)")
+    labels = torch.randint(0, 1000, (n,), device=device)
+
+    def images(size: int) -> torch.Tensor:
+        return torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, device=device)
+
+    cifar, x224, x128 = images(32), images(224), images(128)
+    floats = x224.float()
+    rows = {
+        "CIFAR crop+flip, 32 px": lambda g: random_crop_flip(cifar, 4, generator=g),
+        "PhotoAugment full, 224 px": lambda g: FULL(x224, labels, g, 1000),
+        "PhotoAugment full, 128 px": lambda g: FULL(x128, labels, g, 1000),
+        "224 px, crop+flip (grid_sample)": lambda g: FULL.crop_flip(x224, g),
+        "224 px, colour jitter (b, c, s, hue)": lambda g: FULL.jitter(floats, g),
+        "224 px, erasing (p=0.25)": lambda g: FULL.erase(floats, g),
+        "224 px, MixUp/CutMix": lambda g: FULL.mix(floats, labels, g, 1000),
+        "224 px, default PhotoAugment()": lambda g: PhotoAugment()(x224, labels, g, 1000),
+    }
+    for name, fn in rows.items():
+        wall, cpu = ms_per_batch(fn, device, args.repeats)
+        print(f"  {name + ':':38s}{wall:8.1f} ({cpu:.1f})")
+
+
+if __name__ == "__main__":
+    main()
