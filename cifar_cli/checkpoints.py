@@ -32,10 +32,10 @@ LIGHTNING_INSTANTIATOR = "lightning.pytorch.cli.instantiate_module"
 FROM_FIT = "pass a .ckpt file written by `cifar-cli fit`"
 
 
-def load_checkpoint(ckpt_path: str) -> dict[str, Any]:
+def load_checkpoint(ckpt_path: str, flag: str | None = None) -> dict[str, Any]:
     """Load a --ckpt_path with weights only, failing in one line when it is missing, not a checkpoint, or not
-    written by cifar-cli."""
-    flag = f"--ckpt_path {ckpt_path}"
+    written by cifar-cli; `flag` names it in the errors (default `--ckpt_path PATH`)."""
+    flag = flag or f"--ckpt_path {ckpt_path}"
     refuse_unsafe_load(flag)
     path = Path(ckpt_path)
     if path.is_dir():

@@ -3,21 +3,25 @@
 from __future__ import annotations
 
 import inspect
+import sys
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from jsonargparse.typing import PositiveFloat
 from lightning.pytorch import LightningModule
-from lightning.pytorch.callbacks import Timer
+from lightning.pytorch.callbacks import BaseFinetuning, Timer
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from cifar_cli.checkpoints import load_checkpoint
+from cifar_cli.data import ImageDataModule
 from cifar_cli.errors import UsageError
 from cifar_cli.optim import LRSchedule, param_groups
+from cifar_cli.pretrained import NamedNet, final_layer
 from cifar_cli.seeding import derived_seed, run_seed
 
 Batch = tuple[Tensor, ...]  # (images, labels) or, for predict, (images, labels, index in the split)
@@ -48,6 +52,11 @@ class ImageClassifier(LightningModule):
             mirror image (`flip`), and also of both shifted by one pixel diagonally (`flip-shift`, 6 passes).
         channels_last: Run the network on NHWC tensors, which convolutions prefer on CPUs and tensor cores.
         compile: Compile the network with `torch.compile` (a minute or two of compiling at the first steps).
+        backbone_lr_factor: Learning-rate multiplier for the backbone of a network that has one (`TorchvisionNet`,
+            `TimmNet`): below 1 fine-tunes pretrained weights more gently than the new head trains.
+        init_from: A `cifar-cli fit` checkpoint whose network weights start this fit, for transfer from another
+            data set: every tensor whose name and shape match is loaded, except the head's when the checkpoint
+            had other classes. Not used with `--ckpt_path`, whose weights come first.
     """
 
     def __init__(
@@ -63,12 +72,17 @@ class ImageClassifier(LightningModule):
         tta: TTA = "none",
         channels_last: bool = True,
         compile: bool = False,
+        backbone_lr_factor: PositiveFloat = 1.0,
+        init_from: str | None = None,
     ) -> None:
         super().__init__()
         # Under LightningCLI the saved `net` is its config (class_path, init_args), so `--ckpt_path` alone can
-        # rebuild the model.
-        self.save_hyperparameters()
+        # rebuild the model. Not `init_from`: the checkpoint's own weights replace it, and `test --ckpt_path` must
+        # not need the file it started from. (config.yaml keeps it.)
+        self.save_hyperparameters(ignore=["init_from"])
         self.net = net.to(memory_format=torch.channels_last) if channels_last else net
+        # Tensors of `net` that init_from loaded; the whitening layer keeps loaded filters (on_fit_start).
+        self.initialised: set[str] = init_weights(self.net, init_from, class_names) if init_from else set()
         self.class_names = list(class_names)
         self.optimizer = optimizer
         self.lr_schedule = lr_schedule
@@ -103,6 +117,14 @@ class ImageClassifier(LightningModule):
         else:
             super().__setattr__(name, value)
 
+    @property
+    def backbone(self) -> nn.Module:
+        """The network's backbone, where it has one: Lightning's `BackboneFinetuning` callback freezes it."""
+        backbone = getattr(self.net, "backbone", None)
+        if not isinstance(backbone, nn.Module):
+            raise AttributeError(f"{type(self.net).__name__} has no backbone: use TorchvisionNet or TimmNet")
+        return backbone
+
     def forward(self, x: Tensor) -> Tensor:
         if self.hparams.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -128,6 +150,7 @@ class ImageClassifier(LightningModule):
     def _step(self, batch: Batch, stage: str, batch_idx: int) -> Tensor:
         images, labels = batch[0], batch[1]
         logits = self(images) if stage == "train" else self.evaluate(images)
+        # Labels are class indices, or probabilities `(N, num_classes)` from MixUp/CutMix: cross_entropy takes both.
         loss = F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing)
         if stage == "train":
             return self._train_metrics(loss, logits, labels, batch_idx)
@@ -150,7 +173,9 @@ class ImageClassifier(LightningModule):
         `train_acc_step`) are the means over the steps since the previous logged step. Lightning's self.log
         costs about 1 ms a call on a CPU: logging twice a step made the tutorial recipe 10% slower.
         """
-        correct = (logits.detach().argmax(dim=1) == labels).sum()
+        # With probability labels (MixUp/CutMix) an image's class is the one with the larger share.
+        classes = labels.argmax(dim=1) if labels.ndim == 2 else labels
+        correct = (logits.detach().argmax(dim=1) == classes).sum()
         step = torch.stack((loss.detach().float() * len(labels), correct.float()))
         self._window = step if self._window_images == 0 else self._window + step
         self._window_images += len(labels)
@@ -191,6 +216,26 @@ class ImageClassifier(LightningModule):
         # over at batch 0. Handing it over here, before the first batch is drawn, resumes at the next batch.
         self.trainer.fit_loop._load_combined_loader_states()
         self._budget_timer_found = self._budget_timer() if self.lr_schedule is not None else None
+        if self.trainer.fit_loop.restarted_mid_epoch:
+            self._unfreeze_optimized()
+
+    def _unfreeze_optimized(self) -> None:
+        """Make every parameter the optimizer holds trainable again, after a resume in the middle of an epoch.
+
+        Lightning's finetuning callbacks (BackboneFinetuning) freeze the backbone at setup and unfreeze it in
+        on_train_epoch_start, which Lightning does not call for an epoch resumed midway: the restored optimizer
+        would hold a backbone without gradients until the next epoch. A parameter in the optimizer is being trained.
+        """
+        if not any(isinstance(c, BaseFinetuning) for c in self.trainer.callbacks):
+            return
+        held = {id(p) for optimizer in self.trainer.optimizers for g in optimizer.param_groups for p in g["params"]}
+        for module in self.modules():
+            own = list(module.parameters(recurse=False))
+            if own and all(id(p) in held for p in own):  # as BaseFinetuning.make_trainable, this module alone
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.track_running_stats = True
+                for param in own:
+                    param.requires_grad_(True)
 
     def on_train_epoch_start(self) -> None:
         self._logged_stages.discard("train")
@@ -250,6 +295,11 @@ class ImageClassifier(LightningModule):
         return {"index": index, "predicted": predicted, "confidence": confidence, "label": labels}
 
     def setup(self, stage: str) -> None:
+        mean, std = getattr(self.net, "input_mean", None), getattr(self.net, "input_std", None)
+        data = self.trainer.datamodule if self._trainer is not None else None
+        if mean is not None and std is not None and isinstance(data, ImageDataModule):
+            # Pretrained weights expect the images normalised as in their training, not by this data's statistics.
+            data.set_normalization(torch.tensor(mean) * 255, torch.tensor(std) * 255)
         # In place, so the state_dict keeps its keys; after the callbacks' setup, whose weight averaging copies
         # the module and would otherwise copy the compiled wrapper too.
         if self.hparams.compile:
@@ -257,7 +307,8 @@ class ImageClassifier(LightningModule):
 
     def on_fit_start(self) -> None:
         # A fresh run fits the whitening layer to the data; a resumed one has it in its checkpoint already.
-        if hasattr(self.net, "init_whitening") and self.trainer.ckpt_path is None:
+        whitening = hasattr(self.net, "init_whitening") and not any(k.startswith("whiten.") for k in self.initialised)
+        if whitening and self.trainer.ckpt_path is None:
             data = self.trainer.datamodule
             train = data.splits["train"].images
             # A seeded random sample: the split is in file order, and an image folder's first files are one class.
@@ -271,7 +322,11 @@ class ImageClassifier(LightningModule):
 
     def configure_optimizers(self) -> Any:
         hp = self.hparams
-        optimizer = self.optimizer(param_groups(self.net, hp.learning_rate, hp.weight_decay, hp.norm_lr_factor))
+        backbone = getattr(self.net, "backbone", None)
+        groups = param_groups(
+            self.net, hp.learning_rate, hp.weight_decay, hp.norm_lr_factor, backbone, hp.backbone_lr_factor
+        )
+        optimizer = self.optimizer(groups)
         if self.lr_schedule is None:
             return optimizer
         self._steps_total = self.trainer.estimated_stepping_batches
@@ -316,6 +371,37 @@ class ImageClassifier(LightningModule):
             self._budget_steps = step * (timer.time_elapsed() + timer.time_remaining()) / elapsed
         if self.progress(step) >= 1.0:
             self.trainer.should_stop = True
+
+
+def head_prefix(net: nn.Module, num_classes: int) -> str:
+    """The state_dict prefix of the layer that produces the logits."""
+    if isinstance(net, NamedNet):
+        return f"model.{net.head_path}."
+    return f"{final_layer(net, num_classes)}."
+
+
+def init_weights(net: nn.Module, path: str, class_names: list[str]) -> set[str]:
+    """Load the network weights of the cifar-cli checkpoint at `path` whose names and shapes match `net`'s; the
+    head's only when the checkpoint was trained on the same classes. Reports what was loaded in one line."""
+    flag = "--model.init_from"
+    checkpoint = load_checkpoint(path, flag=f"{flag} {path}")
+    saved = {k.removeprefix("net."): v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")}
+    own = net.state_dict()
+    head = head_prefix(net, len(class_names))
+    same_classes = list(checkpoint["hyper_parameters"].get("class_names", [])) == list(class_names)
+    loaded = {k for k, v in saved.items() if k in own and v.shape == own[k].shape}
+    if not same_classes:
+        loaded = {k for k in loaded if not k.startswith(head)}
+    if not loaded:
+        raise UsageError(
+            f"{flag} {path}: none of its network weights fits this network (its net is "
+            f"{checkpoint['hyper_parameters']['net'].get('class_path', '?')}): pass a checkpoint of the same network"
+        )
+    net.load_state_dict({k: saved[k] for k in loaded}, strict=False)
+    new = sorted(own.keys() - loaded)
+    new_part = f"; new: {', '.join(new[:4])}{', ...' if len(new) > 4 else ''}" if new else ""
+    print(f"cifar-cli: {flag} {path}: loaded {len(loaded)} of {len(own)} network tensors{new_part}", file=sys.stderr)
+    return loaded
 
 
 def check_optimizer_arguments(optimizer: OptimizerCallable) -> None:

@@ -12,11 +12,12 @@ from typing import Any
 import yaml
 from jsonargparse import ArgumentError
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.callbacks import BackboneFinetuning, ProgressBar
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
 
 from cifar_cli import hooks
 from cifar_cli.atomic import AtomicCheckpointIO, atomic_csv_logs, atomic_write_text
@@ -174,6 +175,14 @@ class CifarCLI(LightningCLI):
 
     def check_model_and_data(self) -> None:
         check_optimizer_arguments(self.model.optimizer)
+        callbacks = self._get(self.config_init, "trainer", default={}).get("callbacks") or []
+        finetuning = [c for c in callbacks if isinstance(c, BackboneFinetuning)]
+        if finetuning and not isinstance(getattr(self.model.net, "backbone", None), nn.Module):
+            # Lightning's own check comes after its setup has failed on the missing attribute, with a traceback.
+            raise UsageError(
+                f"BackboneFinetuning needs a network with a backbone, such as TorchvisionNet or TimmNet; "
+                f"{type(self.model.net).__name__} has none"
+            )
         if getattr(self, "checkpoint", None) is not None:
             check_weights_fit(self.model, self.checkpoint["state_dict"], self.config[self.subcommand]["ckpt_path"])
             self.checkpoint = None
@@ -245,6 +254,8 @@ class CifarCLI(LightningCLI):
             self._save_under_root_dir(subcommand)
         config = self.config[subcommand]
         config["ckpt_path"] = ckpt_path
+        # The checkpoint's weights replace whatever --model.init_from would load: the file is not read.
+        config["model"]["init_from"] = None
         if subcommand == "fit":
             # Training goes on in the checkpoint's own run: its folder, its config.yaml, its W&B run.
             self.resuming = continue_run(config["trainer"].get("logger"), saved.get(RUN_KEY))

@@ -52,18 +52,32 @@ class WarmupLinearDecay(LRSchedule):
         return 1 + (self.end - 1) * (x - self.peak) / max(1 - self.peak, 1e-12)
 
 
-def param_groups(module: nn.Module, lr: float, weight_decay: float, norm_lr_factor: float) -> list[dict]:
-    """Trainable parameters in two groups: normalisation layers' (with `lr * norm_lr_factor`), and the rest.
+def param_groups(
+    module: nn.Module,
+    lr: float,
+    weight_decay: float,
+    norm_lr_factor: float,
+    backbone: nn.Module | None = None,
+    backbone_lr_factor: float = 1.0,
+) -> list[dict]:
+    """Trainable parameters in groups: normalisation layers' (with `lr * norm_lr_factor`) and the rest, each split
+    again into the backbone's (times `backbone_lr_factor`) and the head's when a backbone is given.
 
-    The normalisation group's weight decay is divided by the same factor, so the decay per step, which PyTorch's
-    optimizers scale by the learning rate, stays that of the other group.
+    A group's weight decay is divided by its factors, so the decay per step, which PyTorch's optimizers scale by
+    the learning rate, stays that of the plain group. Empty groups (a frozen backbone) are left out.
     """
     norm_types = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
     norm_ids = {id(p) for m in module.modules() if isinstance(m, norm_types) for p in m.parameters(recurse=False)}
-    trainable = [p for p in module.parameters() if p.requires_grad]
-    norm = [p for p in trainable if id(p) in norm_ids]
-    other = [p for p in trainable if id(p) not in norm_ids]
-    groups = [{"params": other, "lr": lr, "weight_decay": weight_decay}]
-    if norm:
-        groups.append({"params": norm, "lr": lr * norm_lr_factor, "weight_decay": weight_decay / norm_lr_factor})
+    backbone_ids = {id(p) for p in backbone.parameters()} if backbone is not None else set()
+    groups: list[dict] = []
+    for in_backbone, part_factor in ((False, 1.0), (True, backbone_lr_factor)):
+        for is_norm, norm_factor in ((False, 1.0), (True, norm_lr_factor)):
+            params = [
+                p
+                for p in module.parameters()
+                if p.requires_grad and (id(p) in backbone_ids) == in_backbone and (id(p) in norm_ids) == is_norm
+            ]
+            factor = part_factor * norm_factor
+            if params:
+                groups.append({"params": params, "lr": lr * factor, "weight_decay": weight_decay / factor})
     return groups

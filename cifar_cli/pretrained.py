@@ -1,0 +1,284 @@
+"""Networks by name from torchvision and timm, with their pretrained weights and a new head for the data's classes.
+
+`--model.net TorchvisionNet --model.net.name resnet18 --model.net.weights DEFAULT` and `--model.net TimmNet
+--model.net.name convnext_tiny --model.net.pretrained true` build the named architecture, load its weights, and
+replace its classifier head with a fresh one of `num_classes` outputs, wherever the architecture keeps it (`fc`,
+`classifier[-1]`, `heads.head`, ...). Like `cifar_cli.nets`, plain `nn.Module`s without Lightning.
+
+Each exposes `backbone` (everything but the head: what Lightning's `BackboneFinetuning` freezes, and what the
+classifier's `backbone_lr_factor` applies to) and the mean and std the weights were trained with, which the
+classifier normalises the images with instead of the data's own.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import os
+import urllib.error
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from jsonargparse.typing import PositiveInt
+from torch import Tensor, nn
+from torchvision import models
+
+from cifar_cli.errors import UsageError
+
+# The statistics of ImageNet's training images, 0-1 scale: what torchvision's and most timm weights expect.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class Parts(nn.Module):
+    """Modules and parameters of a network, held again under one module: its backbone.
+
+    Built on demand and never assigned to the network, so every tensor keeps one name in the state_dict. Lightning's
+    finetuning callbacks freeze and unfreeze `modules()` and leaf parameters, both of which this holds.
+    """
+
+    def __init__(self, modules: Iterable[nn.Module], parameters: Iterable[nn.Parameter]) -> None:
+        super().__init__()
+        self.parts = nn.ModuleList(modules)
+        self.own = nn.ParameterList(parameters)
+
+
+class NamedNet(nn.Module):
+    """A library's network held as `model`, whose head at `head_path` has `num_classes` outputs."""
+
+    model: nn.Module
+    head_path: str
+    # Mean and std (0-1 scale, per channel) the images are normalised with; None: the data's own statistics.
+    input_mean: tuple[float, ...] | None = None
+    input_std: tuple[float, ...] | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x)
+
+    @property
+    def head(self) -> nn.Module:
+        return self.model.get_submodule(self.head_path)
+
+    @property
+    def backbone(self) -> Parts:
+        """Every module and parameter but the head's. Walks the path to the head: the siblings of each module on it
+        belong to the backbone, as do parameters held directly by a module on it (a ViT's class token)."""
+        modules: list[nn.Module] = []
+        parameters: list[nn.Parameter] = []
+        node = self.model
+        for name in self.head_path.split("."):
+            parameters += node.parameters(recurse=False)
+            modules += [child for child_name, child in node.named_children() if child_name != name]
+            node = node.get_submodule(name)
+        return Parts(modules, parameters)
+
+
+def suggest(name: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+    return f"did you mean {', '.join(close)}?" if close else f"{len(known)} are known"
+
+
+def load_weights_file(path: str, flag: str) -> dict[str, Tensor]:
+    """A state dict from a `.pth`/`.pt` (weights-only load) or `.safetensors` file."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise UsageError(f"{flag} {path}: no such file")
+    try:
+        if file.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(file), device="cpu")
+        else:
+            state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:  # a damaged file or one that holds code raises anything from the unpickler or the zip
+        raise UsageError(f"{flag} {path} is not a weights file ({type(err).__name__}: {err})".split("\n")[0]) from err
+    # Checkpoints of other trainers nest the weights one level down; DDP-wrapped ones prefix them with `module.`.
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise UsageError(f"{flag} {path} holds no state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def load_into(model: nn.Module, state: dict[str, Tensor], head_path: str, flag: str) -> None:
+    """Load `state` into `model`, every tensor but the head's, which may have another class count; one line names
+    what does not fit."""
+    head = f"{head_path}."
+    own = model.state_dict()
+    body = {k: v for k, v in state.items() if not k.startswith(head)}
+    missing = sorted(k for k in own.keys() - body.keys() if not k.startswith(head))
+    unexpected = sorted(body.keys() - own.keys())
+    misshapen = sorted(k for k in body.keys() & own.keys() if body[k].shape != own[k].shape)
+    problems = [f"{k} missing" for k in missing] + [f"{k} unexpected" for k in unexpected]
+    problems += [f"{k} has shape {tuple(body[k].shape)}, the network {tuple(own[k].shape)}" for k in misshapen]
+    if problems:
+        raise UsageError(
+            f"{flag}: the weights do not fit this architecture ({len(problems)} problems: {'; '.join(problems[:3])})"
+        )
+    model.load_state_dict(body, strict=False)
+
+
+def final_layer(model: nn.Module, outputs: int) -> str:
+    """The path of the layer that produces the logits: the last Linear (or 1x1 Conv2d, as in SqueezeNet) with
+    `outputs` outputs, in definition order, which is the order of the forward pass in torchvision's classifiers."""
+    found = [
+        name
+        for name, module in model.named_modules()
+        if (isinstance(module, nn.Linear) and module.out_features == outputs)
+        or (isinstance(module, nn.Conv2d) and module.out_channels == outputs and module.kernel_size == (1, 1))
+    ]
+    if not found:
+        raise UsageError(f"cannot find the head of {type(model).__name__} (no layer with {outputs} outputs)")
+    return found[-1]
+
+
+def new_layer(old: nn.Module, num_classes: int) -> nn.Module:
+    if isinstance(old, nn.Linear):
+        return nn.Linear(old.in_features, num_classes, bias=old.bias is not None)
+    assert isinstance(old, nn.Conv2d)
+    return nn.Conv2d(old.in_channels, num_classes, 1, bias=old.bias is not None)
+
+
+class TorchvisionNet(NamedNet):
+    """Any classification network of torchvision (`torchvision.models.list_models()`), with its named weights.
+
+    The weights are downloaded into torch's cache (`$TORCH_HOME/hub/checkpoints`, by default
+    `~/.cache/torch/hub/checkpoints`) on first use. Offline, put the file there, or pass `weights_path`.
+
+    Args:
+        num_classes: Outputs of the new head; the CLI links it from the data.
+        image_shape: `(channels, height, width)` of the input images; the CLI links it from the data.
+        name: The architecture, as torchvision names it: `resnet18`, `convnext_tiny`, `vit_b_16`, ...
+        weights: Pretrained weights by name: `DEFAULT` (the best torchvision has), or one of the architecture's
+            weights enum (`IMAGENET1K_V2`, or `ResNet50_Weights.IMAGENET1K_V2`); None: random initialisation.
+        weights_path: A local state dict of the architecture (`.pth` or `.safetensors`), loaded instead of `weights`.
+    """
+
+    def __init__(
+        self,
+        num_classes: PositiveInt = 10,
+        image_shape: tuple[int, int, int] = (3, 32, 32),
+        name: str = "resnet18",
+        weights: str | None = None,
+        weights_path: str | None = None,
+    ) -> None:
+        super().__init__()
+        known = models.list_models(module=models)
+        if name not in known:
+            raise UsageError(f"--model.net.name {name}: no torchvision classification network; {suggest(name, known)}")
+        kwargs = {}
+        if name in ("googlenet", "inception_v3"):
+            # Built as torchvision builds them for their weights: the auxiliary heads are dropped below, and the
+            # weights' own input transform is kept, as their ImageNet accuracy was measured with it.
+            kwargs = {"aux_logits": True, "init_weights": weights is None and weights_path is None}
+            kwargs["transform_input"] = weights is not None or weights_path is not None
+        model = models.get_model(name, weights=None, **kwargs)
+        for aux in ("AuxLogits", "aux1", "aux2"):
+            if hasattr(model, aux):
+                setattr(model, aux, None)
+                model.aux_logits = False
+        outputs = final_layer_outputs(model)
+        self.head_path = final_layer(model, outputs)
+        if weights_path is not None:
+            flag = "--model.net.weights_path"
+            load_into(model, load_weights_file(weights_path, flag), self.head_path, flag)
+        elif weights is not None:
+            enum = resolve_weights(name, weights)
+            load_into(model, download_weights(name, enum), self.head_path, "--model.net.weights")
+        if weights is not None or weights_path is not None:
+            transforms = resolve_weights(name, weights).transforms() if weights is not None else None
+            self.input_mean = tuple(getattr(transforms, "mean", IMAGENET_MEAN))
+            self.input_std = tuple(getattr(transforms, "std", IMAGENET_STD))
+        parent, _, leaf = self.head_path.rpartition(".")
+        holder = model.get_submodule(parent) if parent else model
+        setattr(holder, leaf, new_layer(holder.get_submodule(leaf), num_classes))
+        self.model = model
+
+
+def final_layer_outputs(model: nn.Module) -> int:
+    """The class count a torchvision network was built with (1000 unless told otherwise)."""
+    return int(getattr(model, "num_classes", 1000))
+
+
+def resolve_weights(name: str, weights: str) -> models.WeightsEnum:
+    enum = models.get_model_weights(name)
+    key = weights.rpartition(".")[2] if weights.startswith(enum.__name__ + ".") else weights
+    try:
+        return enum[key] if key != "DEFAULT" else enum.DEFAULT
+    except KeyError:
+        choices = ", ".join(["DEFAULT", *enum.__members__])
+        raise UsageError(f"--model.net.weights {weights}: {name} has the weights {choices}") from None
+
+
+def download_weights(name: str, weights: models.WeightsEnum) -> dict[str, Tensor]:
+    """The weights' state dict, from torch's cache or downloaded into it; offline, one line says where the file goes."""
+    folder = Path(torch.hub.get_dir()) / "checkpoints"
+    file = folder / os.path.basename(weights.url)
+    try:
+        return weights.get_state_dict(progress=False, check_hash=True)
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", None) or err
+        raise UsageError(
+            f"cannot download the {name} weights {weights} ({reason}): put {file.name} from {weights.url} in "
+            f"{folder}/, or pass --model.net.weights_path FILE"
+        ) from err
+
+
+class TimmNet(NamedNet):
+    """Any network of timm (`pip install 'cifar-cli[timm]'`), through `timm.create_model(name, pretrained,
+    num_classes)`, which builds the new head itself.
+
+    Pretrained weights are downloaded from the Hugging Face Hub into its cache (`$HF_HOME/hub`) on first use.
+
+    Args:
+        num_classes: Outputs of the new head; the CLI links it from the data.
+        image_shape: `(channels, height, width)` of the input images; the CLI links it from the data.
+        name: The architecture with its weights tag, as timm names it: `resnet18`, `convnext_tiny.fb_in22k`, ...
+        pretrained: Load the pretrained weights.
+        weights_path: A local state dict of the architecture (`.pth` or `.safetensors`), loaded instead.
+    """
+
+    def __init__(
+        self,
+        num_classes: PositiveInt = 10,
+        image_shape: tuple[int, int, int] = (3, 32, 32),
+        name: str = "resnet18",
+        pretrained: bool = False,
+        weights_path: str | None = None,
+    ) -> None:
+        super().__init__()
+        if importlib.util.find_spec("timm") is None:
+            raise UsageError("TimmNet needs timm: pip install 'cifar-cli[timm]' (or pip install timm)")
+        import timm
+
+        known = timm.list_models()
+        if name.partition(".")[0] not in known:
+            raise UsageError(f"--model.net.name {name}: no timm network; {suggest(name.partition('.')[0], known)}")
+        overlay = {"file": str(Path(weights_path).expanduser())} if weights_path else None
+        if weights_path is not None and not Path(weights_path).expanduser().is_file():
+            raise UsageError(f"--model.net.weights_path {weights_path}: no such file")
+        try:
+            model = timm.create_model(
+                name,
+                pretrained=pretrained or weights_path is not None,
+                num_classes=num_classes,
+                pretrained_cfg_overlay=overlay,
+            )
+        except RuntimeError as err:
+            if "Unknown model" in str(err) or "Invalid pretrained tag" in str(err):
+                raise UsageError(f"--model.net.name {name}: {err}") from err
+            raise UsageError(f"--model.net {name}: the weights do not load ({str(err).splitlines()[0]})") from err
+        except OSError as err:  # the Hub unreachable and the file not in its cache
+            cache = os.environ.get("HF_HOME", "~/.cache/huggingface")
+            raise UsageError(
+                f"cannot download the timm weights of {name} ({type(err).__name__}): run once online to fill "
+                f"{cache}/hub, or pass --model.net.weights_path FILE"
+            ) from err
+        self.model = model
+        head = model.pretrained_cfg.get("classifier") or "fc"
+        self.head_path = head if isinstance(head, str) else head[0]
+        if pretrained or weights_path is not None:
+            self.input_mean = tuple(model.pretrained_cfg.get("mean", IMAGENET_MEAN))
+            self.input_std = tuple(model.pretrained_cfg.get("std", IMAGENET_STD))

@@ -1,0 +1,259 @@
+"""Networks by name (torchvision, timm), weights from local files, transfer with --model.init_from, and the
+fine-tuning controls (backbone learning-rate factor, BackboneFinetuning, the weights' normalisation)."""
+
+from __future__ import annotations
+
+import os
+import urllib.error
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from test_cli import fails
+
+from cifar_cli.classifier import ImageClassifier
+from cifar_cli.cli import main
+from cifar_cli.nets import TutorialCNN
+from cifar_cli.pretrained import IMAGENET_MEAN, IMAGENET_STD, TimmNet, TorchvisionNet
+
+QUIET = ["--trainer.logger", "false", "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary"]
+QUIET += ["false", "--trainer.max_epochs", "1"]
+
+
+def folder_args(root: Path, *more: str) -> list[str]:
+    return ["--data", "ImageFolderDataModule", "--data.root", str(root), "--data.val_size", "30", *QUIET, *more]
+
+
+def only_checkpoint() -> Path:
+    (path,) = [p for p in Path().glob("**/*.ckpt") if not p.name.startswith("last")]
+    return path
+
+
+@pytest.mark.parametrize(
+    ("name", "head_path", "size"),
+    [
+        ("resnet18", "fc", 32),
+        ("mobilenet_v3_small", "classifier.3", 32),
+        ("squeezenet1_1", "classifier.1", 64),  # its head is a 1x1 convolution
+        ("googlenet", "fc", 64),  # its auxiliary heads are dropped
+        ("vit_b_32", "heads.head", 224),  # its class token is a parameter of the root module
+    ],
+)
+def test_torchvision_networks_get_a_new_head_and_a_backbone_of_everything_else(name, head_path, size) -> None:
+    net = TorchvisionNet(num_classes=5, image_shape=(3, size, size), name=name).eval()
+    assert net.head_path == head_path
+    assert net(torch.randn(2, 3, size, size)).shape == (2, 5)
+    backbone = {id(p) for p in net.backbone.parameters()}
+    head = {id(p) for p in net.head.parameters()}
+    assert not backbone & head and backbone | head == {id(p) for p in net.parameters()}
+    assert net.input_mean is None  # random weights: the data's own statistics normalise
+
+
+def test_unknown_network_and_weights_names_fail_in_one_line(capsys) -> None:
+    err = fails(capsys, "fit", "--model.net", "TorchvisionNet", "--model.net.name", "resnet81")
+    assert "resnet81: no torchvision classification network; did you mean resnet18" in err
+    err = fails(capsys, "fit", "--model.net", "TorchvisionNet", "--model.net.weights", "IMAGENET9K")
+    assert "--model.net.weights IMAGENET9K: resnet18 has the weights DEFAULT, IMAGENET1K_V1" in err
+
+
+def test_weights_offline_name_the_file_and_the_folder(capsys, monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    err = fails(capsys, "fit", "--model.net", "TorchvisionNet", "--model.net.weights", "DEFAULT")
+    assert "put resnet18-f37072fd.pth from https://download.pytorch.org/models/resnet18-f37072fd.pth in " in err
+    assert f"{tmp_path / 'torch' / 'hub' / 'checkpoints'}/, or pass --model.net.weights_path FILE" in err
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_weights_path_loads_the_backbone_and_normalises_as_the_weights_expect(image_folder, suffix) -> None:
+    source = torchvision.models.resnet18()
+    path = Path(f"resnet18{suffix}")
+    if suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(source.state_dict(), str(path))
+    else:
+        torch.save(source.state_dict(), path)
+    net = TorchvisionNet(num_classes=3, name="resnet18", weights_path=str(path))
+    assert torch.equal(net.model.layer4[1].conv2.weight, source.layer4[1].conv2.weight)
+    assert net.head.out_features == 3 and not torch.equal(net.head.weight[:3], source.fc.weight[:3])
+    assert (net.input_mean, net.input_std) == (IMAGENET_MEAN, IMAGENET_STD)
+
+    args = [
+        "--model.net",
+        "TorchvisionNet",
+        "--model.net.weights_path",
+        str(path),
+        "--trainer.limit_train_batches",
+        "1",
+    ]
+    main(["fit", *folder_args(image_folder, *args)])
+    checkpoint = torch.load(only_checkpoint(), weights_only=True)
+    main(["test", "--ckpt_path", str(only_checkpoint()), *QUIET])
+    # The images were normalised with ImageNet's statistics, which the data module reports after setup.
+    assert checkpoint["state_dict"]["net.model.fc.weight"].shape == (3, 512)
+
+
+def test_pretrained_statistics_replace_the_datas(image_folder) -> None:
+    from cifar_cli.data import ImageFolderDataModule
+
+    data = ImageFolderDataModule(str(image_folder), val_size=30)
+    data.prepare("fit")
+    data.setup("fit")
+    assert not torch.allclose(data.mean, torch.tensor(IMAGENET_MEAN) * 255)
+    path = Path("r18.pth")
+    torch.save(torchvision.models.resnet18().state_dict(), path)
+    model = ImageClassifier(TorchvisionNet(3, weights_path=str(path)), data.class_names)
+    model.trainer = type("Stub", (), {"datamodule": data})()  # what setup reads of the trainer
+    model.setup("fit")
+    assert torch.allclose(data.mean, torch.tensor(IMAGENET_MEAN) * 255)
+    assert torch.allclose(data.std, torch.tensor(IMAGENET_STD) * 255)
+
+
+def test_weights_path_of_another_architecture_fails_in_one_line(capsys) -> None:
+    torch.save(torchvision.models.resnet34().state_dict(), "r34.pth")
+    err = fails(capsys, "fit", "--model.net", "TorchvisionNet", "--model.net.weights_path", "r34.pth")
+    assert "--model.net.weights_path: the weights do not fit this architecture (" in err and "unexpected" in err
+    err = fails(capsys, "fit", "--model.net", "TorchvisionNet", "--model.net.weights_path", "nothing.pth")
+    assert err.endswith("--model.net.weights_path nothing.pth: no such file")
+
+
+def test_backbone_lr_factor_puts_the_backbone_in_its_own_groups() -> None:
+    model = ImageClassifier(TorchvisionNet(3), ["a", "b", "c"], learning_rate=0.1, backbone_lr_factor=0.01)
+    model.trainer = None
+    optimizer = model.configure_optimizers()
+    groups = [(group["lr"], sum(p.numel() for p in group["params"])) for group in optimizer.param_groups]
+    head, backbone = model.net.head, model.net.backbone
+    norms = sum(p.numel() for m in backbone.modules() if isinstance(m, torch.nn.BatchNorm2d) for p in m.parameters())
+    others = sum(p.numel() for p in backbone.parameters()) - norms
+    assert groups == [(0.1, sum(p.numel() for p in head.parameters())), (0.001, others), (0.001, norms)]
+
+
+def test_backbone_finetuning_freezes_the_backbone_until_its_epoch(image_folder) -> None:
+    torch.save(torchvision.models.resnet18().state_dict(), "r18.pth")
+    source = torch.load("r18.pth", weights_only=True)
+    base = ["--model.net", "TorchvisionNet", "--model.net.weights_path", "r18.pth"]
+    base += ["--trainer.callbacks+=BackboneFinetuning", "--trainer.callbacks.unfreeze_backbone_at_epoch", "1"]
+    main(["fit", *folder_args(image_folder, *base, "--trainer.max_epochs", "1")])
+    frozen = torch.load(only_checkpoint(), weights_only=True)
+    assert torch.equal(frozen["state_dict"]["net.model.conv1.weight"], source["conv1.weight"])
+    assert not torch.equal(frozen["state_dict"]["net.model.fc.weight"][:3], source["fc.weight"][:3])
+    only_checkpoint().unlink()
+    main(["fit", *folder_args(image_folder, *base, "--trainer.max_epochs", "2")])
+    unfrozen = torch.load(only_checkpoint(), weights_only=True)
+    assert not torch.equal(unfrozen["state_dict"]["net.model.conv1.weight"], source["conv1.weight"])
+    assert len(unfrozen["optimizer_states"][0]["param_groups"]) == 3  # head, its norms (none), backbone added
+
+
+def test_backbone_finetuning_on_a_network_without_a_backbone_says_so(image_folder, capsys) -> None:
+    args = ["--trainer.callbacks+=BackboneFinetuning", "--trainer.limit_train_batches", "1"]
+    with pytest.raises(SystemExit):
+        main(["fit", *folder_args(image_folder, *args)])
+    assert (
+        "BackboneFinetuning needs a network with a backbone, such as TorchvisionNet or TimmNet; TutorialCNN has none"
+        in capsys.readouterr().err
+    )
+
+
+def test_init_from_loads_matching_weights_with_a_new_head_for_new_classes(image_folder, tmp_path, capsys) -> None:
+    main(["fit", *folder_args(image_folder, "--trainer.limit_train_batches", "2")])
+    pretrained = only_checkpoint()
+    saved = torch.load(pretrained, weights_only=True)["state_dict"]
+    capsys.readouterr()
+
+    model = ImageClassifier(TutorialCNN(2), ["ant", "bee"], init_from=str(pretrained))
+    err = capsys.readouterr().err
+    assert f"--model.init_from {pretrained}: loaded 12 of 14 network tensors; new: fc3.bias, fc3.weight" in err
+    assert torch.equal(model.net.conv1.weight, saved["net.conv1.weight"])
+    assert torch.equal(model.net.fc2.weight, saved["net.fc2.weight"])
+
+    # The same classes: the head comes too.
+    same = ImageClassifier(TutorialCNN(3), ["cat", "dog", "frog"], init_from=str(pretrained))
+    assert torch.equal(same.net.fc3.weight, saved["net.fc3.weight"])
+    # Other classes, same count: the head is new.
+    other = ImageClassifier(TutorialCNN(3), ["ant", "bee", "cow"], init_from=str(pretrained))
+    assert not torch.equal(other.net.fc3.weight, saved["net.fc3.weight"])
+
+
+def test_init_from_through_the_cli_and_test_without_the_file(image_folder, tmp_path, capsys) -> None:
+    main(["fit", *folder_args(image_folder, "--trainer.limit_train_batches", "2")])
+    first = only_checkpoint()
+    moved = first.rename(tmp_path / "pretrained.ckpt")
+    main(["fit", *folder_args(image_folder, "--model.init_from", str(moved), "--trainer.limit_train_batches", "2")])
+    assert f"--model.init_from {moved}: loaded 14 of 14 network tensors" in capsys.readouterr().err
+    moved.unlink()  # the fine-tuned checkpoint stands alone
+    main(["test", "--ckpt_path", str(only_checkpoint()), *QUIET])
+
+
+def test_init_from_a_checkpoint_of_another_network_fails_in_one_line(image_folder, capsys) -> None:
+    main(["fit", *folder_args(image_folder, "--trainer.limit_train_batches", "1")])
+    first = str(only_checkpoint())
+    capsys.readouterr()
+    args = ["--model.net", "TorchvisionNet", "--model.init_from", first]
+    err = fails(capsys, "fit", *folder_args(image_folder, *args))
+    assert f"--model.init_from {first}: none of its network weights fits this network (its net is " in err
+    err = fails(capsys, "fit", *folder_args(image_folder, "--model.init_from", "missing.ckpt"))
+    assert err.endswith("--model.init_from missing.ckpt: no such file; pass a .ckpt file written by `cifar-cli fit`")
+
+
+def test_timm_networks_by_name_with_local_weights(image_folder) -> None:
+    timm = pytest.importorskip("timm")
+    source = timm.create_model("test_resnet")
+    torch.save(source.state_dict(), "test_resnet.pth")
+    net = TimmNet(num_classes=3, image_shape=(3, 32, 32), name="test_resnet", weights_path="test_resnet.pth")
+    assert net.head_path == "fc" and net.head.out_features == 3
+    own = net.model.state_dict()
+    assert all(torch.equal(own[k], v) for k, v in source.state_dict().items() if not k.startswith("fc."))
+    assert net.input_mean == tuple(source.pretrained_cfg["mean"])
+    args = ["--model.net", "TimmNet", "--model.net.name", "test_resnet", "--trainer.limit_train_batches", "1"]
+    main(["fit", *folder_args(image_folder, *args)])
+    assert only_checkpoint().is_file()
+
+
+def test_timm_missing_or_unknown_name_fail_in_one_line(capsys, monkeypatch) -> None:
+    pytest.importorskip("timm")
+    err = fails(capsys, "fit", "--model.net", "TimmNet", "--model.net.name", "convnext_tinny")
+    assert "convnext_tinny: no timm network; did you mean convnext_tiny" in err
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "timm" else real(name, *a))
+    err = fails(capsys, "fit", "--model.net", "TimmNet")
+    assert err.endswith("TimmNet needs timm: pip install 'cifar-cli[timm]' (or pip install timm)")
+
+
+def test_backbone_finetuning_resumes_exactly_after_the_unfreezing(fake_cifar10: Path, tmp_path: Path) -> None:
+    # Resumed in the middle of the epoch that unfroze the backbone: Lightning does not call the callback's
+    # on_train_epoch_start there, and the backbone stayed frozen until cifar-cli's on_train_start unfroze it.
+    resume_at = "epoch=1-step=7"
+    from test_resume import EVERY_STEP, assert_identical, cifar, tensors
+
+    torch.save(torchvision.models.shufflenet_v2_x0_5().state_dict(), tmp_path / "weights.pth")
+    args = [*cifar(fake_cifar10), *EVERY_STEP, *QUIET, "--trainer.max_epochs", "2", "--model.net", "TorchvisionNet"]
+    args += ["--model.net.name", "shufflenet_v2_x0_5", "--model.net.weights_path", str(tmp_path / "weights.pth")]
+    args += ["--trainer.callbacks+=BackboneFinetuning", "--trainer.callbacks.unfreeze_backbone_at_epoch", "1"]
+    for run in ("full", "resumed"):
+        (tmp_path / run).mkdir()
+    os.chdir(tmp_path / "full")
+    main(["fit", *args])
+    os.chdir(tmp_path / "resumed")
+    main(["fit", *args, "--ckpt_path", str(tmp_path / "full" / "steps" / f"{resume_at}.ckpt")])
+    resumed = sorted(Path("steps").glob("epoch=*.ckpt"))
+    assert len(resumed) == 10 - int(resume_at.rsplit("=", 1)[1])
+    for path in resumed:
+        assert_identical(tensors(path.resolve()), tensors(tmp_path / "full" / "steps" / path.name))
+    assert not torch.equal(*(tensors(p)["weights.net.model.conv1.0.weight"] for p in resumed[:2]))  # it trains
+
+
+def test_an_image_folder_at_224_px_trains_a_torchvision_network_by_name(image_folder) -> None:
+    args = ["--data.image_size", "224", "--model.net", "TorchvisionNet", "--model.net.name", "resnet18"]
+    args += ["--data.batch_size", "8", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1"]
+    main(["fit", *folder_args(image_folder, *args)])
+    checkpoint = torch.load(only_checkpoint(), weights_only=True)
+    assert checkpoint["global_step"] == 2 and checkpoint["state_dict"]["net.model.fc.weight"].shape == (3, 512)
+    assert checkpoint["hyper_parameters"]["net"]["init_args"]["name"] == "resnet18"
