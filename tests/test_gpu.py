@@ -55,3 +55,34 @@ def test_batches_are_cut_on_the_gpu(fake_cifar10: Path) -> None:
     split = data.splits["train"].to(torch.device("cuda"))
     images, labels = next(iter(DeviceBatches(split, 32, shuffle=True)))
     assert images.device.type == "cuda" and labels.device.type == "cuda" and images.dtype == torch.uint8
+
+
+def test_host_and_disk_placement_send_the_device_placements_batches(fake_cifar10: Path) -> None:
+    # The copy path of host and disk placement: page-locked staging buffers, a copy stream, events.
+    cuda = torch.device("cuda")
+
+    def epoch(placement: str) -> list[torch.Tensor]:
+        data = CIFAR10DataModule(str(fake_cifar10), val_size=40, augment=True, placement=placement)
+        data.setup("fit")
+        train = data.splits["train"]
+        on_gpu = placement == "device"
+        batches = DeviceBatches(train.to(cuda) if on_gpu else train, 32, shuffle=True, seed=3,
+                                augment=data.augment_batch, device=None if on_gpu else cuda)  # fmt: skip
+        batches.sampler.set_epoch(1)
+        out = [t for batch in batches for t in batch]
+        assert all(t.device.type == "cuda" for t in out)
+        return [t.cpu() for t in out]
+
+    reference = epoch("device")
+    for placement in ("host", "disk"):
+        got = epoch(placement)
+        assert len(got) == len(reference) and all(torch.equal(a, b) for a, b in zip(got, reference)), placement
+
+
+def test_pretrained_network_fits_on_gpu(image_folder: Path) -> None:
+    main(["fit", "--data", "ImageFolderDataModule", "--data.root", str(image_folder), "--data.val_size", "30",
+          "--data.image_size", "64", "--data.placement", "host", "--data.augment", "PhotoAugment",
+          "--model.net", "TorchvisionNet", "--model.net.name", "resnet18", "--trainer.accelerator", "gpu",
+          "--trainer.devices", "1", "--trainer.max_epochs", "1", "--trainer.logger", "false"])  # fmt: skip
+    (ckpt,) = Path("checkpoints").glob("*.ckpt")
+    assert torch.load(ckpt, weights_only=True)["global_step"] == 3  # 90 images / batch 32
