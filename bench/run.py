@@ -5,6 +5,11 @@ b. host overhead per step (a network with almost no compute, batch 8) and the de
    each as a plain loop against `cifar-cli fit`;
 c. the tutorial's recipe end to end: its code as written against `cifar-cli fit --config configs/cpu.yaml`;
 d. time to accuracy of configs/fast-cpu.yaml (45,000/5,000 split of the JPEG training images);
+e. transfer with `--model.init_from`: five classes pretrained, the other five fine-tuned from few images, against
+   the same fine-tuning from scratch (bench/transfer.py);
+f. decoding a folder of 20,000 photos (CIFAR-10 upscaled to 256 px) at 224 px: one process against one per core;
+g. training at 128 px with the splits on the device, in host memory or on disk: images/s and peak RSS
+   (bench/scale.py);
 
 The GPU check is `make bench-gpu` (bench/gpu.py). Every cifar-cli run is the real command in its own process,
 started from a scratch folder under `runs/bench/`. `--smoke` shrinks every part to a few steps and runs cifar-cli
@@ -36,8 +41,10 @@ from bench.common import (
     tutorial,
     tutorial_arrays,
 )
+from bench.scale import bench_decode, bench_placement, upscaled_folder
 from bench.steps import endless
 from bench.steps import main as steps_main
+from bench.transfer import bench_transfer
 from cifar_cli.data import DeviceBatches, ImageFolderDataModule
 
 THRESHOLDS = (0.85, 0.90, 0.93)
@@ -210,6 +217,31 @@ def table(results: dict, title: str) -> Table:
             grid.add_row(f"d. fast-cpu.yaml, fit until val_acc >= {threshold}", "", seconds(d[threshold]), "", target)
         grid.add_row(f"   after {d['epochs']} epochs", "", f"val_acc {d['final_acc']:.4f} in {d['fit_time']:.0f} s",
                      "", "")  # fmt: skip
+    if e := results.get("transfer"):
+        grid.add_row(f"e. transfer: pretrained on half the classes ({e['pretrain_epochs']} epochs, val_acc)", "",
+                     f"{e['pretrain_val_acc']:.4f}", "", "")  # fmt: skip
+        for key in sorted((k for k in e if k.startswith("scratch_")), key=lambda k: int(k.split("_")[1])):
+            n = key.split("_")[1]
+            scratch, tuned = e[key], e[f"pretrained_{n}"]
+            grid.add_row(f"   fine-tuned on the others, {n} images/class (test_acc)", f"{scratch:.4f} (scratch)",
+                         f"{tuned:.4f}", f"{tuned - scratch:+.4f}", "> 0")  # fmt: skip
+    if f := results.get("decode"):
+        grid.add_row(f"f. decode {f['images']:,} JPEGs of 256 px at {f['size']} px (images/s)",
+                     f"{f['one_process']:,.0f} (1 process)", f"{f['all_cores']:,.0f} ({f['cores']} processes)",
+                     f"{f['all_cores'] / f['one_process']:.2f}x", "")  # fmt: skip
+        grid.add_row(f"   before: 1 process, {f['default_threads_count']} torch threads", "",
+                     f"{f['default_threads']:,.0f}", "", "")  # fmt: skip
+    if g := results.get("placement"):
+        cache = g["cache_bytes"]
+        device = g["device"]["images_per_s"]
+        for name in ("device", "host", "disk", "disk_cold"):
+            row = g[name]
+            label = {"disk_cold": "disk, page cache dropped"}.get(name, name)
+            grid.add_row(f"g. placement {label}, {g['image_size']} px (images/s; peak RSS)" if name == "device"
+                         else f"   placement {label}", "",
+                         f"{row['images_per_s']:,.0f}; {row['peak_rss'] / 1e9:.2f} GB",
+                         f"{row['images_per_s'] / device:.2f}x",
+                         f"RSS << {cache / 1e9:.2f} GB cache" if name.startswith("disk") else "")  # fmt: skip
     return grid
 
 
@@ -220,6 +252,7 @@ def run(
     test_size: int = 5000,
     smoke: bool = False,
     parts: list[str] | None = None,
+    photos: str = "data/cifar10-jpg-256",
 ) -> dict:
     """Run every benchmark and print one table.
 
@@ -229,7 +262,10 @@ def run(
         val_size: Validation images held out of the training images.
         test_size: Test images held out for part c.
         smoke: A few steps of everything, to check that the benchmarks run.
-        parts: Only these parts (pipeline, host, overhead, recipe, fast_cpu); the table shows those measured.
+        parts: Only these parts (pipeline, host, overhead, recipe, fast_cpu, transfer, decode, placement); the
+            table shows those measured.
+        photos: Folder of the CIFAR-10 JPEGs upscaled to 256 px that parts f and g read, made from `root` when
+            missing (smoke runs make a small one under `out`).
     """
     root_path, out_path = Path(root).resolve(), Path(out).resolve()
     if not (root_path / "train").is_dir():
@@ -246,8 +282,16 @@ def run(
         ("overhead", "b. Lightning overhead", lambda: bench_overhead(data, root_path, out_path, smoke)),
         ("recipe", "c. tutorial recipe", lambda: bench_tutorial_recipe(data, root_path, out_path, smoke)),
         ("fast_cpu", "d. fast-cpu.yaml", lambda: bench_fast_cpu(root_path, out_path, smoke, val_size)),
+        ("transfer", "e. transfer", lambda: bench_transfer(root_path, out_path, smoke)),
+        ("decode", "f. decoding", lambda: bench_decode(photos_folder(), out_path / "decode", smoke)),
+        ("placement", "g. placement", lambda: bench_placement(photos_folder(), out_path / "placement", smoke)),
     ]
     steps = [step for step in steps if parts is None or step[0] in parts]
+
+    def photos_folder() -> Path:
+        folder = out_path / "photos" if smoke else Path(photos).resolve()
+        return upscaled_folder(root_path, folder, 64 if smoke else 256, 40 if smoke else None)
+
     return run_steps(steps, results, out_path, lambda results: table(results, title))
 
 

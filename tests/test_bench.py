@@ -31,6 +31,10 @@ def test_bench_smoke_run_fills_every_row(tmp_path: Path, capsys) -> None:
     f, g = results["decode"], results["placement"]
     assert f["images"] == 24 and f["one_process"] > 0 and f["all_cores"] > 0 and f["npy_bytes"] > 24 * 3 * 48 * 48
     assert g["cache_bytes"] > 0 and all(g[p]["images_per_s"] > 0 and g[p]["peak_rss"] > 0 for p in PLACEMENTS)
+    # Transfer: 2 of the 3 classes fine-tuned on 5 images each, tested on 10 each: multiples of 1/20.
+    e = results["transfer"]
+    assert e["pretrain_epochs"] == 1 and {"scratch_5", "pretrained_5"} <= e.keys()
+    assert all(abs(e[k] * 20 - round(e[k] * 20)) < 1e-4 for k in ("scratch_5", "pretrained_5"))
     saved = json.loads((tmp_path / "bench" / "results.json").read_text())
     assert saved["recipe"] == c and saved["machine"].startswith("cifar-cli benchmarks:")
     table = (tmp_path / "bench" / "results.txt").read_text()
@@ -40,6 +44,8 @@ def test_bench_smoke_run_fills_every_row(tmp_path: Path, capsys) -> None:
         "b. Lightning overhead",
         "c. tutorial recipe",
         "fast-cpu.yaml",
+        "e. transfer",
+        "fine-tuned on the others, 5 images/class",
         "f. decode",
         "g. placement device",
         "placement disk, page cache dropped",
