@@ -116,26 +116,32 @@ def apply_hyperparameters(
 
 
 def check_optimizer_class(config: Namespace, context: str = "") -> None:
-    """Refuse an optimizer `class_path` that names no optimizer class, before anything is instantiated.
+    """Refuse an optimizer or scheduler `class_path` that names no such class, before anything is instantiated.
 
-    jsonargparse accepts any callable as the `class_path` of `--model.optimizer` (its type is a Callable that
-    returns an Optimizer) and calls it with the `init_args` while it builds the model: `os.system` would run.
+    jsonargparse accepts any callable as the `class_path` of `--model.optimizer` and `--model.lr_scheduler` (their
+    types are Callables that return an optimizer or a scheduler) and calls it with the `init_args` while it builds
+    the model: `os.system` would run.
     """
-    optimizer = config.get("model.optimizer")
-    class_path = optimizer.get("class_path") if isinstance(optimizer, (Namespace, dict)) else None
-    if not class_path:
-        return
-    module, _, name = str(class_path).rpartition(".")
-    try:  # the parser has imported the module already while type-checking the value
-        target = getattr(importlib.import_module(module), name, None) if module else None
-    except ImportError:
-        target = None
-    if not (isinstance(target, type) and issubclass(target, torch.optim.Optimizer)):
-        prefix = f"{context} " if context else ""
-        raise UsageError(
-            f'{prefix}Parser key "model.optimizer": {class_path} is not an optimizer class (a subclass of '
-            "torch.optim.Optimizer)"
-        )
+    for key, base, what in (
+        ("model.optimizer", torch.optim.Optimizer, "an optimizer class (a subclass of torch.optim.Optimizer)"),
+        (
+            "model.lr_scheduler",
+            (torch.optim.lr_scheduler.LRScheduler, torch.optim.lr_scheduler.ReduceLROnPlateau),
+            "a scheduler class (a subclass of torch.optim.lr_scheduler.LRScheduler)",
+        ),
+    ):
+        options = config.get(key)
+        class_path = options.get("class_path") if isinstance(options, (Namespace, dict)) else None
+        if not class_path:
+            continue
+        module, _, name = str(class_path).rpartition(".")
+        try:  # the parser has imported the module already while type-checking the value
+            target = getattr(importlib.import_module(module), name, None) if module else None
+        except ImportError:
+            target = None
+        if not (isinstance(target, type) and issubclass(target, base)):
+            prefix = f"{context} " if context else ""
+            raise UsageError(f'{prefix}Parser key "{key}": {class_path} is not {what}')
 
 
 def check_weights_fit(model: LightningModule, state_dict: dict[str, torch.Tensor], ckpt_path: str) -> None:

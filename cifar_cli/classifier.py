@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import sys
 from typing import Any, Literal
 
@@ -11,7 +10,7 @@ import torch.nn.functional as F
 from jsonargparse.typing import PositiveFloat
 from lightning.pytorch import LightningModule
 from lightning.pytorch.callbacks import BaseFinetuning, Timer
-from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable, ReduceLROnPlateau
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric
@@ -40,12 +39,15 @@ class ImageClassifier(LightningModule):
     Args:
         net: The network; it returns logits. On the command line: `--model.net cifar_cli.nets.TutorialCNN`.
         class_names: Class names in label order; the CLI links them from the data module.
-        learning_rate: Peak learning rate, per step, of every parameter but those of normalisation layers.
-        weight_decay: The optimizer's (coupled) weight decay.
+        learning_rate: Peak learning rate, per step, of every parameter but those of normalisation layers. An
+            optimizer's own `lr` (`--optimizer.lr`, `--model.optimizer.lr`) other than its class default sets it.
+        weight_decay: The optimizer's (coupled) weight decay; an optimizer's own `weight_decay` sets it likewise.
         label_smoothing: Cross-entropy label smoothing, 0 for none.
-        optimizer: Optimizer class and its other arguments (`--model.optimizer torch.optim.SGD
-            --model.optimizer.momentum 0.9`); its learning rate and weight decay are the two above, not its own.
-        lr_schedule: Learning-rate factor over training, updated every step; default constant.
+        optimizer: Optimizer class and its arguments (`--model.optimizer torch.optim.SGD --model.optimizer.momentum
+            0.9`, or LightningCLI's `--optimizer SGD`), built over the parameter groups below.
+        lr_schedule: Learning-rate factor over training progress, updated every step; default constant.
+        lr_scheduler: A `torch.optim.lr_scheduler` class and its arguments, stepped every epoch (LightningCLI's
+            `--lr_scheduler StepLR --lr_scheduler.step_size 1`); not with `lr_schedule`.
         norm_lr_factor: Learning-rate multiplier for BatchNorm parameters (the fast recipe trains their biases
             64x faster); their weight decay is divided by it.
         tta: Test-time augmentation in validation, test and predict: average the logits of the image and its
@@ -74,6 +76,7 @@ class ImageClassifier(LightningModule):
         compile: bool = False,
         backbone_lr_factor: PositiveFloat = 1.0,
         init_from: str | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         super().__init__()
         # Under LightningCLI the saved `net` is its config (class_path, init_args), so `--ckpt_path` alone can
@@ -86,6 +89,7 @@ class ImageClassifier(LightningModule):
         self.class_names = list(class_names)
         self.optimizer = optimizer
         self.lr_schedule = lr_schedule
+        self.lr_scheduler = lr_scheduler
         num_classes = len(self.class_names)
         # One metric object per stage: sharing one would mix training and validation counts. Metric objects also
         # keep DDP cheap: they accumulate on each rank and synchronise once, when the epoch's value is computed.
@@ -327,6 +331,13 @@ class ImageClassifier(LightningModule):
             self.net, hp.learning_rate, hp.weight_decay, hp.norm_lr_factor, backbone, hp.backbone_lr_factor
         )
         optimizer = self.optimizer(groups)
+        if self.lr_scheduler is not None:
+            # Per epoch, as LightningCLI steps its --lr_scheduler; ReduceLROnPlateau with the metric it names.
+            torch_scheduler = self.lr_scheduler(optimizer)
+            config = {"scheduler": torch_scheduler, "interval": "epoch"}
+            if isinstance(torch_scheduler, ReduceLROnPlateau):
+                config["monitor"] = torch_scheduler.monitor
+            return {"optimizer": optimizer, "lr_scheduler": config}
         if self.lr_schedule is None:
             return optimizer
         self._steps_total = self.trainer.estimated_stepping_batches
@@ -402,20 +413,3 @@ def init_weights(net: nn.Module, path: str, class_names: list[str]) -> set[str]:
     new_part = f"; new: {', '.join(new[:4])}{', ...' if len(new) > 4 else ''}" if new else ""
     print(f"cifar-cli: {flag} {path}: loaded {len(loaded)} of {len(own)} network tensors{new_part}", file=sys.stderr)
     return loaded
-
-
-def check_optimizer_arguments(optimizer: OptimizerCallable) -> None:
-    """Refuse `--model.optimizer.lr` and `.weight_decay`: the parameter groups would silently override them.
-
-    jsonargparse hands the optimizer over as a `functools.partial` holding the class and all its arguments; one
-    that differs from the class's default was set by the user.
-    """
-    keywords = getattr(optimizer, "keywords", None) or {}
-    candidates = (getattr(optimizer, "func", None), *getattr(optimizer, "args", ()))
-    cls = next((c for c in candidates if isinstance(c, type)), None)
-    if cls is None:
-        return
-    defaults = inspect.signature(cls).parameters
-    for name, flag in (("lr", "learning_rate"), ("weight_decay", "weight_decay")):
-        if name in keywords and name in defaults and keywords[name] != defaults[name].default:
-            raise UsageError(f"--model.optimizer.{name} is not used: set --model.{flag} instead")

@@ -21,7 +21,7 @@ from torch import nn
 
 from cifar_cli import hooks
 from cifar_cli.atomic import AtomicCheckpointIO, atomic_csv_logs, atomic_write_text
-from cifar_cli.callbacks import FitTimer, LastCheckpoint, Preemption, RichBar, run_dir
+from cifar_cli.callbacks import FitTimer, LastCheckpoint, Preemption, run_dir
 from cifar_cli.checkpoints import (
     CHECKPOINT_KEY,
     apply_hyperparameters,
@@ -30,10 +30,11 @@ from cifar_cli.checkpoints import (
     load_checkpoint,
 )
 from cifar_cli.checks import ArgumentParser, QuietSeed, check_accelerator, check_data, plain_numbers
-from cifar_cli.classifier import ImageClassifier, check_optimizer_arguments
+from cifar_cli.classifier import ImageClassifier
 from cifar_cli.data import ImageDataModule
 from cifar_cli.distributed import exit_if_rank_failed, watch_ranks
 from cifar_cli.errors import UsageError
+from cifar_cli.optimizer_flags import check_built, move_optimizer_flags
 from cifar_cli.precision import choose_precision
 from cifar_cli.resume import (
     RUN_KEY,
@@ -43,6 +44,7 @@ from cifar_cli.resume import (
     run_identity,
     set_aside_csv_metrics,
 )
+from cifar_cli.terminal import print_summary, progress_bar, quiet_model_summary, quiet_wandb, silence_noise
 
 # Set to true to get the full traceback of an error instead of its one-line summary (jsonargparse reads it too).
 DEBUG_ENV = "JSONARGPARSE_DEBUG"
@@ -103,6 +105,10 @@ class CifarCLI(LightningCLI):
         # `--last_checkpoint.every_n_steps N`. Its own flags, not an entry of the callbacks list, so that it stays
         # when a config replaces the list.
         parser.add_lightning_class_args(LastCheckpoint, "last_checkpoint")
+        # LightningCLI's own `--optimizer` and `--lr_scheduler`, any torch.optim class; handed to the model, which
+        # builds them over its parameter groups (see cifar_cli.optimizer_flags).
+        parser.add_optimizer_args()
+        parser.add_lr_scheduler_args()
         # Derived values are linked, never typed twice: the data decides the classes and the image size.
         parser.link_arguments("data.num_classes", "model.net.init_args.num_classes", apply_on="instantiate")
         parser.link_arguments("data.image_shape", "model.net.init_args.image_shape", apply_on="instantiate")
@@ -152,6 +158,7 @@ class CifarCLI(LightningCLI):
         plain_numbers(config)
         trainer = config["trainer"]
         check_accelerator(trainer)
+        self.optimizer_flags = move_optimizer_flags(config)
         check_optimizer_class(config)
         if self.subcommand == "fit" and trainer.get("limit_val_batches") == 0:
             # Lightning's EarlyStopping would stop at the first epoch's end with a traceback.
@@ -174,7 +181,7 @@ class CifarCLI(LightningCLI):
         self.trainer = self.instantiate_trainer()
 
     def check_model_and_data(self) -> None:
-        check_optimizer_arguments(self.model.optimizer)
+        check_built(self.model, self.optimizer_flags)
         callbacks = self._get(self.config_init, "trainer", default={}).get("callbacks") or []
         finetuning = [c for c in callbacks if isinstance(c, BackboneFinetuning)]
         if finetuning and not isinstance(getattr(self.model.net, "backbone", None), nn.Module):
@@ -196,10 +203,11 @@ class CifarCLI(LightningCLI):
         extra = [self._get(self.config_init, key) for key in self._parser(self.subcommand).callback_keys]
         if config.get("enable_checkpointing") is False:
             extra = [c for c in extra if not isinstance(c, LastCheckpoint)]  # Lightning refuses any ModelCheckpoint
-        # A rich progress bar unless the config picks another or turns progress bars off. Not a default callback
-        # in the config: there it would clash with `--trainer.enable_progress_bar false`.
+        # A rich progress bar in a terminal, one line per epoch in a log, unless the config picks another bar or
+        # turns progress bars off. Not a default callback in the config: there it would clash with
+        # `--trainer.enable_progress_bar false`, and the choice depends on where the output goes.
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
-            callbacks.append(RichBar())
+            callbacks.append(progress_bar())
         # The clean stop on SIGTERM and Ctrl-C, whatever callbacks a config lists.
         if not any(isinstance(c, Preemption) for c in callbacks):
             callbacks.append(Preemption())
@@ -227,6 +235,8 @@ class CifarCLI(LightningCLI):
             if isinstance(logger, CSVLogger) and trainer.is_global_zero:
                 atomic_csv_logs(logger)
         watch_ranks(trainer)  # a failed DDP rank is named, not SIGKILLed silently with the others
+        quiet_model_summary(trainer)
+        quiet_wandb(trainer)
         return trainer
 
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
@@ -301,10 +311,13 @@ class CifarCLI(LightningCLI):
         return None, None
 
     def after_fit(self) -> None:
-        best = self.trainer.checkpoint_callback
-        if self.trainer.is_global_zero and best is not None and best.best_model_path:
-            score = f" ({best.monitor} {best.best_model_score:.4f})" if best.best_model_score is not None else ""
-            print(f"Best checkpoint{score}: {best.best_model_path}")
+        print_summary(self.trainer, "fit")
+
+    def after_validate(self) -> None:
+        print_summary(self.trainer, "validate")
+
+    def after_test(self) -> None:
+        print_summary(self.trainer, "test")
 
 
 # Lines of jsonargparse's nested messages that repeat what the other lines say, or spell out internals.
@@ -344,14 +357,15 @@ def one_line(err: BaseException) -> str:
 def main(args: ArgsType = None) -> None:
     """Entry point of `cifar-cli` and `python -m cifar_cli`. Bad input ends in one line on stderr and exit code 2."""
     hooks.install()  # callback hooks called only where implemented (see cifar_cli.hooks)
+    silence_noise()
     try:
         CifarCLI(
             ImageClassifier,
             ImageDataModule,
             subclass_mode_data=True,
             seed_everything_default=42,
-            # The optimizer and schedule are the model's (--model.optimizer, --model.lr_schedule): it builds the
-            # parameter groups. LightningCLI's own --optimizer would put every parameter in one group.
+            # The optimizer and schedule are the model's: it builds the parameter groups. LightningCLI's own
+            # --optimizer would put every parameter in one group; the CLI hands it to the model instead.
             auto_configure_optimizers=False,
             save_config_callback=RunConfigSaver,
             parser_kwargs={"exit_on_error": False},

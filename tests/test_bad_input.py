@@ -139,8 +139,8 @@ CASES = [
     ),
     Case(
         "optimizer_lr_flag",
-        ["fit", "--model.optimizer", "SGD", "--model.optimizer.lr", "0.1"],
-        "--model.optimizer.lr is not used",
+        ["fit", "--model.optimizer", "SGD", "--model.optimizer.lr", "0.1", "--model.learning_rate", "0.2"],
+        "--model.optimizer.lr 0.1 and --model.learning_rate 0.2 disagree",
     ),
     Case(
         "optimizer_class_path_runs_code",

@@ -9,8 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cifar_cli.classifier import ImageClassifier, check_optimizer_arguments
-from cifar_cli.errors import UsageError
+from cifar_cli.classifier import ImageClassifier
 from cifar_cli.nets import FastNet, TutorialCNN
 from cifar_cli.optim import WarmupLinearDecay, param_groups
 
@@ -111,14 +110,6 @@ def test_optimizer_and_schedule_are_injected() -> None:
         scheduler.step()
     assert [round(lr, 6) for lr in lrs] == [0.08, 0.144, 0.208, 0.272, 0.336, 0.4, 0.32, 0.24, 0.16, 0.08]
     assert optimizer.param_groups[0]["weight_decay"] == 5e-4
-
-
-def test_optimizer_learning_rate_flag_is_refused() -> None:
-    from functools import partial
-
-    check_optimizer_arguments(partial(torch.optim.SGD, lr=1e-3, momentum=0.9))  # the class default: fine
-    with pytest.raises(UsageError, match="--model.learning_rate"):
-        check_optimizer_arguments(partial(torch.optim.SGD, lr=0.1))
 
 
 def test_training_metrics_count_every_image_of_the_epoch_and_log_window_means(monkeypatch) -> None:

@@ -173,9 +173,13 @@ def test_fast_cpu_recipe_end_to_end(fake_cifar10: Path) -> None:
     torch.testing.assert_close(covariance, torch.eye(12), atol=0.02, rtol=0)
 
 
-def test_error_optimizer_learning_rate_flag(capsys) -> None:
-    message = fails(capsys, "fit", "--model.optimizer", "SGD", "--model.optimizer.lr", "0.1")
-    assert message == "cifar-cli: error: --model.optimizer.lr is not used: set --model.learning_rate instead"
+def test_error_two_learning_rates(capsys) -> None:
+    message = fails(
+        capsys, "fit", "--model.optimizer", "SGD", "--model.optimizer.lr", "0.1", "--model.learning_rate", "0.2"
+    )
+    assert message == (
+        "cifar-cli: error: --model.optimizer.lr 0.1 and --model.learning_rate 0.2 disagree: give the learning rate once"
+    )
     assert not Path("runs").exists()
 
 

@@ -1,0 +1,136 @@
+"""LightningCLI's `--optimizer` and `--lr_scheduler` handed to the model, and the one learning rate resolved.
+
+The model builds its optimizer over parameter groups (the BatchNorm and backbone factors); LightningCLI's own
+wiring of these flags would build it over one group of all parameters. So the flags are parsed as LightningCLI
+parses them, then moved into `model.optimizer` and `model.lr_scheduler` before anything is built: the saved
+config.yaml and the checkpoint's hyperparameters hold them there, and `--ckpt_path` rebuilds the same run.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from typing import Any
+
+import torch
+from jsonargparse import Namespace
+
+from cifar_cli.errors import UsageError
+
+# ImageClassifier's defaults: a value other than these was chosen by the user.
+DEFAULT_OPTIMIZER = "torch.optim.Adam"
+DEFAULT_LEARNING_RATE = 2e-4
+DEFAULT_WEIGHT_DECAY = 0.0
+# Scheduler arguments that count epochs (or steps) of a period: torch accepts 0 or -1 for some of them and fails
+# later, at the first step that divides by it, or trains on a meaningless curve.
+PERIODS = ("T_max", "T_0", "step_size", "total_steps")
+
+
+def import_class(class_path: str) -> type | None:
+    module, _, name = str(class_path).rpartition(".")
+    try:
+        target = getattr(importlib.import_module(module), name, None) if module else None
+    except ImportError:
+        return None
+    return target if isinstance(target, type) else None
+
+
+def class_default(class_path: str, name: str) -> Any:
+    """The default of `name` in the class's signature, or `inspect.Parameter.empty`."""
+    cls = import_class(class_path)
+    parameter = inspect.signature(cls).parameters.get(name) if cls is not None else None
+    return parameter.default if parameter is not None else inspect.Parameter.empty
+
+
+def _init_args(options: Namespace) -> Namespace:
+    if options.get("init_args") is None:
+        options["init_args"] = Namespace()
+    return options["init_args"]
+
+
+def is_default_optimizer(options: Any) -> bool:
+    """Whether `model.optimizer` is ImageClassifier's default, Adam with its class defaults."""
+    if not isinstance(options, Namespace) or options.get("class_path") != DEFAULT_OPTIMIZER:
+        return options is None
+    init = options.get("init_args") or Namespace()
+    return all(value == class_default(DEFAULT_OPTIMIZER, name) for name, value in init.items())
+
+
+def move_optimizer_flags(config: Namespace) -> dict[str, str]:
+    """Move `--optimizer` and `--lr_scheduler` of the subcommand's `config` into the model's arguments, and settle
+    the learning rate and weight decay in `model.learning_rate` / `model.weight_decay` (and the optimizer's own
+    arguments, which then agree). Returns the flags that gave the optimizer and the scheduler, for error messages.
+
+    An optimizer's own `lr` (or `weight_decay`) counts as given when it differs from its class's default; given,
+    it wins over the model's default; given with a different `--model.learning_rate`, the pair is refused.
+    """
+    model = config["model"]
+    flags = {"optimizer": "--model.optimizer", "lr_scheduler": "--model.lr_scheduler"}
+    optimizer = config.get("optimizer")
+    if optimizer is not None:
+        own = model.get("optimizer")
+        if not is_default_optimizer(own) and own.as_dict() != optimizer.as_dict():
+            raise UsageError("--optimizer and --model.optimizer both choose the optimizer: give one of them")
+        model["optimizer"], config["optimizer"] = optimizer.clone(), None
+        flags["optimizer"] = "--optimizer"
+    scheduler = config.get("lr_scheduler")
+    if scheduler is not None:
+        own = model.get("lr_scheduler")
+        if own is not None and own.as_dict() != scheduler.as_dict():
+            raise UsageError("--lr_scheduler and --model.lr_scheduler both choose the scheduler: give one of them")
+        model["lr_scheduler"], config["lr_scheduler"] = scheduler.clone(), None
+        flags["lr_scheduler"] = "--lr_scheduler"
+    if model.get("lr_scheduler") is not None and model.get("lr_schedule") is not None:
+        raise UsageError(
+            f"{flags['lr_scheduler']} and --model.lr_schedule both schedule the learning rate: give one of them"
+        )
+    if isinstance(model.get("optimizer"), Namespace):
+        settle(model, "lr", "learning_rate", DEFAULT_LEARNING_RATE, flags["optimizer"])
+        settle(model, "weight_decay", "weight_decay", DEFAULT_WEIGHT_DECAY, flags["optimizer"])
+    if isinstance(model.get("lr_scheduler"), Namespace):
+        init = model["lr_scheduler"].get("init_args") or Namespace()
+        for name in PERIODS:
+            if isinstance(init.get(name), int) and init[name] <= 0:
+                raise UsageError(f"{flags['lr_scheduler']}.{name} {init[name]}: a period is a positive number")
+    return flags
+
+
+def settle(model: Namespace, name: str, model_name: str, model_default: float, flag: str) -> None:
+    """One value of the optimizer's `name` and the model's `model_name`: the one given, in both places."""
+    options = model["optimizer"]
+    default = class_default(options["class_path"], name)
+    if default is inspect.Parameter.empty:
+        return  # an optimizer without this argument: the parameter groups still carry it, unused
+    init = _init_args(options)
+    own, value = init.get(name, default), model.get(model_name)
+    own_given, model_given = own is not None and own != default, value != model_default
+    if own_given and model_given and own != value:
+        what = model_name.replace("_", " ")
+        raise UsageError(f"{flag}.{name} {own} and --model.{model_name} {value} disagree: give the {what} once")
+    if own_given:
+        if name == "lr" and not own > 0:
+            raise UsageError(f"{flag}.lr {own}: the learning rate is a positive number")
+        model[model_name] = own
+    init[name] = model[model_name]
+
+
+def check_built(model: Any, flags: dict[str, str]) -> None:
+    """Build the model's optimizer and scheduler once over a dummy parameter, so that arguments torch refuses fail
+    in one line now rather than with a traceback at the first step; the scheduler is stepped a few times, as
+    some fail only then (StepLR with step_size 0 divides by it)."""
+    params = [{"params": [torch.zeros(1, requires_grad=True)], "lr": model.hparams.learning_rate}]
+    try:
+        optimizer = model.optimizer(params)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise UsageError(f"{flags['optimizer']}: {err}") from err
+    if model.lr_scheduler is None:
+        return
+    try:
+        scheduler = model.lr_scheduler(optimizer)
+        for _ in range(3):
+            optimizer.step()
+            scheduler.step(0.0) if isinstance(
+                scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau
+            ) else scheduler.step()
+    except (TypeError, ValueError, RuntimeError, ZeroDivisionError) as err:
+        raise UsageError(f"{flags['lr_scheduler']}: {err}") from err

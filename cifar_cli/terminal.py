@@ -1,0 +1,236 @@
+"""What a run shows: a rich progress bar in a terminal and one line per epoch in a log file, the model summary,
+upstream messages the user can do nothing about silenced by their text, and the summary that ends a command."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+import warnings
+from typing import Any
+
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import ProgressBar, RichModelSummary
+from lightning.pytorch.loggers import WandbLogger
+from rich import get_console
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from cifar_cli.callbacks import RichBar, run_dir
+
+# Columns of the end summary when stdout is a file: wide enough for a metric table, narrow enough for a log viewer.
+LOG_COLUMNS = 100
+
+
+class _DropMessages(logging.Filter):
+    """Drops the log records whose message matches one of the patterns; passes every other."""
+
+    def __init__(self, *patterns: str) -> None:
+        super().__init__()
+        self.patterns = [re.compile(p) for p in patterns]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(p.search(record.getMessage()) for p in self.patterns)
+
+
+# Lightning's advertisements for its paid services (litlogger, litmodels), logged at every trainer's creation
+# through `rank_zero_info`, whose logger is this one; it also carries the GPU/TPU lines, which stay.
+_TIPS = _DropMessages(r"^💡 Tip: For seamless cloud ")
+_TIPS_LOGGER = "lightning.pytorch.utilities.rank_zero"
+
+
+def silence_noise() -> None:
+    """Silence, by their text, the upstream messages that tell a user of cifar-cli nothing they can act on."""
+    logger = logging.getLogger(_TIPS_LOGGER)
+    if _TIPS not in logger.filters:
+        logger.addFilter(_TIPS)
+    # torch 2.9 deprecated `LeafSpec`, which Lightning's own `_pytree` still builds at every fit.
+    warnings.filterwarnings(
+        "ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning
+    )
+
+
+def quiet_wandb(trainer: Trainer) -> None:
+    """Remove the causes of two W&B warnings, before the W&B run starts (at the first use of the logger).
+
+    "The anonymous setting has no effect": Lightning's WandbLogger passes `anonymous=None` to `wandb.init`, and
+    wandb warns whenever the setting is given at all. "git root runs does not exist": wandb looks for the git
+    commit from the logger's `save_dir`, which Lightning creates only later; created now, the run records the
+    commit of the code it ran, instead of a warning.
+    """
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger) and logger._experiment is None:
+            init = logger._wandb_init  # private to Lightning (2.6): the keyword arguments of `wandb.init`
+            if init.get("anonymous", "") is None:
+                del init["anonymous"]
+            if logger.save_dir and trainer.is_global_zero:
+                os.makedirs(logger.save_dir, exist_ok=True)
+
+
+def is_terminal() -> bool:
+    """Whether stdout, where rich draws, is a terminal (or a notebook) rather than a file or a pipe."""
+    console = get_console()
+    return console.is_terminal or console.is_jupyter
+
+
+def progress_bar() -> ProgressBar:
+    """The rich bar in a terminal; one line per epoch in a log (nohup, SLURM, CI), where the rich bar shows
+    nothing until the run ends, then one frame wrapped over a dozen lines."""
+    return RichBar() if is_terminal() else EpochLines()
+
+
+def _seconds(elapsed: float) -> str:
+    if elapsed < 60:
+        return f"{elapsed:.1f} s"
+    minutes, seconds = divmod(int(elapsed), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}"
+
+
+def epoch_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """Numeric metrics as of an epoch's end: `X_epoch` named `X`, and `X_step` dropped where `X_epoch` exists;
+    training metrics first, then validation, then the others, each in logging order."""
+    numbers = {k: float(v) for k, v in metrics.items() if k != "v_num" and not isinstance(v, (str, dict))}
+    named = {
+        k.removesuffix("_epoch"): v
+        for k, v in numbers.items()
+        if not (k.endswith("_step") and k.removesuffix("_step") + "_epoch" in numbers)
+    }
+    rank = {"train": 0, "val": 1}
+    order = sorted(named, key=lambda k: rank.get(k.split("_")[0], 2))  # stable: logging order within each
+    return {k: named[k] for k in order}
+
+
+class EpochLines(ProgressBar):
+    """One plain line per training epoch, after its validation, flushed; nothing within an epoch, and nothing for
+    the sanity check, `validate` or `test` (their summary ends the command):
+
+        epoch 3/10  step 1,407  train_loss 0.5121  train_acc 0.8304  val_loss 0.6104  val_acc 0.7902  12.3 s
+
+    A ProgressBar rather than a plain Callback: Lightning then treats it as the trainer's one progress bar
+    (`trainer.progress_bar_callback`, whose `print` other code may use; a second bar in a config is refused;
+    `--trainer.enable_progress_bar false` refuses it rather than showing it), disables it on ranks other than 0,
+    and its `get_metrics` gives the metrics logged with `prog_bar=True`, as the rich bar shows them.
+
+    The training metrics of an epoch (`train_loss_epoch`) are computed after every `on_train_epoch_end` hook has
+    run, so the line is printed at the next epoch's start, or at the end of training.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._enabled = True
+        self._start = time.monotonic()
+        self._pending: tuple[int, float] | None = None  # (epoch, seconds since training began) of the next line
+
+    @property
+    def is_enabled(self) -> bool:
+        return self._enabled
+
+    @property
+    def is_disabled(self) -> bool:
+        return not self._enabled
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._start = time.monotonic()
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._pending = (trainer.current_epoch, time.monotonic() - self._start)
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._print_pending(trainer, pl_module)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._print_pending(trainer, pl_module)
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._print_pending(trainer, pl_module)  # a stop by SIGTERM comes after the epoch's metrics are computed
+
+    def _print_pending(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._pending is None or not self._enabled:
+            return
+        epoch, elapsed = self._pending
+        self._pending = None
+        total = f"/{trainer.max_epochs}" if trainer.max_epochs and trainer.max_epochs > 0 else ""
+        metrics = "  ".join(f"{k} {v:.4f}" for k, v in epoch_metrics(self.get_metrics(trainer, pl_module)).items())
+        print(f"epoch {epoch + 1}{total}  step {trainer.global_step:,}  {metrics}  {_seconds(elapsed)}", flush=True)
+
+
+class FlopsSummary(RichModelSummary):
+    """Lightning's rich model summary without its "Total FLOPs: 0" line: Lightning counts FLOPs only for a model
+    with an `example_input_array`, and prints 0 for every other."""
+
+    @staticmethod
+    def summarize(
+        summary_data: list[tuple[str, list[str]]],
+        total_parameters: int,
+        trainable_parameters: int,
+        model_size: float,
+        total_training_modes: dict[str, int],
+        total_flops: int,
+        **summarize_kwargs: Any,
+    ) -> None:
+        args = (summary_data, total_parameters, trainable_parameters, model_size, total_training_modes, total_flops)
+        if total_flops:
+            RichModelSummary.summarize(*args, **summarize_kwargs)
+            return
+        console = get_console()
+        with console.capture() as captured:
+            RichModelSummary.summarize(*args, **summarize_kwargs)
+        lines = captured.get().splitlines(keepends=True)
+        console.file.write("".join(line for line in lines if "Total FLOPs" not in line))
+        console.file.flush()
+
+
+def quiet_model_summary(trainer: Trainer) -> None:
+    """Replace the rich model summary Lightning added by default with FlopsSummary, with the same settings."""
+    for i, callback in enumerate(trainer.callbacks):
+        if type(callback) is RichModelSummary:
+            trainer.callbacks[i] = FlopsSummary(callback._max_depth, **callback._summarize_kwargs)
+
+
+def print_summary(trainer: Trainer, stage: str) -> None:
+    """The end of `fit`, `test` and `validate` on rank 0: the final metrics, the best checkpoint, the run's folder
+    and, for an offline W&B run, the command that uploads it.
+
+    The paths are printed whole on lines of their own, never wrapped, so that they can be copied and parsed
+    (`bench.common.best_checkpoint` reads the "Best checkpoint (...): PATH" line).
+    """
+    if not trainer.is_global_zero:
+        return
+    console = get_console() if is_terminal() else Console(width=LOG_COLUMNS)
+    metrics = epoch_metrics(trainer.callback_metrics)
+    best = trainer.checkpoint_callback if stage == "fit" else None
+    scored = best is not None and best.best_model_path and best.best_model_score is not None
+    # A checkpoint evaluated by test or validate restores no loop state: its epoch and step would read 0.
+    where = f": {trainer.current_epoch} epochs, step {trainer.global_step:,}" if stage == "fit" else ""
+    table = Table(title=f"cifar-cli {stage}{where}")
+    table.add_column("metric")
+    table.add_column("final", justify="right")
+    if scored:
+        table.add_column(f"best ({best.mode})", justify="right")
+    for name, value in metrics.items():
+        row = [name, f"{value:.4f}"]
+        if scored:
+            row.append(f"{float(best.best_model_score):.4f}" if name == best.monitor else "")
+        table.add_row(*row)
+    if metrics and stage == "fit":  # test and validate print Lightning's table of their metrics already
+        console.print(table)
+    lines = [f"Run folder: {run_dir(trainer)}"]
+    if stage != "fit" and trainer.ckpt_path:
+        lines.append(f"Checkpoint: {trainer.ckpt_path}")
+    if best is not None and best.best_model_path:
+        score = f" ({best.monitor} {float(best.best_model_score):.4f})" if best.best_model_score is not None else ""
+        lines.append(f"Best checkpoint{score}: {best.best_model_path}")
+    for logger in trainer.loggers:
+        run = getattr(logger, "_experiment", None) if isinstance(logger, WandbLogger) else None
+        if run is not None and getattr(run, "offline", False):
+            lines.append(f"Upload to W&B: wandb sync {run.sync_dir}")
+    for line in lines:
+        console.print(Text(line), soft_wrap=True, highlight=False)

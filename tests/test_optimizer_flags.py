@@ -1,0 +1,123 @@
+"""LightningCLI's `--optimizer` and `--lr_scheduler`, `--model.optimizer.lr`, and the one learning rate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from test_cli import CSV_LOGGER, cifar_args, fails, metrics_rows
+
+from cifar_cli.cli import main
+
+TINY = ["--trainer.max_epochs", "2", "--trainer.limit_train_batches", "2", "--trainer.logger", "false"]
+# A net with BatchNorm layers, so that the norm group's factor shows.
+FAST_NET = ["--model.net", "cifar_cli.nets.FastNet", "--model.net.init_args.widths", "[8, 16, 16]"]
+
+
+def newest_checkpoint() -> dict:
+    (path,) = sorted(Path().glob("**/checkpoints/*.ckpt"), key=lambda p: p.stat().st_mtime)[-1:]
+    return torch.load(path, weights_only=True)
+
+
+def groups_lr(ckpt: dict) -> list[tuple[float, float]]:
+    return [(g["initial_lr"], g["lr"]) for g in ckpt["optimizer_states"][0]["param_groups"]]
+
+
+def test_optimizer_and_scheduler_flags_keep_groups_and_rebuild_from_the_checkpoint(fake_cifar10: Path) -> None:
+    main(["fit", *cifar_args(fake_cifar10), *FAST_NET, *CSV_LOGGER, "--trainer.max_epochs", "2",
+          "--trainer.limit_train_batches", "2", "--model.norm_lr_factor", "4",
+          "--optimizer", "SGD", "--optimizer.lr", "0.05", "--optimizer.momentum", "0.9",
+          "--lr_scheduler", "StepLR", "--lr_scheduler.step_size", "1", "--lr_scheduler.gamma", "0.5",
+          "--trainer.callbacks+=LearningRateMonitor"])  # fmt: skip
+    (path,) = Path("runs").glob("**/config.yaml")
+    config = yaml.safe_load(path.read_text())
+    # The flags land in the model's arguments, where config.yaml and the checkpoint keep them.
+    assert config["optimizer"] is None and config["lr_scheduler"] is None
+    assert config["model"]["optimizer"]["class_path"] == "torch.optim.SGD"
+    assert config["model"]["optimizer"]["init_args"]["lr"] == config["model"]["learning_rate"] == 0.05
+    assert config["model"]["lr_scheduler"]["class_path"] == "torch.optim.lr_scheduler.StepLR"
+    # Per epoch, over both parameter groups: 0.05 then 0.025, the BatchNorm group at 4x.
+    rows = metrics_rows("runs")
+    lr = sorted({(int(r["step"]), float(r["lr-SGD/pg1"])) for r in rows if r.get("lr-SGD/pg1")})
+    norm = sorted({(int(r["step"]), float(r["lr-SGD/pg2"])) for r in rows if r.get("lr-SGD/pg2")})
+    assert [x for _, x in lr] == pytest.approx([0.05, 0.025])
+    assert [x for _, x in norm] == pytest.approx([0.2, 0.1])
+    ckpt = newest_checkpoint()
+    assert ckpt["hyper_parameters"]["learning_rate"] == 0.05
+    assert ckpt["hyper_parameters"]["optimizer"]["class_path"] == "torch.optim.SGD"
+    (path,) = [p for p in Path().glob("**/checkpoints/*.ckpt") if not p.name.startswith("last")]
+
+    main(["test", "--ckpt_path", str(path), "--trainer.logger", "false"])
+    main(["fit", "--ckpt_path", str(path), "--trainer.max_epochs", "3", "--trainer.limit_train_batches", "2",
+          "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"])  # fmt: skip
+    resumed = newest_checkpoint()
+    assert resumed["epoch"] == 2
+    group = resumed["optimizer_states"][0]["param_groups"][0]
+    assert group["initial_lr"] == 0.05 and group["momentum"] == 0.9  # SGD, restored with its own settings
+    assert any("momentum_buffer" in s for s in resumed["optimizer_states"][0]["state"].values())
+    assert resumed["lr_schedulers"][0]["step_size"] == 1 and len(groups_lr(resumed)) == 2
+
+
+@pytest.mark.parametrize(
+    ("args", "optimizer", "lr"),
+    [
+        (["--optimizer", "torch.optim.AdamW"], torch.optim.AdamW, 2e-4),  # the model's default learning rate
+        (["--optimizer", "AdamW", "--model.learning_rate", "0.01"], torch.optim.AdamW, 0.01),
+        (["--model.optimizer.lr", "0.01"], torch.optim.Adam, 0.01),
+        (["--model.optimizer", "torch.optim.SGD", "--model.optimizer.momentum", "0.9"], torch.optim.SGD, 2e-4),
+        (["--optimizer", "SGD", "--optimizer.lr", "0.05", "--model.learning_rate", "0.05"], torch.optim.SGD, 0.05),
+    ],
+)
+def test_optimizer_forms_set_one_learning_rate(fake_cifar10: Path, args: list[str], optimizer: type, lr: float) -> None:
+    main(["fit", *cifar_args(fake_cifar10), *TINY, "--trainer.max_epochs", "1", *args])
+    ckpt = newest_checkpoint()
+    assert ckpt["hyper_parameters"]["optimizer"]["class_path"] == f"torch.optim.{optimizer.__name__}"
+    assert ckpt["hyper_parameters"]["learning_rate"] == lr
+    assert all(g["lr"] == lr for g in ckpt["optimizer_states"][0]["param_groups"])
+
+
+def test_optimizer_from_a_config_file_top_level(fake_cifar10: Path, tmp_path: Path) -> None:
+    (tmp_path / "sgd.yaml").write_text(
+        "optimizer:\n  class_path: torch.optim.SGD\n  init_args: {lr: 0.05}\n"
+        "lr_scheduler:\n  class_path: CosineAnnealingLR\n  init_args: {T_max: 10}\n"
+    )
+    main(["fit", "--config", str(tmp_path / "sgd.yaml"), *cifar_args(fake_cifar10), *TINY])
+    ckpt = newest_checkpoint()
+    assert ckpt["hyper_parameters"]["learning_rate"] == 0.05
+    (scheduler,) = ckpt["lr_schedulers"]
+    assert scheduler["T_max"] == 10 and scheduler["base_lrs"] == [0.05]
+
+
+def test_reduce_lr_on_plateau_monitors_val_loss(fake_cifar10: Path) -> None:
+    main(["fit", *cifar_args(fake_cifar10), *TINY, "--optimizer", "SGD", "--optimizer.lr", "0.05",
+          "--lr_scheduler", "ReduceLROnPlateau", "--lr_scheduler.monitor", "val_loss",
+          "--lr_scheduler.patience", "0"])  # fmt: skip
+    (scheduler,) = newest_checkpoint()["lr_schedulers"]
+    assert scheduler["monitor"] == "val_loss" and scheduler["best"] < float("inf")  # it saw val_loss
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--optimizer", "NotAnOptimizer"], 'Parser key "optimizer"'),
+        (["--lr_scheduler", "CosineAnnealingLR", "--lr_scheduler.T_max", "-1"], "--lr_scheduler.T_max -1"),
+        (["--lr_scheduler", "CosineAnnealingWarmRestarts", "--lr_scheduler.T_0", "-1"], "--lr_scheduler.T_0 -1"),
+        (["--optimizer", "SGD", "--optimizer.momentum", "-1"], "--optimizer: Invalid momentum value: -1"),
+        (["--optimizer", "SGD", "--model.optimizer", "Adagrad"], "--optimizer and --model.optimizer both choose"),
+        (
+            ["--lr_scheduler", "StepLR", "--lr_scheduler.step_size", "1", "--model.lr_schedule", "WarmupLinearDecay"],
+            "--lr_scheduler and --model.lr_schedule both schedule",
+        ),
+        (
+            ["--optimizer", "SGD", "--optimizer.lr", "0.05", "--model.learning_rate", "0.1"],
+            "--optimizer.lr 0.05 and --model.learning_rate 0.1 disagree",
+        ),
+        (["--model.optimizer.lr", "0.01", "--model.learning_rate", "0.1"], "--model.optimizer.lr 0.01 and"),
+        (["--model.lr_scheduler", "os.system"], "os.system"),
+    ],
+)
+def test_bad_optimizer_flags_fail_in_one_line(capsys, args: list[str], message: str) -> None:
+    assert message in fails(capsys, "fit", *args)
+    assert not Path("runs").exists()

@@ -1,0 +1,60 @@
+"""What a run prints when its output goes to a file (nohup, SLURM, CI): one line per epoch, no upstream noise, and
+a summary at the end whose paths exist. `capfd` reads file descriptors 1 and 2, which are not terminals, and sees
+what Lightning's log handlers and W&B write there."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from cifar_cli.cli import main
+
+FIT = ["fit", "--data", "ImageFolderDataModule", "--data.val_size", "30", "--trainer.max_epochs", "2",
+       "--trainer.limit_train_batches", "2"]  # fmt: skip
+NOISE = ("Tip:", "litlogger", "litmodels", "Total FLOPs", "LeafSpec", "anonymous setting", "git root")
+
+
+def test_log_shows_one_line_per_epoch_no_noise_and_a_summary(
+    image_folder: Path, capfd, recwarn, caplog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("WANDB_SILENT")  # as a user runs: W&B's own warnings shown
+    main([*FIT, "--data.root", str(image_folder)])  # the default logger: W&B, offline
+    out, err = capfd.readouterr()
+    # Lightning's log lines go to the stderr of when it was imported, which pytest holds: read them from caplog.
+    printed = out + err + "\n".join(r.getMessage() for r in caplog.records)
+    epochs = [line for line in out.splitlines() if line.startswith("epoch ")]
+    assert [line.split("  ")[:2] for line in epochs] == [["epoch 1/2", "step 2"], ["epoch 2/2", "step 4"]]
+    for line in epochs:
+        names = re.findall(r"  ([a-z_]+) \d+\.\d{4}", line)
+        assert names == ["train_loss", "train_acc", "val_loss", "val_acc"], line
+        assert re.search(r"  \d+\.\d s$", line)
+    assert "Epoch " not in printed and "it/s" not in printed and "\r" not in printed  # no rich bar
+    for noise in NOISE:
+        assert noise not in printed, noise
+    assert not [w for w in recwarn if "LeafSpec" in str(w.message)]
+    assert "GPU available:" in printed and "Seed set to 42" in printed  # what informs stays
+    assert "Trainable params" in printed  # and the rest of the model summary
+
+    ckpt = Path(re.search(r"Best checkpoint \(val_loss \d\.\d{4}\): (\S+\.ckpt)", out)[1])
+    sync = Path(re.search(r"^Upload to W&B: wandb sync (\S+)$", out, re.MULTILINE)[1])
+    folder = Path(re.search(r"^Run folder: (\S+)$", out, re.MULTILINE)[1])
+    assert ckpt.is_file() and sync.is_dir() and (folder / "config.yaml").is_file()
+    assert ckpt.is_relative_to(folder)
+    summary = out[out.index("cifar-cli fit:") :].splitlines()
+    assert all(len(line) <= 100 for line in summary if "/" not in line)  # the table, within a log's columns
+    assert re.search(r"val_loss\s+│\s+\d\.\d{4}\s+│\s+\d\.\d{4}", out)  # final and best
+
+    main(["test", "--ckpt_path", str(ckpt), "--trainer.logger", "false"])
+    out = capfd.readouterr().out
+    assert "Test metric" in out and "Run folder: " in out  # Lightning's table of the metrics, then the paths
+    assert f"Checkpoint: {ckpt}" in out and "Best checkpoint" not in out and "epoch " not in out
+
+
+def test_progress_bar_false_turns_the_lines_off(image_folder: Path, capfd) -> None:
+    main([*FIT, "--data.root", str(image_folder), "--trainer.max_epochs", "1", "--trainer.logger", "CSVLogger",
+          "--trainer.enable_progress_bar", "false"])  # fmt: skip
+    out = capfd.readouterr().out
+    assert not [line for line in out.splitlines() if line.startswith("epoch ")]
+    assert "Best checkpoint (val_loss " in out and "wandb sync" not in out
