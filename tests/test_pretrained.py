@@ -84,19 +84,14 @@ def test_weights_path_loads_the_backbone_and_normalises_as_the_weights_expect(im
     assert net.head.out_features == 3 and not torch.equal(net.head.weight[:3], source.fc.weight[:3])
     assert (net.input_mean, net.input_std) == (IMAGENET_MEAN, IMAGENET_STD)
 
-    args = [
-        "--model.net",
-        "TorchvisionNet",
-        "--model.net.weights_path",
-        str(path),
-        "--trainer.limit_train_batches",
-        "1",
-    ]
+    if suffix == ".safetensors":
+        return  # the command line once is enough
+    args = ["--model.net", "TorchvisionNet", "--model.net.weights_path", str(path)]
+    args += ["--trainer.limit_train_batches", "1"]
     main(["fit", *folder_args(image_folder, *args)])
     checkpoint = torch.load(only_checkpoint(), weights_only=True)
-    main(["test", "--ckpt_path", str(only_checkpoint()), *QUIET])
-    # The images were normalised with ImageNet's statistics, which the data module reports after setup.
     assert checkpoint["state_dict"]["net.model.fc.weight"].shape == (3, 512)
+    main(["test", "--ckpt_path", str(only_checkpoint()), *QUIET])  # rebuilt from the checkpoint alone
 
 
 def test_pretrained_statistics_replace_the_datas(image_folder) -> None:
@@ -139,13 +134,14 @@ def test_backbone_finetuning_freezes_the_backbone_until_its_epoch(image_folder) 
     source = torch.load("r18.pth", weights_only=True)
     base = ["--model.net", "TorchvisionNet", "--model.net.weights_path", "r18.pth"]
     base += ["--trainer.callbacks+=BackboneFinetuning", "--trainer.callbacks.unfreeze_backbone_at_epoch", "1"]
-    main(["fit", *folder_args(image_folder, *base, "--trainer.max_epochs", "1")])
-    frozen = torch.load(only_checkpoint(), weights_only=True)
+    # Both epochs' weights kept: every epoch checkpointed.
+    base += ["--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.save_top_k", "-1"]
+    base += ["--trainer.callbacks.dirpath", "epochs", "--trainer.limit_train_batches", "2"]
+    main(["fit", *folder_args(image_folder, *base, "--trainer.max_epochs", "2")])
+    frozen = torch.load("epochs/epoch=0-step=2.ckpt", weights_only=True)
     assert torch.equal(frozen["state_dict"]["net.model.conv1.weight"], source["conv1.weight"])
     assert not torch.equal(frozen["state_dict"]["net.model.fc.weight"][:3], source["fc.weight"][:3])
-    only_checkpoint().unlink()
-    main(["fit", *folder_args(image_folder, *base, "--trainer.max_epochs", "2")])
-    unfrozen = torch.load(only_checkpoint(), weights_only=True)
+    unfrozen = torch.load("epochs/epoch=1-step=4.ckpt", weights_only=True)
     assert not torch.equal(unfrozen["state_dict"]["net.model.conv1.weight"], source["conv1.weight"])
     assert len(unfrozen["optimizer_states"][0]["param_groups"]) == 3  # head, its norms (none), backbone added
 
@@ -230,11 +226,12 @@ def test_timm_missing_or_unknown_name_fail_in_one_line(capsys, monkeypatch) -> N
 def test_backbone_finetuning_resumes_exactly_after_the_unfreezing(fake_cifar10: Path, tmp_path: Path) -> None:
     # Resumed in the middle of the epoch that unfroze the backbone: Lightning does not call the callback's
     # on_train_epoch_start there, and the backbone stayed frozen until cifar-cli's on_train_start unfroze it.
-    resume_at = "epoch=1-step=7"
+    resume_at = "epoch=1-step=4"
     from test_resume import EVERY_STEP, assert_identical, cifar, tensors
 
     torch.save(torchvision.models.shufflenet_v2_x0_5().state_dict(), tmp_path / "weights.pth")
     args = [*cifar(fake_cifar10), *EVERY_STEP, *QUIET, "--trainer.max_epochs", "2", "--model.net", "TorchvisionNet"]
+    args += ["--trainer.limit_train_batches", "3"]  # 3 steps an epoch
     args += ["--model.net.name", "shufflenet_v2_x0_5", "--model.net.weights_path", str(tmp_path / "weights.pth")]
     args += ["--trainer.callbacks+=BackboneFinetuning", "--trainer.callbacks.unfreeze_backbone_at_epoch", "1"]
     for run in ("full", "resumed"):
@@ -244,7 +241,7 @@ def test_backbone_finetuning_resumes_exactly_after_the_unfreezing(fake_cifar10: 
     os.chdir(tmp_path / "resumed")
     main(["fit", *args, "--ckpt_path", str(tmp_path / "full" / "steps" / f"{resume_at}.ckpt")])
     resumed = sorted(Path("steps").glob("epoch=*.ckpt"))
-    assert len(resumed) == 10 - int(resume_at.rsplit("=", 1)[1])
+    assert len(resumed) == 6 - int(resume_at.rsplit("=", 1)[1])
     for path in resumed:
         assert_identical(tensors(path.resolve()), tensors(tmp_path / "full" / "steps" / path.name))
     assert not torch.equal(*(tensors(p)["weights.net.model.conv1.0.weight"] for p in resumed[:2]))  # it trains
@@ -252,8 +249,8 @@ def test_backbone_finetuning_resumes_exactly_after_the_unfreezing(fake_cifar10: 
 
 def test_an_image_folder_at_224_px_trains_a_torchvision_network_by_name(image_folder) -> None:
     args = ["--data.image_size", "224", "--model.net", "TorchvisionNet", "--model.net.name", "resnet18"]
-    args += ["--data.batch_size", "8", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1"]
+    args += ["--data.batch_size", "4", "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1"]
     main(["fit", *folder_args(image_folder, *args)])
     checkpoint = torch.load(only_checkpoint(), weights_only=True)
-    assert checkpoint["global_step"] == 2 and checkpoint["state_dict"]["net.model.fc.weight"].shape == (3, 512)
+    assert checkpoint["global_step"] == 1 and checkpoint["state_dict"]["net.model.fc.weight"].shape == (3, 512)
     assert checkpoint["hyper_parameters"]["net"]["init_args"]["name"] == "resnet18"
