@@ -30,11 +30,12 @@ endif
 fit: $(VENV)/.installed $(if $(DATA_CONFIG),data)
 	$(BIN)/cifar-cli fit $(DATA_CONFIG) $(ARGS)
 
-# One pytest worker per core (pytest-xdist); each test file stays in one worker, so the DDP tests never run
-# side by side. `make test ARGS="-n 0 tests/test_cli.py"` runs one file in this process.
+# One pytest worker per core (pytest-xdist), handed tests one by one, except that the DDP tests all go to one worker
+# (their xdist_group), so they never run side by side. `make test ARGS="-n 0 tests/test_cli.py"` runs one file in
+# this process.
 test: $(VENV)/.installed-dev
 	$(BIN)/ruff check cifar_cli tests bench
-	$(BIN)/pytest -q -n auto --dist loadfile $(ARGS)
+	$(BIN)/pytest -q -n auto --dist loadgroup $(ARGS)
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check cifar_cli tests bench

@@ -21,6 +21,9 @@ import pytest
 import torch
 from conftest import write_image_folder
 
+# One pytest worker runs every DDP test (make test: --dist loadgroup): two of them side by side would share the
+# 2 cores four ways and run past their timeouts.
+pytestmark = pytest.mark.xdist_group("ddp")
 CLI = str(Path(sys.executable).parent / "cifar-cli")
 # 90 training images over 2 ranks, 5 a batch: 9 steps an epoch, 18 in all.
 STEPS = 18
