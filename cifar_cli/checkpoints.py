@@ -9,7 +9,6 @@ checkpoint can name only classes the command line itself accepts.
 
 from __future__ import annotations
 
-import importlib
 import pickle
 import re
 import warnings
@@ -24,6 +23,8 @@ from lightning.pytorch.cli import LightningArgumentParser
 from cifar_cli.atomic import refuse_unsafe_load
 from cifar_cli.data import ImageDataModule
 from cifar_cli.errors import UsageError
+from cifar_cli.optimizer_flags import import_class
+from cifar_cli.pretrained import fit_problems
 
 # Checkpoint entry holding the run's data config.
 CHECKPOINT_KEY = "cifar_cli"
@@ -134,28 +135,17 @@ def check_optimizer_class(config: Namespace, context: str = "") -> None:
         class_path = options.get("class_path") if isinstance(options, (Namespace, dict)) else None
         if not class_path:
             continue
-        module, _, name = str(class_path).rpartition(".")
-        try:  # the parser has imported the module already while type-checking the value
-            target = getattr(importlib.import_module(module), name, None) if module else None
-        except ImportError:
-            target = None
-        if not (isinstance(target, type) and issubclass(target, base)):
+        target = import_class(class_path)  # the parser has imported the module already while type-checking it
+        if not (target is not None and issubclass(target, base)):
             prefix = f"{context} " if context else ""
             raise UsageError(f'{prefix}Parser key "{key}": {class_path} is not {what}')
 
 
 def check_weights_fit(model: LightningModule, state_dict: dict[str, torch.Tensor], ckpt_path: str) -> None:
     """Fail in one line when a checkpoint's weights do not fit the model the config builds."""
-    own = model.state_dict()
-    problems = [f"{k} is missing" for k in own.keys() - state_dict.keys()]
-    problems += [f"{k} is unexpected" for k in state_dict.keys() - own.keys()]
-    problems += [
-        f"{k} has shape {tuple(v.shape)} but the model needs {tuple(own[k].shape)}"
-        for k, v in state_dict.items()
-        if k in own and v.shape != own[k].shape
-    ]
+    problems = fit_problems(model.state_dict(), state_dict)
     if problems:
         raise UsageError(
-            f"checkpoint {ckpt_path} does not fit the model ({'; '.join(sorted(problems)[:3])}): it comes from "
+            f"checkpoint {ckpt_path} does not fit the model ({'; '.join(problems[:3])}): it comes from "
             "another model or data set; drop the --model/--data flags that differ from its training run"
         )

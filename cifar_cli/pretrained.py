@@ -106,18 +106,27 @@ def load_into(model: nn.Module, state: dict[str, Tensor], head_path: str, flag: 
     """Load `state` into `model`, every tensor but the head's, which may have another class count; one line names
     what does not fit."""
     head = f"{head_path}."
-    own = model.state_dict()
     body = {k: v for k, v in state.items() if not k.startswith(head)}
-    missing = sorted(k for k in own.keys() - body.keys() if not k.startswith(head))
-    unexpected = sorted(body.keys() - own.keys())
-    misshapen = sorted(k for k in body.keys() & own.keys() if body[k].shape != own[k].shape)
-    problems = [f"{k} missing" for k in missing] + [f"{k} unexpected" for k in unexpected]
-    problems += [f"{k} has shape {tuple(body[k].shape)}, the network {tuple(own[k].shape)}" for k in misshapen]
+    own = {k: v for k, v in model.state_dict().items() if not k.startswith(head)}
+    problems = fit_problems(own, body)
     if problems:
         raise UsageError(
             f"{flag}: the weights do not fit this architecture ({len(problems)} problems: {'; '.join(problems[:3])})"
         )
     model.load_state_dict(body, strict=False)
+
+
+def fit_problems(own: dict[str, Tensor], state_dict: dict[str, Tensor]) -> list[str]:
+    """What keeps `state_dict` from loading into a module whose state dict is `own`, sorted: names missing,
+    unexpected, or of another shape."""
+    problems = [f"{k} is missing" for k in own.keys() - state_dict.keys()]
+    problems += [f"{k} is unexpected" for k in state_dict.keys() - own.keys()]
+    problems += [
+        f"{k} has shape {tuple(v.shape)} but the model needs {tuple(own[k].shape)}"
+        for k, v in state_dict.items()
+        if k in own and v.shape != own[k].shape
+    ]
+    return sorted(problems)
 
 
 def final_layer(model: nn.Module, outputs: int) -> str:
@@ -181,14 +190,14 @@ class TorchvisionNet(NamedNet):
                 model.aux_logits = False
         outputs = final_layer_outputs(model)
         self.head_path = final_layer(model, outputs)
+        enum = resolve_weights(name, weights) if weights is not None else None
         if weights_path is not None:
             flag = "--model.net.weights_path"
             load_into(model, load_weights_file(weights_path, flag), self.head_path, flag)
-        elif weights is not None:
-            enum = resolve_weights(name, weights)
+        elif enum is not None:
             load_into(model, download_weights(name, enum), self.head_path, "--model.net.weights")
-        if weights is not None or weights_path is not None:
-            transforms = resolve_weights(name, weights).transforms() if weights is not None else None
+        if enum is not None or weights_path is not None:
+            transforms = enum.transforms() if enum is not None else None
             self.input_mean = tuple(getattr(transforms, "mean", IMAGENET_MEAN))
             self.input_std = tuple(getattr(transforms, "std", IMAGENET_STD))
         parent, _, leaf = self.head_path.rpartition(".")
