@@ -14,7 +14,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable, Reduce
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from cifar_cli.checkpoints import load_checkpoint
 from cifar_cli.data import ImageDataModule
@@ -23,7 +23,7 @@ from cifar_cli.optim import LRSchedule, param_groups
 from cifar_cli.pretrained import NamedNet, final_layer
 from cifar_cli.seeding import derived_seed, run_seed
 
-Batch = tuple[Tensor, ...]  # (images, labels) or, for predict, (images, labels, index in the split)
+Batch = tuple[Tensor, ...]  # (images, labels) in training; (images, labels, index in the split) elsewhere
 TTA = Literal["none", "flip", "flip-shift"]
 # Checkpoint entry holding the training metrics' running sums.
 METRICS_KEY = "cifar_cli_train_metrics"
@@ -101,6 +101,13 @@ class ImageClassifier(LightningModule):
         # (MeanMetric's check for NaN waits for the device at each update; its nan_strategy="disable", which would
         # not, ignores the weights in torchmetrics 1.9.)
         self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
+        # Counts of (true class, predicted class) at validation and test, synchronised once an epoch; the per-class
+        # scores come from them (`class_scores`): torchmetrics' per-class precision and recall would each keep,
+        # update and synchronise their own copy of the same counts.
+        self.val_confusion = MulticlassConfusionMatrix(num_classes, validate_args=False)
+        self.test_confusion = MulticlassConfusionMatrix(num_classes, validate_args=False)
+        # The last epoch's matrix of each stage, on the CPU: for the callbacks that plot it (cifar_cli.dashboard).
+        self.confusion: dict[str, Tensor] = {}
         # A training step adds its loss sum and correct count to these sums, on the device (about 15 us on a CPU,
         # no host-device synchronisation); the metric objects take them whenever their values are read: at the
         # logged steps, the epoch's last step and a checkpoint. Two torchmetrics updates a step cost 140 us, and
@@ -151,24 +158,60 @@ class ImageClassifier(LightningModule):
         # Half the weight on the unshifted pair, as airbench's level-2 TTA.
         return 0.5 * logits[:2].mean(0) + 0.5 * logits[2:].mean(0)
 
-    def _step(self, batch: Batch, stage: str, batch_idx: int) -> Tensor:
-        images, labels = batch[0], batch[1]
-        logits = self(images) if stage == "train" else self.evaluate(images)
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        images, labels = batch
+        logits = self(images)
         # Labels are class indices, or probabilities `(N, num_classes)` from MixUp/CutMix: cross_entropy takes both.
         loss = F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing)
-        if stage == "train":
-            return self._train_metrics(loss, logits, labels, batch_idx)
+        return self._train_metrics(loss, logits, labels, batch_idx)
+
+    def _eval_step(self, batch: Batch, stage: str, batch_idx: int) -> dict[str, Tensor]:
+        """Validation or test: updates the stage's metrics; returns the batch's logits, labels and the images'
+        index in the split, for the callbacks that look at each image (cifar_cli.dashboard.EvaluationLogger)."""
+        images, labels, index = batch
+        logits = self.evaluate(images).detach()
+        loss = F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing)
+        self._eval_metrics(loss, logits, labels, stage, batch_idx)
+        return {"logits": logits, "labels": labels, "index": index}
+
+    def _eval_metrics(self, loss: Tensor, logits: Tensor, labels: Tensor, stage: str, batch_idx: int) -> None:
         mean_loss: MeanMetric = getattr(self, f"{stage}_loss")
         accuracy: MulticlassAccuracy = getattr(self, f"{stage}_acc")
+        getattr(self, f"{stage}_confusion").update(logits.argmax(dim=1), labels)
         if not self._logs(stage, batch_idx):
-            mean_loss.update(loss.detach(), weight=len(labels))
-            accuracy.update(logits.detach(), labels)
-            return loss
+            mean_loss.update(loss, weight=len(labels))
+            accuracy.update(logits, labels)
+            return
         mean_loss(loss, weight=len(labels))  # the epoch's value is the mean over images, not over batches
         accuracy(logits, labels)
         self.log(f"{stage}_loss", mean_loss, on_epoch=True, prog_bar=True)
         self.log(f"{stage}_acc", accuracy, on_epoch=True, prog_bar=True)
-        return loss
+
+    def _class_scores(self, stage: str) -> None:
+        """Log the stage's per-class precision, recall and accuracy (`val_recall/cat`, ...) from its confusion
+        matrix, synchronised over the ranks, and keep the matrix in `self.confusion[stage]`."""
+        metric: MulticlassConfusionMatrix = getattr(self, f"{stage}_confusion")
+        if metric.update_count == 0:
+            return  # a stage that saw no batch (a sanity check cut to 0 batches, say)
+        n = len(self.class_names)
+        matrix = metric.compute().reshape(n, n)  # (torchmetrics gives one class's matrix as a scalar)
+        metric.reset()
+        self.confusion[stage] = matrix.cpu()
+        if self.trainer.sanity_checking:
+            return
+        scores = class_scores(self.confusion[stage])
+        named = {f"{stage}_{kind}/{name}": float(v) for kind, values in scores.items() for name, v in
+                 zip(self.class_names, values)}  # fmt: skip
+        # Straight to the loggers, not through self.log: they would fill the progress bar and the printed tables
+        # of test and validate (ten rows per class), and they are synchronised already.
+        for logger in self.loggers:
+            logger.log_metrics({**named, "epoch": self.current_epoch}, step=self.global_step)
+
+    def on_validation_epoch_end(self) -> None:
+        self._class_scores("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._class_scores("test")
 
     def _train_metrics(self, loss: Tensor, logits: Tensor, labels: Tensor, batch_idx: int) -> Tensor:
         """Add the step to the window sums; at the logged steps and the epoch's last, hand them to the metrics.
@@ -284,14 +327,11 @@ class ImageClassifier(LightningModule):
                 setattr(metric, attr, value.to(metric.device) if isinstance(value, Tensor) else value)
             metric._update_count = saved["updates"]  # torchmetrics keeps the count privately; compute() reads it
 
-    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
-        return self._step(batch, "train", batch_idx)
+    def validation_step(self, batch: Batch, batch_idx: int) -> dict[str, Tensor]:
+        return self._eval_step(batch, "val", batch_idx)
 
-    def validation_step(self, batch: Batch, batch_idx: int) -> None:
-        self._step(batch, "val", batch_idx)
-
-    def test_step(self, batch: Batch, batch_idx: int) -> None:
-        self._step(batch, "test", batch_idx)
+    def test_step(self, batch: Batch, batch_idx: int) -> dict[str, Tensor]:
+        return self._eval_step(batch, "test", batch_idx)
 
     def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, Tensor]:
         images, labels, index = batch
@@ -382,6 +422,20 @@ class ImageClassifier(LightningModule):
             self._budget_steps = step * (timer.time_elapsed() + timer.time_remaining()) / elapsed
         if self.progress(step) >= 1.0:
             self.trainer.should_stop = True
+
+
+def class_scores(matrix: Tensor) -> dict[str, Tensor]:
+    """Per-class `precision`, `recall` and `acc` from a confusion matrix (rows: true class, columns: predicted).
+
+    A class's accuracy is the share of its images classified correctly: with one label per image that is its
+    recall, given under both names because users look for both. A class never predicted has precision 0, one
+    absent from the split recall 0, as torchmetrics reports them.
+    """
+    matrix = matrix.double()
+    correct = matrix.diagonal()
+    precision = correct / matrix.sum(dim=0).clamp(min=1)
+    recall = correct / matrix.sum(dim=1).clamp(min=1)
+    return {"precision": precision.float(), "recall": recall.float(), "acc": recall.float()}
 
 
 def head_prefix(net: nn.Module, num_classes: int) -> str:

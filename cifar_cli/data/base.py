@@ -237,7 +237,7 @@ class ImageDataModule(LightningDataModule):
             rank=trainer.global_rank if trainer is not None else 0,
             # Lightning's own seed variable, as its DistributedSampler uses: --seed_everything sets the order too.
             seed=run_seed(),
-            with_index=split == "predict",
+            with_index=not train,  # evaluation and predict name each image (cifar_cli.dashboard, PredictionWriter)
             augment=self.augment_batch if train and self.augment else None,
             device=None if on_device else device,  # host or disk: each batch is sent to the device ahead
         )
