@@ -1,0 +1,335 @@
+"""`cifar-cli report RUN_DIR`: plots and a Markdown summary of a finished run, from the files in its folder alone
+(no W&B): loss and accuracy curves against epoch and training time from `metrics.csv`, the confusion matrices
+and the most confident mistakes of the last validation and of the test, and `report.md` with the best metrics,
+training time, checkpoints, per-class scores, key config values and links to the figures. It writes what the
+folder allows, skipping what is missing, and every file whole or not at all.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from jsonargparse import ArgumentParser
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from cifar_cli.atomic import atomic_write, atomic_write_text, refuse_unsafe_load
+from cifar_cli.errors import UsageError
+
+HEADLINE = ("train_loss_epoch", "train_acc_epoch", "val_loss", "val_acc", "test_loss", "test_acc")
+STAGES = ("val", "test")
+DPI = 110
+# Beyond these class counts the cell counts, then the class names, would overlap into a grey smear.
+ANNOTATED_CLASSES = 20
+LABELLED_CLASSES = 40
+GRID_COLUMNS = 8
+CAPTION_CHARS = 13  # a longer class name would spill into the neighbouring caption
+CONFIG_KEYS = (
+    ("model.net.class_path", ("model", "net", "class_path")),
+    ("model.learning_rate", ("model", "learning_rate")),
+    ("model.optimizer.class_path", ("model", "optimizer", "class_path")),
+    ("data.class_path", ("data", "class_path")),
+    ("data.batch_size", ("data", "init_args", "batch_size")),
+    ("data.batch_size", ("data", "batch_size")),
+    ("trainer.max_epochs", ("trainer", "max_epochs")),
+    ("trainer.precision", ("trainer", "precision")),
+    ("seed_everything", ("seed_everything",)),
+)
+
+Rows = list[dict[str, float]]
+
+
+def read_metrics(path: Path) -> Rows:
+    """The rows of a CSVLogger `metrics.csv`, each holding only its filled cells, as floats."""
+    hint = "pass the folder of a run written by `cifar-cli fit` or `cifar-cli test`"
+    try:
+        with open(path, newline="") as file:
+            rows = [
+                # A diverged step logs nan, which would poison every min and max below.
+                {key: number for key, cell in row.items() if key and cell and not math.isnan(number := float(cell))}
+                for row in csv.DictReader(file)
+            ]
+    except FileNotFoundError:
+        raise UsageError(f"{path.parent}: no metrics.csv in this folder; {hint}") from None
+    except (OSError, UnicodeDecodeError, csv.Error, ValueError, TypeError) as err:
+        raise UsageError(f"{path}: unreadable ({err}); {hint}") from None
+    if not any(rows):
+        raise UsageError(f"{path} holds no metrics: the run logged nothing; pass a run that ended an epoch or a test")
+    return rows
+
+
+def per_epoch(
+    rows: Rows, column: str, pick: Callable[[list[float]], float] = lambda values: values[-1]
+) -> dict[int, float]:
+    """`{epoch: value}` of `column`, reducing the values of the rows of one epoch with `pick` (the last, by
+    default). Rows without an epoch (the learning-rate monitor's) are left out."""
+    values: dict[int, list[float]] = {}
+    for row in rows:
+        if column in row and "epoch" in row:
+            values.setdefault(int(row["epoch"]), []).append(row[column])
+    return {epoch: pick(found) for epoch, found in sorted(values.items())}
+
+
+def last_value(rows: Rows, column: str) -> float | None:
+    return next((row[column] for row in reversed(rows) if column in row), None)
+
+
+def time_unit(seconds: float) -> tuple[float, str]:
+    return (1.0, "s") if seconds < 120 else (60.0, "min") if seconds < 7200 else (3600.0, "h")
+
+
+def plot_curves(rows: Rows, metric: str) -> Figure | None:
+    """Train and val `metric` ("loss" or "acc") against epoch and, where `fit_time` was logged, against training
+    time; the test value as a dashed line. None when there is no train or val curve (a test-only run)."""
+    name = {"loss": "loss", "acc": "accuracy"}[metric]
+    lines = {"train": per_epoch(rows, f"train_{metric}_epoch"), "val": per_epoch(rows, f"val_{metric}")}
+    lines = {label: line for label, line in lines.items() if line}
+    if not lines:
+        return None
+    times = per_epoch(rows, "fit_time", max)
+    timed = {label: {times[e]: v for e, v in line.items() if e in times} for label, line in lines.items()}
+    timed = {label: line for label, line in timed.items() if line}
+    fig = Figure(figsize=(10, 4) if timed else (5.5, 4), dpi=DPI, layout="constrained")
+    axes = fig.subplots(1, 2 if timed else 1, squeeze=False)[0]
+    scale, unit = time_unit(max(times.values())) if timed else (1.0, "")
+    test = last_value(rows, f"test_{metric}")
+    for ax, panel in zip(axes, [lines, timed]):
+        for label, line in panel.items():
+            ax.plot([x / (1 if ax is axes[0] else scale) for x in line], list(line.values()), marker="o", label=label)
+        if test is not None:
+            ax.axhline(test, linestyle="--", color="tab:red", label=f"test {test:.4f}")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+    axes[0].set_xlabel("epoch")
+    axes[0].xaxis.set_major_locator(MaxNLocator(integer=True))
+    epochs = [epoch for line in lines.values() for epoch in line]
+    if min(epochs) == max(epochs):  # one epoch: without a range, the epoch axis gets fractional ticks
+        axes[0].set_xlim(epochs[0] - 1, epochs[0] + 1)
+    axes[0].legend()
+    if timed:
+        axes[1].set_xlabel(f"training time ({unit})")
+        axes[1].set_xlim(left=0)
+    fig.suptitle(f"{name.capitalize()}")
+    return fig
+
+
+def read_confusion(path: Path) -> tuple[list[str], np.ndarray]:
+    with open(path, newline="") as file:
+        table = [row for row in csv.reader(file) if row]
+    names = table[0][1:]
+    matrix = np.array([[int(float(cell)) for cell in row[1:]] for row in table[1:]], dtype=np.int64)
+    if not names or matrix.shape != (len(names), len(names)):
+        raise ValueError(f"expected {len(names)} rows of {len(names)} counts after the header")
+    return names, matrix
+
+
+def plot_confusion(names: list[str], matrix: np.ndarray, title: str) -> Figure:
+    """A heatmap coloured by the share of each true class, with the counts written in the cells."""
+    n = len(names)
+    side = 8.0 if n > LABELLED_CLASSES else min(max(4.5, 0.45 * n + 2.5), 11.0)
+    fig = Figure(figsize=(side + 1, side), dpi=DPI, layout="constrained")
+    ax = fig.subplots()
+    totals = matrix.sum(axis=1, keepdims=True)
+    share = np.divide(matrix, totals, out=np.zeros(matrix.shape), where=totals > 0)
+    image = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(image, ax=ax, shrink=0.8, label="share of the true class")
+    if n <= LABELLED_CLASSES:
+        ax.set_xticks(range(n), names, rotation=45, ha="right", rotation_mode="anchor")
+        ax.set_yticks(range(n), names)
+    if n <= ANNOTATED_CLASSES:
+        for (i, j), count in np.ndenumerate(matrix):
+            color = "white" if share[i, j] > 0.5 else "black"
+            ax.text(j, i, str(count), ha="center", va="center", fontsize=8 if n <= 12 else 6, color=color)
+    ax.set_xlabel("predicted class" + ("" if n <= LABELLED_CLASSES else " (index)"))
+    ax.set_ylabel("true class" + ("" if n <= LABELLED_CLASSES else " (index)"))
+    total = int(matrix.sum())
+    accuracy = f": accuracy {np.trace(matrix) / total:.2%} of {total} images" if total else ""
+    ax.set_title(title + accuracy)
+    return fig
+
+
+def read_mistakes(path: Path) -> dict[str, Any]:
+    refuse_unsafe_load(str(path))
+    data = torch.load(path, map_location="cpu", weights_only=True)
+    images = data["images"]
+    if images.ndim != 4 or images.shape[1] not in (1, 3) or not len(images) == len(data["labels"]):
+        raise ValueError(f"images of shape {tuple(images.shape)}, expected (N, 1 or 3, H, W) with N labels")
+    return data
+
+
+def plot_mistakes(data: dict[str, Any], title: str) -> Figure | None:
+    """The wrong predictions in a grid, most confident first, captioned with prediction and label. None when the
+    model made none."""
+    images = data["images"].numpy()
+    if not len(images):
+        return None
+    names = list(data["class_names"])
+
+    def name(index: int) -> str:
+        text = names[index] if 0 <= index < len(names) else str(index)
+        return text if len(text) <= CAPTION_CHARS else text[: CAPTION_CHARS - 1] + "…"
+
+    columns = min(GRID_COLUMNS, len(images))
+    lines = math.ceil(len(images) / columns)
+    fig = Figure(figsize=(1.6 * columns, 1.7 * lines + 0.4), dpi=DPI, layout="constrained")
+    axes = list(fig.subplots(lines, columns, squeeze=False).flat)
+    for ax in axes:
+        ax.set_axis_off()
+    for ax, image, label, predicted, confidence in zip(
+        axes, images, data["labels"].tolist(), data["predicted"].tolist(), data["confidence"].tolist()
+    ):
+        # Nearest neighbour keeps a 32x32 image's pixels sharp instead of smearing them when upscaled.
+        if image.shape[0] == 1:
+            ax.imshow(image[0], cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+        else:
+            ax.imshow(image.transpose(1, 2, 0), interpolation="nearest")
+        ax.set_title(f"pred: {name(predicted)} ({confidence:.2f})\nlabel: {name(label)}", fontsize=7)
+    fig.suptitle(title)
+    return fig
+
+
+def read_optional(path: Path, load: Callable[[Path], Any]) -> Any:
+    """`load(path)`, or None when the file is missing or unreadable (with a warning: the rest of the report
+    can still be written)."""
+    if not path.is_file():
+        return None
+    try:
+        return load(path)
+    except UsageError:
+        raise
+    except Exception as err:
+        warnings.warn(f"{path}: unreadable ({err}); left out of the report", stacklevel=3)
+        return None
+
+
+def fmt(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else "–" if value is None else str(value)
+
+
+def duration(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {secs:02d} s" if minutes else f"{seconds:.1f} s"
+
+
+def metrics_lines(rows: Rows) -> list[str]:
+    lines = ["| metric | best | epoch | final |", "|---|---|---|---|"]
+    for column in HEADLINE:
+        values = per_epoch(rows, column)
+        if values:
+            kind = "min" if "loss" in column else "max"
+            best = (min if kind == "min" else max)(values, key=values.get)
+            lines.append(f"| {column} | {kind} {fmt(values[best])} | {best} | {fmt(values[max(values)])} |")
+    return lines if len(lines) > 2 else []
+
+
+def checkpoint_lines(run_dir: Path, summary: dict[str, Any] | None) -> list[str]:
+    summary = summary if isinstance(summary, dict) else {}
+    best, last = summary.get("best_checkpoint"), summary.get("last_checkpoint")
+    lines = []
+    if best:
+        score = f" ({summary.get('monitor')} {summary.get('mode') or ''} {fmt(summary.get('best_score'))})"
+        lines.append(f"- best: `{best}`" + (score if summary.get("monitor") else ""))
+    if last:
+        lines.append(f"- last: `{last}`")
+    for path in sorted((run_dir / "checkpoints").glob("*.ckpt")):
+        marks = [mark for mark, named in (("best", best), ("last", last)) if named and Path(named).name == path.name]
+        lines.append(f"- `{path.name}`, {path.stat().st_size / 2**20:.1f} MiB" + "".join(f" ({m})" for m in marks))
+    return lines
+
+
+def per_class_lines(rows: Rows, stage: str, order: list[str]) -> list[str]:
+    """The last per-class precision, recall and accuracy of `stage`, in the confusion matrix's class order."""
+    prefixes = [f"{stage}_{metric}/" for metric in ("precision", "recall", "acc")]
+    columns = [key for row in rows for key in row if key.startswith(tuple(prefixes))]
+    classes = list(dict.fromkeys(order + [column.split("/", 1)[1] for column in columns]))
+    classes = [name for name in classes if any(f"{prefix}{name}" in columns for prefix in prefixes)]
+    if not classes:
+        return []
+    lines = ["| class | precision | recall | acc |", "|---|---|---|---|"]
+    for name in classes:
+        lines.append(f"| {name} | " + " | ".join(fmt(last_value(rows, p + name)) for p in prefixes) + " |")
+    return lines
+
+
+def config_lines(config: Any) -> list[str]:
+    lines: dict[str, str] = {}
+    for label, keys in CONFIG_KEYS:
+        value = config
+        for key in keys:
+            value = value.get(key) if isinstance(value, dict) else None
+        if value is not None and label not in lines:
+            lines[label] = f"- {label}: `{value}`"
+    return list(lines.values())
+
+
+def write_markdown(run_dir: Path, rows: Rows, figures: list[str], classes: dict[str, list[str]]) -> str:
+    summary = read_optional(run_dir / "summary.json", lambda path: json.loads(path.read_text()))
+    config = read_optional(run_dir / "config.yaml", lambda path: yaml.safe_load(path.read_text()))
+    out = [f"# Run {run_dir.resolve().name}", ""]
+    if isinstance(summary, dict) and summary.get("stage"):
+        out += [f"Stage: {summary['stage']}, {summary.get('epochs')} epochs, {summary.get('steps')} steps.", ""]
+    fit_time = max((row["fit_time"] for row in rows if "fit_time" in row), default=None)
+    if fit_time is not None:
+        out += [f"Training time: {duration(fit_time)} ({fit_time:.1f} s).", ""]
+    sections = [("Metrics", metrics_lines(rows)), ("Checkpoints", checkpoint_lines(run_dir, summary))]
+    sections += [(f"Per class ({stage})", per_class_lines(rows, stage, classes.get(stage, []))) for stage in STAGES]
+    sections += [
+        ("Config", config_lines(config)),
+        ("Figures", [f"![{Path(name).stem}]({name})\n" for name in figures]),  # one paragraph each, not a row
+    ]
+    for heading, lines in sections:
+        if lines:
+            out += [f"## {heading}", "", *lines, ""]
+    return "\n".join(out)
+
+
+def write_report(run_dir: Path, out: Path | None = None) -> list[Path]:
+    """Write the figures and `report.md` of the run in `run_dir` into `out` (`run_dir/report` by default);
+    returns the paths written."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UsageError(f"{run_dir}: no such folder; pass the folder of a run, e.g. runs/cifar-cli/RUN_ID")
+    rows = read_metrics(run_dir / "metrics.csv")
+    out = Path(out) if out is not None else run_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    figures: dict[str, Figure | None] = {"loss": plot_curves(rows, "loss"), "accuracy": plot_curves(rows, "acc")}
+    classes: dict[str, list[str]] = {}
+    for stage in STAGES:
+        title = {"val": "Validation", "test": "Test"}[stage]
+        confusion = read_optional(run_dir / f"confusion_{stage}.csv", read_confusion)
+        if confusion is not None:
+            classes[stage] = confusion[0]
+            figures[f"confusion_{stage}"] = plot_confusion(*confusion, f"{title} confusion")
+        mistakes = read_optional(run_dir / f"mistakes_{stage}.pt", read_mistakes)
+        if mistakes is not None:
+            figures[f"mistakes_{stage}"] = plot_mistakes(mistakes, f"{title}: most confident mistakes")
+    written = []
+    for name, fig in figures.items():
+        if fig is not None:
+            path = out / f"{name}.png"
+            atomic_write(path, lambda file, fig=fig: fig.savefig(file, format="png"))
+            written.append(path)
+    markdown = write_markdown(run_dir, rows, [path.name for path in written], classes)
+    atomic_write_text(out / "report.md", markdown)
+    return [*written, out / "report.md"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = ArgumentParser(
+        prog="cifar-cli report", description="Plots and a Markdown summary of a finished run, without W&B."
+    )
+    parser.add_argument("run_dir", type=str, help="the run's folder, e.g. runs/cifar-cli/RUN_ID")
+    parser.add_argument("--out", type=str | None, default=None, help="folder for the outputs (default: RUN_DIR/report)")
+    args = parser.parse_args(argv)
+    for path in write_report(Path(args.run_dir), Path(args.out) if args.out else None):
+        print(f"Wrote {path}")

@@ -1,0 +1,214 @@
+"""`cifar-cli report`: figures and report.md from hand-built run folders shaped as fit and test write them."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from cifar_cli.errors import UsageError
+from cifar_cli.report import main, write_report
+
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+VAL_ACC = [0.5, 0.8125, 0.75]  # best at epoch 1, not the last
+VAL_LOSS = [1.5, 0.875, 1.0]
+STEPS = 10  # per epoch
+BEST = "runs/cifar-cli/abc123/checkpoints/epoch=1-step=20.ckpt"
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    """Rows as Lightning's CSVLogger writes them: sorted columns, each row filling only its own cells."""
+    columns = sorted({key for row in rows for key in row})
+    with open(path, "w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=columns, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def per_class(stage: str, epoch: int) -> dict[str, float]:
+    cells = {}
+    for index, name in enumerate(CLASSES):
+        cells[f"{stage}_precision/{name}"] = 0.5 + index / 40 + epoch / 100
+        cells[f"{stage}_recall/{name}"] = 0.6 + index / 40
+        cells[f"{stage}_acc/{name}"] = 0.7 + index / 40
+    return cells
+
+
+def write_confusion(path: Path, classes: list[str], right: int = 80, wrong: int = 2) -> None:
+    with open(path, "w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["label", *classes])
+        for i, name in enumerate(classes):
+            writer.writerow([name, *(right if i == j else wrong for j in range(len(classes)))])
+
+
+def write_mistakes(path: Path, count: int, channels: int = 3, classes: list[str] = CLASSES) -> None:
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, len(classes), (count,), generator=generator)
+    torch.save(
+        {
+            "images": torch.randint(0, 256, (count, channels, 32, 32), dtype=torch.uint8, generator=generator),
+            "labels": labels,
+            "predicted": (labels + 1) % len(classes),
+            "confidence": torch.linspace(0.99, 0.5, count),
+            "class_names": classes,
+        },
+        path,
+    )
+
+
+@pytest.fixture
+def fit_run(tmp_path: Path) -> Path:
+    """A three-epoch fit run with everything a run folder can hold."""
+    run = tmp_path / "runs" / "cifar-cli" / "abc123"
+    (run / "checkpoints").mkdir(parents=True)
+    rows: list[dict] = []
+    for epoch in range(3):
+        end = (epoch + 1) * STEPS - 1
+        rows.append({"lr-SGD": 0.1 / (epoch + 1), "step": end - 5})  # the learning-rate monitor: no epoch
+        rows.append({"epoch": epoch, "step": end - 5, "train_loss_step": 2.0 - epoch / 2, "train_acc_step": 0.4})
+        val = {"val_acc": VAL_ACC[epoch], "val_loss": VAL_LOSS[epoch], **per_class("val", epoch)}
+        rows.append({"epoch": epoch, "step": end, "fit_time": 60.0 * (epoch + 1) - 5, **val})
+        train = {"train_loss_epoch": 1.8 - epoch / 2, "train_acc_epoch": 0.45 + epoch / 5}
+        rows.append({"epoch": epoch, "step": end, "fit_time": 60.0 * (epoch + 1), **train})
+    write_csv(run / "metrics.csv", rows)
+    write_confusion(run / "confusion_val.csv", CLASSES)
+    write_mistakes(run / "mistakes_val.pt", 12)
+    summary = {
+        "stage": "fit",
+        "metrics": {"val_acc": VAL_ACC[-1], "val_loss": VAL_LOSS[-1]},
+        "best_checkpoint": BEST,
+        "monitor": "val_loss",
+        "best_score": 0.875,
+        "mode": "min",
+        "last_checkpoint": "runs/cifar-cli/abc123/checkpoints/last.ckpt",
+        "epochs": 3,
+        "steps": 30,
+    }
+    (run / "summary.json").write_text(json.dumps(summary))
+    config = {
+        "seed_everything": 42,
+        "trainer": {"max_epochs": 3, "precision": "bf16-mixed"},
+        "model": {"net": {"class_path": "cifar_cli.nets.TutorialCNN"}, "learning_rate": 0.0002},
+        "data": {"class_path": "cifar_cli.data.CIFAR10DataModule", "init_args": {"batch_size": 64}},
+    }
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    (run / "checkpoints" / "epoch=1-step=20.ckpt").touch()
+    (run / "checkpoints" / "last.ckpt").touch()
+    return run
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        image.load()  # a truncated file fails here
+        return image.size
+
+
+def drawn_images(path: Path) -> bool:
+    """Whether the PNG shows the random test images: far more colours than text and lines."""
+    with Image.open(path) as image:
+        return image.convert("RGB").getcolors(maxcolors=5000) is None
+
+
+def test_fit_run(fit_run: Path) -> None:
+    written = write_report(fit_run)
+    out = fit_run / "report"
+    names = ["loss.png", "accuracy.png", "confusion_val.png", "mistakes_val.png", "report.md"]
+    assert written == [out / name for name in names]
+    assert sorted(path.name for path in out.iterdir()) == sorted(names)  # no partial files left over
+    assert png_size(out / "loss.png") == png_size(out / "accuracy.png") == (1100, 440)  # two panels
+    assert png_size(out / "confusion_val.png") == (880, 770)
+    assert png_size(out / "mistakes_val.png") == (1408, 418)  # 8 columns, 2 lines
+    assert drawn_images(out / "mistakes_val.png")
+    report = (out / "report.md").read_text()
+    assert report.startswith("# Run abc123\n")
+    assert re.search(r"\| val_acc \| max 0\.8125 \| 1 \| 0\.7500 \|", report)
+    assert re.search(r"\| val_loss \| min 0\.8750 \| 1 \| 1\.0000 \|", report)
+    assert re.search(r"\| train_loss_epoch \| min 0\.8000 \| 2 \|", report)
+    assert "Training time: 3 min 00 s" in report
+    assert f"best: `{BEST}` (val_loss min 0.8750)" in report
+    assert "`epoch=1-step=20.ckpt`, 0.0 MiB (best)" in report and "`last.ckpt`, 0.0 MiB (last)" in report
+    # Per-class rows in the dataset's class order, from the last validation.
+    rows = [line for line in report.splitlines() if line.startswith(tuple(f"| {name} |" for name in CLASSES))]
+    assert [line.split(" | ")[0][2:] for line in rows] == CLASSES
+    assert "| cat | 0.5950 | 0.6750 | 0.7750 |" in report
+    assert "- model.net.class_path: `cifar_cli.nets.TutorialCNN`" in report
+    assert "- data.batch_size: `64`" in report and "- seed_everything: `42`" in report
+    assert "![loss](loss.png)" in report and "![mistakes_val](mistakes_val.png)" in report
+
+
+def test_test_only_run(tmp_path: Path) -> None:
+    """A `cifar-cli test` folder: test columns only, no fit_time, a test confusion matrix; no curves to draw."""
+    run = tmp_path / "test-run"
+    run.mkdir()
+    write_csv(run / "metrics.csv", [{"epoch": 0, "step": 0, "test_acc": 0.5676, "test_loss": 1.2239}])
+    write_confusion(run / "confusion_test.csv", CLASSES, right=50, wrong=5)
+    written = write_report(run)
+    assert [path.name for path in written] == ["confusion_test.png", "report.md"]
+    png_size(run / "report" / "confusion_test.png")
+    report = (run / "report" / "report.md").read_text()
+    assert "| test_acc | max 0.5676 | 0 | 0.5676 |" in report
+    assert "Training time" not in report and "loss.png" not in report
+
+
+def test_short_run_without_fit_time(tmp_path: Path) -> None:
+    """One epoch, no fit_time: curves against epoch only; grayscale mistakes; 100 classes without cell text."""
+    run = tmp_path / "short"
+    run.mkdir()
+    write_csv(run / "metrics.csv", [{"epoch": 0, "step": 4, "val_acc": 0.25, "val_loss": 2.5}])
+    many = [f"class_with_a_long_name_{i}" for i in range(100)]
+    write_confusion(run / "confusion_val.csv", many)
+    write_mistakes(run / "mistakes_val.pt", 3, channels=1, classes=many)
+    write_mistakes(run / "mistakes_test.pt", 0)  # no mistakes: no figure
+    written = write_report(run)
+    assert [path.name for path in written] == [
+        "loss.png",
+        "accuracy.png",
+        "confusion_val.png",
+        "mistakes_val.png",
+        "report.md",
+    ]
+    assert png_size(run / "report" / "loss.png") == (605, 440)  # one panel
+    assert png_size(run / "report" / "mistakes_val.png")[0] == 528  # 3 columns
+
+
+def test_unreadable_extras_are_left_out(fit_run: Path) -> None:
+    (fit_run / "confusion_val.csv").write_text("label,cat,dog\ncat,1\n")
+    (fit_run / "mistakes_val.pt").write_bytes(b"not a pickle")
+    (fit_run / "summary.json").write_text("{")
+    with pytest.warns(UserWarning, match="unreadable"):
+        written = write_report(fit_run)
+    assert [path.name for path in written] == ["loss.png", "accuracy.png", "report.md"]
+
+
+def test_bad_run_folder(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere"
+    with pytest.raises(UsageError, match=re.escape(str(missing))):
+        write_report(missing)
+    with pytest.raises(UsageError, match=re.escape(f"{tmp_path}: no metrics.csv")):
+        write_report(tmp_path)
+    (tmp_path / "metrics.csv").write_text("")
+    with pytest.raises(UsageError, match="holds no metrics"):
+        write_report(tmp_path)
+    (tmp_path / "metrics.csv").write_text("epoch,val_acc\n0,high\n")
+    with pytest.raises(UsageError, match="unreadable"):
+        write_report(tmp_path)
+    assert not (tmp_path / "report").exists()
+
+
+def test_main(fit_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    main([str(fit_run)])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"Wrote {fit_run / 'report' / 'loss.png'}"
+    assert lines[-1] == f"Wrote {fit_run / 'report' / 'report.md'}" and len(lines) == 5
+    elsewhere = tmp_path / "elsewhere"
+    main([str(fit_run), "--out", str(elsewhere)])
+    assert capsys.readouterr().out.splitlines()[-1] == f"Wrote {elsewhere / 'report.md'}"
+    assert (elsewhere / "loss.png").is_file()
