@@ -143,7 +143,8 @@ class PredictionWriter(Callback):
 
 
 class FitTimer(Timer):
-    """Lightning's Timer that also logs `fit_time`: seconds since training began, at the end of every validation.
+    """Lightning's Timer that also logs `fit_time`: seconds since training began, at the end of every validation
+    and of every training epoch.
 
     Plots accuracy against wall-clock time on W&B, and gives the benchmarks their time to accuracy. The time
     counts training and validation, not the setup before the first step; a resumed run continues its count.
@@ -160,14 +161,23 @@ class FitTimer(Timer):
         hold a Timer, as they do with this one. Called before training starts."""
         super().__init__(duration=duration, interval="step", verbose=self._verbose)
 
-    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def _log_time(self, trainer: Trainer, pl_module: LightningModule) -> None:
         elapsed = self.time_elapsed("train")
         if not trainer.sanity_checking and elapsed > 0:
             pl_module.log("fit_time", elapsed, sync_dist=False, rank_zero_only=True)
 
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._log_time(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Also every epoch's end, validated or not (fast.yaml validates once): the time axis of `cifar-cli report`.
+        super().on_train_epoch_end(trainer, pl_module)
+        self._log_time(trainer, pl_module)
+
 
 def gather_rows(trainer: Trainer, pl_module: LightningModule, columns: list[Tensor]) -> list[Tensor]:
-    """Concatenate equally long 1-D columns over all ranks; ranks may hold different row counts."""
+    """Concatenate equally long columns (rows along the first dimension) over all ranks; ranks may hold different
+    row counts. The first column is 1-D and never negative (an index): padding rows are told by its -1."""
     if trainer.world_size == 1:
         return columns
     device = pl_module.device
@@ -175,9 +185,9 @@ def gather_rows(trainer: Trainer, pl_module: LightningModule, columns: list[Tens
     longest = int(trainer.strategy.all_gather(count).max())
     gathered = []
     for column in columns:
-        padded = torch.full((longest,), -1, dtype=column.dtype, device=device)
+        padded = torch.full((longest, *column.shape[1:]), -1, dtype=column.dtype, device=device)
         padded[: len(column)] = column.to(device)
-        gathered.append(trainer.strategy.all_gather(padded).reshape(-1).cpu())
+        gathered.append(trainer.strategy.all_gather(padded).reshape(-1, *column.shape[1:]).cpu())
     valid = gathered[0] >= 0  # padding rows carry index -1
     return [column[valid] for column in gathered]
 

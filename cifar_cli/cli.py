@@ -31,6 +31,7 @@ from cifar_cli.checkpoints import (
 )
 from cifar_cli.checks import ArgumentParser, QuietSeed, check_accelerator, check_data, plain_numbers
 from cifar_cli.classifier import ImageClassifier
+from cifar_cli.dashboard import RunCSVLogger, with_csv_logger
 from cifar_cli.data import ImageDataModule
 from cifar_cli.distributed import exit_if_rank_failed, watch_ranks
 from cifar_cli.errors import UsageError
@@ -100,6 +101,13 @@ class CifarCLI(LightningCLI):
         kwargs.setdefault("parser_class", ArgumentParser)
         super().__init__(*args, **kwargs)
 
+    def setup_parser(self, add_subcommands: bool, main_kwargs: dict, subparser_kwargs: dict) -> None:
+        super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
+        self.parser.description = (
+            "Train and evaluate image classifiers: the subcommands below, and `cifar-cli report RUN_DIR`, which "
+            "plots a finished run from its folder (see `cifar-cli report --help`)."
+        )
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # `last.ckpt`, kept current for `fit --ckpt_path last`: `--last_checkpoint.every_n_minutes 10` (default),
         # `--last_checkpoint.every_n_steps N`. Its own flags, not an entry of the callbacks list, so that it stays
@@ -134,6 +142,8 @@ class CifarCLI(LightningCLI):
                     },
                     {"class_path": "cifar_cli.callbacks.ImagePredictionLogger", "init_args": {"num_samples": 32}},
                     {"class_path": "cifar_cli.callbacks.PredictionWriter"},
+                    {"class_path": "cifar_cli.dashboard.EvaluationLogger"},
+                    {"class_path": "cifar_cli.dashboard.ModelArtifacts"},
                     {"class_path": "cifar_cli.callbacks.FitTimer"},
                 ],
             }
@@ -224,6 +234,8 @@ class CifarCLI(LightningCLI):
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             plugins.append(AtomicCheckpointIO())
         config.update(callbacks=callbacks, plugins=plugins)
+        # metrics.csv in every run's folder, whatever else the run logs to (cifar-cli report reads it).
+        config["logger"] = with_csv_logger(config.get("logger"))
         trainer = self._instantiate_trainer(config, extra)
         for callback in trainer.callbacks:
             if isinstance(callback, RunConfigSaver):
@@ -232,7 +244,7 @@ class CifarCLI(LightningCLI):
         if self.resuming:
             set_aside_csv_metrics(trainer)  # before Lightning's CSV writer, created next, deletes the earlier rows
         for logger in trainer.loggers:
-            if isinstance(logger, CSVLogger) and trainer.is_global_zero:
+            if isinstance(logger, CSVLogger) and not isinstance(logger, RunCSVLogger) and trainer.is_global_zero:
                 atomic_csv_logs(logger)
         watch_ranks(trainer)  # a failed DDP rank is named, not SIGKILLed silently with the others
         quiet_model_summary(trainer)
@@ -358,7 +370,13 @@ def main(args: ArgsType = None) -> None:
     """Entry point of `cifar-cli` and `python -m cifar_cli`. Bad input ends in one line on stderr and exit code 2."""
     hooks.install()  # callback hooks called only where implemented (see cifar_cli.hooks)
     silence_noise()
+    argv = sys.argv[1:] if args is None else args if isinstance(args, list) else []
     try:
+        if argv[:1] == ["report"]:
+            # Not a LightningCLI subcommand: it builds no trainer, model or data, only reads a run folder.
+            from cifar_cli.report import main as report
+
+            return report(argv[1:])
         CifarCLI(
             ImageClassifier,
             ImageDataModule,

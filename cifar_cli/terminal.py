@@ -3,6 +3,7 @@ upstream messages the user can do nothing about silenced by their text, and the 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -18,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from cifar_cli.atomic import atomic_write_text
 from cifar_cli.callbacks import RichBar, run_dir
 
 # Columns of the end summary when stdout is a file: wide enough for a metric table, narrow enough for a log viewer.
@@ -234,3 +236,26 @@ def print_summary(trainer: Trainer, stage: str) -> None:
             lines.append(f"Upload to W&B: wandb sync {run.sync_dir}")
     for line in lines:
         console.print(Text(line), soft_wrap=True, highlight=False)
+    write_summary(trainer, stage, metrics)
+
+
+def write_summary(trainer: Trainer, stage: str, metrics: dict[str, float]) -> None:
+    """`summary.json` in the run's folder: what the summary printed, for `cifar-cli report` and for scripts."""
+    if not trainer.loggers:
+        return  # the shared default_root_dir is no run's own folder
+    best = trainer.checkpoint_callback if stage == "fit" else None
+    last = next((c.last_model_path for c in trainer.checkpoint_callbacks if c.last_model_path), None)
+    score = best.best_model_score if best is not None else None
+    summary = {
+        "stage": stage,
+        "metrics": metrics,
+        "best_checkpoint": (best.best_model_path or None) if best is not None else None,
+        "monitor": best.monitor if best is not None else None,
+        "best_score": float(score) if score is not None else None,
+        "mode": best.mode if best is not None else None,
+        "last_checkpoint": last if stage == "fit" else None,
+        "checkpoint": trainer.ckpt_path if stage != "fit" else None,
+        "epochs": trainer.current_epoch,
+        "steps": trainer.global_step,
+    }
+    atomic_write_text(os.path.join(run_dir(trainer), "summary.json"), json.dumps(summary, indent=2) + "\n")

@@ -108,6 +108,10 @@ def offline_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr("sys.argv", ["cifar-cli"])
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DATA_DIR", str(tmp_path / "wandb-data"))  # artifacts' staged copies
+    # W&B's own records of the environment, which no test reads: its pip package list (0.35 s a run) and git state.
+    monkeypatch.setenv("WANDB__SAVE_REQUIREMENTS", "false")
+    monkeypatch.setenv("WANDB_DISABLE_GIT", "true")
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.delenv("JSONARGPARSE_DEBUG", raising=False)
     yield

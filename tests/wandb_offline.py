@@ -50,6 +50,24 @@ class OfflineRun:
     config: dict = field(default_factory=dict)
     summary: dict = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
+    # Logged artifacts: name, type, aliases, metadata and the files of their manifest (path -> local copy).
+    artifacts: list[dict] = field(default_factory=list)
+
+    def table(self, key: str) -> dict:
+        """The last W&B table logged under `key`, as `wandb sync` uploads it: from the table's own artifact
+        (`run-<id>-<key>`), whose staged files hold the JSON and the images. `{"columns", "data", "files"}`, with
+        `files` mapping each of the artifact's paths (`media/images/...png`) to its staged copy."""
+        entry = {k.split("/", 1)[1]: v for k, v in self.summary.items() if k.startswith(f"{key}/")}
+        assert entry.get("_type") == "table-file", entry
+        artifact = [a for a in self.artifacts if a["type"] == "run_table" and a["name"].endswith(f"-{key}")][-1]
+        (json_path,) = [local for path, local in artifact["files"].items() if path.endswith(".table.json")]
+        return {**json.loads(Path(json_path).read_text()), "files": artifact["files"]}
+
+    @property
+    def aliases(self) -> dict[str, dict]:
+        """Each alias of the logged artifacts, with the artifact that holds it last (W&B moves an alias to the
+        newest version given it; every logged version is given `latest`)."""
+        return {alias: a for a in self.artifacts for alias in a["aliases"]}
 
     @property
     def images(self) -> list[Path]:
@@ -57,7 +75,7 @@ class OfflineRun:
 
 
 def read_run(folder: Path) -> OfflineRun:
-    """Config, final summary and history rows of the offline run in `folder` (runs/wandb/offline-run-*)."""
+    """Config, final summary, history rows and artifacts of the offline run in `folder` (runs/wandb/offline-run-*)."""
     (path,) = folder.glob("run-*.wandb")
     run = OfflineRun(folder)
     for record in records(path):
@@ -68,4 +86,11 @@ def read_run(folder: Path) -> OfflineRun:
             run.summary.update({_key(u): json.loads(u.value_json) for u in record.summary.update})
         elif kind == "history":
             run.history.append({_key(i): json.loads(i.value_json) for i in record.history.item})
+        elif kind == "artifact":
+            a = record.artifact
+            files = {c.path: c.local_path for c in a.manifest.contents}
+            metadata = json.loads(a.metadata) if a.metadata else {}
+            run.artifacts.append(
+                {"name": a.name, "type": a.type, "aliases": list(a.aliases), "metadata": metadata, "files": files}
+            )
     return run

@@ -1,0 +1,380 @@
+"""What a run shows beyond its scalars on W&B: every evaluated image's prediction (a W&B table, the confusion matrix,
+the worst mistakes kept in the run folder for `cifar-cli report`), the checkpoints as W&B model artifacts, the
+network's gradients and weights; and the metrics as CSV in the run folder, with or without W&B."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from typing import Any, Literal
+
+import torch
+from jsonargparse.typing import NonNegativeInt, PositiveInt
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from lightning.pytorch.loggers.logger import DummyExperiment
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+
+from cifar_cli.atomic import atomic_csv_logs, atomic_write, atomic_write_text
+from cifar_cli.callbacks import run_dir
+from cifar_cli.data import ImageDataModule
+
+# Images of up to this many pixels go into the prediction table whole split (CIFAR's 32x32, 64x64 thumbnails);
+# larger ones, a sample of TABLE_SAMPLE: a W&B table row holds a PNG of its image.
+TABLE_WHOLE_PIXELS = 64 * 64
+TABLE_SAMPLE = 1000
+STAGE_NAMES = {"val": "validation", "test": "test"}
+
+
+def wandb_loggers(trainer: Trainer) -> list[WandbLogger]:
+    return [logger for logger in trainer.loggers if isinstance(logger, WandbLogger)]
+
+
+class RunCSVLogger(CSVLogger):
+    """Lightning's CSVLogger beside another logger (W&B's), writing `metrics.csv` and `hparams.yaml` into that
+    logger's run folder, beside its checkpoints and `config.yaml`: every run keeps its metrics as plain CSV, for
+    `cifar-cli report` and for those who never open W&B. The CLI adds it to any logger but a CSVLogger.
+
+    Its folder is known only once the other logger's run has started (a W&B run's id), so the file writer is
+    made at first use, which Lightning's setup reaches after the other logger's.
+    """
+
+    def __init__(self, run: Logger) -> None:
+        super().__init__(save_dir=run.save_dir or ".", name=run.name or "")
+        self._run = run
+
+    @property
+    def version(self) -> int | str:
+        return self._run.version
+
+    @property
+    def experiment(self) -> Any:
+        fresh = self._experiment is None
+        writer = super().experiment
+        if fresh and not isinstance(writer, DummyExperiment):
+            atomic_csv_logs(self)  # every flush writes the file whole (cifar_cli.atomic)
+        return writer
+
+
+def with_csv_logger(logger: Any) -> Any:
+    """The trainer's `logger` value with a RunCSVLogger added, where it holds loggers and none writes CSV."""
+    loggers = list(logger) if isinstance(logger, (list, tuple)) else [logger] if isinstance(logger, Logger) else []
+    if not loggers or any(isinstance(each, CSVLogger) for each in loggers):
+        return logger
+    return [*loggers, RunCSVLogger(loggers[0])]
+
+
+class _Stage:
+    """One evaluation pass's predictions, one slot per image of the split, written in place on the device: no
+    host-device synchronisation per batch, and under DDP one all-reduce (max) completes every rank's slots."""
+
+    def __init__(self, size: int, table: Tensor, num_classes: int, device: torch.device) -> None:
+        self.predicted = torch.full((size,), -1, dtype=torch.long, device=device)
+        self.confidence = torch.full((size,), -1.0, device=device)
+        self.labels = torch.full((size,), -1, dtype=torch.long, device=device)
+        # Every class's probability only for the table's images; the other images share the dump row at the end.
+        self.table = table.to(device)
+        self.slot = torch.full((size,), len(table), dtype=torch.long, device=device)
+        self.slot[self.table] = torch.arange(len(table), device=device)
+        self.probabilities = torch.full((len(table) + 1, num_classes), -1.0, device=device)
+
+    def add(self, logits: Tensor, labels: Tensor, index: Tensor) -> None:
+        probabilities = logits.float().softmax(dim=1)
+        confidence, predicted = probabilities.max(dim=1)
+        self.predicted[index] = predicted
+        self.confidence[index] = confidence
+        self.labels[index] = labels
+        self.probabilities.index_copy_(0, self.slot[index], probabilities)
+
+    def complete(self, trainer: Trainer) -> None:
+        """Every rank's predictions in every rank's copy (under DDP each rank evaluated its own share)."""
+        if trainer.world_size > 1:
+            for name in ("predicted", "confidence", "labels", "probabilities"):
+                setattr(self, name, trainer.strategy.reduce(getattr(self, name), reduce_op="max"))
+        for name in ("predicted", "confidence", "labels", "probabilities", "table", "slot"):
+            setattr(self, name, getattr(self, name).cpu())
+
+
+class EvaluationLogger(Callback):
+    """Looks at every image of validation and test, once the stage ends:
+
+    - on W&B, the confusion matrix (W&B's own plot) after every validation and test, and a table with one row per
+      image (the image, its true and predicted class, the confidence, every class's probability) at the end of
+      `fit` (of its last validation), `validate` and `test`, where the UI filters and sorts the mistakes;
+    - in the run folder, for `cifar-cli report` with or without W&B: `confusion_val.csv` / `confusion_test.csv`
+      (rows: true class, columns: predicted) and `mistakes_val.pt` / `mistakes_test.pt`, the most confident
+      mistakes with their images.
+
+    Per-class precision, recall and accuracy are logged by the model itself (`val_recall/cat`, ...).
+
+    Args:
+        table_rows: Images in the prediction table. None: the whole split for images of up to 64x64 pixels,
+            else 1,000 drawn at random (the same ones every time); 0: no table.
+        mistakes: How many of the most confident mistakes to keep in the run folder.
+    """
+
+    def __init__(self, table_rows: NonNegativeInt | None = None, mistakes: NonNegativeInt = 64) -> None:
+        self.table_rows = table_rows
+        self.mistakes = mistakes
+        self._stage: _Stage | None = None
+        self._pending_table: tuple[str, _Stage] | None = None  # the last validation's, logged when fit ends
+        self._warned = False
+
+    def _data(self, trainer: Trainer) -> ImageDataModule | None:
+        data = trainer.datamodule
+        if isinstance(data, ImageDataModule):
+            return data
+        if not self._warned:
+            rank_zero_warn("EvaluationLogger does nothing: it needs one of cifar_cli's data modules")
+            self._warned = True
+        return None
+
+    def _table_rows(self, data: ImageDataModule, size: int) -> Tensor:
+        rows = self.table_rows
+        if rows is None:
+            _, h, w = data.image_shape
+            rows = size if h * w <= TABLE_WHOLE_PIXELS else TABLE_SAMPLE
+        if rows >= size:
+            return torch.arange(size)
+        return torch.randperm(size, generator=torch.Generator().manual_seed(0))[:rows].sort().values
+
+    def _start(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._stage = None
+        data = self._data(trainer)
+        if trainer.sanity_checking or data is None or stage not in data.splits:
+            return
+        size = len(data.splits[stage])
+        table = self._table_rows(data, size)
+        self._stage = _Stage(size, table, data.num_classes, pl_module.device)
+
+    def _add(self, outputs: Any) -> None:
+        if self._stage is not None and isinstance(outputs, dict) and "index" in outputs:
+            self._stage.add(outputs["logits"], outputs["labels"], outputs["index"])
+
+    def _end(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        done, self._stage = self._stage, None
+        if done is None:
+            return
+        done.complete(trainer)
+        if not trainer.is_global_zero:
+            return
+        data = trainer.datamodule
+        folder = run_dir(trainer)
+        matrix = pl_module.confusion.get(stage)
+        if matrix is not None:
+            write_confusion_csv(os.path.join(folder, f"confusion_{stage}.csv"), matrix, pl_module.class_names)
+        self._write_mistakes(os.path.join(folder, f"mistakes_{stage}.pt"), done, data, stage, pl_module.class_names)
+        for logger in wandb_loggers(trainer):
+            if matrix is not None:
+                title = f"Confusion matrix, {STAGE_NAMES[stage]}"
+                plot = confusion_plot(matrix, pl_module.class_names, title)
+                logger.log_metrics({f"{stage}_confusion_matrix": plot}, step=trainer.global_step)
+        if stage == "val" and trainer.state.fn == TrainerFn.FITTING:
+            self._pending_table = (stage, done)  # the table of the last validation, when fit ends
+        else:
+            self._log_table(trainer, pl_module, stage, done)
+
+    def _write_mistakes(self, path: str, done: _Stage, data: ImageDataModule, stage: str, names: list[str]) -> None:
+        if not self.mistakes:
+            return
+        wrong = (done.predicted >= 0) & (done.labels >= 0) & (done.predicted != done.labels)
+        index = wrong.nonzero().flatten()
+        index = index[done.confidence[index].argsort(descending=True, stable=True)[: self.mistakes]]
+        split = data.splits[stage]
+        images, _ = split.take(index.to(split.device))
+        saved = {
+            "images": images.cpu(),
+            "labels": done.labels[index],
+            "predicted": done.predicted[index],
+            "confidence": done.confidence[index],
+            "index": index,
+            "class_names": list(names),
+        }
+        atomic_write(path, lambda file: torch.save(saved, file))
+
+    def _log_table(self, trainer: Trainer, pl_module: LightningModule, stage: str, done: _Stage) -> None:
+        loggers = wandb_loggers(trainer)
+        if not loggers or len(done.table) == 0:
+            return
+        import wandb
+
+        data = trainer.datamodule
+        index = done.table[done.predicted[done.table] >= 0]  # images this pass saw (all, unless cut short)
+        split = data.splits[stage]
+        images, _ = split.take(index.to(split.device))
+        pictures = images.cpu().permute(0, 2, 3, 1).numpy()  # HWC uint8, as W&B expects
+        names = pl_module.class_names
+        columns = ["index", "image", "label", "predicted", "confidence", "correct", *[f"p_{n}" for n in names]]
+        rows = []
+        probabilities = done.probabilities[done.slot[index]].tolist()
+        for i, picture, p in zip(index.tolist(), pictures, probabilities):
+            label, predicted = int(done.labels[i]), int(done.predicted[i])
+            true_name = names[label] if label >= 0 else ""
+            rows.append(
+                [i, wandb.Image(picture), true_name, names[predicted], round(float(done.confidence[i]), 4),
+                 predicted == label, *[round(x, 4) for x in p]]
+            )  # fmt: skip
+        for logger in loggers:
+            logger.log_table(key=f"{stage}_predictions", columns=columns, data=rows, step=trainer.global_step)
+
+    def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._start(trainer, pl_module, "val")
+
+    def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._start(trainer, pl_module, "test")
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs: Any, *args: Any, **kwargs: Any) -> None:
+        self._add(outputs)
+
+    def on_test_batch_end(self, trainer, pl_module, outputs: Any, *args: Any, **kwargs: Any) -> None:
+        self._add(outputs)
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._end(trainer, pl_module, "val")
+
+    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._end(trainer, pl_module, "test")
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        pending, self._pending_table = self._pending_table, None
+        if pending is not None and trainer.is_global_zero:
+            self._log_table(trainer, pl_module, *pending)
+
+
+def write_confusion_csv(path: str, matrix: Tensor, names: list[str]) -> None:
+    """The confusion matrix as CSV: a header `label,<class>,...`, then one row per true class with its counts."""
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(["label", *names])
+    for name, counts in zip(names, matrix.tolist()):
+        writer.writerow([name, *counts])
+    atomic_write_text(path, text.getvalue())
+
+
+def confusion_plot(matrix: Tensor, names: list[str], title: str) -> Any:
+    """W&B's confusion-matrix chart (the one `wandb.plot.confusion_matrix` draws) from counts already made.
+
+    `wandb.plot.confusion_matrix` counts per-image lists itself, in a Python loop on one process; the matrix
+    here is torchmetrics', counted on the device and synchronised over the ranks.
+    """
+    import wandb
+
+    data = [[names[i], names[j], count] for i, row in enumerate(matrix.tolist()) for j, count in enumerate(row)]
+    table = wandb.Table(columns=["Actual", "Predicted", "nPredictions"], data=data)
+    fields = {"Actual": "Actual", "Predicted": "Predicted", "nPredictions": "nPredictions"}
+    return wandb.plot_table("wandb/confusion_matrix/v1", table, fields, {"title": title})
+
+
+class ModelArtifacts(Callback):
+    """When `fit` ends, the run's best and last checkpoints become versions of one W&B model artifact,
+    `model-<run id>`, with the aliases `best` and `latest` (one version with both when they are the same file),
+    and the metrics that made each one in its metadata. Offline runs too: `wandb sync` uploads them with the run.
+
+    Lightning's WandbLogger(log_model=True) does this only online; it refuses an offline run. A run stopped by a
+    signal logs nothing: its artifacts come when the resumed run ends, in the same W&B run.
+
+    Args:
+        name: Artifact name; default `model-<run id>`.
+    """
+
+    def __init__(self, name: str | None = None) -> None:
+        self.name = name
+        # The epoch-end metrics of the best checkpoint, noted when ModelCheckpoint moves it; in the checkpoints
+        # too (state_dict), so that a resumed run still knows them.
+        self.best_path: str | None = None
+        self.best_metrics: dict[str, float] = {}
+        self._warned = False
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best_path": self.best_path, "best_metrics": self.best_metrics}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.best_path = state_dict.get("best_path")
+        self.best_metrics = dict(state_dict.get("best_metrics") or {})
+
+    def _note_best(self, trainer: Trainer) -> None:
+        # Lightning runs the checkpoint callbacks after all others in a hook: by the next epoch's start (or fit's
+        # end), the best checkpoint of the epoch just done is known, and the metrics are still that epoch's.
+        best = trainer.checkpoint_callback
+        if isinstance(best, ModelCheckpoint) and best.best_model_path and best.best_model_path != self.best_path:
+            from cifar_cli.terminal import epoch_metrics
+
+            self.best_path = best.best_model_path
+            self.best_metrics = epoch_metrics(trainer.callback_metrics)
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._note_best(trainer)
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._note_best(trainer)
+        if not trainer.is_global_zero:
+            return
+        loggers = wandb_loggers(trainer)
+        if not loggers:
+            if not self._warned:
+                rank_zero_warn("ModelArtifacts does nothing: it logs to W&B and the trainer has no WandbLogger")
+                self._warned = True
+            return
+        from cifar_cli.terminal import epoch_metrics
+
+        best = trainer.checkpoint_callback
+        last = next((c.last_model_path for c in trainer.checkpoint_callbacks if c.last_model_path), "")
+        # Best first: W&B gives `latest` to every version it is given, and the last one logged keeps it.
+        files: dict[str, tuple[list[str], dict[str, Any]]] = {}
+        if self.best_path and os.path.isfile(self.best_path) and isinstance(best, ModelCheckpoint):
+            score = float(best.best_model_score) if best.best_model_score is not None else None
+            meta = {"metrics": self.best_metrics, "monitor": best.monitor, "mode": best.mode, "score": score}
+            files[self.best_path] = (["best"], meta)
+        if last and os.path.isfile(last):
+            aliases, meta = files.pop(last, ([], {}))  # the same file: one version, both aliases
+            files[last] = ([*aliases, "latest"], {"metrics": epoch_metrics(trainer.callback_metrics), **meta})
+        import wandb
+
+        for logger in loggers:
+            run = logger.experiment
+            for path, (aliases, metadata) in files.items():
+                artifact = wandb.Artifact(
+                    self.name or f"model-{run.id}",
+                    type="model",
+                    metadata={**metadata, "epoch": trainer.current_epoch, "step": trainer.global_step,
+                              "file": os.path.basename(path)},
+                )  # fmt: skip
+                artifact.add_file(path, name="model.ckpt")
+                run.log_artifact(artifact, aliases=aliases)
+
+
+class WatchModel(Callback):
+    """The network's gradients, weights or both as histograms on W&B every `log_freq` training steps
+    (`wandb.watch`), from the start of `fit` to its end.
+
+    Args:
+        log: What to show: `gradients`, `parameters` or `all`.
+        log_freq: Steps between two histograms (each costs a pass over every parameter on the host).
+        log_graph: Also log the network's graph.
+    """
+
+    def __init__(
+        self,
+        log: Literal["gradients", "parameters", "all"] = "gradients",
+        log_freq: PositiveInt = 100,
+        log_graph: bool = False,
+    ) -> None:
+        self.histograms = log  # (not `self.log`: Lightning sets that on every callback, to the module's `log`)
+        self.log_freq = log_freq
+        self.log_graph = log_graph
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        loggers = wandb_loggers(trainer)
+        if not loggers:
+            rank_zero_warn("WatchModel does nothing: it logs to W&B and the trainer has no WandbLogger")
+        for logger in loggers:
+            logger.watch(pl_module, log=self.histograms, log_freq=self.log_freq, log_graph=self.log_graph)
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        for logger in wandb_loggers(trainer):
+            if trainer.is_global_zero:
+                logger.experiment.unwatch(pl_module)

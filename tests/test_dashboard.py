@@ -1,0 +1,227 @@
+"""What a run shows on W&B and in its folder: prediction tables, confusion matrices, per-class scores, model
+artifacts, gradient histograms, sweeps' arguments, metrics.csv beside W&B, and `cifar-cli report`."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from wandb_offline import read_run
+
+from cifar_cli.classifier import class_scores
+from cifar_cli.cli import main
+from cifar_cli.data import CIFAR10DataModule
+
+REPO = Path(__file__).resolve().parents[1]
+NAMES = list(CIFAR10DataModule.names)
+
+
+def finish_wandb() -> None:
+    import wandb
+
+    wandb.finish()
+    wandb.teardown()  # waits for the W&B service to write out every record and media file
+
+
+def offline_runs() -> dict[str, Path]:
+    """The offline W&B runs under runs/wandb, by run id."""
+    return {p.name.rsplit("-", 1)[1]: p for p in Path("runs/wandb").glob("offline-run-*")}
+
+
+def read_confusion(path: Path) -> tuple[list[str], torch.Tensor]:
+    with open(path, newline="") as file:
+        header, *rows = list(csv.reader(file))
+    assert header[0] == "label" and [row[0] for row in rows] == header[1:]
+    return header[1:], torch.tensor([[int(x) for x in row[1:]] for row in rows])
+
+
+def last_row_with(path: Path, key: str) -> dict[str, str]:
+    with open(path, newline="") as file:
+        return [row for row in csv.DictReader(file) if row.get(key)][-1]
+
+
+def test_class_scores_from_a_confusion_matrix() -> None:
+    # rows: true class; columns: predicted. Class 2 is never predicted, class 1 never right.
+    matrix = torch.tensor([[3, 1, 0], [2, 0, 0], [1, 1, 0]])
+    scores = class_scores(matrix)
+    assert torch.allclose(scores["precision"], torch.tensor([3 / 6, 0 / 2, 0.0]))
+    assert torch.allclose(scores["recall"], torch.tensor([3 / 4, 0 / 2, 0 / 2]))
+    assert torch.equal(scores["acc"], scores["recall"])
+
+
+def test_fit_and_test_runs_hold_tables_confusion_matrices_artifacts_and_config(fake_cifar10: Path) -> None:
+    common = ["--data.data_dir", str(fake_cifar10), "--data.val_size", "40", "--trainer.enable_progress_bar", "false"]
+    main(["fit", *common, "--trainer.max_epochs", "2", "--data.batch_size", "64"])
+    finish_wandb()
+    ((fit_id, fit_folder),) = offline_runs().items()
+    run_folder = Path("runs/cifar-cli", fit_id)
+    run = read_run(fit_folder)
+
+    # The full resolved config, as config.yaml in the run folder holds it.
+    saved = yaml.safe_load((run_folder / "config.yaml").read_text())
+    for key in ("seed_everything", "trainer", "model", "data", "last_checkpoint"):
+        assert run.config[key] == saved[key], key
+    # The CLI hands --optimizer to the model (config.yaml's top-level entry is then empty); the run's `optimizer`
+    # is the model's hyperparameter, the one that trained.
+    assert run.config["optimizer"] == saved["model"]["optimizer"]
+
+    # The prediction table of the last validation: every one of the 40 images, with its picture.
+    table = run.table("val_predictions")
+    assert table["columns"][:6] == ["index", "image", "label", "predicted", "confidence", "correct"]
+    assert table["columns"][6:] == [f"p_{n}" for n in NAMES]
+    assert sorted(row[0] for row in table["data"]) == list(range(40))
+    for row in table["data"]:
+        image = row[1]
+        assert image["_type"] == "image-file" and (image["width"], image["height"]) == (32, 32)
+        assert Path(table["files"][image["path"]]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # staged for sync
+        probabilities = row[6:]
+        assert sum(probabilities) == pytest.approx(1, abs=1e-3)
+        assert row[3] == NAMES[max(range(10), key=probabilities.__getitem__)]
+        assert row[4] == pytest.approx(max(probabilities), abs=1e-4) and row[5] == (row[2] == row[3])
+
+    # W&B's confusion-matrix chart after each validation, counting every validation image once.
+    charts = [row for row in run.history if "val_confusion_matrix_table/_type" in row]
+    assert len(charts) == 2
+    panel = run.config["_wandb/visualize/val_confusion_matrix"]["panel_config"]
+    assert panel["panelDefId"] == "wandb/confusion_matrix/v1"
+    chart = run.table("val_confusion_matrix_table")
+    assert chart["columns"] == ["Actual", "Predicted", "nPredictions"] and len(chart["data"]) == 100
+    assert sum(row[2] for row in chart["data"]) == 40
+
+    # The same matrix in the run folder; per-class scores and the accuracy agree with it.
+    names, matrix = read_confusion(run_folder / "confusion_val.csv")
+    assert names == NAMES and int(matrix.sum()) == 40
+    assert float(matrix.diagonal().sum()) / 40 == pytest.approx(run.summary["val_acc"], abs=1e-6)
+    scores = class_scores(matrix)
+    for i, name in enumerate(NAMES):
+        assert run.summary[f"val_recall/{name}"] == pytest.approx(float(scores["recall"][i]), abs=1e-6)
+        assert run.summary[f"val_precision/{name}"] == pytest.approx(float(scores["precision"][i]), abs=1e-6)
+        assert run.summary[f"val_acc/{name}"] == pytest.approx(float(scores["acc"][i]), abs=1e-6)
+
+    # Metrics as CSV in the same run folder, beside W&B: the epoch values and the per-class scores.
+    metrics = run_folder / "metrics.csv"
+    assert float(last_row_with(metrics, "val_acc")["val_acc"]) == pytest.approx(run.summary["val_acc"], abs=1e-6)
+    assert float(last_row_with(metrics, "val_recall/cat")["val_recall/cat"]) == pytest.approx(
+        run.summary["val_recall/cat"], abs=1e-6
+    )
+
+    # The most confident mistakes, with their images, for `cifar-cli report`.
+    mistakes = torch.load(run_folder / "mistakes_val.pt", weights_only=True)
+    assert len(mistakes["index"]) == int(matrix.sum() - matrix.diagonal().sum())
+    assert bool((mistakes["predicted"] != mistakes["labels"]).all())
+    assert mistakes["confidence"].tolist() == sorted(mistakes["confidence"].tolist(), reverse=True)
+    assert mistakes["images"].shape == (len(mistakes["index"]), 3, 32, 32)
+
+    # The best and the last checkpoint as model artifacts, with their aliases and the metrics that made them.
+    models = [a for a in run.artifacts if a["type"] == "model"]
+    assert {a["name"] for a in models} == {f"model-{fit_id}"}
+    aliases = {alias: a for alias, a in run.aliases.items() if a["type"] == "model"}
+    assert set(aliases) == {"best", "latest"}
+    best = aliases["best"]["metadata"]
+    (best_file,) = (run_folder / "checkpoints").glob("epoch=*.ckpt")
+    checkpoint = torch.load(best_file, weights_only=True)
+    (callback_state,) = [v for k, v in checkpoint["callbacks"].items() if k.startswith("ModelCheckpoint")]
+    assert best["monitor"] == "val_loss" and best["score"] == pytest.approx(float(callback_state["best_model_score"]))
+    assert best["metrics"]["val_loss"] == pytest.approx(best["score"]) and best["file"] == best_file.name
+    assert aliases["latest"]["metadata"]["file"] == "last.ckpt"
+    for artifact in models:
+        (staged,) = artifact["files"].values()
+        source = best_file if "best" in artifact["aliases"] else run_folder / "checkpoints" / "last.ckpt"
+        assert Path(staged).read_bytes() == source.read_bytes()
+
+    # `test` on the best checkpoint: its own run, with the test split's table and matrix.
+    main(["test", "--ckpt_path", str(best_file), "--trainer.enable_progress_bar", "false"])
+    finish_wandb()
+    ((test_id, test_folder),) = [(k, v) for k, v in offline_runs().items() if k != fit_id]
+    test_run = read_run(test_folder)
+    assert len(test_run.table("test_predictions")["data"]) == 50
+    _, test_matrix = read_confusion(Path("runs/cifar-cli", test_id, "confusion_test.csv"))
+    assert int(test_matrix.sum()) == 50
+    assert float(test_matrix.diagonal().sum()) / 50 == pytest.approx(test_run.summary["test_acc"], abs=1e-6)
+
+
+def agent_command(sweep: dict, values: dict) -> list[str]:
+    """The command a `wandb agent` runs for one run of `sweep` with these parameter values: wandb's own code
+    formats the arguments (`--name=value`), and the macros are filled in as the agent fills them."""
+    from wandb.sdk.launch.sweeps import utils
+
+    args = utils.create_sweep_command_args({"args": {k: {"value": v} for k, v in values.items()}})
+    macros = {**args, "env": ["/usr/bin/env"], "program": [sweep["program"]], "interpreter": ["python"]}
+    command = []
+    for part in utils.create_sweep_command(list(sweep["command"])):
+        command += macros[part[2:-1]] if part.startswith("${") and part.endswith("}") else [part]
+    return command
+
+
+def test_sweep_agent_arguments_reach_the_model_and_the_run_config(fake_cifar10: Path) -> None:
+    sweep = yaml.safe_load((REPO / "configs" / "sweep.yaml").read_text())
+    assert set(sweep["parameters"]) == {
+        "model.learning_rate", "data.batch_size", "model.label_smoothing", "trainer.max_epochs"
+    }  # fmt: skip
+    values = {"model.learning_rate": 0.73, "data.batch_size": 512, "model.label_smoothing": 0.1,
+              "trainer.max_epochs": 2}  # fmt: skip
+    command = agent_command(sweep, values)
+    assert command[:3] == ["/usr/bin/env", "cifar-cli", "fit"]
+    assert command[-4:] == [f"--{k}={v}" for k, v in values.items()]
+    # The agent's command, on this machine: the fast recipe's GPU config on the CPU, a few tiny steps, and
+    # offline (no W&B server here); the sweep's own arguments stay last and unchanged.
+    args = command[2:]
+    args[args.index("configs/fast.yaml")] = str(REPO / "configs" / "fast.yaml")
+    args.remove("--trainer.logger.offline=false")
+    tiny = ["--trainer.accelerator", "cpu", "--data.data_dir", str(fake_cifar10), "--data.val_size", "40",
+            "--trainer.limit_train_batches", "1", "--trainer.enable_progress_bar", "false",
+            "--model.net.widths", "[8, 16, 16]"]  # fmt: skip
+    main(args[:-4] + tiny + args[-4:])
+    finish_wandb()
+    ((run_id, folder),) = offline_runs().items()
+    run = read_run(folder)
+    assert run.config["model"]["learning_rate"] == 0.73 and run.config["model"]["label_smoothing"] == 0.1
+    assert run.config["data"]["init_args"]["batch_size"] == 512 and run.config["trainer"]["max_epochs"] == 2
+    assert run.config["trainer"]["check_val_every_n_epoch"] == 2
+    (best,) = Path("runs/cifar-cli", run_id, "checkpoints").glob("epoch=*.ckpt")
+    checkpoint = torch.load(best, weights_only=True)
+    assert checkpoint["hyper_parameters"]["learning_rate"] == 0.73
+    assert checkpoint["hyper_parameters"]["label_smoothing"] == 0.1
+    assert checkpoint["epoch"] == 1 and "val_acc" in run.summary  # validated at the end of the last epoch
+
+
+def test_watch_model_logs_gradients_and_parameters(fake_cifar10: Path) -> None:
+    main(["fit", "--data.data_dir", str(fake_cifar10), "--data.val_size", "40", "--data.batch_size", "32",
+          "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false",
+          "--trainer.callbacks+=cifar_cli.dashboard.WatchModel", "--trainer.callbacks.log=all",
+          "--trainer.callbacks.log_freq=2"])  # fmt: skip
+    finish_wandb()
+    (folder,) = offline_runs().values()
+    keys = {key for row in read_run(folder).history for key in row}
+    assert {"gradients/net.conv1.weight/values", "parameters/net.conv1.weight/values"} <= keys
+    assert {"gradients/net.fc3.bias/bins", "parameters/net.fc3.bias/bins"} <= keys
+
+
+def test_report_of_a_csv_logger_run(image_folder: Path, capsys) -> None:
+    main(["fit", "--data", "ImageFolderDataModule", "--data.root", str(image_folder), "--data.val_size", "30",
+          "--trainer.max_epochs", "2", "--trainer.logger", "CSVLogger", "--trainer.logger.save_dir", "runs",
+          "--trainer.enable_progress_bar", "false"])  # fmt: skip
+    (metrics,) = Path("runs").glob("**/metrics.csv")
+    run_folder = metrics.parent
+    assert {p.name for p in run_folder.iterdir()} >= {"metrics.csv", "confusion_val.csv", "mistakes_val.pt",
+                                                      "summary.json", "config.yaml"}  # fmt: skip
+    _, matrix = read_confusion(run_folder / "confusion_val.csv")
+    assert int(matrix.sum()) == 30
+    capsys.readouterr()
+    main(["report", str(run_folder)])
+    written = [Path(line.removeprefix("Wrote ")) for line in capsys.readouterr().out.splitlines()]
+    assert {p.name for p in written} >= {"loss.png", "accuracy.png", "confusion_val.png", "report.md"}
+    assert all(p.parent == run_folder / "report" and p.stat().st_size > 0 for p in written)
+    report = (run_folder / "report" / "report.md").read_text()
+    assert "val_acc" in report and "![accuracy](accuracy.png)" in report
+
+
+def test_report_of_a_missing_folder_is_one_line(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["report", "runs/nothing-here"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("cifar-cli: error: ") and "runs/nothing-here" in err[0]
