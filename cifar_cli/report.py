@@ -277,7 +277,11 @@ def write_markdown(run_dir: Path, rows: Rows, figures: list[str], classes: dict[
     config = read_optional(run_dir / "config.yaml", lambda path: yaml.safe_load(path.read_text()))
     out = [f"# Run {run_dir.resolve().name}", ""]
     if isinstance(summary, dict) and summary.get("stage"):
-        out += [f"Stage: {summary['stage']}, {summary.get('epochs')} epochs, {summary.get('steps')} steps.", ""]
+        if summary["stage"] == "fit":
+            out += [f"Stage: fit, {summary.get('epochs')} epochs, {summary.get('steps')} steps.", ""]
+        else:  # test and validate restore no loop state: their epoch and step read 0
+            evaluated = f" of `{summary['checkpoint']}`" if summary.get("checkpoint") else ""
+            out += [f"Stage: {summary['stage']}{evaluated}.", ""]
     fit_time = max((row["fit_time"] for row in rows if "fit_time" in row), default=None)
     if fit_time is not None:
         out += [f"Training time: {duration(fit_time)} ({fit_time:.1f} s).", ""]
