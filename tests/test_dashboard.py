@@ -132,6 +132,11 @@ def test_fit_and_test_runs_hold_tables_confusion_matrices_artifacts_and_config(f
         source = best_file if "best" in artifact["aliases"] else run_folder / "checkpoints" / "last.ckpt"
         assert Path(staged).read_bytes() == source.read_bytes()
 
+    # `cifar-cli report` of the W&B run, from its folder: metrics.csv written beside W&B.
+    main(["report", str(run_folder)])
+    figures = {p.name for p in (run_folder / "report").iterdir()}
+    assert figures == {"loss.png", "accuracy.png", "confusion_val.png", "mistakes_val.png", "report.md"}
+
     # `test` on the best checkpoint: its own run, with the test split's table and matrix.
     main(["test", "--ckpt_path", str(best_file), "--trainer.enable_progress_bar", "false"])
     finish_wandb()

@@ -101,6 +101,13 @@ def uninterrupted(images: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     code, stderr = finish(start([*TRAIN, *ONE_NODE, "--data.root", str(images)], run, ddp_env(free_port())))
     assert code == 0, stderr[-2000:]
     assert sorted(p.name for p in (run / "steps").glob("*.ckpt"))[-1] == f"epoch=1-step={STEPS}.ckpt"
+    # The confusion matrix counts each of the 30 validation images once, 15 from each rank, and the mistakes
+    # gathered from both ranks are exactly the matrix's off-diagonal images.
+    with open(run / "confusion_val.csv", newline="") as file:
+        counts = torch.tensor([[int(x) for x in row[1:]] for row in list(csv.reader(file))[1:]])
+    mistakes = torch.load(run / "mistakes_val.pt", weights_only=True)
+    assert int(counts.sum()) == 30 and len(mistakes["index"]) == int(counts.sum() - counts.trace())
+    assert len(set(mistakes["index"].tolist())) == len(mistakes["index"])
     return run
 
 
