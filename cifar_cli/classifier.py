@@ -413,14 +413,15 @@ class ImageClassifier(LightningModule):
         # model can still be the best.
         timer = self._budget_timer_found
         step = self.global_step
-        if timer is None or step < BUDGET_MIN_STEPS or (self.trainer.world_size > 1 and step % 20):
-            return
-        elapsed = timer.time_elapsed("train")
-        if self.trainer.world_size > 1:
-            elapsed = self.trainer.strategy.broadcast(elapsed)
-        if elapsed > 0:
-            self._budget_steps = step * (timer.time_elapsed() + timer.time_remaining()) / elapsed
-        if self.progress(step) >= 1.0:
+        if timer is not None and step >= BUDGET_MIN_STEPS and not (self.trainer.world_size > 1 and step % 20):
+            elapsed = timer.time_elapsed("train")
+            if self.trainer.world_size > 1:
+                elapsed = self.trainer.strategy.broadcast(elapsed)
+            if elapsed > 0:
+                self._budget_steps = step * (timer.time_elapsed() + timer.time_remaining()) / elapsed
+        # Also at the last of max_epochs' steps: Lightning then validates at once, which a config that validates
+        # only at the end (configs/budget.yaml) relies on.
+        if self._steps_total is not None and self.progress(step) >= 1.0:
             self.trainer.should_stop = True
 
 

@@ -1,0 +1,59 @@
+"""Lookahead: the network ends on the slow weights, and a resumed run ends exactly where the uninterrupted one did."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from test_cli import CSV_LOGGER
+from test_resume import EVERY_STEP, assert_identical, cifar, tensors
+
+from cifar_cli.cli import main
+
+# The default recipe (5 steps an epoch on the fake CIFAR-10, 2 epochs) with lookahead every 2 steps.
+LOOKAHEAD = ["--trainer.callbacks+=cifar_cli.averaging.Lookahead", "--trainer.callbacks.every_n_steps", "2",
+             "--trainer.enable_progress_bar", "false"]  # fmt: skip
+
+
+def slow_weights(path: Path) -> dict[str, torch.Tensor]:
+    (state,) = [v for k, v in torch.load(path, weights_only=True)["callbacks"].items() if k.startswith("Lookahead")]
+    return state["slow"]
+
+
+def test_lookahead_ends_on_the_slow_weights_and_resumes_exactly(fake_cifar10: Path, tmp_path: Path) -> None:
+    args = ["fit", *cifar(fake_cifar10), *LOOKAHEAD, *EVERY_STEP, *CSV_LOGGER]
+    os.chdir(tmp_path / "full" if (tmp_path / "full").mkdir() is None else tmp_path)
+    main(args)
+    full = {p.name: p.resolve() for p in Path("steps").glob("epoch=*.ckpt")}
+    assert len(full) == 10
+    last, middle = full["epoch=1-step=10.ckpt"], full["epoch=0-step=3.ckpt"]
+    weights = torch.load(last, weights_only=True)["state_dict"]
+    # After the last step the network is the slow weights; before it, the two differ (the network has moved on
+    # since the last update at step 2).
+    slow = slow_weights(last)
+    assert slow.keys() == {k for k, v in weights.items() if torch.is_floating_point(v)}
+    assert all(torch.equal(slow[k], weights[k]) for k in slow)
+    before = torch.load(middle, weights_only=True)["state_dict"]
+    assert not all(torch.equal(slow_weights(middle)[k], before[k]) for k in slow)
+    # Resumed from step 3, between two updates: every later step equals the uninterrupted run's.
+    os.chdir(tmp_path / "resumed" if (tmp_path / "resumed").mkdir() is None else tmp_path)
+    main([*args, "--ckpt_path", str(middle)])
+    for name in [f"epoch={(s - 1) // 5}-step={s}.ckpt" for s in range(4, 11)]:
+        assert_identical(tensors(Path("steps") / name), tensors(full[name]))
+        assert_identical(slow_weights(Path("steps") / name), slow_weights(full[name]))
+
+
+def test_budget_config_validates_once_at_the_end_on_the_slow_weights(fake_cifar10: Path) -> None:
+    repo = Path(__file__).resolve().parents[1]
+    main(["fit", "--config", str(repo / "configs" / "fast-cpu.yaml"), "--config", str(repo / "configs" / "budget.yaml"),
+          *cifar(fake_cifar10), "--model.net.init_args.widths", "[8, 16, 16]", "--data.batch_size", "32",
+          "--trainer.max_epochs", "3", "--trainer.enable_progress_bar", "false", *CSV_LOGGER])  # fmt: skip
+    from test_cli import metrics_rows
+
+    rows = metrics_rows("runs")
+    validations = [row for row in rows if row.get("val_acc")]
+    assert [int(row["step"]) for row in validations] == [14]  # 3 epochs of 5 steps: one validation, at the end
+    (last,) = Path("runs").glob("**/checkpoints/last.ckpt")
+    weights, slow = torch.load(last, weights_only=True)["state_dict"], slow_weights(last)
+    assert all(torch.equal(slow[k], weights[k]) for k in slow)
