@@ -35,6 +35,15 @@ def run_dir(trainer: Trainer) -> str:
     return os.path.join(logger.save_dir or trainer.default_root_dir, str(logger.name), version)
 
 
+def wandb_loggers(trainer: Trainer) -> list[WandbLogger]:
+    return [logger for logger in trainer.loggers if isinstance(logger, WandbLogger)]
+
+
+def last_checkpoint(trainer: Trainer) -> str | None:
+    """The path of the run's `last.ckpt` (or of any ModelCheckpoint's last checkpoint), once one is saved."""
+    return next((c.last_model_path for c in trainer.checkpoint_callbacks if c.last_model_path), None)
+
+
 class ImagePredictionLogger(Callback):
     """After every validation epoch, logs the same validation images to W&B, captioned "Pred: cat, Label: dog".
 
@@ -60,7 +69,7 @@ class ImagePredictionLogger(Callback):
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero:
             return
-        loggers = [logger for logger in trainer.loggers if isinstance(logger, WandbLogger)]
+        loggers = wandb_loggers(trainer)
         if not loggers:
             self._warn_once("it logs to W&B and the trainer has no WandbLogger")
             return

@@ -13,25 +13,22 @@ import torch
 from jsonargparse.typing import NonNegativeInt, PositiveInt
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.loggers.logger import DummyExperiment
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from cifar_cli.atomic import atomic_csv_logs, atomic_write, atomic_write_text
-from cifar_cli.callbacks import run_dir
+from cifar_cli.callbacks import last_checkpoint, run_dir, wandb_loggers
 from cifar_cli.data import ImageDataModule
+from cifar_cli.terminal import epoch_metrics
 
 # Images of up to this many pixels go into the prediction table whole split (CIFAR's 32x32, 64x64 thumbnails);
 # larger ones, a sample of TABLE_SAMPLE: a W&B table row holds a PNG of its image.
 TABLE_WHOLE_PIXELS = 64 * 64
 TABLE_SAMPLE = 1000
 STAGE_NAMES = {"val": "validation", "test": "test"}
-
-
-def wandb_loggers(trainer: Trainer) -> list[WandbLogger]:
-    return [logger for logger in trainer.loggers if isinstance(logger, WandbLogger)]
 
 
 class RunCSVLogger(CSVLogger):
@@ -301,8 +298,6 @@ class ModelArtifacts(Callback):
         # end), the best checkpoint of the epoch just done is known, and the metrics are still that epoch's.
         best = trainer.checkpoint_callback
         if isinstance(best, ModelCheckpoint) and best.best_model_path and best.best_model_path != self.best_path:
-            from cifar_cli.terminal import epoch_metrics
-
             self.best_path = best.best_model_path
             self.best_metrics = epoch_metrics(trainer.callback_metrics)
 
@@ -319,10 +314,8 @@ class ModelArtifacts(Callback):
                 rank_zero_warn("ModelArtifacts does nothing: it logs to W&B and the trainer has no WandbLogger")
                 self._warned = True
             return
-        from cifar_cli.terminal import epoch_metrics
-
         best = trainer.checkpoint_callback
-        last = next((c.last_model_path for c in trainer.checkpoint_callbacks if c.last_model_path), "")
+        last = last_checkpoint(trainer)
         # Best first: W&B gives `latest` to every version it is given, and the last one logged keeps it.
         files: dict[str, tuple[list[str], dict[str, Any]]] = {}
         if self.best_path and os.path.isfile(self.best_path) and isinstance(best, ModelCheckpoint):

@@ -20,7 +20,7 @@ from rich.table import Table
 from rich.text import Text
 
 from cifar_cli.atomic import atomic_write_text
-from cifar_cli.callbacks import RichBar, run_dir
+from cifar_cli.callbacks import RichBar, last_checkpoint, run_dir
 
 # Columns of the end summary when stdout is a file: wide enough for a metric table, narrow enough for a log viewer.
 LOG_COLUMNS = 100
@@ -244,7 +244,7 @@ def write_summary(trainer: Trainer, stage: str, metrics: dict[str, float]) -> No
     if not trainer.loggers:
         return  # the shared default_root_dir is no run's own folder
     best = trainer.checkpoint_callback if stage == "fit" else None
-    last = next((c.last_model_path for c in trainer.checkpoint_callbacks if c.last_model_path), None)
+    last = last_checkpoint(trainer)
     score = best.best_model_score if best is not None else None
     summary = {
         "stage": stage,
