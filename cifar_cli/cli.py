@@ -99,7 +99,19 @@ class CifarCLI(LightningCLI):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         # A parser that reads a config file holding only comments as an empty config (see checks.ArgumentParser).
         kwargs.setdefault("parser_class", ArgumentParser)
+        argv = sys.argv[1:] if kwargs.get("args") is None else kwargs["args"]
+        first = argv[0] if isinstance(argv, list) and argv else None
+        self._only_subcommand = first if first in LightningCLI.subcommands() else None
         super().__init__(*args, **kwargs)
+
+    def subcommands(self) -> dict[str, set[str]]:
+        # LightningCLI builds the parser of every subcommand (the trainer's, model's, data's and optimizer's
+        # signatures, about 0.25 s each here) before it reads the command line, and a rank of a DDP run builds them
+        # again. A command line that starts with its subcommand gets only that one's; any other (`--help`, a
+        # top-level `--config`, a mistyped subcommand) gets them all.
+        every = LightningCLI.subcommands()
+        only = getattr(self, "_only_subcommand", None)
+        return {only: every[only]} if only else every
 
     def setup_parser(self, add_subcommands: bool, main_kwargs: dict, subparser_kwargs: dict) -> None:
         super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)

@@ -310,6 +310,20 @@ def test_python_m_and_console_script(tmp_path: Path) -> None:
                                                f"'{tmp_path / 'missing.yaml'}'"]  # fmt: skip
 
 
+def test_help_lists_every_subcommand_and_a_top_level_config_reaches_the_subcommand(
+    fake_cifar10: Path, tmp_path: Path, capsys
+) -> None:
+    """A command line that starts with its subcommand builds only that parser; the other forms still see all."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    helped = capsys.readouterr().out
+    assert exit_info.value.code == 0 and "{fit,validate,test,predict}" in helped
+    config = tmp_path / "top.yaml"
+    config.write_text(yaml.safe_dump({"fit": {"trainer": {"max_epochs": 1, "limit_train_batches": 2}}}))
+    main(["--config", str(config), "fit", *cifar_args(fake_cifar10), *CSV_LOGGER])
+    assert [p.name for p in checkpoints()] == ["epoch=0-step=2.ckpt"]
+
+
 # Bad input: one line naming the problem, exit code 2, and nothing written.
 def test_error_unknown_key(capsys) -> None:
     assert "unrecognized arguments: --trainer.max_epochs_x" in fails(capsys, "fit", "--trainer.max_epochs_x", "3")
