@@ -86,14 +86,14 @@ def assert_same_weights(path: Path, reference: Path) -> None:
     assert not differ, f"{path} differs from {reference} in {differ}"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("ddp") / "images"
     write_image_folder(root / "train", {"cat": 40, "dog": 40, "frog": 40})
     return root
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def uninterrupted(images: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The run the others must match: one node, two processes, 18 steps (each rank takes its own 45 of the 90
     training images: 9 steps of 5 an epoch, where one process would take 18); its folder, with steps/*.ckpt."""
