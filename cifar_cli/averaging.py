@@ -58,8 +58,8 @@ class Lookahead(Callback):
             self.slow = {k: v.to(device) for k, v in self.slow.items()}
 
     def _progress(self, trainer: Trainer, pl_module: LightningModule, step: int) -> float:
-        progress = getattr(pl_module, "progress", None)
-        if callable(progress) and getattr(pl_module, "_steps_total", None):
+        progress = getattr(pl_module, "progress", None)  # ImageClassifier's: its schedule's, time budget included
+        if callable(progress):
             return progress(step)
         total = trainer.estimated_stepping_batches
         return min(step / total, 1.0) if total != float("inf") else 0.0

@@ -117,6 +117,7 @@ class ImageClassifier(LightningModule):
         self._window_images = 0
         self._logged_stages: set[str] = set()  # stages that called self.log since their epoch began
         self._steps_total: float | None = None  # training steps and, with a time budget, the steps it holds
+        self._trainer_steps: float | None = None  # the steps max_epochs or max_steps allow, without a schedule
         self._budget_steps: float | None = None
         self._budget_timer_found: Timer | None = None  # the Timer holding the time budget, found at train start
 
@@ -395,8 +396,14 @@ class ImageClassifier(LightningModule):
         that max_epochs (or max_steps) allow, or of the time budget (`--trainer.max_time`), whichever is further.
 
         Time is counted in steps: the steps that fit in the budget are estimated from the pace so far, so that
-        every rank of a DDP run sees the same progress at the same step."""
-        done = step / self._steps_total
+        every rank of a DDP run sees the same progress at the same step. Without a progress-based schedule: of the
+        steps max_epochs or max_steps allow (0 when neither bounds training)."""
+        total = self._steps_total
+        if total is None:
+            if self._trainer_steps is None:
+                self._trainer_steps = self.trainer.estimated_stepping_batches
+            total = self._trainer_steps
+        done = step / total
         if self._budget_steps:
             done = max(done, step / self._budget_steps)
         return min(done, 1.0)

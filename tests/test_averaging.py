@@ -57,3 +57,13 @@ def test_budget_config_validates_once_at_the_end_on_the_slow_weights(fake_cifar1
     (last,) = Path("runs").glob("**/checkpoints/last.ckpt")
     weights, slow = torch.load(last, weights_only=True)["state_dict"], slow_weights(last)
     assert all(torch.equal(slow[k], weights[k]) for k in slow)
+
+
+def test_lookahead_without_a_schedule_follows_the_trainers_steps(fake_cifar10: Path) -> None:
+    """With a constant learning rate the model's progress is the share of max_epochs' steps: the last step still
+    hands the network the slow weights."""
+    main(["fit", *cifar(fake_cifar10), *LOOKAHEAD, "--model.lr_schedule", "null", *CSV_LOGGER])
+    (last,) = Path("runs").glob("**/checkpoints/last.ckpt")
+    weights, slow = torch.load(last, weights_only=True)["state_dict"], slow_weights(last)
+    assert torch.load(last, weights_only=True)["global_step"] == 10
+    assert all(torch.equal(slow[k], weights[k]) for k in slow)
