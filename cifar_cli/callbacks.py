@@ -35,6 +35,17 @@ def run_dir(trainer: Trainer) -> str:
     return os.path.join(logger.save_dir or trainer.default_root_dir, str(logger.name), version)
 
 
+NO_WANDB = "it logs to W&B and the trainer has no WandbLogger"
+NO_DATA_MODULE = "it needs one of cifar_cli's data modules"
+
+
+def warn_idle(callback: Callback, reason: str) -> None:
+    """Warn, once per callback, that it does nothing in this run and why."""
+    if not getattr(callback, "_warned_idle", False):
+        rank_zero_warn(f"{type(callback).__name__} does nothing: {reason}")
+        callback._warned_idle = True
+
+
 def wandb_loggers(trainer: Trainer) -> list[WandbLogger]:
     return [logger for logger in trainer.loggers if isinstance(logger, WandbLogger)]
 
@@ -59,23 +70,17 @@ class ImagePredictionLogger(Callback):
         self.num_samples = num_samples
         self.key = key
         self._sample: tuple[Tensor, Tensor] | None = None
-        self._warned = False
-
-    def _warn_once(self, message: str) -> None:
-        if not self._warned:
-            rank_zero_warn(f"ImagePredictionLogger does nothing: {message}")
-            self._warned = True
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero:
             return
         loggers = wandb_loggers(trainer)
         if not loggers:
-            self._warn_once("it logs to W&B and the trainer has no WandbLogger")
+            warn_idle(self, NO_WANDB)
             return
         data = trainer.datamodule
         if not isinstance(data, ImageDataModule):
-            self._warn_once("it needs one of cifar_cli's data modules")
+            warn_idle(self, NO_DATA_MODULE)
             return
         if self._sample is None:
             val = data.splits["val"]

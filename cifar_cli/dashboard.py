@@ -16,11 +16,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.loggers.logger import DummyExperiment
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from cifar_cli.atomic import atomic_csv_logs, atomic_write, atomic_write_text
-from cifar_cli.callbacks import last_checkpoint, run_dir, wandb_loggers
+from cifar_cli.callbacks import NO_DATA_MODULE, NO_WANDB, last_checkpoint, run_dir, wandb_loggers, warn_idle
 from cifar_cli.data import ImageDataModule
 from cifar_cli.terminal import epoch_metrics
 
@@ -119,15 +118,12 @@ class EvaluationLogger(Callback):
         self.mistakes = mistakes
         self._stage: _Stage | None = None
         self._pending_table: tuple[str, _Stage] | None = None  # the last validation's, logged when fit ends
-        self._warned = False
 
     def _data(self, trainer: Trainer) -> ImageDataModule | None:
         data = trainer.datamodule
         if isinstance(data, ImageDataModule):
             return data
-        if not self._warned:
-            rank_zero_warn("EvaluationLogger does nothing: it needs one of cifar_cli's data modules")
-            self._warned = True
+        warn_idle(self, NO_DATA_MODULE)
         return None
 
     def _table_rows(self, data: ImageDataModule, size: int) -> Tensor:
@@ -284,7 +280,6 @@ class ModelArtifacts(Callback):
         # too (state_dict), so that a resumed run still knows them.
         self.best_path: str | None = None
         self.best_metrics: dict[str, float] = {}
-        self._warned = False
 
     def state_dict(self) -> dict[str, Any]:
         return {"best_path": self.best_path, "best_metrics": self.best_metrics}
@@ -310,9 +305,7 @@ class ModelArtifacts(Callback):
             return
         loggers = wandb_loggers(trainer)
         if not loggers:
-            if not self._warned:
-                rank_zero_warn("ModelArtifacts does nothing: it logs to W&B and the trainer has no WandbLogger")
-                self._warned = True
+            warn_idle(self, NO_WANDB)
             return
         best = trainer.checkpoint_callback
         last = last_checkpoint(trainer)
@@ -363,7 +356,7 @@ class WatchModel(Callback):
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         loggers = wandb_loggers(trainer)
         if not loggers:
-            rank_zero_warn("WatchModel does nothing: it logs to W&B and the trainer has no WandbLogger")
+            warn_idle(self, NO_WANDB)
         for logger in loggers:
             logger.watch(pl_module, log=self.histograms, log_freq=self.log_freq, log_graph=self.log_graph)
 
