@@ -24,6 +24,11 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 
 from cifar_cli.data import DeviceBatches, ImageFolderDataModule
+from cifar_cli.hooks import plain_cuda_check_without_gpu
+
+# Importing Lightning (through cifar_cli.data) made torch's CUDA check slow on a CPU; cifar-cli undoes that at
+# start-up, and so does every loop here, as a plain PyTorch loop that never imports Lightning would not pay it.
+plain_cuda_check_without_gpu()
 
 
 class StepClock(Callback):

@@ -381,6 +381,7 @@ def one_line(err: BaseException) -> str:
 def main(args: ArgsType = None) -> None:
     """Entry point of `cifar-cli` and `python -m cifar_cli`. Bad input ends in one line on stderr and exit code 2."""
     hooks.install()  # callback hooks called only where implemented (see cifar_cli.hooks)
+    hooks.plain_cuda_check_without_gpu()
     silence_noise()
     argv = sys.argv[1:] if args is None else args if isinstance(args, list) else []
     try:

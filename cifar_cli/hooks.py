@@ -16,8 +16,10 @@ keeps its own.
 from __future__ import annotations
 
 import inspect
+import os
 from typing import Any
 
+import torch
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import Checkpoint, EarlyStopping
 from lightning.pytorch.profilers import PassThroughProfiler
@@ -79,3 +81,19 @@ def install() -> bool:
         return False
     call._call_callback_hooks = _call_callback_hooks
     return True
+
+
+NVML_CHECK = "PYTORCH_NVML_BASED_CUDA_CHECK"
+
+
+def plain_cuda_check_without_gpu() -> None:
+    """Without a CUDA GPU, let `torch.cuda.is_available()` answer from the CUDA runtime instead of NVML.
+
+    Lightning sets PYTORCH_NVML_BASED_CUDA_CHECK=1 when it is imported, so that asking whether CUDA is there does
+    not initialise CUDA before a fork. Torch remembers the answer only once CUDA is initialised, which a CPU run
+    never does: every call then loads the NVML library again (and, without it, asks the runtime anyway). Adam's
+    and AdamW's `step` ask at every step (their graph-capture check): 200 us of a 330 us Adam step here. Where no
+    GPU answers there is no CUDA to initialise before a fork, and the variable only costs; with a GPU it stays.
+    """
+    if os.environ.get(NVML_CHECK) == "1" and not torch.cuda.is_available():
+        del os.environ[NVML_CHECK]

@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.trainer import call
 
@@ -92,3 +94,15 @@ def test_progress_bar_reads_the_metrics_at_most_once_an_interval(image_folder: P
     trainer.fit(model, data)
     steps = trainer.global_step
     assert steps >= 10 and reads.count(1) == 1 and len(reads) <= 3  # the first step, and the epoch's end
+
+
+def test_cuda_check_answers_without_nvml_only_where_no_gpu_answers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lightning's NVML-based CUDA check goes where no GPU answers (it reloads NVML at every Adam step on a CPU);
+    where one does, it stays, so that nothing initialises CUDA before a fork."""
+    monkeypatch.setenv(hooks.NVML_CHECK, "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    hooks.plain_cuda_check_without_gpu()
+    assert os.environ[hooks.NVML_CHECK] == "1"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    hooks.plain_cuda_check_without_gpu()
+    assert hooks.NVML_CHECK not in os.environ
