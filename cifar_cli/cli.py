@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 import warnings
@@ -369,6 +370,17 @@ def user_error(err: BaseException) -> BaseException | None:
     return None
 
 
+def out_of_space(err: BaseException) -> OSError | None:
+    """The full disk (or exhausted quota) behind `err`, if any."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
 def one_line(err: BaseException) -> str:
     """An error's message on one line, without jsonargparse's repetitions."""
     lines = [line.strip().removeprefix("- ") for line in str(err).splitlines()]
@@ -405,7 +417,16 @@ def main(args: ArgsType = None) -> None:
     except Exception as err:
         cause = user_error(err)
         exit_if_rank_failed(err, one_line(cause) if cause is not None else None)  # under DDP: "rank R failed: ..."
-        if cause is None or os.environ.get(DEBUG_ENV, "").lower() in ("true", "1"):
+        debug = os.environ.get(DEBUG_ENV, "").lower() in ("true", "1")
+        full = out_of_space(err) if cause is None and not debug else None
+        if full is not None:
+            # Checkpoints, configs, metrics and caches are written beside their target and renamed (cifar_cli.atomic):
+            # the write that failed left nothing, and the files from before it are whole.
+            where = f" writing {full.filename}" if full.filename else ""
+            print(f"cifar-cli: error: no space left on the device{where}: free some, or write elsewhere "
+                  "(--trainer.default_root_dir, --data.cache_dir)", file=sys.stderr)  # fmt: skip
+            sys.exit(1)
+        if cause is None or debug:
             raise
         print(f"cifar-cli: error: {one_line(cause)}", file=sys.stderr)
         sys.exit(2)

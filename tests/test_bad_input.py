@@ -9,6 +9,7 @@ images and config at the end of the file.
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import pickle
@@ -530,3 +531,26 @@ def test_config_of_only_comments_trains(tmp_path: Path, fake_cifar10: Path) -> N
     data = ["--data.data_dir", str(fake_cifar10), "--data.val_size", "40"]
     main(["fit", "--config", "c.yaml", *data, "--trainer.max_epochs", "1", "--trainer.logger", "false"])
     assert len(list(Path().glob("**/checkpoints/epoch=*.ckpt"))) == 1
+
+
+def test_full_disk_is_one_line_and_leaves_no_partial_file(
+    fake_cifar10: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """The disk fills while the first checkpoint is written: one line, exit code 1, and no partial file left."""
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if ".ckpt." in os.readlink(f"/proc/self/fd/{fd}"):  # a checkpoint's partial file: the config fitted
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--data.data_dir", str(fake_cifar10), "--data.val_size", "40", "--trainer.max_epochs", "1",
+              "--trainer.logger", "CSVLogger", "--trainer.logger.save_dir", "runs"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and "Traceback" not in err
+    assert [line for line in err.splitlines() if line.startswith("cifar-cli: error")] == ["cifar-cli: error: no space left on the device: free some, or write elsewhere "
+                   "(--trainer.default_root_dir, --data.cache_dir)"]  # fmt: skip
+    assert not [p for p in Path().rglob("*") if p.name.endswith(".partial") or p.suffix == ".ckpt"]
+    assert len(list(Path("runs").rglob("config.yaml"))) == 1
