@@ -395,6 +395,9 @@ def main(args: ArgsType = None) -> None:
     hooks.install()  # callback hooks called only where implemented (see cifar_cli.hooks)
     hooks.plain_cuda_check_without_gpu()
     silence_noise()
+    # The summary at the end of a run gives the metrics and, offline, the `wandb sync` command; W&B's own closing
+    # block would repeat both (about 30 lines of history and summary in every log). WANDB_QUIET=false shows it.
+    os.environ.setdefault("WANDB_QUIET", "true")
     argv = sys.argv[1:] if args is None else args if isinstance(args, list) else []
     try:
         if argv[:1] == ["report"]:
@@ -414,6 +417,13 @@ def main(args: ArgsType = None) -> None:
             parser_kwargs={"exit_on_error": False},
             args=args,
         )
+        # The W&B run ends here, not in W&B's exit hook: the lines that hook prints (the online run's link, or with
+        # WANDB_QUIET=false the offline run's `wandb sync` command) keep their colour codes even when stderr is a
+        # file, and a log read later shows them raw. A run that fails or is stopped by a signal is still ended by
+        # the hook, which records the exit code.
+        wandb = sys.modules.get("wandb")
+        if wandb is not None and wandb.run is not None:
+            wandb.finish()
     except Exception as err:
         cause = user_error(err)
         exit_if_rank_failed(err, one_line(cause) if cause is not None else None)  # under DDP: "rank R failed: ..."

@@ -121,6 +121,7 @@ def offline_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("WANDB__SAVE_REQUIREMENTS", "false")
     monkeypatch.setenv("WANDB_DISABLE_GIT", "true")
     monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_QUIET", "true")  # (what the CLI sets by default; a test that asks removes it)
     monkeypatch.delenv("JSONARGPARSE_DEBUG", raising=False)
     yield
     # The CLI leaves the W&B run to end at process exit, as a command should; tests share one process. The W&B

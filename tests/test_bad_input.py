@@ -550,7 +550,8 @@ def test_full_disk_is_one_line_and_leaves_no_partial_file(
               "--trainer.logger", "CSVLogger", "--trainer.logger.save_dir", "runs"])  # fmt: skip
     err = capsys.readouterr().err
     assert exit_info.value.code == 1 and "Traceback" not in err
-    assert [line for line in err.splitlines() if line.startswith("cifar-cli: error")] == ["cifar-cli: error: no space left on the device: free some, or write elsewhere "
-                   "(--trainer.default_root_dir, --data.cache_dir)"]  # fmt: skip
+    errors = [line for line in err.splitlines() if line.startswith("cifar-cli: error")]
+    assert errors == ["cifar-cli: error: no space left on the device: free some, or write elsewhere "
+                      "(--trainer.default_root_dir, --data.cache_dir)"]  # fmt: skip
     assert not [p for p in Path().rglob("*") if p.name.endswith(".partial") or p.suffix == ".ckpt"]
     assert len(list(Path("runs").rglob("config.yaml"))) == 1
