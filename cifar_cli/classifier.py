@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from jsonargparse.typing import PositiveFloat
+from jsonargparse.typing import PositiveFloat, PositiveInt
 from lightning.pytorch import LightningModule
 from lightning.pytorch.callbacks import BaseFinetuning, Timer
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable, ReduceLROnPlateau
@@ -59,6 +59,11 @@ class ImageClassifier(LightningModule):
         init_from: A `cifar-cli fit` checkpoint whose network weights start this fit, for transfer from another
             data set: every tensor whose name and shape match is loaded, except the head's when the checkpoint
             had other classes. Not used with `--ckpt_path`, whose weights come first.
+        low_res_side: Progressive resizing: train on the images scaled down to this side (antialiased) until
+            training progress reaches `low_res_until`, then at full size; evaluation is always at full size.
+            The network must accept both sizes (global pooling: FastNet, torchvision and timm networks).
+        low_res_until: Training progress (as the LR schedule sees it: of the steps, or of a time budget) at which
+            training moves to full size.
     """
 
     def __init__(
@@ -77,6 +82,8 @@ class ImageClassifier(LightningModule):
         backbone_lr_factor: PositiveFloat = 1.0,
         init_from: str | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
+        low_res_side: PositiveInt | None = None,
+        low_res_until: float = 0.5,
     ) -> None:
         super().__init__()
         # Under LightningCLI the saved `net` is its config (class_path, init_args), so `--ckpt_path` alone can
@@ -161,10 +168,20 @@ class ImageClassifier(LightningModule):
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         images, labels = batch
-        logits = self(images)
+        logits = self(self._train_size(images))
         # Labels are class indices, or probabilities `(N, num_classes)` from MixUp/CutMix: cross_entropy takes both.
         loss = F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing)
         return self._train_metrics(loss, logits, labels, batch_idx)
+
+    def _train_size(self, images: Tensor) -> Tensor:
+        """The training images, scaled down while progressive resizing holds (a function of the step alone, so
+        that a resumed run resizes as the uninterrupted one did)."""
+        side = self.hparams.low_res_side
+        if side is None or side >= min(images.shape[-2:]) or self._trainer is None:
+            return images
+        if self.progress(self.global_step) >= self.hparams.low_res_until:
+            return images
+        return F.interpolate(images, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
 
     def _eval_step(self, batch: Batch, stage: str, batch_idx: int) -> dict[str, Tensor]:
         """Validation or test: updates the stage's metrics; returns the batch's logits, labels and the images'

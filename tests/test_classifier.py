@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
+from lightning.pytorch import Callback, LightningModule, Trainer
+from test_cli import CSV_LOGGER
+from test_resume import FAST, cifar
 from torch import nn
 
 from cifar_cli.classifier import ImageClassifier
+from cifar_cli.cli import main
 from cifar_cli.nets import FastNet, TutorialCNN
 from cifar_cli.optim import WarmupLinearDecay, param_groups
 
@@ -138,3 +143,24 @@ def test_training_metrics_count_every_image_of_the_epoch_and_log_window_means(mo
     assert model._window_images == 0
     # Each rank keeps its own sums: a buffer would be overwritten with rank 0's by DDP before every step.
     assert not [name for name, _ in model.named_buffers() if "window" in name]
+
+
+class InputSides(Callback):
+    """Records (training?, side) of every batch the network sees."""
+
+    seen: list[tuple[bool, int]] = []
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        InputSides.seen = []
+        pl_module.net.register_forward_pre_hook(
+            lambda net, args: InputSides.seen.append((net.training, args[0].shape[-1]))
+        )
+
+
+def test_progressive_resizing_trains_small_then_full_size_and_evaluates_at_full_size(fake_cifar10: Path) -> None:
+    main(["fit", *FAST, *cifar(fake_cifar10), "--trainer.max_epochs", "2", *CSV_LOGGER,
+          "--model.low_res_side", "16", "--model.low_res_until", "0.5",
+          "--trainer.callbacks+=test_classifier.InputSides"])  # fmt: skip
+    # 10 steps: progress 0 to 0.4 at 16 px, then 32 px; validation (and the whitening fit) at 32 px.
+    assert [side for training, side in InputSides.seen if training] == [16] * 5 + [32] * 5
+    assert {side for training, side in InputSides.seen if not training} == {32}
