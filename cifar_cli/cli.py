@@ -35,7 +35,7 @@ from cifar_cli.classifier import ImageClassifier
 from cifar_cli.dashboard import RunCSVLogger, with_csv_logger
 from cifar_cli.data import ImageDataModule
 from cifar_cli.distributed import exit_if_rank_failed, watch_ranks
-from cifar_cli.errors import UsageError
+from cifar_cli.errors import UsageError, causes
 from cifar_cli.optimizer_flags import check_built, move_optimizer_flags
 from cifar_cli.precision import choose_precision
 from cifar_cli.resume import (
@@ -358,27 +358,19 @@ USER_ERRORS = (ArgumentError, MisconfigurationException, UsageError)
 
 def user_error(err: BaseException) -> BaseException | None:
     """The bad-input error behind `err`, if any: jsonargparse wraps errors raised while it builds the classes."""
-    seen = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        if isinstance(err, UsageError):
-            return err
-        if isinstance(err, USER_ERRORS):
-            inner = user_error(err.__cause__) if err.__cause__ is not None else None
-            return inner if isinstance(inner, UsageError) else err
-        err = err.__cause__ or err.__context__
+    for error in causes(err):
+        if isinstance(error, UsageError):
+            return error
+        if isinstance(error, USER_ERRORS):
+            inner = user_error(error.__cause__) if error.__cause__ is not None else None
+            return inner if isinstance(inner, UsageError) else error
     return None
 
 
 def out_of_space(err: BaseException) -> OSError | None:
     """The full disk (or exhausted quota) behind `err`, if any."""
-    seen = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
-            return err
-        err = err.__cause__ or err.__context__
-    return None
+    full = (e for e in causes(err) if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT))
+    return next(full, None)
 
 
 def one_line(err: BaseException) -> str:

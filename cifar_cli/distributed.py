@@ -26,6 +26,8 @@ import torch.distributed as dist
 from lightning.pytorch import Trainer
 from lightning.pytorch.strategies.launchers import subprocess_script
 
+from cifar_cli.errors import causes
+
 # Store key of the first failure: "rank leader message", where leader is the global rank of local rank 0 on the
 # failing rank's node.
 FAILURE_KEY = "cifar-cli/failure"
@@ -128,13 +130,9 @@ def _store() -> dist.Store:
 
 def _lost_contact(err: BaseException) -> bool:
     """Whether `err` (or an error behind it) is a collective broken off by a peer."""
-    seen = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        if isinstance(err, dist.DistError) or any(text in str(err) for text in _LOST_CONTACT):
-            return True
-        err = err.__cause__ or err.__context__
-    return False
+    return any(
+        isinstance(error, dist.DistError) or any(text in str(error) for text in _LOST_CONTACT) for error in causes(err)
+    )
 
 
 def _find_failure(store: dist.Store | None, leader: int) -> Failure | str | None:

@@ -1,5 +1,18 @@
-"""The one exception type that means "bad input from the user"."""
+"""The one exception type that means "bad input from the user", and the errors behind an error."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
 
 
 class UsageError(Exception):
     """Bad flags, config, data or checkpoint: `cifar-cli` reports it in one line, without a traceback."""
+
+
+def causes(err: BaseException | None) -> Iterator[BaseException]:
+    """`err`, then the error that caused it (or was being handled when it was raised), and so on, each once."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        yield err
+        err = err.__cause__ or err.__context__
