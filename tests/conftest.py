@@ -124,9 +124,9 @@ def offline_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("WANDB_QUIET", "true")  # (what the CLI sets by default; a test that asks removes it)
     monkeypatch.delenv("JSONARGPARSE_DEBUG", raising=False)
     yield
-    # The CLI leaves the W&B run to end at process exit, as a command should; tests share one process. The W&B
-    # service resolves relative run folders against its own working directory: stop it, so that the next test's
-    # service starts in that test's folder.
+    # A command that fails leaves its W&B run to end at process exit (W&B records the exit code); tests share one
+    # process, and some log to W&B without the CLI. The W&B service resolves relative run folders against its own
+    # working directory: stop it, so that the next test's service starts in that test's folder.
     wandb = sys.modules.get("wandb")  # imported by the tests that log to W&B; the GPU check's machine lacks it
     if wandb is not None:
         if wandb.run is not None:

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 import torch
-from test_cli import CSV_LOGGER
+from test_cli import CSV_LOGGER, metrics_rows
 from test_resume import EVERY_STEP, assert_identical, cifar, tensors
 
 from cifar_cli.cli import main
@@ -49,8 +49,6 @@ def test_budget_config_validates_once_at_the_end_on_the_slow_weights(fake_cifar1
     main(["fit", "--config", str(repo / "configs" / "fast-cpu.yaml"), "--config", str(repo / "configs" / "budget.yaml"),
           *cifar(fake_cifar10), "--model.net.init_args.widths", "[8, 16, 16]", "--data.batch_size", "32",
           "--trainer.max_epochs", "3", "--trainer.enable_progress_bar", "false", *CSV_LOGGER])  # fmt: skip
-    from test_cli import metrics_rows
-
     rows = metrics_rows("runs")
     validations = [row for row in rows if row.get("val_acc")]
     assert [int(row["step"]) for row in validations] == [14]  # 3 epochs of 5 steps: one validation, at the end
