@@ -7,11 +7,12 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from jsonargparse.typing import PositiveFloat, PositiveInt
+from jsonargparse.typing import ClosedUnitInterval, PositiveFloat, PositiveInt
 from lightning.pytorch import LightningModule
 from lightning.pytorch.callbacks import BaseFinetuning, Timer
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable, ReduceLROnPlateau
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
@@ -64,6 +65,9 @@ class ImageClassifier(LightningModule):
             The network must accept both sizes (global pooling: FastNet, torchvision and timm networks).
         low_res_until: Training progress (as the LR schedule sees it: of the steps, or of a time budget) at which
             training moves to full size.
+        whiten_bias_until: Train the bias of the network's whitening layer (FastNet's `whiten`) only until this
+            point of training progress, then freeze it, as airbench94 does after 3 of its 10 epochs: in one process
+            the backward pass then stops at the first block's convolution. None: train it to the end.
     """
 
     def __init__(
@@ -84,6 +88,7 @@ class ImageClassifier(LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         low_res_side: PositiveInt | None = None,
         low_res_until: float = 0.5,
+        whiten_bias_until: ClosedUnitInterval | None = None,
     ) -> None:
         super().__init__()
         # Under LightningCLI the saved `net` is its config (class_path, init_args), so `--ckpt_path` alone can
@@ -93,6 +98,12 @@ class ImageClassifier(LightningModule):
         self.net = net.to(memory_format=torch.channels_last) if channels_last else net
         # Tensors of `net` that init_from loaded; the whitening layer keeps loaded filters (on_fit_start).
         self.initialised: set[str] = init_weights(self.net, init_from, class_names) if init_from else set()
+        whiten = getattr(net, "whiten", None)
+        if whiten_bias_until is not None and (not isinstance(whiten, nn.Conv2d) or whiten.bias is None):
+            raise UsageError(
+                f"--model.whiten_bias_until needs a network whose whitening layer has a bias (FastNet); "
+                f"{type(net).__name__} has none: leave it unset"
+            )
         self.class_names = list(class_names)
         self.optimizer = optimizer
         self.lr_schedule = lr_schedule
@@ -127,6 +138,7 @@ class ImageClassifier(LightningModule):
         self._trainer_steps: float | None = None  # the steps max_epochs or max_steps allow, without a schedule
         self._budget_steps: float | None = None
         self._budget_timer_found: Timer | None = None  # the Timer holding the time budget, found at train start
+        self._whiten_bias_frozen = False  # whiten_bias_until reached: the optimizer leaves the bias as it is
 
     def __setattr__(self, name: str, value: Any) -> None:
         # Lightning sets `_current_fx_name` twice around every hook it calls, about 40 times a training step;
@@ -319,6 +331,25 @@ class ImageClassifier(LightningModule):
         torch.default_generator.manual_seed(seed)
         if self.device.type == "cuda":
             torch.cuda.default_generators[self.device.index or 0].manual_seed(seed)
+        if self.hparams.whiten_bias_until is not None:
+            self._freeze_whiten_bias()
+
+    def _freeze_whiten_bias(self) -> None:
+        """Freeze the whitening layer's bias from `whiten_bias_until` on: a function of the step, so a resumed run
+        freezes it where the uninterrupted one did."""
+        frozen = self.progress(self.global_step) >= self.hparams.whiten_bias_until
+        if frozen == self._whiten_bias_frozen:
+            return
+        self._whiten_bias_frozen = frozen
+        # DDP (even in one process) expects a gradient at every step for every parameter that required one when
+        # it wrapped the module; there the bias keeps its gradient and on_before_optimizer_step drops it instead.
+        if not isinstance(self.trainer.strategy.model, DistributedDataParallel):
+            self.net.whiten.bias.requires_grad_(not frozen)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self._whiten_bias_frozen:
+            # An optimizer skips a parameter without a gradient: no momentum, no weight decay, the bias stays.
+            self.net.whiten.bias.grad = None
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # The training metrics' sums so far this epoch, when the checkpoint falls within an epoch: a run resumed

@@ -167,7 +167,7 @@ def test_device_batches_pass_labels_through_the_augmentation() -> None:
     augment = PhotoAugment(mixup=0.2)
     loader = DeviceBatches(
         TensorImageDataset(images, labels), 8, shuffle=True, drop_last=True, seed=1,
-        augment=lambda x, y, g: augment(x, y, g, 5),
+        augment=lambda x, y, g, *position: augment(x, y, g, 5),
     )  # fmt: skip
     first = list(loader)
     assert all(x.dtype == torch.float32 and y.shape == (8, 5) for x, y in first)

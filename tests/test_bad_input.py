@@ -128,6 +128,12 @@ CASES = [
     Case("unknown_data_class", ["fit", "--data", "NoSuchDataModule"], "NoSuchDataModule"),
     Case("unknown_net_class", ["fit", "--model.net", "NoSuchNet"], "NoSuchNet"),
     Case("bad_tta_choice", ["fit", "--model.tta", "sideways"], 'Parser key "model.tta"'),
+    Case(
+        "whiten_bias_until_without_whitening",
+        ["fit", "--model.whiten_bias_until", "0.3"],
+        "--model.whiten_bias_until needs a network whose whitening layer has a bias (FastNet); TutorialCNN has none",
+    ),
+    Case("whiten_bias_until_above_one", ["fit", "--model.whiten_bias_until", "1.5"], "model.whiten_bias_until"),
     Case("bad_precision", ["fit", "--trainer.precision", "17"], 'Parser key "trainer.precision"'),
     Case(
         "accelerator_tpu", ["fit", "--trainer.accelerator", "tpu"], "--trainer.accelerator tpu: this machine has no TPU"

@@ -164,3 +164,26 @@ def test_progressive_resizing_trains_small_then_full_size_and_evaluates_at_full_
     # 10 steps: progress 0 to 0.4 at 16 px, then 32 px; validation (and the whitening fit) at 32 px.
     assert [side for training, side in InputSides.seen if training] == [16] * 5 + [32] * 5
     assert {side for training, side in InputSides.seen if not training} == {32}
+
+
+class WhitenBias(Callback):
+    """Records, after every training step, whether the whitening bias takes gradients, and its value."""
+
+    seen: list[tuple[bool, torch.Tensor]] = []
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        WhitenBias.seen = []
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args) -> None:
+        bias = pl_module.net.whiten.bias
+        WhitenBias.seen.append((bias.requires_grad, bias.detach().clone()))
+
+
+def test_whitening_bias_trains_until_the_given_progress_then_stays(fake_cifar10: Path) -> None:
+    main(["fit", *FAST, *cifar(fake_cifar10), "--trainer.max_epochs", "2", *CSV_LOGGER,
+          "--model.whiten_bias_until", "0.5", "--trainer.callbacks+=test_classifier.WhitenBias"])  # fmt: skip
+    # 10 steps: progress 0 to 0.4 trains the bias, from step 5 (progress 0.5) on it is frozen.
+    assert [trains for trains, _ in WhitenBias.seen] == [True] * 5 + [False] * 5
+    biases = [bias for _, bias in WhitenBias.seen]
+    assert all(not torch.equal(before, after) for before, after in zip(biases[:4], biases[1:5]))
+    assert all(torch.equal(bias, biases[4]) for bias in biases[5:])

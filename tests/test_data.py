@@ -118,12 +118,52 @@ def test_augmentation_only_for_training_batches(fake_cifar10: Path) -> None:
         assert any(torch.equal(image, w) or torch.equal(image, w.flip(-1)) for w in windows)
 
 
+def mirrored(augmented: torch.Tensor, original: torch.Tensor, padding: int) -> bool:
+    """Whether `augmented` is a mirrored crop of `original` (reflect-padded by `padding`); fails if neither."""
+    padded = F.pad(original[None].float(), (padding,) * 4, mode="reflect")[0]
+    side = original.shape[-1]
+    windows = [padded[:, y : y + side, x : x + side] for y in range(2 * padding + 1) for x in range(2 * padding + 1)]
+    plain = any(torch.equal(augmented.float(), w) for w in windows)
+    flipped = any(torch.equal(augmented.float(), w.flip(-1)) for w in windows)
+    assert plain != flipped, "not a crop of the original, or a symmetric image"
+    return flipped
+
+
+def test_alternating_flip_mirrors_each_image_the_other_way_every_epoch(fake_cifar10: Path) -> None:
+    images = torch.randint(0, 256, (64, 3, 8, 8), dtype=torch.uint8)
+    data = CIFAR10DataModule(str(fake_cifar10), augment=True, crop_padding=1, flip="alternate")
+    data.splits["train"] = TensorImageDataset(images, torch.arange(64))  # labels: each image's position
+
+    def epoch_mirrors(epoch: int, seed: int = 5) -> list[bool]:
+        batches = DeviceBatches(data.splits["train"], 8, shuffle=True, drop_last=True, seed=seed,
+                                augment=data.augment_batch)  # fmt: skip
+        batches.sampler.set_epoch(epoch)
+        found = {int(i): mirrored(x, images[i], 1) for xs, ids in batches for x, i in zip(xs, ids)}
+        return [found[i] for i in range(64)]
+
+    first = epoch_mirrors(0)
+    assert 16 <= sum(first) <= 48  # a random half, about
+    assert epoch_mirrors(1) == [not m for m in first] and epoch_mirrors(2) == first and epoch_mirrors(0) == first
+    # The same for every DDP rank and resumed run (a function of the run's seed, the image and the epoch): here
+    # another batch order (the loader's seed) mirrors the same images.
+    assert epoch_mirrors(0, seed=6) == first
+    random_flips = CIFAR10DataModule(str(fake_cifar10), augment=True, crop_padding=1)
+    random_flips.splits = data.splits
+    batches = DeviceBatches(data.splits["train"], 8, shuffle=True, seed=5, augment=random_flips.augment_batch)
+    per_epoch = []
+    for epoch in (0, 1):
+        batches.sampler.set_epoch(epoch)
+        found = {int(i): mirrored(x, images[i], 1) for xs, ids in batches for x, i in zip(xs, ids)}
+        per_epoch.append([found[i] for i in range(64)])
+    assert per_epoch[1] != [not m for m in per_epoch[0]]  # independent draws: some images twice the same way
+
+
 def test_device_batches_resume_at_the_next_batch_with_the_same_augmentation() -> None:
     images = torch.randint(0, 256, (40, 3, 8, 8), dtype=torch.uint8)
     data = TensorImageDataset(images, torch.arange(40))
 
     def loader() -> DeviceBatches:
-        def augment(x: torch.Tensor, y: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        def augment(x: torch.Tensor, y: torch.Tensor, g: torch.Generator, *_) -> tuple[torch.Tensor, torch.Tensor]:
             return random_crop_flip(x, 2, generator=g), y
 
         batches = DeviceBatches(data, 4, shuffle=True, drop_last=True, seed=5, augment=augment)

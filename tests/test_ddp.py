@@ -140,6 +140,21 @@ def test_failing_rank_is_named_and_every_rank_exits(images: Path, tmp_path: Path
 
 
 @pytest.mark.slow
+def test_whitening_bias_freezes_under_ddp_and_alternating_flip_runs(images: Path, tmp_path: Path) -> None:
+    """DDP wants a gradient for every parameter it wrapped, at every step: the frozen whitening bias keeps taking
+    one and the optimizer skips it. It trains until step 9 of 18 and is the same in every checkpoint after."""
+    fast = ["--model.net", "FastNet", "--model.net.widths", "[8, 16]", "--model.whiten_bias_until", "0.5",
+            "--data.augment", "true", "--data.flip", "alternate"]  # fmt: skip
+    proc = start([*TRAIN, *ONE_NODE, "--data.root", str(images), *fast], tmp_path, ddp_env(free_port()))
+    code, stderr = finish(proc)
+    assert code == 0, stderr[-2000:]
+    bias = {step: weights(tmp_path / "steps" / f"epoch={(step - 1) // 9}-step={step}.ckpt")["net.whiten.bias"]
+            for step in (3, 6, 9, 12, 15, 18)}  # fmt: skip
+    assert not torch.equal(bias[3], bias[6]) and not torch.equal(bias[6], bias[9])
+    assert all(torch.equal(bias[9], bias[step]) for step in (12, 15, 18))
+
+
+@pytest.mark.slow
 def test_two_nodes_train_as_one_node_with_two_processes(images: Path, uninterrupted: Path, tmp_path: Path) -> None:
     """The README's multi-node commands, both "nodes" on this machine: the same weights as one node, bit for bit."""
     env = ddp_env(free_port())

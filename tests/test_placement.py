@@ -113,7 +113,7 @@ def test_sent_ahead_batches_resume_at_the_next_batch(tmp_path: Path) -> None:
         file.write(images.numpy().tobytes())
     on_disk = TensorImageDataset(DiskImages(path), torch.arange(40))
 
-    def augment(x: torch.Tensor, y: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def augment(x: torch.Tensor, y: torch.Tensor, g: torch.Generator, *_) -> tuple[torch.Tensor, torch.Tensor]:
         return x.flip(-1) if torch.rand(1, generator=g) < 0.5 else x, y
 
     def loader(data: TensorImageDataset, device: torch.device | None) -> DeviceBatches:

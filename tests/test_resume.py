@@ -111,8 +111,10 @@ def test_resumed_run_ends_with_exactly_the_uninterrupted_weights(
 def test_stop_on_a_signal_then_resume_ends_with_the_uninterrupted_weights(
     fake_cifar10: Path, tmp_path: Path, moment: list[str], signum: int, capfd
 ) -> None:
+    # With airbench's alternating flip and whitening-bias schedule, which also resume exactly (the bias freezes
+    # at step 6 of 12, where the mid-epoch case stops).
     args = [*FAST, *cifar(fake_cifar10), *CSV_LOGGER, "--trainer.max_epochs", "3", "--data.val_size", "64",
-            "--data.batch_size", "32"]  # fmt: skip
+            "--data.batch_size", "32", "--data.flip", "alternate", "--model.whiten_bias_until", "0.5"]  # fmt: skip
     os.chdir(tmp_path / "reference" if (tmp_path / "reference").mkdir() is None else tmp_path)
     main(["fit", *args])
     (reference,) = Path().glob("runs/**/last.ckpt")

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import functools
+from typing import Literal
+
 import torch
 from torch import Tensor
+
+from cifar_cli.seeding import derived_seed
+
+Flip = Literal["random", "alternate"]
 
 
 def reflect(index: Tensor, size: int) -> Tensor:
@@ -13,7 +20,11 @@ def reflect(index: Tensor, size: int) -> Tensor:
 
 
 def random_crop_flip(
-    images: Tensor, padding: int, flip: bool = True, generator: torch.Generator | None = None
+    images: Tensor,
+    padding: int,
+    flip: bool = True,
+    generator: torch.Generator | None = None,
+    mirror: Tensor | None = None,
 ) -> Tensor:
     """Crop each image at its own random offset from a reflect-padded copy, and mirror a random half of them.
 
@@ -26,6 +37,7 @@ def random_crop_flip(
         padding: Largest shift, in pixels, per side; below H and W.
         flip: Also mirror each image left to right with probability 1/2.
         generator: Source of the offsets and flips, on the batch's device; the global generator when None.
+        mirror: With `flip`, which images to mirror, `(N,)` bool, instead of a random half.
     """
     n, c, h, w = images.shape
     if not 0 <= padding < min(h, w):
@@ -36,11 +48,30 @@ def random_crop_flip(
     rows = reflect(dy - padding + torch.arange(h, device=device), h)  # (n, h)
     cols = reflect(dx - padding + torch.arange(w, device=device), w)  # (n, w)
     if flip:
-        mirror = torch.rand(n, 1, device=device, generator=generator) < 0.5
-        cols = torch.where(mirror, cols.flip(-1), cols)
+        if mirror is None:
+            mirror = torch.rand(n, device=device, generator=generator) < 0.5
+        cols = torch.where(mirror[:, None], cols.flip(-1), cols)
     batch = torch.arange(n, device=device)[:, None, None, None]
     channel = torch.arange(c, device=device)[None, :, None, None]
     return images[batch, channel, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+def alternating_mirror(index: Tensor, epoch: int, split_size: int, seed: int) -> Tensor:
+    """Which images of a batch to mirror under airbench's alternating flip: a random half of the split in epoch 0,
+    chosen once from `seed`, and in every later epoch the opposite of the epoch before, so that each image is seen
+    both ways in every two epochs. `index`: the batch's positions in the split.
+
+    Written by hand: torchvision's flips are independent draws. Derandomising them this way reaches the same
+    accuracy in 8% fewer epochs in airbench's ablations (10.8 to 9.9 epochs for 94%).
+    """
+    return first_mirror(split_size, seed, index.device)[index] ^ bool(epoch % 2)
+
+
+@functools.lru_cache(maxsize=4)
+def first_mirror(split_size: int, seed: int, device: torch.device) -> Tensor:
+    """The images `alternating_mirror` mirrors in epoch 0, drawn once per split (and device)."""
+    generator = torch.Generator().manual_seed(derived_seed(seed, split_size))
+    return (torch.rand(split_size, generator=generator) < 0.5).to(device)
 
 
 def random_crop(images: Tensor, padding: int, generator: torch.Generator | None = None) -> Tensor:

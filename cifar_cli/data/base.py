@@ -11,7 +11,7 @@ from jsonargparse.typing import PositiveInt
 from lightning.pytorch import LightningDataModule
 from torch import Tensor
 
-from cifar_cli.data.augment import BatchAugment, random_crop_flip
+from cifar_cli.data.augment import BatchAugment, Flip, alternating_mirror, random_crop_flip
 from cifar_cli.data.batches import DeviceBatches, TensorImageDataset
 from cifar_cli.data.images import IMAGE_SUFFIXES, decode_images, list_images, usable_cpus
 from cifar_cli.data.placement import Placement, choose_placement
@@ -33,6 +33,9 @@ class ImageDataModule(LightningDataModule):
         augment: Augment training images, batched on the device: `true` crops and flips them (CIFAR style), a
             class such as `PhotoAugment` does what it says (`--data.augment PhotoAugment --data.augment.mixup 0.2`).
         crop_padding: With `augment` true, the most pixels a crop shifts the image by (reflect padding), per side.
+        flip: With `augment` true, which images are mirrored: `random`, each with probability 1/2 every epoch;
+            `alternate` (airbench), a random half in the first epoch and each image the other way in every epoch
+            after that.
         predict_root: Folder of unlabelled images for `predict` (searched recursively); default: the test split.
         placement: Where the uint8 splits live while training: `device` (moved to it once), `host` (host memory,
             each batch copied to the device one batch ahead), `disk` (a file each batch reads its rows from: host
@@ -48,6 +51,7 @@ class ImageDataModule(LightningDataModule):
         crop_padding: PositiveInt = 4,
         predict_root: str | None = None,
         placement: Placement = "auto",
+        flip: Flip = "random",
     ) -> None:
         super().__init__()
         self.batch_size = batch_size
@@ -57,6 +61,7 @@ class ImageDataModule(LightningDataModule):
         if isinstance(augment, BatchAugment):
             augment.check()
         self.crop_padding = crop_padding
+        self.flip = flip
         self.predict_root = None if predict_root is None else Path(predict_root).expanduser()
         self.placement = placement
         self.placement_used: str | None = None  # `placement` resolved by `choose_placement` (auto: from free memory)
@@ -206,15 +211,21 @@ class ImageDataModule(LightningDataModule):
         # Two kernels: uint8 - float32 promotes to float32 without a separate conversion.
         return (images - mean) * inverse_std
 
-    def augment_batch(self, images: Tensor, labels: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    def augment_batch(
+        self, images: Tensor, labels: Tensor, generator: torch.Generator, index: Tensor, epoch: int
+    ) -> tuple[Tensor, Tensor]:
         """The augmented training batch: `(images, labels)` in, `(images, labels)` out (probabilities with MixUp).
+        `index`: the images' positions in the training split; `epoch`: the training epoch.
 
         `augment` true: random crops and flips of the uint8 batch: on uint8, a quarter of the bytes to move that
         floats would take, and the same pixels, since cropping and mirroring commute with the per-channel
         normalisation."""
         if isinstance(self.augment, BatchAugment):
             return self.augment(images, labels, generator, self.num_classes)
-        return random_crop_flip(images, self.crop_padding, generator=generator), labels
+        mirror = None
+        if self.flip == "alternate":
+            mirror = alternating_mirror(index, epoch, len(self.splits["train"]), run_seed())
+        return random_crop_flip(images, self.crop_padding, generator=generator, mirror=mirror), labels
 
     def on_after_batch_transfer(self, batch: tuple[Tensor, ...], dataloader_idx: int) -> tuple[Tensor, ...]:
         images, *rest = batch

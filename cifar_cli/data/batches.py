@@ -87,8 +87,9 @@ class DeviceBatches:
         seed: Seed of the shuffled order and of the augmentation.
         with_index: Yield `(images, labels, index)`, the index of each image in the split, instead of
             `(images, labels)`.
-        augment: `augment(images, labels, generator) -> (images, labels)`, applied to each batch's uint8 images
-            and int64 labels with a seeded generator on their device; none by default.
+        augment: `augment(images, labels, generator, index, epoch) -> (images, labels)`, applied to each batch's
+            uint8 images and int64 labels with a seeded generator on their device, the images' positions in the
+            split and the epoch; none by default.
         device: Where the batches are wanted, when the split is elsewhere; None: the split's device.
     """
 
@@ -102,7 +103,7 @@ class DeviceBatches:
         rank: int = 0,
         seed: int = 0,
         with_index: bool = False,
-        augment: Callable[[Tensor, Tensor, torch.Generator], tuple[Tensor, Tensor]] | None = None,
+        augment: Callable[[Tensor, Tensor, torch.Generator, Tensor, int], tuple[Tensor, Tensor]] | None = None,
         device: torch.device | None = None,
     ) -> None:
         self.data = data
@@ -153,7 +154,7 @@ class DeviceBatches:
                 sent = self._send(order, batch + 1) if batch + 1 < batches else None
             if self.augment is not None:
                 self._generator.manual_seed(derived_seed(self.seed, epoch, batch, self.rank))
-                images, labels = self.augment(images, labels, self._generator)
+                images, labels = self.augment(images, labels, self._generator, index, epoch)
             self._taken = batch + 1  # counted before the yield: a checkpoint taken during this step counts it
             yield (images, labels, index) if self.with_index else (images, labels)
 

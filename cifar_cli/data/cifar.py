@@ -14,7 +14,7 @@ from torch import Tensor
 from torchvision.datasets import CIFAR10, CIFAR100
 
 from cifar_cli.atomic import atomic_file
-from cifar_cli.data.augment import BatchAugment
+from cifar_cli.data.augment import BatchAugment, Flip
 from cifar_cli.data.base import ImageDataModule
 from cifar_cli.data.batches import TensorImageDataset, split_indices
 from cifar_cli.data.placement import Placement
@@ -43,6 +43,9 @@ class CIFAR10DataModule(ImageDataModule):
         augment: Augment training images, batched on the device: `true` crops and flips them (CIFAR style), a
             class such as `PhotoAugment` does what it says (`--data.augment PhotoAugment --data.augment.mixup 0.2`).
         crop_padding: With `augment` true, the most pixels a crop shifts the image by (reflect padding), per side.
+        flip: With `augment` true, which images are mirrored: `random`, each with probability 1/2 every epoch;
+            `alternate` (airbench), a random half in the first epoch and each image the other way in every epoch
+            after that.
         predict_root: Folder of unlabelled images for `predict` (searched recursively); default: the test split.
         cache_dir: Where `placement` disk keeps its copy of the data set, as `.npy` files; default
             `$XDG_CACHE_HOME/cifar-cli` or `~/.cache/cifar-cli`.
@@ -68,8 +71,9 @@ class CIFAR10DataModule(ImageDataModule):
         predict_root: str | None = None,
         cache_dir: str | None = None,
         placement: Placement = "auto",
+        flip: Flip = "random",
     ) -> None:
-        super().__init__(batch_size, val_size, split_seed, augment, crop_padding, predict_root, placement)
+        super().__init__(batch_size, val_size, split_seed, augment, crop_padding, predict_root, placement, flip)
         self.data_dir = data_dir
         self.download = download
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
@@ -193,6 +197,9 @@ class CIFAR100DataModule(CIFAR10DataModule):
         augment: Augment training images, batched on the device: `true` crops and flips them (CIFAR style), a
             class such as `PhotoAugment` does what it says (`--data.augment PhotoAugment --data.augment.mixup 0.2`).
         crop_padding: With `augment` true, the most pixels a crop shifts the image by (reflect padding), per side.
+        flip: With `augment` true, which images are mirrored: `random`, each with probability 1/2 every epoch;
+            `alternate` (airbench), a random half in the first epoch and each image the other way in every epoch
+            after that.
         predict_root: Folder of unlabelled images for `predict` (searched recursively); default: the test split.
         cache_dir: Where `placement` disk keeps its copy of the data set, as `.npy` files; default
             `$XDG_CACHE_HOME/cifar-cli` or `~/.cache/cifar-cli`.

@@ -12,7 +12,7 @@ from jsonargparse.typing import NonNegativeInt, PositiveInt
 from torch import Tensor
 
 from cifar_cli.atomic import atomic_file
-from cifar_cli.data.augment import BatchAugment
+from cifar_cli.data.augment import BatchAugment, Flip
 from cifar_cli.data.base import ImageDataModule
 from cifar_cli.data.batches import TensorImageDataset, split_indices
 from cifar_cli.data.images import IMAGE_SUFFIXES, decode_images_to_npy, list_images
@@ -48,6 +48,9 @@ class ImageFolderDataModule(ImageDataModule):
         augment: Augment training images, batched on the device: `true` crops and flips them (CIFAR style), a
             class such as `PhotoAugment` does what it says (`--data.augment PhotoAugment --data.augment.mixup 0.2`).
         crop_padding: With `augment` true, the most pixels a crop shifts the image by (reflect padding), per side.
+        flip: With `augment` true, which images are mirrored: `random`, each with probability 1/2 every epoch;
+            `alternate` (airbench), a random half in the first epoch and each image the other way in every epoch
+            after that.
         predict_root: Folder of unlabelled images for `predict` (searched recursively); default: the test split.
         cache_dir: Where decoded folders are cached; default `$XDG_CACHE_HOME/cifar-cli` or `~/.cache/cifar-cli`.
         decode_workers: Processes that decode the images; default: one per CPU this process may use.
@@ -70,8 +73,9 @@ class ImageFolderDataModule(ImageDataModule):
         cache_dir: str | None = None,
         decode_workers: PositiveInt | None = None,
         placement: Placement = "auto",
+        flip: Flip = "random",
     ) -> None:
-        super().__init__(batch_size, val_size, split_seed, augment, crop_padding, predict_root, placement)
+        super().__init__(batch_size, val_size, split_seed, augment, crop_padding, predict_root, placement, flip)
         self.root = Path(root).expanduser()
         self.image_size = int(image_size)
         self.test_size = test_size
