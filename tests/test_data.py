@@ -134,28 +134,25 @@ def test_alternating_flip_mirrors_each_image_the_other_way_every_epoch(fake_cifa
     data = CIFAR10DataModule(str(fake_cifar10), augment=True, crop_padding=1, flip="alternate")
     data.splits["train"] = TensorImageDataset(images, torch.arange(64))  # labels: each image's position
 
-    def epoch_mirrors(epoch: int, seed: int = 5) -> list[bool]:
-        batches = DeviceBatches(data.splits["train"], 8, shuffle=True, drop_last=True, seed=seed,
-                                augment=data.augment_batch)  # fmt: skip
+    def epoch_mirrors(module: CIFAR10DataModule, epoch: int, seed: int = 5) -> list[bool]:
+        """Whether each image of the split (by position) is mirrored in `epoch`, batched in `seed`'s order."""
+        batches = DeviceBatches(module.splits["train"], 8, shuffle=True, drop_last=True, seed=seed,
+                                augment=module.augment_batch)  # fmt: skip
         batches.sampler.set_epoch(epoch)
         found = {int(i): mirrored(x, images[i], 1) for xs, ids in batches for x, i in zip(xs, ids)}
         return [found[i] for i in range(64)]
 
-    first = epoch_mirrors(0)
+    first = epoch_mirrors(data, 0)
     assert 16 <= sum(first) <= 48  # a random half, about
-    assert epoch_mirrors(1) == [not m for m in first] and epoch_mirrors(2) == first and epoch_mirrors(0) == first
+    assert epoch_mirrors(data, 1) == [not m for m in first]
+    assert epoch_mirrors(data, 2) == first and epoch_mirrors(data, 0) == first
     # The same for every DDP rank and resumed run (a function of the run's seed, the image and the epoch): here
     # another batch order (the loader's seed) mirrors the same images.
-    assert epoch_mirrors(0, seed=6) == first
+    assert epoch_mirrors(data, 0, seed=6) == first
     random_flips = CIFAR10DataModule(str(fake_cifar10), augment=True, crop_padding=1)
     random_flips.splits = data.splits
-    batches = DeviceBatches(data.splits["train"], 8, shuffle=True, seed=5, augment=random_flips.augment_batch)
-    per_epoch = []
-    for epoch in (0, 1):
-        batches.sampler.set_epoch(epoch)
-        found = {int(i): mirrored(x, images[i], 1) for xs, ids in batches for x, i in zip(xs, ids)}
-        per_epoch.append([found[i] for i in range(64)])
-    assert per_epoch[1] != [not m for m in per_epoch[0]]  # independent draws: some images twice the same way
+    # Independent draws: some images come the same way twice running.
+    assert epoch_mirrors(random_flips, 1) != [not m for m in epoch_mirrors(random_flips, 0)]
 
 
 def test_device_batches_resume_at_the_next_batch_with_the_same_augmentation() -> None:
