@@ -20,7 +20,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 from cifar_cli.checkpoints import load_checkpoint
 from cifar_cli.data import ImageDataModule
 from cifar_cli.errors import UsageError
-from cifar_cli.optim import LRSchedule, param_groups
+from cifar_cli.optim import LRSchedule, build_optimizer, param_groups
 from cifar_cli.pretrained import NamedNet, final_layer
 from cifar_cli.seeding import derived_seed, run_seed
 
@@ -419,7 +419,8 @@ class ImageClassifier(LightningModule):
         groups = param_groups(
             self.net, hp.learning_rate, hp.weight_decay, hp.norm_lr_factor, backbone, hp.backbone_lr_factor
         )
-        optimizer = self.optimizer(groups)
+        scaler = getattr(getattr(self._trainer, "precision_plugin", None), "scaler", None)
+        optimizer = build_optimizer(self.optimizer, groups, scaled_loss=scaler is not None)
         if self.lr_scheduler is not None:
             # Per epoch, as LightningCLI steps its --lr_scheduler; ReduceLROnPlateau with the metric it names.
             torch_scheduler = self.lr_scheduler(optimizer)

@@ -1,4 +1,4 @@
-"""Learning-rate schedules as functions of training progress, and the optimizer's parameter groups.
+"""Learning-rate schedules as functions of training progress, the optimizer's parameter groups, and the optimizer.
 
 A schedule here maps the fraction of training done (0 to 1) to a factor on the learning rate. Written by hand
 because torch's schedulers are built with step counts, which the command line cannot know: the trainer derives
@@ -7,7 +7,10 @@ them from the epochs, the data and the batch size. A progress-based schedule fit
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from torch import nn
+from torch.optim import Optimizer
 
 
 class LRSchedule:
@@ -81,3 +84,25 @@ def param_groups(
             if params:
                 groups.append({"params": params, "lr": lr * factor, "weight_decay": weight_decay / factor})
     return groups
+
+
+def build_optimizer(factory: Callable[..., Optimizer], groups: list[dict], scaled_loss: bool = False) -> Optimizer:
+    """`factory(groups)`, with torch's fused implementation where the optimizer has one and the user chose none.
+
+    A fused optimizer updates all parameters of a step in one kernel. torch leaves it off by default
+    (`fused=None`), and on a CPU its default is one loop over the parameters: Adam's step over the tutorial CNN
+    took 4 to 9 ms there against 1 ms fused (2-core Xeon), a sixth to a third of the whole training step at batch
+    32. Adam, AdamW, SGD and Adagrad have fused kernels on CPUs and CUDA GPUs. An implementation chosen on the
+    command line (`--model.optimizer.fused false`, `--model.optimizer.foreach true`) is kept, and so is any
+    optimizer without a `fused` argument. Not under a loss scaler (16-mixed): a fused optimizer unscales the
+    gradients inside its step, after Lightning's gradient clipping and the callbacks that read the gradients.
+    """
+    optimizer = factory([dict(group) for group in groups])  # a copy: torch fills each group with the defaults
+    defaults = optimizer.defaults
+    chosen = defaults.get("fused") is not None or defaults.get("foreach") is not None
+    if scaled_loss or "fused" not in defaults or chosen or defaults.get("differentiable"):
+        return optimizer
+    try:
+        return factory(groups, fused=True)
+    except (RuntimeError, ValueError, TypeError):
+        return optimizer  # a parameter on a device or of a type without fused kernels: torch refuses it

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.plugins import MixedPrecision
 from test_cli import CSV_LOGGER
 from test_resume import FAST, cifar
 from torch import nn
@@ -53,6 +54,20 @@ def test_predict_step_gives_class_confidence_and_label() -> None:
 def test_default_optimizer_is_adam_with_learning_rate() -> None:
     optimizer = make(learning_rate=1e-3).configure_optimizers()
     assert isinstance(optimizer, torch.optim.Adam) and optimizer.param_groups[0]["lr"] == 1e-3
+
+
+@pytest.mark.parametrize(("precision", "fused"), [("32-true", True), ("bf16-mixed", True), ("16-mixed", None)])
+def test_optimizer_is_fused_except_under_a_loss_scaler(precision: str, fused: bool | None) -> None:
+    # 16-mixed scales the loss: Lightning unscales the gradients before clipping them, unless the optimizer says
+    # it unscales them itself, as a fused one does; so that clipping and gradient plots see true gradients, no
+    # fused optimizer there.
+    model = make()
+    # On a CPU Lightning turns 16-mixed into bf16-mixed; the plugin, as a GPU run would build it, keeps the scaler.
+    chosen = {"plugins": [MixedPrecision(precision, "cpu")]} if precision == "16-mixed" else {"precision": precision}
+    model.trainer = Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, **chosen)
+    optimizer = model.configure_optimizers()
+    assert optimizer.defaults["fused"] is fused
+    assert (getattr(model.trainer.precision_plugin, "scaler", None) is not None) == (precision == "16-mixed")
 
 
 def test_any_network_can_be_injected() -> None:

@@ -61,6 +61,28 @@ def test_optimizer_and_scheduler_flags_keep_groups_and_rebuild_from_the_checkpoi
 
 
 @pytest.mark.parametrize(
+    ("args", "fused"),
+    [
+        ([], True),  # Adam, with no implementation chosen: torch's fused kernels
+        (["--optimizer", "SGD", "--optimizer.momentum", "0.9"], True),
+        (["--model.optimizer.fused", "false"], False),  # chosen: kept
+        (["--optimizer", "AdamW", "--optimizer.foreach", "true"], None),
+        (["--optimizer", "RMSprop"], "absent"),  # no fused kernels: built as it is
+    ],
+)
+def test_optimizer_uses_fused_kernels_unless_the_user_chose_an_implementation(
+    fake_cifar10: Path, args: list[str], fused: bool | None | str
+) -> None:
+    main(["fit", *cifar_args(fake_cifar10), *TINY, "--trainer.max_epochs", "1", *args])
+    ckpt = newest_checkpoint()
+    assert ckpt["global_step"] == 2
+    assert [g.get("fused", "absent") for g in ckpt["optimizer_states"][0]["param_groups"]] == [fused]
+    # The saved hyperparameters hold what the user chose, not what was derived from it: a resume decides anew.
+    chosen = ckpt["hyper_parameters"]["optimizer"]["init_args"].get("fused", "absent")
+    assert chosen == {True: None, False: False, None: None, "absent": "absent"}[fused]
+
+
+@pytest.mark.parametrize(
     ("args", "optimizer", "lr"),
     [
         (["--optimizer", "torch.optim.AdamW"], torch.optim.AdamW, 2e-4),  # the model's default learning rate
@@ -121,3 +143,18 @@ def test_reduce_lr_on_plateau_monitors_val_loss(fake_cifar10: Path) -> None:
 def test_bad_optimizer_flags_fail_in_one_line(capsys, args: list[str], message: str) -> None:
     assert message in fails(capsys, "fit", *args)
     assert not Path("runs").exists()
+
+
+def test_resumed_run_keeps_the_optimizer_implementation_of_its_checkpoint(fake_cifar10: Path) -> None:
+    # A checkpoint written before optimizers were fused: its optimizer state has fused=None, and a resumed run
+    # keeps it, so that resuming continues the same arithmetic.
+    main(["fit", *cifar_args(fake_cifar10), *TINY, "--trainer.max_epochs", "1"])
+    (path,) = [p for p in Path().glob("**/checkpoints/*.ckpt") if not p.name.startswith("last")]
+    ckpt = torch.load(path, weights_only=True)
+    for group in ckpt["optimizer_states"][0]["param_groups"]:
+        group["fused"] = None
+    torch.save(ckpt, path)
+    main(["fit", *cifar_args(fake_cifar10), *TINY, "--ckpt_path", str(path)])
+    resumed = newest_checkpoint()
+    assert resumed["epoch"] == 1 and resumed["global_step"] == 4
+    assert [g["fused"] for g in resumed["optimizer_states"][0]["param_groups"]] == [None]
