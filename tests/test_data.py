@@ -11,11 +11,13 @@ import torch.nn.functional as F
 from conftest import write_image_folder
 
 from cifar_cli.data import (
+    IMAGE_SUFFIXES,
     CIFAR10DataModule,
     CIFAR100DataModule,
     DeviceBatches,
     ImageFolderDataModule,
     TensorImageDataset,
+    list_images,
     random_crop,
     random_crop_flip,
     random_flip,
@@ -299,3 +301,28 @@ def test_predict_root_missing(image_folder: Path, tmp_path: Path) -> None:
     data = ImageFolderDataModule(str(image_folder), val_size=30, predict_root=str(tmp_path / "none"))
     with pytest.raises(UsageError, match="is not a folder"):
         data.setup("predict")
+
+
+def test_list_images_finds_what_pathlib_finds_in_its_order(tmp_path: Path) -> None:
+    root = tmp_path / "images"
+    files = ["a/x.jpg", "a-b/x.JPG", "a/b/y.png", "ab/z.webp", ".hidden/h.jpg", "a/.h.jpg", "a/notes.txt", "c.gif"]
+    for name in files:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(b"x")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "w.jpg").write_bytes(b"x")
+    (root / "linked").symlink_to(tmp_path / "elsewhere")  # a link to a folder: not followed, as by rglob
+    (root / "a" / "l.jpg").symlink_to(root / "c.gif")  # a link to a file: listed
+    (root / "a" / "broken.jpg").symlink_to(root / "missing.jpg")
+    listed = list_images(root)
+    by_pathlib = sorted(
+        p
+        for p in root.rglob("*")
+        if p.suffix.lower() in IMAGE_SUFFIXES
+        and not any(part.startswith(".") for part in p.relative_to(root).parts)
+        and p.is_file()
+    )
+    assert listed == by_pathlib
+    assert [p.relative_to(root).as_posix() for p in listed] == [
+        "a/b/y.png", "a/l.jpg", "a/x.jpg", "a-b/x.JPG", "ab/z.webp", "c.gif"
+    ]  # fmt: skip

@@ -15,7 +15,7 @@ from cifar_cli.atomic import atomic_file
 from cifar_cli.data.augment import BatchAugment, Flip
 from cifar_cli.data.base import ImageDataModule
 from cifar_cli.data.batches import TensorImageDataset, split_indices
-from cifar_cli.data.images import IMAGE_SUFFIXES, decode_images_to_npy, list_images
+from cifar_cli.data.images import IMAGE_SUFFIXES, decode_images_to_npy, image_parts
 from cifar_cli.data.placement import Placement
 from cifar_cli.data.storage import DiskImages, cache_path, default_cache_dir, remove_other_versions, rows_of
 from cifar_cli.errors import UsageError
@@ -83,6 +83,7 @@ class ImageFolderDataModule(ImageDataModule):
         if decode_workers is not None:
             self.decode_workers = int(decode_workers)
         self._classes = self._find_classes()
+        self._prepared_listings: dict[str, _Listing] | None = None  # `prepare`'s, for the `setup` that follows
         self.save_hyperparameters()
 
     def _find_classes(self) -> list[str]:
@@ -113,15 +114,16 @@ class ImageFolderDataModule(ImageDataModule):
     def _list_folder(self, split: str) -> _Listing:
         """A labelled split folder's images, checked against the class folders of `train/`."""
         folder = self.root / split
-        paths = list_images(folder)
-        names = [p.relative_to(self.root).as_posix() for p in paths]
-        stray = [name for name in names if len(Path(name).parts) < 3]
+        found = image_parts(folder)
+        stray = [parts for parts in found if len(parts) < 2]
         if stray:
             raise UsageError(
-                f"{self.root / stray[0]} is not in a class folder of {folder}: move it into {split}/<class>/ or "
-                "remove it"
+                f"{folder.joinpath(*stray[0])} is not in a class folder of {folder}: move it into {split}/<class>/ "
+                "or remove it"
             )
-        classes = [Path(name).parts[1] for name in names]
+        paths = [folder.joinpath(*parts) for parts in found]
+        names = ["/".join([split, *parts]) for parts in found]
+        classes = [parts[0] for parts in found]
         unknown = sorted(set(classes) - set(self._classes))
         if unknown:
             raise UsageError(f"{folder} has classes that train/ lacks: {', '.join(unknown)}")
@@ -187,9 +189,12 @@ class ImageFolderDataModule(ImageDataModule):
         if needs_test and "test" not in listings and not self.test_size:
             raise UsageError(f"{type(self).__name__} has no test split: {self._missing_split_hint('test')}")
         self._write_caches([listing for listing in listings.values() if self._cached(listing) is None])
+        self._prepared_listings = listings
 
     def load_splits(self) -> None:
-        listings = self._listings()
+        # The listing `prepare` made moments before in this process, if any: listing 50,000 files and reading
+        # their sizes and times takes about a second, which every run paid twice.
+        listings, self._prepared_listings = self._prepared_listings or self._listings(), None
         self.check_split_sizes(len(listings["train"].paths), self._held_out())
         self.choose_placement(sum(len(listing.paths) for listing in listings.values()) * 3 * self.image_size**2)
         self._write_caches([listing for listing in listings.values() if self._cached(listing) is None])
