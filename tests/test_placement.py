@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import re
 from pathlib import Path
@@ -12,6 +13,7 @@ import torch
 from conftest import write_image_folder
 from test_cli import CSV_LOGGER
 
+import cifar_cli.data.base as base_module
 import cifar_cli.data.images as images_module
 import cifar_cli.data.placement as placement_module
 import cifar_cli.data.storage as storage_module
@@ -316,3 +318,54 @@ def test_image_folder_decodes_with_workers_and_an_interrupted_build_leaves_nothi
     parallel.setup("fit")
     for split in ("train", "val", "test"):
         assert torch.equal(parallel.splits[split].images, serial.splits[split].images)
+
+
+def predict_rows(args: list[str], capsys) -> tuple[list[dict[str, str]], str]:
+    """The rows of the predictions CSV that `cifar-cli predict` wrote, and what it printed on stderr."""
+    capsys.readouterr()
+    main(["predict", *args])
+    printed = capsys.readouterr()
+    written = printed.out.split(" images written to ")[1].split()[0]
+    with open(written) as file:
+        return list(csv.DictReader(file)), printed.err
+
+
+def test_large_predict_folder_is_decoded_to_disk_once_and_predicts_as_in_memory(
+    image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    main(["fit", "--data", "ImageFolderDataModule", "--data.root", str(image_folder), "--data.val_size", "30",
+          "--trainer.max_epochs", "1", *CSV_LOGGER])  # fmt: skip
+    (ckpt,) = Path().glob("**/checkpoints/epoch*.ckpt")
+    photos = tmp_path / "photos"
+    write_image_folder(photos / "album", {"a": 20, "b": 20}, seed=3)
+    args = ["--ckpt_path", str(ckpt), "--data.predict_root", str(photos), *CSV_LOGGER]
+    in_memory, _ = predict_rows([*args, "--data.placement", "host"], capsys)
+    assert not list(Path("cache").rglob("predict-*.npy"))
+    # auto, with less free memory than the folder's decoded images (40 x 3 KB) take twice over: to disk.
+    monkeypatch.setattr(placement_module, "available_host_memory", lambda: 200_000)
+    on_disk, err = predict_rows(args, capsys)
+    (cache,) = Path("cache").rglob("predict-32px-*.npy")
+    assert on_disk == in_memory and len(on_disk) == 40
+    assert (
+        f"cifar-cli: predict folder {photos}: 0.0 GB decoded, 0.0 GB of host memory free -> disk ({cache.resolve()})"
+        in err
+    )
+    # Decoded once: a second run reads the file.
+    monkeypatch.setattr(base_module, "decode_images_to_npy", lambda *a, **k: pytest.fail("decoded again"))
+    assert predict_rows([*args, "--data.placement", "disk"], capsys)[0] == in_memory
+    assert list(Path("cache").rglob("predict-*.npy")) == [cache]
+
+
+def test_bad_image_in_a_predict_folder_on_disk_leaves_no_file(image_folder: Path, tmp_path: Path, capsys) -> None:
+    main(["fit", "--data", "ImageFolderDataModule", "--data.root", str(image_folder), "--data.val_size", "30",
+          "--trainer.max_epochs", "1", *CSV_LOGGER])  # fmt: skip
+    (ckpt,) = Path().glob("**/checkpoints/epoch*.ckpt")
+    photos = tmp_path / "photos"
+    write_image_folder(photos, {"x": 3})
+    (photos / "x" / "broken.jpg").write_bytes(b"not an image")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["predict", "--ckpt_path", str(ckpt), "--data.predict_root", str(photos), "--data.placement", "disk"])
+    assert exit_info.value.code != 0
+    assert "broken.jpg" in capsys.readouterr().err
+    assert not [p for p in Path("cache").rglob("*") if "predict" in p.name]

@@ -11,11 +11,19 @@ from jsonargparse.typing import PositiveInt
 from lightning.pytorch import LightningDataModule
 from torch import Tensor
 
+from cifar_cli.atomic import atomic_file
 from cifar_cli.data.augment import BatchAugment, Flip, alternating_mirror, random_crop_flip
 from cifar_cli.data.batches import DeviceBatches, TensorImageDataset
-from cifar_cli.data.images import IMAGE_SUFFIXES, decode_images, list_images, usable_cpus
-from cifar_cli.data.placement import Placement, choose_placement
-from cifar_cli.data.storage import DiskImages, chunks
+from cifar_cli.data.images import IMAGE_SUFFIXES, decode_images, decode_images_to_npy, list_images, usable_cpus
+from cifar_cli.data.placement import Placement, choose_placement, gigabytes, keep_on_disk
+from cifar_cli.data.storage import (
+    DiskImages,
+    cache_path,
+    chunks,
+    default_cache_dir,
+    files_fingerprint,
+    remove_other_versions,
+)
 from cifar_cli.errors import UsageError
 from cifar_cli.seeding import run_seed
 
@@ -73,7 +81,8 @@ class ImageDataModule(LightningDataModule):
         self.std: Tensor | None = None
         self._stats_on: dict[torch.device, tuple[Tensor, Tensor]] = {}
         self._prepared_for: str | None = None  # the stage `prepare` checked the data for
-        self._predict_folder: tuple[Tensor, list[Path]] | None = None  # predict_root decoded by `prepare`
+        self._predict_folder: tuple[Tensor | DiskImages, list[Path]] | None = None  # decoded by `prepare`
+        self.cache_dir = default_cache_dir()  # decoded data kept on disk; the subclasses' `cache_dir` flag sets it
 
     @property
     def class_names(self) -> list[str]:
@@ -177,8 +186,10 @@ class ImageDataModule(LightningDataModule):
         self.splits["predict"] = TensorImageDataset(images, torch.full((len(paths),), -1, dtype=torch.long))
         self.predict_names = [p.relative_to(self.predict_root).as_posix() for p in paths]
 
-    def _decode_predict_folder(self) -> tuple[Tensor, list[Path]]:
-        """predict_root's images and their paths."""
+    def _decode_predict_folder(self) -> tuple[Tensor | DiskImages, list[Path]]:
+        """predict_root's images and their paths: in memory, or in a `.npy` file in `cache_dir` that batches read
+        from (placement `disk`, or `auto` where the decoded images would take more than half the free host memory:
+        a folder of 100,000 photos at 224 px is 15 GB)."""
         root = self.predict_root
         assert root is not None
         if not root.is_dir():
@@ -188,7 +199,28 @@ class ImageDataModule(LightningDataModule):
         if not paths:
             raise UsageError(f"--data.predict_root {root} has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
         _, size, _ = self.image_shape  # square, as every data module here
-        return decode_images(paths, size, self.decode_workers, label=f"decoding {root}"), paths
+        nbytes = len(paths) * 3 * size * size
+        on_disk, free = keep_on_disk(self.placement, nbytes)
+        if not on_disk:
+            return decode_images(paths, size, self.decode_workers, label=f"decoding {root}"), paths
+        names = [p.relative_to(root).as_posix() for p in paths]
+        cache = cache_path(self.cache_dir, f"predict-{size}px", root, files_fingerprint(paths, names, size))
+        if self.placement == "auto" and (self.trainer is None or self.trainer.is_global_zero):
+            print(
+                f"cifar-cli: predict folder {root}: {gigabytes(nbytes)} decoded, {gigabytes(free)} of host memory "
+                f"free -> disk ({cache})",
+                file=sys.stderr,
+            )
+        try:
+            images = DiskImages(cache)  # decoded before: the fingerprint in its name says it is current
+            if tuple(images.shape) == (len(paths), 3, size, size):
+                return images, paths
+        except (OSError, ValueError):
+            pass
+        with atomic_file(cache) as partial:  # a bad image, or a kill, leaves no file behind
+            decode_images_to_npy(paths, size, partial, self.decode_workers, label=f"decoding {root}")
+        remove_other_versions(cache)
+        return DiskImages(cache), paths
 
     def check_split_sizes(self, n_train: int, held_out: int) -> None:
         if held_out >= n_train:
@@ -236,7 +268,8 @@ class ImageDataModule(LightningDataModule):
             raise UsageError(f"{type(self).__name__} has no {split} split: {self._missing_split_hint(split)}")
         trainer = self.trainer
         device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
-        on_device = self.placement_used in (None, "device")
+        # A split on disk stays there (a large predict folder, whatever the labelled splits' placement).
+        on_device = self.placement_used in (None, "device") and not isinstance(self.splits[split].images, DiskImages)
         if on_device and self.splits[split].device != device:
             self.splits[split] = self.splits[split].to(device)  # once per split: later batches never leave it
         return DeviceBatches(

@@ -71,3 +71,13 @@ def choose_placement(requested: str, nbytes: int, device: torch.device, processe
         need, free, where = on_host, available_host_memory(), "of host memory free"
         choice = "host" if need <= FREE_FRACTION * free else "disk"
     return choice, f"data placement auto -> {choice} ({gigabytes(need)} of splits, {gigabytes(free)} {where})"
+
+
+def keep_on_disk(requested: str, nbytes: int) -> tuple[bool, int]:
+    """Whether `nbytes` of decoded images outside the splits (a predict folder) are kept on disk: with `disk`, and
+    with `auto` where they would take more than FREE_FRACTION of the free host memory; and, for `auto`, that free
+    memory (else 0). `device` and `host` keep them in memory, as asked."""
+    if requested != "auto":
+        return requested == "disk", 0
+    free = available_host_memory()
+    return nbytes > FREE_FRACTION * free, free

@@ -34,6 +34,16 @@ def cache_path(cache_dir: Path, name: str, source: Path, fingerprint: str) -> Pa
     return cache_dir / f"{name}-{key}-{fingerprint[:16]}.npy"
 
 
+def files_fingerprint(paths: list[Path], names: list[str], image_size: int) -> str:
+    """A digest of the files' names, sizes and modification times and the side they decode to: editing, adding or
+    removing an image changes it. Stat-ing 50,000 files takes about 0.5 s."""
+    digest = hashlib.sha1(str(image_size).encode())
+    for name, path in zip(names, paths):
+        stat = path.stat()
+        digest.update(f"{name}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
 def remove_other_versions(path: Path) -> None:
     """Remove the caches of `path`'s source but of other fingerprints, keeping `path` and its companions
     (`<stem>.*`). A process still reading a removed one keeps its open file."""
