@@ -171,7 +171,9 @@ def _decode(
             }
             try:
                 for done in as_completed(running):
-                    start, count = running[done]
+                    # Popped, so that the finished task's rows are freed once kept: a future holds its result, and
+                    # all of them held, decoding into memory took twice the decoded size at its peak.
+                    start, count = running.pop(done)
                     keep(start, done.result())  # a worker's UsageError (a bad image) is raised here as it was
                     advance(count)
             except BaseException:
