@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -326,3 +327,21 @@ def test_list_images_finds_what_pathlib_finds_in_its_order(tmp_path: Path) -> No
     assert [p.relative_to(root).as_posix() for p in listed] == [
         "a/b/y.png", "a/l.jpg", "a/x.jpg", "a-b/x.JPG", "ab/z.webp", "c.gif"
     ]  # fmt: skip
+
+
+def test_caches_of_versions_before_npy_are_removed_once_the_npy_cache_is_in_place(image_folder: Path) -> None:
+    cache = Path("cache-dir")
+    cache.mkdir()
+
+    def legacy(split: str) -> Path:  # how versions before the .npy caches named a split folder's torch file
+        key = hashlib.sha1(f"{(image_folder / split).resolve()}|32".encode()).hexdigest()[:16]
+        return cache / f"{split}-32px-{key}.pt"
+
+    other = cache / "train-32px-0123456789abcdef.pt"  # another folder's: left alone
+    for path in (legacy("train"), legacy("test"), other):
+        path.write_bytes(b"old")
+    data = ImageFolderDataModule(str(image_folder), val_size=30, cache_dir=str(cache))
+    data.prepare("fit")
+    data.setup("fit")
+    assert sorted(p.name for p in cache.glob("*.pt")) == [other.name]
+    assert len(list(cache.glob("*.npy"))) == 2 and len(data.splits["train"]) == 90
