@@ -28,7 +28,7 @@ from cifar_cli.data import (
     list_images,
 )
 from cifar_cli.data.images import decode_images_to_npy
-from cifar_cli.data.placement import choose_placement
+from cifar_cli.data.placement import choose_placement, keep_on_disk
 from cifar_cli.data.storage import create_npy
 from cifar_cli.errors import UsageError
 
@@ -369,3 +369,10 @@ def test_bad_image_in_a_predict_folder_on_disk_leaves_no_file(image_folder: Path
     assert exit_info.value.code != 0
     assert "broken.jpg" in capsys.readouterr().err
     assert not [p for p in Path("cache").rglob("*") if "predict" in p.name]
+
+
+def test_predict_folder_goes_to_disk_when_the_ranks_copies_would_not_fit(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(placement_module, "available_host_memory", lambda: 1000)
+    assert keep_on_disk("auto", 400, processes=1) == (False, 1000)  # 400 bytes: within half of 1000
+    assert keep_on_disk("auto", 400, processes=2) == (True, 1000)  # two ranks hold 800
+    assert keep_on_disk("disk", 1, processes=1) == (True, 0) and keep_on_disk("host", 10**12, 8) == (False, 0)

@@ -200,7 +200,8 @@ class ImageDataModule(LightningDataModule):
             raise UsageError(f"--data.predict_root {root} has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
         _, size, _ = self.image_shape  # square, as every data module here
         nbytes = len(paths) * 3 * size * size
-        on_disk, free = keep_on_disk(self.placement, nbytes)
+        processes = self.trainer.num_devices if self.trainer is not None else 1  # DDP ranks here, a copy each
+        on_disk, free = keep_on_disk(self.placement, nbytes, processes)
         if not on_disk:
             return decode_images(paths, size, self.decode_workers, label=f"decoding {root}"), paths
         names = [p.relative_to(root).as_posix() for p in paths]

@@ -73,11 +73,12 @@ def choose_placement(requested: str, nbytes: int, device: torch.device, processe
     return choice, f"data placement auto -> {choice} ({gigabytes(need)} of splits, {gigabytes(free)} {where})"
 
 
-def keep_on_disk(requested: str, nbytes: int) -> tuple[bool, int]:
+def keep_on_disk(requested: str, nbytes: int, processes: int = 1) -> tuple[bool, int]:
     """Whether `nbytes` of decoded images outside the splits (a predict folder) are kept on disk: with `disk`, and
-    with `auto` where they would take more than FREE_FRACTION of the free host memory; and, for `auto`, that free
-    memory (else 0). `device` and `host` keep them in memory, as asked."""
+    with `auto` where the `processes` (DDP ranks) on this machine, a copy each, would take more than FREE_FRACTION
+    of the free host memory; and, for `auto`, that free memory (else 0). `device` and `host` keep them in memory,
+    as asked."""
     if requested != "auto":
         return requested == "disk", 0
     free = available_host_memory()
-    return nbytes > FREE_FRACTION * free, free
+    return nbytes * processes > FREE_FRACTION * free, free
