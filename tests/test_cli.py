@@ -465,3 +465,14 @@ def test_precision_flag_overrides_the_choice(fake_cifar10: Path, caplog, monkeyp
     (folder,) = run_folders()
     assert yaml.safe_load((folder / "config.yaml").read_text())["trainer"]["precision"] == "32-true"
     assert not any("Automatic Mixed Precision" in r.getMessage() for r in caplog.records)
+
+
+def test_max_steps_within_the_first_epoch_ends_with_a_checkpoint_despite_early_stopping(fake_cifar10: Path) -> None:
+    # 160 training images at batch 32: 5 steps an epoch; the run stops after 3, before any validation. Lightning's
+    # EarlyStopping would check val_loss at that epoch's end and stop the run with a traceback.
+    main(["fit", *cifar_args(fake_cifar10), *CSV_LOGGER, "--trainer.max_steps", "3"])
+    (last,) = Path().glob("**/checkpoints/last.ckpt")
+    assert torch.load(last, weights_only=True)["global_step"] == 3
+    config = yaml.safe_load((last.parent.parent / "config.yaml").read_text())
+    (early,) = [c for c in config["trainer"]["callbacks"] if c["class_path"].endswith("EarlyStopping")]
+    assert early["init_args"]["check_on_train_epoch_end"] is False and early["init_args"]["monitor"] == "val_loss"
