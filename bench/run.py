@@ -8,8 +8,9 @@ d. time to accuracy of configs/fast-cpu.yaml (45,000/5,000 split of the JPEG tra
 e. transfer with `--model.init_from`: five classes pretrained, the other five fine-tuned from few images, against
    the same fine-tuning from scratch (bench/transfer.py);
 f. decoding a folder of 20,000 photos (CIFAR-10 upscaled to 256 px) at 224 px: one process against one per core;
-g. training at 128 px with the splits on the device, in host memory or on disk: images/s and peak RSS
-   (bench/scale.py);
+g. training at 128 px with the splits on the device, in host memory or on disk: images/s and peak RSS;
+h. `cifar-cli predict` on a folder of 10,000 of those photos at 224 px, decoded into memory and onto disk: seconds
+   and peak RSS (f to h: bench/scale.py).
 
 The GPU check is `make bench-gpu` (bench/gpu.py). Every cifar-cli run is the real command in its own process,
 started from a scratch folder under `runs/bench/`. `--smoke` shrinks every part to a few steps and runs cifar-cli
@@ -41,7 +42,7 @@ from bench.common import (
     tutorial,
     tutorial_arrays,
 )
-from bench.scale import bench_decode, bench_placement, upscaled_folder
+from bench.scale import bench_decode, bench_placement, bench_predict, upscaled_folder
 from bench.steps import endless
 from bench.steps import main as steps_main
 from bench.transfer import bench_transfer
@@ -242,6 +243,14 @@ def table(results: dict, title: str) -> Table:
                          f"{row['images_per_s']:,.0f}; {row['peak_rss'] / 1e9:.2f} GB",
                          f"{row['images_per_s'] / device:.2f}x",
                          f"RSS << {cache / 1e9:.2f} GB cache" if name.startswith("disk") else "")  # fmt: skip
+    if h := results.get("predict"):
+        decoded = h["decoded_bytes"]
+        for name, label in (("memory", "in memory"), ("disk", "on disk, decoding"), ("disk_again", "on disk again")):
+            row = h[name]
+            grid.add_row(f"h. predict {h['images']:,} photos at {h['image_size']} px, {label} (s; peak RSS)"
+                         if name == "memory" else f"   predict {label}", "",
+                         f"{row['seconds']:.1f} s; {row['peak_rss'] / 1e9:.2f} GB", "",
+                         f"RSS < in memory ({decoded / 1e9:.2f} GB decoded)" if name != "memory" else "")  # fmt: skip
     return grid
 
 
@@ -262,7 +271,7 @@ def run(
         val_size: Validation images held out of the training images.
         test_size: Test images held out for part c.
         smoke: A few steps of everything, to check that the benchmarks run.
-        parts: Only these parts (pipeline, host, overhead, recipe, fast_cpu, transfer, decode, placement); the
+        parts: Only these parts (pipeline, host, overhead, recipe, fast_cpu, transfer, decode, placement, predict); the
             table shows those measured.
         photos: Folder of the CIFAR-10 JPEGs upscaled to 256 px that parts f and g read, made from `root` when
             missing (smoke runs make a small one under `out`).
@@ -285,6 +294,7 @@ def run(
         ("transfer", "e. transfer", lambda: bench_transfer(root_path, out_path, smoke)),
         ("decode", "f. decoding", lambda: bench_decode(photos_folder(), out_path / "decode", smoke)),
         ("placement", "g. placement", lambda: bench_placement(photos_folder(), out_path / "placement", smoke)),
+        ("predict", "h. predict folder", lambda: bench_predict(photos_folder(), out_path / "predict", smoke)),
     ]
     steps = [step for step in steps if parts is None or step[0] in parts]
 

@@ -4,15 +4,18 @@ f. decoding: images/s turning a folder of 20,000 JPEGs of 256 px into the 224 px
    against one per core (and, before that, one process at torch's default thread count, as decoding was);
 g. placement: training images/s (of a network with almost no compute: the data path's) and the process's peak RSS
    with the splits on the device, in host memory and on disk (page cache warm, then dropped), each `cifar-cli fit`
-   in a fresh process, at 128 px.
+   in a fresh process, at 128 px;
+h. predict: `cifar-cli predict` on a folder of 10,000 of those photos at 224 px, decoded into memory and onto disk
+   (then again, reading the file the first run wrote): seconds and peak RSS of each process.
 
-Both read a folder of the CIFAR-10 JPEGs upscaled to 256 px, made once from `--root` under `data/`.
+All read a folder of the CIFAR-10 JPEGs upscaled to 256 px, made once from `--root` under `data/`.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -122,4 +125,49 @@ def bench_placement(folder: Path, out: Path, smoke: bool) -> dict:
         _, _, peak = cifar_cli_peak_rss(args, out / placement, in_process=smoke)
         timed = json.loads(clock.read_text())
         result[placement] = {"images_per_s": timed["steps"] * batch_size / timed["seconds"], "peak_rss": peak}
+    return result
+
+
+def linked_folder(sources: list[Path], folder: Path) -> Path:
+    """`folder/<class>/` of links to `sources` (listing follows links to files), made once, each source's class
+    being its parent folder's name."""
+    done = folder / ".complete"
+    if not done.is_file():
+        for source in sources:
+            target = folder / source.parent.name / source.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.unlink(missing_ok=True)
+            target.symlink_to(source.resolve())
+        done.write_text(f"{len(sources)}\n")
+    return folder
+
+
+def bench_predict(folder: Path, out: Path, smoke: bool) -> dict:
+    """h. `cifar-cli predict --data.predict_root` over 10,000 of `folder`'s photos at 224 px with `--data.placement
+    host` (decoded into memory) and `disk` (into a `.npy` file in the cache, then read by batches), the disk run
+    twice: the second reads the file the first wrote. Each in a fresh process: seconds and peak RSS."""
+    size, count, per_class = (32, 24, 8) if smoke else (224, 10_000, 20)
+    photos = list_images(folder / "train")
+    predict_root = linked_folder(photos[:: max(len(photos) // count, 1)][:count], out / "photos")
+    by_class: dict[str, list[Path]] = {}
+    for path in photos:
+        by_class.setdefault(path.parent.name, []).append(path)
+    train = linked_folder([p for paths in by_class.values() for p in paths[:per_class]], out / "train" / "train")
+    # A checkpoint at `size`: one step of NET, so that predicting measures the data path.
+    shutil.rmtree(out / "fit", ignore_errors=True)
+    fit = ["fit", "--config", str(CONFIGS / "cpu.yaml"), "--config", str(CONFIGS / "cifar10-jpg.yaml"),
+           "--data.root", str(train.parent), "--data.image_size", str(size), "--data.val_size", "4",
+           "--data.test_size", "0", "--model.net", NET, "--trainer.max_steps", "1", "--trainer.limit_val_batches", "1",
+           *csv_logger("logs")]  # fmt: skip
+    cifar_cli_peak_rss(fit, out / "fit", in_process=smoke)
+    (checkpoint,) = (out / "fit").glob("**/checkpoints/last.ckpt")
+    cache = out / "cache"
+    shutil.rmtree(cache, ignore_errors=True)
+    result: dict = {"images": len(list_images(predict_root)), "image_size": size}
+    result["decoded_bytes"] = result["images"] * 3 * size * size
+    for run, placement in (("memory", "host"), ("disk", "disk"), ("disk_again", "disk")):
+        args = ["predict", "--ckpt_path", str(checkpoint), "--data.predict_root", str(predict_root),
+                "--data.placement", placement, "--data.cache_dir", str(cache), *csv_logger("logs")]  # fmt: skip
+        seconds, _, peak = cifar_cli_peak_rss(args, out / run, in_process=smoke)
+        result[run] = {"seconds": seconds, "peak_rss": peak}
     return result

@@ -31,6 +31,10 @@ def test_bench_smoke_run_fills_every_row(tmp_path: Path, capsys) -> None:
     f, g = results["decode"], results["placement"]
     assert f["images"] == 24 and f["one_process"] > 0 and f["all_cores"] > 0 and f["npy_bytes"] > 24 * 3 * 48 * 48
     assert g["cache_bytes"] > 0 and all(g[p]["images_per_s"] > 0 and g[p]["peak_rss"] > 0 for p in PLACEMENTS)
+    h = results["predict"]
+    assert h["images"] == 24 and h["decoded_bytes"] == 24 * 3 * 32 * 32
+    assert all(h[run]["seconds"] > 0 and h[run]["peak_rss"] > 0 for run in ("memory", "disk", "disk_again"))
+    assert len(list((tmp_path / "bench" / "predict" / "cache").glob("predict-32px-*.npy"))) == 1
     # Transfer: 2 of the 3 classes fine-tuned on 5 images each, tested on 10 each: multiples of 1/20.
     e = results["transfer"]
     assert e["pretrain_epochs"] == 1 and {"scratch_5", "pretrained_5"} <= e.keys()
@@ -49,6 +53,8 @@ def test_bench_smoke_run_fills_every_row(tmp_path: Path, capsys) -> None:
         "f. decode",
         "g. placement device",
         "placement disk, page cache dropped",
+        "h. predict 24 photos at 32 px, in memory",
+        "predict on disk again",
     ):
         assert row in table and row in printed
 
