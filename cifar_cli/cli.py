@@ -184,23 +184,21 @@ class CifarCLI(LightningCLI):
         self.optimizer_flags = move_optimizer_flags(config)
         check_optimizer_class(config)
         for callback in trainer.get("callbacks") or []:
+            init = callback.get("init_args")
+            monitor = str(init.get("monitor", "")) if init is not None else ""
+            if not (callback.get("class_path", "").endswith("EarlyStopping") and monitor.startswith("val_")):
+                continue
+            if self.subcommand == "fit" and trainer.get("limit_val_batches") == 0:
+                # Lightning's EarlyStopping would stop at the first epoch's end with a traceback.
+                raise UsageError(
+                    f"--trainer.limit_val_batches 0 turns validation off, but EarlyStopping monitors {monitor}: "
+                    "validate on fewer batches (--trainer.limit_val_batches 0.1) or use --config without it"
+                )
             # An EarlyStopping on a validation metric checks it after each validation. Lightning's default checks
             # it at the end of each training epoch, which works only when every epoch ends in a validation: an
             # epoch cut short by --trainer.max_steps or max_time ends without one, and the run in a traceback.
-            init = callback.get("init_args")
-            monitor = str(init.get("monitor", "")) if init is not None else ""
-            early = callback.get("class_path", "").endswith("EarlyStopping") and monitor.startswith("val_")
-            if early and init.get("check_on_train_epoch_end") is None:
+            if init.get("check_on_train_epoch_end") is None:
                 init["check_on_train_epoch_end"] = False
-        if self.subcommand == "fit" and trainer.get("limit_val_batches") == 0:
-            # Lightning's EarlyStopping would stop at the first epoch's end with a traceback.
-            for callback in trainer.get("callbacks") or []:
-                monitor = str(callback.get("init_args", {}).get("monitor", ""))
-                if callback.get("class_path", "").endswith("EarlyStopping") and monitor.startswith("val_"):
-                    raise UsageError(
-                        f"--trainer.limit_val_batches 0 turns validation off, but EarlyStopping monitors {monitor}: "
-                        "validate on fewer batches (--trainer.limit_val_batches 0.1) or use --config without it"
-                    )
 
     def instantiate_classes(self) -> None:
         # LightningCLI's, with the checks of the model and the data before the trainer is built: the trainer logs
