@@ -22,6 +22,7 @@ from cifar_cli.data.storage import (
     chunks,
     default_cache_dir,
     files_fingerprint,
+    open_cache,
     remove_other_versions,
 )
 from cifar_cli.errors import UsageError
@@ -81,7 +82,7 @@ class ImageDataModule(LightningDataModule):
         self.std: Tensor | None = None
         self._stats_on: dict[torch.device, tuple[Tensor, Tensor]] = {}
         self._prepared_for: str | None = None  # the stage `prepare` checked the data for
-        self._predict_folder: tuple[Tensor | DiskImages, list[Path]] | None = None  # decoded by `prepare`
+        self._predict_folder: tuple[Tensor | DiskImages, list[str]] | None = None  # decoded by `prepare`
         self.cache_dir = default_cache_dir()  # decoded data kept on disk; the subclasses' `cache_dir` flag sets it
 
     @property
@@ -181,15 +182,15 @@ class ImageDataModule(LightningDataModule):
         """Make `predict_root`'s images the predict split, named by their paths relative to it."""
         if self.predict_root is None:
             return
-        images, paths = self._predict_folder or self._decode_predict_folder()
+        images, names = self._predict_folder or self._decode_predict_folder()
         self._predict_folder = None
-        self.splits["predict"] = TensorImageDataset(images, torch.full((len(paths),), -1, dtype=torch.long))
-        self.predict_names = [p.relative_to(self.predict_root).as_posix() for p in paths]
+        self.splits["predict"] = TensorImageDataset(images, torch.full((len(names),), -1, dtype=torch.long))
+        self.predict_names = names
 
-    def _decode_predict_folder(self) -> tuple[Tensor | DiskImages, list[Path]]:
-        """predict_root's images and their paths: in memory, or in a `.npy` file in `cache_dir` that batches read
-        from (placement `disk`, or `auto` where the decoded images would take more than half the free host memory:
-        a folder of 100,000 photos at 224 px is 15 GB)."""
+    def _decode_predict_folder(self) -> tuple[Tensor | DiskImages, list[str]]:
+        """predict_root's images and their paths relative to it (the predictions' names). The images are in memory,
+        or in a `.npy` file in `cache_dir` that batches read from (placement `disk`, or `auto` where the decoded
+        images would take more than half the free host memory: a folder of 100,000 photos at 224 px is 15 GB)."""
         root = self.predict_root
         assert root is not None
         if not root.is_dir():
@@ -199,12 +200,12 @@ class ImageDataModule(LightningDataModule):
         if not paths:
             raise UsageError(f"--data.predict_root {root} has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
         _, size, _ = self.image_shape  # square, as every data module here
+        names = [p.relative_to(root).as_posix() for p in paths]
         nbytes = len(paths) * 3 * size * size
         processes = self.trainer.num_devices if self.trainer is not None else 1  # DDP ranks here, a copy each
         on_disk, free = keep_on_disk(self.placement, nbytes, processes)
         if not on_disk:
-            return decode_images(paths, size, self.decode_workers, label=f"decoding {root}"), paths
-        names = [p.relative_to(root).as_posix() for p in paths]
+            return decode_images(paths, size, self.decode_workers, label=f"decoding {root}"), names
         cache = cache_path(self.cache_dir, f"predict-{size}px", root, files_fingerprint(paths, names, size))
         if self.placement == "auto" and (self.trainer is None or self.trainer.is_global_zero):
             print(
@@ -212,16 +213,13 @@ class ImageDataModule(LightningDataModule):
                 f"free -> disk ({cache})",
                 file=sys.stderr,
             )
-        try:
-            images = DiskImages(cache)  # decoded before: the fingerprint in its name says it is current
-            if tuple(images.shape) == (len(paths), 3, size, size):
-                return images, paths
-        except (OSError, ValueError):
-            pass
+        decoded = open_cache(cache, (len(paths), 3, size, size))
+        if decoded is not None:
+            return decoded, names
         with atomic_file(cache) as partial:  # a bad image, or a kill, leaves no file behind
             decode_images_to_npy(paths, size, partial, self.decode_workers, label=f"decoding {root}")
         remove_other_versions(cache)
-        return DiskImages(cache), paths
+        return DiskImages(cache), names
 
     def check_split_sizes(self, n_train: int, held_out: int) -> None:
         if held_out >= n_train:

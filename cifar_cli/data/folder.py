@@ -22,6 +22,7 @@ from cifar_cli.data.storage import (
     cache_path,
     default_cache_dir,
     files_fingerprint,
+    open_cache,
     remove_other_versions,
     rows_of,
 )
@@ -153,13 +154,8 @@ class ImageFolderDataModule(ImageDataModule):
         return _Listing(cache, paths, names, labels, fingerprint)
 
     def _cached(self, listing: _Listing) -> DiskImages | None:
-        """The listing's decoded images in their cache file, or None when there is none: the file's name holds the
-        fingerprint, so a file of that name is current."""
-        try:
-            images = DiskImages(listing.cache)
-        except (OSError, ValueError):  # absent, or not a file this code wrote
-            return None
-        return images if tuple(images.shape) == (len(listing.paths), *self.image_shape) else None
+        """The listing's decoded images in their cache file, or None when there is none."""
+        return open_cache(listing.cache, (len(listing.paths), *self.image_shape))
 
     def _write_caches(self, listings: list[_Listing]) -> None:
         """Decode the listings' folders into their cache files. Each is written beside its name and renamed when

@@ -205,3 +205,13 @@ def chunks(images: Tensor | DiskImages) -> Iterator[Tensor]:
 def rows_of(images: Tensor | DiskImages, index: Tensor) -> Tensor | DiskImages:
     """A split's rows `index`: a copy of a tensor's, or a view of a file's."""
     return images.subset(index) if isinstance(images, DiskImages) else images[index.to(images.device)]
+
+
+def open_cache(path: Path, shape: tuple[int, ...]) -> DiskImages | None:
+    """The decoded images in the cache file `path`, or None when there is none of that `shape`: the file's name
+    holds its source's fingerprint, so a file of that name is current."""
+    try:
+        images = DiskImages(path)
+    except (OSError, ValueError):  # absent, or not a file this code wrote
+        return None
+    return images if tuple(images.shape) == tuple(shape) else None
