@@ -11,19 +11,32 @@ module, with one that calls a hook only on the callbacks whose class overrides `
 order, and builds the profiler's name only when a profiler is set. Lightning offers no switch for this. The
 replacement is installed only over the function it was written against (same parameters); any other Lightning
 keeps its own.
+
+The LightningModule's and the strategy's hooks (about 15 a step) get the same treatment: without a profiler,
+no profiler context and no debug message built for each call, and a module hook whose method does nothing
+(LightningModule's empty defaults: `on_before_backward`, `on_after_backward`, `on_before_zero_grad`, ...) is not
+called at all. And Lightning reads the signature of `training_step` (or `validation_step`, ...) with
+`inspect.getfullargspec` at every batch, to decide whether to pass `batch_idx`; the answer is kept per function.
 """
 
 from __future__ import annotations
 
+import dis
 import inspect
+import logging
 import os
+import types
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import Checkpoint, EarlyStopping
+from lightning.pytorch.loops import evaluation_loop, prediction_loop, training_epoch_loop
+from lightning.pytorch.loops import utilities as loop_utilities
 from lightning.pytorch.profilers import PassThroughProfiler
 from lightning.pytorch.trainer import call
+from lightning.pytorch.utilities import signature_utils
 
 _ORIGINAL = call._call_callback_hooks
 _EXPECTED_PARAMETERS = ["trainer", "hook_name", "args", "monitoring_callbacks", "kwargs"]
@@ -73,14 +86,121 @@ def _call_callback_hooks(
         pl_module._current_fx_name = prev_fx_name
 
 
-def install() -> bool:
-    """Put the replacement in place, once; False where this Lightning's function is not the one it replaces."""
-    if call._call_callback_hooks is _call_callback_hooks:
-        return True
-    if list(inspect.signature(_ORIGINAL).parameters) != _EXPECTED_PARAMETERS:
+_ORIGINAL_MODULE_HOOK = call._call_lightning_module_hook
+_ORIGINAL_STRATEGY_HOOK = call._call_strategy_hook
+_ORIGINAL_SIGNATURE_CHECK = signature_utils.is_param_in_hook_signature
+_EMPTY_BODIES = ([("LOAD_CONST", None), ("RETURN_VALUE", None)], [("RETURN_CONST", None)])
+_NOT_PLAIN = inspect.CO_GENERATOR | inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR
+_empty: dict[types.CodeType, bool] = {}
+
+
+def does_nothing(fn: Callable) -> bool:
+    """Whether `fn` is a plain function or method whose body only returns None (a docstring or `pass` at most)."""
+    function = getattr(fn, "__func__", fn)
+    if not isinstance(function, types.FunctionType):
         return False
-    call._call_callback_hooks = _call_callback_hooks
-    return True
+    code = function.__code__
+    empty = _empty.get(code)
+    if empty is None:
+        body = [(i.opname, i.argval) for i in dis.get_instructions(code) if i.opname not in ("RESUME", "NOP", "CACHE")]
+        empty = _empty[code] = not code.co_flags & _NOT_PLAIN and body in _EMPTY_BODIES
+    return empty
+
+
+def _call_lightning_module_hook(
+    trainer: Trainer, hook_name: str, *args: Any, pl_module: Any = None, **kwargs: Any
+) -> Any:
+    if call.log.isEnabledFor(logging.DEBUG):
+        call.log.debug(f"{trainer.__class__.__name__}: calling lightning module hook: {hook_name}")
+    pl_module = pl_module or trainer.lightning_module
+    if pl_module is None:
+        raise TypeError("No `LightningModule` is available to call hooks on.")
+    fn = getattr(pl_module, hook_name)
+    if not callable(fn):
+        return None
+    profiler = trainer.profiler
+    if isinstance(profiler, PassThroughProfiler):
+        if does_nothing(fn):
+            return None
+        prev_fx_name = pl_module._current_fx_name
+        pl_module._current_fx_name = hook_name
+        output = fn(*args, **kwargs)
+    else:
+        prev_fx_name = pl_module._current_fx_name
+        pl_module._current_fx_name = hook_name
+        with profiler.profile(f"[LightningModule]{pl_module.__class__.__name__}.{hook_name}"):
+            output = fn(*args, **kwargs)
+    pl_module._current_fx_name = prev_fx_name
+    return output
+
+
+def _call_strategy_hook(trainer: Trainer, hook_name: str, *args: Any, **kwargs: Any) -> Any:
+    if call.log.isEnabledFor(logging.DEBUG):
+        call.log.debug(f"{trainer.__class__.__name__}: calling strategy hook: {hook_name}")
+    pl_module = trainer.lightning_module
+    prev_fx_name = pl_module._current_fx_name
+    pl_module._current_fx_name = hook_name
+    fn = getattr(trainer.strategy, hook_name)
+    if not callable(fn):
+        return None
+    profiler = trainer.profiler
+    if isinstance(profiler, PassThroughProfiler):
+        output = fn(*args, **kwargs)
+    else:
+        with profiler.profile(f"[Strategy]{trainer.strategy.__class__.__name__}.{hook_name}"):
+            output = fn(*args, **kwargs)
+    pl_module._current_fx_name = prev_fx_name
+    return output
+
+
+_signatures: dict[tuple, bool] = {}
+
+
+def is_param_in_hook_signature(
+    hook_fx: Callable, param: str, explicit: bool = False, min_args: int | None = None
+) -> bool:
+    """Lightning's check, its answer kept per plain function or method (a signature does not change)."""
+    function = getattr(hook_fx, "__func__", hook_fx)
+    if not isinstance(function, types.FunctionType):
+        return _ORIGINAL_SIGNATURE_CHECK(hook_fx, param, explicit, min_args)
+    key = (function, param, explicit, min_args)
+    found = _signatures.get(key)
+    if found is None:
+        if len(_signatures) > 1000:  # functions made on the fly: keep the cache small
+            _signatures.clear()
+        found = _signatures[key] = _ORIGINAL_SIGNATURE_CHECK(hook_fx, param, explicit, min_args)
+    return found
+
+
+# (module, name, replacement, the original's parameters): what install() replaces where it finds the original.
+_REPLACEMENTS = [
+    (call, "_call_callback_hooks", _call_callback_hooks, _EXPECTED_PARAMETERS),
+    (call, "_call_lightning_module_hook", _call_lightning_module_hook,
+     ["trainer", "hook_name", "args", "pl_module", "kwargs"]),
+    (call, "_call_strategy_hook", _call_strategy_hook, ["trainer", "hook_name", "args", "kwargs"]),
+    *[(module, "is_param_in_hook_signature", is_param_in_hook_signature,
+       ["hook_fx", "param", "explicit", "min_args"])
+      for module in (training_epoch_loop, evaluation_loop, prediction_loop, loop_utilities)],
+]  # fmt: skip
+
+
+def install() -> bool:
+    """Put the replacements in place, once each; each goes only over the function it was written against (the
+    same parameters). False where the callback dispatch could not be replaced."""
+    originals = {
+        "_call_callback_hooks": _ORIGINAL,
+        "_call_lightning_module_hook": _ORIGINAL_MODULE_HOOK,
+        "_call_strategy_hook": _ORIGINAL_STRATEGY_HOOK,
+        "is_param_in_hook_signature": _ORIGINAL_SIGNATURE_CHECK,
+    }
+    for module, name, replacement, parameters in _REPLACEMENTS:
+        current = getattr(module, name)
+        if current is replacement:
+            continue
+        original = originals[name]
+        if current is original and list(inspect.signature(original).parameters) == parameters:
+            setattr(module, name, replacement)
+    return call._call_callback_hooks is _call_callback_hooks
 
 
 NVML_CHECK = "PYTORCH_NVML_BASED_CUDA_CHECK"

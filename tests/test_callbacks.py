@@ -106,3 +106,116 @@ def test_cuda_check_answers_without_nvml_only_where_no_gpu_answers(monkeypatch: 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     hooks.plain_cuda_check_without_gpu()
     assert hooks.NVML_CHECK not in os.environ
+
+
+class HookRecorder(ImageClassifier):
+    """Records the module hooks Lightning calls, with the `_current_fx_name` each one sees; one override is empty."""
+
+    def __init__(self, calls: list) -> None:
+        super().__init__(TutorialCNN(3), class_names=["cat", "dog", "frog"])
+        self.calls = calls
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        super().on_train_batch_start(batch, batch_idx)
+        self.calls.append(("on_train_batch_start", self._current_fx_name))
+
+    def on_before_backward(self, loss) -> None:
+        self.calls.append(("on_before_backward", self._current_fx_name))
+
+    def on_after_backward(self) -> None:
+        """Overridden, and empty: there is nothing to call."""
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        super().on_before_optimizer_step(optimizer)
+        self.calls.append(("on_before_optimizer_step", self._current_fx_name))
+
+
+def test_module_and_strategy_hooks_run_as_lightnings_own_dispatch_runs_them(image_folder: Path) -> None:
+    def run(module_hook, strategy_hook) -> tuple[list, torch.Tensor]:
+        calls: list = []
+        installed = call._call_lightning_module_hook, call._call_strategy_hook
+        call._call_lightning_module_hook, call._call_strategy_hook = module_hook, strategy_hook
+        try:
+            torch.manual_seed(0)
+            model = HookRecorder(calls)
+            data = ImageFolderDataModule(str(image_folder), val_size=30, batch_size=16)
+            Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+                    enable_progress_bar=False, enable_model_summary=False).fit(model, data)  # fmt: skip
+        finally:
+            call._call_lightning_module_hook, call._call_strategy_hook = installed
+        return calls, model.net.fc3.weight.detach().clone()
+
+    lightning, lightning_weights = run(hooks._ORIGINAL_MODULE_HOOK, hooks._ORIGINAL_STRATEGY_HOOK)
+    ours, our_weights = run(hooks._call_lightning_module_hook, hooks._call_strategy_hook)
+    assert ours == lightning and len(ours) == 3 * 3
+    assert all(hook == fx_name for hook, fx_name in ours)  # each hook sees its own name, for self.log's checks
+    assert torch.equal(our_weights, lightning_weights)
+
+
+def test_with_a_profiler_every_module_hook_is_called_and_timed(image_folder: Path) -> None:
+    data = ImageFolderDataModule(str(image_folder), val_size=30, batch_size=16)
+    model = ImageClassifier(TutorialCNN(3), class_names=["cat", "dog", "frog"])
+    trainer = Trainer(max_steps=2, accelerator="cpu", profiler="simple", logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    assert hooks.install() and call._call_lightning_module_hook is hooks._call_lightning_module_hook
+    trainer.fit(model, data)
+    timed = trainer.profiler.recorded_durations
+    assert len(timed["[LightningModule]ImageClassifier.on_before_backward"]) == 2  # empty, timed all the same
+    assert len(timed["[Strategy]SingleDeviceStrategy.training_step"]) == 2
+
+
+def test_does_nothing_tells_empty_methods_from_the_rest() -> None:
+    class Hooks:
+        def documented(self):
+            """Only a docstring."""
+
+        def passes(self, x):
+            pass
+
+        def returns_none(self):
+            return None
+
+        def returns_one(self):
+            return 1
+
+        def returns_its_argument(self, batch):
+            return batch
+
+        def generator(self):
+            return
+            yield
+
+        async def coroutine(self):
+            pass
+
+    empty = [name for name in vars(Hooks) if not name.startswith("_") and hooks.does_nothing(getattr(Hooks(), name))]
+    assert empty == ["documented", "passes", "returns_none"]
+    assert not hooks.does_nothing(print) and not hooks.does_nothing(lambda: 0) and hooks.does_nothing(lambda: None)
+
+
+def test_signature_answers_are_lightnings_and_read_once(monkeypatch) -> None:
+    from lightning.pytorch.utilities import signature_utils
+
+    class Steps:
+        def with_index(self, batch, batch_idx): ...
+
+        def without_index(self, batch): ...
+
+        def variadic(self, *args): ...
+
+    reads: list = []
+    real = signature_utils.inspect.getfullargspec
+    monkeypatch.setattr(signature_utils.inspect, "getfullargspec", lambda fn: reads.append(fn) or real(fn))
+    for name in ("with_index", "without_index", "variadic"):
+        method = getattr(Steps(), name)
+        for explicit, min_args in ((False, 2), (True, None)):
+            expected = hooks._ORIGINAL_SIGNATURE_CHECK(method, "batch_idx", explicit, min_args)
+            reads.clear()
+            for _ in range(3):
+                assert (
+                    hooks.is_param_in_hook_signature(getattr(Steps(), name), "batch_idx", explicit, min_args)
+                    is expected
+                )
+            assert len(reads) <= 1
+    assert hooks.is_param_in_hook_signature(Steps().with_index, "batch_idx", min_args=2) is True
+    assert hooks.is_param_in_hook_signature(Steps().without_index, "batch_idx", min_args=2) is False
