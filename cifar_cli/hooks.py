@@ -17,6 +17,12 @@ no profiler context and no debug message built for each call, and a module hook 
 (LightningModule's empty defaults: `on_before_backward`, `on_after_backward`, `on_before_zero_grad`, ...) is not
 called at all. And Lightning reads the signature of `training_step` (or `validation_step`, ...) with
 `inspect.getfullargspec` at every batch, to decide whether to pass `batch_idx`; the answer is kept per function.
+
+After every batch Lightning turns each metric logged with `prog_bar=True` into a Python number with `.item()`,
+whether or not it was logged in that batch and whether or not a bar is shown (Lightning issue #21232): the value
+of the last logged step is converted again and again. On a GPU each `.item()` waits for all the work queued so far,
+so every training step waited for the GPU before the host could queue the next one. The conversion now remembers
+the number of the tensor it converted last: a step that logged nothing converts nothing.
 """
 
 from __future__ import annotations
@@ -36,7 +42,9 @@ from lightning.pytorch.loops import evaluation_loop, prediction_loop, training_e
 from lightning.pytorch.loops import utilities as loop_utilities
 from lightning.pytorch.profilers import PassThroughProfiler
 from lightning.pytorch.trainer import call
+from lightning.pytorch.trainer.connectors.logger_connector import result
 from lightning.pytorch.utilities import signature_utils
+from torch import Tensor
 
 _ORIGINAL = call._call_callback_hooks
 _EXPECTED_PARAMETERS = ["trainer", "hook_name", "args", "monitoring_callbacks", "kwargs"]
@@ -172,6 +180,32 @@ def is_param_in_hook_signature(
     return found
 
 
+_ORIGINAL_TO_SCALARS = result.convert_tensors_to_scalars
+# (storage address, offset, dtype, device) -> (the tensor converted, its version then, its number). Holding the
+# tensor keeps its storage alive, so no other tensor can have the same address while the entry stands.
+_scalars: dict[tuple, tuple[Tensor, int, Any]] = {}
+
+
+def convert_tensors_to_scalars(data: Any) -> Any:
+    """Lightning's conversion of a progress-bar metric, without converting the same value twice: a one-element
+    tensor that shares its storage with the one converted last, with no in-place change since, gives the number
+    found then."""
+    if not isinstance(data, Tensor) or data.numel() != 1:
+        return _ORIGINAL_TO_SCALARS(data)
+    try:
+        key = (data.untyped_storage().data_ptr(), data.storage_offset(), data.dtype, data.device)
+    except (RuntimeError, NotImplementedError, TypeError):  # tensors without a plain storage (DTensor, say)
+        return _ORIGINAL_TO_SCALARS(data)
+    found = _scalars.get(key)
+    if found is not None and found[1] == data._version:  # views share the version counter: no change since
+        return found[2]
+    if len(_scalars) > 64:  # a few metrics, each with its latest value: drop the older values
+        _scalars.clear()
+    number = _ORIGINAL_TO_SCALARS(data)
+    _scalars[key] = (data, data._version, number)
+    return number
+
+
 # (module, name, replacement, the original's parameters): what install() replaces where it finds the original.
 _REPLACEMENTS = [
     (call, "_call_callback_hooks", _call_callback_hooks, _EXPECTED_PARAMETERS),
@@ -181,6 +215,7 @@ _REPLACEMENTS = [
     *[(module, "is_param_in_hook_signature", is_param_in_hook_signature,
        ["hook_fx", "param", "explicit", "min_args"])
       for module in (training_epoch_loop, evaluation_loop, prediction_loop, loop_utilities)],
+    (result, "convert_tensors_to_scalars", convert_tensors_to_scalars, ["data"]),
 ]  # fmt: skip
 
 
@@ -192,6 +227,7 @@ def install() -> bool:
         "_call_lightning_module_hook": _ORIGINAL_MODULE_HOOK,
         "_call_strategy_hook": _ORIGINAL_STRATEGY_HOOK,
         "is_param_in_hook_signature": _ORIGINAL_SIGNATURE_CHECK,
+        "convert_tensors_to_scalars": _ORIGINAL_TO_SCALARS,
     }
     for module, name, replacement, parameters in _REPLACEMENTS:
         current = getattr(module, name)

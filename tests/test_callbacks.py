@@ -219,3 +219,56 @@ def test_signature_answers_are_lightnings_and_read_once(monkeypatch) -> None:
             assert len(reads) <= 1
     assert hooks.is_param_in_hook_signature(Steps().with_index, "batch_idx", min_args=2) is True
     assert hooks.is_param_in_hook_signature(Steps().without_index, "batch_idx", min_args=2) is False
+
+
+class CountedItems(torch.Tensor):
+    """A tensor that counts the `.item()` calls made on tensors of its kind."""
+
+    items = 0
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.item:
+            cls.items += 1
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+def test_a_progress_bar_value_is_converted_to_a_number_once() -> None:
+    CountedItems.items = 0
+    value = torch.tensor(2.5).as_subclass(CountedItems)
+    assert [hooks.convert_tensors_to_scalars(value.detach()) for _ in range(3)] == [2.5, 2.5, 2.5]
+    assert CountedItems.items == 1
+    value.add_(1)  # changed in place: converted again
+    assert hooks.convert_tensors_to_scalars(value.detach()) == 3.5 and CountedItems.items == 2
+    other = torch.tensor(3.5).as_subclass(CountedItems)  # the same number in another tensor: converted
+    assert hooks.convert_tensors_to_scalars(other) == 3.5 and CountedItems.items == 3
+    assert hooks.convert_tensors_to_scalars({"a": torch.tensor(1.0)}) == {"a": 1.0}  # anything else: Lightning's
+
+
+def test_steps_that_log_nothing_convert_no_progress_bar_value(image_folder: Path, monkeypatch) -> None:
+    """Lightning converts every prog_bar metric after every batch, logged or not; on a GPU each conversion waits for
+    the GPU. With log_every_n_steps 4 the model logs at 4 of the epoch's 12 steps: only then are values converted."""
+    from lightning.pytorch.trainer.connectors.logger_connector import result
+
+    def run(conversion) -> tuple[list[int], dict]:
+        steps: list[int] = []  # the step after which each conversion came
+        original = hooks._ORIGINAL_TO_SCALARS
+        monkeypatch.setattr(
+            hooks, "_ORIGINAL_TO_SCALARS", lambda data: steps.append(trainer.global_step) or original(data)
+        )
+        monkeypatch.setattr(result, "convert_tensors_to_scalars", conversion)
+        torch.manual_seed(0)
+        data = ImageFolderDataModule(str(image_folder), val_size=30, batch_size=6)
+        model = ImageClassifier(TutorialCNN(3), class_names=["cat", "dog", "frog"])
+        quiet = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False}
+        trainer = Trainer(max_epochs=1, limit_train_batches=12, log_every_n_steps=4, limit_val_batches=0,
+                          accelerator="cpu", enable_model_summary=False, **quiet)  # fmt: skip
+        trainer.fit(model, data)
+        return steps, trainer.progress_bar_metrics
+
+    lightnings, lightning_bar = run(lambda data: hooks._ORIGINAL_TO_SCALARS(data))
+    ours, our_bar = run(hooks.convert_tensors_to_scalars)
+    assert our_bar == lightning_bar and {"train_loss_step", "train_acc_step", "train_loss_epoch"} <= set(our_bar)
+    assert set(lightnings) == set(range(1, 13))  # after every step
+    assert set(ours) == {1, 4, 8, 12}  # after the logged steps 0, 3, 7 and 11 (and the epoch's end)
+    assert ours.count(4) == ours.count(8) == 2  # the two prog_bar metrics, once each

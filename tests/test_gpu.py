@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from lightning.pytorch import Callback
 
 from cifar_cli.cli import main
 from cifar_cli.data import CIFAR10DataModule, DeviceBatches
@@ -86,3 +88,48 @@ def test_pretrained_network_fits_on_gpu(image_folder: Path) -> None:
           "--trainer.devices", "1", "--trainer.max_epochs", "1", "--trainer.logger", "false"])  # fmt: skip
     (ckpt,) = Path("checkpoints").glob("*.ckpt")
     assert torch.load(ckpt, weights_only=True)["global_step"] == 3  # 90 images / batch 32
+
+
+class SyncCounter(Callback):
+    """Counts the CUDA synchronisations (torch's sync debug mode) from the start of a training batch to the start of
+    the next, for the batches whose step logs nothing: `syncs[step]`. The last instance made is `SyncCounter.last`."""
+
+    last: SyncCounter | None = None
+
+    def __init__(self) -> None:
+        self.syncs: dict[int, int] = {}
+        self._open: tuple | None = None
+        SyncCounter.last = self
+
+    def _close(self) -> None:
+        if self._open is not None:
+            step, catcher, caught = self._open
+            torch.cuda.set_sync_debug_mode(0)
+            catcher.__exit__(None, None, None)
+            self.syncs[step] = sum("synchronizing" in str(w.message) for w in caught)
+            self._open = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        self._close()
+        step = trainer.global_step
+        if 0 < batch_idx < trainer.num_training_batches - 1 and (step + 1) % trainer.log_every_n_steps:
+            catcher = warnings.catch_warnings(record=True)
+            caught = catcher.__enter__()
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            self._open = (step, catcher, caught)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._close()
+
+
+@pytest.mark.parametrize("config", ["gpu.yaml", "fast.yaml"])
+def test_training_steps_that_log_nothing_never_wait_for_the_gpu(fake_cifar10: Path, config: str) -> None:
+    """Between logged steps the host queues step after step without waiting for the GPU: no `.item()`, no copy
+    back, no synchronize (Lightning's progress-bar conversion was one at every step: cifar_cli.hooks)."""
+    main(["fit", "--config", str(REPO / "configs" / config), "--data.data_dir", str(fake_cifar10),
+          "--data.val_size", "40", "--data.batch_size", "8", "--trainer.max_epochs", "1",
+          "--trainer.limit_val_batches", "1", "--trainer.logger", "false",
+          "--trainer.callbacks+=test_gpu.SyncCounter"])  # fmt: skip
+    counted = SyncCounter.last.syncs
+    assert len(counted) >= 8 and sum(counted.values()) == 0, counted
