@@ -190,7 +190,8 @@ def convert_tensors_to_scalars(data: Any) -> Any:
     """Lightning's conversion of a progress-bar metric, without converting the same value twice: a one-element
     tensor that shares its storage with the one converted last, with no in-place change since, gives the number
     found then."""
-    if not isinstance(data, Tensor) or data.numel() != 1:
+    # Inference tensors (validation and test run in inference mode) keep no version counter: converted each time.
+    if not isinstance(data, Tensor) or data.numel() != 1 or data.is_inference():
         return _ORIGINAL_TO_SCALARS(data)
     try:
         key = (data.untyped_storage().data_ptr(), data.storage_offset(), data.dtype, data.device)

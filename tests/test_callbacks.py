@@ -243,6 +243,10 @@ def test_a_progress_bar_value_is_converted_to_a_number_once() -> None:
     other = torch.tensor(3.5).as_subclass(CountedItems)  # the same number in another tensor: converted
     assert hooks.convert_tensors_to_scalars(other) == 3.5 and CountedItems.items == 3
     assert hooks.convert_tensors_to_scalars({"a": torch.tensor(1.0)}) == {"a": 1.0}  # anything else: Lightning's
+    with torch.inference_mode():  # no version counter to tell a change by: converted each time
+        made_in_inference = torch.tensor(4.5).as_subclass(CountedItems)
+    assert [hooks.convert_tensors_to_scalars(made_in_inference) for _ in range(2)] == [4.5, 4.5]
+    assert CountedItems.items == 5
 
 
 def test_steps_that_log_nothing_convert_no_progress_bar_value(image_folder: Path, monkeypatch) -> None:
