@@ -28,6 +28,7 @@ the number of the tensor it converted last: a step that logged nothing converts 
 from __future__ import annotations
 
 import dis
+import functools
 import inspect
 import logging
 import os
@@ -99,20 +100,18 @@ _ORIGINAL_STRATEGY_HOOK = call._call_strategy_hook
 _ORIGINAL_SIGNATURE_CHECK = signature_utils.is_param_in_hook_signature
 _EMPTY_BODIES = ([("LOAD_CONST", None), ("RETURN_VALUE", None)], [("RETURN_CONST", None)])
 _NOT_PLAIN = inspect.CO_GENERATOR | inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR
-_empty: dict[types.CodeType, bool] = {}
+
+
+@functools.cache
+def _empty_body(code: types.CodeType) -> bool:
+    body = [(i.opname, i.argval) for i in dis.get_instructions(code) if i.opname not in ("RESUME", "NOP", "CACHE")]
+    return not code.co_flags & _NOT_PLAIN and body in _EMPTY_BODIES
 
 
 def does_nothing(fn: Callable) -> bool:
     """Whether `fn` is a plain function or method whose body only returns None (a docstring or `pass` at most)."""
     function = getattr(fn, "__func__", fn)
-    if not isinstance(function, types.FunctionType):
-        return False
-    code = function.__code__
-    empty = _empty.get(code)
-    if empty is None:
-        body = [(i.opname, i.argval) for i in dis.get_instructions(code) if i.opname not in ("RESUME", "NOP", "CACHE")]
-        empty = _empty[code] = not code.co_flags & _NOT_PLAIN and body in _EMPTY_BODIES
-    return empty
+    return isinstance(function, types.FunctionType) and _empty_body(function.__code__)
 
 
 def _call_lightning_module_hook(
@@ -126,18 +125,16 @@ def _call_lightning_module_hook(
     fn = getattr(pl_module, hook_name)
     if not callable(fn):
         return None
-    profiler = trainer.profiler
-    if isinstance(profiler, PassThroughProfiler):
-        if does_nothing(fn):
-            return None
-        prev_fx_name = pl_module._current_fx_name
-        pl_module._current_fx_name = hook_name
-        output = fn(*args, **kwargs)
-    else:
-        prev_fx_name = pl_module._current_fx_name
-        pl_module._current_fx_name = hook_name
-        with profiler.profile(f"[LightningModule]{pl_module.__class__.__name__}.{hook_name}"):
+    profiled = not isinstance(trainer.profiler, PassThroughProfiler)
+    if not profiled and does_nothing(fn):
+        return None
+    prev_fx_name = pl_module._current_fx_name
+    pl_module._current_fx_name = hook_name
+    if profiled:
+        with trainer.profiler.profile(f"[LightningModule]{pl_module.__class__.__name__}.{hook_name}"):
             output = fn(*args, **kwargs)
+    else:
+        output = fn(*args, **kwargs)
     pl_module._current_fx_name = prev_fx_name
     return output
 
@@ -151,17 +148,13 @@ def _call_strategy_hook(trainer: Trainer, hook_name: str, *args: Any, **kwargs: 
     fn = getattr(trainer.strategy, hook_name)
     if not callable(fn):
         return None
-    profiler = trainer.profiler
-    if isinstance(profiler, PassThroughProfiler):
+    if isinstance(trainer.profiler, PassThroughProfiler):
         output = fn(*args, **kwargs)
     else:
-        with profiler.profile(f"[Strategy]{trainer.strategy.__class__.__name__}.{hook_name}"):
+        with trainer.profiler.profile(f"[Strategy]{trainer.strategy.__class__.__name__}.{hook_name}"):
             output = fn(*args, **kwargs)
     pl_module._current_fx_name = prev_fx_name
     return output
-
-
-_signatures: dict[tuple, bool] = {}
 
 
 def is_param_in_hook_signature(
@@ -171,13 +164,14 @@ def is_param_in_hook_signature(
     function = getattr(hook_fx, "__func__", hook_fx)
     if not isinstance(function, types.FunctionType):
         return _ORIGINAL_SIGNATURE_CHECK(hook_fx, param, explicit, min_args)
-    key = (function, param, explicit, min_args)
-    found = _signatures.get(key)
-    if found is None:
-        if len(_signatures) > 1000:  # functions made on the fly: keep the cache small
-            _signatures.clear()
-        found = _signatures[key] = _ORIGINAL_SIGNATURE_CHECK(hook_fx, param, explicit, min_args)
-    return found
+    return _signature_check(function, param, explicit, min_args)
+
+
+# Bounded: functions made on the fly would otherwise pile up. The function and its bound method give the same
+# answer: Lightning's check reads the arguments with `self` and drops the first.
+@functools.lru_cache(maxsize=1024)
+def _signature_check(function: types.FunctionType, param: str, explicit: bool, min_args: int | None) -> bool:
+    return _ORIGINAL_SIGNATURE_CHECK(function, param, explicit, min_args)
 
 
 _ORIGINAL_TO_SCALARS = result.convert_tensors_to_scalars

@@ -43,16 +43,19 @@ class Recorder(Callback):
         self.calls.append((self.name, "on_train_batch_end"))
 
 
-def fit_with(callbacks: list[Callback], image_folder: Path) -> None:
+def fit_with(callbacks: list[Callback], image_folder: Path, model: ImageClassifier | None = None, **trainer_args):
+    """Fit a TutorialCNN classifier (or `model`) on the image folder for 3 steps, quietly; returns the trainer."""
     data = ImageFolderDataModule(str(image_folder), val_size=30, batch_size=16)
-    model = ImageClassifier(TutorialCNN(3), class_names=["cat", "dog", "frog"])
+    model = model or ImageClassifier(TutorialCNN(3), class_names=["cat", "dog", "frog"])
     quiet = {
         "logger": False,
         "enable_checkpointing": False,
         "enable_progress_bar": False,
         "enable_model_summary": False,
     }
-    Trainer(max_steps=3, callbacks=callbacks, accelerator="cpu", **quiet).fit(model, data)
+    trainer = Trainer(**{"max_steps": 3, **trainer_args}, callbacks=callbacks, accelerator="cpu", **quiet)
+    trainer.fit(model, data)
+    return trainer
 
 
 def test_hooks_reach_the_callbacks_that_implement_them_in_lightnings_order(image_folder: Path) -> None:
@@ -138,9 +141,7 @@ def test_module_and_strategy_hooks_run_as_lightnings_own_dispatch_runs_them(imag
         try:
             torch.manual_seed(0)
             model = HookRecorder(calls)
-            data = ImageFolderDataModule(str(image_folder), val_size=30, batch_size=16)
-            Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
-                    enable_progress_bar=False, enable_model_summary=False).fit(model, data)  # fmt: skip
+            fit_with([], image_folder, model)
         finally:
             call._call_lightning_module_hook, call._call_strategy_hook = installed
         return calls, model.net.fc3.weight.detach().clone()
@@ -153,12 +154,8 @@ def test_module_and_strategy_hooks_run_as_lightnings_own_dispatch_runs_them(imag
 
 
 def test_with_a_profiler_every_module_hook_is_called_and_timed(image_folder: Path) -> None:
-    data = ImageFolderDataModule(str(image_folder), val_size=30, batch_size=16)
-    model = ImageClassifier(TutorialCNN(3), class_names=["cat", "dog", "frog"])
-    trainer = Trainer(max_steps=2, accelerator="cpu", profiler="simple", logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
     assert hooks.install() and call._call_lightning_module_hook is hooks._call_lightning_module_hook
-    trainer.fit(model, data)
+    trainer = fit_with([], image_folder, max_steps=2, profiler="simple")
     timed = trainer.profiler.recorded_durations
     assert len(timed["[LightningModule]ImageClassifier.on_before_backward"]) == 2  # empty, timed all the same
     assert len(timed["[Strategy]SingleDeviceStrategy.training_step"]) == 2
