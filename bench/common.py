@@ -11,6 +11,7 @@ import os
 import platform
 import re
 import resource
+import signal
 import subprocess
 import sys
 import time
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs"
@@ -28,8 +30,9 @@ SMOKE_DEVICE = ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--tra
 SMOKE_LIMITS = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "2"]
 
 
-def cifar_cli(args: list[str], cwd: Path, in_process: bool = False) -> tuple[float, str]:
-    """Run `cifar-cli ARGS` in `cwd`; return its wall-clock seconds and its output. Fails loudly on errors.
+def cifar_cli(args: list[str], cwd: Path, in_process: bool = False, timeout: float | None = None) -> tuple[float, str]:
+    """Run `cifar-cli ARGS` in `cwd`; return its wall-clock seconds and its output. Fails loudly on errors, and
+    on a process still running after `timeout` seconds (see `run_process`).
 
     Each run is the real command in its own process. `in_process` (the smoke runs of the test suite) calls the
     same entry point in this process instead, which saves the 5 to 10 s of imports a process costs.
@@ -39,14 +42,33 @@ def cifar_cli(args: list[str], cwd: Path, in_process: bool = False) -> tuple[flo
     if in_process:
         code, output = _in_process(args, cwd)
     else:
-        done = subprocess.run(
-            [sys.executable, "-m", "cifar_cli", *args], cwd=cwd, capture_output=True, text=True, env=bench_env()
-        )
+        done = run_process([sys.executable, "-m", "cifar_cli", *args], cwd, timeout)
         code, output = done.returncode, done.stdout + done.stderr
     seconds = time.perf_counter() - start
     if code:
         raise SystemExit(f"cifar-cli {' '.join(args)} failed in {cwd}:\n{output[-3000:]}")
     return seconds, output
+
+
+def run_process(command: list[str], cwd: Path, timeout: float | None = None) -> subprocess.CompletedProcess:
+    """`subprocess.run(command)` with the output captured and the benchmarks' environment, in a process group of
+    its own: after `timeout` seconds the whole group is killed and SystemExit says so with the output's tail.
+
+    Written out because `subprocess.run`'s timeout kills only the process it started, and a DDP run's other ranks
+    (processes Lightning starts) would keep running, holding their GPUs for the steps after it.
+    """
+    process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=bench_env(), start_new_session=True)  # fmt: skip
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        raise SystemExit(
+            f"{' '.join(command[1:])} was still running after {timeout:.0f} s and was killed:\n"
+            f"{(stdout + stderr)[-3000:]}"
+        ) from None
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
 def cifar_cli_peak_rss(args: list[str], cwd: Path, in_process: bool = False) -> tuple[float, str, int]:
@@ -70,10 +92,11 @@ def cifar_cli_peak_rss(args: list[str], cwd: Path, in_process: bool = False) -> 
 
 
 def tutorial(
-    arrays: Path, epochs: int, val_size: int, limit: int | None, in_process: bool = False
+    arrays: Path, epochs: int, val_size: int, limit: int | None, in_process: bool = False, timeout: float | None = None
 ) -> tuple[float, dict]:
     """Run the tutorial's code (bench/tutorial.py) on `arrays` in their folder: its wall-clock seconds and the
-    JSON it prints (fit and training seconds, test accuracy and loss). `in_process` as for `cifar_cli`."""
+    JSON it prints (fit and training seconds, test accuracy and loss). `in_process` and `timeout` as for
+    `cifar_cli`."""
     start = time.perf_counter()
     if in_process:
         from bench.tutorial import main
@@ -81,11 +104,8 @@ def tutorial(
         with environment(bench_env()), contextlib.chdir(arrays.parent):
             result = main(str(arrays), epochs, val_size, limit)
         return time.perf_counter() - start, result
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.tutorial", str(arrays), str(epochs), str(val_size),
-         *([str(limit)] if limit else [])],
-        cwd=arrays.parent, capture_output=True, text=True, env=bench_env(),
-    )  # fmt: skip
+    done = run_process([sys.executable, "-m", "bench.tutorial", str(arrays), str(epochs), str(val_size),
+                        *([str(limit)] if limit else [])], arrays.parent, timeout)  # fmt: skip
     if done.returncode:
         raise SystemExit(f"the tutorial's code failed:\n{done.stderr[-3000:]}")
     return time.perf_counter() - start, json.loads(done.stdout.strip().splitlines()[-1])
@@ -182,21 +202,36 @@ def run_steps(steps: list[tuple[str, str, Callable[[], dict | None]]], results: 
     """Run each (key, name, step), keeping its result under `key`; then print the table of the results.
 
     `results.json` in `out` is rewritten after every step (a run stopped by a time limit keeps what it measured),
-    and `results.txt` holds the table.
+    and `results.txt` holds the table. A step that fails (an exception, or a failed or timed-out cifar-cli run)
+    keeps `{"error": message}` under its key and a "failed" row in the table, and the steps after it still run:
+    on a lent GPU each call counts, and one broken step must not cost the others' numbers. Then SystemExit names
+    the failed steps.
     """
     console = Console(width=150)
     for key, name, step in steps:
         console.print(f"[bold]{name}[/bold] ...")
         start = time.perf_counter()
-        results[key] = step()
-        console.print(f"  {json.dumps(results[key])} ({time.perf_counter() - start:.0f} s)")
+        try:
+            results[key] = step()
+        except (Exception, SystemExit) as error:
+            message = str(error).strip() or type(error).__name__
+            results[key] = {"error": message[-3000:]}
+            # As Text: the message is a command's output, which may hold square brackets.
+            console.print(Text.assemble(("  failed", "red"), f" ({time.perf_counter() - start:.0f} s): {message}"))
+        else:
+            console.print(f"  {json.dumps(results[key])} ({time.perf_counter() - start:.0f} s)")
         (out / "results.json").write_text(json.dumps(results, indent=2))
-    grid = table(results)
+    failed = [(key, name) for key, name, _ in steps if isinstance(results[key], dict) and "error" in results[key]]
+    grid = table({k: v for k, v in results.items() if k not in dict(failed)})
+    for key, name in failed:
+        grid.add_row(name, "", f"failed: {results[key]['error'].splitlines()[0][:100]}")
     console.print(grid)
     with open(os.devnull, "w") as devnull:
         recorder = Console(record=True, width=150, file=devnull)
         recorder.print(grid)
     (out / "results.txt").write_text(recorder.export_text())
+    if failed:
+        raise SystemExit(f"{len(failed)} of {len(steps)} steps failed: {', '.join(name for _, name in failed)}")
     return results
 
 

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import sys
+import time
 from pathlib import Path
 
 import pytest
 from conftest import write_image_folder
+from rich.table import Table
 
+from bench.common import run_process, run_steps
 from bench.gpu import run as gpu_check
 from bench.run import run
 from bench.scale import PLACEMENTS
@@ -62,7 +66,8 @@ def test_bench_smoke_run_fills_every_row(tmp_path: Path, capsys) -> None:
 @pytest.mark.slow
 def test_gpu_check_smoke_run_fills_every_row(tmp_path: Path, capsys) -> None:
     write_image_folder(tmp_path / "images" / "train", {"a": 40, "b": 40, "c": 40})
-    results = gpu_check(root=str(tmp_path / "images"), out=str(tmp_path / "gpu"), smoke=True)
+    results = gpu_check(root=str(tmp_path / "images"), out=str(tmp_path / "gpu"), smoke=True,
+                        results=str(tmp_path / "results"))  # fmt: skip
     printed = capsys.readouterr().out
     tests, recipe, fast, ddp = results["tests"], results["recipe"], results["fast"], results["ddp"]
     # Without a GPU every GPU test is collected and skipped; pytest exits 0.
@@ -72,11 +77,65 @@ def test_gpu_check_smoke_run_fills_every_row(tmp_path: Path, capsys) -> None:
     assert fast["runs"] == 1 and abs(fast["acc_mean"] * 20 - round(fast["acc_mean"] * 20)) < 1e-4
     assert fast["seconds_mean"] > 0 and fast["startup_mean"] > 0
     assert ddp["devices"] == 1 and ddp["seconds"] > 0
-    saved = json.loads((tmp_path / "gpu" / "results.json").read_text())
+    saved = json.loads((tmp_path / "results" / "results.json").read_text())
     assert saved["fast"] == fast and saved["machine"].startswith("cifar-cli GPU check:")
-    table = (tmp_path / "gpu" / "results.txt").read_text()
-    for row in ("1. pytest -m gpu", "2. tutorial recipe", "3. fast.yaml", "4. ddp.yaml"):
+    table = (tmp_path / "results" / "results.txt").read_text()
+    for row in ("1. fast.yaml", "2. tutorial recipe", "3. pytest -m gpu", "4. ddp.yaml"):
         assert row in table and row in printed
+    assert printed.index("1. fast.yaml") < printed.index("2. tutorial recipe") < printed.index("4. ddp.yaml")
+
+
+def test_a_failed_step_keeps_its_error_and_the_next_steps_still_run(tmp_path: Path, capsys) -> None:
+    def broken() -> dict:
+        raise SystemExit("cifar-cli fit failed in runs/x:\nCUDA error: [bad] launch")
+
+    def grid(results: dict) -> Table:
+        table = Table()
+        table.add_column("step")
+        table.add_column("baseline")
+        table.add_column("value")
+        for key, value in results.items():
+            table.add_row(key, "", str(value["n"]))
+        return table
+
+    steps = [("one", "1. one", lambda: {"n": 1}), ("two", "2. two", broken), ("three", "3. three", lambda: {"n": 3})]
+    with pytest.raises(SystemExit, match=r"^1 of 3 steps failed: 2\. two$"):
+        run_steps(steps, {}, tmp_path, grid)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["one"] == {"n": 1} and saved["three"] == {"n": 3}
+    assert saved["two"] == {"error": "cifar-cli fit failed in runs/x:\nCUDA error: [bad] launch"}
+    table = (tmp_path / "results.txt").read_text()
+    assert "failed: cifar-cli fit failed in runs/x:" in table and "three" in table
+    assert "CUDA error: [bad] launch" in capsys.readouterr().out  # printed whole, brackets and all
+
+
+def test_a_process_past_its_timeout_is_killed_with_its_children(tmp_path: Path) -> None:
+    # The process starts a child (as DDP starts its other ranks), notes its pid, then both sleep. The child's
+    # output goes elsewhere: it would otherwise hold the pipe open, and reading the output would wait for it.
+    script = (
+        "import subprocess, sys, time\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'],\n"
+        "                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
+        "open('child.pid', 'w').write(str(child.pid))\n"
+        "print('started', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    with pytest.raises(SystemExit, match=r"was still running after 2 s and was killed:\nstarted"):
+        run_process([sys.executable, "-c", script], tmp_path, timeout=2)
+    child = int((tmp_path / "child.pid").read_text())
+    deadline = time.monotonic() + 10
+    while running(child) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not running(child)
+
+
+def running(pid: int) -> bool:
+    """Whether process `pid` exists and is no zombie (a killed orphan may wait to be reaped)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "\nState:\tZ" not in status
 
 
 def test_gpu_check_refuses_a_machine_without_gpu(tmp_path: Path) -> None:
