@@ -49,8 +49,8 @@ bench: $(VENV)/.installed
 	$(MAKE) data
 	$(BIN)/python -m bench.run $(ARGS)
 
-# The GPU check (bench/gpu.py): the GPU tests, the tutorial recipe's epoch against the tutorial's code,
-# configs/fast.yaml 5 times, configs/ddp.yaml; one table and results.json in runs/bench-gpu/. About 5 minutes
+# The GPU check (bench/gpu.py): configs/fast.yaml 5 times, the tutorial recipe's epoch against the tutorial's code,
+# the GPU tests, configs/ddp.yaml; one table and results.json in runs/bench-gpu/. About 5 minutes
 # on an H100. `make bench-gpu ARGS="--smoke true"` runs the same steps on the CPU.
 bench-gpu: $(VENV)/.installed-dev data
 	$(BIN)/python -m bench.gpu $(ARGS)
