@@ -1,13 +1,17 @@
-"""Lookahead, as the CIFAR-10 speed records use it: the network trains from slow weights that trail its own."""
+"""Weight averaging: lookahead, as the CIFAR-10 speed records use it (the network trains from slow weights that
+trail its own), and an exponential moving average that never makes the host wait for the GPU."""
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import torch
 from jsonargparse.typing import PositiveInt
 from lightning.pytorch import Callback, LightningModule, Trainer
-from torch import Tensor
+from lightning.pytorch.callbacks import EMAWeightAveraging
+from torch import Tensor, nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 
 class Lookahead(Callback):
@@ -79,3 +83,75 @@ class Lookahead(Callback):
             slow.lerp_(fast, 1.0 - decay)
             fast.copy_(slow)
         self._done = last
+
+
+class EMA(EMAWeightAveraging):
+    """Lightning's EMAWeightAveraging (validation and checkpoints use an exponential moving average of the weights;
+    the same arguments, the same checkpoints), with an update that never makes the host wait for the GPU.
+
+    torch's `AveragedModel.update_parameters` reads its update count, a tensor on the model's device, as a Python
+    bool at every update: on a GPU, a wait for all the work queued so far, so the host cannot queue the steps after
+    it ahead of the GPU. Here the count is also kept on the host (read from the tensor once after a checkpoint is
+    loaded), and the average moves with one `_foreach_lerp_` per dtype (torch's `get_ema_multi_avg_fn`) instead of
+    two kernels per tensor. The averages equal Lightning's to float rounding (lerp against a weighted sum).
+
+    Args:
+        decay: Weight of the old average at each update.
+        update_every_n_steps: Optimizer steps between two updates.
+        kwargs: The rest of EMAWeightAveraging's arguments (`device`, `use_buffers`, `update_starting_at_step`,
+            `update_starting_at_epoch`).
+    """
+
+    def __init__(self, decay: float = 0.999, update_every_n_steps: PositiveInt = 1, **kwargs: Any) -> None:
+        super().__init__(decay=decay, update_every_n_steps=update_every_n_steps, **kwargs)
+        self._kwargs.pop("avg_fn")
+        if self._kwargs.get("multi_avg_fn") is None:
+            self._kwargs["multi_avg_fn"] = get_ema_multi_avg_fn(decay)
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if self._average_model is not None and not isinstance(self._average_model, HostCountedAveragedModel):
+            # The average Lightning just made (a copy of the model), given the update below; built by Lightning so
+            # that its set-up (device, configure_model) stays Lightning's.
+            self._average_model.__class__ = HostCountedAveragedModel
+            self._average_model.updates = 0  # a checkpoint loaded after this sets it from n_averaged
+
+
+class HostCountedAveragedModel(AveragedModel):
+    """AveragedModel that counts its updates on the host as well (`updates`), so that an update reads no tensor.
+    Its state dict is AveragedModel's: `n_averaged` stays the count that checkpoints keep."""
+
+    updates: int | None = None  # None: read n_averaged at the next update (after a checkpoint was loaded)
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self.updates = None
+
+    @torch.no_grad()
+    def update_parameters(self, model: nn.Module) -> None:
+        """As AveragedModel's with a `multi_avg_fn` (EMA's), but deciding copy or average from `updates`."""
+        if self.updates is None:
+            self.updates = int(self.n_averaged)  # once per loaded checkpoint
+        if self.use_buffers:
+            averaged = list(itertools.chain(self.module.parameters(), self.module.buffers()))
+            current = list(itertools.chain(model.parameters(), model.buffers()))
+        else:
+            averaged, current = list(self.parameters()), list(model.parameters())
+        current = [c.detach().to(a.device) for a, c in zip(averaged, current, strict=True)]
+        averaged = [a.detach() for a in averaged]
+        if self.updates == 0:
+            torch._foreach_copy_(averaged, current)
+        else:
+            groups: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor]]] = {}
+            for a, c in zip(averaged, current):
+                group = groups.setdefault((a.device, a.dtype), ([], []))
+                group[0].append(a)
+                group[1].append(c)
+            for (device, _), (a_group, c_group) in groups.items():
+                self.multi_avg_fn(a_group, c_group, self.n_averaged.to(device))
+        if not self.use_buffers:
+            # As AveragedModel: without averaging them, the buffers follow the model's.
+            for b_averaged, b_model in zip(self.module.buffers(), model.buffers(), strict=True):
+                b_averaged.detach().copy_(b_model.detach().to(b_averaged.device))
+        self.n_averaged += 1
+        self.updates += 1

@@ -5,10 +5,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
 import torch
 from test_cli import CSV_LOGGER, metrics_rows
 from test_resume import EVERY_STEP, assert_identical, cifar, tensors
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from cifar_cli.averaging import HostCountedAveragedModel
 from cifar_cli.cli import main
 
 # The default recipe (5 steps an epoch on the fake CIFAR-10, 2 epochs) with lookahead every 2 steps.
@@ -65,3 +69,70 @@ def test_lookahead_without_a_schedule_follows_the_trainers_steps(fake_cifar10: P
     weights, slow = torch.load(last, weights_only=True)["state_dict"], slow_weights(last)
     assert torch.load(last, weights_only=True)["global_step"] == 10
     assert all(torch.equal(slow[k], weights[k]) for k in slow)
+
+
+def ema_args(class_path: str) -> list[str]:
+    return [f"--trainer.callbacks+={class_path}", "--trainer.callbacks.decay", "0.8",
+            "--trainer.callbacks.update_every_n_steps", "2", "--trainer.enable_progress_bar", "false"]  # fmt: skip
+
+
+def test_ema_averages_as_lightnings_and_resumes_exactly(fake_cifar10: Path, tmp_path: Path) -> None:
+    runs = {}
+    for name, class_path in [("lightning", "lightning.pytorch.callbacks.EMAWeightAveraging"),
+                             ("ours", "cifar_cli.averaging.EMA")]:  # fmt: skip
+        os.chdir(tmp_path / name if (tmp_path / name).mkdir() is None else tmp_path)
+        main(["fit", *cifar(fake_cifar10), *ema_args(class_path), *EVERY_STEP, *CSV_LOGGER])
+        runs[name] = {p.name: p.resolve() for p in Path("steps").glob("epoch=*.ckpt")}
+    assert len(runs["ours"]) == 10
+    last = "epoch=1-step=10.ckpt"
+    ours, lightnings = tensors(runs["ours"][last]), tensors(runs["lightning"][last])
+    # The network trains the same; the averages (the checkpoint's weights) agree to float rounding.
+    raw = [k for k in ours if k.startswith("raw.")]
+    assert raw and all(torch.equal(ours[k], lightnings[k]) for k in raw)
+    averaged = [k for k in ours if k.startswith("weights.") and torch.is_floating_point(ours[k])]
+    assert all(torch.allclose(ours[k], lightnings[k], rtol=1e-5, atol=1e-6) for k in averaged)
+    assert not all(torch.equal(ours[k], ours[k.replace("weights.", "raw.")]) for k in averaged)
+    # Resumed from step 3 (the host count read back from the checkpoint): every later step as uninterrupted.
+    os.chdir(tmp_path / "resumed" if (tmp_path / "resumed").mkdir() is None else tmp_path)
+    main(["fit", *cifar(fake_cifar10), *ema_args("cifar_cli.averaging.EMA"), *EVERY_STEP, *CSV_LOGGER,
+          "--ckpt_path", str(runs["ours"]["epoch=0-step=3.ckpt"])])  # fmt: skip
+    for name in [f"epoch={(s - 1) // 5}-step={s}.ckpt" for s in range(4, 11)]:
+        assert_identical(tensors(Path("steps") / name), tensors(runs["ours"][name]))
+
+
+def test_ema_update_reads_no_tensor_on_the_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a GPU, reading a tensor's value on the host waits for all queued work; the update must not do it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    model(torch.randn(8, 4))  # BatchNorm's running statistics and its integer step count move
+    theirs = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.8), use_buffers=True)
+    ours = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.8), use_buffers=True)
+    ours.__class__, ours.updates = HostCountedAveragedModel, 0  # as cifar_cli.averaging.EMA.setup makes it
+
+    def read(*args, **kwargs):
+        raise AssertionError("a tensor read on the host")
+
+    weights = [model[0].weight.detach() + i for i in range(3)]  # the network at three updates
+
+    def update(averaged: AveragedModel, i: int) -> None:
+        with torch.no_grad():
+            model[0].weight.copy_(weights[i])
+        averaged.update_parameters(model)
+
+    with monkeypatch.context() as patch:
+        for name in ("__bool__", "item", "__int__", "__float__", "__index__", "tolist"):
+            patch.setattr(torch.Tensor, name, read)
+        for i in range(3):
+            update(ours, i)
+        with pytest.raises(AssertionError, match="a tensor read on the host"):
+            update(theirs, 0)  # torch's own update does read one (before it changes anything)
+    for i in range(3):
+        update(theirs, i)
+    assert ours.updates == 3 and int(ours.n_averaged) == 3
+    for a, b in zip(ours.state_dict().values(), theirs.state_dict().values()):
+        assert torch.equal(a, b)
+    # A loaded state's count is read back once, at the next update.
+    ours.load_state_dict(theirs.state_dict())
+    assert ours.updates is None
+    ours.update_parameters(model)
+    assert ours.updates == 4

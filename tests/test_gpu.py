@@ -126,18 +126,12 @@ class SyncCounter(Callback):
 @pytest.mark.parametrize("config", ["gpu.yaml", "fast.yaml"])
 def test_training_steps_that_log_nothing_never_wait_for_the_gpu(fake_cifar10: Path, config: str) -> None:
     """Between logged steps the host queues step after step without waiting for the GPU: no `.item()`, no copy
-    back, no synchronize (Lightning's progress-bar conversion was one at every step: cifar_cli.hooks).
-
-    fast.yaml's EMA (Lightning's EMAWeightAveraging over torch's AveragedModel) is the known exception: every 5th
-    step, `AveragedModel.update_parameters` reads its update count, a tensor on the GPU, as a Python bool."""
+    back, no synchronize (Lightning's progress-bar conversion was one at every step: cifar_cli.hooks; fast.yaml's
+    EMA was one every 5th step under Lightning's EMAWeightAveraging: cifar_cli.averaging.EMA)."""
     main(["fit", "--config", str(REPO / "configs" / config), "--data.data_dir", str(fake_cifar10),
           "--data.val_size", "40", "--data.batch_size", "8", "--trainer.max_epochs", "1",
           "--trainer.limit_val_batches", "1", "--trainer.logger", "false",
           "--trainer.callbacks+=test_gpu.SyncCounter"])  # fmt: skip
     counted = SyncCounter.last.syncs
     assert len(counted) >= 8, counted
-    if config == "gpu.yaml":
-        assert sum(counted.values()) == 0, counted
-    else:
-        waiting = [step for step, syncs in counted.items() if syncs]
-        assert len(waiting) <= len(counted) // 5 + 1 and max(counted.values()) <= 2, counted
+    assert sum(counted.values()) == 0, counted
