@@ -50,7 +50,9 @@ def cifar_cli(args: list[str], cwd: Path, in_process: bool = False, timeout: flo
     return seconds, output
 
 
-def run_process(command: list[str], cwd: Path, timeout: float | None = None) -> subprocess.CompletedProcess:
+def run_process(
+    command: list[str], cwd: Path | None = None, timeout: float | None = None
+) -> subprocess.CompletedProcess:
     """`subprocess.run(command)` with the output captured and the benchmarks' environment, in a process group of
     its own: after `timeout` seconds the whole group is killed and SystemExit says so with the output's tail.
 
@@ -208,6 +210,7 @@ def run_steps(steps: list[tuple[str, str, Callable[[], dict | None]]], results: 
     the failed steps.
     """
     console = Console(width=150)
+    failed: list[tuple[str, str]] = []  # (key, name) of the steps that failed
     for key, name, step in steps:
         console.print(f"[bold]{name}[/bold] ...")
         start = time.perf_counter()
@@ -216,13 +219,14 @@ def run_steps(steps: list[tuple[str, str, Callable[[], dict | None]]], results: 
         except (Exception, SystemExit) as error:
             message = str(error).strip() or type(error).__name__
             results[key] = {"error": message[-3000:]}
+            failed.append((key, name))
             # As Text: the message is a command's output, which may hold square brackets.
             console.print(Text.assemble(("  failed", "red"), f" ({time.perf_counter() - start:.0f} s): {message}"))
         else:
             console.print(f"  {json.dumps(results[key])} ({time.perf_counter() - start:.0f} s)")
         (out / "results.json").write_text(json.dumps(results, indent=2))
-    failed = [(key, name) for key, name, _ in steps if isinstance(results[key], dict) and "error" in results[key]]
-    grid = table({k: v for k, v in results.items() if k not in dict(failed)})
+    failed_keys = {key for key, _ in failed}
+    grid = table({k: v for k, v in results.items() if k not in failed_keys})
     for key, name in failed:
         grid.add_row(name, "", f"failed: {results[key]['error'].splitlines()[0][:100]}")
     console.print(grid)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,13 +30,13 @@ from rich.table import Table
 
 from bench.common import (
     CONFIGS,
-    bench_env,
     best_checkpoint,
     cifar_cli,
     csv_logger,
     data_args,
     machine,
     metrics,
+    run_process,
     run_steps,
     tutorial,
     tutorial_arrays,
@@ -118,8 +117,7 @@ def timed_steps(args: list, smoke: bool) -> dict:
     if smoke:
         loop, root, val_size, test_size, net, batch_size, warmup, steps = args
         return steps_main(loop, root, val_size, test_size, net, batch_size, warmup, steps)
-    done = subprocess.run([sys.executable, "-m", "bench.steps", *map(str, args)], capture_output=True, text=True,
-                          env=bench_env(), check=False)  # fmt: skip
+    done = run_process([sys.executable, "-m", "bench.steps", *map(str, args)])
     if done.returncode:
         raise SystemExit(f"bench.steps {' '.join(map(str, args))} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
