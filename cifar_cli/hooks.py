@@ -23,6 +23,10 @@ whether or not it was logged in that batch and whether or not a bar is shown (Li
 of the last logged step is converted again and again. On a GPU each `.item()` waits for all the work queued so far,
 so every training step waited for the GPU before the host could queue the next one. The conversion now remembers
 the number of the tensor it converted last: a step that logged nothing converts nothing.
+
+Under DDP Lightning broadcasts rank 0's SIGTERM flag before every training batch and reads it back with `.item()`:
+a blocking collective every step. cifar-cli's Preemption callback agrees on stops without one (see its docstring);
+where it is in the callbacks, the broadcast is skipped.
 """
 
 from __future__ import annotations
@@ -46,6 +50,8 @@ from lightning.pytorch.trainer import call
 from lightning.pytorch.trainer.connectors.logger_connector import result
 from lightning.pytorch.utilities import signature_utils
 from torch import Tensor
+
+from cifar_cli.callbacks import Preemption
 
 _ORIGINAL = call._call_callback_hooks
 _EXPECTED_PARAMETERS = ["trainer", "hook_name", "args", "monitoring_callbacks", "kwargs"]
@@ -201,6 +207,19 @@ def convert_tensors_to_scalars(data: Any) -> Any:
     return number
 
 
+_ORIGINAL_SIGTERM_BROADCAST = getattr(training_epoch_loop._TrainingEpochLoop, "_broadcast_sigterm_tensor", None)
+
+
+def _broadcast_sigterm_tensor(self: training_epoch_loop._TrainingEpochLoop) -> None:
+    """Lightning's broadcast of rank 0's SIGTERM before every training batch under DDP (a blocking collective, and
+    on a GPU a host-device sync, every step), skipped where `cifar_cli.callbacks.Preemption` is among the
+    callbacks: it replaces Lightning's SIGTERM handler during training and sets the flag on every rank at the same
+    step itself, so Lightning's broadcast would only ever send False."""
+    if any(isinstance(callback, Preemption) for callback in self.trainer.callbacks):
+        return
+    _ORIGINAL_SIGTERM_BROADCAST(self)
+
+
 # (module, name, replacement, the original's parameters): what install() replaces where it finds the original.
 _REPLACEMENTS = [
     (call, "_call_callback_hooks", _call_callback_hooks, _EXPECTED_PARAMETERS),
@@ -211,6 +230,7 @@ _REPLACEMENTS = [
        ["hook_fx", "param", "explicit", "min_args"])
       for module in (training_epoch_loop, evaluation_loop, prediction_loop, loop_utilities)],
     (result, "convert_tensors_to_scalars", convert_tensors_to_scalars, ["data"]),
+    (training_epoch_loop._TrainingEpochLoop, "_broadcast_sigterm_tensor", _broadcast_sigterm_tensor, ["self"]),
 ]  # fmt: skip
 
 
@@ -223,13 +243,14 @@ def install() -> bool:
         "_call_strategy_hook": _ORIGINAL_STRATEGY_HOOK,
         "is_param_in_hook_signature": _ORIGINAL_SIGNATURE_CHECK,
         "convert_tensors_to_scalars": _ORIGINAL_TO_SCALARS,
+        "_broadcast_sigterm_tensor": _ORIGINAL_SIGTERM_BROADCAST,
     }
     for module, name, replacement, parameters in _REPLACEMENTS:
-        current = getattr(module, name)
+        current = getattr(module, name, None)
         if current is replacement:
             continue
         original = originals[name]
-        if current is original and list(inspect.signature(original).parameters) == parameters:
+        if current is not None and current is original and list(inspect.signature(original).parameters) == parameters:
             setattr(module, name, replacement)
     return call._call_callback_hooks is _call_callback_hooks
 

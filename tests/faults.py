@@ -6,6 +6,7 @@ only one rank sees (a bad batch in its shard, a process killed by the OOM killer
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from typing import Any
@@ -83,3 +84,50 @@ class TickClock(Callback):
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         CLOCK["now"] += 1.0
+
+
+# What BlockingCollectives watches: torch.distributed's collectives, each also called by the others by module name.
+COLLECTIVES = ("all_reduce", "broadcast", "all_gather", "reduce", "barrier", "broadcast_object_list",
+               "all_gather_object")  # fmt: skip
+
+
+class BlockingCollectives(Callback):
+    """Notes the global step of every blocking collective (`async_op` not set) a rank calls while it trains,
+    validations and sanity checks left out; writes them as JSON lines `{"step": N, "op": NAME}` to
+    `{path}.{rank}` when training ends. Each is a point where a rank waits for every other, and on a GPU for its
+    own queued kernels.
+
+    Args:
+        path: The file to write, with the rank appended.
+    """
+
+    def __init__(self, path: str = "collectives") -> None:
+        self.path = path
+        self.calls: list[dict[str, Any]] = []
+        self._originals: dict[str, Any] = {}
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        import torch.distributed as dist
+        from torch.distributed import distributed_c10d
+
+        for name in COLLECTIVES:
+            original = self._originals[name] = getattr(distributed_c10d, name)
+
+            def watched(*args: Any, _name: str = name, _original: Any = original, **kwargs: Any) -> Any:
+                evaluating = trainer.sanity_checking or trainer.validating
+                if not kwargs.get("async_op") and not evaluating:
+                    self.calls.append({"step": trainer.global_step, "op": _name})
+                return _original(*args, **kwargs)
+
+            setattr(distributed_c10d, name, watched)
+            setattr(dist, name, watched)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        import torch.distributed as dist
+        from torch.distributed import distributed_c10d
+
+        for name, original in self._originals.items():
+            setattr(distributed_c10d, name, original)
+            setattr(dist, name, original)
+        with open(f"{self.path}.{trainer.global_rank}", "w") as file:
+            file.writelines(json.dumps(call) + "\n" for call in self.calls)

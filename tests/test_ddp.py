@@ -9,6 +9,7 @@ sum a convolution's gradient in another order.
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 import socket
@@ -27,10 +28,13 @@ pytestmark = pytest.mark.xdist_group("ddp")
 CLI = str(Path(sys.executable).parent / "cifar-cli")
 # 90 training images over 2 ranks, 5 a batch: 9 steps an epoch, 18 in all.
 STEPS = 18
-TRAIN = [
+BASE = [
     "fit", "--trainer.accelerator", "cpu", "--trainer.strategy", "ddp", "--trainer.logger", "false",
     "--trainer.enable_progress_bar", "false", "--trainer.max_epochs", "2",
     "--data", "ImageFolderDataModule", "--data.val_size", "30", "--data.batch_size", "5", "--data.cache_dir", "cache",
+]  # fmt: skip
+TRAIN = [
+    *BASE,
     # A checkpoint every 3 steps, all kept: a mid-epoch one to resume from, and the weights after the last step.
     "--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.dirpath", "steps",
     "--trainer.callbacks.every_n_train_steps", "3", "--trainer.callbacks.save_top_k", "-1",
@@ -184,20 +188,38 @@ def test_failing_rank_on_another_node_is_named_there(images: Path, tmp_path: Pat
 
 @pytest.mark.slow
 def test_signal_to_one_rank_stops_every_rank_and_resume_matches(images: Path, uninterrupted: Path, tmp_path: Path):
-    """SIGTERM to rank 1 alone, before the 6th batch of the first epoch: both ranks stop at the same step, exit
-    143, and `--ckpt_path last` trains on from that mid-epoch checkpoint to the uninterrupted run's last weights:
-    a resumed DDP run is the uninterrupted one."""
+    """SIGTERM to rank 1 alone, before the 6th batch of the first epoch: both ranks stop at the same step (the end
+    of the 7th batch: the ranks' vote started at the end of the 6th is read one batch later), exit 143, and
+    `--ckpt_path last` trains on from that mid-epoch checkpoint to the uninterrupted run's last weights: a resumed
+    DDP run is the uninterrupted one."""
     signal_rank_1 = ["--trainer.callbacks+=faults.SignalAt", "--trainer.callbacks.batch", "5",
                      "--trainer.callbacks.rank", "1"]  # fmt: skip
     args = [*TRAIN, *ONE_NODE, "--data.root", str(images)]
     code, stderr = finish(start([*args, *signal_rank_1], tmp_path, ddp_env(free_port())))
     assert code == 143, stderr[-2000:]
-    assert "cifar-cli: stopped by SIGTERM at epoch 0, step 6; resume with: " in stderr
-    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6
+    assert "cifar-cli: stopped by SIGTERM at epoch 0, step 7; resume with: " in stderr
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 7
     code, stderr = finish(start([*args, "--ckpt_path", "last"], tmp_path, ddp_env(free_port())))
     assert code == 0, stderr[-2000:]
     last = f"epoch=1-step={STEPS}.ckpt"
     assert_same_weights(tmp_path / "steps" / last, uninterrupted / "steps" / last)
+
+
+@pytest.mark.slow
+def test_training_steps_wait_for_no_collective(images: Path, tmp_path: Path) -> None:
+    """Under DDP with a time limit, no training step waits on a blocking collective, except every 10th step, where
+    rank 0's clocks decide the time limit and `last.ckpt`'s timed save: no per-step stop vote (it runs
+    asynchronously), no per-step broadcast of Lightning's SIGTERM flag or of its Timer's verdict. Epoch ends (steps
+    9 and 18), where the ranks agree on stopping, and validations are left out."""
+    watch = ["--trainer.max_time", "00:01:00:00", "--trainer.callbacks+=faults.BlockingCollectives",
+             "--trainer.callbacks.path", str(tmp_path / "collectives")]  # fmt: skip
+    code, stderr = finish(start([*BASE, *ONE_NODE, "--data.root", str(images), *watch], tmp_path, ddp_env(free_port())))
+    assert code == 0, stderr[-2000:]
+    for rank in (0, 1):
+        calls = [json.loads(line) for line in (tmp_path / f"collectives.{rank}").read_text().splitlines()]
+        steps = {call["step"] for call in calls} - {9, STEPS}
+        assert steps == {10}, calls
+        assert {call["op"] for call in calls if call["step"] == 10} == {"broadcast", "broadcast_object_list"}, calls
 
 
 @pytest.mark.slow

@@ -135,3 +135,30 @@ def test_training_steps_that_log_nothing_never_wait_for_the_gpu(fake_cifar10: Pa
     counted = SyncCounter.last.syncs
     assert len(counted) >= 8, counted
     assert sum(counted.values()) == 0, counted
+
+
+def test_stop_vote_waits_for_its_own_step_only(tmp_path: Path) -> None:
+    """Preemption's DDP vote on a GPU (NCCL, a world of one process): started without a host sync, and read back
+    while GPU work queued after it is still running, so a step never waits for the step queued since."""
+    import torch.distributed as dist
+
+    from cifar_cli.callbacks import _StopVote
+
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        device = torch.device("cuda", torch.cuda.current_device())
+        dist.all_reduce(torch.ones(1, device=device))  # NCCL sets up its communicator at the first collective
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")  # any host wait for the GPU below raises
+        try:
+            votes = [_StopVote(True, device), _StopVote(False, device)]
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        torch.cuda._sleep(4_000_000_000)  # a kernel of about two seconds, queued behind the votes
+        later = torch.cuda.Event()
+        later.record()
+        assert [vote.result() for vote in votes] == [True, False]
+        assert not later.query()  # the votes were read while the later kernel still ran
+        torch.cuda.synchronize()
+    finally:
+        dist.destroy_process_group()
