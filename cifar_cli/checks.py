@@ -49,7 +49,21 @@ def plain_numbers(value: Any) -> Any:
 
 class ArgumentParser(LightningArgumentParser):
     """LightningCLI's parser, reading a config file that holds only comments as an empty config, and saying what a
-    config must be when a file holds a list or a single value (jsonargparse: "Unexpected config")."""
+    config must be when a file holds a list or a single value (jsonargparse: "Unexpected config").
+
+    Flags are matched whole: argparse would take `--trainer.max_epoch 3` for `--trainer.max_epochs 3` (any
+    unambiguous prefix), so a typo could quietly set another flag, or one that a later version adds.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def parse_path(self, cfg_path: str | os.PathLike, *args: Any, **kwargs: Any) -> Namespace:
+        try:
+            return super().parse_path(cfg_path, *args, **kwargs)
+        except UnicodeDecodeError as err:  # jsonargparse lets it through as a traceback
+            raise TypeError(f"config {cfg_path} is not a YAML text file (byte {err.start}: {err.reason})") from None
 
     def _load_config_parser_mode(
         self, content: str, path: str | os.PathLike = "", ext_vars: dict | None = None, prev_cfg: Any = None

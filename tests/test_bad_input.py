@@ -124,6 +124,8 @@ CASES = [
     Case("learning_rate_not_a_number", ["fit", "--model.learning_rate", "fast"], 'Parser key "model.learning_rate"'),
     Case("max_epochs_not_a_number", ["fit", "--trainer.max_epochs", "two"], 'Parser key "trainer.max_epochs"'),
     Case("unknown_option", ["fit", "--trainer.max_epochs_x", "3"], "unrecognized arguments: --trainer.max_epochs_x"),
+    # argparse would take a prefix for the whole flag (this one for --trainer.max_epochs)
+    Case("abbreviated_option", ["fit", "--trainer.max_epoch", "3"], "unrecognized arguments: --trainer.max_epoch"),
     Case("unknown_subcommand", ["train"], "invalid choice: 'train'"),
     Case("unknown_data_class", ["fit", "--data", "NoSuchDataModule"], "NoSuchDataModule"),
     Case("unknown_net_class", ["fit", "--model.net", "NoSuchNet"], "NoSuchNet"),
@@ -178,6 +180,12 @@ CASES = [
     ),
     Case("config_unknown_key", ["fit", "--config", "c.yaml"], "dropout", {"c.yaml": "model:\n  dropout: 0.5\n"}),
     Case("config_wrong_type", ["fit", "--config", "c.yaml"], "max_epochs", {"c.yaml": "trainer:\n  max_epochs: two\n"}),
+    Case(
+        "config_not_text",
+        ["fit", "--config", "c.yaml"],
+        "config c.yaml is not a YAML text file (byte 2: ",
+        {"c.yaml": b"\x00\x01\xff\xfe trainer"},
+    ),  # fmt: skip
     # Data.
     Case(
         "cifar_missing_no_download",
