@@ -217,7 +217,7 @@ def resolve_weights(name: str, weights: str) -> models.WeightsEnum:
     try:
         return enum[key] if key != "DEFAULT" else enum.DEFAULT
     except KeyError:
-        choices = ", ".join(["DEFAULT", *enum.__members__])
+        choices = ", ".join(dict.fromkeys(["DEFAULT", *enum.__members__]))  # (newer torchvision lists DEFAULT too)
         raise UsageError(f"--model.net.weights {weights}: {name} has the weights {choices}") from None
 
 
