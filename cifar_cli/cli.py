@@ -52,6 +52,20 @@ from cifar_cli.terminal import print_summary, progress_bar, quiet_model_summary,
 DEBUG_ENV = "JSONARGPARSE_DEBUG"
 
 
+# The first line of every run's config.yaml: a file without it is not overwritten (a YAML comment, so the file is
+# still a config for `--config`).
+RUN_CONFIG_MARK = "# The resolved config of a cifar-cli run, written by the run itself\n"
+
+
+def written_by_a_run(path: str) -> bool:
+    """Whether the file at `path` is a config.yaml that a cifar-cli run wrote (it starts with RUN_CONFIG_MARK)."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            return file.readline() == RUN_CONFIG_MARK
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
 class RunConfigSaver(SaveConfigCallback):
     """Saves the resolved config as `config.yaml` beside the run's checkpoints, and into the W&B run's config.
 
@@ -73,20 +87,30 @@ class RunConfigSaver(SaveConfigCallback):
         if self.already_saved or not trainer.is_global_zero:
             return
         path = os.path.join(run_dir(trainer), self.config_filename)
-        # Without a logger every run shares default_root_dir, like its checkpoints: the newest config wins there.
-        overwrite = self.overwrite or not trainer.loggers
         if self.resuming:
             keep_csv_metrics(trainer, self.resume_step)
         if not (self.resuming and os.path.isfile(path)):
-            if os.path.exists(path) and not overwrite:
+            if trainer.loggers and os.path.exists(path) and not self.overwrite:
                 raise UsageError(f"{path} exists already: pass --trainer.logger.version with a new run name")
-            atomic_write_text(path, self.dumped)
+            self.check_shared_folder(trainer)
+            atomic_write_text(path, RUN_CONFIG_MARK + self.dumped)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 # A resumed W&B run already holds the config it started with; the resumed one differs in
                 # ckpt_path and the logger's version.
                 logger.experiment.config.update(self.resolved, allow_val_change=True)
         self.already_saved = True
+
+    def check_shared_folder(self, trainer: Trainer) -> None:
+        """Without a logger every run shares default_root_dir, like its checkpoints: the newest run's config.yaml
+        replaces an earlier run's there, never a file of the user's (a config of their own, say). Checked once the
+        trainer is built, before any work, and again before writing."""
+        path = os.path.join(trainer.default_root_dir, self.config_filename)
+        if not trainer.loggers and not self.overwrite and os.path.exists(path) and not written_by_a_run(path):
+            raise UsageError(
+                f"{path} is not the config.yaml of an earlier run, and a run without a logger writes its config "
+                "there: run in another folder, or pass --trainer.default_root_dir"
+            )
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         # The data module's full config (class_path and init_args), so that `--ckpt_path` restores it too, and the
@@ -163,14 +187,12 @@ class CifarCLI(LightningCLI):
         )
 
     def _parse_ckpt_path(self) -> None:
-        # Replaces LightningCLI's, which loads the file a second time: the hyperparameters come from the checkpoint
-        # parse_arguments loaded (weights only) and are type-checked as command-line values, with an error naming
-        # the file.
-        if getattr(self, "checkpoint", None) is None:
-            return
-        self.config = apply_hyperparameters(
-            self.parser, self.config, self.checkpoint, self.config[self.config.subcommand].ckpt_path
-        )
+        # Replaces LightningCLI's, which loads the file a second time and puts the checkpoint's hyperparameters over
+        # the command line's: a `--model.tta flip` beside `test --ckpt_path` was dropped without a word. Here they
+        # are the model's defaults already (parse_arguments), under the configs and flags, as in Lightning PR
+        # #21455, and were type-checked there as LightningCLI would apply them, with an error that names the file.
+        if getattr(self, "checkpoint", None) is not None:
+            check_optimizer_class(self.config[self.config.subcommand])
 
     def _set_seed(self) -> None:
         with QuietSeed():  # announced after the checks, whose errors it would otherwise precede
@@ -261,6 +283,8 @@ class CifarCLI(LightningCLI):
             if isinstance(callback, RunConfigSaver):
                 callback.resuming = self.resuming
                 callback.resume_step = int(self.resume_step)
+                if not self.resuming:
+                    callback.check_shared_folder(trainer)
         if self.resuming:
             set_aside_csv_metrics(trainer)  # before Lightning's CSV writer, created next, deletes the earlier rows
         for logger in trainer.loggers:
@@ -287,11 +311,16 @@ class CifarCLI(LightningCLI):
             self.checkpoint = load_checkpoint(ckpt_path)
         if self.checkpoint is None:
             return
-        # The model's settings come from the checkpoint (LightningCLI applies them next); its data settings
-        # become the defaults here, so `test --ckpt_path FILE` alone evaluates on the split it was trained with.
+        # The checkpoint's model and data settings become the defaults, so that `test --ckpt_path FILE` alone
+        # evaluates the same network on the split it was trained with, and a flag or config still overrides them.
         saved = self.checkpoint.get(CHECKPOINT_KEY, {})
-        if saved.get("data"):
-            self._parser(subcommand).set_defaults({"data": saved["data"]})
+        defaults = {"data": saved["data"]} if saved.get("data") else {}
+        hparams = {k: v for k, v in self.checkpoint.get("hyper_parameters", {}).items() if k != "_instantiator"}
+        if hparams:
+            apply_hyperparameters(parser, self.config, self.checkpoint, ckpt_path)  # refuses them in one line
+            defaults["model"] = hparams
+        if defaults:
+            self._parser(subcommand).set_defaults(defaults)
             super().parse_arguments(parser, args)
             self._save_under_root_dir(subcommand)
         config = self.config[subcommand]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -389,6 +390,37 @@ def test_error_ckpt_path_missing_or_not_a_checkpoint(capsys, tmp_path: Path) -> 
     other = tmp_path / "other.ckpt"
     torch.save({"state_dict": {}, "hyper_parameters": {"hidden_dim": 64}}, other)
     assert "was not written by cifar-cli" in fails(capsys, "test", "--ckpt_path", str(other))
+
+
+def test_model_flags_beside_ckpt_path_override_the_checkpoints(capsys, fake_cifar10: Path) -> None:
+    """The checkpoint's hyperparameters are the defaults of `test --ckpt_path`: a flag beside it wins (test-time
+    augmentation for an old checkpoint), and a network other than the checkpoint's is refused, not ignored."""
+    main(["fit", *cifar_args(fake_cifar10), *CSV_LOGGER, "--trainer.max_epochs", "1", "--model.learning_rate", "1e-3"])
+    (ckpt,) = checkpoints()
+    main(["test", "--ckpt_path", str(ckpt), "--model.tta", "flip", "--trainer.logger", "CSVLogger",
+          "--trainer.logger.save_dir", "t"])  # fmt: skip
+    (config,) = Path("t").glob("*/config.yaml")
+    model = yaml.safe_load(config.read_text())["model"]
+    assert model["tta"] == "flip" and model["learning_rate"] == 1e-3  # the flag, and the checkpoint's own value
+    capsys.readouterr()
+    message = fails(capsys, "test", "--ckpt_path", str(ckpt), "--model.net", "FastNet")
+    assert "does not fit the model" in message
+
+
+def test_run_without_logger_replaces_only_an_earlier_runs_config(capsys, fake_cifar10: Path) -> None:
+    """Without a logger the run's folder is the current one: the second run's config.yaml replaces the first's, but
+    a config.yaml of the user's own (here the very file passed to --config) is refused before training."""
+    quick = [*cifar_args(fake_cifar10), "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1",
+             "--trainer.limit_val_batches", "1", "--trainer.logger", "false"]  # fmt: skip
+    main(["fit", *quick])
+    main(["fit", *quick, "--model.learning_rate", "0.01"])
+    assert yaml.safe_load(Path("config.yaml").read_text())["model"]["learning_rate"] == 0.01
+    capsys.readouterr()
+    Path("config.yaml").write_text(own := "# my settings\nmodel:\n  learning_rate: 0.003\n")
+    shutil.rmtree("checkpoints")
+    message = fails(capsys, "fit", *quick, "--config", "config.yaml")
+    assert "config.yaml is not the config.yaml of an earlier run" in message
+    assert Path("config.yaml").read_text() == own and not Path("checkpoints").exists()
 
 
 def test_error_ckpt_from_another_model(capsys, fake_cifar10: Path, fake_cifar100: Path) -> None:
