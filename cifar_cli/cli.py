@@ -311,6 +311,10 @@ class CifarCLI(LightningCLI):
             self.checkpoint = load_checkpoint(ckpt_path)
         if self.checkpoint is None:
             return
+        if subcommand != "fit":
+            # Lightning restores the checkpoint's ModelCheckpoint state and warns that its folder differs from
+            # this run's: only a run that trains on (fit) has use for that state.
+            warnings.filterwarnings("ignore", message=r"The dirpath has changed from")
         # The checkpoint's model and data settings become the defaults, so that `test --ckpt_path FILE` alone
         # evaluates the same network on the split it was trained with, and a flag or config still overrides them.
         saved = self.checkpoint.get(CHECKPOINT_KEY, {})

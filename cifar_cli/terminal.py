@@ -52,6 +52,10 @@ def silence_noise() -> None:
     warnings.filterwarnings(
         "ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning
     )
+    # Mixed precision keeps the weights in 32 bits, which is what the summary then counts: it is right as it is.
+    warnings.filterwarnings("ignore", message=r"Precision (bf)?16-mixed is not supported by the model summary")
+    # FitTimer logs rank 0's clock from rank 0 alone (rank_zero_only): there is nothing to synchronise.
+    warnings.filterwarnings("ignore", message=r"It is recommended to use `self\.log\('fit_time'")
 
 
 def quiet_wandb(trainer: Trainer) -> None:

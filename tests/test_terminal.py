@@ -49,8 +49,10 @@ def test_log_shows_one_line_per_epoch_no_noise_and_a_summary(
     assert all(len(line) <= 100 for line in summary if "/" not in line)  # the table, within a log's columns
     assert re.search(r"val_loss\s+│\s+\d\.\d{4}\s+│\s+\d\.\d{4}", out)  # final and best
 
+    recwarn.clear()
     main(["test", "--ckpt_path", str(ckpt), "--trainer.logger", "false"])
     out = capfd.readouterr().out
+    assert not [w for w in recwarn if "dirpath has changed" in str(w.message)]  # the fit's ModelCheckpoint folder
     assert "Test metric" in out and "Run folder: " in out  # Lightning's table of the metrics, then the paths
     assert f"Checkpoint: {ckpt}" in out and "Best checkpoint" not in out and "epoch " not in out
 
@@ -61,3 +63,11 @@ def test_progress_bar_false_turns_the_lines_off(image_folder: Path, capfd) -> No
     out = capfd.readouterr().out
     assert not [line for line in out.splitlines() if line.startswith("epoch ")]
     assert "Best checkpoint (val_loss " in out and "wandb sync" not in out
+
+
+def test_mixed_precision_named_in_the_config_gives_no_model_summary_warning(image_folder: Path, recwarn) -> None:
+    """A config that names bf16-mixed (every run's saved config.yaml does, so every resume): Lightning's model
+    summary warned that it sizes the weights at 32 bits, which is what mixed precision keeps them in."""
+    main([*FIT, "--data.root", str(image_folder), "--trainer.max_epochs", "1", "--trainer.logger", "CSVLogger",
+          "--trainer.precision", "bf16-mixed"])  # fmt: skip
+    assert not [w for w in recwarn if "not supported by the model summary" in str(w.message)]
