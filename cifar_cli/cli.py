@@ -43,6 +43,7 @@ from cifar_cli.resume import (
     continue_run,
     keep_csv_metrics,
     last_checkpoints,
+    logger_name,
     run_identity,
     set_aside_csv_metrics,
 )
@@ -363,11 +364,27 @@ class CifarCLI(LightningCLI):
             roots.append(Path(trainer["default_root_dir"]))
         dirpaths = [getattr(getattr(c, "init_args", None), "dirpath", None) for c in trainer.get("callbacks") or []]
         roots += [Path(d) for d in dirpaths if d]
+        other_loggers = []
+        found: tuple[dict[str, Any] | None, str | None] = (None, None)
         for path in last_checkpoints(roots):
             try:  # the newest that loads: a file copied in half, say, is passed over
-                return load_checkpoint(str(path)), str(path)
+                checkpoint = load_checkpoint(str(path))
             except UsageError as err:
                 print(f"cifar-cli: skipping {path}: {err}", file=sys.stderr)
+                continue
+            # fit goes on in the run's own folder, which only a run of the same logger has (W&B runs and CSV runs
+            # share `runs/`): another logger's run would be resumed into a new folder, under this command's config.
+            identity = checkpoint.get(CHECKPOINT_KEY, {}).get(RUN_KEY)
+            if subcommand == "fit" and logger_name(identity and identity.get("logger")) != logger_name(logger):
+                other_loggers.append(path)
+                continue
+            found = (checkpoint, str(path))
+            break
+        if other_loggers:
+            print(f"cifar-cli: --ckpt_path last: passed over {other_loggers[0]}, newer but of a run with another "
+                  "logger (pass its path to resume it)", file=sys.stderr)  # fmt: skip
+        if found[0] is not None:
+            return found
         where = ", ".join(sorted({str(r) for r in roots}))
         if subcommand != "fit":
             raise UsageError(f"--ckpt_path last: no last.ckpt under {where}; pass the path of a checkpoint")

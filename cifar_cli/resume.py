@@ -41,6 +41,15 @@ def run_identity(trainer: Trainer) -> dict[str, Any] | None:
     return {"logger": f"{type(logger).__module__}.{type(logger).__qualname__}", "version": logger.version}
 
 
+def logger_name(logger: Any) -> str | None:
+    """The class name of a logger given as a config (`class_path` namespace), a class path string (a checkpoint's
+    run identity) or nothing (no logger: None); of a list of loggers, the first's, which names the run folder."""
+    if isinstance(logger, (list, tuple)):
+        logger = logger[0] if logger else None
+    class_path = logger if isinstance(logger, str) else getattr(logger, "class_path", None)
+    return class_path.rsplit(".", 1)[-1] if class_path else None
+
+
 def continue_run(logger_config: Any, identity: dict[str, Any] | None) -> bool:
     """Point the logger config (a `class_path`/`init_args` namespace) at the run the checkpoint came from.
 
@@ -49,8 +58,7 @@ def continue_run(logger_config: Any, identity: dict[str, Any] | None) -> bool:
     """
     if not identity or identity.get("version") is None or logger_config is None:
         return False
-    class_path = getattr(logger_config, "class_path", None)
-    if class_path is None or class_path.rsplit(".", 1)[-1] != identity["logger"].rsplit(".", 1)[-1]:
+    if logger_name(logger_config) is None or logger_name(logger_config) != logger_name(identity["logger"]):
         return False
     logger_config.init_args.version = identity["version"]
     return True

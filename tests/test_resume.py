@@ -165,6 +165,24 @@ def test_ckpt_path_last_without_a_run_starts_one(fake_cifar10: Path, capfd) -> N
     assert len(list(Path("runs").glob("**/checkpoints/last.ckpt"))) == 1
 
 
+def test_ckpt_path_last_resumes_only_a_run_of_the_same_logger(fake_cifar10: Path, capfd) -> None:
+    """W&B runs and CSV runs share `runs/`: `fit --ckpt_path last` with the W&B logger passes over the newer CSV
+    run (its own folder would be lost, and the other run's weights taken into a new one) and continues the W&B run."""
+    args = [*FAST, *cifar(fake_cifar10), "--trainer.max_epochs", "1"]
+    main(["fit", *args])  # the default logger: W&B, offline
+    (wandb_last,) = Path("runs/cifar-cli").glob("*/checkpoints/last.ckpt")
+    wandb.finish()
+    main(["fit", *args, *CSV_LOGGER])
+    capfd.readouterr()
+    main(["fit", *FAST, *cifar(fake_cifar10), "--trainer.max_epochs", "2", "--ckpt_path", "last"])
+    err = capfd.readouterr().err
+    csv_last = Path("runs/version_0/checkpoints/last.ckpt")
+    assert f"passed over {csv_last}, newer but of a run with another logger" in err
+    assert f"cifar-cli: resuming from {wandb_last} (epoch 0, step 5)" in err
+    assert torch.load(wandb_last, weights_only=True)["global_step"] == 10
+    assert len(list(Path("runs/cifar-cli").iterdir())) == 1  # the W&B run's folder, continued
+
+
 def test_max_time_stops_training(fake_cifar10: Path) -> None:
     # Every shipped config has a FitTimer (a Lightning Timer), which made Lightning ignore max_time.
     main(["fit", *FAST, *cifar(fake_cifar10), *CSV_LOGGER, "--trainer.max_epochs", "1000",
