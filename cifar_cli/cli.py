@@ -439,6 +439,13 @@ def one_line(err: BaseException) -> str:
     return " ".join(lines)
 
 
+def finish_wandb_run(exit_code: int) -> None:
+    """End the W&B run of this process, if one is open, recording `exit_code`."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.finish(exit_code=exit_code)
+
+
 def main(args: ArgsType = None) -> None:
     """Entry point of `cifar-cli` and `python -m cifar_cli`. Bad input ends in one line on stderr and exit code 2."""
     hooks.install()  # callback hooks called only where implemented (see cifar_cli.hooks)
@@ -468,11 +475,13 @@ def main(args: ArgsType = None) -> None:
         )
         # The W&B run ends here, not in W&B's exit hook: the lines that hook prints (the online run's link, or with
         # WANDB_QUIET=false the offline run's `wandb sync` command) keep their colour codes even when stderr is a
-        # file, and a log read later shows them raw. A run that fails or is stopped by a signal is still ended by
-        # the hook, which records the exit code.
-        wandb = sys.modules.get("wandb")
-        if wandb is not None and wandb.run is not None:
-            wandb.finish()
+        # file, and a log read later shows them raw. A run that fails is still ended by the hook, which records the
+        # exit code.
+        finish_wandb_run(0)
+    except SystemExit as stop:
+        # A run stopped by a signal (Preemption: exit code 143 or 130) too, with that code, as the hook would.
+        finish_wandb_run(stop.code if isinstance(stop.code, int) else 1)
+        raise
     except Exception as err:
         cause = user_error(err)
         exit_if_rank_failed(err, one_line(cause) if cause is not None else None)  # under DDP: "rank R failed: ..."
