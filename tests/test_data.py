@@ -196,7 +196,7 @@ def test_train_loader_yields_uint8_batches_of_batch_size(fake_cifar10: Path) -> 
     data.setup("fit")
     images, labels = next(iter(data.train_dataloader()))
     assert images.shape == (64, 3, 32, 32) and images.dtype == torch.uint8 and labels.shape == (64,)
-    assert torch.cat([index for _, _, index in data.val_dataloader()]).tolist() == list(range(40))
+    assert sorted(torch.cat([index for _, _, index in data.val_dataloader()]).tolist()) == list(range(40))
 
 
 def test_cifar100(fake_cifar100: Path) -> None:
@@ -215,6 +215,22 @@ def test_image_folder_splits_classes_and_test_folder(image_folder: Path) -> None
     assert [len(data.splits[s]) for s in ("train", "val", "test")] == [90, 30, 30]
     assert data.splits["test"].labels.tolist() == [0] * 10 + [1] * 10 + [2] * 10
     assert data.predict_names[0] == "test/cat/0000.png"
+
+
+def test_evaluation_batches_mix_the_classes_of_a_sorted_folder(image_folder: Path) -> None:
+    """The test folder's images come class by class (cat, dog, frog), and so do the rows of the validation split
+    held out of train/: evaluated in that order, `--trainer.limit_val_batches 1` would see cats only. Validation
+    and test go in one seeded order, the same at every pass; predict keeps the folder's order (predictions.csv)."""
+    data = ImageFolderDataModule(str(image_folder), val_size=30, batch_size=10)
+    data.setup("fit")
+    data.setup("test")
+    assert data.splits["test"].labels[:10].unique().tolist() == [0]  # the folder's order: cats first
+    for loader in (data.val_dataloader, data.test_dataloader):
+        first = [labels for _, labels, _ in loader()][0]
+        assert len(first.unique()) == 3
+        assert torch.equal(first, [labels for _, labels, _ in loader()][0])  # the same order at every pass
+        assert sorted(torch.cat([index for *_, index in loader()]).tolist()) == list(range(30))  # each image once
+    assert torch.cat([index for *_, index in data.predict_dataloader()]).tolist() == list(range(30))
 
 
 def test_image_folder_test_split_held_out_of_train(tmp_path: Path) -> None:

@@ -276,6 +276,7 @@ class ImageDataModule(LightningDataModule):
             self.batch_size,
             shuffle=train,
             drop_last=train,
+            scramble=split in ("val", "test"),  # predict keeps the split's order: predictions.csv lists it so
             num_replicas=trainer.world_size if trainer is not None else 1,
             rank=trainer.global_rank if trainer is not None else 0,
             # Lightning's own seed variable, as its DistributedSampler uses: --seed_everything sets the order too.

@@ -80,6 +80,9 @@ class DeviceBatches:
         data: The split, on the device the batches are wanted on, or (with `device`) in host memory or on disk.
         batch_size: Images per batch.
         shuffle: Draw a new order every epoch; otherwise the split's order.
+        scramble: Without `shuffle`: one seeded order instead of the split's, the same at every pass. For
+            evaluation: a split held out of a class-sorted folder is class-sorted too, and an evaluation cut short
+            (`--trainer.limit_val_batches`) would see the first classes only.
         drop_last: Leave out the last batch when it is short (training: every step sees `batch_size` images),
             unless it is the only one.
         num_replicas: Number of DDP ranks sharing the split.
@@ -99,6 +102,7 @@ class DeviceBatches:
         batch_size: int,
         shuffle: bool = False,
         drop_last: bool = False,
+        scramble: bool = False,
         num_replicas: int = 1,
         rank: int = 0,
         seed: int = 0,
@@ -115,7 +119,10 @@ class DeviceBatches:
         self.seed = seed
         self.rank = rank
         # Under DDP without shuffling the sampler repeats a few images to give every rank as many batches.
-        self.sampler = DistributedSampler(data, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
+        self.sampler = DistributedSampler(
+            data, num_replicas=num_replicas, rank=rank, shuffle=shuffle or scramble, seed=seed
+        )
+        self.scramble = scramble and not shuffle
         self.batch_sampler = None  # Lightning inspects `sampler` and `batch_sampler` as on a DataLoader
         self._generator = torch.Generator(device=device or data.device) if augment is not None else None
         # The stream that copies batches to a GPU beside the default stream's compute.
@@ -141,7 +148,13 @@ class DeviceBatches:
         # A state from the end of an epoch, or from another epoch, starts this one from its first batch.
         first = resume["batches_taken"] if resume is not None and resume["epoch"] == epoch else 0
         self._epoch, self._taken = epoch, first
-        order = torch.tensor(list(self.sampler), dtype=torch.long, device=self.data.device)
+        if self.scramble:  # the sampler's permutation of epoch 0, whatever epoch Lightning set
+            self.sampler.set_epoch(0)
+            order = list(self.sampler)
+            self.sampler.set_epoch(epoch)
+        else:
+            order = list(self.sampler)
+        order = torch.tensor(order, dtype=torch.long, device=self.data.device)
         batches = len(self)
         sent = self._send(order, first) if self.device is not None and first < batches else None
         for batch in range(first, batches):
