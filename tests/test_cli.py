@@ -379,7 +379,7 @@ def test_error_no_network_for_download(capsys, tmp_path: Path, monkeypatch: pyte
     monkeypatch.setattr("torchvision.datasets.utils._urlretrieve", offline)
     message = fails(capsys, "fit", "--data.data_dir", str(tmp_path / "empty"))
     assert "could not download CIFAR10" in message and "cifar-10-python.tar.gz" in message
-    assert not Path("runs").exists()
+    assert not Path("runs").exists() and not (tmp_path / "empty").exists()  # no empty folder left by the download
 
 
 def test_error_ckpt_path_missing_or_not_a_checkpoint(capsys, tmp_path: Path) -> None:

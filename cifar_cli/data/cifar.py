@@ -89,10 +89,13 @@ class CIFAR10DataModule(ImageDataModule):
 
     def _load(self, train: bool, download: bool = False) -> CIFAR10:
         cls = self.dataset_class
+        existed = os.path.isdir(self.data_dir)
         try:
             return cls(self.data_dir, train=train, download=download)
         except (urllib.error.URLError, OSError) as err:
             reason = getattr(err, "reason", err)
+            if not existed and os.path.isdir(self.data_dir) and not os.listdir(self.data_dir):
+                os.rmdir(self.data_dir)  # the download made it and wrote nothing: leave no empty folder behind
             raise UsageError(
                 f"could not download {cls.__name__} from {cls.url} ({reason}): download {cls.filename} by hand and "
                 f"put it in {os.path.abspath(self.data_dir)}/, or train on an image folder with "
