@@ -53,6 +53,29 @@ from cifar_cli.terminal import print_summary, progress_bar, quiet_model_summary,
 DEBUG_ENV = "JSONARGPARSE_DEBUG"
 
 
+# Checkpoint entry (under cifar_cli's own key): the folder `fit` ran in, where the data config's relative paths start.
+WORKING_DIR_KEY = "working_dir"
+# The data modules' arguments that name files or folders.
+DATA_PATHS = ("root", "data_dir", "cache_dir", "predict_root")
+
+
+def data_paths_from(data: dict[str, Any], working_dir: str | None) -> dict[str, Any]:
+    """A checkpoint's data config with each relative path that does not exist from here, but does from the folder
+    `fit` ran in, made absolute: `test --ckpt_path runs/.../x.ckpt` then works from any folder, while a project
+    moved whole, run from its new root, keeps its relative paths."""
+    init_args = data.get("init_args")
+    if not working_dir or not isinstance(init_args, dict):
+        return data
+    init_args = dict(init_args)
+    for key in DATA_PATHS:
+        path = init_args.get(key)
+        if isinstance(path, str) and path and not os.path.isabs(os.path.expanduser(path)) and not os.path.exists(path):
+            there = os.path.join(working_dir, path)
+            if os.path.exists(there):
+                init_args[key] = there
+    return {**data, "init_args": init_args}
+
+
 # The first line of every run's config.yaml: a file without it is not overwritten (a YAML comment, so the file is
 # still a config for `--config`).
 RUN_CONFIG_MARK = "# The resolved config of a cifar-cli run, written by the run itself\n"
@@ -114,9 +137,14 @@ class RunConfigSaver(SaveConfigCallback):
             )
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
-        # The data module's full config (class_path and init_args), so that `--ckpt_path` restores it too, and the
-        # run's identity, so that resuming from it continues the same run folder and W&B run.
-        checkpoint[CHECKPOINT_KEY] = {"data": self.resolved["data"], RUN_KEY: run_identity(trainer)}
+        # The data module's full config (class_path and init_args), so that `--ckpt_path` restores it too, with
+        # the folder its relative paths start from, and the run's identity, so that resuming from it continues the
+        # same run folder and W&B run.
+        checkpoint[CHECKPOINT_KEY] = {
+            "data": self.resolved["data"],
+            WORKING_DIR_KEY: os.getcwd(),
+            RUN_KEY: run_identity(trainer),
+        }
 
 
 class CifarCLI(LightningCLI):
@@ -319,7 +347,7 @@ class CifarCLI(LightningCLI):
         # The checkpoint's model and data settings become the defaults, so that `test --ckpt_path FILE` alone
         # evaluates the same network on the split it was trained with, and a flag or config still overrides them.
         saved = self.checkpoint.get(CHECKPOINT_KEY, {})
-        defaults = {"data": saved["data"]} if saved.get("data") else {}
+        defaults = {"data": data_paths_from(saved["data"], saved.get(WORKING_DIR_KEY))} if saved.get("data") else {}
         hparams = {k: v for k, v in self.checkpoint.get("hyper_parameters", {}).items() if k != "_instantiator"}
         if hparams:
             apply_hyperparameters(parser, self.config, self.checkpoint, ckpt_path)  # refuses them in one line

@@ -407,6 +407,24 @@ def test_model_flags_beside_ckpt_path_override_the_checkpoints(capsys, fake_cifa
     assert "does not fit the model" in message
 
 
+def test_checkpoint_finds_its_relative_data_root_from_another_folder(
+    image_folder: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """`fit --data.root images` records the relative path; `test --ckpt_path` run from another folder still finds
+    the images, from the folder fit ran in."""
+    main(["fit", "--data", "ImageFolderDataModule", "--data.root", "images", "--data.val_size", "30",
+          "--trainer.max_epochs", "1", *CSV_LOGGER])  # fmt: skip
+    (ckpt,) = checkpoints()
+    ckpt = ckpt.resolve()
+    elsewhere = image_folder.parent / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    capsys.readouterr()
+    main(["test", "--ckpt_path", str(ckpt), *CSV_LOGGER])
+    assert "test_acc" in capsys.readouterr().out
+    assert values(metrics_rows("runs"), "test_acc")  # tested on the 30 images of images/test/
+
+
 def test_run_without_logger_replaces_only_an_earlier_runs_config(capsys, fake_cifar10: Path) -> None:
     """Without a logger the run's folder is the current one: the second run's config.yaml replaces the first's, but
     a config.yaml of the user's own (here the very file passed to --config) is refused before training."""
