@@ -12,11 +12,14 @@ classifier normalises the images with instead of the data's own.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib.util
 import os
+import socket
 import urllib.error
-from collections.abc import Iterable
+import urllib.parse
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -235,6 +238,35 @@ def download_weights(name: str, weights: models.WeightsEnum) -> dict[str, Tensor
         ) from err
 
 
+@contextlib.contextmanager
+def hub_offline() -> Iterator[None]:
+    """huggingface_hub in offline mode: files from its cache only, no request at all. It reads HF_HUB_OFFLINE once,
+    at import; its maintainers' way to switch it at run time is the constant."""
+    from huggingface_hub import constants
+
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
+
+
+def hub_unreachable() -> bool:
+    """Whether the Hub's host name does not resolve here (and no proxy would resolve it): huggingface_hub retries
+    each file five times over about 23 s before it gives up, on a machine without network as anywhere else."""
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return False
+    from huggingface_hub import constants
+
+    host = urllib.parse.urlsplit(constants.ENDPOINT).hostname
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        return True
+    return False
+
+
 class TimmNet(NamedNet):
     """Any network of timm (`pip install 'cifar-cli[timm]'`), through `timm.create_model(name, pretrained,
     num_classes)`, which builds the new head itself.
@@ -268,13 +300,23 @@ class TimmNet(NamedNet):
         overlay = {"file": str(Path(weights_path).expanduser())} if weights_path else None
         if weights_path is not None and not Path(weights_path).expanduser().is_file():
             raise UsageError(f"--model.net.weights_path {weights_path}: no such file")
-        try:
-            model = timm.create_model(
+
+        def create() -> nn.Module:
+            return timm.create_model(
                 name,
                 pretrained=pretrained or weights_path is not None,
                 num_classes=num_classes,
                 pretrained_cfg_overlay=overlay,
             )
+
+        try:
+            try:
+                with hub_offline():  # weights in the cache load without a request to the Hub
+                    model = create()
+            except OSError:  # not in the cache: download, where the Hub can be reached
+                if hub_unreachable():
+                    raise
+                model = create()
         except RuntimeError as err:
             if "Unknown model" in str(err) or "Invalid pretrained tag" in str(err):
                 raise UsageError(f"--model.net.name {name}: {err}") from err

@@ -4,6 +4,7 @@ fine-tuning controls (backbone learning-rate factor, BackboneFinetuning, the wei
 from __future__ import annotations
 
 import os
+import socket
 import urllib.error
 from pathlib import Path
 
@@ -209,6 +210,43 @@ def test_timm_networks_by_name_with_local_weights(image_folder) -> None:
     args = ["--model.net", "TimmNet", "--model.net.name", "test_resnet", "--trainer.limit_train_batches", "1"]
     main(["fit", *folder_args(image_folder, *args)])
     assert only_checkpoint().is_file()
+
+
+@pytest.mark.parametrize("where", ["cache", "hub", "nowhere"])
+def test_timm_weights_from_the_cache_without_a_request_and_no_retries_offline(
+    where: str, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """Pretrained timm weights: first from huggingface_hub's cache in its offline mode (no request, so no wait on a
+    machine without network); not there, downloaded only where the Hub's name resolves: elsewhere the error comes
+    at once instead of after huggingface_hub's retries (about 50 s for a network's two files)."""
+    timm = pytest.importorskip("timm")
+    from huggingface_hub import constants
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # as without HF_HUB_OFFLINE in the environment
+    real_create = timm.create_model
+    offline_modes = []
+
+    def create_model(name, pretrained=False, **kwargs):
+        offline_modes.append(constants.HF_HUB_OFFLINE)
+        if pretrained and not (where == "cache" or where == "hub" and not constants.HF_HUB_OFFLINE):
+            raise LocalEntryNotFoundError("not in the local cache")
+        return real_create("test_resnet", **kwargs)
+
+    def resolve(host, *args):
+        if where == "nowhere":
+            raise socket.gaierror(-2, "Name or service not known")
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", 443))]
+
+    monkeypatch.setattr(timm, "create_model", create_model)
+    monkeypatch.setattr(socket, "getaddrinfo", resolve)
+    if where == "nowhere":
+        err = fails(capsys, "fit", "--model.net", "TimmNet", "--model.net.pretrained", "true")
+        assert "cannot download the timm weights of resnet18 (LocalEntryNotFoundError)" in err
+    else:
+        TimmNet(num_classes=3, image_shape=(3, 32, 32), pretrained=True)
+    assert offline_modes == {"cache": [True], "hub": [True, False], "nowhere": [True]}[where]
+    assert constants.HF_HUB_OFFLINE is False  # as it was
 
 
 def test_timm_missing_or_unknown_name_fail_in_one_line(capsys, monkeypatch) -> None:
