@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import errno
 import os
 import sys
@@ -467,6 +468,23 @@ def one_line(err: BaseException) -> str:
     return " ".join(lines)
 
 
+SUBCOMMANDS = (*LightningCLI.subcommands(), "report")
+
+
+def check_subcommand(argv: list[str] | None) -> None:
+    """Refuse a command line without a subcommand, or with an unknown one, naming all five: jsonargparse's own
+    error lists LightningCLI's four, without `report`."""
+    if argv is None or argv[:1] and argv[0].startswith("-"):
+        return  # a config as a dict, or options first (--help, --config): LightningCLI's parser decides
+    names = ", ".join(SUBCOMMANDS[:-1]) + f" or {SUBCOMMANDS[-1]}"
+    if not argv:
+        raise UsageError(f"give a subcommand: {names} (cifar-cli --help)")
+    if argv[0] not in SUBCOMMANDS:
+        close = difflib.get_close_matches(argv[0], SUBCOMMANDS, n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        raise UsageError(f"unknown subcommand '{argv[0]}': {names}{hint}")
+
+
 def finish_wandb_run(exit_code: int) -> None:
     """End the W&B run of this process, if one is open, recording `exit_code`."""
     wandb = sys.modules.get("wandb")
@@ -482,9 +500,10 @@ def main(args: ArgsType = None) -> None:
     # The summary at the end of a run gives the metrics and, offline, the `wandb sync` command; W&B's own closing
     # block would repeat both (about 30 lines of history and summary in every log). WANDB_QUIET=false shows it.
     os.environ.setdefault("WANDB_QUIET", "true")
-    argv = sys.argv[1:] if args is None else args if isinstance(args, list) else []
+    argv = sys.argv[1:] if args is None else args if isinstance(args, list) else None
     try:
-        if argv[:1] == ["report"]:
+        check_subcommand(argv)
+        if argv and argv[:1] == ["report"]:
             # Not a LightningCLI subcommand: it builds no trainer, model or data, only reads a run folder.
             from cifar_cli.report import main as report
 

@@ -126,7 +126,12 @@ CASES = [
     Case("unknown_option", ["fit", "--trainer.max_epochs_x", "3"], "unrecognized arguments: --trainer.max_epochs_x"),
     # argparse would take a prefix for the whole flag (this one for --trainer.max_epochs)
     Case("abbreviated_option", ["fit", "--trainer.max_epoch", "3"], "unrecognized arguments: --trainer.max_epoch"),
-    Case("unknown_subcommand", ["train"], "invalid choice: 'train'"),
+    Case(
+        "unknown_subcommand",
+        ["tset"],
+        "unknown subcommand 'tset': fit, validate, test, predict or report; did you mean test?",
+    ),
+    Case("no_subcommand", [], "give a subcommand: fit, validate, test, predict or report (cifar-cli --help)"),
     Case("unknown_data_class", ["fit", "--data", "NoSuchDataModule"], "NoSuchDataModule"),
     Case("unknown_net_class", ["fit", "--model.net", "NoSuchNet"], "NoSuchNet"),
     Case("bad_tta_choice", ["fit", "--model.tta", "sideways"], 'Parser key "model.tta"'),
