@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from jsonargparse import ArgumentError
+from jsonargparse import ArgumentError, Namespace
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BackboneFinetuning, ProgressBar
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
@@ -37,7 +37,7 @@ from cifar_cli.dashboard import RunCSVLogger, with_csv_logger
 from cifar_cli.data import ImageDataModule
 from cifar_cli.distributed import exit_if_rank_failed, watch_ranks
 from cifar_cli.errors import UsageError, causes
-from cifar_cli.optimizer_flags import check_built, move_optimizer_flags
+from cifar_cli.optimizer_flags import check_built, move_optimizer_flags, unsettled
 from cifar_cli.precision import choose_precision
 from cifar_cli.resume import (
     RUN_KEY,
@@ -65,7 +65,7 @@ def data_paths_from(data: dict[str, Any], working_dir: str | None) -> dict[str, 
     `fit` ran in, made absolute: `test --ckpt_path runs/.../x.ckpt` then works from any folder, while a project
     moved whole, run from its new root, keeps its relative paths."""
     init_args = data.get("init_args")
-    if not working_dir or not isinstance(init_args, dict):
+    if not isinstance(working_dir, str) or not isinstance(init_args, dict):
         return data
     init_args = dict(init_args)
     for key in DATA_PATHS:
@@ -233,7 +233,19 @@ class CifarCLI(LightningCLI):
         plain_numbers(config)
         trainer = config["trainer"]
         check_accelerator(trainer)
-        self.optimizer_flags = move_optimizer_flags(config)
+        # What the parser would give without these flags (with --ckpt_path, the checkpoint's): counts as not given.
+        model_defaults = self._parser(self.subcommand).get_defaults().get("model") if self.subcommand else None
+        self.optimizer_flags = move_optimizer_flags(config, model_defaults)
+        checkpoint = getattr(self, "checkpoint", None)
+        if self.subcommand == "fit" and checkpoint is not None:
+            saved = (checkpoint.get("hyper_parameters", {}).get("optimizer") or {}).get("class_path")
+            chosen = (config["model"].get("optimizer") or Namespace()).get("class_path")
+            if saved and chosen and saved != chosen:
+                # Lightning would load the checkpoint's optimizer state into the other optimizer: a KeyError.
+                raise UsageError(
+                    f"{self.optimizer_flags['optimizer']} {chosen}: the checkpoint's run trains with {saved}, whose "
+                    "state goes on from it; start a new run from its weights with --model.init_from instead"
+                )
         check_optimizer_class(config)
         for callback in trainer.get("callbacks") or []:
             init = callback.get("init_args")
@@ -251,6 +263,8 @@ class CifarCLI(LightningCLI):
             # epoch cut short by --trainer.max_steps or max_time ends without one, and the run in a traceback.
             if init.get("check_on_train_epoch_end") is None:
                 init["check_on_train_epoch_end"] = False
+        if getattr(self, "resume_line", None):  # once the command line has passed every check
+            print(self.resume_line, file=sys.stderr)
 
     def instantiate_classes(self) -> None:
         # LightningCLI's, with the checks of the model and the data before the trainer is built: the trainer logs
@@ -352,7 +366,7 @@ class CifarCLI(LightningCLI):
         hparams = {k: v for k, v in self.checkpoint.get("hyper_parameters", {}).items() if k != "_instantiator"}
         if hparams:
             apply_hyperparameters(parser, self.config, self.checkpoint, ckpt_path)  # refuses them in one line
-            defaults["model"] = hparams
+            defaults["model"] = unsettled(hparams)
         if defaults:
             self._parser(subcommand).set_defaults(defaults)
             super().parse_arguments(parser, args)
@@ -369,7 +383,7 @@ class CifarCLI(LightningCLI):
                 warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
             step, epoch = self.checkpoint.get("global_step"), self.checkpoint.get("epoch")
             self.resume_step = step or 0
-            print(f"cifar-cli: resuming from {ckpt_path} (epoch {epoch}, step {step})", file=sys.stderr)
+            self.resume_line = f"cifar-cli: resuming from {ckpt_path} (epoch {epoch}, step {step})"
 
     def _save_under_root_dir(self, subcommand: str | None) -> None:
         """`--trainer.default_root_dir DIR` puts the logger's relative `save_dir` (`runs` by default) under DIR.
@@ -404,7 +418,8 @@ class CifarCLI(LightningCLI):
             # fit goes on in the run's own folder, which only a run of the same logger has (W&B runs and CSV runs
             # share `runs/`): another logger's run would be resumed into a new folder, under this command's config.
             identity = checkpoint.get(CHECKPOINT_KEY, {}).get(RUN_KEY)
-            if subcommand == "fit" and logger_name(identity and identity.get("logger")) != logger_name(logger):
+            ran_with = identity.get("logger") if isinstance(identity, dict) else None
+            if subcommand == "fit" and logger_name(ran_with) != logger_name(logger):
                 other_loggers.append(path)
                 continue
             found = (checkpoint, str(path))

@@ -56,27 +56,44 @@ def is_default_optimizer(options: Any) -> bool:
     return all(value == class_default(DEFAULT_OPTIMIZER, name) for name, value in init.items())
 
 
-def move_optimizer_flags(config: Namespace) -> dict[str, str]:
+def unsettled(hparams: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's model hyperparameters as defaults for the command line: the optimizer's `lr` and
+    `weight_decay` left out. `settle` wrote the learning rate and weight decay into both places; left in the
+    optimizer's arguments they would read as given there, and a `--model.learning_rate` beside `--ckpt_path` as
+    a second, disagreeing value. The model's own two keep them."""
+    optimizer = hparams.get("optimizer")
+    init = optimizer.get("init_args") if isinstance(optimizer, dict) else None
+    if not isinstance(init, dict):
+        return hparams
+    init = {k: v for k, v in init.items() if k not in ("lr", "weight_decay")}
+    return {**hparams, "optimizer": {**optimizer, "init_args": init}}
+
+
+def move_optimizer_flags(config: Namespace, model_defaults: Namespace | None = None) -> dict[str, str]:
     """Move `--optimizer` and `--lr_scheduler` of the subcommand's `config` into the model's arguments, and settle
     the learning rate and weight decay in `model.learning_rate` / `model.weight_decay` (and the optimizer's own
     arguments, which then agree). Returns the flags that gave the optimizer and the scheduler, for error messages.
 
     An optimizer's own `lr` (or `weight_decay`) counts as given when it differs from its class's default; given,
     it wins over the model's default; given with a different `--model.learning_rate`, the pair is refused.
+    `model.optimizer` and `model.lr_scheduler` count as given when they differ from `model_defaults` (the parser's,
+    which with `--ckpt_path` are the checkpoint's): `--optimizer` beside a checkpoint replaces its optimizer.
     """
     model = config["model"]
+    defaults = model_defaults if isinstance(model_defaults, Namespace) else Namespace()
     flags = {"optimizer": "--model.optimizer", "lr_scheduler": "--model.lr_scheduler"}
     optimizer = config.get("optimizer")
     if optimizer is not None:
         own = model.get("optimizer")
-        if not is_default_optimizer(own) and own.as_dict() != optimizer.as_dict():
+        own_given = not is_default_optimizer(own) and own != defaults.get("optimizer")
+        if own_given and own.as_dict() != optimizer.as_dict():
             raise UsageError("--optimizer and --model.optimizer both choose the optimizer: give one of them")
         model["optimizer"], config["optimizer"] = optimizer.clone(), None
         flags["optimizer"] = "--optimizer"
     scheduler = config.get("lr_scheduler")
     if scheduler is not None:
         own = model.get("lr_scheduler")
-        if own is not None and own.as_dict() != scheduler.as_dict():
+        if own is not None and own != defaults.get("lr_scheduler") and own.as_dict() != scheduler.as_dict():
             raise UsageError("--lr_scheduler and --model.lr_scheduler both choose the scheduler: give one of them")
         model["lr_scheduler"], config["lr_scheduler"] = scheduler.clone(), None
         flags["lr_scheduler"] = "--lr_scheduler"

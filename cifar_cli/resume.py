@@ -47,7 +47,7 @@ def logger_name(logger: Any) -> str | None:
     if isinstance(logger, (list, tuple)):
         logger = logger[0] if logger else None
     class_path = logger if isinstance(logger, str) else getattr(logger, "class_path", None)
-    return class_path.rsplit(".", 1)[-1] if class_path else None
+    return class_path.rsplit(".", 1)[-1] if isinstance(class_path, str) and class_path else None
 
 
 def continue_run(logger_config: Any, identity: dict[str, Any] | None) -> bool:
@@ -56,11 +56,14 @@ def continue_run(logger_config: Any, identity: dict[str, Any] | None) -> bool:
     Only when it names the same logger class: the version is what both WandbLogger (its run id) and Lightning's
     file loggers take to reuse a run's folder. Returns whether the run is continued.
     """
-    if not identity or identity.get("version") is None or logger_config is None:
+    if not isinstance(identity, dict) or identity.get("version") is None or logger_config is None:
         return False
-    if logger_name(logger_config) is None or logger_name(logger_config) != logger_name(identity["logger"]):
+    if not isinstance(identity, dict) or logger_name(logger_config) is None:
         return False
-    logger_config.init_args.version = identity["version"]
+    if logger_name(logger_config) != logger_name(identity.get("logger")):
+        return False
+    first = logger_config[0] if isinstance(logger_config, (list, tuple)) else logger_config  # it names the folder
+    first.init_args.version = identity["version"]
     return True
 
 

@@ -402,9 +402,19 @@ def test_model_flags_beside_ckpt_path_override_the_checkpoints(capsys, fake_cifa
     (config,) = Path("t").glob("*/config.yaml")
     model = yaml.safe_load(config.read_text())["model"]
     assert model["tta"] == "flip" and model["learning_rate"] == 1e-3  # the flag, and the checkpoint's own value
+    # The learning rate and the optimizer as well: the checkpoint's are defaults, not a second, disagreeing value.
+    main(["test", "--ckpt_path", str(ckpt), "--model.learning_rate", "0.01", "--optimizer", "SGD",
+          "--trainer.logger", "CSVLogger", "--trainer.logger.save_dir", "t2"])  # fmt: skip
+    (config,) = Path("t2").glob("*/config.yaml")
+    model = yaml.safe_load(config.read_text())["model"]
+    assert model["learning_rate"] == 0.01 and model["optimizer"]["class_path"] == "torch.optim.SGD"
+    assert model["optimizer"]["init_args"]["lr"] == 0.01
     capsys.readouterr()
     message = fails(capsys, "test", "--ckpt_path", str(ckpt), "--model.net", "FastNet")
     assert "does not fit the model" in message
+    # fit goes on with the checkpoint's optimizer state: another optimizer class is refused in one line.
+    message = fails(capsys, "fit", "--ckpt_path", str(ckpt), "--optimizer", "SGD", *CSV_LOGGER)
+    assert "--optimizer torch.optim.SGD: the checkpoint's run trains with torch.optim.Adam" in message
 
 
 def test_checkpoint_finds_its_relative_data_root_from_another_folder(

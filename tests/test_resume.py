@@ -184,6 +184,21 @@ def test_ckpt_path_last_resumes_only_a_run_of_the_same_logger(fake_cifar10: Path
     assert len(list(Path("runs/cifar-cli").iterdir())) == 1  # the W&B run's folder, continued
 
 
+def test_restart_changes_the_learning_rate_and_resumes_a_run_of_two_loggers(fake_cifar10: Path) -> None:
+    """A restart's `--model.learning_rate` applies from there on (the checkpoint's is only the default), and a run
+    that logs to a list of loggers continues in its own folder, named by the first."""
+    Path("two.yaml").write_text(
+        "trainer:\n  logger:\n    - {class_path: CSVLogger, init_args: {save_dir: runs}}\n"
+        "    - {class_path: TensorBoardLogger, init_args: {save_dir: runs}}\n"
+    )
+    args = [*FAST, *cifar(fake_cifar10), "--config", "two.yaml"]
+    main(["fit", *args, "--trainer.max_epochs", "1"])
+    main(["fit", *args, "--trainer.max_epochs", "2", "--ckpt_path", "last", "--model.learning_rate", "0.05"])
+    (last,) = Path("runs").glob("**/checkpoints/last.ckpt")
+    state = torch.load(last, weights_only=True)
+    assert state["global_step"] == 10 and state["hyper_parameters"]["learning_rate"] == 0.05
+
+
 def test_max_time_stops_training(fake_cifar10: Path) -> None:
     # Every shipped config has a FitTimer (a Lightning Timer), which made Lightning ignore max_time.
     main(["fit", *FAST, *cifar(fake_cifar10), *CSV_LOGGER, "--trainer.max_epochs", "1000",
