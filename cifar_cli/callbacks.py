@@ -299,23 +299,28 @@ class RichBar(RichProgressBar):
 
 class _StopVote:
     """An all-reduce (sum) of the ranks' stop flags, started at one batch end and read at the next, so that neither
-    the host nor the GPU waits for it (torch.distributed's async work; Lightning has no such collective).
+    the host nor the training stream waits for it (torch.distributed's async work; Lightning has no such
+    collective).
 
-    On a GPU the sum is copied into pinned host memory right behind the all-reduce, on the same stream, and an
-    event marks the copy: waiting for that event at the next batch end waits for the previous step's kernels
-    only, never for the ones queued since (reading the device tensor there would wait for those too).
+    On a GPU the sum is copied into pinned host memory on a side stream, behind the all-reduce, and an event marks
+    the copy: waiting for that event at the next batch end waits for the previous step's kernels and the vote
+    only, never for the ones queued since (reading the device tensor would wait for those too), and the training
+    stream never waits for the other ranks' vote.
     """
 
-    def __init__(self, signalled: bool, device: torch.device) -> None:
+    def __init__(self, signalled: bool, device: torch.device, side: torch.cuda.Stream | None = None) -> None:
         self.flag = torch.full((1,), int(signalled), dtype=torch.int32, device=device)  # a kernel, no copy
         self.work = torch.distributed.all_reduce(self.flag, async_op=True)
         self.event: torch.cuda.Event | None = None
         if self.flag.is_cuda:
-            self.work.wait()  # the stream waits for the all-reduce; the host goes on
-            self.host = torch.empty(1, dtype=torch.int32, pin_memory=True)
-            self.host.copy_(self.flag, non_blocking=True)
-            self.event = torch.cuda.Event()
-            self.event.record()
+            side = side or torch.cuda.current_stream(device)
+            with torch.cuda.stream(side):
+                self.work.wait()  # this stream waits for the all-reduce; the host goes on
+                self.host = torch.empty(1, dtype=torch.int32, pin_memory=True)
+                self.host.copy_(self.flag, non_blocking=True)
+                self.event = torch.cuda.Event()
+                self.event.record(side)
+            self.flag.record_stream(side)  # used there: the allocator keeps it until the copy is done
 
     def result(self) -> bool:
         """Whether any rank had been signalled when the vote started."""
@@ -351,6 +356,7 @@ class Preemption(Callback):
         self.signal: int | None = None
         self._previous: dict[int, Any] = {}
         self._vote: _StopVote | None = None  # under DDP: the all-reduce started at the last batch end
+        self._side: torch.cuda.Stream | None = None  # on a GPU: the stream that reads the votes
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Installed here, after Lightning has installed its own SIGTERM handler, which this one replaces for the
@@ -393,7 +399,10 @@ class Preemption(Callback):
         if vote is not None and vote.result():
             trainer._signal_connector.received_sigterm = True
         else:
-            self._vote = _StopVote(self.signal is not None, trainer.strategy.root_device)
+            device = trainer.strategy.root_device
+            if device.type == "cuda" and self._side is None:
+                self._side = torch.cuda.Stream(device)
+            self._vote = _StopVote(self.signal is not None, device, self._side)
 
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Held during a validation: Lightning checks the flag after every validation batch.

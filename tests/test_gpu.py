@@ -151,7 +151,8 @@ def test_stop_vote_waits_for_its_own_step_only(tmp_path: Path) -> None:
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")  # any host wait for the GPU below raises
         try:
-            votes = [_StopVote(True, device), _StopVote(False, device)]
+            side = torch.cuda.Stream(device)  # as Preemption reads its votes
+            votes = [_StopVote(True, device, side), _StopVote(False, device, side)]
         finally:
             torch.cuda.set_sync_debug_mode("default")
         torch.cuda._sleep(4_000_000_000)  # a kernel of about two seconds, queued behind the votes
