@@ -340,7 +340,11 @@ class CifarCLI(LightningCLI):
         return trainer
 
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
-        super().parse_arguments(parser, args)
+        try:
+            super().parse_arguments(parser, args)
+        except UnicodeDecodeError as err:  # a file given for a group (`--model FILE`): jsonargparse's traceback
+            argv = sys.argv[1:] if args is None else args if isinstance(args, list) else []
+            raise UsageError(f"{binary_file_argument(argv)} is not a YAML text file ({err.reason})") from None
         self.checkpoint: dict[str, Any] | None = None
         self.resuming = False
         self.resume_step = 0
@@ -481,6 +485,24 @@ def one_line(err: BaseException) -> str:
         line.replace("Problem with given class_path ", "") for line in lines if line and not line.startswith(_NOISE)
     ]
     return " ".join(lines)
+
+
+def binary_file_argument(argv: list[str]) -> str:
+    """`FLAG FILE` for the first file on the command line that is not UTF-8 text (`a file given` if none is)."""
+    for flag, value in zip(["", *argv], argv):
+        name = value.partition("=")[2] if value.startswith("--") and "=" in value else value
+        flag = value.partition("=")[0] if name is not value else flag
+        if flag == "--ckpt_path" or not os.path.isfile(name):
+            continue  # (a checkpoint is binary by nature, and read elsewhere)
+        try:
+            with open(name, "rb") as file:
+                file.read(1 << 20).decode("utf-8")  # a config file's first MiB: enough to tell
+        except UnicodeDecodeError as err:
+            if err.start < (1 << 20) - 4:  # not a character cut at the end of the MiB read
+                return f"{flag} {name}".strip()
+        except OSError:
+            continue
+    return "a file given"
 
 
 SUBCOMMANDS = (*LightningCLI.subcommands(), "report")

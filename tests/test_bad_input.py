@@ -190,7 +190,13 @@ CASES = [
         ["fit", "--config", "c.yaml"],
         "config c.yaml is not a YAML text file (byte 2: ",
         {"c.yaml": b"\x00\x01\xff\xfe trainer"},
-    ),  # fmt: skip
+    ),
+    Case(
+        "group_config_not_text",
+        ["fit", "--model", "m.yaml"],
+        "--model m.yaml is not a YAML text file",
+        {"m.yaml": b"\x00\x01\xff\xfe model"},
+    ),
     # Data.
     Case(
         "cifar_missing_no_download",
