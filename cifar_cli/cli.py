@@ -155,7 +155,8 @@ class CifarCLI(LightningCLI):
         # A parser that reads a config file holding only comments as an empty config (see checks.ArgumentParser).
         kwargs.setdefault("parser_class", ArgumentParser)
         argv = sys.argv[1:] if kwargs.get("args") is None else kwargs["args"]
-        first = argv[0] if isinstance(argv, list) and argv else None
+        self._argv: list[str] = argv if isinstance(argv, list) else []  # (a config given as a dict: none)
+        first = self._argv[0] if self._argv else None
         self._only_subcommand = first if first in LightningCLI.subcommands() else None
         super().__init__(*args, **kwargs)
 
@@ -217,12 +218,11 @@ class CifarCLI(LightningCLI):
         )
 
     def _parse_ckpt_path(self) -> None:
-        # Replaces LightningCLI's, which loads the file a second time and puts the checkpoint's hyperparameters over
-        # the command line's: a `--model.tta flip` beside `test --ckpt_path` was dropped without a word. Here they
-        # are the model's defaults already (parse_arguments), under the configs and flags, as in Lightning PR
-        # #21455, and were type-checked there as LightningCLI would apply them, with an error that names the file.
-        if getattr(self, "checkpoint", None) is not None:
-            check_optimizer_class(self.config[self.config.subcommand])
+        """Nothing: replaces LightningCLI's, which loads the file a second time and puts the checkpoint's
+        hyperparameters over the command line's (a `--model.tta flip` beside `test --ckpt_path` was dropped without a
+        word). Here they are the model's defaults already (parse_arguments), under the configs and flags, as in
+        Lightning PR #21455, type-checked there as LightningCLI would apply them, with an error that names the file;
+        the optimizer classes they leave are checked with the command line's in before_instantiate_classes."""
 
     def _set_seed(self) -> None:
         with QuietSeed():  # announced after the checks, whose errors it would otherwise precede
@@ -233,10 +233,11 @@ class CifarCLI(LightningCLI):
         plain_numbers(config)
         trainer = config["trainer"]
         check_accelerator(trainer)
-        # What the parser would give without these flags (with --ckpt_path, the checkpoint's): counts as not given.
-        model_defaults = self._parser(self.subcommand).get_defaults().get("model") if self.subcommand else None
-        self.optimizer_flags = move_optimizer_flags(config, model_defaults)
+        # With --ckpt_path, what the parser gives without these flags (the checkpoint's settings) counts as not
+        # given; without, ImageClassifier's defaults do (move_optimizer_flags knows them).
         checkpoint = getattr(self, "checkpoint", None)
+        model_defaults = self._parser(self.subcommand).get_defaults().get("model") if checkpoint is not None else None
+        self.optimizer_flags = move_optimizer_flags(config, model_defaults)
         if self.subcommand == "fit" and checkpoint is not None:
             saved = (checkpoint.get("hyper_parameters", {}).get("optimizer") or {}).get("class_path")
             chosen = (config["model"].get("optimizer") or Namespace()).get("class_path")
@@ -343,8 +344,7 @@ class CifarCLI(LightningCLI):
         try:
             super().parse_arguments(parser, args)
         except UnicodeDecodeError as err:  # a file given for a group (`--model FILE`): jsonargparse's traceback
-            argv = sys.argv[1:] if args is None else args if isinstance(args, list) else []
-            raise UsageError(f"{binary_file_argument(argv)} is not a YAML text file ({err.reason})") from None
+            raise UsageError(f"{binary_file_argument(self._argv)} is not a YAML text file ({err.reason})") from None
         self.checkpoint: dict[str, Any] | None = None
         self.resuming = False
         self.resume_step = 0
