@@ -149,3 +149,25 @@ def check_weights_fit(model: LightningModule, state_dict: dict[str, torch.Tensor
             f"checkpoint {ckpt_path} does not fit the model ({'; '.join(problems[:3])}): it comes from "
             "another model or data set; drop the --model/--data flags that differ from its training run"
         )
+
+
+def check_same_classes(model: LightningModule, checkpoint: dict[str, Any], ckpt_path: str) -> None:
+    """Fail in one line when the data's classes are not the checkpoint's, in the same order: its outputs would be
+    read as other classes (a class folder added, removed or renamed since training), silently when their number is
+    the same."""
+    saved = checkpoint.get("hyper_parameters", {}).get("class_names")
+    names = list(getattr(model, "class_names", []))
+    if saved is None or list(saved) == names:
+        return
+    saved = list(saved)
+    if len(saved) != len(names):
+        differ = f"it has {len(saved)} classes, the data {len(names)}"
+    else:
+        i = next(i for i, (a, b) in enumerate(zip(saved, names)) if a != b)
+        differ = f"its class {i} is {saved[i]!r}, the data's {names[i]!r}"
+    only = sorted(set(saved) - set(names))[:3]
+    extra = f" (the data lacks {', '.join(only)})" if only else ""
+    raise UsageError(
+        f"checkpoint {ckpt_path} was trained on other classes: {differ}{extra}; pass the data it was trained on, or "
+        "start a new run from its weights with --model.init_from"
+    )

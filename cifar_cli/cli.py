@@ -28,6 +28,7 @@ from cifar_cli.checkpoints import (
     CHECKPOINT_KEY,
     apply_hyperparameters,
     check_optimizer_class,
+    check_same_classes,
     check_weights_fit,
     load_checkpoint,
 )
@@ -35,6 +36,7 @@ from cifar_cli.checks import ArgumentParser, QuietSeed, check_accelerator, check
 from cifar_cli.classifier import ImageClassifier
 from cifar_cli.dashboard import RunCSVLogger, with_csv_logger
 from cifar_cli.data import ImageDataModule
+from cifar_cli.data.base import predicting_from
 from cifar_cli.distributed import exit_if_rank_failed, watch_ranks
 from cifar_cli.errors import UsageError, causes
 from cifar_cli.optimizer_flags import check_built, move_optimizer_flags, unsettled
@@ -264,13 +266,15 @@ class CifarCLI(LightningCLI):
             # epoch cut short by --trainer.max_steps or max_time ends without one, and the run in a traceback.
             if init.get("check_on_train_epoch_end") is None:
                 init["check_on_train_epoch_end"] = False
-        if getattr(self, "resume_line", None):  # once the command line has passed every check
-            print(self.resume_line, file=sys.stderr)
 
     def instantiate_classes(self) -> None:
         # LightningCLI's, with the checks of the model and the data before the trainer is built: the trainer logs
         # its banner (GPU/TPU lines, tips) as it is built, which would precede their one-line errors.
-        self.config_init = self.parser.instantiate_classes(self.config)
+        # `predict --ckpt_path F --data.predict_root DIR` needs only the checkpoint: the data module takes the classes
+        # and normalisation it saved there, not from the training data.
+        checkpoint = getattr(self, "checkpoint", None) if self.subcommand == "predict" else None
+        with predicting_from(checkpoint):
+            self.config_init = self.parser.instantiate_classes(self.config)
         self.datamodule = self._get(self.config_init, "data")
         self.model = self._get(self.config_init, "model")
         self._add_configure_optimizers_method_to_model(self.subcommand)
@@ -288,11 +292,14 @@ class CifarCLI(LightningCLI):
                 f"{type(self.model.net).__name__} has none"
             )
         if getattr(self, "checkpoint", None) is not None:
+            check_same_classes(self.model, self.checkpoint, self.config[self.subcommand]["ckpt_path"])
             check_weights_fit(self.model, self.checkpoint["state_dict"], self.config[self.subcommand]["ckpt_path"])
             self.checkpoint = None
         if self.subcommand is not None:
             check_data(self.datamodule, self.subcommand)
             QuietSeed.announce(self._get(self.config, "seed_everything"))
+        if getattr(self, "resume_line", None):  # once the command line, the checkpoint and the data pass every check
+            print(self.resume_line, file=sys.stderr)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         config = {**self._get(self.config_init, "trainer", default={}), **kwargs}

@@ -29,7 +29,7 @@ from conftest import write_image_folder
 from PIL import Image
 
 from cifar_cli.cli import main
-from cifar_cli.data import ImageFolderDataModule, decode_images
+from cifar_cli.data import CIFAR10DataModule, ImageFolderDataModule, decode_images
 from cifar_cli.data.images import decode_rgb
 from cifar_cli.nets import TutorialCNN
 
@@ -56,6 +56,7 @@ def images(counts: dict[str, int], split: str = "train") -> None:
 def checkpoint(num_classes: int = 10, **changes: Any) -> dict[str, Any]:
     """A checkpoint as `cifar-cli fit` writes it, of TutorialCNN on CIFAR-10, with `changes` to its entries."""
     net = TutorialCNN(num_classes=num_classes, image_shape=(3, 32, 32))
+    names = list(CIFAR10DataModule.names)
     ckpt = {
         "state_dict": {f"net.{k}": v for k, v in net.state_dict().items()},
         "hyper_parameters": {
@@ -63,7 +64,7 @@ def checkpoint(num_classes: int = 10, **changes: Any) -> dict[str, Any]:
                 "class_path": "cifar_cli.nets.TutorialCNN",
                 "init_args": {"num_classes": num_classes, "image_shape": (3, 32, 32)},
             },
-            "class_names": [f"c{i}" for i in range(num_classes)],
+            "class_names": names if num_classes == 10 else [f"c{i}" for i in range(num_classes)],
             "optimizer": {"class_path": "torch.optim.Adam"},
             "_instantiator": "lightning.pytorch.cli.instantiate_module",
         },
@@ -333,7 +334,8 @@ CASES = [
     Case(
         "ckpt_other_class_count",
         TEST_CKPT,
-        "net.fc3.bias has shape (3,) but the model needs (10,)",
+        "checkpoint model.ckpt was trained on other classes: it has 3 classes, the data 10 (the data lacks c0, c1, "
+        "c2); pass the data it was trained on",
         ckpt=checkpoint(num_classes=3),
     ),
     Case(

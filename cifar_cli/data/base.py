@@ -4,7 +4,11 @@ normalised on the device."""
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
+from typing import Any
 
 import torch
 from jsonargparse.typing import PositiveInt
@@ -27,6 +31,23 @@ from cifar_cli.data.storage import (
 )
 from cifar_cli.errors import UsageError
 from cifar_cli.seeding import run_seed
+
+# The checkpoint `predict` runs from, while CifarCLI builds the data module for a folder of new images: a data module
+# built then takes its classes and normalisation from the state it saved there (`state_dict`) and reads none of the
+# data it was trained on, which another machine need not have. A context variable, not an argument: the checkpoint is
+# no setting of the data module, and LightningCLI builds it, and reads its classes for the model, in one call.
+_PREDICT_FROM: ContextVar[Mapping[str, Any] | None] = ContextVar("predict_from", default=None)
+
+
+@contextmanager
+def predicting_from(checkpoint: Mapping[str, Any] | None) -> Iterator[None]:
+    """Data modules built in this block that have a `predict_root` and find their saved state in `checkpoint`
+    predict from that state alone (see `ImageDataModule.saved`)."""
+    token = _PREDICT_FROM.set(checkpoint)
+    try:
+        yield
+    finally:
+        _PREDICT_FROM.reset(token)
 
 
 class ImageDataModule(LightningDataModule):
@@ -84,6 +105,10 @@ class ImageDataModule(LightningDataModule):
         self._prepared_for: str | None = None  # the stage `prepare` checked the data for
         self._predict_folder: tuple[Tensor | DiskImages, list[str]] | None = None  # decoded by `prepare`
         self.cache_dir = default_cache_dir()  # decoded data kept on disk; the subclasses' `cache_dir` flag sets it
+        # The state a checkpoint saved (`state_dict`), when this module predicts `predict_root` from it alone.
+        checkpoint = _PREDICT_FROM.get()
+        state = checkpoint.get(type(self).__qualname__) if checkpoint is not None and predict_root else None
+        self.saved: dict[str, Any] | None = dict(state) if isinstance(state, Mapping) and "mean" in state else None
 
     @property
     def class_names(self) -> list[str]:
@@ -123,6 +148,20 @@ class ImageDataModule(LightningDataModule):
         self.mean, self.std = mean.float(), std.float()
         self._stats_on.clear()
 
+    def state_dict(self) -> dict[str, Any]:
+        # What the model needs of the data to predict, saved in every checkpoint (under the class's name): its
+        # classes in label order and its input normalisation. `predict --ckpt_path F --data.predict_root DIR`
+        # then reads nothing else, and evaluation normalises as training did even where the data has changed.
+        if self.mean is None or self.std is None:
+            return {}
+        return {"class_names": self.class_names, "mean": self.mean.clone(), "std": self.std.clone()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # Lightning calls this after `setup` with a checkpoint's state: the model goes on seeing its inputs as in
+        # training (the statistics of the training images it had; a pretrained network's own, set again anyway).
+        if "mean" in state_dict and "std" in state_dict:
+            self.set_normalization(torch.as_tensor(state_dict["mean"]), torch.as_tensor(state_dict["std"]))
+
     def prepare_data(self) -> None:
         # Lightning calls this on local rank 0 of each node. cifar-cli calls `prepare` before it builds the trainer,
         # so that bad data stops the command before Lightning logs or writes anything; then this costs nothing.
@@ -138,7 +177,8 @@ class ImageDataModule(LightningDataModule):
             return
         # The predict folder first: the data set's preparation may write its cache.
         predict = self._decode_predict_folder() if stage == "predict" and self.predict_root is not None else None
-        self.prepare_files(stage)
+        if self.saved is None:
+            self.prepare_files(stage)
         self._predict_folder = predict
         self._prepared_for = stage
 
@@ -149,7 +189,11 @@ class ImageDataModule(LightningDataModule):
         side = min(self.image_shape[1:])
         if self.augment is True and self.crop_padding >= side:
             raise UsageError(f"--data.crop_padding {self.crop_padding} must be below the image side, {side} pixels")
-        if not self.splits:
+        if self.saved is not None:  # predicting from a checkpoint: none of the labelled data is read
+            if stage != "predict":
+                raise RuntimeError(f"a data module built to predict from a checkpoint cannot {stage}")
+            self.set_normalization(torch.as_tensor(self.saved["mean"]), torch.as_tensor(self.saved["std"]))
+        elif not self.splits:
             self.load_splits()
         if stage == "predict":
             self.setup_predict_folder()

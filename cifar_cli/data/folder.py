@@ -90,7 +90,8 @@ class ImageFolderDataModule(ImageDataModule):
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
         if decode_workers is not None:
             self.decode_workers = int(decode_workers)
-        self._classes = self._find_classes()
+        # From the checkpoint when predicting from it (see ImageDataModule.saved): `root` may not exist here.
+        self._classes = list(self.saved["class_names"]) if self.saved is not None else self._find_classes()
         self._prepared_listings: dict[str, _Listing] | None = None  # `prepare`'s, for the `setup` that follows
         self.save_hyperparameters()
 
