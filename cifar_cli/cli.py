@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import errno
+import gc
 import os
 import sys
 import warnings
@@ -589,3 +590,14 @@ def main(args: ArgsType = None) -> None:
             raise
         print(f"cifar-cli: error: {one_line(cause)}", file=sys.stderr)
         sys.exit(2)
+
+
+def run() -> None:
+    """The entry point of the `cifar-cli` command and of `python -m cifar_cli`: one command in a process of its own."""
+    # What the imports made (torch, Lightning, torch._dynamo, jsonargparse: about 400,000 objects) lives as long as the
+    # process. Frozen, it is out of the garbage collector's reach: the full collections while the command runs skip
+    # it, and so does the last one, at exit, which walked it all: 0.9 s of every command here (a 300-step fit:
+    # 1.24 s from the last atexit handler to the end of the process before, 0.31 s after). Not in `main`, which a
+    # Python program may call many times: objects it froze there would never be collected.
+    gc.freeze()
+    main()

@@ -364,6 +364,27 @@ def test_a_checkpoint_of_other_classes_is_refused(image_folder: Path, capsys) ->
     assert "was trained on other classes: it has 3 classes, the data 4;" in err
 
 
+def test_the_command_runs_with_the_imports_frozen(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`cifar-cli` and `python -m cifar_cli` (cli.run) keep the garbage collector off what the imports made; `main`,
+    which a program may call many times, freezes nothing."""
+    import gc
+
+    from cifar_cli import cli
+
+    frozen = []
+    real_main = cli.main
+    monkeypatch.setattr(cli, "main", lambda: frozen.append(gc.get_freeze_count()))
+    assert gc.get_freeze_count() == 0
+    try:
+        cli.run()
+    finally:
+        gc.unfreeze()
+    assert frozen[0] > 100_000  # torch and Lightning alone make several hundred thousand objects
+    with pytest.raises(SystemExit):
+        real_main(["fit", "--help"])
+    assert gc.get_freeze_count() == 0
+
+
 def test_python_m_and_console_script(tmp_path: Path) -> None:
     bin_dir = Path(sys.executable).parent
     helped = subprocess.run([sys.executable, "-m", "cifar_cli", "fit", "--help"], capture_output=True, text=True)
