@@ -8,6 +8,7 @@ import gc
 import os
 import sys
 import warnings
+from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -236,11 +237,8 @@ class CifarCLI(LightningCLI):
         plain_numbers(config)
         trainer = config["trainer"]
         check_accelerator(trainer)
-        # With --ckpt_path, what the parser gives without these flags (the checkpoint's settings) counts as not
-        # given; without, ImageClassifier's defaults do (move_optimizer_flags knows them).
+        self.optimizer_flags = self._move_optimizer_flags(self.subcommand)
         checkpoint = getattr(self, "checkpoint", None)
-        model_defaults = self._parser(self.subcommand).get_defaults().get("model") if checkpoint is not None else None
-        self.optimizer_flags = move_optimizer_flags(config, model_defaults)
         if self.subcommand == "fit" and checkpoint is not None:
             saved = (checkpoint.get("hyper_parameters", {}).get("optimizer") or {}).get("class_path")
             chosen = (config["model"].get("optimizer") or Namespace()).get("class_path")
@@ -349,6 +347,36 @@ class CifarCLI(LightningCLI):
         return trainer
 
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        printer = config_printer() if any(a.split("=")[0] == "--print_config" for a in self._argv) else None
+        if printer is None:
+            self._parse_arguments(parser, args)
+            return
+        # jsonargparse prints the config as it parses the command line, before cifar-cli has read it: without a
+        # checkpoint's settings (`test --ckpt_path F --print_config` showed CIFAR-10 for a run on an image folder,
+        # so the printed config tested on other data), and with the optimizer's own `lr`, which the run replaces
+        # by --model.learning_rate. The config is printed here once the command line has been read whole.
+        skip_printing, print_if_requested = printer
+        try:
+            with skip_printing():
+                self._parse_arguments(parser, args)
+                subcommand = self.config["subcommand"]
+                plain_numbers(self.config[subcommand])
+                self._move_optimizer_flags(subcommand)
+        except (ArgumentError, UsageError):
+            # An incomplete config (`--data ImageFolderDataModule` without its root), which jsonargparse prints as a
+            # template to fill in; it exits once printed.
+            self._parse_arguments(parser, args)
+            raise
+        print_if_requested(self.parser, self.config)
+
+    def _move_optimizer_flags(self, subcommand: str) -> dict[str, str]:
+        """`move_optimizer_flags` on the subcommand's config: with `--ckpt_path`, what the parser gives without the
+        flags (the checkpoint's settings) counts as not given; without, ImageClassifier's defaults do."""
+        checkpoint = getattr(self, "checkpoint", None)
+        model_defaults = self._parser(subcommand).get_defaults().get("model") if checkpoint is not None else None
+        return move_optimizer_flags(self.config[subcommand], model_defaults)
+
+    def _parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
         try:
             super().parse_arguments(parser, args)
         except UnicodeDecodeError as err:  # a file given for a group (`--model FILE`): jsonargparse's traceback
@@ -590,6 +618,17 @@ def main(args: ArgsType = None) -> None:
             raise
         print(f"cifar-cli: error: {one_line(cause)}", file=sys.stderr)
         sys.exit(2)
+
+
+def config_printer() -> tuple[Callable[[], Any], Callable[[Any, Namespace], None]] | None:
+    """jsonargparse's `--print_config`, in two parts: a context in which parsing does not print, and the print
+    (which exits). Private in jsonargparse (4.53): None where it has moved, and jsonargparse prints as it parses."""
+    try:
+        from jsonargparse._actions import _ActionPrintConfig
+
+        return _ActionPrintConfig.skip_print_config, _ActionPrintConfig.print_config_if_requested
+    except (ImportError, AttributeError):
+        return None
 
 
 def run() -> None:

@@ -220,6 +220,38 @@ def test_print_config_round_trip(capsys, tmp_path: Path) -> None:
     assert yaml.safe_load(printed)["trainer"]["max_epochs"] == 7
 
 
+def test_print_config_shows_the_learning_rate_the_run_uses(capsys) -> None:
+    model = yaml.safe_load(print_config(capsys))["model"]
+    assert model["learning_rate"] == 2e-4 and model["optimizer"]["init_args"]["lr"] == 2e-4  # not Adam's own 1e-3
+    printed = yaml.safe_load(print_config(capsys, "--optimizer", "SGD", "--model.learning_rate", "0.05"))
+    assert printed["optimizer"] is None  # --optimizer is the model's optimizer (cifar_cli.optimizer_flags)
+    assert printed["model"]["optimizer"]["class_path"] == "torch.optim.SGD"
+    assert printed["model"]["optimizer"]["init_args"]["lr"] == printed["model"]["learning_rate"] == 0.05
+    # A template with a required argument left to fill in is printed as jsonargparse prints it.
+    template = yaml.safe_load(print_config(capsys, "--data", "ImageFolderDataModule"))
+    assert template["data"]["init_args"]["root"] is None
+
+
+def test_print_config_beside_a_checkpoint_shows_its_settings(image_folder: Path, tmp_path: Path, capsys) -> None:
+    main(["fit", "--data", "ImageFolderDataModule", "--data.root", str(image_folder), "--data.val_size", "30",
+          "--model.learning_rate", "1e-3", "--trainer.max_epochs", "1", "--trainer.logger", "false"])  # fmt: skip
+    (ckpt,) = checkpoints()
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["test", "--ckpt_path", str(ckpt), "--print_config"])
+    printed = capsys.readouterr().out
+    config = yaml.safe_load(printed)
+    assert config["data"]["class_path"] == "cifar_cli.data.ImageFolderDataModule"  # not the default CIFAR-10
+    assert config["data"]["init_args"]["root"] == str(image_folder)
+    assert config["model"]["learning_rate"] == config["model"]["optimizer"]["init_args"]["lr"] == 1e-3
+    # The printed config tests the checkpoint as the command did.
+    (tmp_path / "test.yaml").write_text(printed)
+    for save_dir, args in (("a", ["--ckpt_path", str(ckpt)]), ("b", ["--config", str(tmp_path / "test.yaml")])):
+        main(["test", *args, "--trainer.logger", "CSVLogger", "--trainer.logger.save_dir", save_dir])
+    assert values(metrics_rows("a"), "test_acc") == values(metrics_rows("b"), "test_acc")
+    assert values(metrics_rows("a"), "test_loss") == values(metrics_rows("b"), "test_loss")
+
+
 def test_default_config_file_is_the_builtin_default(capsys) -> None:
     assert print_config(capsys, "--config", str(REPO / "configs" / "default.yaml")) == print_config(capsys)
 
