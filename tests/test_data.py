@@ -322,6 +322,39 @@ def test_predict_root_missing(image_folder: Path, tmp_path: Path) -> None:
         data.setup("predict")
 
 
+def test_saved_state_normalises_as_training_did_and_predicts_without_the_data(image_folder: Path, tmp_path) -> None:
+    from cifar_cli.data.base import predicting_from
+
+    data = ImageFolderDataModule(str(image_folder), val_size=30)
+    data.setup("fit")
+    state = data.state_dict()
+    assert state["class_names"] == ["cat", "dog", "frog"]
+    assert torch.equal(state["mean"], data.mean) and torch.equal(state["std"], data.std)
+    # Other data of the same classes (brighter images, other statistics) is normalised with the saved ones.
+    write_image_folder(tmp_path / "other" / "train", {"cat": 10, "dog": 10, "frog": 10}, seed=5)
+    other = ImageFolderDataModule(str(tmp_path / "other"), val_size=5)
+    other.setup("test")
+    assert not torch.allclose(other.mean, data.mean)
+    batch = other.splits["train"].images[:4]
+    other.load_state_dict(state)
+    expected = (batch.float() - state["mean"].view(1, 3, 1, 1)) / state["std"].view(1, 3, 1, 1)
+    assert torch.allclose(other.preprocess(batch), expected, atol=1e-5)
+    # Built to predict from a checkpoint: classes and statistics from it, the training folder never looked at.
+    photos = tmp_path / "photos"
+    write_image_folder(photos, {"x": 2})
+    with predicting_from({"ImageFolderDataModule": state}):
+        alone = ImageFolderDataModule(str(tmp_path / "gone"), val_size=30, predict_root=str(photos))
+    alone.prepare("predict")
+    alone.setup("predict")
+    assert alone.class_names == ["cat", "dog", "frog"] and torch.equal(alone.mean, data.mean)
+    assert len(alone.splits["predict"]) == 2 and "train" not in alone.splits
+    with pytest.raises(RuntimeError, match="cannot fit"):
+        alone.setup("fit")
+    # Outside that block, or without a predict folder, a data module reads its data as always.
+    with predicting_from({"ImageFolderDataModule": state}), pytest.raises(UsageError, match="does not exist"):
+        ImageFolderDataModule(str(tmp_path / "gone"), val_size=30)
+
+
 def test_list_images_finds_what_pathlib_finds_in_its_order(tmp_path: Path) -> None:
     root = tmp_path / "images"
     files = ["a/x.jpg", "a-b/x.JPG", "a/b/y.png", "ab/z.webp", ".hidden/h.jpg", "a/.h.jpg", "a/notes.txt", "c.gif"]
