@@ -348,6 +348,11 @@ def test_saved_state_normalises_as_training_did_and_predicts_without_the_data(im
     alone.setup("predict")
     assert alone.class_names == ["cat", "dog", "frog"] and torch.equal(alone.mean, data.mean)
     assert len(alone.splits["predict"]) == 2 and "train" not in alone.splits
+    assert alone.placement_used == "device"  # auto: two images fit anywhere
+    with predicting_from({"ImageFolderDataModule": state}):
+        on_host = ImageFolderDataModule(str(tmp_path / "gone"), predict_root=str(photos), placement="host")
+    on_host.setup("predict")
+    assert on_host.placement_used == "host" and on_host.predict_dataloader().device is not None  # sent batch by batch
     with pytest.raises(RuntimeError, match="cannot fit"):
         alone.setup("fit")
     # Outside that block, or without a predict folder, a data module reads its data as always.

@@ -197,6 +197,10 @@ class ImageDataModule(LightningDataModule):
             self.load_splits()
         if stage == "predict":
             self.setup_predict_folder()
+            if self.saved is not None and not isinstance(self.splits["predict"].images, DiskImages):
+                # Where the folder's images live while predicting, as `placement` decides for the labelled splits
+                # (`host`: batches copied to the device one at a time; `auto`: from the free memory).
+                self.choose_placement(self.splits["predict"].images.nbytes)
 
     def load_splits(self) -> None:
         """Fill `self.splits` with the labelled splits and set the normalisation statistics.
