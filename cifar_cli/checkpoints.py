@@ -151,7 +151,7 @@ def check_weights_fit(model: LightningModule, state_dict: dict[str, torch.Tensor
         )
 
 
-def check_same_classes(model: LightningModule, checkpoint: dict[str, Any], ckpt_path: str) -> None:
+def check_same_classes(model: LightningModule, checkpoint: dict[str, Any], ckpt_path: str, subcommand: str) -> None:
     """Fail in one line when the data's classes are not the checkpoint's, in the same order: its outputs would be
     read as other classes (a class folder added, removed or renamed since training), silently when their number is
     the same."""
@@ -165,9 +165,13 @@ def check_same_classes(model: LightningModule, checkpoint: dict[str, Any], ckpt_
     else:
         i = next(i for i, (a, b) in enumerate(zip(saved, names)) if a != b)
         differ = f"its class {i} is {saved[i]!r}, the data's {names[i]!r}"
-    only = sorted(set(saved) - set(names))[:3]
-    extra = f" (the data lacks {', '.join(only)})" if only else ""
-    raise UsageError(
-        f"checkpoint {ckpt_path} was trained on other classes: {differ}{extra}; pass the data it was trained on, or "
-        "start a new run from its weights with --model.init_from"
-    )
+    lacks, adds = [c for c in saved if c not in names], [c for c in names if c not in saved]
+    changes = [f"{what} {', '.join(classes[:3])}{', ...' if len(classes) > 3 else ''}"
+               for what, classes in (("lacks", lacks), ("adds", adds)) if classes]  # fmt: skip
+    detail = f" (the data {'; '.join(changes)})" if changes else ""
+    advice = "pass the data it was trained on"
+    if subcommand == "fit":
+        advice += ", or start a new run from its weights with --model.init_from"
+    elif subcommand == "predict":
+        advice += ", or predict a folder of images with --data.predict_root DIR"
+    raise UsageError(f"checkpoint {ckpt_path} was trained on other classes: {differ}{detail}; {advice}")

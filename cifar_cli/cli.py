@@ -81,6 +81,28 @@ def data_paths_from(data: dict[str, Any], working_dir: str | None) -> dict[str, 
     return {**data, "init_args": init_args}
 
 
+def checkpoint_defaults(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's data and model settings as the command line's defaults: its data config (relative paths found
+    from where `fit` ran) and its model hyperparameters (see `unsettled`)."""
+    saved = checkpoint.get(CHECKPOINT_KEY, {})
+    defaults = {"data": data_paths_from(saved["data"], saved.get(WORKING_DIR_KEY))} if saved.get("data") else {}
+    hparams = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if k != "_instantiator"}
+    if hparams:
+        defaults["model"] = unsettled(hparams)
+    return defaults
+
+
+def flag_value(argv: list[str], flag: str) -> str | None:
+    """The value the command line `argv` gives `flag` (`--flag VALUE` or `--flag=VALUE`; the last one counts)."""
+    value = None
+    for i, arg in enumerate(argv):
+        if arg == flag and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith(flag + "="):
+            value = arg[len(flag) + 1 :]
+    return value
+
+
 # The first line of every run's config.yaml: a file without it is not overwritten (a YAML comment, so the file is
 # still a config for `--config`).
 RUN_CONFIG_MARK = "# The resolved config of a cifar-cli run, written by the run itself\n"
@@ -162,6 +184,8 @@ class CifarCLI(LightningCLI):
         self._argv: list[str] = argv if isinstance(argv, list) else []  # (a config given as a dict: none)
         first = self._argv[0] if self._argv else None
         self._only_subcommand = first if first in LightningCLI.subcommands() else None
+        # The checkpoint `--ckpt_path` names, where it was read before the command line (its path and contents).
+        self._named_checkpoint: tuple[str, dict[str, Any]] | None = None
         super().__init__(*args, **kwargs)
 
     def subcommands(self) -> dict[str, set[str]]:
@@ -238,16 +262,6 @@ class CifarCLI(LightningCLI):
         trainer = config["trainer"]
         check_accelerator(trainer)
         self.optimizer_flags = self._move_optimizer_flags(self.subcommand)
-        checkpoint = getattr(self, "checkpoint", None)
-        if self.subcommand == "fit" and checkpoint is not None:
-            saved = (checkpoint.get("hyper_parameters", {}).get("optimizer") or {}).get("class_path")
-            chosen = (config["model"].get("optimizer") or Namespace()).get("class_path")
-            if saved and chosen and saved != chosen:
-                # Lightning would load the checkpoint's optimizer state into the other optimizer: a KeyError.
-                raise UsageError(
-                    f"{self.optimizer_flags['optimizer']} {chosen}: the checkpoint's run trains with {saved}, whose "
-                    "state goes on from it; start a new run from its weights with --model.init_from instead"
-                )
         check_optimizer_class(config)
         for callback in trainer.get("callbacks") or []:
             init = callback.get("init_args")
@@ -291,7 +305,7 @@ class CifarCLI(LightningCLI):
                 f"{type(self.model.net).__name__} has none"
             )
         if getattr(self, "checkpoint", None) is not None:
-            check_same_classes(self.model, self.checkpoint, self.config[self.subcommand]["ckpt_path"])
+            check_same_classes(self.model, self.checkpoint, self.config[self.subcommand]["ckpt_path"], self.subcommand)
             check_weights_fit(self.model, self.checkpoint["state_dict"], self.config[self.subcommand]["ckpt_path"])
             self.checkpoint = None
         if self.subcommand is not None:
@@ -362,23 +376,44 @@ class CifarCLI(LightningCLI):
                 subcommand = self.config["subcommand"]
                 plain_numbers(self.config[subcommand])
                 self._move_optimizer_flags(subcommand)
-        except (ArgumentError, UsageError):
+        except ArgumentError:
             # An incomplete config (`--data ImageFolderDataModule` without its root), which jsonargparse prints as a
-            # template to fill in; it exits once printed.
+            # template to fill in; it exits once printed. cifar-cli's own refusals (UsageError) are not templates:
+            # the command would refuse the printed config too.
             self._parse_arguments(parser, args)
             raise
         print_if_requested(self.parser, self.config)
 
     def _move_optimizer_flags(self, subcommand: str) -> dict[str, str]:
         """`move_optimizer_flags` on the subcommand's config: with `--ckpt_path`, what the parser gives without the
-        flags (the checkpoint's settings) counts as not given; without, ImageClassifier's defaults do."""
+        flags (the checkpoint's settings) counts as not given; without, ImageClassifier's defaults do. `fit` goes on
+        with the checkpoint's optimizer state, so it refuses an optimizer of another class."""
         checkpoint = getattr(self, "checkpoint", None)
         model_defaults = self._parser(subcommand).get_defaults().get("model") if checkpoint is not None else None
-        return move_optimizer_flags(self.config[subcommand], model_defaults)
+        config = self.config[subcommand]
+        flags = move_optimizer_flags(config, model_defaults)
+        if subcommand == "fit" and checkpoint is not None:
+            saved = (checkpoint.get("hyper_parameters", {}).get("optimizer") or {}).get("class_path")
+            chosen = (config["model"].get("optimizer") or Namespace()).get("class_path")
+            if saved and chosen and saved != chosen:
+                # Lightning would load the checkpoint's optimizer state into the other optimizer: a KeyError.
+                raise UsageError(
+                    f"{flags['optimizer']} {chosen}: the checkpoint's run trains with {saved}, whose state goes on "
+                    "from it; start a new run from its weights with --model.init_from instead"
+                )
+        return flags
 
     def _parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
         try:
-            super().parse_arguments(parser, args)
+            try:
+                super().parse_arguments(parser, args)
+            except ArgumentError:
+                # A flag of the checkpoint's own data module or network (`test --ckpt_path F --data.root DIR` for a
+                # run on an image folder) is refused while the parser holds the default ones: with the checkpoint
+                # the command line names as the defaults, it is read again.
+                if not self._defaults_from_named_checkpoint():
+                    raise
+                super().parse_arguments(parser, args)
         except UnicodeDecodeError as err:  # a file given for a group (`--model FILE`): jsonargparse's traceback
             raise UsageError(f"{binary_file_argument(self._argv)} is not a YAML text file ({err.reason})") from None
         self.checkpoint: dict[str, Any] | None = None
@@ -391,6 +426,8 @@ class CifarCLI(LightningCLI):
             return
         if ckpt_path == "last":
             self.checkpoint, ckpt_path = self._find_last(subcommand)
+        elif self._named_checkpoint is not None and self._named_checkpoint[0] == ckpt_path:
+            self.checkpoint = self._named_checkpoint[1]
         else:
             self.checkpoint = load_checkpoint(ckpt_path)
         if self.checkpoint is None:
@@ -402,11 +439,9 @@ class CifarCLI(LightningCLI):
         # The checkpoint's model and data settings become the defaults, so that `test --ckpt_path FILE` alone
         # evaluates the same network on the split it was trained with, and a flag or config still overrides them.
         saved = self.checkpoint.get(CHECKPOINT_KEY, {})
-        defaults = {"data": data_paths_from(saved["data"], saved.get(WORKING_DIR_KEY))} if saved.get("data") else {}
-        hparams = {k: v for k, v in self.checkpoint.get("hyper_parameters", {}).items() if k != "_instantiator"}
-        if hparams:
+        defaults = checkpoint_defaults(self.checkpoint)
+        if "model" in defaults:
             apply_hyperparameters(parser, self.config, self.checkpoint, ckpt_path)  # refuses them in one line
-            defaults["model"] = unsettled(hparams)
         if defaults:
             self._parser(subcommand).set_defaults(defaults)
             super().parse_arguments(parser, args)
@@ -424,6 +459,19 @@ class CifarCLI(LightningCLI):
             step, epoch = self.checkpoint.get("global_step"), self.checkpoint.get("epoch")
             self.resume_step = step or 0
             self.resume_line = f"cifar-cli: resuming from {ckpt_path} (epoch {epoch}, step {step})"
+
+    def _defaults_from_named_checkpoint(self) -> bool:
+        """Make the settings of the checkpoint that the command line names (`SUBCOMMAND ... --ckpt_path FILE`) the
+        subcommand's defaults, before the command line has been parsed; False where it names none."""
+        path = flag_value(self._argv, "--ckpt_path")
+        if self._only_subcommand is None or path is None or path == "last":
+            return False
+        checkpoint = load_checkpoint(path)  # a missing or foreign file: its one-line error, not the flag's
+        self._named_checkpoint = (path, checkpoint)
+        defaults = checkpoint_defaults(checkpoint)
+        if defaults:
+            self._parser(self._only_subcommand).set_defaults(defaults)
+        return bool(defaults)
 
     def _save_under_root_dir(self, subcommand: str | None) -> None:
         """`--trainer.default_root_dir DIR` puts the logger's relative `save_dir` (`runs` by default) under DIR.

@@ -335,7 +335,7 @@ CASES = [
         "ckpt_other_class_count",
         TEST_CKPT,
         "checkpoint model.ckpt was trained on other classes: it has 3 classes, the data 10 (the data lacks c0, c1, "
-        "c2); pass the data it was trained on",
+        "c2; adds airplane, automobile, bird, ...); pass the data it was trained on",
         ckpt=checkpoint(num_classes=3),
     ),
     Case(

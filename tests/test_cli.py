@@ -230,6 +230,9 @@ def test_print_config_shows_the_learning_rate_the_run_uses(capsys) -> None:
     # A template with a required argument left to fill in is printed as jsonargparse prints it.
     template = yaml.safe_load(print_config(capsys, "--data", "ImageFolderDataModule"))
     assert template["data"]["init_args"]["root"] is None
+    # A command line the run would refuse is refused, not printed.
+    err = fails(capsys, "fit", "--optimizer", "SGD", "--model.optimizer", "RMSprop", "--print_config")
+    assert err.endswith("--optimizer and --model.optimizer both choose the optimizer: give one of them")
 
 
 def test_print_config_beside_a_checkpoint_shows_its_settings(image_folder: Path, tmp_path: Path, capsys) -> None:
@@ -378,6 +381,23 @@ def test_predict_photos_from_a_cifar_checkpoint_without_cifar(fake_cifar10: Path
     assert not fake_cifar10.exists()
 
 
+def test_flags_of_the_checkpoints_own_data_module_beside_ckpt_path(image_folder: Path, tmp_path: Path) -> None:
+    """`--data.root` is a flag of ImageFolderDataModule, not of the default CIFAR-10 module: beside a checkpoint of
+    an image-folder run it is read as the checkpoint's data module's flag."""
+    main(["fit", "--data", "ImageFolderDataModule", "--data.root", str(image_folder), "--data.val_size", "30",
+          "--trainer.max_epochs", "1", "--trainer.logger", "false"])  # fmt: skip
+    (ckpt,) = checkpoints()
+    other = tmp_path / "other"
+    shutil.copytree(image_folder / "train", other / "train")
+    write_image_folder(other / "test", {"cat": 2, "dog": 1, "frog": 1}, seed=3, jpeg=False)
+    main(["predict", "--ckpt_path", str(ckpt), "--data.root", str(other), "--trainer.logger", "false"])
+    with open("predictions.csv") as file:
+        rows = list(csv.DictReader(file))
+    assert [row["image"] for row in rows] == ["test/cat/0000.png", "test/cat/0001.png", "test/dog/0002.png",
+                                              "test/frog/0003.png"]  # fmt: skip
+    assert [row["label"] for row in rows] == ["cat", "cat", "dog", "frog"]
+
+
 def test_a_checkpoint_of_other_classes_is_refused(image_folder: Path, capsys) -> None:
     main(["fit", "--data", "ImageFolderDataModule", "--data.root", str(image_folder), "--data.val_size", "30",
           "--trainer.max_epochs", "1", "--trainer.logger", "false"])  # fmt: skip
@@ -386,14 +406,19 @@ def test_a_checkpoint_of_other_classes_is_refused(image_folder: Path, capsys) ->
     for split in ("train", "test"):  # a class renamed since training: as many outputs, read as other classes
         (image_folder / split / "cat").rename(image_folder / split / "kitten")
     err = fails(capsys, "test", "--ckpt_path", str(ckpt), "--trainer.logger", "false")
-    assert f"checkpoint {ckpt} was trained on other classes: its class 0 is 'cat', the data's 'dog'" in err
-    assert "(the data lacks cat)" in err
+    assert err.endswith(f"checkpoint {ckpt} was trained on other classes: its class 0 is 'cat', the data's 'dog' "
+                        "(the data lacks cat; adds kitten); pass the data it was trained on")  # fmt: skip
+    err = fails(capsys, "predict", "--ckpt_path", str(ckpt), "--trainer.logger", "false")
+    assert err.endswith("pass the data it was trained on, or predict a folder of images with --data.predict_root DIR")
     for split in ("train", "test"):
         (image_folder / split / "kitten").rename(image_folder / split / "cat")
     (image_folder / "train" / "newt").mkdir()
     shutil.copy(next((image_folder / "train" / "frog").iterdir()), image_folder / "train" / "newt" / "a.jpg")
     err = fails(capsys, "fit", "--ckpt_path", str(ckpt), "--trainer.max_epochs", "2", "--trainer.logger", "false")
-    assert "was trained on other classes: it has 3 classes, the data 4;" in err
+    assert (
+        "was trained on other classes: it has 3 classes, the data 4 (the data adds newt); pass the data it was "
+        "trained on, or start a new run from its weights with --model.init_from" in err
+    )
 
 
 def test_the_command_runs_with_the_imports_frozen(monkeypatch: pytest.MonkeyPatch) -> None:
