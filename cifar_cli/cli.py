@@ -34,7 +34,7 @@ from cifar_cli.checkpoints import (
     check_weights_fit,
     load_checkpoint,
 )
-from cifar_cli.checks import ArgumentParser, QuietSeed, check_accelerator, check_data, plain_numbers
+from cifar_cli.checks import ArgumentParser, QuietSeed, check_accelerator, check_data, local_rank_zero, plain_numbers
 from cifar_cli.classifier import ImageClassifier
 from cifar_cli.dashboard import RunCSVLogger, with_csv_logger
 from cifar_cli.data import ImageDataModule
@@ -311,7 +311,9 @@ class CifarCLI(LightningCLI):
         if self.subcommand is not None:
             check_data(self.datamodule, self.subcommand)
             QuietSeed.announce(self._get(self.config, "seed_everything"))
-        if getattr(self, "resume_line", None):  # once the command line, the checkpoint and the data pass every check
+        # Once the command line, the checkpoint and the data pass every check; by the first process of each machine
+        # only (a DDP run's other ranks parse the same command line).
+        if getattr(self, "resume_line", None) and local_rank_zero():
             print(self.resume_line, file=sys.stderr)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:

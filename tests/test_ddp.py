@@ -201,6 +201,7 @@ def test_signal_to_one_rank_stops_every_rank_and_resume_matches(images: Path, un
     assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 7
     code, stderr = finish(start([*args, "--ckpt_path", "last"], tmp_path, ddp_env(free_port())))
     assert code == 0, stderr[-2000:]
+    assert stderr.count("cifar-cli: resuming from ") == 1  # rank 0's line, not one per rank
     last = f"epoch=1-step={STEPS}.ckpt"
     assert_same_weights(tmp_path / "steps" / last, uninterrupted / "steps" / last)
 
