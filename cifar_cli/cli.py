@@ -43,6 +43,7 @@ from cifar_cli.distributed import exit_if_rank_failed, watch_ranks
 from cifar_cli.errors import UsageError, causes
 from cifar_cli.optimizer_flags import check_built, move_optimizer_flags, unsettled
 from cifar_cli.precision import choose_precision
+from cifar_cli.pretrained import weights_from_checkpoint
 from cifar_cli.resume import (
     RUN_KEY,
     continue_run,
@@ -283,11 +284,13 @@ class CifarCLI(LightningCLI):
     def instantiate_classes(self) -> None:
         # LightningCLI's, with the checks of the model and the data before the trainer is built: the trainer logs
         # its banner (GPU/TPU lines, tips) as it is built, which would precede their one-line errors.
-        # `predict --ckpt_path F --data.predict_root DIR` needs only the checkpoint: the data module takes the classes
-        # and normalisation it saved there, not from the training data.
-        checkpoint = getattr(self, "checkpoint", None) if self.subcommand == "predict" else None
-        with predicting_from(checkpoint):
-            self.config_init = self.parser.instantiate_classes(self.config)
+        # A checkpoint is all that `predict --ckpt_path F --data.predict_root DIR` needs: the data module takes the
+        # classes and normalisation saved there, not the training data's; and with any --ckpt_path the network's
+        # pretrained weights are neither downloaded nor read from their file, as the checkpoint's replace them.
+        checkpoint = getattr(self, "checkpoint", None)
+        with predicting_from(checkpoint if self.subcommand == "predict" else None):
+            with weights_from_checkpoint(checkpoint is not None):
+                self.config_init = self.parser.instantiate_classes(self.config)
         self.datamodule = self._get(self.config_init, "data")
         self.model = self._get(self.config_init, "model")
         self._add_configure_optimizers_method_to_model(self.subcommand)

@@ -20,6 +20,7 @@ import socket
 import urllib.error
 import urllib.parse
 from collections.abc import Iterable, Iterator
+from contextvars import ContextVar
 from pathlib import Path
 
 import torch
@@ -28,6 +29,23 @@ from torch import Tensor, nn
 from torchvision import models
 
 from cifar_cli.errors import UsageError
+
+# Whether the networks built now get their weights from a checkpoint right after (`--ckpt_path`): they are then built
+# without their pretrained weights, neither downloaded nor read from `weights_path`, which the machine that tests or
+# predicts with the checkpoint may not have; the mean and std those weights expect are still theirs. A context
+# variable, set by CifarCLI around instantiation: LightningCLI builds the network deep inside the model's arguments.
+_WEIGHTS_FROM_CHECKPOINT: ContextVar[bool] = ContextVar("weights_from_checkpoint", default=False)
+
+
+@contextlib.contextmanager
+def weights_from_checkpoint(yes: bool = True) -> Iterator[None]:
+    """Networks built in this block leave their pretrained weights out: a checkpoint's replace them."""
+    token = _WEIGHTS_FROM_CHECKPOINT.set(yes)
+    try:
+        yield
+    finally:
+        _WEIGHTS_FROM_CHECKPOINT.reset(token)
+
 
 # The statistics of ImageNet's training images, 0-1 scale: what torchvision's and most timm weights expect.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -194,7 +212,9 @@ class TorchvisionNet(NamedNet):
         outputs = final_layer_outputs(model)
         self.head_path = final_layer(model, outputs)
         enum = resolve_weights(name, weights) if weights is not None else None
-        if weights_path is not None:
+        if _WEIGHTS_FROM_CHECKPOINT.get():
+            pass  # the checkpoint's weights replace them
+        elif weights_path is not None:
             flag = "--model.net.weights_path"
             load_into(model, load_weights_file(weights_path, flag), self.head_path, flag)
         elif enum is not None:
@@ -298,13 +318,14 @@ class TimmNet(NamedNet):
         if name.partition(".")[0] not in known:
             raise UsageError(f"--model.net.name {name}: no timm network; {suggest(name.partition('.')[0], known)}")
         overlay = {"file": str(Path(weights_path).expanduser())} if weights_path else None
-        if weights_path is not None and not Path(weights_path).expanduser().is_file():
+        load = (pretrained or weights_path is not None) and not _WEIGHTS_FROM_CHECKPOINT.get()
+        if load and weights_path is not None and not Path(weights_path).expanduser().is_file():
             raise UsageError(f"--model.net.weights_path {weights_path}: no such file")
 
         def create() -> nn.Module:
             return timm.create_model(
                 name,
-                pretrained=pretrained or weights_path is not None,
+                pretrained=load,
                 num_classes=num_classes,
                 pretrained_cfg_overlay=overlay,
             )

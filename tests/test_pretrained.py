@@ -3,7 +3,9 @@ fine-tuning controls (backbone learning-rate factor, BackboneFinetuning, the wei
 
 from __future__ import annotations
 
+import csv
 import os
+import shutil
 import socket
 import urllib.error
 from pathlib import Path
@@ -70,6 +72,23 @@ def test_weights_offline_name_the_file_and_the_folder(capsys, monkeypatch, tmp_p
     assert f"{tmp_path / 'torch' / 'hub' / 'checkpoints'}/, or pass --model.net.weights_path FILE" in err
 
 
+def test_a_checkpoint_of_named_weights_tests_offline(image_folder, monkeypatch) -> None:
+    """Trained from `--model.net.weights DEFAULT`, the checkpoint is tested where the weights cannot be downloaded:
+    its own weights replace them, and the weights' normalisation is kept."""
+    with monkeypatch.context() as online:  # as if downloaded
+        online.setattr("cifar_cli.pretrained.download_weights", lambda *a: torchvision.models.resnet18().state_dict())
+        main(["fit", *folder_args(image_folder, "--model.net", "TorchvisionNet", "--model.net.weights", "DEFAULT",
+                                  "--trainer.limit_train_batches", "1")])  # fmt: skip
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    main(["test", "--ckpt_path", str(only_checkpoint()), "--data.test_size", "10", *QUIET])
+    saved = torch.load(only_checkpoint(), weights_only=True)["ImageFolderDataModule"]
+    assert torch.allclose(saved["std"], torch.tensor(IMAGENET_STD) * 255)
+
+
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
 def test_weights_path_loads_the_backbone_and_normalises_as_the_weights_expect(image_folder, suffix) -> None:
     source = torchvision.models.resnet18()
@@ -93,6 +112,18 @@ def test_weights_path_loads_the_backbone_and_normalises_as_the_weights_expect(im
     checkpoint = torch.load(only_checkpoint(), weights_only=True)
     assert checkpoint["state_dict"]["net.model.fc.weight"].shape == (3, 512)
     main(["test", "--ckpt_path", str(only_checkpoint()), *QUIET])  # rebuilt from the checkpoint alone
+    # On a machine without the weights file and the training images: the checkpoint alone predicts new images,
+    # normalised as the weights expect.
+    ckpt = only_checkpoint().rename("moved.ckpt")
+    path.unlink()
+    photos = Path("photos")
+    shutil.copytree(image_folder / "test" / "dog", photos)
+    shutil.rmtree(image_folder)
+    main(["predict", "--ckpt_path", str(ckpt), "--data.predict_root", str(photos), *QUIET])
+    with open("predictions.csv") as file:
+        assert len(list(csv.DictReader(file))) == 10
+    assert torch.allclose(torch.load(ckpt, weights_only=True)["ImageFolderDataModule"]["mean"],
+                          torch.tensor(IMAGENET_MEAN) * 255)  # fmt: skip
 
 
 def test_pretrained_statistics_replace_the_datas(image_folder) -> None:
@@ -207,9 +238,12 @@ def test_timm_networks_by_name_with_local_weights(image_folder) -> None:
     own = net.model.state_dict()
     assert all(torch.equal(own[k], v) for k, v in source.state_dict().items() if not k.startswith("fc."))
     assert net.input_mean == tuple(source.pretrained_cfg["mean"])
-    args = ["--model.net", "TimmNet", "--model.net.name", "test_resnet", "--trainer.limit_train_batches", "1"]
+    args = ["--model.net", "TimmNet", "--model.net.name", "test_resnet", "--model.net.weights_path", "test_resnet.pth",
+            "--trainer.limit_train_batches", "1"]  # fmt: skip
     main(["fit", *folder_args(image_folder, *args)])
     assert only_checkpoint().is_file()
+    Path("test_resnet.pth").unlink()  # the weights come from the checkpoint: the file is not read
+    main(["test", "--ckpt_path", str(only_checkpoint()), *QUIET])
 
 
 @pytest.mark.parametrize("where", ["cache", "hub", "nowhere"])
