@@ -362,12 +362,20 @@ class ImageClassifier(LightningModule):
         ):
             return  # the epoch's batches are done: a resumed run starts the next epoch from zero
         self._flush_window(log=False)
-        checkpoint[METRICS_KEY] = {
-            name: {"state": getattr(self, name).metric_state, "updates": getattr(self, name)._update_count}
-            for name in ("train_acc", "train_loss")
-        }
+        saved = {}
+        for name in ("train_acc", "train_loss"):
+            metric = getattr(self, name)
+            # Under DDP each rank holds the sums of its own batches: the checkpoint keeps their totals over the
+            # ranks, which rank 0 alone takes back (on_load_checkpoint). Every rank saves a checkpoint at the same
+            # step (Lightning's save_checkpoint ends in a barrier), so this collective is met by all.
+            with metric.sync_context(should_sync=trainer.world_size > 1):
+                state = {k: v.clone() if isinstance(v, Tensor) else v for k, v in metric.metric_state.items()}
+            saved[name] = {"state": state, "updates": metric._update_count}
+        checkpoint[METRICS_KEY] = saved
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self._trainer is not None and self.global_rank != 0:
+            return  # rank 0 takes the sums of every rank's batches so far; the others count on from zero
         for name, saved in checkpoint.get(METRICS_KEY, {}).items():
             metric = getattr(self, name)
             if set(saved["state"]) != set(metric._defaults):

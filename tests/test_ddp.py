@@ -198,7 +198,12 @@ def test_signal_to_one_rank_stops_every_rank_and_resume_matches(images: Path, un
     code, stderr = finish(start([*args, *signal_rank_1], tmp_path, ddp_env(free_port())))
     assert code == 143, stderr[-2000:]
     assert "cifar-cli: stopped by SIGTERM at epoch 0, step 7; resume with: " in stderr
-    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 7
+    stopped = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert stopped["global_step"] == 7
+    # The epoch's training-metric sums so far are both ranks': 7 batches of 5 images each (rank 0's alone before,
+    # which a resumed run counted for both ranks).
+    for name in ("train_loss", "train_acc"):
+        assert float(stopped["cifar_cli_train_metrics"][name]["state"]["weight"]) == 7 * 5 * 2
     code, stderr = finish(start([*args, "--ckpt_path", "last"], tmp_path, ddp_env(free_port())))
     assert code == 0, stderr[-2000:]
     assert stderr.count("cifar-cli: resuming from ") == 1  # rank 0's line, not one per rank
