@@ -256,8 +256,22 @@ class LastCheckpoint(ModelCheckpoint):
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Also when a step save came at this same step: validation has run since, and its results belong in it.
-        if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking and not trainer.fast_dev_run:
+        if trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking or trainer.fast_dev_run:
+            return
+        progress = trainer.fit_loop.epoch_progress
+        if trainer.fit_loop.epoch_loop.batch_progress.current.completed >= trainer.num_training_batches:
             self.save(trainer)
+            return
+        # An epoch cut short (`max_time`, `max_steps`, a callback's stop): saved as Lightning saves after a
+        # validation within an epoch, the epoch not yet processed, so that a run resumed with a larger limit trains
+        # the epoch's other batches. Saved as processed, Lightning takes the epoch for done and starts the next.
+        progress.total.processed -= 1
+        progress.current.processed -= 1
+        try:
+            self.save(trainer)
+        finally:
+            progress.total.processed += 1
+            progress.current.processed += 1
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         pass  # saved at the epoch's end instead, after every other callback has seen the validation

@@ -207,6 +207,24 @@ def test_max_time_stops_training(fake_cifar10: Path) -> None:
     assert torch.load(last, weights_only=True)["global_step"] < 1000 * 5
 
 
+def test_a_run_cut_short_within_an_epoch_resumes_there_with_a_larger_limit(fake_cifar10: Path, tmp_path: Path):
+    """`max_steps` (or `max_time`) ends a run in the middle of an epoch; resumed with a larger limit, it trains that
+    epoch's other batches and ends with the uninterrupted run's weights (Lightning took the cut epoch for done)."""
+    args = [*cifar(fake_cifar10), *CSV_LOGGER, "--trainer.max_epochs", "2", "--trainer.enable_progress_bar", "false"]
+    os.chdir(tmp_path / "reference" if (tmp_path / "reference").mkdir() is None else tmp_path)
+    main(["fit", *args])
+    (reference,) = Path().glob("runs/**/last.ckpt")
+    reference = reference.resolve()
+    os.chdir(tmp_path / "cut" if (tmp_path / "cut").mkdir() is None else tmp_path)
+    main(["fit", *args, "--trainer.max_steps", "7"])  # 5 steps an epoch: 2 batches into the second
+    (last,) = Path().glob("runs/**/last.ckpt")
+    assert torch.load(last, weights_only=True)["global_step"] == 7
+    main(["fit", *args, "--trainer.max_steps", "-1", "--ckpt_path", "last"])
+    stopped = torch.load(last, weights_only=True)
+    assert (stopped["global_step"], stopped["epoch"]) == (10, 1)
+    assert_identical(tensors(last), tensors(reference))
+
+
 def test_time_budget_drives_the_schedule_and_ends_it_when_time_runs_out(fake_cifar10: Path, monkeypatch) -> None:
     # Steps of exactly 1 s on a fake clock, a 12 s budget, and epochs for 500 steps: the schedule's progress is the
     # budget's, so training stops after 12 steps with the learning rate at the schedule's end.
