@@ -117,7 +117,11 @@ class ImageFolderDataModule(ImageDataModule):
 
     def _missing_split_hint(self, split: str) -> str:
         if split == "test":
-            return f"add {self.root}/test/<class>/ or hold out training images with --data.test_size N"
+            # Not `--data.test_size N` alone: beside a checkpoint, the images it would hold out were trained on.
+            return (
+                f"add {self.root}/test/<class>/ with images the model has not trained on, or hold out training "
+                "images when you fit (--data.test_size N)"
+            )
         return super()._missing_split_hint(split)
 
     def _list_folder(self, split: str) -> _Listing:
