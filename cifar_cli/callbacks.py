@@ -18,7 +18,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, Timer
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import Tensor
 
@@ -40,9 +40,11 @@ NO_DATA_MODULE = "it needs one of cifar_cli's data modules"
 
 
 def warn_idle(callback: Callback, reason: str) -> None:
-    """Warn, once per callback, that it does nothing in this run and why."""
+    """Say, once per callback, that it does nothing in this run and why: one line, as cifar-cli's other notices. A
+    Python warning added its source path and line (two lines more) to every run without W&B, the README's own
+    `--trainer.logger CSVLogger` included."""
     if not getattr(callback, "_warned_idle", False):
-        rank_zero_warn(f"{type(callback).__name__} does nothing: {reason}")
+        rank_zero_only(print)(f"cifar-cli: {type(callback).__name__} does nothing: {reason}", file=sys.stderr)
         callback._warned_idle = True
 
 
