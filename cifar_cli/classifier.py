@@ -233,9 +233,12 @@ class ImageClassifier(LightningModule):
         named = {f"{stage}_{kind}/{name}": float(v) for kind, values in scores.items() for name, v in
                  zip(self.class_names, values)}  # fmt: skip
         # Straight to the loggers, not through self.log: they would fill the progress bar and the printed tables
-        # of test and validate (ten rows per class), and they are synchronised already.
+        # of test and validate (ten rows per class), and they are synchronised already. At the step Lightning logs
+        # the stage's other metrics at (its count of batches that stepped, one behind global_step at an epoch's
+        # validation, 0 in test): at global_step, metrics.csv had a second row for every validation and test.
+        step = getattr(self.trainer.fit_loop.epoch_loop, "_batches_that_stepped", self.global_step)
         for logger in self.loggers:
-            logger.log_metrics({**named, "epoch": self.current_epoch}, step=self.global_step)
+            logger.log_metrics({**named, "epoch": self.current_epoch}, step=step)
 
     def on_validation_epoch_end(self) -> None:
         self._class_scores("val")

@@ -107,6 +107,11 @@ def test_fit_and_test_runs_hold_tables_confusion_matrices_artifacts_and_config(f
     assert float(last_row_with(metrics, "val_recall/cat")["val_recall/cat"]) == pytest.approx(
         run.summary["val_recall/cat"], abs=1e-6
     )
+    # The per-class scores at the step of the validation's other metrics (a row each: one per logger call).
+    with open(metrics) as file:
+        rows = list(csv.DictReader(file))
+    steps = [(row["step"], row["epoch"]) for row in rows if row["val_acc"]]
+    assert steps == [(row["step"], row["epoch"]) for row in rows if row["val_recall/cat"]] and len(steps) == 2
 
     # The most confident mistakes, with their images, for `cifar-cli report`.
     mistakes = torch.load(run_folder / "mistakes_val.pt", weights_only=True)
