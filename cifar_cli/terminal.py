@@ -215,7 +215,8 @@ def print_summary(trainer: Trainer, stage: str) -> None:
     best = trainer.checkpoint_callback if stage == "fit" else None
     scored = best is not None and best.best_model_path and best.best_model_score is not None
     # A checkpoint evaluated by test or validate restores no loop state: its epoch and step would read 0.
-    where = f": {trainer.current_epoch} epochs, step {trainer.global_step:,}" if stage == "fit" else ""
+    epochs = trainer.current_epoch
+    where = f": {epochs} epoch{'' if epochs == 1 else 's'}, step {trainer.global_step:,}" if stage == "fit" else ""
     table = Table(title=f"cifar-cli {stage}{where}")
     table.add_column("metric")
     table.add_column("final", justify="right")

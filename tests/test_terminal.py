@@ -45,7 +45,7 @@ def test_log_shows_one_line_per_epoch_no_noise_and_a_summary(
     folder = Path(re.search(r"^Run folder: (\S+)$", out, re.MULTILINE)[1])
     assert ckpt.is_file() and sync.is_dir() and (folder / "config.yaml").is_file()
     assert ckpt.is_relative_to(folder)
-    summary = out[out.index("cifar-cli fit:") :].splitlines()
+    summary = out[out.index("cifar-cli fit: 2 epochs, step 4") :].splitlines()
     assert all(len(line) <= 100 for line in summary if "/" not in line)  # the table, within a log's columns
     assert re.search(r"val_loss\s+│\s+\d\.\d{4}\s+│\s+\d\.\d{4}", out)  # final and best
 
@@ -55,6 +55,11 @@ def test_log_shows_one_line_per_epoch_no_noise_and_a_summary(
     assert not [w for w in recwarn if "dirpath has changed" in str(w.message)]  # the fit's ModelCheckpoint folder
     assert "Test metric" in out and "Run folder: " in out  # Lightning's table of the metrics, then the paths
     assert f"Checkpoint: {ckpt}" in out and "Best checkpoint" not in out and "epoch " not in out
+
+
+def test_summary_says_one_epoch(image_folder: Path, capfd) -> None:
+    main([*FIT, "--data.root", str(image_folder), "--trainer.max_epochs", "1", "--trainer.logger", "false"])
+    assert re.search(r"cifar-cli fit: 1 epoch, step 2 *\n", capfd.readouterr().out)
 
 
 def test_progress_bar_false_turns_the_lines_off(image_folder: Path, capfd) -> None:
