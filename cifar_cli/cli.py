@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import errno
 import gc
 import os
+import signal
 import sys
+import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -611,6 +614,37 @@ def check_subcommand(argv: list[str] | None) -> None:
         raise UsageError(f"unknown subcommand '{argv[0]}': {names}{hint}")
 
 
+@contextlib.contextmanager
+def ctrl_c_exits_130() -> Iterator[None]:
+    """A Ctrl-C that interrupts the command at once (the second during training, see Preemption, or any outside it)
+    ends it with exit code 130, as a process stopped by SIGINT, and one line. Lightning ends a run that it catches
+    KeyboardInterrupt in with exit code 1, after its graceful shutdown (which also stops a DDP run's other ranks);
+    before the trainer runs (parsing, decoding the data) it was Python's traceback."""
+    pressed: list[int] = []
+
+    def noted(signum: int, frame: Any) -> None:
+        pressed.append(signum)
+        signal.default_int_handler(signum, frame)  # Python's own: KeyboardInterrupt
+
+    ours = threading.current_thread() is threading.main_thread() and (
+        signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    )
+    if ours:
+        signal.signal(signal.SIGINT, noted)
+    try:
+        yield
+    except KeyboardInterrupt:
+        print("cifar-cli: interrupted by Ctrl-C", file=sys.stderr)
+        raise SystemExit(128 + signal.SIGINT) from None
+    except SystemExit as stop:
+        if pressed and stop.code == 1:  # Lightning's exit after a KeyboardInterrupt
+            raise SystemExit(128 + signal.SIGINT) from None
+        raise
+    finally:
+        if ours:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def finish_wandb_run(exit_code: int) -> None:
     """End the W&B run of this process, if one is open, recording `exit_code`."""
     wandb = sys.modules.get("wandb")
@@ -628,24 +662,25 @@ def main(args: ArgsType = None) -> None:
     os.environ.setdefault("WANDB_QUIET", "true")
     argv = sys.argv[1:] if args is None else args if isinstance(args, list) else None
     try:
-        check_subcommand(argv)
-        if argv and argv[:1] == ["report"]:
-            # Not a LightningCLI subcommand: it builds no trainer, model or data, only reads a run folder.
-            from cifar_cli.report import main as report
+        with ctrl_c_exits_130():
+            check_subcommand(argv)
+            if argv and argv[:1] == ["report"]:
+                # Not a LightningCLI subcommand: it builds no trainer, model or data, only reads a run folder.
+                from cifar_cli.report import main as report
 
-            return report(argv[1:])
-        CifarCLI(
-            ImageClassifier,
-            ImageDataModule,
-            subclass_mode_data=True,
-            seed_everything_default=42,
-            # The optimizer and schedule are the model's: it builds the parameter groups. LightningCLI's own
-            # --optimizer would put every parameter in one group; the CLI hands it to the model instead.
-            auto_configure_optimizers=False,
-            save_config_callback=RunConfigSaver,
-            parser_kwargs={"exit_on_error": False},
-            args=args,
-        )
+                return report(argv[1:])
+            CifarCLI(
+                ImageClassifier,
+                ImageDataModule,
+                subclass_mode_data=True,
+                seed_everything_default=42,
+                # The optimizer and schedule are the model's: it builds the parameter groups. LightningCLI's own
+                # --optimizer would put every parameter in one group; the CLI hands it to the model instead.
+                auto_configure_optimizers=False,
+                save_config_callback=RunConfigSaver,
+                parser_kwargs={"exit_on_error": False},
+                args=args,
+            )
         # The W&B run ends here, not in W&B's exit hook: the lines that hook prints (the online run's link, or with
         # WANDB_QUIET=false the offline run's `wandb sync` command) keep their colour codes even when stderr is a
         # file, and a log read later shows them raw. A run that fails is still ended by the hook, which records the

@@ -52,12 +52,20 @@ class SignalAt(Callback):
         batch: The training batch it is sent before; with `in_validation`, the validation batch it is sent in.
         in_validation: Send it during that epoch's validation instead of during training.
         rank: Under DDP, the only rank that sends it (to its own process); None: every rank.
+        twice: Send it twice in a row (a second Ctrl-C before the clean stop).
     """
 
     def __init__(
-        self, signum: int = 15, epoch: int = 0, batch: int = 0, in_validation: bool = False, rank: int | None = None
+        self,
+        signum: int = 15,
+        epoch: int = 0,
+        batch: int = 0,
+        in_validation: bool = False,
+        rank: int | None = None,
+        twice: bool = False,
     ) -> None:
         self.signum, self.epoch, self.batch, self.in_validation, self.rank = signum, epoch, batch, in_validation, rank
+        self.twice = twice
         self.sent = False
 
     def _send(self, trainer: Trainer, batch_idx: int, validating: bool) -> None:
@@ -66,6 +74,8 @@ class SignalAt(Callback):
         if due and not self.sent and not trainer.sanity_checking:
             self.sent = True
             os.kill(os.getpid(), self.signum)
+            if self.twice:
+                os.kill(os.getpid(), self.signum)
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         self._send(trainer, batch_idx, validating=False)

@@ -159,6 +159,29 @@ def test_sigterm_saves_prints_the_resume_command_and_ckpt_path_last_continues_th
     assert torch.load(last, weights_only=True)["global_step"] == 15
 
 
+def test_a_second_ctrl_c_stops_at_once_with_exit_code_130(fake_cifar10: Path, capfd) -> None:
+    """The first Ctrl-C asks for the clean stop; a second one before it interrupts at once (Lightning's shutdown),
+    and the command still exits 130, not Lightning's 1; so does a Ctrl-C before training starts."""
+    sys.path.insert(0, str(REPO / "tests"))
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", *cifar(fake_cifar10), *CSV_LOGGER, "--trainer.max_epochs", "3", "--trainer.enable_progress_bar",
+              "false", "--trainer.callbacks+=faults.SignalAt", "--trainer.callbacks.signum", "2",
+              "--trainer.callbacks.batch", "2", "--trainer.callbacks.twice", "true"])  # fmt: skip
+    assert stop.value.code == 130
+    err = capfd.readouterr().err
+    assert "cifar-cli: stopped by SIGINT" not in err and "Traceback" not in err  # at once: no clean stop
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Python's own again
+
+    def ctrl_c(*args: object) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(SystemExit) as stop:
+        patch.setattr("cifar_cli.cli.check_data", ctrl_c)  # while the data is decoded, before the trainer runs
+        main(["fit", *cifar(fake_cifar10), *CSV_LOGGER])
+    assert stop.value.code == 130
+    assert capfd.readouterr().err.strip().splitlines()[-1] == "cifar-cli: interrupted by Ctrl-C"
+
+
 def test_ckpt_path_last_without_a_run_starts_one(fake_cifar10: Path, capfd) -> None:
     main(["fit", *FAST, *cifar(fake_cifar10), "--trainer.max_epochs", "1", "--ckpt_path", "last", *CSV_LOGGER])
     err = capfd.readouterr().err
