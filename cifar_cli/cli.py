@@ -432,9 +432,11 @@ class CifarCLI(LightningCLI):
         ckpt_path = subcommand and self.config[subcommand].get("ckpt_path")
         if not ckpt_path:
             return
+        # Read already, its settings the defaults of the parse that succeeded (_defaults_from_named_checkpoint).
+        read_first = self._named_checkpoint is not None and self._named_checkpoint[0] == ckpt_path
         if ckpt_path == "last":
             self.checkpoint, ckpt_path = self._find_last(subcommand)
-        elif self._named_checkpoint is not None and self._named_checkpoint[0] == ckpt_path:
+        elif read_first:
             self.checkpoint = self._named_checkpoint[1]
         else:
             self.checkpoint = load_checkpoint(ckpt_path)
@@ -450,7 +452,7 @@ class CifarCLI(LightningCLI):
         defaults = checkpoint_defaults(self.checkpoint)
         if "model" in defaults:
             apply_hyperparameters(parser, self.config, self.checkpoint, ckpt_path)  # refuses them in one line
-        if defaults:
+        if defaults and not read_first:
             self._parser(subcommand).set_defaults(defaults)
             super().parse_arguments(parser, args)
             self._save_under_root_dir(subcommand)
