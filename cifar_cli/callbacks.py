@@ -285,6 +285,13 @@ class LastCheckpoint(ModelCheckpoint):
         return self.last_model_path
 
 
+def epoch_label(index: int, max_epochs: int | None) -> str:
+    """`epoch 4/25` for the epoch of 0-based `index` (Lightning's `current_epoch`): every line cifar-cli prints
+    counts epochs from 1, as the progress bar does, and names the total where there is one."""
+    total = f"/{max_epochs}" if max_epochs is not None and max_epochs > 0 else ""
+    return f"epoch {index + 1}{total}"
+
+
 class RichBar(RichProgressBar):
     """Lightning's rich progress bar, reading the logged metrics at most twice a second in training.
 
@@ -300,6 +307,11 @@ class RichBar(RichProgressBar):
         super().__init__(**kwargs)
         self.metrics_interval = metrics_interval
         self._metrics_read = float("-inf")
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        # Lightning's bar reads `Epoch 3/24` in the fourth of 25 epochs; cifar-cli's lines say `epoch 4/25`.
+        label = epoch_label(current_epoch, self.trainer.max_epochs)
+        return f"{label[0].upper()}{label[1:]:{len(self.validation_description) - 1}}"
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -455,8 +467,9 @@ class Preemption(Callback):
             config = os.path.join(run_dir(trainer), "config.yaml")
             command = f"cifar-cli fit --config {config}" if os.path.isfile(config) else "cifar-cli fit ..."
             print(
-                f"cifar-cli: stopped by {signal.Signals(signum).name} at epoch {trainer.current_epoch}, step "
-                f"{trainer.global_step}; resume with: {command} --ckpt_path {path}",
+                f"cifar-cli: stopped by {signal.Signals(signum).name} in "
+                f"{epoch_label(trainer.current_epoch, trainer.max_epochs)}, step {trainer.global_step:,}; "
+                f"resume with: {command} --ckpt_path {path}",
                 file=sys.stderr,
                 flush=True,
             )

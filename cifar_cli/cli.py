@@ -28,7 +28,7 @@ from torch import nn
 
 from cifar_cli import hooks
 from cifar_cli.atomic import AtomicCheckpointIO, atomic_csv_logs, atomic_write_text
-from cifar_cli.callbacks import FitTimer, LastCheckpoint, Preemption, run_dir
+from cifar_cli.callbacks import FitTimer, LastCheckpoint, Preemption, epoch_label, run_dir
 from cifar_cli.checkpoints import (
     CHECKPOINT_KEY,
     apply_hyperparameters,
@@ -466,9 +466,14 @@ class CifarCLI(LightningCLI):
             if self.resuming:  # its folders hold its checkpoints and logs so far, as they should
                 warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
                 warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
-            step, epoch = self.checkpoint.get("global_step"), self.checkpoint.get("epoch")
-            self.resume_step = step or 0
-            self.resume_line = f"cifar-cli: resuming from {ckpt_path} (epoch {epoch}, step {step})"
+            step = self.checkpoint.get("global_step") or 0
+            self.resume_step = step
+            # The epoch training goes on in: the count of epochs whose batches are all done (a checkpoint taken
+            # within an epoch counts that epoch as not done; cifar_cli.callbacks.LastCheckpoint).
+            progress = self.checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {})
+            epoch = progress.get("current", {}).get("processed", self.checkpoint.get("epoch") or 0)
+            label = epoch_label(epoch, config["trainer"].get("max_epochs"))
+            self.resume_line = f"cifar-cli: resuming from {ckpt_path} at step {step:,}, {label}"
 
     def _defaults_from_named_checkpoint(self) -> bool:
         """Make the settings of the checkpoint that the command line names (`SUBCOMMAND ... --ckpt_path FILE`) the

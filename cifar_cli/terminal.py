@@ -20,7 +20,7 @@ from rich.table import Table
 from rich.text import Text
 
 from cifar_cli.atomic import atomic_write_text
-from cifar_cli.callbacks import RichBar, last_checkpoint, run_dir
+from cifar_cli.callbacks import RichBar, epoch_label, last_checkpoint, run_dir
 
 # Columns of the end summary when stdout is a file: wide enough for a metric table, narrow enough for a log viewer.
 LOG_COLUMNS = 100
@@ -163,9 +163,11 @@ class EpochLines(ProgressBar):
             return
         epoch, elapsed = self._pending
         self._pending = None
-        total = f"/{trainer.max_epochs}" if trainer.max_epochs and trainer.max_epochs > 0 else ""
         metrics = "  ".join(f"{k} {v:.4f}" for k, v in epoch_metrics(self.get_metrics(trainer, pl_module)).items())
-        print(f"epoch {epoch + 1}{total}  step {trainer.global_step:,}  {metrics}  {_seconds(elapsed)}", flush=True)
+        print(
+            f"{epoch_label(epoch, trainer.max_epochs)}  step {trainer.global_step:,}  {metrics}  {_seconds(elapsed)}",
+            flush=True,
+        )
 
 
 class FlopsSummary(RichModelSummary):

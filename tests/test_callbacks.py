@@ -104,6 +104,23 @@ def test_progress_bar_reads_the_metrics_at_most_once_an_interval(image_folder: P
     assert steps >= 10 and reads.count(1) == 1 and len(reads) <= 3  # the first step, and the epoch's end
 
 
+def test_progress_bar_counts_epochs_from_one_as_every_line_does(image_folder: Path, monkeypatch) -> None:
+    """The bar's `Epoch 1/2`, `Epoch 2/2` (Lightning's reads `Epoch 0/1`, `Epoch 1/1`), as the epoch lines, the
+    stop line and the resume line count."""
+    shown: list[str] = []
+    real = RichBar._get_train_description
+    monkeypatch.setattr(
+        RichBar, "_get_train_description", lambda self, epoch: shown.append(real(self, epoch)) or shown[-1]
+    )
+    data = ImageFolderDataModule(str(image_folder), val_size=30, batch_size=4)
+    model = ImageClassifier(TutorialCNN(3), class_names=["cat", "dog", "frog"])
+    trainer = Trainer(max_epochs=2, limit_train_batches=2, limit_val_batches=0, callbacks=[RichBar()], logger=False,
+                      enable_checkpointing=False, accelerator="cpu")  # fmt: skip
+    trainer.fit(model, data)
+    assert [s.rstrip() for s in dict.fromkeys(shown)] == ["Epoch 1/2", "Epoch 2/2"]
+    assert {len(s) for s in shown} == {len("Validation")}  # padded as Lightning's, so the bars do not shift
+
+
 def test_cuda_check_answers_without_nvml_only_where_no_gpu_answers(monkeypatch: pytest.MonkeyPatch) -> None:
     """Lightning's NVML-based CUDA check goes where no GPU answers (it reloads NVML at every Adam step on a CPU);
     where one does, it stays, so that nothing initialises CUDA before a fork."""

@@ -197,7 +197,7 @@ def test_signal_to_one_rank_stops_every_rank_and_resume_matches(images: Path, un
     args = [*TRAIN, *ONE_NODE, "--data.root", str(images)]
     code, stderr = finish(start([*args, *signal_rank_1], tmp_path, ddp_env(free_port())))
     assert code == 143, stderr[-2000:]
-    assert "cifar-cli: stopped by SIGTERM at epoch 0, step 7; resume with: " in stderr
+    assert "cifar-cli: stopped by SIGTERM in epoch 1/2, step 7; resume with: " in stderr
     stopped = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert stopped["global_step"] == 7
     # The epoch's training-metric sums so far are both ranks': 7 batches of 5 images each (rank 0's alone before,
@@ -206,7 +206,8 @@ def test_signal_to_one_rank_stops_every_rank_and_resume_matches(images: Path, un
         assert float(stopped["cifar_cli_train_metrics"][name]["state"]["weight"]) == 7 * 5 * 2
     code, stderr = finish(start([*args, "--ckpt_path", "last"], tmp_path, ddp_env(free_port())))
     assert code == 0, stderr[-2000:]
-    assert stderr.count("cifar-cli: resuming from ") == 1  # rank 0's line, not one per rank
+    # rank 0's line, not one per rank; the epoch stopped in goes on
+    assert stderr.count("cifar-cli: resuming from ") == 1 and " at step 7, epoch 1/2\n" in stderr
     last = f"epoch=1-step={STEPS}.ckpt"
     assert_same_weights(tmp_path / "steps" / last, uninterrupted / "steps" / last)
 

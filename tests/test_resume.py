@@ -125,7 +125,7 @@ def test_stop_on_a_signal_then_resume_ends_with_the_uninterrupted_weights(
         main(["fit", *args, "--trainer.callbacks+=faults.SignalAt", "--trainer.callbacks.signum", str(int(signum)),
               *moment])  # fmt: skip
     assert stop.value.code == 128 + signum
-    assert f"cifar-cli: stopped by {signal.Signals(signum).name} at epoch " in capfd.readouterr().err
+    assert f"cifar-cli: stopped by {signal.Signals(signum).name} in epoch " in capfd.readouterr().err
     main(["fit", *args, "--ckpt_path", "last"])
     (last,) = Path().glob("runs/**/last.ckpt")
     assert_identical(tensors(last), tensors(reference))
@@ -146,14 +146,14 @@ def test_sigterm_saves_prints_the_resume_command_and_ckpt_path_last_continues_th
     last = run / "checkpoints" / "last.ckpt"
     assert torch.load(last, weights_only=True)["global_step"] == 8  # the batch under way when the signal came
     lines = [line for line in capfd.readouterr().err.splitlines() if line.startswith("cifar-cli: stopped by")]
-    assert lines == [f"cifar-cli: stopped by SIGTERM at epoch 1, step 8; resume with: cifar-cli fit --config "
+    assert lines == [f"cifar-cli: stopped by SIGTERM in epoch 2/3, step 8; resume with: cifar-cli fit --config "
                      f"{run / 'config.yaml'} --ckpt_path {last}"]  # fmt: skip
     config = (run / "config.yaml").read_bytes()
     # Ended by cifar-cli with the exit code, not left to W&B's exit hook, whose lines carry colour codes into logs.
     assert wandb.run is None
 
     main(["fit", *args, "--ckpt_path", "last"])
-    assert f"cifar-cli: resuming from {last} (epoch 1, step 8)" in capfd.readouterr().err
+    assert f"cifar-cli: resuming from {last} at step 8, epoch 2/3\n" in capfd.readouterr().err
     assert list(Path("runs/cifar-cli").iterdir()) == [run] and (run / "config.yaml").read_bytes() == config
     assert {p.name.rsplit("-", 1)[1] for p in Path("runs/wandb").glob("offline-run-*")} == {run.name}
     assert torch.load(last, weights_only=True)["global_step"] == 15
@@ -202,7 +202,7 @@ def test_ckpt_path_last_resumes_only_a_run_of_the_same_logger(fake_cifar10: Path
     err = capfd.readouterr().err
     csv_last = Path("runs/version_0/checkpoints/last.ckpt")
     assert f"passed over {csv_last}, newer but of a run with another logger" in err
-    assert f"cifar-cli: resuming from {wandb_last} (epoch 0, step 5)" in err
+    assert f"cifar-cli: resuming from {wandb_last} at step 5, epoch 2/2\n" in err  # the next epoch
     assert torch.load(wandb_last, weights_only=True)["global_step"] == 10
     assert len(list(Path("runs/cifar-cli").iterdir())) == 1  # the W&B run's folder, continued
 
