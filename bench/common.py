@@ -199,6 +199,18 @@ def tutorial_arrays(data, path: Path) -> Path:
     return path
 
 
+def airbench_arrays(data, folder: Path, limit: int | None = None) -> Path:
+    """Save the splits of `data` as bench/airbench94.py reads them (`train.pt` and `test.pt` in `folder`: uint8
+    HWC images, labels, class names): our train split to train on, as cifar-cli's fit does, our test split to
+    test on; the first `limit` images of each only, for a smoke run."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, split in (("train", data.splits["train"]), ("test", data.splits["test"])):
+        images = split.images[:limit].permute(0, 2, 3, 1).contiguous()
+        torch.save({"images": images, "labels": split.labels[:limit].clone(), "classes": list(data.class_names)},
+                   folder / f"{name}.pt")  # fmt: skip
+    return folder
+
+
 def run_steps(steps: list[tuple[str, str, Callable[[], dict | None]]], results: dict, out: Path,
               table: Callable[[dict], Table]) -> dict:  # fmt: skip
     """Run each (key, name, step), keeping its result under `key`; then print the table of the results.

@@ -77,12 +77,16 @@ def test_gpu_check_smoke_run_fills_every_row(tmp_path: Path, capsys) -> None:
     assert fast["runs"] == 1 and abs(fast["acc_mean"] * 20 - round(fast["acc_mean"] * 20)) < 1e-4
     assert fast["seconds_mean"] > 0 and fast["startup_mean"] > 0
     assert ddp["devices"] == 1 and ddp["seconds"] > 0
+    # airbench94's own code on the same 20 test images, on the CPU here.
+    airbench = results["airbench"]
+    assert airbench["device"] == "cpu" and airbench["runs"] == 1 and airbench["seconds_mean"] > 0
+    assert abs(airbench["acc_mean"] * 20 - round(airbench["acc_mean"] * 20)) < 1e-4
     saved = json.loads((tmp_path / "results" / "results.json").read_text())
     assert saved["fast"] == fast and saved["machine"].startswith("cifar-cli GPU check:")
     table = (tmp_path / "results" / "results.txt").read_text()
-    for row in ("1. fast.yaml", "2. tutorial recipe", "3. pytest -m gpu", "4. ddp.yaml"):
+    for row in ("1. fast.yaml", "1b. airbench94's code", "2. tutorial recipe", "3. pytest -m gpu", "4. ddp.yaml"):
         assert row in table and row in printed
-    assert printed.index("1. fast.yaml") < printed.index("2. tutorial recipe") < printed.index("4. ddp.yaml")
+    assert printed.index("1. fast.yaml") < printed.index("1b. airbench94") < printed.index("2. tutorial recipe")
 
 
 def test_a_failed_step_keeps_its_error_and_the_next_steps_still_run(tmp_path: Path, capsys) -> None:
