@@ -6,6 +6,7 @@ import contextlib
 import difflib
 import errno
 import gc
+import io
 import os
 import signal
 import sys
@@ -399,7 +400,8 @@ class CifarCLI(LightningCLI):
         checkpoint = getattr(self, "checkpoint", None)
         model_defaults = self._parser(subcommand).get_defaults().get("model") if checkpoint is not None else None
         config = self.config[subcommand]
-        flags = move_optimizer_flags(config, model_defaults)
+        given = getattr(self, "_given", None)
+        flags = move_optimizer_flags(config, model_defaults, given.get(subcommand) if given is not None else None)
         if subcommand == "fit" and checkpoint is not None:
             saved = (checkpoint.get("hyper_parameters", {}).get("optimizer") or {}).get("class_path")
             chosen = (config["model"].get("optimizer") or Namespace()).get("class_path")
@@ -424,6 +426,7 @@ class CifarCLI(LightningCLI):
                 super().parse_arguments(parser, args)
         except UnicodeDecodeError as err:  # a file given for a group (`--model FILE`): jsonargparse's traceback
             raise UsageError(f"{binary_file_argument(self._argv)} is not a YAML text file ({err.reason})") from None
+        self._given = given_settings(parser, args)
         self.checkpoint: dict[str, Any] | None = None
         self.resuming = False
         self.resume_step = 0
@@ -619,6 +622,21 @@ def check_subcommand(argv: list[str] | None) -> None:
         close = difflib.get_close_matches(argv[0], SUBCOMMANDS, n=1)
         hint = f"; did you mean {close[0]}?" if close else ""
         raise UsageError(f"unknown subcommand '{argv[0]}': {names}{hint}")
+
+
+def given_settings(parser: LightningArgumentParser, args: ArgsType) -> Namespace | None:
+    """The command line and its configs parsed without the parser's defaults: what the user gave, which the parsed
+    config (defaults merged) cannot tell from a default of the same value. None where it cannot be read (a config
+    given as a dict). About 20 ms; jsonargparse's private `_skip_validation`, as the required arguments are
+    defaults' to fill."""
+    args = sys.argv[1:] if args is None else args
+    if not isinstance(args, list):
+        return None
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            return parser.parse_args(args, defaults=False, _skip_validation=True)
+    except (Exception, SystemExit):  # a jsonargparse that reads it otherwise: the rule of the defaults
+        return None
 
 
 @contextlib.contextmanager

@@ -69,13 +69,27 @@ def unsettled(hparams: dict[str, Any]) -> dict[str, Any]:
     return {**hparams, "optimizer": {**optimizer, "init_args": init}}
 
 
-def move_optimizer_flags(config: Namespace, model_defaults: Namespace | None = None) -> dict[str, str]:
+def given_keys(given: Namespace | None, *keys: str) -> dict[str, Any] | None:
+    """The values under `keys` (e.g. "optimizer", "init_args") of `given`, the command line parsed without defaults
+    (what the user gave, in flags or configs); None where that is not known."""
+    if not isinstance(given, Namespace):
+        return None
+    node: Any = given
+    for key in keys:
+        node = node.get(key) if isinstance(node, Namespace) else None
+    return dict(node.items()) if isinstance(node, Namespace) else ({} if node is None else {"": node})
+
+
+def move_optimizer_flags(
+    config: Namespace, model_defaults: Namespace | None = None, given: Namespace | None = None
+) -> dict[str, str]:
     """Move `--optimizer` and `--lr_scheduler` of the subcommand's `config` into the model's arguments, and settle
     the learning rate and weight decay in `model.learning_rate` / `model.weight_decay` (and the optimizer's own
     arguments, which then agree). Returns the flags that gave the optimizer and the scheduler, for error messages.
 
-    An optimizer's own `lr` (or `weight_decay`) counts as given when it differs from its class's default; given,
-    it wins over the model's default; given with a different `--model.learning_rate`, the pair is refused.
+    An optimizer's own `lr` (or `weight_decay`) counts as given when `given` (the subcommand's command line and
+    configs parsed without defaults) holds it, or, where that is unknown, when it differs from its class's default;
+    given, it wins over the model's default; given with a different `--model.learning_rate`, the pair is refused.
     `model.optimizer` and `model.lr_scheduler` count as given when they differ from `model_defaults` (the parser's,
     which with `--ckpt_path` are the checkpoint's): `--optimizer` beside a checkpoint replaces its optimizer.
     """
@@ -85,7 +99,11 @@ def move_optimizer_flags(config: Namespace, model_defaults: Namespace | None = N
     optimizer = config.get("optimizer")
     if optimizer is not None:
         own = model.get("optimizer")
-        own_given = not is_default_optimizer(own) and own != defaults.get("optimizer")
+        named = given_keys(given, "model", "optimizer")
+        if named is not None:
+            own_given = bool(named)
+        else:
+            own_given = not is_default_optimizer(own) and own != defaults.get("optimizer")
         if own_given and own.as_dict() != optimizer.as_dict():
             raise UsageError("--optimizer and --model.optimizer both choose the optimizer: give one of them")
         model["optimizer"], config["optimizer"] = optimizer.clone(), None
@@ -102,8 +120,14 @@ def move_optimizer_flags(config: Namespace, model_defaults: Namespace | None = N
             f"{flags['lr_scheduler']} and --model.lr_schedule both schedule the learning rate: give one of them"
         )
     if isinstance(model.get("optimizer"), Namespace):
-        settle(model, "lr", "learning_rate", DEFAULT_LEARNING_RATE, flags["optimizer"])
-        settle(model, "weight_decay", "weight_decay", DEFAULT_WEIGHT_DECAY, flags["optimizer"])
+        if given_keys(given) is None:
+            chosen = None
+        else:  # the optimizer's arguments the user gave, under either flag
+            chosen = {**(given_keys(given, "model", "optimizer", "init_args") or {}),
+                      **(given_keys(given, "optimizer", "init_args") or {})}  # fmt: skip
+            chosen["model"] = given_keys(given, "model") or {}
+        settle(model, "lr", "learning_rate", DEFAULT_LEARNING_RATE, flags["optimizer"], chosen)
+        settle(model, "weight_decay", "weight_decay", DEFAULT_WEIGHT_DECAY, flags["optimizer"], chosen)
     if isinstance(model.get("lr_scheduler"), Namespace):
         init = model["lr_scheduler"].get("init_args") or Namespace()
         for name in PERIODS:
@@ -112,15 +136,23 @@ def move_optimizer_flags(config: Namespace, model_defaults: Namespace | None = N
     return flags
 
 
-def settle(model: Namespace, name: str, model_name: str, model_default: float, flag: str) -> None:
-    """One value of the optimizer's `name` and the model's `model_name`: the one given, in both places."""
+def settle(model: Namespace, name: str, model_name: str, model_default: float, flag: str,
+           chosen: dict[str, Any] | None = None) -> None:  # fmt: skip
+    """One value of the optimizer's `name` and the model's `model_name`: the one given, in both places.
+
+    `chosen`: the optimizer's arguments the user gave, and under "model" the model's (see `given_keys`); without
+    it, a value that differs from its default counts as given, so that one equal to it (`--optimizer.lr 0.001`,
+    Adam's and SGD's own) would lose to the model's."""
     options = model["optimizer"]
     default = class_default(options["class_path"], name)
     if default is inspect.Parameter.empty:
         return  # an optimizer without this argument: the parameter groups still carry it, unused
     init = _init_args(options)
     own, value = init.get(name, default), model.get(model_name)
-    own_given, model_given = own is not None and own != default, value != model_default
+    if chosen is None:
+        own_given, model_given = own is not None and own != default, value != model_default
+    else:
+        own_given, model_given = own is not None and name in chosen, model_name in chosen["model"]
     if own_given and model_given and own != value:
         what = model_name.replace("_", " ")
         raise UsageError(f"{flag}.{name} {own} and --model.{model_name} {value} disagree: give the {what} once")

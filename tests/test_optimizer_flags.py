@@ -90,6 +90,10 @@ def test_optimizer_uses_fused_kernels_unless_the_user_chose_an_implementation(
         (["--model.optimizer.lr", "0.01"], torch.optim.Adam, 0.01),
         (["--model.optimizer", "torch.optim.SGD", "--model.optimizer.momentum", "0.9"], torch.optim.SGD, 2e-4),
         (["--optimizer", "SGD", "--optimizer.lr", "0.05", "--model.learning_rate", "0.05"], torch.optim.SGD, 0.05),
+        # A value given equal to the optimizer's own default is given all the same (it was replaced by 2e-4).
+        (["--optimizer", "SGD", "--optimizer.lr", "0.001"], torch.optim.SGD, 0.001),
+        (["--optimizer", "Adam", "--optimizer.lr", "0.001"], torch.optim.Adam, 0.001),
+        (["--model.optimizer.init_args.lr", "0.001"], torch.optim.Adam, 0.001),
     ],
 )
 def test_optimizer_forms_set_one_learning_rate(fake_cifar10: Path, args: list[str], optimizer: type, lr: float) -> None:
@@ -98,6 +102,17 @@ def test_optimizer_forms_set_one_learning_rate(fake_cifar10: Path, args: list[st
     assert ckpt["hyper_parameters"]["optimizer"]["class_path"] == f"torch.optim.{optimizer.__name__}"
     assert ckpt["hyper_parameters"]["learning_rate"] == lr
     assert all(g["lr"] == lr for g in ckpt["optimizer_states"][0]["param_groups"])
+
+
+def test_optimizer_weight_decay_equal_to_its_default_from_a_config_is_kept(fake_cifar10: Path, tmp_path: Path) -> None:
+    (tmp_path / "adamw.yaml").write_text("model:\n  optimizer:\n    class_path: torch.optim.AdamW\n"
+                                         "    init_args: {lr: 0.001, weight_decay: 0.01}\n")  # fmt: skip
+    main(
+        ["fit", "--config", str(tmp_path / "adamw.yaml"), *cifar_args(fake_cifar10), *TINY, "--trainer.max_epochs", "1"]
+    )
+    ckpt = newest_checkpoint()
+    assert ckpt["hyper_parameters"]["learning_rate"] == 0.001 and ckpt["hyper_parameters"]["weight_decay"] == 0.01
+    assert all(g["lr"] == 0.001 and g["weight_decay"] == 0.01 for g in ckpt["optimizer_states"][0]["param_groups"])
 
 
 def test_optimizer_from_a_config_file_top_level(fake_cifar10: Path, tmp_path: Path) -> None:
@@ -128,6 +143,12 @@ def test_reduce_lr_on_plateau_monitors_val_loss(fake_cifar10: Path) -> None:
         (["--lr_scheduler", "CosineAnnealingWarmRestarts", "--lr_scheduler.T_0", "-1"], "--lr_scheduler.T_0 -1"),
         (["--optimizer", "SGD", "--optimizer.momentum", "-1"], "--optimizer: Invalid momentum value: -1"),
         (["--optimizer", "SGD", "--model.optimizer", "Adagrad"], "--optimizer and --model.optimizer both choose"),
+        # Adam with its own defaults, named: it was taken for the default and SGD trained without a word.
+        (["--optimizer", "SGD", "--model.optimizer", "Adam"], "--optimizer and --model.optimizer both choose"),
+        (
+            ["--optimizer", "SGD", "--optimizer.lr", "0.05", "--model.learning_rate", "0.0002"],
+            "--optimizer.lr 0.05 and --model.learning_rate 0.0002 disagree",
+        ),
         (
             ["--lr_scheduler", "StepLR", "--lr_scheduler.step_size", "1", "--model.lr_schedule", "WarmupLinearDecay"],
             "--lr_scheduler and --model.lr_schedule both schedule",
