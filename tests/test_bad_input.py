@@ -208,6 +208,12 @@ CASES = [
     Case("folder_no_train", FIT, "image folder images has no train/ folder", {"images/val/a/x.png": b""}),
     Case("folder_no_class_folders", FIT, "images/train has no class folders", {"images/train/x.jpg": b""}),
     Case(
+        "folder_one_class",
+        FIT,
+        "cifar-cli: error: images/train has one class folder (a): a classifier needs at least 2",
+        setup=lambda: images({"a": 4}),
+    ),
+    Case(
         "folder_empty_class",
         FIT,
         "class folder b in images/train has no images",

@@ -294,7 +294,8 @@ def test_image_folder_cache_is_reused_and_rebuilt_on_change(tmp_path: Path, monk
     [
         ({}, "has no train/ folder"),
         ({"train": None}, "has no class folders"),
-        ({"train": {"a": 3}, "test": {"zebra": 2}}, "classes that train/ lacks: zebra"),
+        ({"train": {"a": 3}}, r"^\S+/root/train has one class folder \(a\): a classifier needs at least 2$"),
+        ({"train": {"a": 3, "b": 3}, "test": {"zebra": 2}}, "classes that train/ lacks: zebra"),
     ],
 )
 def test_image_folder_layout_errors(tmp_path: Path, layout: dict, message: str) -> None:
@@ -355,6 +356,11 @@ def test_saved_state_normalises_as_training_did_and_predicts_without_the_data(im
     assert on_host.placement_used == "host" and on_host.predict_dataloader().device is not None  # sent batch by batch
     with pytest.raises(RuntimeError, match="cannot fit"):
         alone.setup("fit")
+    # A training folder there is not read either, not even to refuse it (one class folder).
+    write_image_folder(tmp_path / "one" / "train", {"cat": 2})
+    with predicting_from({"ImageFolderDataModule": state}):
+        one = ImageFolderDataModule(str(tmp_path / "one"), predict_root=str(photos))
+    assert one.class_names == state["class_names"]
     # Outside that block, or without a predict folder, a data module reads its data as always.
     with predicting_from({"ImageFolderDataModule": state}), pytest.raises(UsageError, match="does not exist"):
         ImageFolderDataModule(str(tmp_path / "gone"), val_size=30)

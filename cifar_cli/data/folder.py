@@ -105,6 +105,9 @@ class ImageFolderDataModule(ImageDataModule):
         classes = sorted(d.name for d in train.iterdir() if d.is_dir() and not d.name.startswith("."))
         if not classes:
             raise UsageError(f"{train} has no class folders: {layout}")
+        if len(classes) == 1:
+            # It would train without complaint, to an accuracy of 1.0: the one output is always right.
+            raise UsageError(f"{train} has one class folder ({classes[0]}): a classifier needs at least 2")
         return classes
 
     @property
