@@ -500,11 +500,18 @@ def odd_image(kind: str, path: Path) -> np.ndarray:
     if kind == "animated.webp":  # torchvision refuses animated WebP: Pillow decodes it
         Image.fromarray(rgb).save(path, save_all=True, append_images=[Image.fromarray(255 - rgb)], lossless=True)
         return rgb
+    if kind == "rgb.bmp":  # Pillow reads BMPs, torchvision none
+        image.save(path)
+        return rgb
+    if kind == "palette.bmp":
+        palette = image.convert("P")
+        palette.save(path)
+        return np.asarray(palette.convert("RGB"))
     raise ValueError(kind)
 
 
 ODD_KINDS = ["grayscale.png", "rgba.png", "palette.png", "gray16.png", "rgb16.png", "cmyk.jpg", "animated.gif",
-             "animated.webp"]  # fmt: skip
+             "animated.webp", "rgb.bmp", "palette.bmp"]  # fmt: skip
 
 
 @pytest.mark.parametrize("kind", ODD_KINDS)
@@ -528,8 +535,17 @@ def test_odd_images_of_mixed_sizes_train_and_predict(tmp_path: Path, capfd) -> N
     data = ImageFolderDataModule("images", val_size=4)
     data.setup("fit")
     assert len(data.splits["train"]) + len(data.splits["val"]) == 12 + len(ODD_KINDS) + 3
+    # Files that are not images are skipped, and said once in a line: a README does not stop a run.
+    (train / "README.txt").write_text("odd images\n")
+    Image.fromarray(gradient()).save(train / "b" / "scan.tif")
+    capfd.readouterr()
     main(["fit", *FOLDER, "--data.val_size", "4", "--trainer.max_epochs", "1", "--trainer.logger", "false",
           "--trainer.enable_progress_bar", "false"])  # fmt: skip
+    said = [line for line in capfd.readouterr().err.splitlines() if "skipped" in line]
+    assert said == [
+        "cifar-cli: skipped 2 files of images/train that are not .bmp/.gif/.jpeg/.jpg/.png/.webp images "
+        "(.tif: 1, .txt: 1; e.g. images/train/README.txt)"
+    ]
     (ckpt,) = Path().glob("**/checkpoints/epoch=*.ckpt")
     main(["predict", "--ckpt_path", str(ckpt), "--data.predict_root", "images/train/a", "--trainer.logger", "false"])
     out = capfd.readouterr().out

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -310,6 +311,64 @@ def test_image_folder_layout_errors(tmp_path: Path, layout: dict, message: str) 
         data.prepare_data()
 
 
+NOT_IMAGES = "that are not .bmp/.gif/.jpeg/.jpg/.png/.webp images"
+
+
+def test_files_that_are_not_images_are_skipped_and_said_in_one_line(tmp_path: Path, capsys) -> None:
+    from PIL import Image
+
+    root, train = tmp_path / "data", tmp_path / "data" / "train"
+    write_image_folder(train, {"cat": 4, "dog": 4})
+    jpegs = sorted(train.glob("*/*.jpg"))
+    for i, source in enumerate(jpegs[3:5]):  # cat/0003, dog/0004: BMPs are read (by Pillow)
+        Image.open(source).save(source.with_name(f"b{i}.bmp"))
+    for name in ("cat/t0.tif", "cat/t1.tif", "dog/t2.tif"):  # TIFFs are not: Pillow clips 16-bit ones
+        Image.open(jpegs[0]).save(train / name)
+    (train / "README.md").write_text("cats and dogs\n")
+    (train / "cat" / ".DS_Store").write_bytes(b"\0")  # hidden: skipped without a word
+    (train / "dog" / "gone.jpg").symlink_to(train / "dog" / "missing.jpg")
+    capsys.readouterr()
+    data = ImageFolderDataModule(str(root), val_size=2, placement="device")
+    data.prepare("fit")
+    data.setup("fit")
+    assert len(data.splits["train"]) + len(data.splits["val"]) == 10  # 8 JPEGs and 2 BMPs
+    line = (
+        f"cifar-cli: skipped 5 files of {train} {NOT_IMAGES} (.tif: 3, .md: 1, broken link: 1; e.g. {train}/README.md)"
+    )
+    assert capsys.readouterr().err.splitlines() == [line]
+    # Said whenever the folder is listed, with the cache in place; not by a node's other processes (DDP ranks).
+    again = ImageFolderDataModule(str(root), val_size=2, placement="device")
+    again.setup("fit")
+    assert capsys.readouterr().err.splitlines() == [line]
+    rank_1 = ImageFolderDataModule(str(root), val_size=2, placement="device")
+    cpu = SimpleNamespace(root_device=torch.device("cpu"))
+    rank_1.trainer = SimpleNamespace(local_rank=1, is_global_zero=False, num_devices=2, strategy=cpu)
+    rank_1.setup("fit")
+    assert len(rank_1.splits["train"]) == 8 and capsys.readouterr().err == ""
+    # Files skipped in several split folders: one line, naming the root.
+    write_image_folder(root / "test", {"cat": 1, "dog": 1})
+    (root / "test" / "notes.txt").write_text("\n")
+    ImageFolderDataModule(str(root), val_size=2, placement="device").prepare("test")
+    both = (
+        f"cifar-cli: skipped 6 files of {root} {NOT_IMAGES} (.tif: 3, .md: 1, .txt: 1, broken link: 1; "
+        f"e.g. {root}/test/notes.txt)"
+    )
+    assert capsys.readouterr().err.splitlines() == [both]
+    # A predict folder is listed alike (here one file skipped), and then the labelled folders.
+    photos = tmp_path / "photos"
+    write_image_folder(photos, {"x": 2})
+    (photos / "x" / "scan.tif").write_bytes((train / "cat" / "t0.tif").read_bytes())
+    predict = ImageFolderDataModule(str(root), val_size=2, predict_root=str(photos), placement="device")
+    predict.prepare("predict")
+    predict.setup("predict")
+    assert len(predict.splits["predict"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"cifar-cli: skipped 1 file of {photos} that is not a .bmp/.gif/.jpeg/.jpg/.png/.webp image "
+        f"(.tif: 1; e.g. {photos}/x/scan.tif)",
+        both,
+    ]
+
+
 def test_image_folder_undecodable_file(tmp_path: Path) -> None:
     write_image_folder(tmp_path / "train", {"a": 3, "b": 3})
     (tmp_path / "train" / "a" / "broken.jpg").write_bytes(b"not an image")
@@ -377,7 +436,8 @@ def test_list_images_finds_what_pathlib_finds_in_its_order(tmp_path: Path) -> No
     (root / "linked").symlink_to(tmp_path / "elsewhere")  # a link to a folder: not followed, as by rglob
     (root / "a" / "l.jpg").symlink_to(root / "c.gif")  # a link to a file: listed
     (root / "a" / "broken.jpg").symlink_to(root / "missing.jpg")
-    listed = list_images(root)
+    skipped = []
+    listed = list_images(root, skipped)
     by_pathlib = sorted(
         p
         for p in root.rglob("*")
@@ -389,6 +449,12 @@ def test_list_images_finds_what_pathlib_finds_in_its_order(tmp_path: Path) -> No
     assert [p.relative_to(root).as_posix() for p in listed] == [
         "a/b/y.png", "a/l.jpg", "a/x.jpg", "a-b/x.JPG", "ab/z.webp", "c.gif"
     ]  # fmt: skip
+    # What is skipped, but for hidden files: said in one line (test_files_that_are_not_images_are_skipped_...).
+    assert skipped == [
+        (["a", "broken.jpg"], "broken link"),
+        (["a", "notes.txt"], ".txt"),
+        (["linked"], "link to a folder"),
+    ]
 
 
 def test_caches_of_versions_before_npy_are_removed_once_the_npy_cache_is_in_place(image_folder: Path) -> None:

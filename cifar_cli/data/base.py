@@ -18,7 +18,15 @@ from torch import Tensor
 from cifar_cli.atomic import atomic_file
 from cifar_cli.data.augment import BatchAugment, Flip, alternating_mirror, random_crop_flip
 from cifar_cli.data.batches import DeviceBatches, TensorImageDataset
-from cifar_cli.data.images import IMAGE_SUFFIXES, decode_images, decode_images_to_npy, list_images, usable_cpus
+from cifar_cli.data.images import (
+    IMAGE_SUFFIXES,
+    Skipped,
+    decode_images,
+    decode_images_to_npy,
+    list_images,
+    skipped_line,
+    usable_cpus,
+)
 from cifar_cli.data.placement import Placement, choose_placement, gigabytes, keep_on_disk
 from cifar_cli.data.storage import (
     DiskImages,
@@ -220,6 +228,13 @@ class ImageDataModule(LightningDataModule):
             print(f"cifar-cli: {line}", file=sys.stderr)
         return self.placement_used
 
+    def notice(self, line: str | None) -> None:
+        """Print `line` (if any) on stderr as `cifar-cli: line`, from a node's first process only: the others list
+        the same folders when they set up, and would repeat it. Before the trainer exists, only that process lists
+        them (`prepare`, from `check_data`)."""
+        if line is not None and (self.trainer is None or self.trainer.local_rank == 0):
+            print(f"cifar-cli: {line}", file=sys.stderr)
+
     def place(self, images: Tensor | DiskImages) -> Tensor | DiskImages:
         """A split's images as `placement_used` keeps them: read into memory, unless they stay on disk."""
         if isinstance(images, DiskImages) and self.placement_used != "disk":
@@ -244,9 +259,11 @@ class ImageDataModule(LightningDataModule):
         if not root.is_dir():
             missing = "" if root.exists() else " (no such path)"
             raise UsageError(f"--data.predict_root {root} is not a folder{missing}: pass a folder of images")
-        paths = list_images(root)
+        skipped: list[Skipped] = []
+        paths = list_images(root, skipped)
         if not paths:
             raise UsageError(f"--data.predict_root {root} has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        self.notice(skipped_line(root, skipped))  # a README or a .tif among the images: said, not an error
         _, size, _ = self.image_shape  # square, as every data module here
         names = [p.relative_to(root).as_posix() for p in paths]
         nbytes = len(paths) * 3 * size * size

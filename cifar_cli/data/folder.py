@@ -15,7 +15,7 @@ from cifar_cli.atomic import atomic_file
 from cifar_cli.data.augment import BatchAugment, Flip
 from cifar_cli.data.base import ImageDataModule
 from cifar_cli.data.batches import TensorImageDataset, split_indices
-from cifar_cli.data.images import IMAGE_SUFFIXES, decode_images_to_npy, image_parts
+from cifar_cli.data.images import IMAGE_SUFFIXES, Skipped, decode_images_to_npy, image_parts, skipped_line
 from cifar_cli.data.placement import Placement
 from cifar_cli.data.storage import (
     DiskImages,
@@ -37,10 +37,11 @@ class _Listing(NamedTuple):
     names: list[str]  # relative to the data set's root: <split>/<class>/<file>
     labels: Tensor
     fingerprint: str
+    skipped: list[Skipped]  # the files that are no images (`image_parts`), below <split>/
 
 
 class ImageFolderDataModule(ImageDataModule):
-    """Any image data set in class folders: `root/train/<class>/*.jpg|png`, optionally `root/val/` and `root/test/`.
+    """Any image data set in class folders: `root/train/<class>/*.jpg|png|...`, optionally `root/val/` and `root/test/`.
 
     Without `root/val/`, `val_size` training images are held out for validation; without `root/test/`,
     `test_size` more (0: no test split). Each folder is decoded once, by a process per core, into a uint8 `.npy`
@@ -130,7 +131,8 @@ class ImageFolderDataModule(ImageDataModule):
     def _list_folder(self, split: str) -> _Listing:
         """A labelled split folder's images, checked against the class folders of `train/`."""
         folder = self.root / split
-        found = image_parts(folder)
+        skipped: list[Skipped] = []
+        found = image_parts(folder, skipped)
         stray = [parts for parts in found if len(parts) < 2]
         if stray:
             raise UsageError(
@@ -159,7 +161,20 @@ class ImageFolderDataModule(ImageDataModule):
         labels = torch.tensor([index[c] for c in classes], dtype=torch.long)
         # The labels are not cached: they come from the class folders' names, listed on every run anyway.
         cache = cache_path(self.cache_dir, f"{split}-{self.image_size}px", folder, fingerprint)
-        return _Listing(cache, paths, names, labels, fingerprint)
+        return _Listing(cache, paths, names, labels, fingerprint, skipped)
+
+    def _say_skipped(self, listings: dict[str, _Listing]) -> None:
+        """One line on the files the listings skipped, if any, naming their split folder (the root when several
+        have some). Every listing says it: the cache may be read without decoding, but the files are still not
+        in it."""
+        some = {split: listing.skipped for split, listing in listings.items() if listing.skipped}
+        if len(some) == 1:
+            ((split, skipped),) = some.items()
+            self.notice(skipped_line(self.root / split, skipped))
+        else:
+            self.notice(
+                skipped_line(self.root, [([split, *parts], kind) for split in some for parts, kind in some[split]])
+            )
 
     def _cached(self, listing: _Listing) -> DiskImages | None:
         """The listing's decoded images in their cache file, or None when there is none."""
@@ -200,14 +215,18 @@ class ImageFolderDataModule(ImageDataModule):
         needs_test = stage == "test" or (stage == "predict" and self.predict_root is None)
         if needs_test and "test" not in listings and not self.test_size:
             raise UsageError(f"{type(self).__name__} has no test split: {self._missing_split_hint('test')}")
+        self._say_skipped(listings)
         self._write_caches([listing for listing in listings.values() if self._cached(listing) is None])
         self._prepared_listings = listings
 
     def load_splits(self) -> None:
         # The listing `prepare` made moments before in this process, if any: listing 50,000 files and reading
         # their sizes and times takes about a second, which every run paid twice.
-        listings, self._prepared_listings = self._prepared_listings or self._listings(), None
+        prepared, self._prepared_listings = self._prepared_listings, None
+        listings = prepared or self._listings()
         self.check_split_sizes(len(listings["train"].paths), self._held_out())
+        if prepared is None:  # `prepare` said it of its listing
+            self._say_skipped(listings)
         self.choose_placement(sum(len(listing.paths) for listing in listings.values()) * 3 * self.image_size**2)
         self._write_caches([listing for listing in listings.values() if self._cached(listing) is None])
         files = {split: self._cached(listing) for split, listing in listings.items()}

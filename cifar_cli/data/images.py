@@ -6,6 +6,7 @@ import contextlib
 import multiprocessing
 import os
 import sys
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
@@ -19,21 +20,31 @@ from torchvision.transforms.v2 import functional as TF
 from cifar_cli.data.storage import create_npy, write_at
 from cifar_cli.errors import UsageError
 
-# Suffixes torchvision.io.decode_image reads (and Pillow, for the files it cannot).
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".gif", ".webp"})
+# Suffixes torchvision.io.decode_image reads (and Pillow, for the files it cannot), and those Pillow alone reads.
+# Not TIFF: Pillow reads it, but clips 16-bit and float TIFFs to 0-255 (a 16-bit grey image came out near white).
+PILLOW_SUFFIXES = frozenset({".bmp"})
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".gif", ".webp", *PILLOW_SUFFIXES})
+
+# One skipped file: its path components below the listed folder, and what it is ("broken link", ".txt", ...).
+Skipped = tuple[list[str], str]
 
 
-def list_images(folder: Path) -> list[Path]:
-    """Image files below `folder`, in sorted order, skipping hidden files and folders (`.ipynb_checkpoints/`)."""
-    return [folder.joinpath(*parts) for parts in image_parts(folder)]
+def list_images(folder: Path, skipped: list[Skipped] | None = None) -> list[Path]:
+    """Image files below `folder`, in sorted order, skipping hidden files and folders (`.ipynb_checkpoints/`).
+
+    The other files skipped are appended to `skipped` when it is given (see `image_parts`)."""
+    return [folder.joinpath(*parts) for parts in image_parts(folder, skipped)]
 
 
-def image_parts(folder: Path) -> list[list[str]]:
+def image_parts(folder: Path, skipped: list[Skipped] | None = None) -> list[list[str]]:
     """The path components below `folder` of each of `list_images(folder)`, in the same order.
 
     As `Path.rglob` lists them (sorted by path components; links to files followed, links to folders not, folders
     it may not read skipped), but through `os.scandir`: every run lists its folders at start-up, and 50,000 files
     took 1.6 to 2.1 s through pathlib against 0.7 s this way, Path objects included (2-core Xeon).
+
+    Files that are not images of IMAGE_SUFFIXES, broken links and links to folders are appended to `skipped`, when it
+    is given, with what they are (`skipped_line` says so); hidden files are not.
     """
     found: list[list[str]] = []
 
@@ -48,12 +59,49 @@ def image_parts(folder: Path) -> list[list[str]]:
                 continue
             if entry.is_dir(follow_symlinks=False):
                 walk(entry.path, [*parts, entry.name])
-            elif os.path.splitext(entry.name)[1].lower() in IMAGE_SUFFIXES and entry.is_file():
+                continue
+            suffix = os.path.splitext(entry.name)[1].lower()
+            if suffix in IMAGE_SUFFIXES and entry.is_file():
                 found.append([*parts, entry.name])
+            elif skipped is not None:
+                skipped.append(([*parts, entry.name], _kind(entry, suffix)))
 
     walk(str(folder), [])
     found.sort()
+    if skipped is not None:
+        skipped.sort()
     return found
+
+
+def _kind(entry: os.DirEntry, suffix: str) -> str:
+    """What a file that is not an image is, for `skipped_line`."""
+    if entry.is_symlink():
+        if entry.is_dir():
+            return "link to a folder"
+        if not entry.is_file():
+            return "broken link"
+    if suffix in IMAGE_SUFFIXES:
+        return "not a regular file"  # a named pipe or a socket named like an image
+    return suffix or "no suffix"
+
+
+def skipped_line(folder: Path, skipped: Sequence[Skipped]) -> str | None:
+    """One line on the files of `folder` that `image_parts` skipped: how many, of what kind, and one of them;
+    None when there are none.
+
+    `skipped 16 files of data/x/train that are not .bmp/.gif/.jpeg/.jpg/.png/.webp images (.tif: 12, .txt: 4; e.g.
+    data/x/train/cat/001.tif)`
+    """
+    if not skipped:
+        return None
+    kinds = Counter(kind for _, kind in skipped)
+    counts = ", ".join(f"{kind}: {n}" for kind, n in sorted(kinds.items(), key=lambda item: (-item[1], item[0])))
+    suffixes = "/".join(sorted(IMAGE_SUFFIXES))
+    if len(skipped) == 1:
+        what = f"1 file of {folder} that is not a {suffixes} image"
+    else:
+        what = f"{len(skipped)} files of {folder} that are not {suffixes} images"
+    return f"skipped {what} ({counts}; e.g. {folder.joinpath(*min(skipped)[0])})"
 
 
 def decode_rgb(path: Path) -> Tensor:
@@ -61,11 +109,14 @@ def decode_rgb(path: Path) -> Tensor:
     JPEGs and animated GIFs (their first frame) included. A file that is no image ends in a UsageError naming it."""
     if path.stat().st_size == 0:
         raise UsageError(f"image {path} is empty (0 bytes): remove or replace the file")
-    data = read_file(str(path))
-    try:
-        image = decode_image(data, mode=ImageReadMode.RGB)
-    except RuntimeError as err:
-        image = _decode_with_pillow(path, err)
+    if path.suffix.lower() in PILLOW_SUFFIXES:
+        image = _decode_with_pillow(path, None)
+    else:
+        data = read_file(str(path))
+        try:
+            image = decode_image(data, mode=ImageReadMode.RGB)
+        except RuntimeError as err:
+            image = _decode_with_pillow(path, err)
     if image.ndim == 4:  # an animated GIF: all its frames; Pillow, and every viewer's thumbnail, show the first
         image = image[0]
     if image.dtype != torch.uint8:  # 16-bit PNGs decode to uint16: scaled, not truncated, to 0-255
@@ -73,16 +124,18 @@ def decode_rgb(path: Path) -> Tensor:
     return image
 
 
-def _decode_with_pillow(path: Path, error: RuntimeError) -> Tensor:
+def _decode_with_pillow(path: Path, error: RuntimeError | None) -> Tensor:
     # torchvision refuses some valid files that Pillow reads, such as animated WebP ("Animated webp files are not
-    # supported"); Pillow is the fallback only, as it is slower and loads lazily (errors surface at convert).
+    # supported"); Pillow is the fallback only, as it is slower and loads lazily (errors surface at convert). It
+    # reads PILLOW_SUFFIXES (BMP) alone (`error` None): torchvision reads none of them.
     from PIL import Image
 
     try:
         with Image.open(path) as image:
             rgb = np.asarray(image.convert("RGB"))
     except Exception as err:  # Pillow raises UnidentifiedImageError, OSError, SyntaxError, ValueError for bad files
-        reason = " ".join(str(error).split()) or type(error).__name__
+        cause = err if error is None else error
+        reason = " ".join(str(cause).split()) or type(cause).__name__
         raise UsageError(f"cannot decode image {path} ({reason}): remove or replace the file") from err
     return torch.from_numpy(rgb.copy()).permute(2, 0, 1)
 
