@@ -7,7 +7,9 @@ folder allows, skipping what is missing, and every file whole or not at all.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import errno
 import json
 import math
 import warnings
@@ -297,15 +299,39 @@ def write_markdown(run_dir: Path, rows: Rows, figures: list[str], classes: dict[
     return "\n".join(out)
 
 
+def make_folder(out: Path) -> None:
+    """Make the output folder `out` and the folders above it that are missing; a path that cannot be one is refused
+    in one line, leaving none of them made."""
+    hint = "pass --out with a folder to write the report in"
+    if out.exists() and not out.is_dir():
+        what = "a file, not a folder" if out.is_file() else "not a folder"
+        raise UsageError(f"{out} is {what} for the report; {hint}")
+    missing = [folder for folder in [out, *out.parents] if not folder.exists()]
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        for folder in missing:  # deepest first
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise  # cifar-cli's own line for a full disk
+        raise UsageError(f"{out}: cannot make the report's folder there ({err.strerror}); {hint}") from None
+
+
 def write_report(run_dir: Path, out: Path | None = None) -> list[Path]:
     """Write the figures and `report.md` of the run in `run_dir` into `out` (`run_dir/report` by default);
     returns the paths written."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise UsageError(f"{run_dir}: no such folder; pass the folder of a run, e.g. runs/cifar-cli/RUN_ID")
+        hint = "pass the folder of a run, e.g. runs/cifar-cli/RUN_ID"
+        if run_dir.is_file():
+            raise UsageError(f"{run_dir} is a file, not a run folder; {hint}")
+        if run_dir.exists():
+            raise UsageError(f"{run_dir} is not a folder; {hint}")
+        raise UsageError(f"{run_dir}: no such folder; {hint}")
     rows = read_metrics(run_dir / "metrics.csv")
     out = Path(out) if out is not None else run_dir / "report"
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out)
     figures: dict[str, Figure | None] = {"loss": plot_curves(rows, "loss"), "accuracy": plot_curves(rows, "acc")}
     classes: dict[str, list[str]] = {}
     for stage in STAGES:
@@ -329,8 +355,11 @@ def write_report(run_dir: Path, out: Path | None = None) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    # Parse errors are raised, not printed and exited on: `cifar-cli`'s main prints them in one line, as for fit.
     parser = ArgumentParser(
-        prog="cifar-cli report", description="Plots and a Markdown summary of a finished run, without W&B."
+        prog="cifar-cli report",
+        description="Plots and a Markdown summary of a finished run, without W&B.",
+        exit_on_error=False,
     )
     parser.add_argument("run_dir", type=str, help="the run's folder, e.g. runs/cifar-cli/RUN_ID")
     parser.add_argument("--out", type=str | None, default=None, help="folder for the outputs (default: RUN_DIR/report)")

@@ -12,6 +12,7 @@ import torch
 import yaml
 from PIL import Image
 
+from cifar_cli.cli import main as cli_main
 from cifar_cli.errors import UsageError
 from cifar_cli.report import main, write_report
 
@@ -212,3 +213,72 @@ def test_main(fit_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str])
     main([str(fit_run), "--out", str(elsewhere)])
     assert capsys.readouterr().out.splitlines()[-1] == f"Wrote {elsewhere / 'report.md'}"
     assert (elsewhere / "loss.png").is_file()
+
+
+def cli_fails(capsys: pytest.CaptureFixture[str], *args: str) -> str:
+    """`cifar-cli report ARGS` expecting bad input: exit code 2 and one line on stderr, no traceback."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["report", *args])
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in captured.err, captured.err
+    assert not captured.out
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ([], "the following arguments are required: run_dir"),
+        (["a", "b"], "unrecognized arguments: b"),
+        (["a", "--out"], "argument --out: expected one argument"),
+        (["a", "--bogus"], "unrecognized arguments: --bogus"),
+    ],
+)
+def test_parse_errors_are_one_line(capsys: pytest.CaptureFixture[str], args: list[str], message: str) -> None:
+    assert cli_fails(capsys, *args) == f"cifar-cli: error: {message}"
+
+
+def test_help(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["report", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: cifar-cli report [--out OUT] run_dir\n")
+    assert "Plots and a Markdown summary" in out and "--out OUT" in out and "run_dir" in out
+
+
+def test_run_folder_that_is_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "my.yaml"
+    config.write_text("trainer: {}\n")
+    assert cli_fails(capsys, str(config)) == (
+        f"cifar-cli: error: {config} is a file, not a run folder; pass the folder of a run, e.g. runs/cifar-cli/RUN_ID"
+    )
+    assert sorted(tmp_path.iterdir()) == [config] and config.read_text() == "trainer: {}\n"
+
+
+def test_out_that_cannot_be_a_folder(fit_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    hint = "pass --out with a folder to write the report in"
+    taken = tmp_path / "my.yaml"
+    taken.write_text("kept\n")
+    assert cli_fails(capsys, str(fit_run), "--out", str(taken)) == (
+        f"cifar-cli: error: {taken} is a file, not a folder for the report; {hint}"
+    )
+    assert taken.read_text() == "kept\n"
+    under_a_file = taken / "report"
+    assert cli_fails(capsys, str(fit_run), "--out", str(under_a_file)) == (
+        f"cifar-cli: error: {under_a_file}: cannot make the report's folder there (Not a directory); {hint}"
+    )
+    # The folders above the one that fails are made first: none is left behind.
+    too_long = tmp_path / "new" / ("a" * 300)
+    assert cli_fails(capsys, str(fit_run), "--out", str(too_long)) == (
+        f"cifar-cli: error: {too_long}: cannot make the report's folder there (File name too long); {hint}"
+    )
+    assert not (tmp_path / "new").exists()
+    if Path("/proc/self").is_dir():  # Linux: no folder can be made in /proc
+        assert cli_fails(capsys, str(fit_run), "--out", "/proc/x") == (
+            f"cifar-cli: error: /proc/x: cannot make the report's folder there (No such file or directory); {hint}"
+        )
+    assert not (fit_run / "report").exists()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["my.yaml", "runs"]
