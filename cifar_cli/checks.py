@@ -18,6 +18,7 @@ from jsonargparse import Namespace
 from lightning.fabric.utilities.rank_zero import _get_rank, rank_prefixed_message
 from lightning.fabric.utilities.seed import log as seed_log
 from lightning.pytorch.accelerators import AcceleratorRegistry
+from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.cli import LightningArgumentParser
 
 from cifar_cli.data import ImageDataModule
@@ -84,6 +85,15 @@ class ArgumentParser(LightningArgumentParser):
         return super()._load_config_parser_mode(content, path, ext_vars, prev_cfg)
 
 
+def cpu_devices(trainer: Namespace) -> str:
+    """The `--trainer.devices` flag a GPU config needs on the CPU: its `-1` (every GPU) or list of GPUs is no
+    count of processes."""
+    devices = trainer.get("devices")
+    if devices in (None, "auto") or (isinstance(devices, int) and devices >= 1):
+        return ""
+    return " --trainer.devices 2" if trainer.get("strategy") not in (None, "auto") else " --trainer.devices 1"
+
+
 def check_accelerator(trainer: Namespace) -> None:
     """Refuse an accelerator that does not exist or that this machine lacks; Lightning would fail with a
     traceback (tpu without torch_xla, a misspelt name) or after the seed line."""
@@ -95,7 +105,7 @@ def check_accelerator(trainer: Namespace) -> None:
     if name in ("gpu", "cuda") and not torch.cuda.is_available():
         raise UsageError(
             f"{flag}: this machine has no CUDA GPU that PyTorch can use; "
-            "run with --config configs/cpu.yaml or --trainer.accelerator cpu"
+            f"run with --config configs/cpu.yaml or --trainer.accelerator cpu{cpu_devices(trainer)}"
         )
     known = AcceleratorRegistry.available_accelerators()
     if name == "gpu":
@@ -106,6 +116,38 @@ def check_accelerator(trainer: Namespace) -> None:
         raise UsageError(
             f"{flag}: this machine has no {name.upper()} that PyTorch can use; run with --trainer.accelerator cpu"
         )
+
+
+def check_trainer_values(trainer: Namespace) -> None:
+    """Refuse trainer settings that Lightning takes at construction and fails on later, with a traceback mid-run
+    (a modulo by zero at the first validation or step) or after its start-up lines: checked before anything is
+    built or written."""
+    at_least_one = ("accumulate_grad_batches", "check_val_every_n_epoch")
+    for name in at_least_one:
+        value = trainer.get(name)
+        if isinstance(value, int) and value < 1:
+            raise UsageError(f"--trainer.{name} {value}: give 1 or more")
+    interval = trainer.get("val_check_interval")
+    if isinstance(interval, (int, float)) and interval <= 0:
+        raise UsageError(f"--trainer.val_check_interval {interval}: give a fraction of an epoch (0-1] or a step count")
+    for name in ("max_epochs", "max_steps"):
+        value = trainer.get(name)
+        if isinstance(value, int) and value < -1:
+            raise UsageError(f"--trainer.{name} {value}: give 0 or more (-1: no limit)")
+    max_time = trainer.get("max_time")
+    if max_time is not None:
+        try:
+            Timer(duration=max_time)  # Lightning's own reading of it
+        except Exception as err:
+            raise UsageError(
+                f"--trainer.max_time {max_time}: give days:hours:minutes:seconds, e.g. 00:00:10:00 for 10 minutes"
+            ) from err
+    devices, accelerator = trainer.get("devices"), trainer.get("accelerator")
+    if isinstance(accelerator, str) and accelerator.lower() == "cpu" and devices != "auto":
+        if not isinstance(devices, int) or devices < 1:
+            raise UsageError(
+                f"--trainer.devices {devices}: on the CPU give a number of processes, e.g. --trainer.devices 2"
+            )
 
 
 def local_rank_zero() -> bool:

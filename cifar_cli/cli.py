@@ -38,7 +38,15 @@ from cifar_cli.checkpoints import (
     check_weights_fit,
     load_checkpoint,
 )
-from cifar_cli.checks import ArgumentParser, QuietSeed, check_accelerator, check_data, local_rank_zero, plain_numbers
+from cifar_cli.checks import (
+    ArgumentParser,
+    QuietSeed,
+    check_accelerator,
+    check_data,
+    check_trainer_values,
+    local_rank_zero,
+    plain_numbers,
+)
 from cifar_cli.classifier import ImageClassifier
 from cifar_cli.dashboard import RunCSVLogger, with_csv_logger
 from cifar_cli.data import ImageDataModule
@@ -266,6 +274,7 @@ class CifarCLI(LightningCLI):
         plain_numbers(config)
         trainer = config["trainer"]
         check_accelerator(trainer)
+        check_trainer_values(trainer)
         self.optimizer_flags = self._move_optimizer_flags(self.subcommand)
         check_optimizer_class(config)
         for callback in trainer.get("callbacks") or []:
@@ -352,7 +361,12 @@ class CifarCLI(LightningCLI):
         config.update(callbacks=callbacks, plugins=plugins)
         # metrics.csv in every run's folder, whatever else the run logs to (cifar-cli report reads it).
         config["logger"] = with_csv_logger(config.get("logger"))
-        trainer = self._instantiate_trainer(config, extra)
+        try:
+            trainer = self._instantiate_trainer(config, extra)
+        except (ValueError, TypeError, ImportError) as err:
+            # Lightning's refusals of its arguments that are not MisconfigurationException (`num_nodes 0`, an unknown
+            # strategy, a precision whose package is missing, devices the accelerator cannot take): one line too.
+            raise UsageError(f"--trainer: {str(err).strip().splitlines()[0]}") from err
         for callback in trainer.callbacks:
             if isinstance(callback, RunConfigSaver):
                 callback.resuming = self.resuming

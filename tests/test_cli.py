@@ -672,6 +672,18 @@ def test_precision_flag_overrides_the_choice(fake_cifar10: Path, caplog, monkeyp
     assert not any("Automatic Mixed Precision" in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.parametrize(("chosen", "dtype"), [("bf16-true", torch.bfloat16), ("64-true", torch.float64)])
+def test_true_precisions_train_and_test_in_their_dtype(fake_cifar10: Path, chosen: str, dtype: torch.dtype) -> None:
+    """The weights in the precision's dtype, and the batches too (they failed at the first step: float32 images
+    into bfloat16 convolutions)."""
+    main(["fit", *cifar_args(fake_cifar10), *CSV_LOGGER, "--trainer.max_epochs", "1", "--trainer.precision", chosen])
+    (ckpt,) = checkpoints()
+    weights = torch.load(ckpt, weights_only=True)["state_dict"]
+    assert {t.dtype for name, t in weights.items() if name.endswith(".weight")} == {dtype}
+    main(["test", "--ckpt_path", str(ckpt), *CSV_LOGGER])
+    assert 0 <= values(metrics_rows("runs/version_1"), "test_acc")[-1] <= 1
+
+
 def test_max_steps_within_the_first_epoch_ends_with_a_checkpoint_despite_early_stopping(fake_cifar10: Path) -> None:
     # 160 training images at batch 32: 5 steps an epoch; the run stops after 3, before any validation. Lightning's
     # EarlyStopping would check val_loss at that epoch's end and stop the run with a traceback.

@@ -325,7 +325,12 @@ class ImageDataModule(LightningDataModule):
 
     def on_after_batch_transfer(self, batch: tuple[Tensor, ...], dataloader_idx: int) -> tuple[Tensor, ...]:
         images, *rest = batch
-        return self.preprocess(images), *rest
+        images = self.preprocess(images)
+        if self.trainer is not None:
+            # In the precision's dtype for the "-true" precisions (bf16-true, 16-true, 64-true), whose weights are
+            # in it; Lightning converts the batch before this hook, when the images are still uint8.
+            images = self.trainer.precision_plugin.convert_input(images)
+        return images, *rest
 
     def _loader(self, split: str, train: bool = False) -> DeviceBatches:
         if split not in self.splits:
