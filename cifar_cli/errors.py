@@ -9,6 +9,11 @@ class UsageError(Exception):
     """Bad flags, config, data or checkpoint: `cifar-cli` reports it in one line, without a traceback."""
 
 
+class UsageValueError(UsageError, ValueError):
+    """An argument value that a class refuses as it is built (a network too large for the images, say): a
+    ValueError to the Python code that builds it, a one-line error from `cifar-cli`."""
+
+
 def causes(err: BaseException | None) -> Iterator[BaseException]:
     """`err`, then the error that caused it (or was being handled when it was raised), and so on, each once."""
     seen = set()

@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from jsonargparse.typing import PositiveInt
 from torch import Tensor, nn
 
+from cifar_cli.errors import UsageValueError
+
 
 class TutorialCNN(nn.Module):
     """The W&B tutorial's CNN: conv 32, 32, max-pool, conv 64, 64, max-pool, then fully connected 512, 128, classes.
@@ -33,7 +35,7 @@ class TutorialCNN(nn.Module):
         self.pool = nn.MaxPool2d(2)
         feature_h, feature_w = ((height - 4) // 2 - 4) // 2, ((width - 4) // 2 - 4) // 2
         if feature_h < 1 or feature_w < 1:
-            raise ValueError(f"TutorialCNN needs images of at least 14x14 pixels, got {height}x{width}")
+            raise UsageValueError(f"TutorialCNN needs images of at least 14x14 pixels, got {height}x{width}")
         self.fc1 = nn.Linear(64 * feature_h * feature_w, 512)
         self.fc2 = nn.Linear(512, 128)
         self.fc3 = nn.Linear(128, num_classes)
@@ -114,7 +116,7 @@ class FastNet(nn.Module):
         for _ in widths:
             side //= 2
         if not widths or side < 1:
-            raise ValueError(
+            raise UsageValueError(
                 f"FastNet with {len(widths)} blocks needs images of at least {whiten_kernel - 1 + 2 ** len(widths)} "
                 f"pixels a side, got {height}x{width}"
             )

@@ -12,6 +12,8 @@ from collections.abc import Callable
 from torch import nn
 from torch.optim import Optimizer
 
+from cifar_cli.errors import UsageValueError
+
 
 class LRSchedule:
     """A constant learning rate; subclasses shape it over training."""
@@ -38,10 +40,12 @@ class WarmupLinearDecay(LRSchedule):
         self, start: float = 0.2, peak: float = 0.23, end: float = 0.07, restarts: tuple[float, ...] = ()
     ) -> None:
         if not 0 <= peak <= 1:
-            raise ValueError(f"peak is a fraction of a cycle, between 0 and 1, got {peak}")
+            raise UsageValueError(f"peak is a fraction of a cycle, between 0 and 1, got {peak}")
         bounds = [0.0, *restarts, 1.0]
         if any(b <= a for a, b in zip(bounds, bounds[1:])):
-            raise ValueError(f"restarts are increasing fractions of training between 0 and 1, got {list(restarts)}")
+            raise UsageValueError(
+                f"restarts are increasing fractions of training between 0 and 1, got {list(restarts)}"
+            )
         self.start, self.peak, self.end = start, peak, end
         self.bounds = bounds
 

@@ -145,6 +145,11 @@ CASES = [
         "--model.whiten_bias_until needs a network whose whitening layer has a bias (FastNet); TutorialCNN has none",
     ),
     Case("whiten_bias_until_above_one", ["fit", "--model.whiten_bias_until", "1.5"], "model.whiten_bias_until"),
+    Case(
+        "lr_schedule_peak_above_one",
+        ["fit", "--model.lr_schedule", "WarmupLinearDecay", "--model.lr_schedule.peak", "2"],
+        "cifar-cli: error: peak is a fraction of a cycle, between 0 and 1, got 2.0",
+    ),
     Case("bad_precision", ["fit", "--trainer.precision", "17"], 'Parser key "trainer.precision"'),
     Case(
         "accelerator_tpu", ["fit", "--trainer.accelerator", "tpu"], "--trainer.accelerator tpu: this machine has no TPU"
@@ -291,6 +296,18 @@ CASES = [
         "folder_val_size_too_large",
         [*FIT, "--data.val_size", "50"],
         "hold out 50 of 8 training images",
+        setup=lambda: images(CLASSES_AB),
+    ),
+    Case(
+        "folder_images_too_small_for_net",
+        [*FIT, "--data.image_size", "8"],
+        "cifar-cli: error: TutorialCNN needs images of at least 14x14 pixels, got 8x8",
+        setup=lambda: images(CLASSES_AB),
+    ),
+    Case(
+        "folder_images_too_small_for_fastnet",
+        [*FIT, "--model.net", "FastNet", "--data.image_size", "4"],
+        "cifar-cli: error: FastNet with 3 blocks needs images of at least 9 pixels a side, got 4x4",
         setup=lambda: images(CLASSES_AB),
     ),
     Case("folder_test_without_test_split", ["test", *FIT[1:]], "has no test split", setup=lambda: images(CLASSES_AB)),
