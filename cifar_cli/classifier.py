@@ -43,7 +43,7 @@ class ImageClassifier(LightningModule):
         learning_rate: Peak learning rate, per step, of every parameter but those of normalisation layers. An
             optimizer's own `lr` (`--optimizer.lr`, `--model.optimizer.lr`) other than its class default sets it.
         weight_decay: The optimizer's (coupled) weight decay; an optimizer's own `weight_decay` sets it likewise.
-        label_smoothing: Cross-entropy label smoothing, 0 for none.
+        label_smoothing: Cross-entropy label smoothing, 0 for none; below 1 (at 1 the targets carry no label).
         optimizer: Optimizer class and its arguments (`--model.optimizer torch.optim.SGD --model.optimizer.momentum
             0.9`, or LightningCLI's `--optimizer SGD`), built over the parameter groups below.
         lr_schedule: Learning-rate factor over training progress, updated every step; default constant.
@@ -64,7 +64,7 @@ class ImageClassifier(LightningModule):
             training progress reaches `low_res_until`, then at full size; evaluation is always at full size.
             The network must accept both sizes (global pooling: FastNet, torchvision and timm networks).
         low_res_until: Training progress (as the LR schedule sees it: of the steps, or of a time budget) at which
-            training moves to full size.
+            training moves to full size: above 0, at most 1.
         whiten_bias_until: Train the bias of the network's whitening layer (FastNet's `whiten`) only until this
             point of training progress, then freeze it, as airbench94 does after 3 of its 10 epochs: in one process
             the backward pass then stops at the first block's convolution. None: train it to the end.
@@ -104,6 +104,7 @@ class ImageClassifier(LightningModule):
                 f"--model.whiten_bias_until needs a network whose whitening layer has a bias (FastNet); "
                 f"{type(net).__name__} has none: leave it unset"
             )
+        check_settings(net, label_smoothing, backbone_lr_factor, low_res_until)
         self.class_names = list(class_names)
         self.optimizer = optimizer
         self.lr_schedule = lr_schedule
@@ -490,6 +491,29 @@ class ImageClassifier(LightningModule):
         # only at the end (configs/budget.yaml) relies on.
         if self._steps_total is not None and self.progress(step) >= 1.0:
             self.trainer.should_stop = True
+
+
+def check_settings(net: nn.Module, label_smoothing: float, backbone_lr_factor: float, low_res_until: float) -> None:
+    """Refuse settings that would fail mid-run or do nothing, in one line before anything runs."""
+    # torch takes 0 to 1: at 1 every target is the uniform distribution, whatever the label, and nothing is learned;
+    # above 1 cross_entropy fails at the first step, below 0 it pushes the wrong classes up.
+    if not 0 <= label_smoothing < 1:
+        raise UsageError(
+            f"--model.label_smoothing {label_smoothing:g}: must be at least 0 and below 1 (at 1 every target is "
+            "uniform and the labels are lost); 0.1 is usual"
+        )
+    backbone = getattr(net, "backbone", None)
+    if backbone_lr_factor != 1 and not isinstance(backbone, nn.Module):
+        raise UsageError(
+            f"--model.backbone_lr_factor {backbone_lr_factor:g} needs a network with a backbone, such as "
+            f"TorchvisionNet or TimmNet; {type(net).__name__} has none: leave it at 1"
+        )
+    # Training progress runs from 0 to 1: at 0 or below no step is at low resolution, above 1 every step is, as at 1.
+    if not 0 < low_res_until <= 1:
+        raise UsageError(
+            f"--model.low_res_until {low_res_until:g}: a fraction of training progress, above 0 and at most 1 "
+            "(0.5: the first half of training at --model.low_res_side)"
+        )
 
 
 def class_scores(matrix: Tensor) -> dict[str, Tensor]:

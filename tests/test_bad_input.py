@@ -145,6 +145,31 @@ CASES = [
         "--model.whiten_bias_until needs a network whose whitening layer has a bias (FastNet); TutorialCNN has none",
     ),
     Case("whiten_bias_until_above_one", ["fit", "--model.whiten_bias_until", "1.5"], "model.whiten_bias_until"),
+    # cross_entropy fails at the first step above 1; below 0 or at 1 it trains on wrong or uniform targets
+    *(
+        Case(
+            f"label_smoothing_{name}",
+            ["fit", "--model.label_smoothing", value],
+            f"cifar-cli: error: --model.label_smoothing {value}: must be at least 0 and below 1 (at 1 every target "
+            "is uniform and the labels are lost); 0.1 is usual",
+        )
+        for name, value in [("above_one", "2"), ("negative", "-0.5"), ("one", "1")]
+    ),
+    Case(
+        "backbone_lr_factor_without_backbone",
+        ["fit", "--model.backbone_lr_factor", "0.1"],
+        "cifar-cli: error: --model.backbone_lr_factor 0.1 needs a network with a backbone, such as TorchvisionNet or "
+        "TimmNet; TutorialCNN has none: leave it at 1",
+    ),
+    *(
+        Case(
+            f"low_res_until_{name}",
+            ["fit", "--model.net", "FastNet", "--model.low_res_side", "24", "--model.low_res_until", value],
+            f"cifar-cli: error: --model.low_res_until {value}: a fraction of training progress, above 0 and at most 1 "
+            "(0.5: the first half of training at --model.low_res_side)",
+        )
+        for name, value in [("above_one", "2"), ("zero", "0")]
+    ),
     Case(
         "lr_schedule_peak_above_one",
         ["fit", "--model.lr_schedule", "WarmupLinearDecay", "--model.lr_schedule.peak", "2"],
