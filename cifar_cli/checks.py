@@ -7,8 +7,11 @@ tips), in a traceback, or after a logger has created its run. These checks run f
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +23,8 @@ from lightning.fabric.utilities.seed import log as seed_log
 from lightning.pytorch.accelerators import AcceleratorRegistry
 from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.cli import LightningArgumentParser
+from torch import nn
+from torch.func import functional_call
 
 from cifar_cli.data import ImageDataModule
 from cifar_cli.errors import UsageError
@@ -161,6 +166,51 @@ def check_data(data: Any, stage: str) -> None:
     only, as Lightning's own prepare_data call, which then costs nothing)."""
     if isinstance(data, ImageDataModule) and local_rank_zero():
         data.prepare(stage)
+
+
+def net_name(net: nn.Module) -> str:
+    """The network's class, with the architecture of a torchvision or timm network: `TorchvisionNet inception_v3`."""
+    name = getattr(net, "name", None)
+    return type(net).__name__ + (f" {name}" if isinstance(name, str) else "")
+
+
+@contextlib.contextmanager
+def evaluating(net: nn.Module) -> Iterator[None]:
+    """`net` in eval mode and without gradients for the block, each module's mode restored after."""
+    modes = [(module, module.training) for module in net.modules()]
+    net.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def input_problem(net: nn.Module, shape: tuple[int, int, int], channels_last: bool = False) -> str | None:
+    """Why `net` cannot take images of `shape` (channels, height, width), or None where it can.
+
+    One image goes through the network on the meta device, which computes shapes only (a few ms, whatever the
+    network's size: a real forward pass of a ResNet-50 at 224 px takes 1.5 s on 2 CPU cores), in eval mode and
+    without gradients; nothing of the network changes. Where that fails, a real pass decides, and its error is
+    the message: the meta device lacks some operations, and words some shape errors differently.
+    """
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    with evaluating(net):
+        try:
+            tensors = {k: torch.empty_like(v, device="meta") for k, v in chain(net.named_parameters(),
+                                                                                net.named_buffers())}  # fmt: skip
+            image = torch.empty(1, *shape, device="meta").contiguous(memory_format=memory_format)
+            functional_call(net, tensors, (image,))
+            return None
+        except Exception:  # (on the meta device, anything: the real pass below decides)
+            pass
+        device = next(chain(net.parameters(), net.buffers()), torch.empty(0)).device
+        try:
+            net(torch.zeros(1, *shape, device=device).contiguous(memory_format=memory_format))
+        except (RuntimeError, ValueError, AssertionError) as err:  # torch's shape errors; torch._assert's
+            return (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return None
 
 
 class QuietSeed:

@@ -44,7 +44,9 @@ from cifar_cli.checks import (
     check_accelerator,
     check_data,
     check_trainer_values,
+    input_problem,
     local_rank_zero,
+    net_name,
     plain_numbers,
 )
 from cifar_cli.classifier import ImageClassifier
@@ -324,6 +326,7 @@ class CifarCLI(LightningCLI):
             check_same_classes(self.model, self.checkpoint, self.config[self.subcommand]["ckpt_path"], self.subcommand)
             check_weights_fit(self.model, self.checkpoint["state_dict"], self.config[self.subcommand]["ckpt_path"])
             self.checkpoint = None
+        self.check_image_sizes()
         if self.subcommand is not None:
             check_data(self.datamodule, self.subcommand)
             QuietSeed.announce(self._get(self.config, "seed_everything"))
@@ -331,6 +334,35 @@ class CifarCLI(LightningCLI):
         # only (a DDP run's other ranks parse the same command line).
         if getattr(self, "resume_line", None) and local_rank_zero():
             print(self.resume_line, file=sys.stderr)
+
+    def check_image_sizes(self) -> None:
+        """Refuse a network that cannot take the data's images, or with progressive resizing the smaller ones: it
+        would fail at the first step (TutorialCNN's fixed-size flatten, a network that pools too often), after the
+        run's folder and W&B run were created. A forward pass of one image of each size, on the meta device."""
+        data, model = self.datamodule, self.model
+        if not isinstance(data, ImageDataModule) or not isinstance(model, ImageClassifier):
+            return
+        channels, height, width = data.image_shape
+        net, name = model.net, net_name(model.net)
+        channels_last = bool(model.hparams.channels_last)
+        low = model.hparams.low_res_side if self.subcommand == "fit" else None
+        side = min(height, width)
+        if low is not None and low >= side:
+            raise UsageError(
+                f"--model.low_res_side {low} is not below the images' side ({height}x{width}), so no step would "
+                f"train at a lower resolution: pass a smaller side, such as {max(side * 3 // 4, 1)}, or leave it unset"
+            )
+        problem = input_problem(net, (channels, height, width), channels_last)
+        if problem is not None:
+            other = ", or another --data.image_size" if hasattr(data, "image_size") else ""
+            raise UsageError(
+                f"{name} cannot take {height}x{width} images ({problem}): choose another --model.net{other}"
+            )
+        if low is not None and (problem := input_problem(net, (channels, low, low), channels_last)) is not None:
+            raise UsageError(
+                f"--model.low_res_side {low}: {name} cannot take {low}x{low} images ({problem}); progressive "
+                "resizing needs a network that takes both sizes, with global pooling, such as FastNet"
+            )
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         config = {**self._get(self.config_init, "trainer", default={}), **kwargs}

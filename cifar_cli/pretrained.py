@@ -70,6 +70,7 @@ class NamedNet(nn.Module):
 
     model: nn.Module
     head_path: str
+    name: str  # the architecture, as the library names it
     # Mean and std (0-1 scale, per channel) the images are normalised with; None: the data's own statistics.
     input_mean: tuple[float, ...] | None = None
     input_std: tuple[float, ...] | None = None
@@ -227,6 +228,7 @@ class TorchvisionNet(NamedNet):
         holder = model.get_submodule(parent) if parent else model
         setattr(holder, leaf, new_layer(holder.get_submodule(leaf), num_classes))
         self.model = model
+        self.name = name
 
 
 def final_layer_outputs(model: nn.Module) -> int:
@@ -349,6 +351,7 @@ class TimmNet(NamedNet):
                 f"{cache}/hub, or pass --model.net.weights_path FILE"
             ) from err
         self.model = model
+        self.name = name
         head = model.pretrained_cfg.get("classifier") or "fc"
         self.head_path = head if isinstance(head, str) else head[0]
         if pretrained or weights_path is not None:

@@ -171,6 +171,26 @@ CASES = [
         for name, value in [("above_one", "2"), ("zero", "0")]
     ),
     Case(
+        "low_res_side_fixed_size_net",
+        ["fit", "--model.low_res_side", "24"],
+        "cifar-cli: error: --model.low_res_side 24: TutorialCNN cannot take 24x24 images (mat1 and mat2 shapes cannot "
+        "be multiplied (1x576 and 1600x512)); progressive resizing needs a network that takes both sizes, with global "
+        "pooling, such as FastNet",
+    ),
+    Case(
+        "low_res_side_not_below_image_side",
+        ["fit", "--model.net", "FastNet", "--model.low_res_side", "64"],
+        "cifar-cli: error: --model.low_res_side 64 is not below the images' side (32x32), so no step would train at a "
+        "lower resolution: pass a smaller side, such as 24, or leave it unset",
+    ),
+    Case(
+        "net_too_large_for_images",
+        ["fit", "--model.net", "TorchvisionNet", "--model.net.name", "inception_v3"],
+        "cifar-cli: error: TorchvisionNet inception_v3 cannot take 32x32 images (Calculated padded input size per "
+        "channel: (1 x 1). Kernel size: (3 x 3). Kernel size can't be greater than actual input size): choose "
+        "another --model.net",
+    ),
+    Case(
         "lr_schedule_peak_above_one",
         ["fit", "--model.lr_schedule", "WarmupLinearDecay", "--model.lr_schedule.peak", "2"],
         "cifar-cli: error: peak is a fraction of a cycle, between 0 and 1, got 2.0",
@@ -333,6 +353,14 @@ CASES = [
         "folder_images_too_small_for_fastnet",
         [*FIT, "--model.net", "FastNet", "--data.image_size", "4"],
         "cifar-cli: error: FastNet with 3 blocks needs images of at least 9 pixels a side, got 4x4",
+        setup=lambda: images(CLASSES_AB),
+    ),
+    Case(
+        "folder_images_too_small_for_torchvision_net",
+        [*FIT, "--model.net", "TorchvisionNet", "--model.net.name", "inception_v3", "--data.image_size", "40"],
+        "cifar-cli: error: TorchvisionNet inception_v3 cannot take 40x40 images (Calculated padded input size per "
+        "channel: (2 x 2). Kernel size: (3 x 3). Kernel size can't be greater than actual input size): choose "
+        "another --model.net, or another --data.image_size",
         setup=lambda: images(CLASSES_AB),
     ),
     Case("folder_test_without_test_split", ["test", *FIT[1:]], "has no test split", setup=lambda: images(CLASSES_AB)),

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import cifar_cli.nets as nets
+from cifar_cli.checks import input_problem
 
 NETS = [
     cls
@@ -68,3 +69,33 @@ def test_fast_net_widths_and_frozen_batchnorm_scale() -> None:
     assert all(n.bias.requires_grad for n in norms)
     with pytest.raises(ValueError, match="at least 17 pixels"):
         nets.FastNet(widths=(16, 32, 48, 64), image_shape=(3, 16, 16))
+
+
+def test_input_problem_names_a_size_the_net_cannot_take_and_leaves_the_net_as_it_was() -> None:
+    torch.manual_seed(0)
+    net = nets.FastNet(image_shape=(3, 16, 16), widths=(8, 8))
+    net.train()
+    net.blocks[0].eval()  # a module's own mode, which the check must keep
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    assert input_problem(net, (3, 16, 16), channels_last=True) is None
+    assert input_problem(net, (3, 12, 12)) is None  # global pooling: any size its blocks can halve
+    tutorial = nets.TutorialCNN(image_shape=(3, 32, 32))
+    assert "mat1 and mat2 shapes cannot be multiplied" in input_problem(tutorial, (3, 24, 24))
+    assert net.training and not net.blocks[0].training and net.blocks[1].training
+    assert all(torch.equal(v, state[k]) for k, v in net.state_dict().items())  # BatchNorm's statistics too
+    assert tutorial.training and all(p.device.type == "cpu" for p in tutorial.parameters())
+
+
+class ItemNet(nn.Module):
+    """A network with a data-dependent step, which the meta device cannot run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x.mean(dim=(2, 3))) * float(x.abs().max() + 1)
+
+
+def test_input_problem_falls_back_to_a_real_pass() -> None:
+    assert input_problem(ItemNet(), (3, 8, 8)) is None
