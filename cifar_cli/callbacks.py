@@ -161,6 +161,8 @@ class PredictionWriter(Callback):
 # Under DDP the clocks of the time limit and of `last.ckpt`'s saves are read on rank 0 and its verdict broadcast
 # every this many steps: a broadcast per step would make every step wait for all ranks (and the host for the GPU).
 TIME_CHECK_STEPS = 10
+# The metric FitTimer logs: seconds of training so far.
+FIT_TIME = "fit_time"
 
 
 class FitTimer(Timer):
@@ -191,7 +193,7 @@ class FitTimer(Timer):
     def _log_time(self, trainer: Trainer, pl_module: LightningModule) -> None:
         elapsed = self.time_elapsed("train")
         if not trainer.sanity_checking and elapsed > 0:
-            pl_module.log("fit_time", elapsed, sync_dist=False, rank_zero_only=True)
+            pl_module.log(FIT_TIME, elapsed, sync_dist=False, rank_zero_only=True)
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._log_time(trainer, pl_module)

@@ -8,6 +8,7 @@ tips), in a traceback, or after a logger has created its run. These checks run f
 from __future__ import annotations
 
 import contextlib
+import difflib
 import logging
 import os
 from collections.abc import Iterator
@@ -21,11 +22,13 @@ from jsonargparse import Namespace
 from lightning.fabric.utilities.rank_zero import _get_rank, rank_prefixed_message
 from lightning.fabric.utilities.seed import log as seed_log
 from lightning.pytorch.accelerators import AcceleratorRegistry
-from lightning.pytorch.callbacks import Timer
-from lightning.pytorch.cli import LightningArgumentParser
+from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint, Timer
+from lightning.pytorch.cli import LightningArgumentParser, ReduceLROnPlateau
 from torch import nn
 from torch.func import functional_call
 
+from cifar_cli.callbacks import FIT_TIME, FitTimer
+from cifar_cli.classifier import ImageClassifier, fit_metrics
 from cifar_cli.data import ImageDataModule
 from cifar_cli.errors import UsageError
 
@@ -229,3 +232,42 @@ class QuietSeed:
         """Log the seed as seed_everything does, for the seed LightningCLI set (False or None: no seeding)."""
         if isinstance(seed, int) and not isinstance(seed, bool):
             seed_log.info(rank_prefixed_message(f"Seed set to {seed}", _get_rank()))
+
+
+# The packages whose callbacks put no metric of their own in the trainer's callback_metrics, but for FitTimer's and
+# LearningRateMonitor's; a callback from elsewhere may (self.log in its hooks).
+KNOWN_CALLBACKS = ("lightning.", "pytorch_lightning.", "cifar_cli.")
+
+
+def check_monitors(model: Any, callbacks: list[Any], scheduler: Any, scheduler_flag: str) -> None:
+    """Refuse a `monitor` that names a metric `fit` never logs: EarlyStopping's, a ModelCheckpoint's, a
+    ReduceLROnPlateau scheduler's. Lightning finds it missing at the end of the first validation, a whole epoch in,
+    with a traceback, the run's folder and W&B run made by then.
+
+    Checked only where every name is known: the model is ImageClassifier itself (a subclass may log more), and every
+    callback is Lightning's or cifar-cli's. LearningRateMonitor's names depend on the optimizer and its parameter
+    groups (`lr-SGD/pg1`): with one, any `lr-` name passes."""
+    if type(model) is not ImageClassifier:
+        return
+    if not all(type(callback).__module__.startswith(KNOWN_CALLBACKS) for callback in callbacks):
+        return
+    logged = fit_metrics()
+    if any(isinstance(callback, FitTimer) for callback in callbacks):
+        logged.append(FIT_TIME)
+    lr_monitor = any(isinstance(callback, LearningRateMonitor) for callback in callbacks)
+    watched: list[tuple[str, Any, list[str]]] = []
+    for callback in callbacks:
+        if isinstance(callback, EarlyStopping):
+            watched.append((type(callback).__name__, callback.monitor, logged))
+        elif isinstance(callback, ModelCheckpoint) and callback.monitor is not None:
+            # ModelCheckpoint also offers the epoch and step counts.
+            watched.append((type(callback).__name__, callback.monitor, [*logged, "epoch", "step"]))
+    if isinstance(scheduler, ReduceLROnPlateau):
+        watched.append((f"{scheduler_flag} {type(scheduler).__name__}", scheduler.monitor, logged))
+    for what, name, known in watched:
+        if name in known or (lr_monitor and str(name).startswith("lr-")):
+            continue
+        close = difflib.get_close_matches(str(name), known, n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        names = ", ".join([*known, "lr-*"] if lr_monitor else known)
+        raise UsageError(f"{what} monitors {name}, which this run never logs: choose one of {names}{hint}")

@@ -32,6 +32,17 @@ METRICS_KEY = "cifar_cli_train_metrics"
 BUDGET_MIN_STEPS = 10
 # Training images the whitening layer of a net with `init_whitening` is fitted to (airbench uses 5,000).
 WHITENING_IMAGES = 5000
+# The metrics every stage logs through self.log, as `{stage}_{metric}` (`train_loss`, `val_acc`, ...): what fit's
+# callbacks and a ReduceLROnPlateau scheduler can monitor (see `fit_metrics`).
+METRICS = ("loss", "acc")
+
+
+def fit_metrics() -> list[str]:
+    """The names ImageClassifier puts in the trainer's callback_metrics during `fit`: the training metrics, logged
+    every logged step and every epoch, under their own name and Lightning's `_step` and `_epoch` forks of it; the
+    validation metrics, logged every epoch, under their own. (The per-class scores go straight to the loggers.)"""
+    train = [f"train_{metric}{fork}" for metric in METRICS for fork in ("", "_step", "_epoch")]
+    return [*train, *(f"val_{metric}" for metric in METRICS)]
 
 
 class ImageClassifier(LightningModule):
@@ -215,8 +226,9 @@ class ImageClassifier(LightningModule):
             return
         mean_loss(loss, weight=len(labels))  # the epoch's value is the mean over images, not over batches
         accuracy(logits, labels)
-        self.log(f"{stage}_loss", mean_loss, on_epoch=True, prog_bar=True)
-        self.log(f"{stage}_acc", accuracy, on_epoch=True, prog_bar=True)
+        for metric in METRICS:
+            name = f"{stage}_{metric}"
+            self.log(name, getattr(self, name), on_epoch=True, prog_bar=True)
 
     def _class_scores(self, stage: str) -> None:
         """Log the stage's per-class precision, recall and accuracy (`val_recall/cat`, ...) from its confusion
@@ -266,8 +278,9 @@ class ImageClassifier(LightningModule):
                 self._flush_window(log=False)
             return loss
         self._flush_window(log=True)
-        self.log("train_loss", self.train_loss, on_step=True, on_epoch=True, prog_bar=True)
-        self.log("train_acc", self.train_acc, on_step=True, on_epoch=True, prog_bar=True)
+        for metric in METRICS:
+            name = f"train_{metric}"
+            self.log(name, getattr(self, name), on_step=True, on_epoch=True, prog_bar=True)
         return loss
 
     def _flush_window(self, log: bool) -> None:

@@ -43,6 +43,7 @@ from cifar_cli.checks import (
     QuietSeed,
     check_accelerator,
     check_data,
+    check_monitors,
     check_trainer_values,
     input_problem,
     local_rank_zero,
@@ -313,8 +314,11 @@ class CifarCLI(LightningCLI):
         self.trainer = self.instantiate_trainer()
 
     def check_model_and_data(self) -> None:
-        check_built(self.model, self.optimizer_flags)
+        scheduler = check_built(self.model, self.optimizer_flags)
         callbacks = self._get(self.config_init, "trainer", default={}).get("callbacks") or []
+        if self.subcommand == "fit":
+            extra = [self._get(self.config_init, key) for key in self._parser(self.subcommand).callback_keys]
+            check_monitors(self.model, [*callbacks, *extra], scheduler, self.optimizer_flags["lr_scheduler"])
         finetuning = [c for c in callbacks if isinstance(c, BackboneFinetuning)]
         if finetuning and not isinstance(getattr(self.model.net, "backbone", None), nn.Module):
             # Lightning's own check comes after its setup has failed on the missing attribute, with a traceback.

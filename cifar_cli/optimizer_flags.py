@@ -163,17 +163,17 @@ def settle(model: Namespace, name: str, model_name: str, model_default: float, f
     init[name] = model[model_name]
 
 
-def check_built(model: Any, flags: dict[str, str]) -> None:
+def check_built(model: Any, flags: dict[str, str]) -> Any:
     """Build the model's optimizer and scheduler once over a dummy parameter, so that arguments torch refuses fail
     in one line now rather than with a traceback at the first step; the scheduler is stepped a few times, as
-    some fail only then (StepLR with step_size 0 divides by it)."""
+    some fail only then (StepLR with step_size 0 divides by it). Returns the scheduler built, or None."""
     params = [{"params": [torch.zeros(1, requires_grad=True)], "lr": model.hparams.learning_rate}]
     try:
         optimizer = model.optimizer(params)
     except (TypeError, ValueError, RuntimeError) as err:
         raise UsageError(f"{flags['optimizer']}: {err}") from err
     if model.lr_scheduler is None:
-        return
+        return None
     try:
         scheduler = model.lr_scheduler(optimizer)
         for _ in range(3):
@@ -183,3 +183,4 @@ def check_built(model: Any, flags: dict[str, str]) -> None:
             ) else scheduler.step()
     except (TypeError, ValueError, RuntimeError, ZeroDivisionError) as err:
         raise UsageError(f"{flags['lr_scheduler']}: {err}") from err
+    return scheduler

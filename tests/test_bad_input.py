@@ -26,11 +26,18 @@ import pytest
 import torch
 import yaml
 from conftest import write_image_folder
+from lightning.pytorch import Callback
+from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.cli import ReduceLROnPlateau
 from PIL import Image
 
+from cifar_cli.callbacks import FitTimer
+from cifar_cli.checks import check_monitors
+from cifar_cli.classifier import ImageClassifier
 from cifar_cli.cli import main
 from cifar_cli.data import CIFAR10DataModule, ImageFolderDataModule, decode_images
 from cifar_cli.data.images import decode_rgb
+from cifar_cli.errors import UsageError
 from cifar_cli.nets import TutorialCNN
 
 REPO = Path(__file__).resolve().parents[1]
@@ -118,6 +125,11 @@ class Case(NamedTuple):
 
 
 FIT = ["fit", *FOLDER, "--data.val_size", "2"]
+# What the default callbacks and a ReduceLROnPlateau can monitor in `fit`, as the refusals list it.
+FIT_METRICS = (
+    "train_loss, train_loss_step, train_loss_epoch, train_acc, train_acc_step, train_acc_epoch, val_loss, val_acc, "
+    "fit_time"
+)
 TEST_CKPT = ["test", "--ckpt_path", "model.ckpt"]
 CLASSES_AB = {"a": 4, "b": 4}
 CASES = [
@@ -257,6 +269,41 @@ CASES = [
         "validation_off_with_early_stopping",
         ["fit", "--trainer.limit_val_batches", "0"],
         "EarlyStopping monitors val_loss",
+    ),
+    # A monitor naming a metric fit never logs: Lightning found it after the first epoch, in a traceback.
+    Case(
+        "early_stopping_monitor_never_logged",
+        [*FIT, "--trainer.callbacks+=EarlyStopping", "--trainer.callbacks.monitor", "val_f1"],
+        f"cifar-cli: error: EarlyStopping monitors val_f1, which this run never logs: choose one of {FIT_METRICS}; "
+        "did you mean val_acc?",
+        setup=lambda: images(CLASSES_AB),
+    ),
+    Case(
+        "checkpoint_monitor_never_logged",
+        [*FIT, "--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.monitor", "val_accuracy"],
+        f"cifar-cli: error: ModelCheckpoint monitors val_accuracy, which this run never logs: choose one of "
+        f"{FIT_METRICS}, epoch, step; did you mean val_acc?",
+        setup=lambda: images(CLASSES_AB),
+    ),
+    Case(
+        "plateau_monitor_never_logged",
+        [*FIT, "--lr_scheduler", "ReduceLROnPlateau", "--lr_scheduler.monitor", "nonexistent"],
+        "cifar-cli: error: --lr_scheduler ReduceLROnPlateau monitors nonexistent, which this run never logs: choose "
+        f"one of {FIT_METRICS}",
+        setup=lambda: images(CLASSES_AB),
+    ),
+    Case(
+        "model_plateau_monitor_never_logged",
+        [
+            *FIT,
+            "--model.lr_scheduler",
+            "lightning.pytorch.cli.ReduceLROnPlateau",
+            "--model.lr_scheduler.monitor",
+            "val_los",
+        ],
+        "cifar-cli: error: --model.lr_scheduler ReduceLROnPlateau monitors val_los, which this run never logs: "
+        f"choose one of {FIT_METRICS}; did you mean val_loss?",
+        setup=lambda: images(CLASSES_AB),
     ),
     # Config files.
     Case("config_missing", ["fit", "--config", "missing.yaml"], "File does not exist"),
@@ -529,7 +576,7 @@ def test_bad_input(case: Case, tmp_path: Path, capfd, recwarn, monkeypatch: pyte
     assert exit_info.value.code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("cifar-cli: error: "), err
-    assert case.phrase in lines[0]
+    assert case.phrase in lines[0], lines[0]
     assert "Traceback" not in err
     assert not [str(w.message) for w in recwarn if issubclass(w.category, SHOWN)]
     after = snapshot(tmp_path)
@@ -718,3 +765,27 @@ def test_full_disk_is_one_line_and_leaves_no_partial_file(
                       "(--trainer.default_root_dir, --data.cache_dir)"]  # fmt: skip
     assert not [p for p in Path().rglob("*") if p.name.endswith(".partial") or p.suffix == ".ckpt"]
     assert len(list(Path("runs").rglob("config.yaml"))) == 1
+
+
+def test_monitors_that_may_be_logged_pass() -> None:
+    """The monitor check refuses only names it knows are never logged."""
+    model = ImageClassifier(TutorialCNN(3), class_names=["a", "b", "c"])
+    plateau = ReduceLROnPlateau(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1), monitor="val_loss")
+    fine = [EarlyStopping("train_loss_epoch"), ModelCheckpoint(monitor="step"), ModelCheckpoint(), FitTimer()]
+    check_monitors(model, [*fine, EarlyStopping("fit_time")], plateau, "--lr_scheduler")
+    # LearningRateMonitor's names follow the optimizer and its parameter groups: any lr- name may be one.
+    check_monitors(model, [LearningRateMonitor(), EarlyStopping("lr-SGD/pg2")], None, "--lr_scheduler")
+    with pytest.raises(UsageError, match="EarlyStopping monitors fit_time, which this run never logs"):
+        check_monitors(model, [EarlyStopping("fit_time")], None, "--lr_scheduler")  # no FitTimer
+    with pytest.raises(UsageError, match="EarlyStopping monitors lr-SGD"):
+        check_monitors(model, [EarlyStopping("lr-SGD")], None, "--lr_scheduler")  # no LearningRateMonitor
+
+    class LogsMore(ImageClassifier):
+        pass
+
+    class OwnCallback(Callback):  # may log with pl_module.log
+        pass
+
+    # A model of the user's own, or a callback, may log more: their names pass.
+    check_monitors(LogsMore(TutorialCNN(3), class_names=["a", "b", "c"]), [EarlyStopping("val_f1")], None, "")
+    check_monitors(model, [EarlyStopping("val_f1"), OwnCallback()], None, "")
