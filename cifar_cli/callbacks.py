@@ -15,7 +15,13 @@ from typing import Any
 import torch
 from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveInt
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, Timer
+from lightning.pytorch.callbacks import (
+    DeviceStatsMonitor,
+    LearningRateMonitor,
+    ModelCheckpoint,
+    RichProgressBar,
+    Timer,
+)
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only
@@ -37,6 +43,9 @@ def run_dir(trainer: Trainer) -> str:
 
 NO_WANDB = "it logs to W&B and the trainer has no WandbLogger"
 NO_DATA_MODULE = "it needs one of cifar_cli's data modules"
+NO_LOGGER = "it logs to the trainer's loggers and the trainer has none"
+# Lightning's callbacks that refuse a trainer without a logger, once it trains (its config.yaml written by then).
+LOGGER_ONLY = (LearningRateMonitor, DeviceStatsMonitor)
 
 
 def warn_idle(callback: Callback, reason: str) -> None:
@@ -46,6 +55,18 @@ def warn_idle(callback: Callback, reason: str) -> None:
     if not getattr(callback, "_warned_idle", False):
         rank_zero_only(print)(f"cifar-cli: {type(callback).__name__} does nothing: {reason}", file=sys.stderr)
         callback._warned_idle = True
+
+
+def drop_logger_only(trainer: Trainer, training: bool) -> None:
+    """Take the callbacks that need a logger out of a trainer that has none (`logger: false`, as configs/debug.yaml
+    sets), saying so once where it will train: the run goes on without them, as it does without the W&B-only
+    callbacks when there is no W&B logger."""
+    if trainer.loggers:
+        return
+    for callback in [c for c in trainer.callbacks if isinstance(c, LOGGER_ONLY)]:
+        trainer.callbacks.remove(callback)
+        if training:
+            warn_idle(callback, NO_LOGGER)
 
 
 def wandb_loggers(trainer: Trainer) -> list[WandbLogger]:

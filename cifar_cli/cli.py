@@ -29,7 +29,7 @@ from torch import nn
 
 from cifar_cli import hooks
 from cifar_cli.atomic import AtomicCheckpointIO, atomic_csv_logs, atomic_write_text
-from cifar_cli.callbacks import FitTimer, LastCheckpoint, Preemption, epoch_label, run_dir
+from cifar_cli.callbacks import FitTimer, LastCheckpoint, Preemption, drop_logger_only, epoch_label, run_dir
 from cifar_cli.checkpoints import (
     CHECKPOINT_KEY,
     apply_hyperparameters,
@@ -414,6 +414,9 @@ class CifarCLI(LightningCLI):
         for logger in trainer.loggers:
             if isinstance(logger, CSVLogger) and not isinstance(logger, RunCSVLogger) and trainer.is_global_zero:
                 atomic_csv_logs(logger)
+        # LearningRateMonitor in a run without a logger (configs/debug.yaml stacked on a recipe that has one):
+        # dropped with a notice, as the W&B-only callbacks idle without W&B; Lightning refused the run as it started.
+        drop_logger_only(trainer, training=self.subcommand in (None, "fit"))
         watch_ranks(trainer)  # a failed DDP rank is named, not SIGKILLed silently with the others
         quiet_model_summary(trainer)
         quiet_wandb(trainer)

@@ -9,14 +9,18 @@ from pathlib import Path
 import pytest
 import torch
 from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.trainer import call
 
 from cifar_cli import hooks
-from cifar_cli.callbacks import RichBar
+from cifar_cli.callbacks import RichBar, drop_logger_only
 from cifar_cli.classifier import ImageClassifier
 from cifar_cli.cli import main
 from cifar_cli.data import ImageFolderDataModule
 from cifar_cli.nets import TutorialCNN
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_image_logger_says_once_that_it_does_nothing_without_wandb(image_folder: Path, capsys) -> None:
@@ -30,6 +34,34 @@ def test_image_logger_says_once_that_it_does_nothing_without_wandb(image_folder:
     ]
     assert not any("UserWarning" in line for line in lines)
     assert not Path("runs/wandb").exists()
+
+
+def test_debug_config_stacked_on_a_recipe_drops_the_learning_rate_monitor_and_trains(
+    image_folder: Path, capsys
+) -> None:
+    """configs/debug.yaml sets no logger; fast-cpu.yaml's LearningRateMonitor needs one. Lightning refused the run
+    once it had started (config.yaml written); the monitor is left out instead, with one notice."""
+    stack = [
+        arg for name in ("cifar10-jpg", "fast-cpu", "debug") for arg in ("--config", f"{REPO}/configs/{name}.yaml")
+    ]
+    main(["fit", *stack, "--data.root", str(image_folder), "--data.val_size", "30", "--data.test_size", "0",
+          "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1"])  # fmt: skip
+    lines = capsys.readouterr().err.splitlines()
+    assert [line for line in lines if "LearningRateMonitor" in line] == [
+        "cifar-cli: LearningRateMonitor does nothing: it logs to the trainer's loggers and the trainer has none"
+    ]
+    assert not [line for line in lines if "error" in line]
+    assert list(Path("runs/debug/checkpoints").glob("epoch=0-step=*.ckpt"))
+
+
+def test_learning_rate_monitor_stays_where_the_trainer_has_a_logger(capsys) -> None:
+    monitor = LearningRateMonitor()
+    trainer = Trainer(logger=CSVLogger("runs"), callbacks=[monitor], enable_progress_bar=False)
+    drop_logger_only(trainer, training=True)
+    assert monitor in trainer.callbacks
+    trainer = Trainer(logger=False, callbacks=[monitor], enable_progress_bar=False)
+    drop_logger_only(trainer, training=False)  # validate, test, predict: never used, no notice
+    assert monitor not in trainer.callbacks and "LearningRateMonitor" not in capsys.readouterr().err
 
 
 class Recorder(Callback):
