@@ -19,7 +19,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 
 from cifar_cli.checkpoints import load_checkpoint
 from cifar_cli.data import ImageDataModule
-from cifar_cli.errors import UsageError
+from cifar_cli.errors import TrainingDiverged, UsageError
 from cifar_cli.optim import LRSchedule, build_optimizer, param_groups
 from cifar_cli.pretrained import NamedNet, final_layer
 from cifar_cli.seeding import derived_seed, run_seed
@@ -289,6 +289,15 @@ class ImageClassifier(LightningModule):
         if self._window_images == 0:
             return
         mean_loss, accuracy = self._window / self._window_images
+        # A loss gone NaN or infinite would be dropped by the metrics (with a warning), the epoch reported finite
+        # and its NaN weights checkpointed as the best: the run stops here instead. The metrics wait for the device
+        # at each update (their NaN check), so this read of it costs no wait of its own.
+        if not bool(torch.isfinite(mean_loss)):
+            lr = self.hparams.learning_rate
+            raise TrainingDiverged(
+                f"training diverged: train_loss is {float(mean_loss)} by step {self.global_step + 1}; lower "
+                f"--model.learning_rate (now {lr:g}) or clip the gradients (--trainer.gradient_clip_val 1.0)"
+            )
         for metric, value in ((self.train_loss, mean_loss), (self.train_acc, accuracy)):
             (metric if log else metric.update)(value, weight=self._window_images)
         self._window_images = 0

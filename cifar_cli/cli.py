@@ -55,7 +55,7 @@ from cifar_cli.dashboard import RunCSVLogger, with_csv_logger
 from cifar_cli.data import ImageDataModule
 from cifar_cli.data.base import predicting_from
 from cifar_cli.distributed import exit_if_rank_failed, watch_ranks
-from cifar_cli.errors import UsageError, causes
+from cifar_cli.errors import TrainingDiverged, UsageError, causes
 from cifar_cli.optimizer_flags import check_built, move_optimizer_flags, unsettled
 from cifar_cli.precision import choose_precision
 from cifar_cli.pretrained import weights_from_checkpoint
@@ -769,6 +769,11 @@ def main(args: ArgsType = None) -> None:
         finish_wandb_run(stop.code if isinstance(stop.code, int) else 1)
         raise
     except Exception as err:
+        diverged = next((e for e in causes(err) if isinstance(e, TrainingDiverged)), None)
+        if diverged is not None and os.environ.get(DEBUG_ENV, "").lower() not in ("true", "1"):
+            finish_wandb_run(1)
+            print(f"cifar-cli: error: {diverged}", file=sys.stderr)
+            sys.exit(1)
         cause = user_error(err)
         exit_if_rank_failed(err, one_line(cause) if cause is not None else None)  # under DDP: "rank R failed: ..."
         debug = os.environ.get(DEBUG_ENV, "").lower() in ("true", "1")

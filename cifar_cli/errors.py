@@ -14,6 +14,11 @@ class UsageValueError(UsageError, ValueError):
     ValueError to the Python code that builds it, a one-line error from `cifar-cli`."""
 
 
+class TrainingDiverged(Exception):
+    """The training loss became NaN or infinite: `cifar-cli` says so in one line and exits 1, before the weights
+    are validated or checkpointed."""
+
+
 def causes(err: BaseException | None) -> Iterator[BaseException]:
     """`err`, then the error that caused it (or was being handled when it was raised), and so on, each once."""
     seen = set()

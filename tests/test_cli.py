@@ -684,6 +684,20 @@ def test_true_precisions_train_and_test_in_their_dtype(fake_cifar10: Path, chose
     assert 0 <= values(metrics_rows("runs/version_1"), "test_acc")[-1] <= 1
 
 
+def test_diverged_training_stops_in_one_line_and_checkpoints_no_nan_weights(fake_cifar10: Path, capfd) -> None:
+    """A loss gone NaN: exit 1 with one line, before validation; before, the metrics dropped the NaN, the run
+    ended 0 and its NaN weights were the best checkpoint."""
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", *cifar_args(fake_cifar10), *CSV_LOGGER, "--trainer.max_epochs", "2",
+              "--trainer.log_every_n_steps", "2", "--model.learning_rate", "1e12"])  # fmt: skip
+    assert stop.value.code == 1
+    err = capfd.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("cifar-cli: error: training diverged: train_loss is nan by step 2; lower "
+                              "--model.learning_rate (now 1e+12)"), err[-3:]  # fmt: skip
+    assert "Traceback" not in "\n".join(err)
+    assert not checkpoints()
+
+
 def test_max_steps_within_the_first_epoch_ends_with_a_checkpoint_despite_early_stopping(fake_cifar10: Path) -> None:
     # 160 training images at batch 32: 5 steps an epoch; the run stops after 3, before any validation. Lightning's
     # EarlyStopping would check val_loss at that epoch's end and stop the run with a traceback.
