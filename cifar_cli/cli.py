@@ -334,6 +334,12 @@ class CifarCLI(LightningCLI):
         if self.subcommand is not None:
             check_data(self.datamodule, self.subcommand)
             QuietSeed.announce(self._get(self.config, "seed_everything"))
+            config = self.config[self.subcommand]
+            untrained = not config.get("ckpt_path") and not config["model"].get("init_from")
+            if self.subcommand != "fit" and untrained and local_rank_zero():
+                # LightningCLI evaluates the module as built: its classifier (all of a TutorialCNN) is untrained.
+                print(f"cifar-cli: {self.subcommand} without --ckpt_path: the network's weights are untrained (give "
+                      "--ckpt_path FILE, or last for the newest run's)", file=sys.stderr)  # fmt: skip
         # Once the command line, the checkpoint and the data pass every check; by the first process of each machine
         # only (a DDP run's other ranks parse the same command line).
         if getattr(self, "resume_line", None) and local_rank_zero():

@@ -684,6 +684,15 @@ def test_true_precisions_train_and_test_in_their_dtype(fake_cifar10: Path, chose
     assert 0 <= values(metrics_rows("runs/version_1"), "test_acc")[-1] <= 1
 
 
+def test_evaluating_without_a_checkpoint_says_the_weights_are_untrained(fake_cifar10: Path, capfd) -> None:
+    said = "cifar-cli: test without --ckpt_path: the network's weights are untrained (give --ckpt_path FILE, or last"
+    main(["test", *cifar_args(fake_cifar10), *CSV_LOGGER])
+    assert said in capfd.readouterr().err
+    main(["fit", *cifar_args(fake_cifar10), *CSV_LOGGER, "--trainer.max_epochs", "1"])
+    main(["test", *cifar_args(fake_cifar10), *CSV_LOGGER, "--ckpt_path", "last"])
+    assert "without --ckpt_path" not in capfd.readouterr().err
+
+
 def test_diverged_training_stops_in_one_line_and_checkpoints_no_nan_weights(fake_cifar10: Path, capfd) -> None:
     """A loss gone NaN: exit 1 with one line, before validation; before, the metrics dropped the NaN, the run
     ended 0 and its NaN weights were the best checkpoint."""
