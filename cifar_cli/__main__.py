@@ -1,4 +1,4 @@
-from cifar_cli.cli import run
+from cifar_cli.entry import run
 
 if __name__ == "__main__":
     run()

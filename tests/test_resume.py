@@ -182,6 +182,26 @@ def test_a_second_ctrl_c_stops_at_once_with_exit_code_130(fake_cifar10: Path, ca
     assert capfd.readouterr().err.strip().splitlines()[-1] == "cifar-cli: interrupted by Ctrl-C"
 
 
+def test_ctrl_c_while_the_command_imports_ends_in_one_line(monkeypatch: pytest.MonkeyPatch, capfd) -> None:
+    """torch and Lightning take a second or more to import: a Ctrl-C then was the import's traceback."""
+    import builtins
+
+    from cifar_cli import entry
+
+    real_import = builtins.__import__
+
+    def importing(name: str, *args: object, **kwargs: object) -> object:
+        if name == "cifar_cli.cli":
+            raise KeyboardInterrupt  # as Python raises it in whatever the import runs at the time
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", importing)
+    with pytest.raises(SystemExit) as stop:
+        entry.run()
+    assert stop.value.code == 130
+    assert capfd.readouterr().err == "cifar-cli: interrupted by Ctrl-C\n"
+
+
 def test_ckpt_path_last_without_a_run_starts_one(fake_cifar10: Path, capfd) -> None:
     main(["fit", *FAST, *cifar(fake_cifar10), "--trainer.max_epochs", "1", "--ckpt_path", "last", *CSV_LOGGER])
     err = capfd.readouterr().err
