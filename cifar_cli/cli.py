@@ -278,6 +278,12 @@ class CifarCLI(LightningCLI):
         trainer = config["trainer"]
         check_accelerator(trainer)
         check_trainer_values(trainer)
+        endless = trainer.get("max_epochs") == -1 and trainer.get("max_steps") in (None, -1)
+        if self.subcommand == "fit" and config["model"].get("lr_schedule") and endless and not trainer.get("max_time"):
+            # ImageClassifier.configure_optimizers says so too, once the run's folder is written.
+            raise UsageError(
+                "--model.lr_schedule needs a known length: set --trainer.max_epochs, max_steps or max_time"
+            )
         self.optimizer_flags = self._move_optimizer_flags(self.subcommand)
         check_optimizer_class(config)
         for callback in trainer.get("callbacks") or []:

@@ -224,6 +224,11 @@ CASES = [
     Case("max_epochs_below_minus_one", ["fit", "--trainer.max_epochs", "-3"], "--trainer.max_epochs -3: give 0 or"),
     Case("max_time_unreadable", ["fit", "--trainer.max_time", "10min"], "--trainer.max_time 10min: give days:hours"),
     Case(
+        "lr_schedule_without_a_length",
+        ["fit", "--trainer.max_epochs", "-1", "--model.lr_schedule", "WarmupLinearDecay"],
+        "--model.lr_schedule needs a known length: set --trainer.max_epochs, max_steps or max_time",
+    ),
+    Case(
         "devices_all_on_cpu",
         ["fit", "--trainer.accelerator", "cpu", "--trainer.devices", "-1"],
         "--trainer.devices -1: on the CPU give a number of processes, e.g. --trainer.devices 2",
