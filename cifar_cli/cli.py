@@ -639,6 +639,12 @@ def user_error(err: BaseException) -> BaseException | None:
     return None
 
 
+def is_wandb_error(err: BaseException) -> bool:
+    """Whether `err` is one of W&B's own errors (a missing login, a server that does not answer)."""
+    errors = sys.modules.get("wandb.errors")
+    return errors is not None and isinstance(err, errors.Error)
+
+
 def out_of_space(err: BaseException) -> OSError | None:
     """The full disk (or exhausted quota) behind `err`, if any."""
     full = (e for e in causes(err) if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT))
@@ -785,6 +791,13 @@ def main(args: ArgsType = None) -> None:
         if diverged is not None and os.environ.get(DEBUG_ENV, "").lower() not in ("true", "1"):
             finish_wandb_run(1)
             print(f"cifar-cli: error: {diverged}", file=sys.stderr)
+            sys.exit(1)
+        wandb_error = next((e for e in causes(err) if is_wandb_error(e)), None)
+        if wandb_error is not None and os.environ.get(DEBUG_ENV, "").lower() not in ("true", "1"):
+            # Going live without a login (outside a terminal, where W&B cannot ask for the key) or without a
+            # connection: W&B's own error, in one line.
+            print(f"cifar-cli: error: W&B: {one_line(wandb_error)} (the default logs offline: "
+                  "--trainer.logger.offline true, then `wandb sync`)", file=sys.stderr)  # fmt: skip
             sys.exit(1)
         cause = user_error(err)
         exit_if_rank_failed(err, one_line(cause) if cause is not None else None)  # under DDP: "rank R failed: ..."

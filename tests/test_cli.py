@@ -693,6 +693,25 @@ def test_evaluating_without_a_checkpoint_says_the_weights_are_untrained(fake_cif
     assert "without --ckpt_path" not in capfd.readouterr().err
 
 
+def test_wandb_failing_to_start_live_is_one_line(fake_cifar10: Path, capfd, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Going live without a login where W&B cannot ask for one (a batch job): its error, not its traceback."""
+    import wandb
+
+    def no_login(**kwargs: object) -> None:
+        raise wandb.errors.UsageError("No API key configured. Use `wandb login` to log in.")
+
+    monkeypatch.setattr(wandb, "init", no_login)
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", *cifar_args(fake_cifar10), "--trainer.max_epochs", "1", "--trainer.logger.offline", "false"])
+    assert stop.value.code == 1
+    err = capfd.readouterr().err
+    assert err.strip().splitlines()[-1] == (
+        "cifar-cli: error: W&B: No API key configured. Use `wandb login` to log in. (the default logs offline: "
+        "--trainer.logger.offline true, then `wandb sync`)"
+    )
+    assert "Traceback" not in err
+
+
 def test_diverged_training_stops_in_one_line_and_checkpoints_no_nan_weights(fake_cifar10: Path, capfd) -> None:
     """A loss gone NaN: exit 1 with one line, before validation; before, the metrics dropped the NaN, the run
     ended 0 and its NaN weights were the best checkpoint."""
