@@ -213,7 +213,8 @@ class FitTimer(Timer):
 
     def _log_time(self, trainer: Trainer, pl_module: LightningModule) -> None:
         elapsed = self.time_elapsed("train")
-        if not trainer.sanity_checking and elapsed > 0:
+        # In `fit` only: `validate --ckpt_path` reported the seconds of the checkpoint's training as its own.
+        if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking and elapsed > 0:
             pl_module.log(FIT_TIME, elapsed, sync_dist=False, rank_zero_only=True)
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -152,6 +152,11 @@ def test_fast_cpu_recipe_end_to_end(fake_cifar10: Path) -> None:
     assert len(fit_times) == 2 and 0 < fit_times[0] < fit_times[1]  # one per validation, on a running clock
     epoch_ends = [float(row["fit_time"]) for row in rows if row.get("train_loss_epoch")]
     assert len(epoch_ends) == 2 and fit_times[0] <= epoch_ends[0] < fit_times[1] <= epoch_ends[1]
+    # `validate` trains nothing: no fit_time of its own (it reported the checkpoint's training seconds).
+    (last,) = Path("runs").glob("**/last.ckpt")
+    main(["validate", "--ckpt_path", str(last), "--trainer.logger", "CSVLogger", "--trainer.logger.save_dir", "again"])
+    (validated,) = [row for row in metrics_rows("again") if row.get("val_acc")]
+    assert not validated.get("fit_time")
     # 160 images / batch 32 x 2 epochs = 10 steps: two cycles of warm-up and decay, the second from step 4 on;
     # BatchNorm parameters at 64x.
     by_step = sorted((int(row["step"]), row) for row in rows if row.get("lr-SGD/pg1"))
