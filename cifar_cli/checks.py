@@ -97,7 +97,7 @@ def cpu_devices(trainer: Namespace) -> str:
     """The `--trainer.devices` flag a GPU config needs on the CPU: its `-1` (every GPU) or list of GPUs is no
     count of processes."""
     devices = trainer.get("devices")
-    if devices in (None, "auto") or (isinstance(devices, int) and devices >= 1):
+    if devices in (None, "auto") or (isinstance(devices, int) and devices >= 1) or str(devices).strip().isdigit():
         return ""
     return " --trainer.devices 2" if trainer.get("strategy") not in (None, "auto") else " --trainer.devices 1"
 
@@ -152,7 +152,10 @@ def check_trainer_values(trainer: Namespace) -> None:
             ) from err
     devices, accelerator = trainer.get("devices"), trainer.get("accelerator")
     if isinstance(accelerator, str) and accelerator.lower() == "cpu" and devices != "auto":
-        if not isinstance(devices, int) or devices < 1:
+        count = devices
+        if isinstance(devices, str):  # the command line's `--trainer.devices 2` is the string "2"
+            count = int(devices) if devices.strip().isdigit() else None
+        if not isinstance(count, int) or isinstance(count, bool) or count < 1:
             raise UsageError(
                 f"--trainer.devices {devices}: on the CPU give a number of processes, e.g. --trainer.devices 2"
             )
