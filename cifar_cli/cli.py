@@ -734,6 +734,7 @@ def ctrl_c_exits_130() -> Iterator[None]:
         raise SystemExit(128 + signal.SIGINT) from None
     except SystemExit as stop:
         if pressed and stop.code == 1:  # Lightning's exit after a KeyboardInterrupt
+            print("cifar-cli: interrupted by Ctrl-C", file=sys.stderr)
             raise SystemExit(128 + signal.SIGINT) from None
         raise
     finally:

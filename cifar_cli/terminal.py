@@ -38,8 +38,10 @@ class _DropMessages(logging.Filter):
 
 
 # Lightning's advertisements for its paid services (litlogger, litmodels), logged at every trainer's creation
-# through `rank_zero_info`, whose logger is this one; it also carries the GPU/TPU lines, which stay.
-_TIPS = _DropMessages(r"^💡 Tip: For seamless cloud ")
+# through `rank_zero_info`, whose logger is this one; it also carries the GPU/TPU lines, which stay. And its line
+# on a Ctrl-C that interrupts training at once, which promises a shutdown that saves nothing: cifar-cli's own line
+# says what happened (cli.ctrl_c_exits_130).
+_TIPS = _DropMessages(r"^💡 Tip: For seamless cloud ", r"Detected KeyboardInterrupt, attempting graceful shutdown")
 _TIPS_LOGGER = "lightning.pytorch.utilities.rank_zero"
 
 

@@ -159,7 +159,7 @@ def test_sigterm_saves_prints_the_resume_command_and_ckpt_path_last_continues_th
     assert torch.load(last, weights_only=True)["global_step"] == 15
 
 
-def test_a_second_ctrl_c_stops_at_once_with_exit_code_130(fake_cifar10: Path, capfd) -> None:
+def test_a_second_ctrl_c_stops_at_once_with_exit_code_130(fake_cifar10: Path, capfd, caplog) -> None:
     """The first Ctrl-C asks for the clean stop; a second one before it interrupts at once (Lightning's shutdown),
     and the command still exits 130, not Lightning's 1; so does a Ctrl-C before training starts."""
     sys.path.insert(0, str(REPO / "tests"))
@@ -170,6 +170,9 @@ def test_a_second_ctrl_c_stops_at_once_with_exit_code_130(fake_cifar10: Path, ca
     assert stop.value.code == 130
     err = capfd.readouterr().err
     assert "cifar-cli: stopped by SIGINT" not in err and "Traceback" not in err  # at once: no clean stop
+    assert err.strip().splitlines()[-1] == "cifar-cli: interrupted by Ctrl-C"
+    # Lightning's line promises a graceful shutdown, which saves nothing: not shown.
+    assert not [r for r in caplog.records if "attempting graceful shutdown" in r.getMessage()]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Python's own again
 
     def ctrl_c(*args: object) -> None:
