@@ -93,11 +93,20 @@ class ArgumentParser(LightningArgumentParser):
         return super()._load_config_parser_mode(content, path, ext_vars, prev_cfg)
 
 
+def device_count(devices: Any) -> int | None:
+    """`--trainer.devices` as a count of devices (the command line gives `2` as the string "2"); None where it is
+    none: "auto", `-1` (every GPU), a list of GPUs."""
+    if isinstance(devices, str):
+        return int(devices) if devices.strip().isdigit() else None
+    return devices if isinstance(devices, int) and not isinstance(devices, bool) else None
+
+
 def cpu_devices(trainer: Namespace) -> str:
     """The `--trainer.devices` flag a GPU config needs on the CPU: its `-1` (every GPU) or list of GPUs is no
     count of processes."""
     devices = trainer.get("devices")
-    if devices in (None, "auto") or (isinstance(devices, int) and devices >= 1) or str(devices).strip().isdigit():
+    count = device_count(devices)
+    if devices in (None, "auto") or (count is not None and count >= 0):
         return ""
     return " --trainer.devices 2" if trainer.get("strategy") not in (None, "auto") else " --trainer.devices 1"
 
@@ -152,10 +161,8 @@ def check_trainer_values(trainer: Namespace) -> None:
             ) from err
     devices, accelerator = trainer.get("devices"), trainer.get("accelerator")
     if isinstance(accelerator, str) and accelerator.lower() == "cpu" and devices != "auto":
-        count = devices
-        if isinstance(devices, str):  # the command line's `--trainer.devices 2` is the string "2"
-            count = int(devices) if devices.strip().isdigit() else None
-        if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+        count = device_count(devices)
+        if count is None or count < 1:
             raise UsageError(
                 f"--trainer.devices {devices}: on the CPU give a number of processes, e.g. --trainer.devices 2"
             )

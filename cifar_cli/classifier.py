@@ -32,6 +32,8 @@ METRICS_KEY = "cifar_cli_train_metrics"
 BUDGET_MIN_STEPS = 10
 # Training images the whitening layer of a net with `init_whitening` is fitted to (airbench uses 5,000).
 WHITENING_IMAGES = 5000
+# A run without a length (max_epochs -1, nothing else) has no progress for --model.lr_schedule to follow.
+SCHEDULE_NEEDS_LENGTH = "--model.lr_schedule needs a known length: set --trainer.max_epochs, max_steps or max_time"
 # The metrics every stage logs through self.log, as `{stage}_{metric}` (`train_loss`, `val_acc`, ...): what fit's
 # callbacks and a ReduceLROnPlateau scheduler can monitor (see `fit_metrics`).
 METRICS = ("loss", "acc")
@@ -467,9 +469,7 @@ class ImageClassifier(LightningModule):
         self._steps_total = self.trainer.estimated_stepping_batches
         self._budget_steps = None
         if self._steps_total == float("inf") and self._budget_timer() is None:
-            raise UsageError(
-                "--model.lr_schedule needs a known length: set --trainer.max_epochs, max_steps or max_time"
-            )
+            raise UsageError(SCHEDULE_NEEDS_LENGTH)
         schedule = self.lr_schedule
         scheduler = LambdaLR(optimizer, lambda step: schedule(self.progress(step)))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -50,7 +50,7 @@ from cifar_cli.checks import (
     net_name,
     plain_numbers,
 )
-from cifar_cli.classifier import ImageClassifier
+from cifar_cli.classifier import SCHEDULE_NEEDS_LENGTH, ImageClassifier
 from cifar_cli.dashboard import RunCSVLogger, with_csv_logger
 from cifar_cli.data import ImageDataModule
 from cifar_cli.data.base import predicting_from
@@ -281,9 +281,7 @@ class CifarCLI(LightningCLI):
         endless = trainer.get("max_epochs") == -1 and trainer.get("max_steps") in (None, -1)
         if self.subcommand == "fit" and config["model"].get("lr_schedule") and endless and not trainer.get("max_time"):
             # ImageClassifier.configure_optimizers says so too, once the run's folder is written.
-            raise UsageError(
-                "--model.lr_schedule needs a known length: set --trainer.max_epochs, max_steps or max_time"
-            )
+            raise UsageError(SCHEDULE_NEEDS_LENGTH)
         self.optimizer_flags = self._move_optimizer_flags(self.subcommand)
         check_optimizer_class(config)
         for callback in trainer.get("callbacks") or []:
@@ -323,7 +321,7 @@ class CifarCLI(LightningCLI):
         scheduler = check_built(self.model, self.optimizer_flags)
         callbacks = self._get(self.config_init, "trainer", default={}).get("callbacks") or []
         if self.subcommand == "fit":
-            extra = [self._get(self.config_init, key) for key in self._parser(self.subcommand).callback_keys]
+            extra = self._cli_callbacks()
             check_monitors(self.model, [*callbacks, *extra], scheduler, self.optimizer_flags["lr_scheduler"])
         finetuning = [c for c in callbacks if isinstance(c, BackboneFinetuning)]
         if finetuning and not isinstance(getattr(self.model.net, "backbone", None), nn.Module):
@@ -380,10 +378,14 @@ class CifarCLI(LightningCLI):
                 "resizing needs a network that takes both sizes, with global pooling, such as FastNet"
             )
 
+    def _cli_callbacks(self) -> list[Any]:
+        """The callbacks of the command line's own groups (`--last_checkpoint`), beside `--trainer.callbacks`."""
+        return [self._get(self.config_init, key) for key in self._parser(self.subcommand).callback_keys]
+
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
         callbacks = list(config.get("callbacks") or [])
-        extra = [self._get(self.config_init, key) for key in self._parser(self.subcommand).callback_keys]
+        extra = self._cli_callbacks()
         if config.get("enable_checkpointing") is False:
             extra = [c for c in extra if not isinstance(c, LastCheckpoint)]  # Lightning refuses any ModelCheckpoint
         # A rich progress bar in a terminal, one line per epoch in a log, unless the config picks another bar or
@@ -788,13 +790,14 @@ def main(args: ArgsType = None) -> None:
         finish_wandb_run(stop.code if isinstance(stop.code, int) else 1)
         raise
     except Exception as err:
+        debug = os.environ.get(DEBUG_ENV, "").lower() in ("true", "1")
         diverged = next((e for e in causes(err) if isinstance(e, TrainingDiverged)), None)
-        if diverged is not None and os.environ.get(DEBUG_ENV, "").lower() not in ("true", "1"):
+        if diverged is not None and not debug:
             finish_wandb_run(1)
             print(f"cifar-cli: error: {diverged}", file=sys.stderr)
             sys.exit(1)
         wandb_error = next((e for e in causes(err) if is_wandb_error(e)), None)
-        if wandb_error is not None and os.environ.get(DEBUG_ENV, "").lower() not in ("true", "1"):
+        if wandb_error is not None and not debug:
             # Going live without a login (outside a terminal, where W&B cannot ask for the key) or without a
             # connection: W&B's own error, in one line.
             print(f"cifar-cli: error: W&B: {one_line(wandb_error)} (the default logs offline: "
@@ -802,7 +805,6 @@ def main(args: ArgsType = None) -> None:
             sys.exit(1)
         cause = user_error(err)
         exit_if_rank_failed(err, one_line(cause) if cause is not None else None)  # under DDP: "rank R failed: ..."
-        debug = os.environ.get(DEBUG_ENV, "").lower() in ("true", "1")
         full = out_of_space(err) if cause is None and not debug else None
         if full is not None:
             # Checkpoints, configs, metrics and caches are written beside their target and renamed (cifar_cli.atomic):

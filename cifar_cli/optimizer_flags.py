@@ -120,14 +120,14 @@ def move_optimizer_flags(
             f"{flags['lr_scheduler']} and --model.lr_schedule both schedule the learning rate: give one of them"
         )
     if isinstance(model.get("optimizer"), Namespace):
-        if given_keys(given) is None:
-            chosen = None
-        else:  # the optimizer's arguments the user gave, under either flag
-            chosen = {**(given_keys(given, "model", "optimizer", "init_args") or {}),
-                      **(given_keys(given, "optimizer", "init_args") or {})}  # fmt: skip
-            chosen["model"] = given_keys(given, "model") or {}
-        settle(model, "lr", "learning_rate", DEFAULT_LEARNING_RATE, flags["optimizer"], chosen)
-        settle(model, "weight_decay", "weight_decay", DEFAULT_WEIGHT_DECAY, flags["optimizer"], chosen)
+        given_model = given_keys(given, "model")
+        given_optimizer = None
+        if given_model is not None:  # the optimizer's arguments the user gave, under either flag
+            given_optimizer = {**given_keys(given, "model", "optimizer", "init_args"),
+                               **given_keys(given, "optimizer", "init_args")}  # fmt: skip
+        given_args = (given_optimizer, given_model)
+        settle(model, "lr", "learning_rate", DEFAULT_LEARNING_RATE, flags["optimizer"], *given_args)
+        settle(model, "weight_decay", "weight_decay", DEFAULT_WEIGHT_DECAY, flags["optimizer"], *given_args)
     if isinstance(model.get("lr_scheduler"), Namespace):
         init = model["lr_scheduler"].get("init_args") or Namespace()
         for name in PERIODS:
@@ -136,23 +136,30 @@ def move_optimizer_flags(
     return flags
 
 
-def settle(model: Namespace, name: str, model_name: str, model_default: float, flag: str,
-           chosen: dict[str, Any] | None = None) -> None:  # fmt: skip
+def settle(
+    model: Namespace,
+    name: str,
+    model_name: str,
+    model_default: float,
+    flag: str,
+    given_optimizer: dict[str, Any] | None = None,
+    given_model: dict[str, Any] | None = None,
+) -> None:
     """One value of the optimizer's `name` and the model's `model_name`: the one given, in both places.
 
-    `chosen`: the optimizer's arguments the user gave, and under "model" the model's (see `given_keys`); without
-    it, a value that differs from its default counts as given, so that one equal to it (`--optimizer.lr 0.001`,
-    Adam's and SGD's own) would lose to the model's."""
+    `given_optimizer`, `given_model`: the optimizer's and the model's arguments the user gave (see `given_keys`);
+    without them, a value that differs from its default counts as given, so that one equal to it
+    (`--optimizer.lr 0.001`, Adam's and SGD's own) would lose to the model's."""
     options = model["optimizer"]
     default = class_default(options["class_path"], name)
     if default is inspect.Parameter.empty:
         return  # an optimizer without this argument: the parameter groups still carry it, unused
     init = _init_args(options)
     own, value = init.get(name, default), model.get(model_name)
-    if chosen is None:
+    if given_optimizer is None or given_model is None:
         own_given, model_given = own is not None and own != default, value != model_default
     else:
-        own_given, model_given = own is not None and name in chosen, model_name in chosen["model"]
+        own_given, model_given = own is not None and name in given_optimizer, model_name in given_model
     if own_given and model_given and own != value:
         what = model_name.replace("_", " ")
         raise UsageError(f"{flag}.{name} {own} and --model.{model_name} {value} disagree: give the {what} once")
