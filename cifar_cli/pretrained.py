@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from torchvision import models
 
 from cifar_cli.errors import UsageError
+from cifar_cli.scoped import set_during
 
 # Whether the networks built now get their weights from a checkpoint right after (`--ckpt_path`): they are then built
 # without their pretrained weights, neither downloaded nor read from `weights_path`, which the machine that tests or
@@ -37,14 +38,9 @@ from cifar_cli.errors import UsageError
 _WEIGHTS_FROM_CHECKPOINT: ContextVar[bool] = ContextVar("weights_from_checkpoint", default=False)
 
 
-@contextlib.contextmanager
-def weights_from_checkpoint(yes: bool = True) -> Iterator[None]:
+def weights_from_checkpoint(yes: bool = True) -> contextlib.AbstractContextManager[None]:
     """Networks built in this block leave their pretrained weights out: a checkpoint's replace them."""
-    token = _WEIGHTS_FROM_CHECKPOINT.set(yes)
-    try:
-        yield
-    finally:
-        _WEIGHTS_FROM_CHECKPOINT.reset(token)
+    return set_during(_WEIGHTS_FROM_CHECKPOINT, yes)
 
 
 # The statistics of ImageNet's training images, 0-1 scale: what torchvision's and most timm weights expect.

@@ -4,8 +4,8 @@ normalised on the device."""
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,7 @@ from cifar_cli.data.storage import (
     remove_other_versions,
 )
 from cifar_cli.errors import UsageError
+from cifar_cli.scoped import set_during
 from cifar_cli.seeding import run_seed
 
 # The checkpoint `predict` runs from, while CifarCLI builds the data module for a folder of new images: a data module
@@ -47,15 +48,10 @@ from cifar_cli.seeding import run_seed
 _PREDICT_FROM: ContextVar[Mapping[str, Any] | None] = ContextVar("predict_from", default=None)
 
 
-@contextmanager
-def predicting_from(checkpoint: Mapping[str, Any] | None) -> Iterator[None]:
+def predicting_from(checkpoint: Mapping[str, Any] | None) -> AbstractContextManager[None]:
     """Data modules built in this block that have a `predict_root` and find their saved state in `checkpoint`
     predict from that state alone (see `ImageDataModule.saved`)."""
-    token = _PREDICT_FROM.set(checkpoint)
-    try:
-        yield
-    finally:
-        _PREDICT_FROM.reset(token)
+    return set_during(_PREDICT_FROM, checkpoint)
 
 
 class ImageDataModule(LightningDataModule):
