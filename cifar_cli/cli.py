@@ -57,7 +57,7 @@ from cifar_cli.data.base import predicting_from
 from cifar_cli.distributed import exit_if_rank_failed, watch_ranks
 from cifar_cli.errors import TrainingDiverged, UsageError, causes
 from cifar_cli.optimizer_flags import check_built, move_optimizer_flags, unsettled
-from cifar_cli.precision import choose_precision
+from cifar_cli.precision import announce_precision, choose_precision
 from cifar_cli.pretrained import weights_from_checkpoint
 from cifar_cli.resume import (
     RUN_KEY,
@@ -316,6 +316,7 @@ class CifarCLI(LightningCLI):
         self._add_configure_optimizers_method_to_model(self.subcommand)
         self.check_model_and_data()
         self.trainer = self.instantiate_trainer()
+        self.announce()
 
     def check_model_and_data(self) -> None:
         scheduler = check_built(self.model, self.optimizer_flags)
@@ -337,15 +338,20 @@ class CifarCLI(LightningCLI):
         self.check_image_sizes()
         if self.subcommand is not None:
             check_data(self.datamodule, self.subcommand)
-            QuietSeed.announce(self._get(self.config, "seed_everything"))
-            config = self.config[self.subcommand]
-            untrained = not config.get("ckpt_path") and not config["model"].get("init_from")
-            if self.subcommand != "fit" and untrained and local_rank_zero():
-                # LightningCLI evaluates the module as built: its classifier (all of a TutorialCNN) is untrained.
-                print(f"cifar-cli: {self.subcommand} without --ckpt_path: the network's weights are untrained (give "
-                      "--ckpt_path FILE, or last for the newest run's)", file=sys.stderr)  # fmt: skip
-        # Once the command line, the checkpoint and the data pass every check; by the first process of each machine
-        # only (a DDP run's other ranks parse the same command line).
+
+    def announce(self) -> None:
+        """The seed, untrained weights, where a resumed run goes on: once the command line, the checkpoint, the
+        data and the trainer's settings pass every check; by the first process of each machine only (a DDP run's
+        other ranks parse the same command line)."""
+        if self.subcommand is None:
+            return
+        QuietSeed.announce(self._get(self.config, "seed_everything"))
+        config = self.config[self.subcommand]
+        untrained = not config.get("ckpt_path") and not config["model"].get("init_from")
+        if self.subcommand != "fit" and untrained and local_rank_zero():
+            # LightningCLI evaluates the module as built: its classifier (all of a TutorialCNN) is untrained.
+            print(f"cifar-cli: {self.subcommand} without --ckpt_path: the network's weights are untrained (give "
+                  "--ckpt_path FILE, or last for the newest run's)", file=sys.stderr)  # fmt: skip
         if getattr(self, "resume_line", None) and local_rank_zero():
             print(self.resume_line, file=sys.stderr)
 
@@ -398,7 +404,7 @@ class CifarCLI(LightningCLI):
             callbacks.append(Preemption())
         # bf16-mixed where the hardware has native bf16, unless a config says otherwise; config.yaml records it.
         if (precision := choose_precision(config)) is not None:
-            self._get(self.config, "trainer")["precision"] = precision
+            self._get(self.config, "trainer")["precision"] = precision[0]
         # Lightning ignores `max_time` when the callbacks hold a Timer, as they do with FitTimer: give it to FitTimer.
         timers = [c for c in callbacks if isinstance(c, FitTimer)]
         if config.get("max_time") is not None and timers:
@@ -417,6 +423,7 @@ class CifarCLI(LightningCLI):
             # Lightning's refusals of its arguments that are not MisconfigurationException (`num_nodes 0`, an unknown
             # strategy, a precision whose package is missing, devices the accelerator cannot take): one line too.
             raise UsageError(f"--trainer: {str(err).strip().splitlines()[0]}") from err
+        announce_precision(precision)
         for callback in trainer.callbacks:
             if isinstance(callback, RunConfigSaver):
                 callback.resuming = self.resuming

@@ -47,9 +47,9 @@ def default_precision(accelerator: object) -> tuple[str, str] | None:
     return None
 
 
-def choose_precision(trainer_config: dict) -> str | None:
-    """Set `precision` in the trainer's config where it is unset, say so once (on the first process), and return
-    it; None where the config gives one or Lightning's default stays."""
+def choose_precision(trainer_config: dict) -> tuple[str, str] | None:
+    """Set `precision` in the trainer's config where it is unset; return it with the line that says why
+    (`announce_precision` logs it), or None where the config gives one or Lightning's default stays."""
     if trainer_config.get("precision") is not None:
         return None
     chosen = default_precision(trainer_config.get("accelerator"))
@@ -58,5 +58,11 @@ def choose_precision(trainer_config: dict) -> str | None:
     trainer_config["precision"], why = chosen
     # The model summary cannot size bf16 weights and says so at every fit; its estimate (in fp32) is still shown.
     warnings.filterwarnings("ignore", message=r"Precision bf16-mixed is not supported by the model summary")
-    rank_zero_info(f"Precision {chosen[0]} ({why}); --trainer.precision overrides")
-    return chosen[0]
+    return chosen[0], f"Precision {chosen[0]} ({why}); --trainer.precision overrides"
+
+
+def announce_precision(chosen: tuple[str, str] | None) -> None:
+    """Say the choice once (on the first process): once the trainer is built, whose refusals of other settings
+    would otherwise follow it."""
+    if chosen is not None:
+        rank_zero_info(chosen[1])
