@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -278,6 +283,55 @@ def test_a_bad_image_in_a_worker_ends_in_the_one_line_error(tmp_path: Path, monk
     paths = list_images(tmp_path / "images")
     with pytest.raises(UsageError, match=r"^cannot decode image .*/a/x/broken.jpg \(.*\): remove or replace the file$"):
         decode_images(paths, 24, workers=2)
+
+
+def _running(pid: int) -> bool:
+    """Whether process `pid` exists and is not a zombie (an orphan's parent in a container may never reap it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes' states from /proc")
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL])
+def test_decoding_workers_end_with_the_command_killed_while_they_decode(tmp_path: Path, signum: int) -> None:
+    # A command stopped while its folder decodes (`kill PID`, `timeout`, `docker stop`, the OOM killer) left its
+    # workers behind, reparented, each waiting for work for ever with its copy of the command's memory.
+    write_image_folder(tmp_path / "images", {"a": 3, "b": 3})
+    script = f"""
+import os, time
+from pathlib import Path
+from cifar_cli.data import images
+
+def slow(paths, *args):
+    Path({str(tmp_path)!r}, f"worker-{{os.getpid()}}").touch()
+    time.sleep(120)
+
+images._decode_chunk, images.PARALLEL_FROM, images.CHUNK = slow, 1, 1
+images.decode_images(images.list_images(Path({str(tmp_path / "images")!r})), 32, workers=2)
+"""
+    command = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": str(REPO)})
+    workers: list[int] = []
+    try:
+        for _ in range(600):
+            workers = [int(p.name.split("-")[1]) for p in tmp_path.glob("worker-*")]
+            if len(workers) == 2 or command.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert len(workers) == 2, "the workers did not start"
+        command.send_signal(signum)
+        command.wait(timeout=60)
+        for _ in range(100):
+            if not any(_running(pid) for pid in workers):
+                break
+            time.sleep(0.1)
+        assert not [pid for pid in workers if _running(pid)], "a decoding worker outlived the command"
+    finally:
+        command.kill()
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_image_folder_decodes_with_workers_and_an_interrupted_build_leaves_nothing(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
+import signal
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -216,7 +217,7 @@ def _decode(
         method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
         context = multiprocessing.get_context(method)
         with ProcessPoolExecutor(
-            min(workers, len(tasks)), mp_context=context, initializer=torch.set_num_threads, initargs=(1,)
+            min(workers, len(tasks)), mp_context=context, initializer=_start_worker, initargs=(os.getpid(),)
         ) as pool:
             running = {
                 pool.submit(_decode_chunk, chunk, size, file, offset + start * row_bytes): (start, len(chunk))
@@ -232,6 +233,21 @@ def _decode(
             except BaseException:
                 pool.shutdown(wait=True, cancel_futures=True)
                 raise
+
+
+def _start_worker(parent: int) -> None:
+    """Set up a decoding process: one torch thread (the processes share the cores out, see `_one_thread`), and
+    killed with the command that started it. A command killed while its folder decoded (`kill`, `timeout`, `docker
+    stop`, the OOM killer) left its workers behind for ever: reparented, each waiting for work that never came, with
+    its copy of the command's memory."""
+    torch.set_num_threads(1)
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1  # <linux/prctl.h>: the signal this process gets when the thread that forked it ends
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+        if os.getppid() != parent:  # the command ended before the line above
+            os._exit(1)
 
 
 def _decode_chunk(paths: list[Path], size: int, file: str | None, offset: int) -> np.ndarray | None:
