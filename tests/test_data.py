@@ -218,6 +218,29 @@ def test_image_folder_splits_classes_and_test_folder(image_folder: Path) -> None
     assert data.predict_names[0] == "test/cat/0000.png"
 
 
+def test_class_folders_that_are_links_are_read(tmp_path: Path, capsys) -> None:
+    # A data set put together from others with `ln -s`: a linked class folder counted as a class, but its images
+    # were passed over, and the run stopped with "class folder dog ... has no images".
+    write_image_folder(tmp_path / "elsewhere", {"dog": 12, "frog": 6}, seed=1)
+    root = tmp_path / "images"
+    write_image_folder(root / "train", {"cat": 12})
+    (root / "train" / "dog").symlink_to(tmp_path / "elsewhere" / "dog")
+    (root / "test").mkdir()
+    (root / "test" / "frog").symlink_to(tmp_path / "elsewhere" / "frog")  # a class of train/ must be linked too
+    (root / "train" / "frog").symlink_to(tmp_path / "elsewhere" / "frog")
+    data = ImageFolderDataModule(str(root), val_size=6)
+    data.prepare_data()
+    data.setup("test")
+    assert data.class_names == ["cat", "dog", "frog"]
+    assert len(data.splits["train"]) + len(data.splits["val"]) == 30
+    assert data.predict_names == [f"test/frog/{i:04d}.jpg" for i in range(12, 18)]
+    assert "skipped" not in capsys.readouterr().err
+    # Deeper down, a link to a folder is still passed over, and said, as in any folder of images.
+    (root / "train" / "cat" / "more").symlink_to(tmp_path / "elsewhere" / "dog")
+    ImageFolderDataModule(str(root), val_size=6).prepare("fit")
+    assert "(link to a folder: 1; e.g. " in capsys.readouterr().err
+
+
 def test_evaluation_batches_mix_the_classes_of_a_sorted_folder(image_folder: Path) -> None:
     """The test folder's images come class by class (cat, dog, frog), and so do the rows of the validation split
     held out of train/: evaluated in that order, `--trainer.limit_val_batches 1` would see cats only. Validation

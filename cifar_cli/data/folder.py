@@ -132,7 +132,7 @@ class ImageFolderDataModule(ImageDataModule):
         """A labelled split folder's images, checked against the class folders of `train/`."""
         folder = self.root / split
         skipped: list[Skipped] = []
-        found = image_parts(folder, skipped)
+        found = image_parts(folder, skipped, class_folders=True)  # a link to a class folder, as `_find_classes`
         stray = [parts for parts in found if len(parts) < 2]
         if stray:
             raise UsageError(

@@ -37,12 +37,13 @@ def list_images(folder: Path, skipped: list[Skipped] | None = None) -> list[Path
     return [folder.joinpath(*parts) for parts in image_parts(folder, skipped)]
 
 
-def image_parts(folder: Path, skipped: list[Skipped] | None = None) -> list[list[str]]:
+def image_parts(folder: Path, skipped: list[Skipped] | None = None, class_folders: bool = False) -> list[list[str]]:
     """The path components below `folder` of each of `list_images(folder)`, in the same order.
 
     As `Path.rglob` lists them (sorted by path components; links to files followed, links to folders not, folders
     it may not read skipped), but through `os.scandir`: every run lists its folders at start-up, and 50,000 files
-    took 1.6 to 2.1 s through pathlib against 0.7 s this way, Path objects included (2-core Xeon).
+    took 1.6 to 2.1 s through pathlib against 0.7 s this way, Path objects included (2-core Xeon). With
+    `class_folders`, links to folders directly in `folder` are followed: they are class folders, counted as such.
 
     Files that are not images of IMAGE_SUFFIXES, broken links and links to folders are appended to `skipped`, when it
     is given, with what they are (`skipped_line` says so); hidden files are not.
@@ -58,7 +59,7 @@ def image_parts(folder: Path, skipped: list[Skipped] | None = None) -> list[list
         for entry in entries:
             if entry.name.startswith("."):
                 continue
-            if entry.is_dir(follow_symlinks=False):
+            if entry.is_dir(follow_symlinks=class_folders and not parts):
                 walk(entry.path, [*parts, entry.name])
                 continue
             suffix = os.path.splitext(entry.name)[1].lower()
