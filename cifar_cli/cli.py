@@ -660,6 +660,16 @@ def out_of_space(err: BaseException) -> OSError | None:
     return next(full, None)
 
 
+# A folder that cannot be written in, or made: the command's, not a file's, trouble.
+UNWRITABLE = (errno.ENOTDIR, errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def unwritable(err: BaseException) -> OSError | None:
+    """The error of a path that cannot be written in (a file in its way, no permission, a read-only disk), if any."""
+    found = (e for e in causes(err) if isinstance(e, OSError) and e.errno in UNWRITABLE and e.filename)
+    return next(found, None)
+
+
 def one_line(err: BaseException) -> str:
     """An error's message on one line, without jsonargparse's repetitions."""
     lines = [line.strip().removeprefix("- ") for line in str(err).splitlines()]
@@ -819,6 +829,11 @@ def main(args: ArgsType = None) -> None:
             where = f" writing {full.filename}" if full.filename else ""
             print(f"cifar-cli: error: no space left on the device{where}: free some, or write elsewhere "
                   "(--trainer.default_root_dir, --data.cache_dir)", file=sys.stderr)  # fmt: skip
+            sys.exit(1)
+        denied = unwritable(err) if cause is None and not debug else None
+        if denied is not None:
+            print(f"cifar-cli: error: cannot write in {denied.filename} ({denied.strerror.lower()}): choose a folder "
+                  "you can write in (--trainer.default_root_dir, --data.cache_dir)", file=sys.stderr)  # fmt: skip
             sys.exit(1)
         if cause is None or debug:
             raise
