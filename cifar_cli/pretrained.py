@@ -246,9 +246,18 @@ def download_weights(name: str, weights: models.WeightsEnum) -> dict[str, Tensor
     """The weights' state dict, from torch's cache or downloaded into it; offline, one line says where the file goes."""
     folder = Path(torch.hub.get_dir()) / "checkpoints"
     file = folder / os.path.basename(weights.url)
+    cached = file.is_file()  # torch loads it without a download or a check of its hash
     try:
         return weights.get_state_dict(progress=False, check_hash=True)
-    except (urllib.error.URLError, OSError) as err:
+    except Exception as err:
+        if cached:  # put there by hand, as the line below says, and cut short or of another kind
+            reason = str(err).split("\n")[0].split(". ")[0]
+            raise UsageError(
+                f"the {name} weights {weights} in {file} do not load ({type(err).__name__}: {reason}): remove the "
+                f"file to download it again, or replace it with {file.name} from {weights.url}"
+            ) from err
+        if not isinstance(err, (urllib.error.URLError, OSError)):
+            raise
         reason = getattr(err, "reason", None) or err
         raise UsageError(
             f"cannot download the {name} weights {weights} ({reason}): put {file.name} from {weights.url} in "

@@ -72,6 +72,24 @@ def test_weights_offline_name_the_file_and_the_folder(capsys, monkeypatch, tmp_p
     assert f"{tmp_path / 'torch' / 'hub' / 'checkpoints'}/, or pass --model.net.weights_path FILE" in err
 
 
+@pytest.mark.parametrize("damage", ["truncated", "not_weights"])
+def test_a_damaged_weights_file_in_the_cache_fails_in_one_line(capsys, monkeypatch, tmp_path: Path, damage) -> None:
+    # The file put there by hand, as the offline message says, cut short or of another kind: it was a traceback
+    # from torch.load ("PytorchStreamReader failed reading zip archive").
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    cached = tmp_path / "torch" / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    cached.parent.mkdir(parents=True)
+    torch.save(torchvision.models.resnet18().state_dict(), cached)
+    cached.write_bytes(cached.read_bytes()[:100_000] if damage == "truncated" else b"\xff\xd8\xff\xe0 a JPEG")
+    err = fails(capsys, "fit", "--model.net", "TorchvisionNet", "--model.net.weights", "DEFAULT")
+    weights = "the resnet18 weights ResNet18_Weights.IMAGENET1K_V1"
+    assert err.startswith(f"cifar-cli: error: {weights} in {cached} do not load (")
+    assert err.endswith(
+        "): remove the file to download it again, or replace it with resnet18-f37072fd.pth from "
+        "https://download.pytorch.org/models/resnet18-f37072fd.pth"
+    )
+
+
 def test_a_checkpoint_of_named_weights_tests_offline(image_folder, monkeypatch) -> None:
     """Trained from `--model.net.weights DEFAULT`, the checkpoint is tested where the weights cannot be downloaded:
     its own weights replace them, and the weights' normalisation is kept."""
