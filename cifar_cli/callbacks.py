@@ -28,7 +28,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import Tensor
 
-from cifar_cli.atomic import atomic_write_text
+from cifar_cli.atomic import atomic_write
 from cifar_cli.data import ImageDataModule
 
 
@@ -175,7 +175,9 @@ class PredictionWriter(Callback):
             y = int(label[row])
             true_name = names[y] if y >= 0 else ""
             writer.writerow([image_names[i], names[int(predicted[row])], f"{float(confidence[row]):.4f}", true_name])
-        atomic_write_text(path, text.getvalue())  # complete or absent, never half-written
+        # Complete or absent, never half-written. A file name that is not UTF-8 (a Latin-1 `café.jpg` from an archive)
+        # is written as the file system holds it, as `ls` shows it.
+        atomic_write(path, lambda file: file.write(text.getvalue().encode(errors="surrogateescape")))
         print(f"Predictions for {len(index)} images written to {path}")
 
 

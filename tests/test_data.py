@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from conftest import write_image_folder
 
+from cifar_cli.cli import main
 from cifar_cli.data import (
     IMAGE_SUFFIXES,
     CIFAR10DataModule,
@@ -216,6 +217,22 @@ def test_image_folder_splits_classes_and_test_folder(image_folder: Path) -> None
     assert [len(data.splits[s]) for s in ("train", "val", "test")] == [90, 30, 30]
     assert data.splits["test"].labels.tolist() == [0] * 10 + [1] * 10 + [2] * 10
     assert data.predict_names[0] == "test/cat/0000.png"
+
+
+def test_file_names_that_are_not_utf8_train_and_predict(image_folder: Path) -> None:
+    # Names from an archive made on another system (Latin-1 `café.jpg`, unzipped on Linux): the folder's fingerprint
+    # and torchvision's reader failed on them with a UnicodeEncodeError traceback.
+    latin1 = os.fsdecode(b"caf\xe9.jpg")
+    os.replace(image_folder / "train" / "cat" / "0000.jpg", image_folder / "train" / "cat" / latin1)
+    photos = image_folder.parent / "photos"
+    photos.mkdir()
+    (photos / latin1).write_bytes((image_folder / "test" / "dog" / "0010.png").read_bytes())
+    main(["fit", "--data", "ImageFolderDataModule", "--data.root", str(image_folder), "--data.val_size", "30",
+          "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1", "--trainer.logger", "false"])  # fmt: skip
+    (ckpt,) = Path("checkpoints").glob("epoch=*.ckpt")
+    main(["predict", "--ckpt_path", str(ckpt), "--data.predict_root", str(photos), "--trainer.logger", "false"])
+    rows = Path("predictions.csv").read_bytes().splitlines()
+    assert len(rows) == 2 and rows[1].startswith(b"caf\xe9.jpg,")  # the file's name, as the file system holds it
 
 
 def test_class_folders_that_are_links_are_read(tmp_path: Path, capsys) -> None:

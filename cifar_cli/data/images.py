@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
-from torchvision.io import ImageReadMode, decode_image, read_file
+from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2 import functional as TF
 
 from cifar_cli.data.storage import create_npy, write_at
@@ -114,7 +114,8 @@ def decode_rgb(path: Path) -> Tensor:
     if path.suffix.lower() in PILLOW_SUFFIXES:
         image = _decode_with_pillow(path, None)
     else:
-        data = read_file(str(path))
+        # Read here, not by torchvision's read_file, which takes no file name that is not UTF-8 (a Latin-1 `café.jpg`).
+        data = torch.from_numpy(np.fromfile(path, dtype=np.uint8))
         try:
             image = decode_image(data, mode=ImageReadMode.RGB)
         except RuntimeError as err:

@@ -40,7 +40,8 @@ def files_fingerprint(paths: list[Path], names: list[str], image_size: int) -> s
     digest = hashlib.sha1(str(image_size).encode())
     for name, path in zip(names, paths):
         stat = path.stat()
-        digest.update(f"{name}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+        # surrogateescape: a name that is not UTF-8 (`café.jpg` in Latin-1) as its bytes, as os.fsencode gives them
+        digest.update(f"{name}|{stat.st_size}|{stat.st_mtime_ns}\n".encode(errors="surrogateescape"))
     return digest.hexdigest()
 
 
