@@ -337,6 +337,15 @@ def test_image_folder_cache_is_reused_and_rebuilt_on_change(tmp_path: Path, monk
         ({"train": None}, "has no class folders"),
         ({"train": {"a": 3}}, r"^\S+/root/train has one class folder \(a\): a classifier needs at least 2$"),
         ({"train": {"a": 3, "b": 3}, "test": {"zebra": 2}}, "classes that train/ lacks: zebra"),
+        # An empty val/ or test/ trained without validation (no val_loss for the checkpoints) or tested nothing.
+        *(
+            (
+                {"train": {"a": 3, "b": 3}, split: None},
+                rf"^\S+/root/{split} has no images \(.bmp, .*\): put them in {split}/<class>/, or remove the folder to "
+                rf"hold out --data.{split}_size images of train/ instead$",
+            )
+            for split in ("val", "test")
+        ),
     ],
 )
 def test_image_folder_layout_errors(tmp_path: Path, layout: dict, message: str) -> None:

@@ -145,8 +145,15 @@ class ImageFolderDataModule(ImageDataModule):
         unknown = sorted(set(classes) - set(self._classes))
         if unknown:
             raise UsageError(f"{folder} has classes that train/ lacks: {', '.join(unknown)}")
-        if split == "train" and not paths:
-            raise UsageError(f"{folder} has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        if not paths:
+            # An empty val/ or test/ would validate on nothing (no val_loss for ModelCheckpoint) or test nothing.
+            what = f"{folder} has no images ({', '.join(sorted(IMAGE_SUFFIXES))})"
+            if split == "train":
+                raise UsageError(what)
+            raise UsageError(
+                f"{what}: put them in {split}/<class>/, or remove the folder to hold out --data.{split}_size images "
+                "of train/ instead"
+            )
         if split == "train":
             empty = sorted(set(self._classes) - set(classes))
             if empty:
