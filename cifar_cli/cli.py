@@ -549,7 +549,13 @@ class CifarCLI(LightningCLI):
             # within an epoch counts that epoch as not done; cifar_cli.callbacks.LastCheckpoint).
             progress = self.checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {})
             epoch = progress.get("current", {}).get("processed", self.checkpoint.get("epoch") or 0)
-            label = epoch_label(epoch, config["trainer"].get("max_epochs"))
+            max_epochs = config["trainer"].get("max_epochs")
+            label = epoch_label(epoch, max_epochs)
+            if max_epochs is not None and 0 < max_epochs <= epoch:  # a run that ended, restarted by the same command
+                label = (
+                    f"after its last epoch ({epoch}/{max_epochs}): nothing is left to train; raise "
+                    "--trainer.max_epochs to train on"
+                )
             self.resume_line = f"cifar-cli: resuming from {ckpt_path} at step {step:,}, {label}"
 
     def _defaults_from_named_checkpoint(self) -> bool:

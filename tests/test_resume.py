@@ -212,6 +212,22 @@ def test_ckpt_path_last_without_a_run_starts_one(fake_cifar10: Path, capfd) -> N
     assert len(list(Path("runs").glob("**/checkpoints/last.ckpt"))) == 1
 
 
+def test_ckpt_path_last_of_a_finished_run_says_nothing_is_left_to_train(fake_cifar10: Path, capfd) -> None:
+    # A requeued job, or the same command run again, after the run ended: the line said "epoch 2/1".
+    args = [*FAST, *cifar(fake_cifar10), "--trainer.max_epochs", "1", *CSV_LOGGER]
+    main(["fit", *args])
+    (last,) = Path("runs").glob("**/checkpoints/last.ckpt")
+    capfd.readouterr()
+    main(["fit", *args, "--ckpt_path", "last"])
+    assert (
+        f"cifar-cli: resuming from {last} at step 5, after its last epoch (1/1): nothing is left to train; raise "
+        "--trainer.max_epochs to train on\n"
+    ) in capfd.readouterr().err
+    assert torch.load(last, weights_only=True)["global_step"] == 5
+    main(["fit", *args, "--trainer.max_epochs", "2", "--ckpt_path", "last"])
+    assert f"cifar-cli: resuming from {last} at step 5, epoch 2/2\n" in capfd.readouterr().err
+
+
 def test_ckpt_path_last_resumes_only_a_run_of_the_same_logger(fake_cifar10: Path, capfd) -> None:
     """W&B runs and CSV runs share `runs/`: `fit --ckpt_path last` with the W&B logger passes over the newer CSV
     run (its own folder would be lost, and the other run's weights taken into a new one) and continues the W&B run."""
