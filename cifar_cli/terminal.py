@@ -221,7 +221,8 @@ def print_summary(trainer: Trainer, stage: str) -> None:
     # A checkpoint evaluated by test or validate restores no loop state: its epoch and step would read 0.
     epochs = trainer.current_epoch
     where = f": {epochs} epoch{'' if epochs == 1 else 's'}, step {trainer.global_step:,}" if stage == "fit" else ""
-    table = Table(title=f"cifar-cli {stage}{where}")
+    title = f"cifar-cli {stage}{where}"
+    table = Table(title=title, min_width=len(title))  # a narrower table (no validation metrics) wrapped its title
     table.add_column("metric")
     table.add_column("final", justify="right")
     if scored:

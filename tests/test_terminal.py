@@ -62,6 +62,15 @@ def test_summary_says_one_epoch(image_folder: Path, capfd) -> None:
     assert re.search(r"cifar-cli fit: 1 epoch, step 2 *\n", capfd.readouterr().out)
 
 
+def test_summary_title_is_one_line_above_a_narrow_table(image_folder: Path, capfd) -> None:
+    """Without validation the table has two short columns: its title was wrapped onto two lines."""
+    main([*FIT, "--data.root", str(image_folder), "--trainer.max_epochs", "1", "--trainer.logger", "false",
+          "--trainer.limit_val_batches", "0", "--trainer.callbacks", "[]"])  # fmt: skip
+    out = capfd.readouterr().out
+    assert re.search(r"cifar-cli fit: 1 epoch, step 2 *\n", out), out
+    assert re.search(r"train_loss\s+│\s+\d\.\d{4}", out)
+
+
 def test_progress_bar_false_turns_the_lines_off(image_folder: Path, capfd) -> None:
     main([*FIT, "--data.root", str(image_folder), "--trainer.max_epochs", "1", "--trainer.logger", "CSVLogger",
           "--trainer.enable_progress_bar", "false"])  # fmt: skip
