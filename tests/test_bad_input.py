@@ -60,6 +60,13 @@ def images(counts: dict[str, int], split: str = "train") -> None:
     write_image_folder(Path("images") / split, counts)
 
 
+def jpeg_bytes() -> bytes:
+    """A valid 64x64 JPEG of noise, whole."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
 def checkpoint(num_classes: int = 10, **changes: Any) -> dict[str, Any]:
     """A checkpoint as `cifar-cli fit` writes it, of TutorialCNN on CIFAR-10, with `changes` to its entries."""
     net = TutorialCNN(num_classes=num_classes, image_shape=(3, 32, 32))
@@ -374,6 +381,13 @@ CASES = [
         FIT,
         "cannot decode image images/train/a/bad.jpg",
         {"images/train/a/bad.jpg": b"\xff\xd8\xffjunk"},
+        lambda: images(CLASSES_AB),
+    ),
+    Case(
+        "folder_truncated_jpeg",  # torchvision's reason, without the path of its C++ source that came with it
+        FIT,
+        "cannot decode image images/train/a/cut.jpg (Image is incomplete or truncated): remove or replace the file",
+        {"images/train/a/cut.jpg": jpeg_bytes()[:300]},
         lambda: images(CLASSES_AB),
     ),
     Case(

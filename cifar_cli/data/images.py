@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
+import re
 import signal
 import sys
 from collections import Counter
@@ -139,6 +140,8 @@ def _decode_with_pillow(path: Path, error: RuntimeError | None) -> Tensor:
     except Exception as err:  # Pillow raises UnidentifiedImageError, OSError, SyntaxError, ValueError for bad files
         cause = err if error is None else error
         reason = " ".join(str(cause).split()) or type(cause).__name__
+        # torchvision's errors begin with the function and the line of its C++ source that raised them.
+        reason = re.sub(r"^\w+, \S+\.(?:cpp|cc|cu|h):\d+, ", "", reason)
         raise UsageError(f"cannot decode image {path} ({reason}): remove or replace the file") from err
     return torch.from_numpy(rgb.copy()).permute(2, 0, 1)
 
