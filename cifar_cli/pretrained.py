@@ -97,11 +97,19 @@ def suggest(name: str, known: list[str]) -> str:
     return f"did you mean {', '.join(close)}?" if close else f"{len(known)} are known"
 
 
-def load_weights_file(path: str, flag: str) -> dict[str, Tensor]:
-    """A state dict from a `.pth`/`.pt` (weights-only load) or `.safetensors` file."""
+def check_weights_file(path: str, flag: str) -> Path:
+    """The file `flag` names, or a one-line refusal where it is missing or a folder."""
     file = Path(path).expanduser()
+    if file.is_dir():
+        raise UsageError(f"{flag} {path} is a folder: give the weights file in it (.pth, .pt or .safetensors)")
     if not file.is_file():
         raise UsageError(f"{flag} {path}: no such file")
+    return file
+
+
+def load_weights_file(path: str, flag: str) -> dict[str, Tensor]:
+    """A state dict from a `.pth`/`.pt` (weights-only load) or `.safetensors` file."""
+    file = check_weights_file(path, flag)
     try:
         if file.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -326,8 +334,8 @@ class TimmNet(NamedNet):
             raise UsageError(f"--model.net.name {name}: no timm network; {suggest(name.partition('.')[0], known)}")
         overlay = {"file": str(Path(weights_path).expanduser())} if weights_path else None
         load = (pretrained or weights_path is not None) and not _WEIGHTS_FROM_CHECKPOINT.get()
-        if load and weights_path is not None and not Path(weights_path).expanduser().is_file():
-            raise UsageError(f"--model.net.weights_path {weights_path}: no such file")
+        if load and weights_path is not None:
+            check_weights_file(weights_path, "--model.net.weights_path")
 
         def create() -> nn.Module:
             return timm.create_model(

@@ -166,6 +166,10 @@ def test_weights_path_of_another_architecture_fails_in_one_line(capsys) -> None:
     assert "--model.net.weights_path: the weights do not fit this architecture (" in err and "unexpected" in err
     err = fails(capsys, "fit", "--model.net", "TorchvisionNet", "--model.net.weights_path", "nothing.pth")
     assert err.endswith("--model.net.weights_path nothing.pth: no such file")
+    Path("weights").mkdir()
+    err = fails(capsys, "fit", "--model.net", "TorchvisionNet", "--model.net.weights_path", "weights")
+    assert err.endswith("--model.net.weights_path weights is a folder: give the weights file in it (.pth, .pt or "
+                        ".safetensors)")  # fmt: skip
 
 
 def test_backbone_lr_factor_puts_the_backbone_in_its_own_groups() -> None:
