@@ -551,7 +551,12 @@ class CifarCLI(LightningCLI):
             epoch = progress.get("current", {}).get("processed", self.checkpoint.get("epoch") or 0)
             max_epochs = config["trainer"].get("max_epochs")
             label = epoch_label(epoch, max_epochs)
-            if max_epochs is not None and 0 < max_epochs <= epoch:  # a run that ended, restarted by the same command
+            max_steps = config["trainer"].get("max_steps")
+            # A run that ended, restarted by the same command (a requeued job).
+            if max_steps is not None and 0 < max_steps <= step:
+                label = f"after its last step ({step}/{max_steps}): nothing is left to train; raise --trainer.max_steps"
+                label += " to train on"
+            elif max_epochs is not None and 0 < max_epochs <= epoch:
                 label = (
                     f"after its last epoch ({epoch}/{max_epochs}): nothing is left to train; raise "
                     "--trainer.max_epochs to train on"

@@ -228,6 +228,18 @@ def test_ckpt_path_last_of_a_finished_run_says_nothing_is_left_to_train(fake_cif
     assert f"cifar-cli: resuming from {last} at step 5, epoch 2/2\n" in capfd.readouterr().err
 
 
+def test_ckpt_path_last_of_a_run_ended_by_max_steps_says_nothing_is_left_to_train(fake_cifar10: Path, capfd) -> None:
+    args = [*FAST, *cifar(fake_cifar10), "--trainer.max_epochs", "3", "--trainer.max_steps", "3", *CSV_LOGGER]
+    main(["fit", *args])
+    (last,) = Path("runs").glob("**/checkpoints/last.ckpt")
+    capfd.readouterr()
+    main(["fit", *args, "--ckpt_path", "last"])
+    assert (
+        f"cifar-cli: resuming from {last} at step 3, after its last step (3/3): nothing is left to train; raise "
+        "--trainer.max_steps to train on\n"
+    ) in capfd.readouterr().err
+
+
 def test_ckpt_path_last_resumes_only_a_run_of_the_same_logger(fake_cifar10: Path, capfd) -> None:
     """W&B runs and CSV runs share `runs/`: `fit --ckpt_path last` with the W&B logger passes over the newer CSV
     run (its own folder would be lost, and the other run's weights taken into a new one) and continues the W&B run."""
