@@ -174,13 +174,13 @@ def test_device_batches_resume_at_the_next_batch_with_the_same_augmentation() ->
 
     full = loader()
     uninterrupted = list(full)
-    assert full.state_dict() == {"epoch": 3, "batches_taken": 10}
+    assert full.state_dict() == {"epoch": 3, "batches_taken": 10, "images_taken": 40}
     interrupted = loader()
     iterator = iter(interrupted)
     for _ in range(4):
         next(iterator)
     state = interrupted.state_dict()
-    assert state == {"epoch": 3, "batches_taken": 4}
+    assert state == {"epoch": 3, "batches_taken": 4, "images_taken": 16}
     resumed = loader()
     resumed.load_state_dict(state)
     rest = list(resumed)
@@ -191,6 +191,35 @@ def test_device_batches_resume_at_the_next_batch_with_the_same_augmentation() ->
     after = loader()
     after.load_state_dict({"epoch": 2, "batches_taken": 10})
     assert len(list(after)) == 10
+
+
+@pytest.mark.parametrize("device", [None, torch.device("cpu")], ids=["on_device", "sent"])
+def test_batches_resumed_with_another_batch_size_go_on_at_the_next_image(device: torch.device | None) -> None:
+    """A restart with another --data.batch_size (a smaller GPU, say) trains on the images the interrupted epoch
+    had not yet taken, each once: counting batches, it repeated or skipped some."""
+    data = TensorImageDataset(torch.zeros(40, 3, 2, 2, dtype=torch.uint8), torch.arange(40))
+
+    def loader(batch_size: int) -> DeviceBatches:
+        batches = DeviceBatches(data, batch_size, shuffle=True, drop_last=False, seed=5, device=device)
+        batches.sampler.set_epoch(3)
+        return batches
+
+    order = torch.cat([y for _, y in loader(8)]).tolist()
+    interrupted = iter(first := loader(8))
+    taken = [next(interrupted)[1] for _ in range(3)]
+    state = first.state_dict()
+    assert state == {"epoch": 3, "batches_taken": 3, "images_taken": 24}
+    smaller = loader(5)
+    smaller.load_state_dict(state)
+    again = iter(smaller)
+    taken += [next(again)[1] for _ in range(2)]  # interrupted once more, after 10 images of batch size 5
+    assert smaller.state_dict()["images_taken"] == 34
+    larger = loader(16)
+    larger.load_state_dict(smaller.state_dict())
+    rest = [y for _, y in larger]
+    assert [len(y) for y in rest] == [6]
+    assert torch.cat(taken + rest).tolist() == order  # every image once, in the epoch's order
+    assert larger.state_dict()["images_taken"] == 40
 
 
 def test_train_loader_yields_uint8_batches_of_batch_size(fake_cifar10: Path) -> None:

@@ -299,6 +299,17 @@ def test_a_run_cut_short_within_an_epoch_resumes_there_with_a_larger_limit(fake_
     assert_identical(tensors(last), tensors(reference))
 
 
+def test_a_restart_with_another_batch_size_trains_the_rest_of_the_epoch_once(fake_cifar10: Path) -> None:
+    """Stopped 64 images into an epoch of 160 at batch size 32, restarted at 16: the epoch's other 96 images make 6
+    steps. Counting batches, the restart went on at image 32 and trained 32 images twice."""
+    args = [*cifar(fake_cifar10), *CSV_LOGGER, "--trainer.max_epochs", "2", "--trainer.enable_progress_bar", "false"]
+    main(["fit", *args, "--trainer.max_steps", "7"])  # 5 steps an epoch: 2 batches into the second
+    (last,) = Path().glob("runs/**/last.ckpt")
+    main(["fit", *args, "--trainer.max_steps", "-1", "--data.batch_size", "16", "--ckpt_path", "last"])
+    stopped = torch.load(last, weights_only=True)
+    assert (stopped["global_step"], stopped["epoch"]) == (7 + 6, 1)
+
+
 def test_time_budget_drives_the_schedule_and_ends_it_when_time_runs_out(fake_cifar10: Path, monkeypatch) -> None:
     # Steps of exactly 1 s on a fake clock, a 12 s budget, and epochs for 500 steps: the schedule's progress is the
     # budget's, so training stops after 12 steps with the learning rate at the schedule's end.
