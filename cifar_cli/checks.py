@@ -21,6 +21,7 @@ import yaml
 from jsonargparse import Namespace
 from lightning.fabric.utilities.rank_zero import _get_rank, rank_prefixed_message
 from lightning.fabric.utilities.seed import log as seed_log
+from lightning.fabric.utilities.seed import max_seed_value, min_seed_value
 from lightning.pytorch.accelerators import AcceleratorRegistry
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint, Timer
 from lightning.pytorch.cli import LightningArgumentParser, ReduceLROnPlateau
@@ -242,6 +243,17 @@ class QuietSeed:
         """Log the seed as seed_everything does, for the seed LightningCLI set (False or None: no seeding)."""
         if isinstance(seed, int) and not isinstance(seed, bool):
             seed_log.info(rank_prefixed_message(f"Seed set to {seed}", _get_rank()))
+
+
+def chosen_seed(seed: int | bool | None) -> int | bool | None:
+    """The value of `--seed_everything` to seed with: an integer numpy takes (Lightning raised its ValueError in a
+    traceback)."""
+    if isinstance(seed, int) and not isinstance(seed, bool) and not min_seed_value <= seed <= max_seed_value:
+        raise UsageError(
+            f"--seed_everything {seed}: a seed is an integer from {min_seed_value} to {max_seed_value} (true: a "
+            "random one, false: none)"
+        )
+    return seed
 
 
 # The packages whose callbacks put no metric of their own in the trainer's callback_metrics, but for FitTimer's and

@@ -45,6 +45,7 @@ from cifar_cli.checks import (
     check_data,
     check_monitors,
     check_trainer_values,
+    chosen_seed,
     input_problem,
     local_rank_zero,
     net_name,
@@ -269,6 +270,8 @@ class CifarCLI(LightningCLI):
         the optimizer classes they leave are checked with the command line's in before_instantiate_classes."""
 
     def _set_seed(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        config["seed_everything"] = chosen_seed(config.get("seed_everything"))
         with QuietSeed():  # announced after the checks, whose errors it would otherwise precede
             super()._set_seed()
 

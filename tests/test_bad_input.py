@@ -158,6 +158,16 @@ CASES = [
     Case("unknown_data_class", ["fit", "--data", "NoSuchDataModule"], "NoSuchDataModule"),
     Case("unknown_net_class", ["fit", "--model.net", "NoSuchNet"], "NoSuchNet"),
     Case("bad_tta_choice", ["fit", "--model.tta", "sideways"], 'Parser key "model.tta"'),
+    # numpy's generator takes 0 to 2**32 - 1; Lightning's seed_everything raised its ValueError in a traceback
+    *(
+        Case(
+            f"seed_{name}",
+            ["fit", "--seed_everything", value],
+            f"cifar-cli: error: --seed_everything {value}: a seed is an integer from 0 to 4294967295 (true: a random "
+            "one, false: none)",
+        )
+        for name, value in [("negative", "-1"), ("above_uint32", "4294967296")]
+    ),
     Case(
         "whiten_bias_until_without_whitening",
         ["fit", "--model.whiten_bias_until", "0.3"],
