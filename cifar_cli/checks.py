@@ -11,6 +11,7 @@ import contextlib
 import difflib
 import logging
 import os
+import secrets
 from collections.abc import Iterator
 from itertools import chain
 from pathlib import Path
@@ -247,7 +248,19 @@ class QuietSeed:
 
 def chosen_seed(seed: int | bool | None) -> int | bool | None:
     """The value of `--seed_everything` to seed with: an integer numpy takes (Lightning raised its ValueError in a
-    traceback)."""
+    traceback), and for `true` a random one drawn here, which LightningCLI then records in config.yaml.
+
+    Written by hand because Lightning's `seed_everything()` without a seed now takes PL_GLOBAL_SEED, or 0: every
+    `--seed_everything true` run had seed 0, against what --help says. A rank that Lightning launched inherits
+    PL_GLOBAL_SEED from the process that drew it, so every rank of a run seeds alike."""
+    if seed is True:
+        inherited = os.environ.get("PL_GLOBAL_SEED")
+        if inherited is not None and not local_rank_zero():
+            return int(inherited)
+        if int(os.environ.get("WORLD_SIZE", 1)) > 1 or int(os.environ.get("SLURM_NTASKS", 1)) > 1:
+            # torchrun or srun started every rank: each would draw its own seed and shuffle the epochs otherwise.
+            raise UsageError("--seed_everything true: the ranks of this run would each draw another seed; give one")
+        return min_seed_value + secrets.randbelow(max_seed_value - min_seed_value + 1)
     if isinstance(seed, int) and not isinstance(seed, bool) and not min_seed_value <= seed <= max_seed_value:
         raise UsageError(
             f"--seed_everything {seed}: a seed is an integer from {min_seed_value} to {max_seed_value} (true: a "

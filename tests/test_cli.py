@@ -666,6 +666,23 @@ def test_precision_is_chosen_once_said_in_one_line_and_recorded(fake_cifar10: Pa
     assert any(r.getMessage().startswith("Using bfloat16 Automatic Mixed Precision") for r in caplog.records)
 
 
+def test_seed_everything_true_draws_a_seed_said_and_recorded(image_folder: Path, caplog) -> None:
+    """`--seed_everything true` is a random seed, as --help says (Lightning's seed_everything() alone takes 0): said
+    in the seed line and written into config.yaml, so that the run can be repeated."""
+    seeds = []
+    for _ in range(2):
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            main(["fit", "--data", "ImageFolderDataModule", "--data.root", str(image_folder), "--data.val_size", "30",
+                  "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1",
+                  "--trainer.logger", "false", "--seed_everything", "true"])  # fmt: skip
+        said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Seed set to")]
+        seed = yaml.safe_load(Path("config.yaml").read_text())["seed_everything"]
+        assert said == [f"Seed set to {seed}"]
+        seeds.append(seed)
+    assert seeds[0] != seeds[1] and all(isinstance(seed, int) and 0 <= seed < 2**32 for seed in seeds), seeds
+
+
 def test_precision_flag_overrides_the_choice(fake_cifar10: Path, caplog, monkeypatch) -> None:
     monkeypatch.setattr(precision, "cpu_bf16", lambda: "AMX")
     with caplog.at_level(logging.INFO):
