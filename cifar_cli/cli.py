@@ -8,6 +8,7 @@ import errno
 import gc
 import io
 import os
+import re
 import signal
 import sys
 import threading
@@ -118,6 +119,30 @@ def flag_value(argv: list[str], flag: str) -> str | None:
         elif arg.startswith(flag + "="):
             value = arg[len(flag) + 1 :]
     return value
+
+
+def argument_before_class(err: ArgumentError, argv: list[str]) -> UsageError | None:
+    """The error for an argument of `--optimizer` or `--lr_scheduler` given before their class (`--optimizer.lr 0.01`
+    alone, or a config's `init_args` without `class_path`). jsonargparse tries it on the abstract base class and
+    names that: "'torch.optim.Optimizer': Option 'lr' is not accepted"."""
+    message, option = str(err), re.search(r"Option '(\w+)' is not accepted", str(err))
+    bases = {"optimizer": "torch.optim.Optimizer", "lr_scheduler": "torch.optim.lr_scheduler.LRScheduler"}
+    group = next((g for g, base in bases.items() if message.startswith(f'Parser key "{g}":') and base in message), None)
+    if group is None or option is None:
+        return None
+    what, name, example = group.rpartition("_")[2], option[1], "Adam" if group == "optimizer" else "StepLR"
+    flag = f"--{group}.{name}"
+    value = flag_value(argv, flag)
+    if value is None:  # from a config
+        return UsageError(
+            f"{group}: {name} is given without the {what}'s class: give its class_path (such as {example}), and {name} "
+            "under init_args"
+        )
+    if group == "optimizer":
+        fix = f"--optimizer Adam {flag} {value} (or --model.optimizer.{name} {value} alone, for the default optimizer)"
+    else:
+        fix = f"--lr_scheduler CLASS {flag} {value} (any torch.optim.lr_scheduler class, such as StepLR)"
+    return UsageError(f"{flag} {value} is given before the {what}'s class: {fix}")
 
 
 # The first line of every run's config.yaml: a file without it is not overwritten (a YAML comment, so the file is
@@ -503,6 +528,10 @@ class CifarCLI(LightningCLI):
                 super().parse_arguments(parser, args)
         except UnicodeDecodeError as err:  # a file given for a group (`--model FILE`): jsonargparse's traceback
             raise UsageError(f"{binary_file_argument(self._argv)} is not a YAML text file ({err.reason})") from None
+        except ArgumentError as err:
+            if (before := argument_before_class(err, self._argv)) is not None:
+                raise before from err
+            raise
         self._given = given_settings(parser, args)
         self.checkpoint: dict[str, Any] | None = None
         self.resuming = False

@@ -158,6 +158,33 @@ CASES = [
     Case("unknown_data_class", ["fit", "--data", "NoSuchDataModule"], "NoSuchDataModule"),
     Case("unknown_net_class", ["fit", "--model.net", "NoSuchNet"], "NoSuchNet"),
     Case("bad_tta_choice", ["fit", "--model.tta", "sideways"], 'Parser key "model.tta"'),
+    # An argument of LightningCLI's --optimizer or --lr_scheduler before their class: jsonargparse tried it on the
+    # abstract base class and said "'torch.optim.Optimizer': Option 'lr' is not accepted".
+    *(
+        Case(
+            f"optimizer_argument_{name}",
+            ["fit", *args],
+            "cifar-cli: error: --optimizer.lr 0.01 is given before the optimizer's class: --optimizer Adam "
+            "--optimizer.lr 0.01 (or --model.optimizer.lr 0.01 alone, for the default optimizer)",
+        )
+        for name, args in [
+            ("without_its_class", ["--optimizer.lr", "0.01"]),
+            ("before_its_class", ["--optimizer.lr=0.01", "--optimizer", "SGD"]),
+        ]
+    ),
+    Case(
+        "scheduler_argument_without_its_class",
+        ["fit", "--lr_scheduler.gamma", "0.5"],
+        "cifar-cli: error: --lr_scheduler.gamma 0.5 is given before the scheduler's class: --lr_scheduler CLASS "
+        "--lr_scheduler.gamma 0.5 (any torch.optim.lr_scheduler class, such as StepLR)",
+    ),
+    Case(
+        "optimizer_arguments_without_class_path_in_a_config",
+        ["fit", "--config", "optimizer.yaml"],
+        "cifar-cli: error: optimizer: lr is given without the optimizer's class: give its class_path (such as Adam), "
+        "and lr under init_args",
+        files={"optimizer.yaml": "optimizer:\n  init_args:\n    lr: 0.01\n"},
+    ),
     # numpy's generator takes 0 to 2**32 - 1; Lightning's seed_everything raised its ValueError in a traceback
     *(
         Case(
