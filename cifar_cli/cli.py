@@ -677,6 +677,12 @@ _NOISE = (
     "Given value",
     "Expected a <class 'NoneType'>",
 )
+# Lines of a Union's other branches (LightningCLI's --lr_scheduler is an LRScheduler or a ReduceLROnPlateau, a
+# callbacks entry a list or one callback), left out where a line says what is wrong with the value as given.
+_OTHER_BRANCHES = re.compile(
+    r"does not correspond to a subclass of|Not a valid subclass of|Subclass types expect one of|a class path \(str\)$"
+    r"|a dict with(out)? (class_path|init_args|parameters)"
+)
 USER_ERRORS = (ArgumentError, MisconfigurationException, UsageError)
 
 
@@ -719,7 +725,9 @@ def one_line(err: BaseException) -> str:
     lines = [
         line.replace("Problem with given class_path ", "") for line in lines if line and not line.startswith(_NOISE)
     ]
-    return " ".join(lines)
+    lines = list(dict.fromkeys(lines))  # each once: a class in two branches of a Union fails the same way in both
+    pertinent = [line for line in lines if not _OTHER_BRANCHES.search(line)]
+    return " ".join(pertinent if len(pertinent) > 1 else lines)
 
 
 def binary_file_argument(argv: list[str]) -> str:

@@ -478,6 +478,26 @@ def test_error_unknown_key(capsys) -> None:
     assert "unrecognized arguments: --trainer.max_epochs_x" in fails(capsys, "fit", "--trainer.max_epochs_x", "3")
 
 
+def test_error_line_says_each_problem_once(capsys) -> None:
+    """jsonargparse reports every branch of a Union: LightningCLI's --lr_scheduler is an LRScheduler or its own
+    ReduceLROnPlateau (which is both, so its problem came twice), a callbacks entry a list or one callback."""
+    required = "cifar-cli: error: Parser key \"{}\": '{}': the following arguments are required: {}"
+    plateau = "lightning.pytorch.cli.ReduceLROnPlateau"
+    assert fails(capsys, "fit", "--lr_scheduler", "ReduceLROnPlateau") == required.format(
+        "lr_scheduler", plateau, "monitor"
+    )
+    assert fails(capsys, "fit", "--lr_scheduler", "StepLR") == required.format(
+        "lr_scheduler", "torch.optim.lr_scheduler.StepLR", "step_size"
+    )  # (not also "Import path torch.optim.lr_scheduler.StepLR does not correspond to a subclass of ...")
+    assert fails(capsys, "fit", "--trainer.callbacks+=EarlyStopping") == required.format(
+        "trainer.callbacks", "lightning.pytorch.callbacks.EarlyStopping", "monitor"
+    )
+    assert fails(capsys, "fit", "--trainer.callbacks+=EarlyStop") == (
+        'cifar-cli: error: Parser key "trainer.callbacks": Expected a path but EarlyStop either not accessible or '
+        "invalid Expected a dot import path string: EarlyStop"
+    )
+
+
 def test_error_wrong_type_in_flag_and_config(capsys, tmp_path: Path) -> None:
     assert 'Parser key "model.learning_rate"' in fails(capsys, "fit", "--model.learning_rate", "fast")
     config = tmp_path / "bad.yaml"
