@@ -41,6 +41,11 @@ def load_checkpoint(ckpt_path: str, flag: str | None = None) -> dict[str, Any]:
     path = Path(ckpt_path)
     if path.is_dir():
         raise UsageError(f"{flag} is a directory, not a checkpoint file; {FROM_FIT}")
+    if not path.is_file() and ckpt_path == "best":
+        raise UsageError(
+            f"{flag}: Lightning's best is that of a fit in the same process; pass the path fit printed as its best "
+            "checkpoint (best_checkpoint in the run's summary.json), or last for the newest run's last.ckpt"
+        )
     if not path.is_file():
         raise UsageError(f"{flag}: no such file; {FROM_FIT}")
     if path.stat().st_size == 0:

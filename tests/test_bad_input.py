@@ -185,6 +185,17 @@ CASES = [
         "and lr under init_args",
         files={"optimizer.yaml": "optimizer:\n  init_args:\n    lr: 0.01\n"},
     ),
+    # Lightning's `best` is the best checkpoint of a fit in the same process; a command of its own has none
+    *(
+        Case(
+            f"ckpt_path_best_{subcommand}",
+            [subcommand, "--ckpt_path", "best"],
+            "cifar-cli: error: --ckpt_path best: Lightning's best is that of a fit in the same process; pass the path "
+            "fit printed as its best checkpoint (best_checkpoint in the run's summary.json), or last for the newest "
+            "run's last.ckpt",
+        )
+        for subcommand in ("test", "validate", "predict", "fit")
+    ),
     # numpy's generator takes 0 to 2**32 - 1; Lightning's seed_everything raised its ValueError in a traceback
     *(
         Case(
