@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from jsonargparse import Namespace
+from lightning.pytorch.cli import ReduceLROnPlateau
 
 from cifar_cli.errors import UsageError
 
@@ -190,4 +191,13 @@ def check_built(model: Any, flags: dict[str, str]) -> Any:
             ) else scheduler.step()
     except (TypeError, ValueError, RuntimeError, ZeroDivisionError) as err:
         raise UsageError(f"{flags['lr_scheduler']}: {err}") from err
+    torch_plateau = torch.optim.lr_scheduler.ReduceLROnPlateau
+    if isinstance(scheduler, torch_plateau) and not isinstance(scheduler, ReduceLROnPlateau):
+        # torch's own class; Lightning's subclass adds `monitor`. Lightning refused it as training started, the run's
+        # folder written, with an example in Python.
+        flag = flags["lr_scheduler"]
+        raise UsageError(
+            f"{flag} torch.optim.lr_scheduler.ReduceLROnPlateau cannot name the metric it watches: use Lightning's, "
+            f"{flag} lightning.pytorch.cli.ReduceLROnPlateau {flag}.monitor val_loss"
+        )
     return scheduler

@@ -365,6 +365,18 @@ CASES = [
         f"choose one of {FIT_METRICS}; did you mean val_loss?",
         setup=lambda: images(CLASSES_AB),
     ),
+    # torch's own ReduceLROnPlateau cannot name its metric: Lightning refused it as training started, the run's
+    # folder written, with an example in Python.
+    *(
+        Case(
+            f"torch_plateau_{flag.strip('-').replace('.', '_')}",
+            [*FIT, flag, "torch.optim.lr_scheduler.ReduceLROnPlateau"],
+            f"cifar-cli: error: {flag} torch.optim.lr_scheduler.ReduceLROnPlateau cannot name the metric it watches: "
+            f"use Lightning's, {flag} lightning.pytorch.cli.ReduceLROnPlateau {flag}.monitor val_loss",
+            setup=lambda: images(CLASSES_AB),
+        )
+        for flag in ("--lr_scheduler", "--model.lr_scheduler")
+    ),
     # Config files.
     Case("config_missing", ["fit", "--config", "missing.yaml"], "File does not exist"),
     Case(
