@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 from jsonargparse import ArgumentError, Namespace
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.callbacks import BackboneFinetuning, ProgressBar
+from lightning.pytorch.callbacks import BackboneFinetuning, BasePredictionWriter, ProgressBar
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.plugins.io import CheckpointIO
@@ -30,7 +30,15 @@ from torch import nn
 
 from cifar_cli import hooks
 from cifar_cli.atomic import AtomicCheckpointIO, atomic_csv_logs, atomic_write_text
-from cifar_cli.callbacks import FitTimer, LastCheckpoint, Preemption, drop_logger_only, epoch_label, run_dir
+from cifar_cli.callbacks import (
+    FitTimer,
+    LastCheckpoint,
+    PredictionWriter,
+    Preemption,
+    drop_logger_only,
+    epoch_label,
+    run_dir,
+)
 from cifar_cli.checkpoints import (
     CHECKPOINT_KEY,
     apply_hyperparameters,
@@ -430,6 +438,11 @@ class CifarCLI(LightningCLI):
         # The clean stop on SIGTERM and Ctrl-C, whatever callbacks a config lists.
         if not any(isinstance(c, Preemption) for c in callbacks):
             callbacks.append(Preemption())
+        # predictions.csv, whatever callbacks a config lists (a run's config.yaml whose list left the writer out):
+        # predict computed every prediction and wrote none, without a word.
+        writers = (PredictionWriter, BasePredictionWriter)
+        if self.subcommand == "predict" and not any(isinstance(c, writers) for c in callbacks):
+            callbacks.append(PredictionWriter())
         # bf16-mixed where the hardware has native bf16, unless a config says otherwise; config.yaml records it.
         if (precision := choose_precision(config)) is not None:
             self._get(self.config, "trainer")["precision"] = precision[0]

@@ -340,6 +340,20 @@ def test_predict_folder_of_unlabelled_images(image_folder: Path, tmp_path: Path,
     assert all(row["label"] == "" and row["predicted"] in {"cat", "dog", "frog"} for row in rows)
 
 
+def test_predict_with_a_config_whose_callbacks_lack_the_writer_still_writes(image_folder: Path, tmp_path: Path) -> None:
+    """A config's callbacks list replaces the default one, PredictionWriter with it; `predict --config` with the run's
+    own config.yaml computed every prediction and wrote none, without a word."""
+    config = tmp_path / "callbacks.yaml"
+    config.write_text("trainer:\n  callbacks:\n  - {class_path: ModelCheckpoint, init_args: {monitor: val_loss}}\n")
+    main(["fit", "--data", "ImageFolderDataModule", "--data.root", str(image_folder), "--data.val_size", "30",
+          "--trainer.max_epochs", "1", "--config", str(config), *CSV_LOGGER])  # fmt: skip
+    (run_config,) = Path("runs").glob("**/config.yaml")
+    main(["predict", "--config", str(run_config), "--ckpt_path", str(checkpoints()[0])])
+    (written,) = Path("runs").glob("**/predictions.csv")
+    with open(written) as file:
+        assert len(list(csv.DictReader(file))) == 30  # the test split
+
+
 def test_predict_a_folder_needs_only_the_checkpoint(image_folder: Path, tmp_path: Path) -> None:
     """On a machine without the training images: the checkpoint's classes and normalisation, no data read."""
     main(["fit", "--data", "ImageFolderDataModule", "--data.root", str(image_folder), "--data.val_size", "30",
