@@ -246,7 +246,7 @@ class QuietSeed:
             seed_log.info(rank_prefixed_message(f"Seed set to {seed}", _get_rank()))
 
 
-def chosen_seed(seed: int | bool | None) -> int | bool | None:
+def chosen_seed(seed: int | bool | None, num_nodes: int = 1) -> int | bool | None:
     """The value of `--seed_everything` to seed with: an integer numpy takes (Lightning raised its ValueError in a
     traceback), and for `true` a random one drawn here, which LightningCLI then records in config.yaml.
 
@@ -257,8 +257,10 @@ def chosen_seed(seed: int | bool | None) -> int | bool | None:
         inherited = os.environ.get("PL_GLOBAL_SEED")
         if inherited is not None and not local_rank_zero():
             return int(inherited)
-        if int(os.environ.get("WORLD_SIZE", 1)) > 1 or int(os.environ.get("SLURM_NTASKS", 1)) > 1:
-            # torchrun or srun started every rank: each would draw its own seed and shuffle the epochs otherwise.
+        started = int(os.environ.get("WORLD_SIZE", 1)) > 1 or int(os.environ.get("SLURM_NTASKS", 1)) > 1
+        if started or num_nodes > 1:
+            # torchrun or srun started every rank, or each node's command started its own: each would draw its own
+            # seed, and the ranks' shards of the shuffled split would overlap.
             raise UsageError("--seed_everything true: the ranks of this run would each draw another seed; give one")
         return min_seed_value + secrets.randbelow(max_seed_value - min_seed_value + 1)
     if isinstance(seed, int) and not isinstance(seed, bool) and not min_seed_value <= seed <= max_seed_value:

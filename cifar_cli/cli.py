@@ -304,7 +304,8 @@ class CifarCLI(LightningCLI):
 
     def _set_seed(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
-        config["seed_everything"] = chosen_seed(config.get("seed_everything"))
+        nodes = config["trainer"].get("num_nodes")
+        config["seed_everything"] = chosen_seed(config.get("seed_everything"), nodes if isinstance(nodes, int) else 1)
         with QuietSeed():  # announced after the checks, whose errors it would otherwise precede
             super()._set_seed()
 

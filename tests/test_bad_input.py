@@ -206,6 +206,18 @@ CASES = [
         )
         for name, value in [("negative", "-1"), ("above_uint32", "4294967296")]
     ),
+    # A random seed drawn by each node's own command (or each rank torchrun starts): the ranks' shards would overlap.
+    Case(
+        "seed_true_on_several_nodes",
+        ["fit", "--seed_everything", "true", "--trainer.num_nodes", "2"],
+        "--seed_everything true: the ranks of this run would each draw another seed; give one",
+    ),
+    Case(
+        "seed_true_under_torchrun",
+        ["fit", "--seed_everything", "true"],
+        "--seed_everything true: the ranks of this run would each draw another seed; give one",
+        env=lambda mp: mp.setenv("WORLD_SIZE", "2"),
+    ),
     Case(
         "whiten_bias_until_without_whitening",
         ["fit", "--model.whiten_bias_until", "0.3"],
