@@ -30,6 +30,7 @@ from torch import Tensor
 
 from cifar_cli.atomic import atomic_write
 from cifar_cli.data import ImageDataModule
+from cifar_cli.errors import UsageError
 
 
 def run_dir(trainer: Trainer) -> str:
@@ -137,6 +138,25 @@ class PredictionWriter(Callback):
         self.filename = filename
         self._rows: list[dict[str, Tensor]] = []
 
+    HEADER = ["image", "predicted", "confidence", "label"]
+
+    def check_folder(self, trainer: Trainer) -> None:
+        """Without a logger every predict writes into default_root_dir (the current folder): there it replaces an
+        earlier predict's file, never a file of the user's of that name. Checked before predicting."""
+        path = os.path.join(run_dir(trainer), self.filename)
+        if trainer.loggers or not os.path.exists(path):
+            return
+        try:
+            with open(path, encoding="utf-8", errors="surrogateescape") as file:
+                ours = file.readline().rstrip("\r\n") == ",".join(self.HEADER)
+        except OSError:
+            ours = False
+        if not ours:
+            raise UsageError(
+                f"{os.path.relpath(path)} is not the predictions of an earlier predict, and predict without a logger "
+                "writes there: run in another folder, or pass --trainer.default_root_dir"
+            )
+
     def on_predict_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._rows = []
 
@@ -170,7 +190,7 @@ class PredictionWriter(Callback):
         path = os.path.join(folder, self.filename)
         text = io.StringIO(newline="")
         writer = csv.writer(text)
-        writer.writerow(["image", "predicted", "confidence", "label"])
+        writer.writerow(self.HEADER)
         for i, row in zip(index.tolist(), keep.tolist()):
             y = int(label[row])
             true_name = names[y] if y >= 0 else ""

@@ -380,6 +380,7 @@ class CifarCLI(LightningCLI):
         """The seed, untrained weights, where a resumed run goes on: once the command line, the checkpoint, the
         data and the trainer's settings pass every check; by the first process of each machine only (a DDP run's
         other ranks parse the same command line)."""
+        announce_precision(getattr(self, "_chosen_precision", None))
         if self.subcommand is None:
             return
         QuietSeed.announce(self._get(self.config, "seed_everything"))
@@ -465,13 +466,15 @@ class CifarCLI(LightningCLI):
             # Lightning's refusals of its arguments that are not MisconfigurationException (`num_nodes 0`, an unknown
             # strategy, a precision whose package is missing, devices the accelerator cannot take): one line too.
             raise UsageError(f"--trainer: {str(err).strip().splitlines()[0]}") from err
-        announce_precision(precision)
+        self._chosen_precision = precision  # said once the trainer passes its checks (announce)
         for callback in trainer.callbacks:
             if isinstance(callback, RunConfigSaver):
                 callback.resuming = self.resuming
                 callback.resume_step = int(self.resume_step)
                 if not self.resuming:
                     callback.check_shared_folder(trainer)
+            if isinstance(callback, PredictionWriter) and self.subcommand == "predict":
+                callback.check_folder(trainer)
         if self.resuming:
             set_aside_csv_metrics(trainer)  # before Lightning's CSV writer, created next, deletes the earlier rows
         for logger in trainer.loggers:

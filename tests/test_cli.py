@@ -633,6 +633,26 @@ def test_run_without_logger_replaces_only_an_earlier_runs_config(capsys, fake_ci
     assert Path("config.yaml").read_text() == own and not Path("checkpoints").exists()
 
 
+def test_predict_without_logger_replaces_only_an_earlier_runs_predictions(capsys, fake_cifar10: Path) -> None:
+    """Without a logger predictions.csv goes to the current folder: an earlier predict's is replaced, a file of the
+    user's of that name is refused before predicting."""
+    main(["fit", *cifar_args(fake_cifar10), "--trainer.max_epochs", "1", "--trainer.logger", "false"])
+    (ckpt,) = checkpoints()
+    predict = ["predict", "--ckpt_path", str(ckpt), "--trainer.logger", "false"]
+    main(predict)
+    Path("predictions.csv").write_text("image,predicted,confidence,label\n0,cat,0.5,cat\n")  # an earlier run's
+    main(predict)
+    assert len(Path("predictions.csv").read_text().splitlines()) == 51
+    Path("predictions.csv").write_text(own := "sample,my label\n1,dog\n")
+    capsys.readouterr()
+    message = fails(capsys, *predict)
+    assert message == (
+        "cifar-cli: error: predictions.csv is not the predictions of an earlier predict, and predict without a "
+        "logger writes there: run in another folder, or pass --trainer.default_root_dir"
+    )
+    assert Path("predictions.csv").read_text() == own
+
+
 def test_error_ckpt_from_another_model(capsys, fake_cifar10: Path, fake_cifar100: Path) -> None:
     main(["fit", *cifar_args(fake_cifar10), "--trainer.max_epochs", "1", "--trainer.logger", "false"])
     (ckpt,) = checkpoints()
