@@ -129,11 +129,33 @@ def flag_value(argv: list[str], flag: str) -> str | None:
     return value
 
 
+def class_given_after(argv: list[str], group: str, flag: str) -> str | None:
+    """The class that `--group CLASS` (or `--group=CLASS`) names after the first `flag` on the command line."""
+    position = next((i for i, arg in enumerate(argv) if arg.split("=")[0] == flag), None)
+    if position is None:
+        return None
+    for i in range(position + 1, len(argv)):
+        name, equals, value = argv[i].partition("=")
+        if name == f"--{group}":
+            return value if equals else argv[i + 1] if i + 1 < len(argv) else None
+    return None
+
+
 def argument_before_class(err: ArgumentError, argv: list[str]) -> UsageError | None:
-    """The error for an argument of `--optimizer` or `--lr_scheduler` given before their class (`--optimizer.lr 0.01`
-    alone, or a config's `init_args` without `class_path`). jsonargparse tries it on the abstract base class and
-    names that: "'torch.optim.Optimizer': Option 'lr' is not accepted"."""
+    """The error for an argument of a group that takes a class (`--optimizer`, `--lr_scheduler`, `--data`,
+    `--model.net`) given before the class (`--data.root DIR --data ImageFolderDataModule`, `--optimizer.lr 0.01`
+    alone, or a config's `init_args` without `class_path`). jsonargparse tries it on the class in place then, the
+    default or the abstract base, and names that: "'torch.optim.Optimizer': Option 'lr' is not accepted"."""
     message, option = str(err), re.search(r"Option '(\w+)' is not accepted", str(err))
+    group = re.match(r'Parser key "([\w.]+)":', message)
+    if option is not None and group is not None:
+        flag = f"--{group[1]}.{option[1]}"
+        later = class_given_after(argv, group[1], flag)
+        if later is not None and (value := flag_value(argv, flag)) is not None:
+            return UsageError(
+                f"{flag} {value} is given before --{group[1]} {later}, whose argument it is: give the class first "
+                f"(--{group[1]} {later} {flag} {value})"
+            )
     bases = {"optimizer": "torch.optim.Optimizer", "lr_scheduler": "torch.optim.lr_scheduler.LRScheduler"}
     group = next((g for g, base in bases.items() if message.startswith(f'Parser key "{g}":') and base in message), None)
     if group is None or option is None:

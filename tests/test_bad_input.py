@@ -169,8 +169,27 @@ CASES = [
         )
         for name, args in [
             ("without_its_class", ["--optimizer.lr", "0.01"]),
-            ("before_its_class", ["--optimizer.lr=0.01", "--optimizer", "SGD"]),
         ]
+    ),
+    Case(
+        "optimizer_argument_before_its_class",
+        ["fit", "--optimizer.lr=0.01", "--optimizer", "SGD"],
+        "cifar-cli: error: --optimizer.lr 0.01 is given before --optimizer SGD, whose argument it is: give the class "
+        "first (--optimizer SGD --optimizer.lr 0.01)",
+    ),
+    # An argument of --data or --model.net before the class that takes it: jsonargparse read it on the class then in
+    # place and named that one ("'cifar_cli.data.CIFAR10DataModule': Option 'root' is not accepted").
+    Case(
+        "data_argument_before_its_class",
+        ["fit", "--data.root", "images", "--data", "ImageFolderDataModule"],
+        "cifar-cli: error: --data.root images is given before --data ImageFolderDataModule, whose argument it is: "
+        "give the class first (--data ImageFolderDataModule --data.root images)",
+    ),
+    Case(
+        "net_argument_before_its_class",
+        ["fit", "--model.net.name=resnet18", "--model.net", "TorchvisionNet"],
+        "cifar-cli: error: --model.net.name resnet18 is given before --model.net TorchvisionNet, whose argument it "
+        "is: give the class first (--model.net TorchvisionNet --model.net.name resnet18)",
     ),
     Case(
         "scheduler_argument_without_its_class",
