@@ -65,7 +65,7 @@ from cifar_cli.dashboard import RunCSVLogger, with_csv_logger
 from cifar_cli.data import ImageDataModule
 from cifar_cli.data.base import predicting_from
 from cifar_cli.distributed import exit_if_rank_failed, watch_ranks
-from cifar_cli.errors import TrainingDiverged, UsageError, causes
+from cifar_cli.errors import TrainingDiverged, UsageError, causes, debug_switch, debugging
 from cifar_cli.optimizer_flags import check_built, move_optimizer_flags, unsettled
 from cifar_cli.precision import announce_precision, choose_precision
 from cifar_cli.pretrained import weights_from_checkpoint
@@ -79,10 +79,6 @@ from cifar_cli.resume import (
     set_aside_csv_metrics,
 )
 from cifar_cli.terminal import print_summary, progress_bar, quiet_model_summary, quiet_wandb, silence_noise
-
-# Set to true to get the full traceback of an error instead of its one-line summary (jsonargparse reads it too).
-DEBUG_ENV = "JSONARGPARSE_DEBUG"
-
 
 # Checkpoint entry (under cifar_cli's own key): the folder `fit` ran in, where the data config's relative paths start.
 WORKING_DIR_KEY = "working_dir"
@@ -869,6 +865,7 @@ def main(args: ArgsType = None) -> None:
     argv = sys.argv[1:] if args is None else args if isinstance(args, list) else None
     try:
         with ctrl_c_exits_130():
+            debug_switch()
             check_subcommand(argv)
             if argv and argv[:1] == ["report"]:
                 # Not a LightningCLI subcommand: it builds no trainer, model or data, only reads a run folder.
@@ -897,7 +894,7 @@ def main(args: ArgsType = None) -> None:
         finish_wandb_run(stop.code if isinstance(stop.code, int) else 1)
         raise
     except Exception as err:
-        debug = os.environ.get(DEBUG_ENV, "").lower() in ("true", "1")
+        debug = debugging()
         diverged = next((e for e in causes(err) if isinstance(e, TrainingDiverged)), None)
         if diverged is not None and not debug:
             finish_wandb_run(1)

@@ -26,13 +26,11 @@ import torch.distributed as dist
 from lightning.pytorch import Trainer
 from lightning.pytorch.strategies.launchers import subprocess_script
 
-from cifar_cli.errors import causes
+from cifar_cli.errors import causes, debugging
 
 # Store key of the first failure: "rank leader message", where leader is the global rank of local rank 0 on the
 # failing rank's node.
 FAILURE_KEY = "cifar-cli/failure"
-# The project's switch for full tracebacks (cli.DEBUG_ENV): with it, failures are recorded but not summarised.
-DEBUG_ENV = "JSONARGPARSE_DEBUG"
 # Seconds a peer waits for the failing rank's record, or for a failed child to be reaped: the failing rank writes
 # its record before it exits, and gloo reports the broken connection when it exits, so the record is there in
 # practice; the wait covers the time a dying process takes to become reapable.
@@ -99,7 +97,7 @@ def exit_if_rank_failed(err: BaseException, usage: str | None) -> None:
         return
     rank = dist.get_rank()
     leader = rank - int(os.environ.get("LOCAL_RANK", 0))
-    debug = os.environ.get(DEBUG_ENV, "").lower() in ("true", "1")
+    debug = debugging()  # failures are recorded but not summarised
     store = _store()
     if _lost_contact(err):
         failure = _find_failure(store, leader)

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
+
+# Set to true to get the full traceback of an error instead of its one-line summary (jsonargparse reads it too).
+DEBUG_ENV = "JSONARGPARSE_DEBUG"
+_DEBUG_VALUES = {"true": "true", "1": "true", "yes": "true", "on": "true", "false": "false", "0": "false",
+                 "no": "false", "off": "false", "": ""}  # fmt: skip
 
 
 class UsageError(Exception):
@@ -26,3 +32,19 @@ def causes(err: BaseException | None) -> Iterator[BaseException]:
         seen.add(id(err))
         yield err
         err = err.__cause__ or err.__context__
+
+
+def debug_switch() -> None:
+    """Read DEBUG_ENV as `1`, `yes` or `on` too, and write it back as jsonargparse takes it (true or false: it ended
+    in a ValueError on anything else); another value is refused. Once, at start-up."""
+    value = os.environ.get(DEBUG_ENV)
+    if value is None:
+        return
+    if value.strip().lower() not in _DEBUG_VALUES:
+        raise UsageError(f"{DEBUG_ENV}={value}: set it to true, or false")
+    os.environ[DEBUG_ENV] = _DEBUG_VALUES[value.strip().lower()]
+
+
+def debugging() -> bool:
+    """Whether DEBUG_ENV asks for full tracebacks."""
+    return _DEBUG_VALUES.get(os.environ.get(DEBUG_ENV, "").strip().lower()) == "true"

@@ -664,12 +664,19 @@ def test_error_ckpt_from_another_model(capsys, fake_cifar10: Path, fake_cifar100
     )
 
 
-def test_debug_env_brings_the_traceback_back(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("value", ["true", "1", "Yes"])
+def test_debug_env_brings_the_traceback_back(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    """jsonargparse reads the switch too, and took only true and false: `1` ended in its ValueError."""
     from cifar_cli.errors import UsageError
 
-    monkeypatch.setenv("JSONARGPARSE_DEBUG", "true")
+    monkeypatch.setenv("JSONARGPARSE_DEBUG", value)
     with pytest.raises(UsageError, match="no such file"):
         main(["test", "--ckpt_path", "nothing.ckpt"])
+
+
+def test_debug_env_of_another_value_is_one_line(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    monkeypatch.setenv("JSONARGPARSE_DEBUG", "verbose")
+    assert fails(capsys, "fit") == "cifar-cli: error: JSONARGPARSE_DEBUG=verbose: set it to true, or false"
 
 
 def test_error_test_without_test_split(capsys, tmp_path: Path) -> None:
