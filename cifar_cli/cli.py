@@ -754,15 +754,46 @@ def unwritable(err: BaseException) -> OSError | None:
     return next(found, None)
 
 
+# jsonargparse's "Expected a <class 'int'>" and "Expected a typing.Literal['none', 'flip']. Got value: x" lines.
+_EXPECTED = re.compile(
+    r"^(Parser key \"[\w.]+\": )?Expected a (?:<class '(\w+)'>|typing\.Literal\[(.*)\])(?:\. Got value: (.*))?$"
+)
+_TYPE_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "text"}
+
+
+def expected_values(lines: list[str], given: str | None) -> str | None:
+    """jsonargparse's lines for a value of none of a setting's types, as one: `Parser key "trainer.max_epochs":
+    expected an integer, got two` (it said "Expected a <class 'int'>", and not the value given); None where other
+    lines are among them."""
+    matches = [_EXPECTED.match(line) for line in lines]
+    if not lines or not all(matches) or not matches[0][1]:
+        return None
+    kinds, choices = [], []
+    for match in matches:
+        if match[2]:
+            kinds.append(_TYPE_WORDS.get(match[2], match[2]))
+        else:
+            choices += [choice.strip().strip("'") for choice in match[3].split(",")]
+        given = given or match[4]
+    if choices:
+        kinds.append("one of " + ", ".join(dict.fromkeys(choices)))
+    got = f", got {given}" if given is not None else ""
+    return f"{matches[0][1]}expected {', or '.join(dict.fromkeys(kinds))}{got}"
+
+
 def one_line(err: BaseException) -> str:
     """An error's message on one line, without jsonargparse's repetitions."""
     lines = [line.strip().removeprefix("- ") for line in str(err).splitlines()]
+    given = next((line.removeprefix("Given value: ") for line in lines if line.startswith("Given value: ")), None)
     lines = [
         line.replace("Problem with given class_path ", "") for line in lines if line and not line.startswith(_NOISE)
     ]
     lines = list(dict.fromkeys(lines))  # each once: a class in two branches of a Union fails the same way in both
     pertinent = [line for line in lines if not _OTHER_BRANCHES.search(line)]
-    return " ".join(pertinent if len(pertinent) > 1 else lines)
+    lines = pertinent if len(pertinent) > 1 else lines
+    if len(lines) > 1 and lines[0].endswith(":") and lines[0].startswith("Parser key"):  # the key on its own line
+        lines = [f"{lines[0]} {lines[1]}", *lines[2:]]
+    return expected_values(lines, given) or " ".join(lines)
 
 
 def binary_file_argument(argv: list[str]) -> str:

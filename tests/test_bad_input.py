@@ -145,7 +145,17 @@ CASES = [
     Case("val_size_negative", ["fit", "--data.val_size", "-5"], '"val_size": Not of type PositiveInt: -5'),
     Case("batch_size_not_a_number", ["fit", "--data.batch_size", "many"], '"batch_size": Not of type PositiveInt'),
     Case("learning_rate_not_a_number", ["fit", "--model.learning_rate", "fast"], 'Parser key "model.learning_rate"'),
-    Case("max_epochs_not_a_number", ["fit", "--trainer.max_epochs", "two"], 'Parser key "trainer.max_epochs"'),
+    # jsonargparse said "Expected a <class 'int'>", without the value
+    Case(
+        "max_epochs_not_a_number",
+        ["fit", "--trainer.max_epochs", "two"],
+        'cifar-cli: error: Parser key "trainer.max_epochs": expected an integer, got two',
+    ),
+    Case(
+        "seed_not_a_number",
+        ["fit", "--seed_everything", "abc"],
+        'cifar-cli: error: Parser key "seed_everything": expected true or false, or an integer, got abc',
+    ),
     Case("unknown_option", ["fit", "--trainer.max_epochs_x", "3"], "unrecognized arguments: --trainer.max_epochs_x"),
     # argparse would take a prefix for the whole flag (this one for --trainer.max_epochs)
     Case("abbreviated_option", ["fit", "--trainer.max_epoch", "3"], "unrecognized arguments: --trainer.max_epoch"),
@@ -157,7 +167,11 @@ CASES = [
     Case("no_subcommand", [], "give a subcommand: fit, validate, test, predict or report (cifar-cli --help)"),
     Case("unknown_data_class", ["fit", "--data", "NoSuchDataModule"], "NoSuchDataModule"),
     Case("unknown_net_class", ["fit", "--model.net", "NoSuchNet"], "NoSuchNet"),
-    Case("bad_tta_choice", ["fit", "--model.tta", "sideways"], 'Parser key "model.tta"'),
+    Case(
+        "bad_tta_choice",
+        ["fit", "--model.tta", "sideways"],
+        'cifar-cli: error: Parser key "model.tta": expected one of none, flip, flip-shift, got sideways',
+    ),
     # An argument of LightningCLI's --optimizer or --lr_scheduler before their class: jsonargparse tried it on the
     # abstract base class and said "'torch.optim.Optimizer': Option 'lr' is not accepted".
     *(
