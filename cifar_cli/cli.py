@@ -912,7 +912,7 @@ def main(args: ArgsType = None) -> None:
                 # --optimizer would put every parameter in one group; the CLI hands it to the model instead.
                 auto_configure_optimizers=False,
                 save_config_callback=RunConfigSaver,
-                parser_kwargs={"exit_on_error": False},
+                parser_kwargs={"exit_on_error": False, "prog": "cifar-cli"},  # not __main__.py under python -m
                 args=args,
             )
         # The W&B run ends here, not in W&B's exit hook: the lines that hook prints (the online run's link, or with
