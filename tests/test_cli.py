@@ -481,7 +481,9 @@ def test_help_lists_every_subcommand_and_a_top_level_config_reaches_the_subcomma
         main(["--help"])
     helped = capsys.readouterr().out
     assert exit_info.value.code == 0 and "{fit,validate,test,predict}" in helped
-    assert helped.startswith("usage: cifar-cli ")  # under `python -m cifar_cli` too, whose argv[0] is __main__.py
+    # The same under `python -m cifar_cli`, whose argv[0] is __main__.py, which the usage line named.
+    module = subprocess.run([sys.executable, "-m", "cifar_cli", "--help"], capture_output=True, text=True, cwd=REPO)
+    assert module.returncode == 0 and module.stdout.startswith("usage: cifar-cli "), module.stdout[:80]
     config = tmp_path / "top.yaml"
     config.write_text(yaml.safe_dump({"fit": {"trainer": {"max_epochs": 1, "limit_train_batches": 2}}}))
     main(["--config", str(config), "fit", *cifar_args(fake_cifar10), *CSV_LOGGER])
