@@ -265,7 +265,8 @@ def confusion_plot(matrix: Tensor, names: list[str], title: str) -> Any:
 class ModelArtifacts(Callback):
     """When `fit` ends, the run's best and last checkpoints become versions of one W&B model artifact,
     `model-<run id>`, with the aliases `best` and `latest` (one version with both when they are the same file),
-    and the metrics that made each one in its metadata. Offline runs too: `wandb sync` uploads them with the run.
+    and the metrics, the epochs done and the step of each one in its metadata. Offline runs too: `wandb sync`
+    uploads them with the run.
 
     Lightning's WandbLogger(log_model=True) does this only online; it refuses an offline run. A run stopped by a
     signal logs nothing: its artifacts come when the resumed run ends, in the same W&B run.
@@ -276,17 +277,19 @@ class ModelArtifacts(Callback):
 
     def __init__(self, name: str | None = None) -> None:
         self.name = name
-        # The epoch-end metrics of the best checkpoint, noted when ModelCheckpoint moves it; in the checkpoints
-        # too (state_dict), so that a resumed run still knows them.
+        # The epoch-end metrics, epochs done and step of the best checkpoint, noted when ModelCheckpoint moves it;
+        # in the checkpoints too (state_dict), so that a resumed run still knows them.
         self.best_path: str | None = None
         self.best_metrics: dict[str, float] = {}
+        self.best_at: dict[str, int] = {}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"best_path": self.best_path, "best_metrics": self.best_metrics}
+        return {"best_path": self.best_path, "best_metrics": self.best_metrics, "best_at": self.best_at}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.best_path = state_dict.get("best_path")
         self.best_metrics = dict(state_dict.get("best_metrics") or {})
+        self.best_at = dict(state_dict.get("best_at") or {})
 
     def _note_best(self, trainer: Trainer) -> None:
         # Lightning runs the checkpoint callbacks after all others in a hook: by the next epoch's start (or fit's
@@ -295,6 +298,7 @@ class ModelArtifacts(Callback):
         if isinstance(best, ModelCheckpoint) and best.best_model_path and best.best_model_path != self.best_path:
             self.best_path = best.best_model_path
             self.best_metrics = epoch_metrics(trainer.callback_metrics)
+            self.best_at = {"epoch": trainer.current_epoch, "step": trainer.global_step}
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._note_best(trainer)
@@ -313,11 +317,13 @@ class ModelArtifacts(Callback):
         files: dict[str, tuple[list[str], dict[str, Any]]] = {}
         if self.best_path and os.path.isfile(self.best_path) and isinstance(best, ModelCheckpoint):
             score = float(best.best_model_score) if best.best_model_score is not None else None
-            meta = {"metrics": self.best_metrics, "monitor": best.monitor, "mode": best.mode, "score": score}
+            meta = {"metrics": self.best_metrics, "monitor": best.monitor, "mode": best.mode, "score": score,
+                    **self.best_at}  # fmt: skip
             files[self.best_path] = (["best"], meta)
         if last and os.path.isfile(last):
             aliases, meta = files.pop(last, ([], {}))  # the same file: one version, both aliases
-            files[last] = ([*aliases, "latest"], {"metrics": epoch_metrics(trainer.callback_metrics), **meta})
+            now = {"epoch": trainer.current_epoch, "step": trainer.global_step}
+            files[last] = ([*aliases, "latest"], {"metrics": epoch_metrics(trainer.callback_metrics), **meta, **now})
         import wandb
 
         for logger in loggers:
@@ -326,7 +332,7 @@ class ModelArtifacts(Callback):
                 artifact = wandb.Artifact(
                     self.name or f"model-{run.id}",
                     type="model",
-                    metadata={**metadata, "epoch": trainer.current_epoch, "step": trainer.global_step,
+                    metadata={"epoch": trainer.current_epoch, "step": trainer.global_step, **metadata,
                               "file": os.path.basename(path)},
                 )  # fmt: skip
                 artifact.add_file(path, name="model.ckpt")

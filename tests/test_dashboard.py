@@ -153,6 +153,34 @@ def test_fit_and_test_runs_hold_tables_confusion_matrices_artifacts_and_config(f
     assert float(test_matrix.diagonal().sum()) / 50 == pytest.approx(test_run.summary["test_acc"], abs=1e-6)
 
 
+def test_best_model_artifact_carries_the_epoch_and_step_of_its_checkpoint(fake_cifar10: Path, tmp_path: Path) -> None:
+    """The best checkpoint is the first epoch's (fit_time only grows), the last is the third's: the `best` version's
+    metadata gives the epoch and step that made it, not those of the run's end."""
+    config = tmp_path / "first-is-best.yaml"
+    config.write_text(yaml.safe_dump({"trainer": {"callbacks": [
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+         "init_args": {"monitor": "fit_time", "mode": "min", "save_top_k": 1}},
+        {"class_path": "cifar_cli.dashboard.ModelArtifacts"},
+        {"class_path": "cifar_cli.callbacks.FitTimer"},
+    ]}}))  # fmt: skip
+    main(["fit", "--config", str(config), "--data.data_dir", str(fake_cifar10), "--data.val_size", "40",
+          "--data.batch_size", "64", "--trainer.max_epochs", "3",
+          "--trainer.enable_progress_bar", "false"])  # fmt: skip
+    finish_wandb()
+    ((run_id, folder),) = offline_runs().items()
+    (best_file,) = Path("runs/cifar-cli", run_id, "checkpoints").glob("epoch=*.ckpt")
+    saved = torch.load(best_file, weights_only=True)
+    last = torch.load(best_file.with_name("last.ckpt"), weights_only=True)
+    assert saved["epoch"] == 0 and last["epoch"] == 2
+    aliases = read_run(folder).aliases
+    best, latest = aliases["best"]["metadata"], aliases["latest"]["metadata"]
+    assert best["file"] == best_file.name and latest["file"] == "last.ckpt"
+    # Epochs done when each was saved (the run's end: 3), and the step in its name.
+    assert (best["epoch"], best["step"]) == (1, saved["global_step"])
+    assert (latest["epoch"], latest["step"]) == (3, last["global_step"])
+    assert best["metrics"]["fit_time"] == pytest.approx(best["score"])
+
+
 def agent_command(sweep: dict, values: dict) -> list[str]:
     """The command a `wandb agent` runs for one run of `sweep` with these parameter values: wandb's own code
     formats the arguments (`--name=value`), and the macros are filled in as the agent fills them."""
