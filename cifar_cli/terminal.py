@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import time
 import warnings
 from typing import Any
@@ -243,10 +244,21 @@ def print_summary(trainer: Trainer, stage: str) -> None:
     for logger in trainer.loggers:
         run = getattr(logger, "_experiment", None) if isinstance(logger, WandbLogger) else None
         if run is not None and getattr(run, "offline", False):
-            lines.append(f"Upload to W&B: wandb sync {run.sync_dir}")
+            lines.append(f"Upload to W&B: wandb sync {shlex.join(offline_parts(run.sync_dir, run.id))}")
     for line in lines:
         console.print(Text(line), soft_wrap=True, highlight=False)
     write_summary(trainer, stage, metrics)
+
+
+def offline_parts(sync_dir: str, run_id: str) -> list[str]:
+    """The offline folders of W&B run `run_id`, oldest first, ending with this process's `sync_dir`: a run resumed
+    with `--ckpt_path last` writes one per start, beside the first. `wandb sync` uploads the parts of one run in
+    the order of their start when given together; the newest alone would leave out the epochs before the resume
+    (and a run stopped by a signal never printed the command for its first part)."""
+    folder, own = os.path.split(sync_dir)
+    parts = {name for name in os.listdir(folder or ".") if name.startswith("offline-run-")
+             and name.endswith(f"-{run_id}") and name < own}  # fmt: skip
+    return [os.path.join(folder, name) for name in sorted(parts)] + [sync_dir]
 
 
 def write_summary(trainer: Trainer, stage: str, metrics: dict[str, float]) -> None:

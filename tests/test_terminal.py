@@ -85,3 +85,16 @@ def test_mixed_precision_named_in_the_config_gives_no_model_summary_warning(imag
     main([*FIT, "--data.root", str(image_folder), "--trainer.max_epochs", "1", "--trainer.logger", "CSVLogger",
           "--trainer.precision", "bf16-mixed"])  # fmt: skip
     assert not [w for w in recwarn if "not supported by the model summary" in str(w.message)]
+
+
+def test_resumed_offline_wandb_run_prints_one_sync_command_for_all_its_parts(image_folder: Path, capfd) -> None:
+    """A run resumed with --ckpt_path last continues its W&B run in a second offline folder: the command printed
+    at its end uploads both, oldest first (wandb syncs the parts of one run in that order); the second alone
+    would leave out the epochs before the resume, whose own command a preempted run never printed."""
+    main([*FIT, "--data.root", str(image_folder), "--trainer.max_epochs", "1"])
+    main([*FIT, "--data.root", str(image_folder), "--ckpt_path", "last"])
+    out = capfd.readouterr().out
+    parts = sorted(Path("runs/wandb").glob("offline-run-*"))
+    assert len(parts) == 2 and len({p.name.rsplit("-", 1)[1] for p in parts}) == 1
+    lines = re.findall(r"^Upload to W&B: wandb sync (.+)$", out, re.MULTILINE)
+    assert lines == [str(parts[0]), f"{parts[0]} {parts[1]}"]
