@@ -74,6 +74,13 @@ def wandb_loggers(trainer: Trainer) -> list[WandbLogger]:
     return [logger for logger in trainer.loggers if isinstance(logger, WandbLogger)]
 
 
+def logged_step(trainer: Trainer) -> int:
+    """The step Lightning logs the current stage's metrics at (W&B's `trainer/global_step`): its count of batches
+    that stepped, one behind global_step at an epoch's validation. What a callback logs beside a validation
+    (its images, its confusion matrix) goes there too, beside the val_acc it shows."""
+    return getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step)
+
+
 def last_checkpoint(trainer: Trainer) -> str | None:
     """The path of the run's `last.ckpt` (or of any ModelCheckpoint's last checkpoint), once one is saved."""
     return next((c.last_model_path for c in trainer.checkpoint_callbacks if c.last_model_path), None)
@@ -120,7 +127,7 @@ class ImagePredictionLogger(Callback):
         captions = [f"Pred: {names[p]}, Label: {names[y]}" for p, y in zip(predicted.tolist(), labels.tolist())]
         pictures = list(images.permute(0, 2, 3, 1).numpy())  # HWC uint8, as W&B expects
         for logger in loggers:
-            logger.log_image(key=self.key, images=pictures, caption=captions, step=trainer.global_step)
+            logger.log_image(key=self.key, images=pictures, caption=captions, step=logged_step(trainer))
 
 
 class PredictionWriter(Callback):

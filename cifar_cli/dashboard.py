@@ -19,7 +19,15 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 
 from cifar_cli.atomic import atomic_csv_logs, atomic_write, atomic_write_text
-from cifar_cli.callbacks import NO_DATA_MODULE, NO_WANDB, last_checkpoint, run_dir, wandb_loggers, warn_idle
+from cifar_cli.callbacks import (
+    NO_DATA_MODULE,
+    NO_WANDB,
+    last_checkpoint,
+    logged_step,
+    run_dir,
+    wandb_loggers,
+    warn_idle,
+)
 from cifar_cli.data import ImageDataModule
 from cifar_cli.terminal import epoch_metrics
 
@@ -117,7 +125,7 @@ class EvaluationLogger(Callback):
         self.table_rows = table_rows
         self.mistakes = mistakes
         self._stage: _Stage | None = None
-        self._pending_table: tuple[str, _Stage] | None = None  # the last validation's, logged when fit ends
+        self._pending_table: tuple[str, _Stage, int] | None = None  # the last validation's, logged when fit ends
 
     def _data(self, trainer: Trainer) -> ImageDataModule | None:
         data = trainer.datamodule
@@ -165,11 +173,12 @@ class EvaluationLogger(Callback):
             if matrix is not None:
                 title = f"Confusion matrix, {STAGE_NAMES[stage]}"
                 plot = confusion_plot(matrix, pl_module.class_names, title)
-                logger.log_metrics({f"{stage}_confusion_matrix": plot}, step=trainer.global_step)
+                logger.log_metrics({f"{stage}_confusion_matrix": plot}, step=logged_step(trainer))
         if stage == "val" and trainer.state.fn == TrainerFn.FITTING:
-            self._pending_table = (stage, done)  # the table of the last validation, when fit ends
+            # The table of the last validation, when fit ends, at that validation's step.
+            self._pending_table = (stage, done, logged_step(trainer))
         else:
-            self._log_table(trainer, pl_module, stage, done)
+            self._log_table(trainer, pl_module, stage, done, logged_step(trainer))
 
     def _write_mistakes(self, path: str, done: _Stage, data: ImageDataModule, stage: str, names: list[str]) -> None:
         if not self.mistakes:
@@ -189,7 +198,7 @@ class EvaluationLogger(Callback):
         }
         atomic_write(path, lambda file: torch.save(saved, file))
 
-    def _log_table(self, trainer: Trainer, pl_module: LightningModule, stage: str, done: _Stage) -> None:
+    def _log_table(self, trainer: Trainer, pl_module: LightningModule, stage: str, done: _Stage, step: int) -> None:
         loggers = wandb_loggers(trainer)
         if not loggers or len(done.table) == 0:
             return
@@ -212,7 +221,7 @@ class EvaluationLogger(Callback):
                  predicted == label, *[round(x, 4) for x in p]]
             )  # fmt: skip
         for logger in loggers:
-            logger.log_table(key=f"{stage}_predictions", columns=columns, data=rows, step=trainer.global_step)
+            logger.log_table(key=f"{stage}_predictions", columns=columns, data=rows, step=step)
 
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._start(trainer, pl_module, "val")

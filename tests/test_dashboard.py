@@ -181,6 +181,27 @@ def test_best_model_artifact_carries_the_epoch_and_step_of_its_checkpoint(fake_c
     assert best["metrics"]["fit_time"] == pytest.approx(best["score"])
 
 
+def test_validation_panels_share_the_step_of_the_validation_metrics(fake_cifar10: Path) -> None:
+    """On W&B's x-axis (trainer/global_step) the example images, the confusion matrix and the last validation's
+    prediction table sit at the step of the val_acc they show, as the per-class scores do: Lightning logs a
+    validation's metrics one step behind global_step, and the panels were one step ahead of their val_acc."""
+    main(["fit", "--data.data_dir", str(fake_cifar10), "--data.val_size", "40", "--data.batch_size", "64",
+          "--trainer.max_epochs", "2", "--trainer.enable_progress_bar", "false"])  # fmt: skip
+    finish_wandb()
+    (folder,) = offline_runs().values()
+    history = read_run(folder).history
+
+    def steps(key: str) -> list[int]:
+        return [row["trainer/global_step"] for row in history if key in row]
+
+    validations = steps("val_acc")
+    assert len(validations) == 2
+    assert steps("val_recall/cat") == validations
+    assert steps("examples/_type") == validations
+    assert steps("val_confusion_matrix_table/_type") == validations
+    assert steps("val_predictions/_type") == validations[-1:]
+
+
 def agent_command(sweep: dict, values: dict) -> list[str]:
     """The command a `wandb agent` runs for one run of `sweep` with these parameter values: wandb's own code
     formats the arguments (`--name=value`), and the macros are filled in as the agent fills them."""
