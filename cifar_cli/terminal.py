@@ -59,6 +59,9 @@ def silence_noise() -> None:
     warnings.filterwarnings("ignore", message=r"Precision (bf)?16-mixed is not supported by the model summary")
     # FitTimer logs rank 0's clock from rank 0 alone (rank_zero_only): there is nothing to synchronise.
     warnings.filterwarnings("ignore", message=r"It is recommended to use `self\.log\('fit_time'")
+    # torch 2.14 deprecated the all_gather that Lightning's (2.6) `strategy.all_gather` calls, once per process:
+    # `predict` under DDP gathers its rows with it.
+    warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.all_gather is deprecated")
 
 
 def quiet_wandb(trainer: Trainer) -> None:

@@ -244,6 +244,8 @@ def test_predictions_of_two_processes_list_every_image_once(images: Path, uninte
                "--ckpt_path", str(ckpt), "--data.predict_root", str(folder)]  # fmt: skip
     code, stderr = finish(start(predict, tmp_path, ddp_env(free_port())))
     assert code == 0, stderr[-2000:]
+    # torch's deprecation of the all_gather Lightning gathers the rows with, once per rank: nothing a user can do.
+    assert "is deprecated" not in stderr, stderr[-2000:]
     with open(tmp_path / "predictions.csv") as file:
         rows = list(csv.DictReader(file))
     assert [row["image"] for row in rows] == sorted(p.name for p in folder.iterdir())
