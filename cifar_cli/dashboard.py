@@ -266,6 +266,10 @@ def confusion_plot(matrix: Tensor, names: list[str], title: str) -> Any:
     import wandb
 
     data = [[names[i], names[j], count] for i, row in enumerate(matrix.tolist()) for j, count in enumerate(row)]
+    if len(data) > wandb.Table.MAX_ROWS:
+        # Past 100 classes: wandb writes the first MAX_ROWS (10,000) rows of a table into the run's files and drops
+        # the rest, the last classes' counts. The empty cells are left out instead (at most one row per image).
+        data = [row for row in data if row[2]]
     table = wandb.Table(columns=["Actual", "Predicted", "nPredictions"], data=data)
     fields = {"Actual": "Actual", "Predicted": "Predicted", "nPredictions": "nPredictions"}
     return wandb.plot_table("wandb/confusion_matrix/v1", table, fields, {"title": title})

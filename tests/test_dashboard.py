@@ -4,11 +4,13 @@ artifacts, gradient histograms, sweeps' arguments, metrics.csv beside W&B, and `
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from conftest import write_image_folder
 from wandb_offline import read_run
 
 from cifar_cli.classifier import class_scores
@@ -200,6 +202,27 @@ def test_validation_panels_share_the_step_of_the_validation_metrics(fake_cifar10
     assert steps("examples/_type") == validations
     assert steps("val_confusion_matrix_table/_type") == validations
     assert steps("val_predictions/_type") == validations[-1:]
+
+
+def test_confusion_matrix_of_many_classes_keeps_every_count(tmp_path: Path) -> None:
+    """101 classes make 10,201 cells, more than the 10,000 rows wandb writes of a table into the run's files (the
+    rest dropped with a log line nobody sees): the chart's table holds every count the run folder's matrix does."""
+    root = tmp_path / "many"
+    write_image_folder(root / "train", {f"class{i:03d}": 3 for i in range(101)})
+    main(["fit", "--data", "ImageFolderDataModule", "--data.root", str(root), "--data.val_size", "101",
+          "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1",
+          "--trainer.enable_progress_bar", "false"])  # fmt: skip
+    finish_wandb()
+    ((run_id, folder),) = offline_runs().items()
+    names, matrix = read_confusion(Path("runs/cifar-cli", run_id, "confusion_val.csv"))
+    assert len(names) == 101 and int(matrix.sum()) == 101
+    counts = {(i, j): int(n) for (i, j), n in zip(torch.cartesian_prod(torch.arange(101), torch.arange(101)).tolist(),
+                                                  matrix.flatten().tolist()) if n}  # fmt: skip
+    (saved,) = (folder / "files" / "media" / "table").glob("val_confusion_matrix_table_*.table.json")
+    for table in (json.loads(saved.read_text()), read_run(folder).table("val_confusion_matrix_table")):
+        assert table["columns"] == ["Actual", "Predicted", "nPredictions"]
+        logged = {(names.index(a), names.index(p)): n for a, p, n in table["data"] if n}
+        assert logged == counts
 
 
 def agent_command(sweep: dict, values: dict) -> list[str]:
