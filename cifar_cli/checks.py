@@ -161,6 +161,18 @@ def check_trainer_values(trainer: Namespace) -> None:
             raise UsageError(
                 f"--trainer.max_time {max_time}: give days:hours:minutes:seconds, e.g. 00:00:10:00 for 10 minutes"
             ) from err
+    loggers = trainer.get("logger")
+    for logger in loggers if isinstance(loggers, list) else [loggers]:
+        args = getattr(logger, "init_args", None)
+        wandb = str(getattr(logger, "class_path", "")).endswith("WandbLogger") and isinstance(args, Namespace)
+        if wandb and args.get("offline") and args.get("log_model"):
+            # Lightning refuses it as it builds the logger, telling the user to go online to log the model.
+            raise UsageError(
+                f"--trainer.logger.log_model {str(args.log_model).lower()}: Lightning's WandbLogger uploads "
+                "checkpoints only online, and this run logs offline; ModelArtifacts (in the default callbacks) logs "
+                "the best and last checkpoints as W&B artifacts offline too, which `wandb sync` uploads: leave "
+                "log_model out, or log online with --trainer.logger.offline false"
+            )
     devices, accelerator = trainer.get("devices"), trainer.get("accelerator")
     if isinstance(accelerator, str) and accelerator.lower() == "cpu" and devices != "auto":
         count = device_count(devices)

@@ -323,6 +323,13 @@ CASES = [
     Case("val_check_interval_zero", ["fit", "--trainer.val_check_interval", "0"], "--trainer.val_check_interval 0:"),
     Case("max_epochs_below_minus_one", ["fit", "--trainer.max_epochs", "-3"], "--trainer.max_epochs -3: give 0 or"),
     Case("max_time_unreadable", ["fit", "--trainer.max_time", "10min"], "--trainer.max_time 10min: give days:hours"),
+    # Lightning's own refusal told an offline run to go online to log its model, which ModelArtifacts does offline.
+    Case(
+        "log_model_offline",
+        ["fit", "--trainer.logger.log_model", "true"],
+        "--trainer.logger.log_model true: Lightning's WandbLogger uploads checkpoints only online, and this run logs "
+        "offline; ModelArtifacts",
+    ),
     Case(
         "lr_schedule_without_a_length",
         ["fit", "--trainer.max_epochs", "-1", "--model.lr_schedule", "WarmupLinearDecay"],
