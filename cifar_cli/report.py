@@ -73,11 +73,12 @@ def per_epoch(
     rows: Rows, column: str, pick: Callable[[list[float]], float] = lambda values: values[-1]
 ) -> dict[int, float]:
     """`{epoch: value}` of `column`, reducing the values of the rows of one epoch with `pick` (the last, by
-    default). Rows without an epoch (the learning-rate monitor's) are left out."""
+    default). Epochs count from 1, as every line cifar-cli prints does (metrics.csv, like the checkpoint names,
+    counts from 0). Rows without an epoch (the learning-rate monitor's) are left out."""
     values: dict[int, list[float]] = {}
     for row in rows:
         if column in row and "epoch" in row:
-            values.setdefault(int(row["epoch"]), []).append(row[column])
+            values.setdefault(int(row["epoch"]) + 1, []).append(row[column])
     return {epoch: pick(found) for epoch, found in sorted(values.items())}
 
 
@@ -230,7 +231,8 @@ def metrics_lines(rows: Rows) -> list[str]:
         if values:
             kind = "min" if "loss" in column else "max"
             best = (min if kind == "min" else max)(values, key=values.get)
-            lines.append(f"| {column} | {kind} {fmt(values[best])} | {best} | {fmt(values[max(values)])} |")
+            epoch = "" if column.startswith("test_") else best  # a test restores no loop state: its epoch reads 0
+            lines.append(f"| {column} | {kind} {fmt(values[best])} | {epoch} | {fmt(values[max(values)])} |")
     return lines if len(lines) > 2 else []
 
 
