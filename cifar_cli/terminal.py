@@ -21,7 +21,7 @@ from rich.table import Table
 from rich.text import Text
 
 from cifar_cli.atomic import atomic_write_text
-from cifar_cli.callbacks import RichBar, epoch_label, last_checkpoint, run_dir
+from cifar_cli.callbacks import FitTimer, RichBar, epoch_label, last_checkpoint, run_dir
 
 # Columns of the end summary when stdout is a file: wide enough for a metric table, narrow enough for a log viewer.
 LOG_COLUMNS = 100
@@ -153,7 +153,10 @@ class EpochLines(ProgressBar):
         self._start = time.monotonic()
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._pending = (trainer.current_epoch, time.monotonic() - self._start)
+        # FitTimer's count where the run has one: it goes on over a resume, as fit_time does.
+        timer = next((c for c in trainer.callbacks if isinstance(c, FitTimer)), None)
+        elapsed = timer.time_elapsed("train") if timer is not None else time.monotonic() - self._start
+        self._pending = (trainer.current_epoch, elapsed)
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._print_pending(trainer, pl_module)

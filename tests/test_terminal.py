@@ -4,6 +4,7 @@ what Lightning's log handlers and W&B write there."""
 
 from __future__ import annotations
 
+import csv
 import re
 from pathlib import Path
 
@@ -69,6 +70,20 @@ def test_summary_title_is_one_line_above_a_narrow_table(image_folder: Path, capf
     out = capfd.readouterr().out
     assert re.search(r"cifar-cli fit: 1 epoch, step 2 *\n", out), out
     assert re.search(r"train_loss\s+│\s+\d\.\d{4}", out)
+
+
+def test_epoch_lines_of_a_resumed_run_go_on_counting_its_training_time(image_folder: Path, capfd) -> None:
+    """The time at the end of each line is the run's training time, as fit_time counts it: a resumed run's lines
+    went on from its own start, 0 s."""
+    args = [*FIT, "--data.root", str(image_folder), "--trainer.logger", "CSVLogger"]
+    main([*args, "--trainer.max_epochs", "1"])
+    first = [line for line in capfd.readouterr().out.splitlines() if line.startswith("epoch 1/1")]
+    main([*args, "--trainer.max_epochs", "2", "--ckpt_path", "last"])
+    second = [line for line in capfd.readouterr().out.splitlines() if line.startswith("epoch 2/2")]
+    seconds = [float(re.search(r"  (\d+\.\d) s$", line)[1]) for line in first + second]
+    fit_time = [float(row["fit_time"]) for row in csv.DictReader(open(next(Path("runs").rglob("metrics.csv"))))
+                if row.get("fit_time")]  # fmt: skip
+    assert len(seconds) == 2 and seconds[1] > seconds[0] and seconds[1] >= fit_time[-1] - 0.5, (seconds, fit_time)
 
 
 def test_progress_bar_false_turns_the_lines_off(image_folder: Path, capfd) -> None:
