@@ -72,8 +72,11 @@ bench-resume: $(VENV)/.installed data
 
 # Unpack the JPEG copy into data/cifar10-jpg/train/<class>/, for configs/cifar10-jpg.yaml.
 # Unpacked beside, then renamed: an interrupted unpack leaves no half-filled data/cifar10-jpg.
+# The archive is a prerequisite only where it exists: a copy unpacked before needs no archive any more.
 data: data/cifar10-jpg/.unpacked
-data/cifar10-jpg/.unpacked: $(CIFAR10_JPG)
+data/cifar10-jpg/.unpacked: $(wildcard $(CIFAR10_JPG))
+	@test -f "$(CIFAR10_JPG)" || \
+		{ echo "make data: no CIFAR-10 JPEG archive at '$(CIFAR10_JPG)'; set CIFAR10_JPG=path/to/cifar10-train-jpg.tar.gz"; exit 2; }
 	rm -rf data/cifar10-jpg.partial && mkdir -p data/cifar10-jpg.partial
 	tar -xzf $(CIFAR10_JPG) -C data/cifar10-jpg.partial
 	touch data/cifar10-jpg.partial/.unpacked

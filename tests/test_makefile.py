@@ -1,0 +1,46 @@
+"""The Makefile's data target, run by make itself in a scratch copy of the repository's Makefile."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+
+
+def make(folder: Path, *args: str) -> subprocess.CompletedProcess:
+    shutil.copy(REPO / "Makefile", folder / "Makefile")
+    return subprocess.run(["make", *args], cwd=folder, capture_output=True, text=True)
+
+
+def test_data_already_unpacked_needs_no_archive(tmp_path: Path) -> None:
+    (tmp_path / "data" / "cifar10-jpg" / "train" / "cat").mkdir(parents=True)
+    (tmp_path / "data" / "cifar10-jpg" / ".unpacked").touch()
+    done = make(tmp_path, "data", "CIFAR10_JPG=missing.tar.gz")
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "data" / "cifar10-jpg" / "train" / "cat").is_dir()
+
+
+def test_data_without_the_archive_says_which_variable_to_set(tmp_path: Path) -> None:
+    done = make(tmp_path, "data", "CIFAR10_JPG=missing.tar.gz")
+    assert done.returncode == 2
+    assert "make data: no CIFAR-10 JPEG archive at 'missing.tar.gz'; set CIFAR10_JPG=" in done.stdout
+    assert "No rule to make target" not in done.stderr
+    assert not (tmp_path / "data").exists()  # nothing half-made
+
+
+def test_data_unpacks_the_archive_whole(tmp_path: Path) -> None:
+    (tmp_path / "src" / "train" / "cat").mkdir(parents=True)
+    (tmp_path / "src" / "train" / "cat" / "0.jpg").write_bytes(b"jpeg")
+    with tarfile.open(tmp_path / "images.tar.gz", "w:gz") as archive:
+        archive.add(tmp_path / "src" / "train", arcname="train")
+    done = make(tmp_path, "data", "CIFAR10_JPG=images.tar.gz")
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "data" / "cifar10-jpg" / "train" / "cat" / "0.jpg").read_bytes() == b"jpeg"
+    assert (tmp_path / "data" / "cifar10-jpg" / ".unpacked").exists()
+    assert not (tmp_path / "data" / "cifar10-jpg.partial").exists()
