@@ -196,10 +196,10 @@ def table(results: dict, title: str) -> Table:
     if h := results.get("host"):
         grid.add_row(f"b. host time per step, OneConv batch 8 (ms, median of {len(h['plain_runs'])})",
                      f"{1000 * h['plain'] / h['steps']:.3f} (plain loop)",
-                     f"{1000 * h['cifar_cli'] / h['steps']:.3f}", f"+{h['overhead_ms']:.3f} ms",
+                     f"{1000 * h['cifar_cli'] / h['steps']:.3f}", f"{h['overhead_ms']:+.3f} ms",
                      "<= +0.3 ms")  # fmt: skip
         grid.add_row("   Lightning's loop alone (no logger, callbacks, bar)",
-                     f"{1000 * h['lightning'] / h['steps']:.3f}", "", f"+{h['lightning_ms']:.3f} ms", "")  # fmt: skip
+                     f"{1000 * h['lightning'] / h['steps']:.3f}", "", f"{h['lightning_ms']:+.3f} ms", "")  # fmt: skip
     if b := results.get("overhead"):
         grid.add_row(f"b. Lightning overhead, {b['steps']} steps (s, median of {len(b['plain_runs'])})",
                      f"{b['plain']:.2f} (plain loop)",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import sys
 import time
@@ -9,11 +10,13 @@ from pathlib import Path
 
 import pytest
 from conftest import write_image_folder
+from rich.console import Console
 from rich.table import Table
 
 from bench.common import run_process, run_steps
 from bench.gpu import run as gpu_check
 from bench.run import run
+from bench.run import table as bench_table
 from bench.scale import PLACEMENTS
 
 
@@ -152,3 +155,12 @@ def test_gpu_check_refuses_a_machine_without_gpu(tmp_path: Path) -> None:
 def test_bench_refuses_a_folder_without_train(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="has no train/ folder"):
         run(root=str(tmp_path), out=str(tmp_path / "bench"), smoke=True)
+
+
+def test_the_table_signs_a_negative_overhead_once() -> None:
+    host = {"steps": 10, "plain": 0.02, "lightning": 0.0175, "cifar_cli": 0.025, "plain_runs": [0.02],
+            "overhead_ms": 0.5, "lightning_ms": -0.25}  # fmt: skip
+    console = Console(record=True, width=200, file=io.StringIO())
+    console.print(bench_table({"host": host}, "title"))
+    text = console.export_text()
+    assert "-0.250 ms" in text and "+0.500 ms" in text and "+-" not in text
