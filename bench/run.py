@@ -48,6 +48,7 @@ from bench.transfer import bench_transfer
 from cifar_cli.data import DeviceBatches, ImageFolderDataModule
 
 THRESHOLDS = (0.85, 0.90, 0.93)
+PARTS = ("pipeline", "host", "overhead", "recipe", "fast_cpu", "transfer", "decode", "placement", "predict")
 
 
 def images_per_second(batches, preprocess, limit: int) -> float:
@@ -274,6 +275,11 @@ def run(
         photos: Folder of the CIFAR-10 JPEGs upscaled to 256 px that parts f and g read, made from `root` when
             missing (smoke runs make a small one under `out`).
     """
+    if parts is not None and (not parts or set(parts) - set(PARTS)):
+        # A misspelt part matched none and ran nothing: an empty table over the last run's results.txt.
+        unknown = ", ".join(part for part in parts if part not in PARTS)
+        raise SystemExit(f"bench: --parts: {f'no part {unknown}' if unknown else 'none given'}; "
+                         f"choose from {', '.join(PARTS)}")  # fmt: skip
     root_path, out_path = Path(root).resolve(), Path(out).resolve()
     if not (root_path / "train").is_dir():
         raise SystemExit(f"bench: {root_path} has no train/ folder: run `make data` or pass --root")

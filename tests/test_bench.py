@@ -164,3 +164,11 @@ def test_the_table_signs_a_negative_overhead_once() -> None:
     console.print(bench_table({"host": host}, "title"))
     text = console.export_text()
     assert "-0.250 ms" in text and "+0.500 ms" in text and "+-" not in text
+
+
+@pytest.mark.parametrize("parts", [["pipelin"], []])
+def test_bench_refuses_parts_it_does_not_have_before_writing(tmp_path: Path, parts: list[str]) -> None:
+    (tmp_path / "images" / "train").mkdir(parents=True)
+    with pytest.raises(SystemExit, match=r"^bench: --parts: .*choose from pipeline, host, overhead, recipe, "):
+        run(root=str(tmp_path / "images"), out=str(tmp_path / "bench"), smoke=True, parts=parts)
+    assert not (tmp_path / "bench").exists()
