@@ -51,6 +51,7 @@ from bench.common import (
     tutorial_arrays,
 )
 from cifar_cli.data import ImageFolderDataModule
+from cifar_cli.errors import UsageError
 
 VAL_SIZE = TEST_SIZE = 5000
 
@@ -206,14 +207,17 @@ def run(
         raise SystemExit(f"bench-gpu: {root_path} has no train/ folder: run `make data` or pass --root")
     if not smoke and not torch.cuda.is_available():
         raise SystemExit("bench-gpu: no CUDA GPU here; `--smoke true` runs the same steps on the CPU")
+    sizes = (20, 20) if smoke else (VAL_SIZE, TEST_SIZE)
+    start = time.perf_counter()
+    try:
+        data = ImageFolderDataModule(str(root_path), val_size=sizes[0], test_size=sizes[1])
+        data.prepare_data()  # decodes the images into the cache every run reads, before anything is timed
+        data.setup("fit")
+    except UsageError as error:  # a folder it cannot use: one line, before anything is written
+        raise SystemExit(f"bench-gpu: {error}") from None
     out_path.mkdir(parents=True, exist_ok=True)
     results_path = Path(results).resolve() if results else out_path
     results_path.mkdir(parents=True, exist_ok=True)
-    sizes = (20, 20) if smoke else (VAL_SIZE, TEST_SIZE)
-    data = ImageFolderDataModule(str(root_path), val_size=sizes[0], test_size=sizes[1])
-    start = time.perf_counter()
-    data.prepare_data()  # decodes the images into the cache every run reads, before anything is timed
-    data.setup("fit")
     title = f"cifar-cli GPU check: {machine()}"
     measured: dict = {"machine": title, "decode_seconds": time.perf_counter() - start}
     steps = [

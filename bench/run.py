@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from jsonargparse import auto_cli
+from jsonargparse.typing import PositiveInt
 from rich.table import Table
 
 from bench.common import (
@@ -46,6 +47,7 @@ from bench.steps import endless
 from bench.steps import main as steps_main
 from bench.transfer import bench_transfer
 from cifar_cli.data import DeviceBatches, ImageFolderDataModule
+from cifar_cli.errors import UsageError
 
 THRESHOLDS = (0.85, 0.90, 0.93)
 PARTS = ("pipeline", "host", "overhead", "recipe", "fast_cpu", "transfer", "decode", "placement", "predict")
@@ -256,8 +258,8 @@ def table(results: dict, title: str) -> Table:
 def run(
     root: str = "data/cifar10-jpg",
     out: str = "runs/bench",
-    val_size: int = 5000,
-    test_size: int = 5000,
+    val_size: PositiveInt = 5000,
+    test_size: PositiveInt = 5000,
     smoke: bool = False,
     parts: list[str] | None = None,
     photos: str = "data/cifar10-jpg-256",
@@ -283,10 +285,13 @@ def run(
     root_path, out_path = Path(root).resolve(), Path(out).resolve()
     if not (root_path / "train").is_dir():
         raise SystemExit(f"bench: {root_path} has no train/ folder: run `make data` or pass --root")
+    try:
+        data = ImageFolderDataModule(str(root_path), val_size=val_size, test_size=test_size)
+        data.prepare_data()  # builds the decoded cache once, before anything is timed
+        data.setup("fit")
+    except UsageError as error:  # the folder, or sizes it cannot hold: one line, with this command's flags
+        raise SystemExit(f"bench: {str(error).replace('--data.', '--')}") from None
     out_path.mkdir(parents=True, exist_ok=True)
-    data = ImageFolderDataModule(str(root_path), val_size=val_size, test_size=test_size)
-    data.prepare_data()  # builds the decoded cache once, before anything is timed
-    data.setup("fit")
     title = f"cifar-cli benchmarks: {machine()}"
     results: dict = {"machine": title}
     steps = [

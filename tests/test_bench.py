@@ -172,3 +172,24 @@ def test_bench_refuses_parts_it_does_not_have_before_writing(tmp_path: Path, par
     with pytest.raises(SystemExit, match=r"^bench: --parts: .*choose from pipeline, host, overhead, recipe, "):
         run(root=str(tmp_path / "images"), out=str(tmp_path / "bench"), smoke=True, parts=parts)
     assert not (tmp_path / "bench").exists()
+
+
+def test_bench_refuses_sizes_the_folder_cannot_hold_in_one_line(tmp_path: Path) -> None:
+    write_image_folder(tmp_path / "images" / "train", {"a": 5, "b": 5})
+    message = r"^bench: val_size/test_size hold out 105 of 10 training images.*choose --val_size \(and --test_size\)"
+    with pytest.raises(SystemExit, match=message):
+        run(root=str(tmp_path / "images"), out=str(tmp_path / "bench"), val_size=100, test_size=5, smoke=True)
+    assert not (tmp_path / "bench").exists()
+
+
+def test_bench_refuses_a_train_folder_without_classes_in_one_line(tmp_path: Path) -> None:
+    (tmp_path / "images" / "train").mkdir(parents=True)
+    with pytest.raises(SystemExit, match=r"^bench: .*train has no class folders"):
+        run(root=str(tmp_path / "images"), out=str(tmp_path / "bench"), smoke=True)
+
+
+def test_gpu_check_refuses_a_train_folder_without_classes_in_one_line(tmp_path: Path) -> None:
+    (tmp_path / "images" / "train").mkdir(parents=True)
+    with pytest.raises(SystemExit, match=r"^bench-gpu: .*train has no class folders"):
+        gpu_check(root=str(tmp_path / "images"), out=str(tmp_path / "gpu"), smoke=True)
+    assert not (tmp_path / "gpu").exists()
