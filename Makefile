@@ -60,6 +60,8 @@ bench-gpu: $(VENV)/.installed-dev data
 # bundle/ (17 MB); copy the repository with it there and run `bench/gpu-offline.sh OUT_DIR`.
 BUNDLE_WHEELS := jsonargparse==4.53.0 docstring_parser==0.18.0 typeshed_client==2.15.0
 gpu-bundle: $(BIN)/python
+	@test -f "$(CIFAR10_JPG)" || \
+		{ echo "make gpu-bundle: no CIFAR-10 JPEG archive at '$(CIFAR10_JPG)'; set CIFAR10_JPG=path/to/cifar10-train-jpg.tar.gz"; exit 2; }
 	rm -rf bundle.partial && mkdir -p bundle.partial/wheels
 	$(BIN)/pip download -q --no-deps --only-binary=:all: -d bundle.partial/wheels $(BUNDLE_WHEELS)
 	cp $(CIFAR10_JPG) bundle.partial/cifar10-train-jpg.tar.gz

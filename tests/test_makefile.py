@@ -44,3 +44,12 @@ def test_data_unpacks_the_archive_whole(tmp_path: Path) -> None:
     assert (tmp_path / "data" / "cifar10-jpg" / "train" / "cat" / "0.jpg").read_bytes() == b"jpeg"
     assert (tmp_path / "data" / "cifar10-jpg" / ".unpacked").exists()
     assert not (tmp_path / "data" / "cifar10-jpg.partial").exists()
+
+
+def test_gpu_bundle_without_the_archive_says_which_variable_to_set_before_downloading(tmp_path: Path) -> None:
+    (tmp_path / "venv" / "bin").mkdir(parents=True)
+    (tmp_path / "venv" / "bin" / "python").touch()
+    done = make(tmp_path, "gpu-bundle", "VENV=venv", "CIFAR10_JPG=missing.tar.gz")
+    assert done.returncode == 2
+    assert "make gpu-bundle: no CIFAR-10 JPEG archive at 'missing.tar.gz'; set CIFAR10_JPG=" in done.stdout
+    assert "pip" not in done.stdout and not (tmp_path / "bundle.partial").exists()
