@@ -20,10 +20,10 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@ $(VENV)/.installed
 
-# Where the JPEG copy is at hand (machines that cannot reach the CIFAR-10 server), `make fit` trains on it with
-# configs/cifar10-jpg.yaml; elsewhere on CIFAR-10 itself, downloaded on first use. `make fit DATA_CONFIG=` forces
-# the download.
-ifneq ($(wildcard $(CIFAR10_JPG)),)
+# Where the JPEG copy is at hand (machines that cannot reach the CIFAR-10 server), as the archive or unpacked
+# already, `make fit` trains on it with configs/cifar10-jpg.yaml; elsewhere on CIFAR-10 itself, downloaded on first
+# use. `make fit DATA_CONFIG=` forces the download.
+ifneq ($(wildcard $(CIFAR10_JPG) data/cifar10-jpg/.unpacked),)
 DATA_CONFIG ?= --config configs/cifar10-jpg.yaml
 endif
 

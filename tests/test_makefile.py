@@ -53,3 +53,20 @@ def test_gpu_bundle_without_the_archive_says_which_variable_to_set_before_downlo
     assert done.returncode == 2
     assert "make gpu-bundle: no CIFAR-10 JPEG archive at 'missing.tar.gz'; set CIFAR10_JPG=" in done.stdout
     assert "pip" not in done.stdout and not (tmp_path / "bundle.partial").exists()
+
+
+def test_fit_trains_on_the_unpacked_jpeg_copy_without_the_archive(tmp_path: Path) -> None:
+    (tmp_path / "pyproject.toml").touch()
+    (tmp_path / "venv" / "bin").mkdir(parents=True)
+    (tmp_path / "venv" / "bin" / "python").touch()
+    (tmp_path / "venv" / ".installed").touch()
+    (tmp_path / "data" / "cifar10-jpg").mkdir(parents=True)
+    (tmp_path / "data" / "cifar10-jpg" / ".unpacked").touch()
+    done = make(tmp_path, "-n", "fit", "VENV=venv", "CIFAR10_JPG=missing.tar.gz")
+    assert done.returncode == 0, done.stderr
+    assert "venv/bin/cifar-cli fit --config configs/cifar10-jpg.yaml" in done.stdout
+    # Neither the copy nor its archive: CIFAR-10 itself, downloaded.
+    (tmp_path / "data" / "cifar10-jpg" / ".unpacked").unlink()
+    done = make(tmp_path, "-n", "fit", "VENV=venv", "CIFAR10_JPG=missing.tar.gz")
+    assert done.returncode == 0, done.stderr
+    assert "venv/bin/cifar-cli fit" in done.stdout and "--config" not in done.stdout
