@@ -694,6 +694,16 @@ class CifarCLI(LightningCLI):
         self.config[subcommand]["ckpt_path"] = None
         return None, None
 
+    def _run_subcommand(self, subcommand: str) -> None:
+        if subcommand == "fit":
+            return super()._run_subcommand(subcommand)
+        # Lightning asks for the callbacks that wrote the checkpoint (a recipe's EMA, its ModelCheckpoint) whenever
+        # the command lacks them: "Please add the following callbacks". Only a resumed fit goes on with their state;
+        # test, validate and predict use the weights alone (EMA's average is the checkpoint's state_dict).
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"Be aware that when using `ckpt_path`, callbacks used to")
+            return super()._run_subcommand(subcommand)
+
     def after_fit(self) -> None:
         print_summary(self.trainer, "fit")
 

@@ -136,3 +136,20 @@ def test_ema_update_reads_no_tensor_on_the_host(monkeypatch: pytest.MonkeyPatch)
     assert ours.updates is None
     ours.update_parameters(model)
     assert ours.updates == 4
+
+
+def test_testing_an_ema_checkpoint_asks_for_no_callbacks(fake_cifar10: Path, tmp_path: Path, recwarn) -> None:
+    # Lightning asks for the callbacks that wrote a checkpoint whenever the command lacks them. test, validate and
+    # predict use its weights alone (EMA's average is the checkpoint's state_dict): `test --ckpt_path F` needs no
+    # other flag. A resumed fit goes on with the callbacks' state, and there the request stays.
+    os.chdir(tmp_path)
+    main(["fit", *cifar(fake_cifar10), *ema_args("cifar_cli.averaging.EMA"), *EVERY_STEP, *CSV_LOGGER,
+          "--trainer.max_epochs", "1"])  # fmt: skip
+    asks = "callbacks used to create the checkpoint need to be provided"
+    recwarn.clear()
+    for stage in ("test", "validate", "predict"):
+        main([stage, "--ckpt_path", "steps/last.ckpt", "--trainer.enable_progress_bar", "false"])
+    assert not [w for w in recwarn if asks in str(w.message)]
+    main(["fit", *cifar(fake_cifar10), *CSV_LOGGER, "--trainer.enable_progress_bar", "false",
+          "--trainer.max_epochs", "2", "--ckpt_path", "steps/last.ckpt"])  # fmt: skip
+    assert [w for w in recwarn if asks in str(w.message)]
