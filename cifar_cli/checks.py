@@ -86,6 +86,12 @@ class ArgumentParser(LightningArgumentParser):
             loaded = {}  # jsonargparse reports the syntax error with its line and column
         if loaded is None:
             content = "{}"
+        elif isinstance(loaded, dict) and {"method", "parameters"} <= loaded.keys():
+            # configs/sweep.yaml, given as --config: jsonargparse named its first key that is no flag.
+            raise TypeError(
+                f"config {Path(path).name} is a W&B sweep, not a cifar-cli config: `wandb sweep FILE` starts it and "
+                "`wandb agent` runs it (configs/sweep.yaml says how)"
+            )
         elif not isinstance(loaded, dict):
             name = f"config {Path(path).name} " if path else "config "
             raise TypeError(

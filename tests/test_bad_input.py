@@ -446,6 +446,13 @@ CASES = [
         "config c.yaml holds a str, not a mapping",
         {"c.yaml": "max_epochs 3\n"},
     ),
+    Case(
+        "config_wandb_sweep",
+        ["fit", "--config", "sweep.yaml"],
+        "cifar-cli: error: config sweep.yaml is a W&B sweep, not a cifar-cli config: `wandb sweep FILE` starts it "
+        "and `wandb agent` runs it (configs/sweep.yaml says how)",
+        {"sweep.yaml": "program: cifar-cli\nmethod: bayes\nparameters:\n  model.learning_rate:\n    min: 0.5\n"},
+    ),
     Case("config_unknown_key", ["fit", "--config", "c.yaml"], "dropout", {"c.yaml": "model:\n  dropout: 0.5\n"}),
     Case("config_wrong_type", ["fit", "--config", "c.yaml"], "max_epochs", {"c.yaml": "trainer:\n  max_epochs: two\n"}),
     Case(
