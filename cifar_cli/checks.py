@@ -119,18 +119,22 @@ def cpu_devices(trainer: Namespace) -> str:
     return " --trainer.devices 2" if trainer.get("strategy") not in (None, "auto") else " --trainer.devices 1"
 
 
-def check_accelerator(trainer: Namespace) -> None:
+def check_accelerator(trainer: Namespace, configs: Any = None) -> None:
     """Refuse an accelerator that does not exist or that this machine lacks; Lightning would fail with a
-    traceback (tpu without torch_xla, a misspelt name) or after the seed line."""
+    traceback (tpu without torch_xla, a misspelt name) or after the seed line. `configs`: the --config files
+    given, so that the fast recipe's refusal names its CPU twin."""
     accelerator = trainer.get("accelerator")
     if not isinstance(accelerator, str) or accelerator == "auto":
         return  # an Accelerator object, or Lightning's own choice
     name = accelerator.lower()
     flag = f"--trainer.accelerator {accelerator}"
     if name in ("gpu", "cuda") and not torch.cuda.is_available():
+        # configs/cpu.yaml in place of fast.yaml would train the tutorial recipe: fast-cpu.yaml is its CPU twin.
+        fast = any(Path(str(config)).name == "fast.yaml" for config in configs or [])
+        config = "configs/fast-cpu.yaml in place of configs/fast.yaml, or" if fast else "configs/cpu.yaml or"
         raise UsageError(
             f"{flag}: this machine has no CUDA GPU that PyTorch can use; "
-            f"run with --config configs/cpu.yaml or --trainer.accelerator cpu{cpu_devices(trainer)}"
+            f"run with --config {config} --trainer.accelerator cpu{cpu_devices(trainer)}"
         )
     known = AcceleratorRegistry.available_accelerators()
     if name == "gpu":

@@ -331,7 +331,7 @@ class CifarCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         plain_numbers(config)
         trainer = config["trainer"]
-        check_accelerator(trainer)
+        check_accelerator(trainer, config.get("config"))
         check_trainer_values(trainer)
         endless = trainer.get("max_epochs") == -1 and trainer.get("max_steps") in (None, -1)
         if self.subcommand == "fit" and config["model"].get("lr_schedule") and endless and not trainer.get("max_time"):

@@ -535,6 +535,18 @@ def test_error_gpu_without_gpu(capsys, fake_cifar10: Path) -> None:
     assert not Path("runs").exists()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without GPU")
+def test_error_fast_recipe_without_gpu_points_to_the_cpu_recipe(capsys, fake_cifar10: Path) -> None:
+    # fast.yaml has its CPU twin; configs/cpu.yaml in its place would train the tutorial recipe instead.
+    configs = ["--config", str(REPO / "configs" / "cifar10-jpg.yaml"), "--config", str(REPO / "configs" / "fast.yaml")]
+    message = fails(capsys, "fit", *configs)
+    assert message.endswith(
+        "this machine has no CUDA GPU that PyTorch can use; run with --config configs/fast-cpu.yaml in place of "
+        "configs/fast.yaml, or --trainer.accelerator cpu"
+    )
+    assert not Path("runs").exists()
+
+
 def test_error_batch_size_not_positive(capsys) -> None:
     assert "batch_size" in fails(capsys, "fit", "--data.batch_size", "0")
 
