@@ -160,6 +160,7 @@ def main(loop: str, root: str, val_size: int, test_size: int, net: str, batch_si
 
 
 if __name__ == "__main__":
-    loop, root, *numbers = sys.argv[1:]
-    val_size, test_size, net, batch_size, warmup, steps = numbers
+    if len(sys.argv) != 9 or sys.argv[1] not in LOOPS:
+        sys.exit("usage: python -m bench.steps {plain,lightning} ROOT VAL_SIZE TEST_SIZE NET BATCH_SIZE WARMUP STEPS")
+    loop, root, val_size, test_size, net, batch_size, warmup, steps = sys.argv[1:]
     print(json.dumps(main(loop, root, int(val_size), int(test_size), net, int(batch_size), int(warmup), int(steps))))

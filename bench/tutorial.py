@@ -14,7 +14,8 @@ least that runs it here:
 - A callback times training as cifar-cli's FitTimer does (first step to the end of the last validation), for the
   GPU check's like-for-like epoch time; the fit's whole time is reported too.
 
-Run as `python -m bench.tutorial ARRAYS.pt`: prints one JSON line with the fit's seconds and the test accuracy.
+Run as `python -m bench.tutorial ARRAYS.pt [EPOCHS [VAL_SIZE [LIMIT_BATCHES]]]` (2 epochs, 5,000 validation images,
+every batch): prints one JSON line with the fit's seconds and the test accuracy.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from pathlib import Path
 
 import lightning.pytorch as pl
 import numpy as np
@@ -228,5 +230,9 @@ def main(arrays_path: str, max_epochs: int = 2, val_size: int = 5000, limit_batc
 
 
 if __name__ == "__main__":
-    limit = int(sys.argv[4]) if len(sys.argv) > 4 else None
-    print(json.dumps(main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), limit)))
+    args = sys.argv[1:]
+    if not 1 <= len(args) <= 4 or args[0].startswith("-") or not all(a.isdigit() for a in args[1:]):
+        sys.exit("usage: python -m bench.tutorial ARRAYS.pt [EPOCHS [VAL_SIZE [LIMIT_BATCHES]]]")
+    if not Path(args[0]).is_file():
+        sys.exit(f"bench.tutorial: {args[0]} is not a file (bench/common.py's tutorial_arrays writes one)")
+    print(json.dumps(main(args[0], *map(int, args[1:]))))

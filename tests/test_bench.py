@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -18,6 +19,8 @@ from bench.gpu import run as gpu_check
 from bench.run import run
 from bench.run import table as bench_table
 from bench.scale import PLACEMENTS
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
@@ -193,3 +196,22 @@ def test_gpu_check_refuses_a_train_folder_without_classes_in_one_line(tmp_path: 
     with pytest.raises(SystemExit, match=r"^bench-gpu: .*train has no class folders"):
         gpu_check(root=str(tmp_path / "images"), out=str(tmp_path / "gpu"), smoke=True)
     assert not (tmp_path / "gpu").exists()
+
+
+@pytest.mark.parametrize(
+    "module, args", [("bench.tutorial", []), ("bench.tutorial", ["--help"]), ("bench.steps", ["plain", "data"])]
+)
+def test_bench_helpers_without_their_arguments_say_their_usage(module: str, args: list[str]) -> None:
+    done = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 1
+    assert done.stderr.startswith(f"usage: python -m {module} ") and "Traceback" not in done.stderr
+
+
+def test_tutorial_code_refuses_a_missing_arrays_file(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "-m", "bench.tutorial", str(tmp_path / "nope.pt")], cwd=REPO,
+                          capture_output=True, text=True)  # fmt: skip
+    assert (
+        done.returncode == 1
+        and done.stderr
+        == f"bench.tutorial: {tmp_path / 'nope.pt'} is not a file (bench/common.py's tutorial_arrays writes one)\n"
+    )
