@@ -39,15 +39,37 @@ def ms_per_batch(fn: Callable[[torch.Generator], object], device: torch.device, 
     return 1000 * min(wall[3:]), 1000 * sorted(cpu[3:])[repeats // 2]
 
 
+def positive(text: str) -> int:
+    """An argparse type: a count of at least 1 (0 repeats, a batch of 0 or -4 ended in a traceback)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
+    return value
+
+
+def device_type(text: str) -> torch.device:
+    """An argparse type: a torch device this machine has."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text} is not a torch device (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError("this machine has no CUDA GPU that PyTorch can use")
+    return device
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--batch", type=positive, default=64)
+    parser.add_argument("--device", type=device_type, default="cpu")
+    parser.add_argument("--repeats", type=positive, default=20)
+    parser.add_argument("--threads", type=positive, default=torch.get_num_threads())
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device = args.device
     n = args.batch
     threads = torch.get_num_threads()
     print(f"torch {torch.__version__}, {threads} threads, {device}, batch {n}: ms per batch, fastest wall (median CPU)")
