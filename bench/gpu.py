@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 from jsonargparse import auto_cli
+from jsonargparse.typing import PositiveFloat, PositiveInt
 from rich.table import Table
 
 from bench.common import (
@@ -186,9 +187,9 @@ def table(results: dict, title: str) -> Table:
 def run(
     root: str = "data/cifar10-jpg",
     out: str = "runs/bench-gpu",
-    runs: int = 5,
+    runs: PositiveInt = 5,
     smoke: bool = False,
-    timeout: float = 300,
+    timeout: PositiveFloat = 300,
     results: str | None = None,
 ) -> dict:
     """Run the GPU check and print one table.

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 from jsonargparse import auto_cli
+from jsonargparse.typing import PositiveInt
 
 from bench.common import CONFIGS, bench_env
 
@@ -74,7 +75,9 @@ def all_loadable(cwd: Path) -> bool:
     return True
 
 
-def run(root: str = "data/cifar10-jpg", out: str = "runs/bench-resume", trials: int = 10, seed: int = 0) -> dict:
+def run(
+    root: str = "data/cifar10-jpg", out: str = "runs/bench-resume", trials: PositiveInt = 10, seed: int = 0
+) -> dict:
     """Run the trials and print one line each, then the count.
 
     Args:

@@ -229,3 +229,20 @@ def test_augment_benchmark_refuses_bad_values_in_one_line(args: list[str], error
     done = subprocess.run([sys.executable, "-m", "bench.augment", *args], cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 2 and done.stderr.splitlines()[-1].endswith(f"error: {error}"), done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    "module, args, key",
+    [
+        ("bench.gpu", ["--timeout", "-1"], "timeout"),
+        ("bench.gpu", ["--runs", "0"], "runs"),
+        ("bench.resume_trial", ["--trials", "0"], "trials"),
+    ],
+)
+def test_gpu_and_resume_checks_refuse_counts_below_one_before_running(
+    module: str, args: list[str], key: str, tmp_path: Path
+) -> None:
+    done = subprocess.run([sys.executable, "-m", module, *args, "--out", str(tmp_path / "out")], cwd=REPO,
+                          capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 2 and f'Parser key "{key}"' in done.stderr, done.stderr
+    assert not (tmp_path / "out").exists()
