@@ -5,11 +5,12 @@
 # Run from anywhere: bench/gpu-offline.sh OUT_DIR [flags of bench/gpu.py]. OUT_DIR receives results.json,
 # results.txt and the log, also when a step fails or the run is stopped.
 set -uo pipefail
-cd "$(dirname "$0")/.."
 out=${1:?usage: bench/gpu-offline.sh OUT_DIR [flags of bench/gpu.py]}
 shift
+# Made and resolved before moving to the repository: a relative OUT_DIR is the caller's, not the repository's.
+mkdir -p "$out" && out=$(cd "$out" && pwd) || exit 2
+cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
-mkdir -p "$out"
 site=$(mktemp -d)
 "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" bundle/wheels/*.whl \
     || { echo "gpu-offline: could not install bundle/wheels (run make gpu-bundle first)" >&2; exit 2; }

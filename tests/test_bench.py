@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import shutil
 import subprocess
 import sys
 import time
@@ -246,3 +248,16 @@ def test_gpu_and_resume_checks_refuse_counts_below_one_before_running(
                           capture_output=True, text=True)  # fmt: skip
     assert done.returncode == 2 and f'Parser key "{key}"' in done.stderr, done.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_gpu_offline_script_writes_a_relative_out_dir_where_it_was_started(tmp_path: Path) -> None:
+    # "Run from anywhere": the script moves to the repository, and a relative OUT_DIR went there with it. A Python
+    # that fails stops it at its first step, after OUT_DIR is made.
+    name = f"out-{tmp_path.name}"
+    try:
+        done = subprocess.run([str(REPO / "bench" / "gpu-offline.sh"), name], cwd=tmp_path, capture_output=True,
+                              text=True, env={**os.environ, "PYTHON": "false"})  # fmt: skip
+        assert done.returncode == 2 and "could not install bundle/wheels" in done.stderr
+        assert (tmp_path / name).is_dir() and not (REPO / name).exists()
+    finally:
+        shutil.rmtree(REPO / name, ignore_errors=True)
