@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -34,6 +35,13 @@ RECIPE = ["--config", str(CONFIGS / "cifar10-jpg.yaml"), "--config", str(CONFIGS
           "--trainer.max_epochs", "3", "--trainer.limit_train_batches", "12", "--trainer.limit_val_batches", "2",
           "--last_checkpoint.every_n_steps", "5", "--trainer.enable_progress_bar", "false",
           "--trainer.logger", "CSVLogger", "--trainer.logger.save_dir", "logs"]  # fmt: skip
+
+
+def fresh(cwd: Path) -> Path:
+    """`cwd` emptied: a run of an earlier `make bench-resume` left its `last.ckpt` there, which would count as a
+    save of the new run and which `--ckpt_path last` would resume."""
+    shutil.rmtree(cwd, ignore_errors=True)
+    return cwd
 
 
 def fit(args: list[str], cwd: Path) -> subprocess.Popen:
@@ -89,7 +97,7 @@ def run(
     out_path = Path(out).resolve()
     data = ["--data.root", str(Path(root).resolve())]
     start = time.perf_counter()
-    if fit(data, out_path / "reference").wait():
+    if fit(data, fresh(out_path / "reference")).wait():
         raise SystemExit(f"the reference run failed: see {out_path / 'reference' / 'output.log'}")
     expected = final_state(out_path / "reference")
     duration = time.perf_counter() - start
@@ -97,7 +105,7 @@ def run(
     rng = random.Random(seed)
     rows = []
     for trial in range(trials):
-        cwd = out_path / f"trial-{trial}"
+        cwd = fresh(out_path / f"trial-{trial}")
         kind = signal.SIGKILL if trial % 2 == 0 else signal.SIGTERM
         saves, delay = rng.randint(1, 5), rng.uniform(0.0, 0.5)
         process = fit(data, cwd)

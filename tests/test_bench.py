@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import write_image_folder
 from rich.console import Console
 from rich.table import Table
@@ -261,3 +262,36 @@ def test_gpu_offline_script_writes_a_relative_out_dir_where_it_was_started(tmp_p
         assert (tmp_path / name).is_dir() and not (REPO / name).exists()
     finally:
         shutil.rmtree(REPO / name, ignore_errors=True)
+
+
+def test_resume_trials_start_in_fresh_folders_when_run_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A second `make bench-resume` found the first one's last.ckpt in each trial's folder: it counted as a save,
+    # the kill could come before the new run had saved, and `--ckpt_path last` then resumed the old finished run.
+    import bench.resume_trial as trial
+
+    found = []
+
+    class Finished:
+        def wait(self) -> int:
+            return 0
+
+        def send_signal(self, signum: int) -> None:
+            pass
+
+    def fit(args: list[str], cwd: Path) -> Finished:
+        cwd.mkdir(parents=True, exist_ok=True)
+        if "--ckpt_path" not in args:
+            found.append(sorted(p.name for p in cwd.rglob("*")))
+        checkpoint = cwd / "logs" / "version_0" / "checkpoints" / "last.ckpt"
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        checkpoint.write_bytes(b"")
+        return Finished()
+
+    monkeypatch.setattr(trial, "fit", fit)
+    monkeypatch.setattr(trial, "wait_for_saves", lambda process, cwd, saves: None)
+    monkeypatch.setattr(trial, "final_state", lambda cwd: {"w": torch.zeros(1)})
+    monkeypatch.setattr(trial, "all_loadable", lambda cwd: True)
+    monkeypatch.setattr(trial.time, "sleep", lambda seconds: None)
+    for _ in range(2):
+        trial.run(root=str(tmp_path), out=str(tmp_path / "out"), trials=2)
+    assert found == [[]] * 6  # reference, trial-0, trial-1, twice: each started in an empty folder
