@@ -23,6 +23,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from cifar_cli.atomic import atomic_write_text
+
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs"
 # `--smoke` runs on a CPU, whatever a config names, and each fit stops after a few batches.
@@ -236,7 +238,8 @@ def run_steps(steps: list[tuple[str, str, Callable[[], dict | None]]], results: 
             console.print(Text.assemble(("  failed", "red"), f" ({time.perf_counter() - start:.0f} s): {message}"))
         else:
             console.print(f"  {json.dumps(results[key])} ({time.perf_counter() - start:.0f} s)")
-        (out / "results.json").write_text(json.dumps(results, indent=2))
+        # Whole or not at all: a kill at the device's time limit mid-write would lose every step measured before.
+        atomic_write_text(out / "results.json", json.dumps(results, indent=2))
     failed_keys = {key for key, _ in failed}
     grid = table({k: v for k, v in results.items() if k not in failed_keys})
     for key, name in failed:
@@ -245,7 +248,7 @@ def run_steps(steps: list[tuple[str, str, Callable[[], dict | None]]], results: 
     with open(os.devnull, "w") as devnull:
         recorder = Console(record=True, width=150, file=devnull)
         recorder.print(grid)
-    (out / "results.txt").write_text(recorder.export_text())
+    atomic_write_text(out / "results.txt", recorder.export_text())
     if failed:
         raise SystemExit(f"{len(failed)} of {len(steps)} steps failed: {', '.join(name for _, name in failed)}")
     return results

@@ -295,3 +295,24 @@ def test_resume_trials_start_in_fresh_folders_when_run_again(tmp_path: Path, mon
     for _ in range(2):
         trial.run(root=str(tmp_path), out=str(tmp_path / "out"), trials=2)
     assert found == [[]] * 6  # reference, trial-0, trial-1, twice: each started in an empty folder
+
+
+def test_results_are_never_half_written(tmp_path: Path) -> None:
+    # A write that fails (a full disk; here a file size limit) or a kill at the device's time limit cut
+    # results.json short: the steps measured before were lost with it. Now the last whole version stays.
+    script = (
+        "import resource, signal, sys\n"
+        "from pathlib import Path\n"
+        "from rich.table import Table\n"
+        "from bench.common import run_steps\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (400, 400))\n"
+        "steps = [('one', '1', lambda: {'n': 1}), ('two', '2', lambda: {'text': 'x' * 1000})]\n"
+        "run_steps(steps, {}, Path(sys.argv[1]), lambda results: Table())\n"
+    )
+    out = tmp_path / "out"
+    out.mkdir()
+    done = subprocess.run([sys.executable, "-c", script, str(out)], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode != 0 and "File too large" in done.stderr
+    assert json.loads((out / "results.json").read_text()) == {"one": {"n": 1}}
+    assert sorted(p.name for p in out.iterdir()) == ["results.json"]
