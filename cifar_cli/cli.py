@@ -365,13 +365,28 @@ class CifarCLI(LightningCLI):
         checkpoint = getattr(self, "checkpoint", None)
         with predicting_from(checkpoint if self.subcommand == "predict" else None):
             with weights_from_checkpoint(checkpoint is not None):
-                self.config_init = self.parser.instantiate_classes(self.config)
+                try:
+                    self.config_init = self.parser.instantiate_classes(self.config)
+                except UsageError as err:
+                    raise self._from_budget_config(err) from None
         self.datamodule = self._get(self.config_init, "data")
         self.model = self._get(self.config_init, "model")
         self._add_configure_optimizers_method_to_model(self.subcommand)
         self.check_model_and_data()
         self.trainer = self.instantiate_trainer()
         self.announce()
+
+    def _from_budget_config(self, err: UsageError) -> UsageError:
+        """`err`, saying where the value came from when configs/budget.yaml, stacked on the tutorial recipe instead
+        of a fast one, set a whitening-bias schedule for a network without one: the user gave no such flag."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        budget = any(Path(str(path)).name == "budget.yaml" for path in config.get("config") or [])
+        if not budget or not str(err).startswith("--model.whiten_bias_until"):
+            return err
+        return UsageError(
+            f"{err} (configs/budget.yaml sets it: stack it on configs/fast-cpu.yaml or configs/fast.yaml, whose "
+            "FastNet has one)"
+        )
 
     def check_model_and_data(self) -> None:
         scheduler = check_built(self.model, self.optimizer_flags)

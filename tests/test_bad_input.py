@@ -256,6 +256,13 @@ CASES = [
         ["fit", "--model.whiten_bias_until", "0.3"],
         "--model.whiten_bias_until needs a network whose whitening layer has a bias (FastNet); TutorialCNN has none",
     ),
+    # configs/budget.yaml stacked on the tutorial recipe instead of a fast one: the value came from the config.
+    Case(
+        "budget_config_on_the_tutorial_recipe",
+        ["fit", "--config", str(REPO / "configs" / "budget.yaml"), "--trainer.max_time", "00:00:01:00"],
+        "TutorialCNN has none: leave it unset (configs/budget.yaml sets it: stack it on configs/fast-cpu.yaml or "
+        "configs/fast.yaml, whose FastNet has one)",
+    ),
     Case("whiten_bias_until_above_one", ["fit", "--model.whiten_bias_until", "1.5"], "model.whiten_bias_until"),
     # cross_entropy fails at the first step above 1; below 0 or at 1 it trains on wrong or uniform targets
     *(
