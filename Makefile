@@ -85,4 +85,4 @@ data/cifar10-jpg/.unpacked: $(wildcard $(CIFAR10_JPG))
 	rm -rf data/cifar10-jpg && mv data/cifar10-jpg.partial data/cifar10-jpg
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info bundle.partial data/cifar10-jpg.partial

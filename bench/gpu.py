@@ -161,14 +161,18 @@ def table(results: dict, title: str) -> Table:
     grid = Table(title=title, title_justify="left")
     for column in ("check", "tutorial code", "cifar-cli", "ratio", "target"):
         grid.add_column(column)
+
+    def runs(n: int) -> str:
+        return f"{n} run{'' if n == 1 else 's'}"
+
     if f := results.get("fast"):
-        grid.add_row(f"1. fast.yaml, {f['runs']} runs: test_acc mean (min)", "",
+        grid.add_row(f"1. fast.yaml, {runs(f['runs'])}: test_acc mean (min)", "",
                      f"{f['acc_mean']:.4f} ({f['acc_min']:.4f})", "", ">= 0.94")  # fmt: skip
         grid.add_row("   training seconds, mean (max)", "", f"{f['seconds_mean']:.2f} ({f['seconds_max']:.2f})", "",
                      "<= 5 s on an H100")  # fmt: skip
         grid.add_row("   rest of the fit process, mean (s)", "", f"{f['startup_mean']:.1f}", "", "")
     if a := results.get("airbench"):
-        grid.add_row(f"1b. airbench94's code, same images, {a['runs']} runs: test_acc mean (min)", "",
+        grid.add_row(f"1b. airbench94's code, same images, {runs(a['runs'])}: test_acc mean (min)", "",
                      f"{a['acc_mean']:.4f} ({a['acc_min']:.4f})", "", "")  # fmt: skip
         grid.add_row("   its seconds, mean (max)", "", f"{a['seconds_mean']:.2f} ({a['seconds_max']:.2f})", "", "")
     if r := results.get("recipe"):

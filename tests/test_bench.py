@@ -94,6 +94,7 @@ def test_gpu_check_smoke_run_fills_every_row(tmp_path: Path, capsys) -> None:
     saved = json.loads((tmp_path / "results" / "results.json").read_text())
     assert saved["fast"] == fast and saved["machine"].startswith("cifar-cli GPU check:")
     table = (tmp_path / "results" / "results.txt").read_text()
+    assert "1. fast.yaml, 1 run: test_acc" in table and "same images, 1 run: test_acc" in table  # --smoke: one run
     for row in ("1. fast.yaml", "1b. airbench94's code", "2. tutorial recipe", "3. pytest -m gpu", "4. ddp.yaml"):
         assert row in table and row in printed
     assert printed.index("1. fast.yaml") < printed.index("1b. airbench94") < printed.index("2. tutorial recipe")
