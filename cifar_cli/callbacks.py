@@ -70,6 +70,12 @@ def drop_logger_only(trainer: Trainer, training: bool) -> None:
             warn_idle(callback, NO_LOGGER)
 
 
+# Images of up to this many pixels go into the prediction tables whole split (CIFAR's 32x32, 64x64 thumbnails);
+# larger ones, a sample of TABLE_SAMPLE: a W&B table row holds a PNG of its image.
+TABLE_WHOLE_PIXELS = 64 * 64
+TABLE_SAMPLE = 1000
+
+
 def wandb_loggers(trainer: Trainer) -> list[WandbLogger]:
     return [logger for logger in trainer.loggers if isinstance(logger, WandbLogger)]
 
@@ -131,7 +137,8 @@ class ImagePredictionLogger(Callback):
 
 
 class PredictionWriter(Callback):
-    """Writes `predict`'s results to a CSV file in the run's folder and prints where.
+    """Writes `predict`'s results to a CSV file in the run's folder and prints where; with W&B, logs them as a table
+    with the images too.
 
     Columns: `image` (path relative to the image folder, or index in the split), `predicted` class name,
     `confidence` (softmax probability of that class), and `label`, the true class name where the split has labels.
@@ -206,6 +213,34 @@ class PredictionWriter(Callback):
         # is written as the file system holds it, as `ls` shows it.
         atomic_write(path, lambda file: file.write(text.getvalue().encode(errors="surrogateescape")))
         print(f"Predictions for {len(index)} images written to {path}")
+        rows = [(i, image_names[i], names[int(predicted[r])], round(float(confidence[r]), 4), int(label[r]))
+                for i, r in zip(index.tolist(), keep.tolist())]  # fmt: skip
+        self._log_table(trainer, data, rows, names)
+
+    def _log_table(
+        self, trainer: Trainer, data: Any, rows: list[tuple[int, str, str, float, int]], names: list[str]
+    ) -> None:
+        """On W&B, the images with their predictions (`predictions`, a table the UI filters and sorts): every image
+        where they are small, as the evaluation tables, else TABLE_SAMPLE of them, the same ones every time."""
+        loggers = wandb_loggers(trainer)
+        split = getattr(data, "splits", {}).get("predict") if isinstance(data, ImageDataModule) else None
+        if not loggers or split is None or not rows:
+            return
+        import wandb
+
+        if len(rows) > TABLE_SAMPLE and data.image_shape[1] * data.image_shape[2] > TABLE_WHOLE_PIXELS:
+            chosen = torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))[:TABLE_SAMPLE].sort()
+            rows = [rows[i] for i in chosen.values.tolist()]
+        images, _ = split.take(torch.tensor([row[0] for row in rows], device=split.device))
+        pictures = images.cpu().permute(0, 2, 3, 1).numpy()  # HWC uint8, as W&B expects
+        labelled = any(row[4] >= 0 for row in rows)
+        columns = ["image", "file", "predicted", "confidence", *(["label"] if labelled else [])]
+        data_rows = [
+            [wandb.Image(picture), name, predicted, confidence, *([names[y] if y >= 0 else ""] if labelled else [])]
+            for picture, (_, name, predicted, confidence, y) in zip(pictures, rows)
+        ]
+        for logger in loggers:
+            logger.log_table(key="predictions", columns=columns, data=data_rows)
 
 
 # Under DDP the clocks of the time limit and of `last.ckpt`'s saves are read on rank 0 and its verdict broadcast

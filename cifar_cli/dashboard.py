@@ -22,6 +22,8 @@ from cifar_cli.atomic import atomic_csv_logs, atomic_write, atomic_write_text
 from cifar_cli.callbacks import (
     NO_DATA_MODULE,
     NO_WANDB,
+    TABLE_SAMPLE,
+    TABLE_WHOLE_PIXELS,
     last_checkpoint,
     logged_step,
     run_dir,
@@ -31,10 +33,6 @@ from cifar_cli.callbacks import (
 from cifar_cli.data import ImageDataModule
 from cifar_cli.terminal import epoch_metrics
 
-# Images of up to this many pixels go into the prediction table whole split (CIFAR's 32x32, 64x64 thumbnails);
-# larger ones, a sample of TABLE_SAMPLE: a W&B table row holds a PNG of its image.
-TABLE_WHOLE_PIXELS = 64 * 64
-TABLE_SAMPLE = 1000
 STAGE_NAMES = {"val": "validation", "test": "test"}
 
 

@@ -45,6 +45,31 @@ def last_row_with(path: Path, key: str) -> dict[str, str]:
         return [row for row in csv.DictReader(file) if row.get(key)][-1]
 
 
+def test_predict_logs_its_photos_with_their_predictions_to_wandb(image_folder: Path, tmp_path: Path) -> None:
+    """`predict` on W&B: a table of the photos with what the model predicted, the rows of predictions.csv (its W&B
+    run held only the config)."""
+    folder = ["--data", "ImageFolderDataModule", "--data.root", str(image_folder), "--data.val_size", "30"]
+    main(["fit", *folder, "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false"])
+    finish_wandb()
+    fitted = set(offline_runs())
+    photos = tmp_path / "photos"
+    write_image_folder(photos, {"a": 3, "b": 2}, size=48, seed=2)
+    main(["predict", "--ckpt_path", "last", "--data.predict_root", str(photos)])
+    finish_wandb()
+    ((run_id, run_folder),) = [(i, f) for i, f in offline_runs().items() if i not in fitted]
+    table = read_run(run_folder).table("predictions")
+    with open(Path("runs/cifar-cli", run_id, "predictions.csv"), newline="") as file:
+        written = list(csv.DictReader(file))
+    assert table["columns"] == ["image", "file", "predicted", "confidence"]
+    assert [row[1:] for row in table["data"]] == [
+        [row["image"], row["predicted"], pytest.approx(float(row["confidence"]), abs=1e-4)] for row in written
+    ]
+    for row in table["data"]:
+        image = row[0]
+        assert image["_type"] == "image-file" and (image["width"], image["height"]) == (32, 32)
+        assert Path(table["files"][image["path"]]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_class_scores_from_a_confusion_matrix() -> None:
     # rows: true class; columns: predicted. Class 2 is never predicted, class 1 never right.
     matrix = torch.tensor([[3, 1, 0], [2, 0, 0], [1, 1, 0]])
