@@ -728,6 +728,9 @@ class CifarCLI(LightningCLI):
     def after_test(self) -> None:
         print_summary(self.trainer, "test")
 
+    def after_predict(self) -> None:
+        print_summary(self.trainer, "predict")
+
 
 # Lines of jsonargparse's nested messages that repeat what the other lines say, or spell out internals.
 _NOISE = (

@@ -253,7 +253,8 @@ def print_summary(trainer: Trainer, stage: str) -> None:
             lines.append(f"Upload to W&B: wandb sync {shlex.join(offline_parts(run.sync_dir, run.id))}")
     for line in lines:
         console.print(Text(line), soft_wrap=True, highlight=False)
-    write_summary(trainer, stage, metrics)
+    if stage != "predict":  # predictions.csv is a predict run's summary
+        write_summary(trainer, stage, metrics)
 
 
 def offline_parts(sync_dir: str, run_id: str) -> list[str]:

@@ -45,7 +45,7 @@ def last_row_with(path: Path, key: str) -> dict[str, str]:
         return [row for row in csv.DictReader(file) if row.get(key)][-1]
 
 
-def test_predict_logs_its_photos_with_their_predictions_to_wandb(image_folder: Path, tmp_path: Path) -> None:
+def test_predict_logs_its_photos_with_their_predictions_to_wandb(image_folder: Path, tmp_path: Path, capfd) -> None:
     """`predict` on W&B: a table of the photos with what the model predicted, the rows of predictions.csv (its W&B
     run held only the config)."""
     folder = ["--data", "ImageFolderDataModule", "--data.root", str(image_folder), "--data.val_size", "30"]
@@ -54,10 +54,15 @@ def test_predict_logs_its_photos_with_their_predictions_to_wandb(image_folder: P
     fitted = set(offline_runs())
     photos = tmp_path / "photos"
     write_image_folder(photos, {"a": 3, "b": 2}, size=48, seed=2)
+    capfd.readouterr()
     main(["predict", "--ckpt_path", "last", "--data.predict_root", str(photos)])
     finish_wandb()
+    out = capfd.readouterr().out
     ((run_id, run_folder),) = [(i, f) for i, f in offline_runs().items() if i not in fitted]
     table = read_run(run_folder).table("predictions")
+    # Where the run is, and the command that uploads it, as test and validate end.
+    assert f"Run folder: runs/cifar-cli/{run_id}\n" in out and f"wandb sync {run_folder}" in out
+    assert not Path("runs/cifar-cli", run_id, "summary.json").exists()
     with open(Path("runs/cifar-cli", run_id, "predictions.csv"), newline="") as file:
         written = list(csv.DictReader(file))
     assert table["columns"] == ["image", "file", "predicted", "confidence"]
