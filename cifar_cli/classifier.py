@@ -320,7 +320,13 @@ class ImageClassifier(LightningModule):
         # setup_data before the checkpoint is restored, so the state would be dropped and the epoch would start
         # over at batch 0. Handing it over here, before the first batch is drawn, resumes at the next batch.
         self.trainer.fit_loop._load_combined_loader_states()
-        self._budget_timer_found = self._budget_timer() if self.lr_schedule is not None else None
+        # Whatever follows training progress follows a time budget too: the schedule, progressive resizing and the
+        # whitening bias (which, without a schedule, kept counting the steps of max_epochs that the budget cut off).
+        hp = self.hparams
+        follows_progress = (
+            self.lr_schedule is not None or hp.low_res_side is not None or hp.whiten_bias_until is not None
+        )
+        self._budget_timer_found = self._budget_timer() if follows_progress else None
         if self.trainer.fit_loop.restarted_mid_epoch:
             self._unfreeze_optimized()
 
@@ -479,8 +485,9 @@ class ImageClassifier(LightningModule):
         that max_epochs (or max_steps) allow, or of the time budget (`--trainer.max_time`), whichever is further.
 
         Time is counted in steps: the steps that fit in the budget are estimated from the pace so far, so that
-        every rank of a DDP run sees the same progress at the same step. Without a progress-based schedule: of the
-        steps max_epochs or max_steps allow (0 when neither bounds training)."""
+        every rank of a DDP run sees the same progress at the same step. The budget counts where something follows
+        progress (the schedule, `low_res_side`, `whiten_bias_until`); else progress is of the steps max_epochs or
+        max_steps allow (0 when neither bounds training)."""
         total = self._steps_total
         if total is None:
             if self._trainer_steps is None:
@@ -497,10 +504,10 @@ class ImageClassifier(LightningModule):
         return next(timers, None)
 
     def on_train_batch_end(self, outputs: Any, batch: Batch, batch_idx: int) -> None:
-        # With a time budget and a schedule: re-estimate the steps that fit in the budget (every step; under DDP
-        # every 20th, from rank 0's clock, broadcast), and stop when the schedule has run its course. A run cut
-        # off by the budget instead validates at once (Lightning validates when a Timer stops it), so its last
-        # model can still be the best.
+        # With a time budget and something that follows progress: re-estimate the steps that fit in the budget
+        # (every step; under DDP every 20th, from rank 0's clock, broadcast), and stop when the schedule has run its
+        # course. A run cut off by the budget instead validates at once (Lightning validates when a Timer stops it),
+        # so its last model can still be the best.
         timer = self._budget_timer_found
         step = self.global_step
         if timer is not None and step >= BUDGET_MIN_STEPS and not (self.trainer.world_size > 1 and step % 20):

@@ -5,10 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from types import SimpleNamespace
 
+import faults
 import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.plugins import MixedPrecision
 from test_cli import CSV_LOGGER
 from test_resume import FAST, cifar
@@ -202,3 +204,21 @@ def test_whitening_bias_trains_until_the_given_progress_then_stays(fake_cifar10:
     biases = [bias for _, bias in WhitenBias.seen]
     assert all(not torch.equal(before, after) for before, after in zip(biases[:4], biases[1:5]))
     assert all(torch.equal(bias, biases[4]) for bias in biases[5:])
+
+
+def test_progressive_resizing_and_whitening_bias_follow_a_time_budget_without_a_schedule(
+    fake_cifar10: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Steps of exactly 1 s on a fake clock, a 20 s budget, epochs for 500 steps and a constant learning rate: the
+    # budget is what ends training, so half of it is half of training. Before, progress counted the epochs' steps
+    # without a schedule: every step of the run trained at 16 px and the bias was never frozen.
+    faults.CLOCK["now"] = 0.0
+    monkeypatch.setattr(Timer, "time_elapsed", lambda self, stage="train": faults.CLOCK["now"])
+    main(["fit", *FAST, *cifar(fake_cifar10), *CSV_LOGGER, "--model.lr_schedule", "null",
+          "--trainer.max_epochs", "100", "--trainer.max_time", "00:00:00:20", "--trainer.callbacks+=faults.TickClock",
+          "--model.low_res_side", "16", "--model.low_res_until", "0.5", "--model.whiten_bias_until", "0.5",
+          "--trainer.callbacks+=test_classifier.InputSides",
+          "--trainer.callbacks+=test_classifier.WhitenBias"])  # fmt: skip
+    # The steps that fit the budget are estimated from step 10 on (BUDGET_MIN_STEPS): 20, so step 10 is halfway.
+    assert [side for training, side in InputSides.seen if training] == [16] * 10 + [32] * 10
+    assert [trains for trains, _ in WhitenBias.seen] == [True] * 10 + [False] * 10
