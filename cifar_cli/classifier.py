@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from jsonargparse.typing import ClosedUnitInterval, PositiveFloat, PositiveInt
 from lightning.pytorch import LightningModule
-from lightning.pytorch.callbacks import BaseFinetuning, Timer
+from lightning.pytorch.callbacks import BackboneFinetuning, BaseFinetuning, Timer
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable, ReduceLROnPlateau
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
@@ -350,6 +350,14 @@ class ImageClassifier(LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self._logged_stages.discard("train")
+        factor = self.hparams.backbone_lr_factor
+        for callback in self.trainer.callbacks if factor != 1 else ():
+            # Lightning's BackboneFinetuning has just set the learning rate of the backbone it added (the optimizer's
+            # last group), rising to the head's; the backbone trains at backbone_lr_factor times that. The callback
+            # keeps its own unscaled value, so scaling once an epoch scales every epoch's rate once.
+            if isinstance(callback, BackboneFinetuning) and self.current_epoch >= callback.unfreeze_backbone_at_epoch:
+                for optimizer in self.trainer.optimizers:
+                    optimizer.param_groups[-1]["lr"] *= factor
 
     def on_train_epoch_end(self) -> None:
         # An epoch cut short (max_steps, max_time, a stop signal) ends before its last batch flushed the window;

@@ -348,3 +348,24 @@ def test_an_image_folder_at_224_px_trains_a_torchvision_network_by_name(image_fo
     checkpoint = torch.load(only_checkpoint(), weights_only=True)
     assert checkpoint["global_step"] == 1 and checkpoint["state_dict"]["net.model.fc.weight"].shape == (3, 512)
     assert checkpoint["hyper_parameters"]["net"]["init_args"]["name"] == "resnet18"
+
+
+def test_backbone_finetuning_trains_the_backbone_at_backbone_lr_factor(fake_cifar10: Path) -> None:
+    # BackboneFinetuning adds the backbone at half the head's learning rate (backbone_initial_ratio_lr), then
+    # doubles it every epoch up to the head's; --model.backbone_lr_factor 0.1 scales all of it. Before, the backbone
+    # rose to the head's own learning rate: the factor applied to its BatchNorm parameters alone.
+    from test_resume import cifar
+
+    args = [*cifar(fake_cifar10), *QUIET, "--trainer.max_epochs", "4", "--trainer.limit_train_batches", "1"]
+    args += ["--model.net", "TorchvisionNet", "--model.net.name", "shufflenet_v2_x0_5"]
+    args += ["--model.learning_rate", "0.01", "--model.backbone_lr_factor", "0.1"]
+    args += ["--trainer.callbacks+=BackboneFinetuning", "--trainer.callbacks.unfreeze_backbone_at_epoch", "1",
+             "--trainer.callbacks.backbone_initial_ratio_lr", "0.5"]  # fmt: skip
+    args += ["--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.save_top_k", "-1"]
+    args += ["--trainer.callbacks.dirpath", "epochs"]
+    main(["fit", *args])
+    states = [torch.load(f"epochs/epoch={e}-step={e + 1}.ckpt", weights_only=True) for e in range(4)]
+    groups = [state["optimizer_states"][0]["param_groups"] for state in states]
+    assert [len(g) for g in groups] == [2, 3, 3, 3]  # head, the backbone's BatchNorm; the backbone from epoch 1
+    assert [round(g[-1]["lr"], 8) for g in groups[1:]] == [0.0005, 0.001, 0.001]
+    assert [g[0]["lr"] for g in groups] == [0.01] * 4 and [g[1]["lr"] for g in groups] == pytest.approx([0.001] * 4)
