@@ -41,6 +41,10 @@ class WarmupLinearDecay(LRSchedule):
     ) -> None:
         if not 0 <= peak <= 1:
             raise UsageValueError(f"peak is a fraction of a cycle, between 0 and 1, got {peak}")
+        if start < 0 or end < 0:  # a negative learning rate climbs the loss
+            raise UsageValueError(
+                f"start and end are factors on the learning rate, at least 0, got start {start}, end {end}"
+            )
         bounds = [0.0, *restarts, 1.0]
         if any(b <= a for a, b in zip(bounds, bounds[1:])):
             raise UsageValueError(

@@ -314,6 +314,11 @@ CASES = [
         ["fit", "--model.lr_schedule", "WarmupLinearDecay", "--model.lr_schedule.peak", "2"],
         "cifar-cli: error: peak is a fraction of a cycle, between 0 and 1, got 2.0",
     ),
+    Case(
+        "lr_schedule_negative_end",  # the last steps would have climbed the loss
+        ["fit", "--model.lr_schedule", "WarmupLinearDecay", "--model.lr_schedule.end", "-0.5"],
+        "cifar-cli: error: start and end are factors on the learning rate, at least 0, got start 0.2, end -0.5",
+    ),
     Case("bad_precision", ["fit", "--trainer.precision", "17"], 'Parser key "trainer.precision"'),
     Case(
         "accelerator_tpu", ["fit", "--trainer.accelerator", "tpu"], "--trainer.accelerator tpu: this machine has no TPU"
