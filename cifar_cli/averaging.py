@@ -64,6 +64,9 @@ class Lookahead(Callback):
     def _progress(self, trainer: Trainer, pl_module: LightningModule, step: int) -> float:
         progress = getattr(pl_module, "progress", None)  # ImageClassifier's: its schedule's, time budget included
         if callable(progress):
+            update = getattr(pl_module, "update_budget", None)  # the pace of this step too: the module's hook is later
+            if callable(update):
+                update()
             return progress(step)
         total = trainer.estimated_stepping_batches
         return min(step / total, 1.0) if total != float("inf") else 0.0

@@ -152,6 +152,7 @@ class ImageClassifier(LightningModule):
         self._trainer_steps: float | None = None  # the steps max_epochs or max_steps allow, without a schedule
         self._budget_steps: float | None = None
         self._budget_timer_found: Timer | None = None  # the Timer holding the time budget, found at train start
+        self._budget_updated_at: int | None = None  # the step after which the budget was last re-estimated
         self._whiten_bias_frozen = False  # whiten_bias_until reached: the optimizer leaves the bias as it is
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -506,24 +507,35 @@ class ImageClassifier(LightningModule):
             done = max(done, step / self._budget_steps)
         return min(done, 1.0)
 
+    def update_budget(self) -> None:
+        """With a time budget and something that follows progress: re-estimate the steps that fit in the budget from
+        the pace so far, once after each step (under DDP every 20th, from rank 0's clock, broadcast).
+
+        Lightning calls the callbacks' on_train_batch_end before the module's: one that reads the progress there
+        (Lookahead) calls this first, or it would go by the pace before the step, and miss the step at which the
+        budget ends the run when that step was slower than the ones before."""
+        timer = self._budget_timer_found
+        step = self.global_step
+        if timer is None or step == self._budget_updated_at:
+            return
+        self._budget_updated_at = step
+        if step >= BUDGET_MIN_STEPS and not (self.trainer.world_size > 1 and step % 20):
+            elapsed = timer.time_elapsed("train")
+            if self.trainer.world_size > 1:
+                elapsed = self.trainer.strategy.broadcast(elapsed)
+            if elapsed > 0:
+                self._budget_steps = step * (timer.time_elapsed() + timer.time_remaining()) / elapsed
+
     def _budget_timer(self) -> Timer | None:
         """The trainer's Timer, where it has a time limit (FitTimer takes `--trainer.max_time`)."""
         timers = (c for c in self.trainer.callbacks if isinstance(c, Timer) and c.time_remaining() is not None)
         return next(timers, None)
 
     def on_train_batch_end(self, outputs: Any, batch: Batch, batch_idx: int) -> None:
-        # With a time budget and something that follows progress: re-estimate the steps that fit in the budget
-        # (every step; under DDP every 20th, from rank 0's clock, broadcast), and stop when the schedule has run its
-        # course. A run cut off by the budget instead validates at once (Lightning validates when a Timer stops it),
-        # so its last model can still be the best.
-        timer = self._budget_timer_found
+        # Stop when the schedule has run its course. A run cut off by the budget instead validates at once (Lightning
+        # validates when a Timer stops it), so its last model can still be the best.
+        self.update_budget()
         step = self.global_step
-        if timer is not None and step >= BUDGET_MIN_STEPS and not (self.trainer.world_size > 1 and step % 20):
-            elapsed = timer.time_elapsed("train")
-            if self.trainer.world_size > 1:
-                elapsed = self.trainer.strategy.broadcast(elapsed)
-            if elapsed > 0:
-                self._budget_steps = step * (timer.time_elapsed() + timer.time_remaining()) / elapsed
         # Also at the last of max_epochs' steps: Lightning then validates at once, which a config that validates
         # only at the end (configs/budget.yaml) relies on.
         if self._steps_total is not None and self.progress(step) >= 1.0:

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
+import faults
 import pytest
 import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import Timer
 from test_cli import CSV_LOGGER, metrics_rows
 from test_resume import EVERY_STEP, assert_identical, cifar, tensors
 from torch import nn
@@ -153,3 +157,30 @@ def test_testing_an_ema_checkpoint_asks_for_no_callbacks(fake_cifar10: Path, tmp
     main(["fit", *cifar(fake_cifar10), *CSV_LOGGER, "--trainer.enable_progress_bar", "false",
           "--trainer.max_epochs", "2", "--ckpt_path", "steps/last.ckpt"])  # fmt: skip
     assert [w for w in recwarn if asks in str(w.message)]
+
+
+class SlowLastStep(Callback):
+    """CLOCK steps of 0.9 s, the 18th of 4.8 s: a 20 s budget runs out at a step slower than the pace before it
+    (and between two lookahead updates, which come every 5 steps)."""
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        faults.CLOCK["now"] += 4.8 if trainer.global_step == 17 else 0.9
+
+
+def test_a_time_budget_ends_on_the_slow_weights_when_its_last_step_is_slow(
+    fake_cifar10: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The budget ends the run after step 18 (20.1 s), where the pace so far (0.9 s a step) promised 22 steps: the
+    # network still ends on the slow weights, as budget.yaml says. Before, lookahead went by the pace before the
+    # step and left the network on its fast weights.
+    faults.CLOCK["now"] = 0.0
+    monkeypatch.setattr(Timer, "time_elapsed", lambda self, stage="train": faults.CLOCK["now"])
+    repo = Path(__file__).resolve().parents[1]
+    main(["fit", "--config", str(repo / "configs" / "fast-cpu.yaml"), "--config", str(repo / "configs" / "budget.yaml"),
+          *cifar(fake_cifar10), "--model.net.init_args.widths", "[8, 16, 16]", "--data.batch_size", "32",
+          "--trainer.max_time", "00:00:00:20", "--trainer.enable_progress_bar", "false", *CSV_LOGGER,
+          "--trainer.callbacks+=test_averaging.SlowLastStep"])  # fmt: skip
+    (last,) = Path("runs").glob("**/checkpoints/last.ckpt")
+    weights, slow = torch.load(last, weights_only=True)["state_dict"], slow_weights(last)
+    assert torch.load(last, weights_only=True)["global_step"] == 18
+    assert all(torch.equal(slow[k], weights[k]) for k in slow)
