@@ -54,7 +54,7 @@ class ImageClassifier(LightningModule):
         net: The network; it returns logits. On the command line: `--model.net cifar_cli.nets.TutorialCNN`.
         class_names: Class names in label order; the CLI links them from the data module.
         learning_rate: Peak learning rate, per step, of every parameter but those of normalisation layers. An
-            optimizer's own `lr` (`--optimizer.lr`, `--model.optimizer.lr`) other than its class default sets it.
+            optimizer's own `lr` (`--optimizer.lr`, `--model.optimizer.lr`), when given, sets it.
         weight_decay: The optimizer's (coupled) weight decay; an optimizer's own `weight_decay` sets it likewise.
         label_smoothing: Cross-entropy label smoothing, 0 for none; below 1 (at 1 the targets carry no label).
         optimizer: Optimizer class and its arguments (`--model.optimizer torch.optim.SGD --model.optimizer.momentum
@@ -62,14 +62,16 @@ class ImageClassifier(LightningModule):
         lr_schedule: Learning-rate factor over training progress, updated every step; default constant.
         lr_scheduler: A `torch.optim.lr_scheduler` class and its arguments, stepped every epoch (LightningCLI's
             `--lr_scheduler StepLR --lr_scheduler.step_size 1`); not with `lr_schedule`.
-        norm_lr_factor: Learning-rate multiplier for BatchNorm parameters (the fast recipe trains their biases
-            64x faster); their weight decay is divided by it.
+        norm_lr_factor: Learning-rate multiplier for the parameters of normalisation layers (BatchNorm, GroupNorm,
+            LayerNorm; the fast recipe trains FastNet's BatchNorm biases 64x faster); their weight decay is divided
+            by it.
         tta: Test-time augmentation in validation, test and predict: average the logits of the image and its
             mirror image (`flip`), and also of both shifted by one pixel diagonally (`flip-shift`, 6 passes).
         channels_last: Run the network on NHWC tensors, which convolutions prefer on CPUs and tensor cores.
         compile: Compile the network with `torch.compile` (a minute or two of compiling at the first steps).
         backbone_lr_factor: Learning-rate multiplier for the backbone of a network that has one (`TorchvisionNet`,
-            `TimmNet`): below 1 fine-tunes pretrained weights more gently than the new head trains.
+            `TimmNet`): below 1 fine-tunes pretrained weights more gently than the new head trains. Their weight
+            decay is divided by it.
         init_from: A `cifar-cli fit` checkpoint whose network weights start this fit, for transfer from another
             data set: every tensor whose name and shape match is loaded, except the head's when the checkpoint
             had other classes. Not used with `--ckpt_path`, whose weights come first.
