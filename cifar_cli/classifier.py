@@ -332,6 +332,7 @@ class ImageClassifier(LightningModule):
         self._budget_timer_found = self._budget_timer() if follows_progress else None
         if self.trainer.fit_loop.restarted_mid_epoch:
             self._unfreeze_optimized()
+        self._schedule_added_groups(rebase=False)  # a resumed run's optimizer has the groups its callbacks added
 
     def _unfreeze_optimized(self) -> None:
         """Make every parameter the optimizer holds trainable again, after a resume in the middle of an epoch.
@@ -354,13 +355,33 @@ class ImageClassifier(LightningModule):
     def on_train_epoch_start(self) -> None:
         self._logged_stages.discard("train")
         factor = self.hparams.backbone_lr_factor
-        for callback in self.trainer.callbacks if factor != 1 else ():
+        for callback in self.trainer.callbacks:
             # Lightning's BackboneFinetuning has just set the learning rate of the backbone it added (the optimizer's
             # last group), rising to the head's; the backbone trains at backbone_lr_factor times that. The callback
             # keeps its own unscaled value, so scaling once an epoch scales every epoch's rate once.
             if isinstance(callback, BackboneFinetuning) and self.current_epoch >= callback.unfreeze_backbone_at_epoch:
                 for optimizer in self.trainer.optimizers:
                     optimizer.param_groups[-1]["lr"] *= factor
+                self._schedule_added_groups(rebase=True)
+
+    def _schedule_added_groups(self, rebase: bool) -> None:
+        """Take the parameter groups that a finetuning callback added to the optimizer into its scheduler, which
+        knows only the groups it was built with (torch's schedulers then fail at their next step). `rebase`: the
+        callback has just set the last group's rate; the schedule goes on from it, shaped as for the others."""
+        for config in self.trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            base_lrs = getattr(scheduler, "base_lrs", None)
+            if base_lrs is None:
+                continue  # ReduceLROnPlateau: it takes every group as it finds it
+            groups = scheduler.optimizer.param_groups
+            base_lrs.extend(group["lr"] for group in groups[len(base_lrs) :])
+            factor = 1.0
+            if isinstance(scheduler, LambdaLR):  # --model.lr_schedule: one factor for every group
+                lambdas = scheduler.lr_lambdas
+                lambdas.extend(lambdas[0] for _ in groups[len(lambdas) :])
+                factor = lambdas[-1](scheduler.last_epoch)
+            if rebase and factor > 0:
+                base_lrs[-1] = groups[-1]["lr"] / factor
 
     def on_train_epoch_end(self) -> None:
         # An epoch cut short (max_steps, max_time, a stop signal) ends before its last batch flushed the window;

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
+from lightning.pytorch import Callback, Trainer
 from test_cli import fails
 
 from cifar_cli.classifier import ImageClassifier
@@ -369,3 +370,40 @@ def test_backbone_finetuning_trains_the_backbone_at_backbone_lr_factor(fake_cifa
     assert [len(g) for g in groups] == [2, 3, 3, 3]  # head, the backbone's BatchNorm; the backbone from epoch 1
     assert [round(g[-1]["lr"], 8) for g in groups[1:]] == [0.0005, 0.001, 0.001]
     assert [g[0]["lr"] for g in groups] == [0.01] * 4 and [g[1]["lr"] for g in groups] == pytest.approx([0.001] * 4)
+
+
+class GroupRates(Callback):
+    """Records every step's epoch and learning rates, one per parameter group."""
+
+    seen: list[tuple[int, list[float]]] = []
+
+    def on_train_batch_start(self, trainer: Trainer, *args) -> None:
+        GroupRates.seen.append((trainer.current_epoch, [group["lr"] for group in trainer.optimizers[0].param_groups]))
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_backbone_finetuning_with_a_schedule_schedules_the_backbone_too(fake_cifar10: Path, resume: bool) -> None:
+    # The backbone's group, added at epoch 1 at a tenth of the head's rate, follows the schedule from there, as the
+    # head's does. Before, the schedule's next step failed with "ValueError: zip() argument 2 is shorter than
+    # argument 1": torch's schedulers know only the groups they were built with.
+    from test_resume import cifar
+
+    args = [*cifar(fake_cifar10), *QUIET, "--trainer.max_epochs", "3", "--trainer.limit_train_batches", "3"]
+    args += ["--model.net", "TorchvisionNet", "--model.net.name", "shufflenet_v2_x0_5", "--model.learning_rate", "0.01"]
+    args += ["--model.lr_schedule", "WarmupLinearDecay", "--trainer.callbacks+=test_pretrained.GroupRates"]
+    args += ["--trainer.callbacks+=BackboneFinetuning", "--trainer.callbacks.unfreeze_backbone_at_epoch", "1"]
+    args += ["--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.save_last", "true"]
+    args += ["--trainer.callbacks.dirpath", "ckpts"]
+    GroupRates.seen = []
+    if resume:  # stopped 2 steps into the unfreezing epoch, then resumed with the rest of the 9 steps
+        main(["fit", *args, "--trainer.max_steps", "5"])
+        main(["fit", *args, "--ckpt_path", "last"])
+    else:
+        main(["fit", *args])
+        warmup = [0.01 * (0.2 + 0.8 * step / 9 / 0.23) for step in range(3)]  # 9 steps, warm-up to 23%
+        assert [rates[0] for _, rates in GroupRates.seen[:3]] == pytest.approx(warmup)
+    assert len(GroupRates.seen) == 9
+    assert GroupRates.seen[3][1][-1] == pytest.approx(0.1 * GroupRates.seen[3][1][0])  # a tenth of the head's
+    for epoch in (1, 2):
+        ratios = [rates[-1] / rates[0] for seen_epoch, rates in GroupRates.seen[3:] if seen_epoch == epoch]
+        assert ratios == pytest.approx([ratios[0]] * len(ratios))  # the backbone follows the head's schedule
