@@ -17,6 +17,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
+from cifar_cli.averaging import Lookahead
 from cifar_cli.checkpoints import load_checkpoint
 from cifar_cli.data import ImageDataModule
 from cifar_cli.errors import TrainingDiverged, UsageError
@@ -323,11 +324,15 @@ class ImageClassifier(LightningModule):
         # setup_data before the checkpoint is restored, so the state would be dropped and the epoch would start
         # over at batch 0. Handing it over here, before the first batch is drawn, resumes at the next batch.
         self.trainer.fit_loop._load_combined_loader_states()
-        # Whatever follows training progress follows a time budget too: the schedule, progressive resizing and the
-        # whitening bias (which, without a schedule, kept counting the steps of max_epochs that the budget cut off).
+        # Whatever follows training progress follows a time budget too: the schedule, progressive resizing, the
+        # whitening bias and lookahead (which, without a schedule, kept counting the steps of max_epochs that the
+        # budget cut off).
         hp = self.hparams
         follows_progress = (
-            self.lr_schedule is not None or hp.low_res_side is not None or hp.whiten_bias_until is not None
+            self.lr_schedule is not None
+            or hp.low_res_side is not None
+            or hp.whiten_bias_until is not None
+            or any(isinstance(callback, Lookahead) for callback in self.trainer.callbacks)
         )
         self._budget_timer_found = self._budget_timer() if follows_progress else None
         if self.trainer.fit_loop.restarted_mid_epoch:
@@ -518,8 +523,8 @@ class ImageClassifier(LightningModule):
 
         Time is counted in steps: the steps that fit in the budget are estimated from the pace so far, so that
         every rank of a DDP run sees the same progress at the same step. The budget counts where something follows
-        progress (the schedule, `low_res_side`, `whiten_bias_until`); else progress is of the steps max_epochs or
-        max_steps allow (0 when neither bounds training)."""
+        progress (the schedule, `low_res_side`, `whiten_bias_until`, Lookahead); else progress is of the steps
+        max_epochs or max_steps allow (0 when neither bounds training)."""
         total = self._steps_total
         if total is None:
             if self._trainer_steps is None:

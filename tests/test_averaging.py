@@ -184,3 +184,22 @@ def test_a_time_budget_ends_on_the_slow_weights_when_its_last_step_is_slow(
     weights, slow = torch.load(last, weights_only=True)["state_dict"], slow_weights(last)
     assert torch.load(last, weights_only=True)["global_step"] == 18
     assert all(torch.equal(slow[k], weights[k]) for k in slow)
+
+
+def test_lookahead_without_a_schedule_follows_a_time_budget(
+    fake_cifar10: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Steps of 1 s on a fake clock, a 12 s budget, a constant learning rate: the run ends on the slow weights.
+    # Before, lookahead's progress counted the 500 steps of max_epochs: it pulled back by almost nothing, and the
+    # run the budget stopped ended on the network's own weights.
+    faults.CLOCK["now"] = 0.0
+    monkeypatch.setattr(Timer, "time_elapsed", lambda self, stage="train": faults.CLOCK["now"])
+    repo = Path(__file__).resolve().parents[1]
+    main(["fit", "--config", str(repo / "configs" / "fast-cpu.yaml"), "--config", str(repo / "configs" / "budget.yaml"),
+          *cifar(fake_cifar10), "--model.net.init_args.widths", "[8, 16, 16]", "--data.batch_size", "32",
+          "--model.lr_schedule", "null", "--model.whiten_bias_until", "null", "--trainer.max_time", "00:00:00:12",
+          "--trainer.enable_progress_bar", "false", *CSV_LOGGER, "--trainer.callbacks+=faults.TickClock"])  # fmt: skip
+    (last,) = Path("runs").glob("**/checkpoints/last.ckpt")
+    weights, slow = torch.load(last, weights_only=True)["state_dict"], slow_weights(last)
+    assert torch.load(last, weights_only=True)["global_step"] == 12
+    assert all(torch.equal(slow[k], weights[k]) for k in slow)
