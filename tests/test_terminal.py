@@ -5,7 +5,9 @@ what Lightning's log handlers and W&B write there."""
 from __future__ import annotations
 
 import csv
+import itertools
 import re
+import types
 from pathlib import Path
 
 import pytest
@@ -72,18 +74,37 @@ def test_summary_title_is_one_line_above_a_narrow_table(image_folder: Path, capf
     assert re.search(r"train_loss\s+│\s+\d\.\d{4}", out)
 
 
-def test_epoch_lines_of_a_resumed_run_go_on_counting_its_training_time(image_folder: Path, capfd) -> None:
+def test_epoch_lines_of_a_resumed_run_go_on_counting_its_training_time(
+    image_folder: Path, capfd, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The time at the end of each line is the run's training time, as fit_time counts it: a resumed run's lines
-    went on from its own start, 0 s."""
+    went on from its own start, 0 s. The clocks of the lines and of the Timer read a fake clock that moves 1 s at
+    every reading, so that the two runs' times differ by far more than the lines' 0.1 s."""
+    readings = itertools.count()
+    clock = types.SimpleNamespace(monotonic=lambda: float(next(readings)))
+    monkeypatch.setattr("lightning.pytorch.callbacks.timer.time", clock)
+    monkeypatch.setattr("cifar_cli.terminal.time", clock)
     args = [*FIT, "--data.root", str(image_folder), "--trainer.logger", "CSVLogger"]
     main([*args, "--trainer.max_epochs", "1"])
     first = [line for line in capfd.readouterr().out.splitlines() if line.startswith("epoch 1/1")]
     main([*args, "--trainer.max_epochs", "2", "--ckpt_path", "last"])
     second = [line for line in capfd.readouterr().out.splitlines() if line.startswith("epoch 2/2")]
-    seconds = [float(re.search(r"  (\d+\.\d) s$", line)[1]) for line in first + second]
-    fit_time = [float(row["fit_time"]) for row in csv.DictReader(open(next(Path("runs").rglob("metrics.csv"))))
-                if row.get("fit_time")]  # fmt: skip
-    assert len(seconds) == 2 and seconds[1] > seconds[0] and seconds[1] >= fit_time[-1] - 0.5, (seconds, fit_time)
+    times = [_seconds_of(line) for line in first + second]
+    with open(next(Path("runs").rglob("metrics.csv")), newline="") as file:
+        fit_time = [float(row["fit_time"]) for row in csv.DictReader(file) if row.get("fit_time")]
+    # The resumed run's line counts on from the first run's training time (its last fit_time, as the checkpoint
+    # holds it), as its own fit_time does: every reading of the clock is a second later than the one before.
+    first_run = [t for t in fit_time if t <= times[0] + 1]
+    assert len(times) == 2 and first_run and times[1] > max(first_run) and times[1] >= fit_time[-2], (times, fit_time)
+
+
+def _seconds_of(line: str) -> float:
+    """The time at the end of an epoch line (`7.1 s`, or `0:01:05` from a minute on) in seconds."""
+    if match := re.search(r"  (\d+):(\d\d):(\d\d)$", line):
+        return 3600 * int(match[1]) + 60 * int(match[2]) + int(match[3])
+    match = re.search(r"  (\d+\.\d) s$", line)
+    assert match, line
+    return float(match[1])
 
 
 def test_progress_bar_false_turns_the_lines_off(image_folder: Path, capfd) -> None:
