@@ -82,6 +82,21 @@ def per_epoch(
     return {epoch: pick(found) for epoch, found in sorted(values.items())}
 
 
+def validations(rows: Rows, column: str) -> list[tuple[float, float, float | None]]:
+    """`(epoch, value, fit_time)` of every row holding `column`, the epoch counted from 1 as `per_epoch` counts it,
+    and a fraction of it where an epoch validated several times (`--trainer.val_check_interval 0.5`: 0.5, 1, 1.5,
+    ...); fit_time None where the row has none."""
+    by_epoch: dict[int, list[dict[str, float]]] = {}
+    for row in rows:
+        if column in row and "epoch" in row:
+            by_epoch.setdefault(int(row["epoch"]) + 1, []).append(row)
+    return [
+        (epoch - 1 + i / len(found), row[column], row.get("fit_time"))
+        for epoch, found in sorted(by_epoch.items())
+        for i, row in enumerate(found, 1)
+    ]
+
+
 def last_value(rows: Rows, column: str) -> float | None:
     return next((row[column] for row in reversed(rows) if column in row), None)
 
@@ -94,12 +109,17 @@ def plot_curves(rows: Rows, metric: str) -> Figure | None:
     """Train and val `metric` ("loss" or "acc") against epoch and, where `fit_time` was logged, against training
     time; the test value as a dashed line. None when there is no train or val curve (a test-only run)."""
     name = {"loss": "loss", "acc": "accuracy"}[metric]
-    lines = {"train": per_epoch(rows, f"train_{metric}_epoch"), "val": per_epoch(rows, f"val_{metric}")}
+    # Every validation, also where an epoch has several (at its own fit_time); the training metric at epoch ends.
+    val = validations(rows, f"val_{metric}")
+    lines = {"train": per_epoch(rows, f"train_{metric}_epoch"), "val": {x: v for x, v, _ in val}}
     lines = {label: line for label, line in lines.items() if line}
     if not lines:
         return None
     times = per_epoch(rows, "fit_time", max)
-    timed = {label: {times[e]: v for e, v in line.items() if e in times} for label, line in lines.items()}
+    timed = {
+        "train": {times[e]: v for e, v in lines.get("train", {}).items() if e in times},
+        "val": {t: v for _, v, t in val if t is not None},
+    }
     timed = {label: line for label, line in timed.items() if line}
     fig = Figure(figsize=(10, 4) if timed else (5.5, 4), dpi=DPI, layout="constrained")
     axes = fig.subplots(1, 2 if timed else 1, squeeze=False)[0]
@@ -227,12 +247,13 @@ def duration(seconds: float) -> str:
 def metrics_lines(rows: Rows) -> list[str]:
     lines = ["| metric | best | epoch | final |", "|---|---|---|---|"]
     for column in HEADLINE:
-        values = per_epoch(rows, column)
+        values = [(x, v) for x, v, _ in validations(rows, column)]  # every validation, and each epoch's training
         if values:
             kind = "min" if "loss" in column else "max"
-            best = (min if kind == "min" else max)(values, key=values.get)
-            epoch = "" if column.startswith("test_") else best  # a test restores no loop state: its epoch reads 0
-            lines.append(f"| {column} | {kind} {fmt(values[best])} | {epoch} | {fmt(values[max(values)])} |")
+            best_x, best = (min if kind == "min" else max)(values, key=lambda xv: xv[1])
+            # The epoch the best was in; a test restores no loop state, so its epoch reads 0.
+            epoch = "" if column.startswith("test_") else math.ceil(best_x)
+            lines.append(f"| {column} | {kind} {fmt(best)} | {epoch} | {fmt(values[-1][1])} |")
     return lines if len(lines) > 2 else []
 
 

@@ -14,7 +14,7 @@ from PIL import Image
 
 from cifar_cli.cli import main as cli_main
 from cifar_cli.errors import UsageError
-from cifar_cli.report import main, write_report
+from cifar_cli.report import main, read_metrics, validations, write_report
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 VAL_ACC = [0.5, 0.8125, 0.75]  # best at epoch 1, not the last
@@ -158,6 +158,25 @@ def test_test_only_run(tmp_path: Path) -> None:
     report = (run / "report" / "report.md").read_text()
     assert "| test_acc | max 0.5676 |  | 0.5676 |" in report
     assert "Training time" not in report and "loss.png" not in report
+
+
+def test_several_validations_an_epoch_are_all_drawn_and_scored(tmp_path: Path) -> None:
+    """`--trainer.val_check_interval 0.5`: two validations an epoch. The report kept the last of each epoch, so the
+    best (here the first epoch's middle one) was missed."""
+    run = tmp_path / "half-epochs"
+    run.mkdir()
+    rows = []
+    for epoch, (first, second) in enumerate([(0.70, 0.60), (0.65, 0.68)]):
+        rows.append({"epoch": epoch, "step": 10 * epoch + 4, "val_acc": first, "fit_time": 20.0 * epoch + 9})
+        rows.append({"epoch": epoch, "step": 10 * epoch + 9, "val_acc": second, "fit_time": 20.0 * epoch + 19})
+        rows.append({"epoch": epoch, "step": 10 * epoch + 9, "train_acc_epoch": 0.5 + epoch / 10})
+    write_csv(run / "metrics.csv", rows)
+    assert validations(read_metrics(run / "metrics.csv"), "val_acc") == [
+        (0.5, 0.70, 9.0), (1.0, 0.60, 19.0), (1.5, 0.65, 29.0), (2.0, 0.68, 39.0)
+    ]  # fmt: skip
+    write_report(run)
+    report = (run / "report" / "report.md").read_text()
+    assert re.search(r"\| val_acc \| max 0\.7000 \| 1 \| 0\.6800 \|", report), report
 
 
 def test_short_run_without_fit_time(tmp_path: Path) -> None:
