@@ -167,23 +167,32 @@ class SlowLastStep(Callback):
         faults.CLOCK["now"] += 4.8 if trainer.global_step == 17 else 0.9
 
 
+def fit_to_a_budget_on_a_fake_clock(
+    fake_cifar10: Path, monkeypatch: pytest.MonkeyPatch, budget: str, *args: str
+) -> tuple[int, bool]:
+    """configs/budget.yaml on the shrunk fast recipe with `--trainer.max_time budget`, its Timer reading CLOCK
+    (which a callback in `args` moves): the last step, and whether the run ended on lookahead's slow weights."""
+    faults.CLOCK["now"] = 0.0
+    monkeypatch.setattr(Timer, "time_elapsed", lambda self, stage="train": faults.CLOCK["now"])
+    repo = Path(__file__).resolve().parents[1]
+    main(["fit", "--config", str(repo / "configs" / "fast-cpu.yaml"), "--config", str(repo / "configs" / "budget.yaml"),
+          *cifar(fake_cifar10), "--model.net.init_args.widths", "[8, 16, 16]", "--data.batch_size", "32",
+          "--trainer.max_time", budget, "--trainer.enable_progress_bar", "false", *CSV_LOGGER, *args])  # fmt: skip
+    (last,) = Path("runs").glob("**/checkpoints/last.ckpt")
+    checkpoint, slow = torch.load(last, weights_only=True), slow_weights(last)
+    return checkpoint["global_step"], all(torch.equal(slow[k], checkpoint["state_dict"][k]) for k in slow)
+
+
 def test_a_time_budget_ends_on_the_slow_weights_when_its_last_step_is_slow(
     fake_cifar10: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The budget ends the run after step 18 (20.1 s), where the pace so far (0.9 s a step) promised 22 steps: the
     # network still ends on the slow weights, as budget.yaml says. Before, lookahead went by the pace before the
     # step and left the network on its fast weights.
-    faults.CLOCK["now"] = 0.0
-    monkeypatch.setattr(Timer, "time_elapsed", lambda self, stage="train": faults.CLOCK["now"])
-    repo = Path(__file__).resolve().parents[1]
-    main(["fit", "--config", str(repo / "configs" / "fast-cpu.yaml"), "--config", str(repo / "configs" / "budget.yaml"),
-          *cifar(fake_cifar10), "--model.net.init_args.widths", "[8, 16, 16]", "--data.batch_size", "32",
-          "--trainer.max_time", "00:00:00:20", "--trainer.enable_progress_bar", "false", *CSV_LOGGER,
-          "--trainer.callbacks+=test_averaging.SlowLastStep"])  # fmt: skip
-    (last,) = Path("runs").glob("**/checkpoints/last.ckpt")
-    weights, slow = torch.load(last, weights_only=True)["state_dict"], slow_weights(last)
-    assert torch.load(last, weights_only=True)["global_step"] == 18
-    assert all(torch.equal(slow[k], weights[k]) for k in slow)
+    run = fit_to_a_budget_on_a_fake_clock(
+        fake_cifar10, monkeypatch, "00:00:00:20", "--trainer.callbacks+=test_averaging.SlowLastStep"
+    )
+    assert run == (18, True)
 
 
 def test_lookahead_without_a_schedule_follows_a_time_budget(
@@ -192,14 +201,8 @@ def test_lookahead_without_a_schedule_follows_a_time_budget(
     # Steps of 1 s on a fake clock, a 12 s budget, a constant learning rate: the run ends on the slow weights.
     # Before, lookahead's progress counted the 500 steps of max_epochs: it pulled back by almost nothing, and the
     # run the budget stopped ended on the network's own weights.
-    faults.CLOCK["now"] = 0.0
-    monkeypatch.setattr(Timer, "time_elapsed", lambda self, stage="train": faults.CLOCK["now"])
-    repo = Path(__file__).resolve().parents[1]
-    main(["fit", "--config", str(repo / "configs" / "fast-cpu.yaml"), "--config", str(repo / "configs" / "budget.yaml"),
-          *cifar(fake_cifar10), "--model.net.init_args.widths", "[8, 16, 16]", "--data.batch_size", "32",
-          "--model.lr_schedule", "null", "--model.whiten_bias_until", "null", "--trainer.max_time", "00:00:00:12",
-          "--trainer.enable_progress_bar", "false", *CSV_LOGGER, "--trainer.callbacks+=faults.TickClock"])  # fmt: skip
-    (last,) = Path("runs").glob("**/checkpoints/last.ckpt")
-    weights, slow = torch.load(last, weights_only=True)["state_dict"], slow_weights(last)
-    assert torch.load(last, weights_only=True)["global_step"] == 12
-    assert all(torch.equal(slow[k], weights[k]) for k in slow)
+    run = fit_to_a_budget_on_a_fake_clock(
+        fake_cifar10, monkeypatch, "00:00:00:12", "--model.lr_schedule", "null", "--model.whiten_bias_until", "null",
+        "--trainer.callbacks+=faults.TickClock",
+    )  # fmt: skip
+    assert run == (12, True)
