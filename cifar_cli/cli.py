@@ -631,18 +631,17 @@ class CifarCLI(LightningCLI):
             # within an epoch counts that epoch as not done; cifar_cli.callbacks.LastCheckpoint).
             progress = self.checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {})
             epoch = progress.get("current", {}).get("processed", self.checkpoint.get("epoch") or 0)
-            max_epochs = config["trainer"].get("max_epochs")
-            label = epoch_label(epoch, max_epochs)
-            max_steps = config["trainer"].get("max_steps")
-            # A run that ended, restarted by the same command (a requeued job).
-            if max_steps is not None and 0 < max_steps <= step:
-                label = f"after its last step ({step}/{max_steps}): nothing is left to train; raise --trainer.max_steps"
-                label += " to train on"
-            elif max_epochs is not None and 0 < max_epochs <= epoch:
-                label = (
-                    f"after its last epoch ({epoch}/{max_epochs}): nothing is left to train; raise "
-                    "--trainer.max_epochs to train on"
-                )
+            trainer = config["trainer"]
+            label = epoch_label(epoch, trainer.get("max_epochs"))
+            # A run that ended, restarted by the same command (a requeued job): the limit it reached, if any.
+            for unit, done in (("step", step), ("epoch", epoch)):
+                limit = trainer.get(f"max_{unit}s")
+                if limit is not None and 0 < limit <= done:
+                    label = (
+                        f"after its last {unit} ({done}/{limit}): nothing is left to train; raise "
+                        f"--trainer.max_{unit}s to train on"
+                    )
+                    break
             self.resume_line = f"cifar-cli: resuming from {ckpt_path} at step {step:,}, {label}"
 
     def _defaults_from_named_checkpoint(self) -> bool:
