@@ -76,6 +76,16 @@ TABLE_WHOLE_PIXELS = 64 * 64
 TABLE_SAMPLE = 1000
 
 
+def table_rows(size: int, image_shape: tuple[int, ...], rows: int | None = None) -> Tensor:
+    """The positions, in order, of the images of a split of `size` that go into a W&B prediction table: `rows` of
+    them (None: all where the images are small, else TABLE_SAMPLE), drawn the same every time."""
+    if rows is None:
+        rows = size if image_shape[-2] * image_shape[-1] <= TABLE_WHOLE_PIXELS else TABLE_SAMPLE
+    if rows >= size:
+        return torch.arange(size)
+    return torch.randperm(size, generator=torch.Generator().manual_seed(0))[:rows].sort().values
+
+
 def wandb_loggers(trainer: Trainer) -> list[WandbLogger]:
     return [logger for logger in trainer.loggers if isinstance(logger, WandbLogger)]
 
@@ -220,17 +230,15 @@ class PredictionWriter(Callback):
     def _log_table(
         self, trainer: Trainer, data: Any, rows: list[tuple[int, str, str, float, int]], names: list[str]
     ) -> None:
-        """On W&B, the images with their predictions (`predictions`, a table the UI filters and sorts): every image
-        where they are small, as the evaluation tables, else TABLE_SAMPLE of them, the same ones every time."""
+        """On W&B, the images with their predictions (`predictions`, a table the UI filters and sorts), as many as
+        the evaluation tables hold (`table_rows`)."""
         loggers = wandb_loggers(trainer)
         split = getattr(data, "splits", {}).get("predict") if isinstance(data, ImageDataModule) else None
         if not loggers or split is None or not rows:
             return
         import wandb
 
-        if len(rows) > TABLE_SAMPLE and data.image_shape[1] * data.image_shape[2] > TABLE_WHOLE_PIXELS:
-            chosen = torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))[:TABLE_SAMPLE].sort()
-            rows = [rows[i] for i in chosen.values.tolist()]
+        rows = [rows[i] for i in table_rows(len(rows), data.image_shape).tolist()]
         images, _ = split.take(torch.tensor([row[0] for row in rows], device=split.device))
         pictures = images.cpu().permute(0, 2, 3, 1).numpy()  # HWC uint8, as W&B expects
         labelled = any(row[4] >= 0 for row in rows)

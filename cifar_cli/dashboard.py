@@ -22,11 +22,10 @@ from cifar_cli.atomic import atomic_csv_logs, atomic_write, atomic_write_text
 from cifar_cli.callbacks import (
     NO_DATA_MODULE,
     NO_WANDB,
-    TABLE_SAMPLE,
-    TABLE_WHOLE_PIXELS,
     last_checkpoint,
     logged_step,
     run_dir,
+    table_rows,
     wandb_loggers,
     warn_idle,
 )
@@ -132,22 +131,13 @@ class EvaluationLogger(Callback):
         warn_idle(self, NO_DATA_MODULE)
         return None
 
-    def _table_rows(self, data: ImageDataModule, size: int) -> Tensor:
-        rows = self.table_rows
-        if rows is None:
-            _, h, w = data.image_shape
-            rows = size if h * w <= TABLE_WHOLE_PIXELS else TABLE_SAMPLE
-        if rows >= size:
-            return torch.arange(size)
-        return torch.randperm(size, generator=torch.Generator().manual_seed(0))[:rows].sort().values
-
     def _start(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._stage = None
         data = self._data(trainer)
         if trainer.sanity_checking or data is None or stage not in data.splits:
             return
         size = len(data.splits[stage])
-        table = self._table_rows(data, size)
+        table = table_rows(size, data.image_shape, self.table_rows)
         self._stage = _Stage(size, table, data.num_classes, pl_module.device)
 
     def _add(self, outputs: Any) -> None:
