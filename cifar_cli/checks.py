@@ -119,6 +119,11 @@ def cpu_devices(trainer: Namespace) -> str:
     return " --trainer.devices 2" if trainer.get("strategy") not in (None, "auto") else " --trainer.devices 1"
 
 
+def config_given(configs: Any, name: str) -> bool:
+    """Whether the --config files given (the config's `config` entry) include one named `name` (`fast.yaml`)."""
+    return any(Path(str(path)).name == name for path in configs or [])
+
+
 def check_accelerator(trainer: Namespace, configs: Any = None) -> None:
     """Refuse an accelerator that does not exist or that this machine lacks; Lightning would fail with a
     traceback (tpu without torch_xla, a misspelt name) or after the seed line. `configs`: the --config files
@@ -130,7 +135,7 @@ def check_accelerator(trainer: Namespace, configs: Any = None) -> None:
     flag = f"--trainer.accelerator {accelerator}"
     if name in ("gpu", "cuda") and not torch.cuda.is_available():
         # configs/cpu.yaml in place of fast.yaml would train the tutorial recipe: fast-cpu.yaml is its CPU twin.
-        fast = any(Path(str(config)).name == "fast.yaml" for config in configs or [])
+        fast = config_given(configs, "fast.yaml")
         config = "configs/fast-cpu.yaml in place of configs/fast.yaml, or" if fast else "configs/cpu.yaml or"
         raise UsageError(
             f"{flag}: this machine has no CUDA GPU that PyTorch can use; "

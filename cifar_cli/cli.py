@@ -55,6 +55,7 @@ from cifar_cli.checks import (
     check_monitors,
     check_trainer_values,
     chosen_seed,
+    config_given,
     input_problem,
     local_rank_zero,
     net_name,
@@ -380,8 +381,8 @@ class CifarCLI(LightningCLI):
         """`err`, saying where the value came from when configs/budget.yaml, stacked on the tutorial recipe instead
         of a fast one, set a whitening-bias schedule for a network without one: the user gave no such flag."""
         config = self.config[self.subcommand] if self.subcommand else self.config
-        budget = any(Path(str(path)).name == "budget.yaml" for path in config.get("config") or [])
-        if not budget or not str(err).startswith("--model.whiten_bias_until"):
+        from_budget = config_given(config.get("config"), "budget.yaml")
+        if not from_budget or not str(err).startswith("--model.whiten_bias_until"):
             return err
         return UsageError(
             f"{err} (configs/budget.yaml sets it: stack it on configs/fast-cpu.yaml or configs/fast.yaml, whose "
