@@ -74,13 +74,18 @@ def drop_logger_only(trainer: Trainer, training: bool) -> None:
 # larger ones, a sample of TABLE_SAMPLE: a W&B table row holds a PNG of its image.
 TABLE_WHOLE_PIXELS = 64 * 64
 TABLE_SAMPLE = 1000
+# wandb.Table.MAX_ROWS: wandb writes only the first this many rows of a table logged to a run and drops the rest
+# (a larger split's last images, often whole classes of an image folder). Past it, the rows are drawn at random.
+TABLE_MAX_ROWS = 10_000
 
 
 def table_rows(size: int, image_shape: tuple[int, ...], rows: int | None = None) -> Tensor:
     """The positions, in order, of the images of a split of `size` that go into a W&B prediction table: `rows` of
-    them (None: all where the images are small, else TABLE_SAMPLE), drawn the same every time."""
+    them (None: all where the images are small, else TABLE_SAMPLE; never more than TABLE_MAX_ROWS), drawn the same
+    every time."""
     if rows is None:
         rows = size if image_shape[-2] * image_shape[-1] <= TABLE_WHOLE_PIXELS else TABLE_SAMPLE
+    rows = min(rows, TABLE_MAX_ROWS)
     if rows >= size:
         return torch.arange(size)
     return torch.randperm(size, generator=torch.Generator().manual_seed(0))[:rows].sort().values

@@ -13,6 +13,7 @@ import yaml
 from conftest import write_image_folder
 from wandb_offline import read_run
 
+from cifar_cli.callbacks import TABLE_MAX_ROWS, table_rows
 from cifar_cli.classifier import class_scores
 from cifar_cli.cli import main
 from cifar_cli.data import CIFAR10DataModule
@@ -253,6 +254,22 @@ def test_confusion_matrix_of_many_classes_keeps_every_count(tmp_path: Path) -> N
         assert table["columns"] == ["Actual", "Predicted", "nPredictions"]
         logged = {(names.index(a), names.index(p)): n for a, p, n in table["data"] if n}
         assert logged == counts
+
+
+def test_tables_of_large_splits_are_drawn_from_the_whole_split_within_wandbs_row_limit() -> None:
+    """wandb writes only the first 10,000 rows of a run's table: a 25,000-image split (or `table_rows` above the
+    limit) gets 10,000 rows drawn from all of it, the same each time, where the first 10,000 would have been
+    kept (an image folder's splits list their classes in order, so whole classes went missing)."""
+    import wandb
+
+    assert TABLE_MAX_ROWS == wandb.Table.MAX_ROWS
+    for rows in (None, 20_000):
+        chosen = table_rows(25_000, (3, 32, 32), rows)
+        assert len(chosen) == 10_000 and len(set(chosen.tolist())) == 10_000
+        assert chosen.max() > 20_000 and torch.equal(chosen, chosen.sort().values)
+        assert torch.equal(chosen, table_rows(25_000, (3, 32, 32), rows))
+    assert torch.equal(table_rows(10_000, (3, 32, 32)), torch.arange(10_000))  # within the limit: every image
+    assert len(table_rows(25_000, (3, 224, 224))) == 1000
 
 
 def agent_command(sweep: dict, values: dict) -> list[str]:
