@@ -138,6 +138,27 @@ def class_given_after(argv: list[str], group: str, flag: str) -> str | None:
     return None
 
 
+PLATEAU_FLAGS = ("--model.lr_scheduler", "--model.lr_scheduler.class_path")
+
+
+def lightning_plateau(argv: list[str]) -> list[str]:
+    """The command line with `--model.lr_scheduler ReduceLROnPlateau` naming Lightning's class, as LightningCLI's
+    `--lr_scheduler ReduceLROnPlateau` does. jsonargparse resolves a class name against every class of the
+    setting's type: under the model's LRSchedulerCallable, the name is both torch's class and Lightning's subclass,
+    which it refused as ambiguous (torch's cannot name the metric it watches, and the run refuses it anyway). In a
+    config file the name stays ambiguous, and jsonargparse's one-line error names both full paths."""
+    args = list(argv)
+    for i, arg in enumerate(args):
+        flag, equals, value = arg.partition("=")
+        if flag not in PLATEAU_FLAGS:
+            continue
+        if equals and value == "ReduceLROnPlateau":
+            args[i] = f"{flag}=lightning.pytorch.cli.ReduceLROnPlateau"
+        elif not equals and i + 1 < len(args) and args[i + 1] == "ReduceLROnPlateau":
+            args[i + 1] = "lightning.pytorch.cli.ReduceLROnPlateau"
+    return args
+
+
 def argument_before_class(err: ArgumentError, argv: list[str]) -> UsageError | None:
     """The error for an argument of a group that takes a class (`--optimizer`, `--lr_scheduler`, `--data`,
     `--model.net`) given before the class (`--data.root DIR --data ImageFolderDataModule`, `--optimizer.lr 0.01`
@@ -567,6 +588,11 @@ class CifarCLI(LightningCLI):
         return flags
 
     def _parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        if (plateau := lightning_plateau(self._argv)) != self._argv:
+            if args is None:  # the command line itself: LightningCLI warns of args given beside one
+                sys.argv[1:] = plateau
+            else:
+                args = plateau
         try:
             try:
                 super().parse_arguments(parser, args)

@@ -127,12 +127,22 @@ def test_optimizer_from_a_config_file_top_level(fake_cifar10: Path, tmp_path: Pa
     assert scheduler["T_max"] == 10 and scheduler["base_lrs"] == [0.05]
 
 
-def test_reduce_lr_on_plateau_monitors_val_loss(fake_cifar10: Path) -> None:
-    main(["fit", *cifar_args(fake_cifar10), *TINY, "--optimizer", "SGD", "--optimizer.lr", "0.05",
-          "--lr_scheduler", "ReduceLROnPlateau", "--lr_scheduler.monitor", "val_loss",
-          "--lr_scheduler.patience", "0"])  # fmt: skip
-    (scheduler,) = newest_checkpoint()["lr_schedulers"]
+@pytest.mark.parametrize(
+    "flag", ["--lr_scheduler", "--model.lr_scheduler", "--model.lr_scheduler=", "--model.lr_scheduler.class_path"]
+)
+def test_reduce_lr_on_plateau_monitors_val_loss(fake_cifar10: Path, flag: str) -> None:
+    """The class's name alone is Lightning's ReduceLROnPlateau through LightningCLI's flag and through the model's
+    own (which jsonargparse refused as ambiguous with torch's class of the same name)."""
+    group = flag.rstrip("=").removesuffix(".class_path")
+    chosen = [f"{flag}ReduceLROnPlateau"] if flag.endswith("=") else [flag, "ReduceLROnPlateau"]
+    main(["fit", *cifar_args(fake_cifar10), *TINY, "--optimizer", "SGD", "--optimizer.lr", "0.05", *chosen,
+          f"{group}.monitor", "val_loss", f"{group}.patience", "0"])  # fmt: skip
+    ckpt = newest_checkpoint()
+    (scheduler,) = ckpt["lr_schedulers"]
     assert scheduler["monitor"] == "val_loss" and scheduler["best"] < float("inf")  # it saw val_loss
+    saved = ckpt["hyper_parameters"]["lr_scheduler"]
+    assert saved["class_path"] == "lightning.pytorch.cli.ReduceLROnPlateau"
+    assert saved["init_args"]["monitor"] == "val_loss"
 
 
 @pytest.mark.parametrize(
