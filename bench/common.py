@@ -214,12 +214,13 @@ def airbench_arrays(data, folder: Path, limit: int | None = None) -> Path:
 
 
 def run_steps(steps: list[tuple[str, str, Callable[[], dict | None]]], results: dict, out: Path,
-              table: Callable[[dict], Table]) -> dict:  # fmt: skip
+              table: Callable[[dict], Table], stem: str = "results") -> dict:  # fmt: skip
     """Run each (key, name, step), keeping its result under `key`; then print the table of the results.
 
-    `results.json` in `out` is rewritten after every step (a run stopped by a time limit keeps what it measured),
-    and `results.txt` holds the table. A step that fails (an exception, or a failed or timed-out cifar-cli run)
-    keeps `{"error": message}` under its key and a "failed" row in the table, and the steps after it still run:
+    `results.json` (`<stem>.json`) in `out` is rewritten after every step (a run stopped by a time limit keeps what
+    it measured), and `results.txt` holds the table. A step that fails (an exception, or a failed or timed-out
+    cifar-cli run) keeps `{"error": message}` under its key and a "failed" row in the table, and the steps after it
+    still run:
     on a lent GPU each call counts, and one broken step must not cost the others' numbers. Then SystemExit names
     the failed steps.
     """
@@ -239,7 +240,7 @@ def run_steps(steps: list[tuple[str, str, Callable[[], dict | None]]], results: 
         else:
             console.print(f"  {json.dumps(results[key])} ({time.perf_counter() - start:.0f} s)")
         # Whole or not at all: a kill at the device's time limit mid-write would lose every step measured before.
-        atomic_write_text(out / "results.json", json.dumps(results, indent=2))
+        atomic_write_text(out / f"{stem}.json", json.dumps(results, indent=2))
     failed_keys = {key for key, _ in failed}
     grid = table({k: v for k, v in results.items() if k not in failed_keys})
     for key, name in failed:
@@ -248,7 +249,7 @@ def run_steps(steps: list[tuple[str, str, Callable[[], dict | None]]], results: 
     with open(os.devnull, "w") as devnull:
         recorder = Console(record=True, width=150, file=devnull)
         recorder.print(grid)
-    atomic_write_text(out / "results.txt", recorder.export_text())
+    atomic_write_text(out / f"{stem}.txt", recorder.export_text())
     if failed:
         raise SystemExit(f"{len(failed)} of {len(steps)} steps failed: {', '.join(name for _, name in failed)}")
     return results

@@ -273,7 +273,8 @@ def run(
         test_size: Test images held out for part c.
         smoke: A few steps of everything, to check that the benchmarks run.
         parts: Only these parts (pipeline, host, overhead, recipe, fast_cpu, transfer, decode, placement, predict); the
-            table shows those measured.
+            table shows those measured, in `results-<parts>.json` and `.txt` (`results-host.json`), so that the
+            results of a whole run stay beside them.
         photos: Folder of the CIFAR-10 JPEGs upscaled to 256 px that parts f and g read, made from `root` when
             missing (smoke runs make a small one under `out`).
     """
@@ -311,7 +312,9 @@ def run(
         folder = out_path / "photos" if smoke else Path(photos).resolve()
         return upscaled_folder(root_path, folder, 64 if smoke else 256, 40 if smoke else None)
 
-    return run_steps(steps, results, out_path, lambda results: table(results, title))
+    chosen = [part for part in PARTS if parts is None or part in parts]
+    stem = "results" if len(chosen) == len(PARTS) else "-".join(["results", *chosen])
+    return run_steps(steps, results, out_path, lambda results: table(results, title), stem)
 
 
 if __name__ == "__main__":

@@ -100,6 +100,23 @@ def test_gpu_check_smoke_run_fills_every_row(tmp_path: Path, capsys) -> None:
     assert printed.index("1. fast.yaml") < printed.index("1b. airbench94") < printed.index("2. tutorial recipe")
 
 
+def test_some_parts_write_their_own_results_beside_a_whole_runs(tmp_path: Path) -> None:
+    """`--parts` wrote results.json and results.txt with only its parts, over a whole run's results."""
+    write_image_folder(tmp_path / "images" / "train", {"a": 30, "b": 30})
+    out = tmp_path / "bench"
+    out.mkdir()
+    whole = {"machine": "cifar-cli benchmarks: earlier", "host": {"overhead_ms": 0.6}}
+    (out / "results.json").write_text(json.dumps(whole))
+    (out / "results.txt").write_text("the whole run's table")
+    results = run(root=str(tmp_path / "images"), out=str(out), val_size=10, test_size=10, smoke=True,
+                  parts=["pipeline"])  # fmt: skip
+    assert json.loads((out / "results.json").read_text()) == whole
+    assert (out / "results.txt").read_text() == "the whole run's table"
+    saved = json.loads((out / "results-pipeline.json").read_text())
+    assert saved["pipeline"] == results["pipeline"] and saved["pipeline"]["ours"] > 0 and "host" not in saved
+    assert "a. data pipeline" in (out / "results-pipeline.txt").read_text()
+
+
 def test_a_failed_step_keeps_its_error_and_the_next_steps_still_run(tmp_path: Path, capsys) -> None:
     def broken() -> dict:
         raise SystemExit("cifar-cli fit failed in runs/x:\nCUDA error: [bad] launch")
