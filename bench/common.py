@@ -220,9 +220,8 @@ def run_steps(steps: list[tuple[str, str, Callable[[], dict | None]]], results: 
     `results.json` (`<stem>.json`) in `out` is rewritten after every step (a run stopped by a time limit keeps what
     it measured), and `results.txt` holds the table. A step that fails (an exception, or a failed or timed-out
     cifar-cli run) keeps `{"error": message}` under its key and a "failed" row in the table, and the steps after it
-    still run:
-    on a lent GPU each call counts, and one broken step must not cost the others' numbers. Then SystemExit names
-    the failed steps.
+    still run: on a lent GPU each call counts, and one broken step must not cost the others' numbers. Then
+    SystemExit names the failed steps.
     """
     console = Console(width=150)
     failed: list[tuple[str, str]] = []  # (key, name) of the steps that failed
