@@ -74,9 +74,10 @@ def drop_logger_only(trainer: Trainer, training: bool) -> None:
 # larger ones, a sample of TABLE_SAMPLE: a W&B table row holds a PNG of its image.
 TABLE_WHOLE_PIXELS = 64 * 64
 TABLE_SAMPLE = 1000
-# wandb.Table.MAX_ROWS: wandb writes only the first this many rows of a table logged to a run and drops the rest
-# (a larger split's last images, often whole classes of an image folder). Past it, the rows are drawn at random.
-TABLE_MAX_ROWS = 10_000
+# wandb.Table.MAX_ARTIFACT_ROWS: a table logged to a run is kept as an artifact, which the W&B app shows, of at
+# most this many rows; wandb drops the rest (a larger split's last images, often whole classes of an image folder).
+# Past it, the rows are drawn at random. (The run's own media copy, which the app does not read, keeps 10,000.)
+TABLE_MAX_ROWS = 200_000
 
 
 def table_rows(size: int, image_shape: tuple[int, ...], rows: int | None = None) -> Tensor:

@@ -114,8 +114,8 @@ class EvaluationLogger(Callback):
 
     Args:
         table_rows: Images in the prediction table. None: the whole split for images of up to 64x64 pixels,
-            else 1,000 drawn at random (the same ones every time); 0: no table. At most 10,000, W&B's limit for
-            a table in a run: of a larger split, 10,000 drawn at random.
+            else 1,000 drawn at random (the same ones every time); 0: no table. At most 200,000, W&B's limit for
+            a table: of a larger split, 200,000 drawn at random.
         mistakes: How many of the most confident mistakes to keep in the run folder.
     """
 

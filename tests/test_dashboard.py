@@ -257,19 +257,20 @@ def test_confusion_matrix_of_many_classes_keeps_every_count(tmp_path: Path) -> N
 
 
 def test_tables_of_large_splits_are_drawn_from_the_whole_split_within_wandbs_row_limit() -> None:
-    """wandb writes only the first 10,000 rows of a run's table: a 25,000-image split (or `table_rows` above the
-    limit) gets 10,000 rows drawn from all of it, the same each time, where the first 10,000 would have been
-    kept (an image folder's splits list their classes in order, so whole classes went missing)."""
+    """W&B keeps at most 200,000 rows of a table (its artifact, which the app shows; the run's media copy holds
+    10,000): a 250,000-image split (or `table_rows` above the limit) gets 200,000 rows drawn from all of it, the
+    same each time, where wandb kept the first 200,000 (an image folder's splits list their classes in order, so
+    whole classes went missing)."""
     import wandb
 
-    assert TABLE_MAX_ROWS == wandb.Table.MAX_ROWS
-    for rows in (None, 20_000):
-        chosen = table_rows(25_000, (3, 32, 32), rows)
-        assert len(chosen) == 10_000 and len(set(chosen.tolist())) == 10_000
-        assert chosen.max() > 20_000 and torch.equal(chosen, chosen.sort().values)
-        assert torch.equal(chosen, table_rows(25_000, (3, 32, 32), rows))
-    assert torch.equal(table_rows(10_000, (3, 32, 32)), torch.arange(10_000))  # within the limit: every image
-    assert len(table_rows(25_000, (3, 224, 224))) == 1000
+    assert TABLE_MAX_ROWS == wandb.Table.MAX_ARTIFACT_ROWS
+    for rows in (None, 300_000):
+        chosen = table_rows(250_000, (3, 32, 32), rows)
+        assert len(chosen) == 200_000 and len(set(chosen.tolist())) == 200_000
+        assert chosen.max() > 200_000 and torch.equal(chosen, chosen.sort().values)
+        assert torch.equal(chosen, table_rows(250_000, (3, 32, 32), rows))
+    assert torch.equal(table_rows(20_000, (3, 32, 32)), torch.arange(20_000))  # within the limit: every image
+    assert len(table_rows(250_000, (3, 224, 224))) == 1000
 
 
 def agent_command(sweep: dict, values: dict) -> list[str]:
