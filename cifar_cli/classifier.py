@@ -18,6 +18,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from cifar_cli.averaging import Lookahead
+from cifar_cli.callbacks import TIME_CHECK_STEPS
 from cifar_cli.checkpoints import load_checkpoint
 from cifar_cli.data import ImageDataModule
 from cifar_cli.errors import TrainingDiverged, UsageError
@@ -537,7 +538,8 @@ class ImageClassifier(LightningModule):
 
     def update_budget(self) -> None:
         """With a time budget and something that follows progress: re-estimate the steps that fit in the budget from
-        the pace so far, once after each step (under DDP every 20th, from rank 0's clock, broadcast).
+        the pace so far, once after each step (under DDP at the steps the clock is read, every TIME_CHECK_STEPS, from
+        rank 0's clock, broadcast).
 
         Lightning calls the callbacks' on_train_batch_end before the module's: one that reads the progress there
         (Lookahead) calls this first, or it would go by the pace before the step, and miss the step at which the
@@ -547,7 +549,7 @@ class ImageClassifier(LightningModule):
         if timer is None or step == self._budget_updated_at:
             return
         self._budget_updated_at = step
-        if step >= BUDGET_MIN_STEPS and not (self.trainer.world_size > 1 and step % 20):
+        if step >= BUDGET_MIN_STEPS and not (self.trainer.world_size > 1 and step % TIME_CHECK_STEPS):
             elapsed = timer.time_elapsed("train")
             if self.trainer.world_size > 1:
                 elapsed = self.trainer.strategy.broadcast(elapsed)

@@ -213,13 +213,15 @@ def test_signal_to_one_rank_stops_every_rank_and_resume_matches(images: Path, un
 
 
 @pytest.mark.slow
-def test_training_steps_wait_for_no_collective(images: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("schedule", [[], ["--model.lr_schedule", "WarmupLinearDecay"]], ids=["steps", "budget"])
+def test_training_steps_wait_for_no_collective(images: Path, tmp_path: Path, schedule: list[str]) -> None:
     """Under DDP with a time limit, no training step waits on a blocking collective, except every 10th step, where
     rank 0's clocks decide the time limit and `last.ckpt`'s timed save: no per-step stop vote (it runs
     asynchronously), no per-step broadcast of Lightning's SIGTERM flag or of its Timer's verdict. Epoch ends (steps
-    9 and 18), where the ranks agree on stopping, and validations are left out."""
+    9 and 18), where the ranks agree on stopping, and validations are left out. With a schedule the time budget's
+    estimate of the steps it holds is renewed at those steps too, from rank 0's clock (it was every 20th)."""
     watch = ["--trainer.max_time", "00:01:00:00", "--trainer.callbacks+=faults.BlockingCollectives",
-             "--trainer.callbacks.path", str(tmp_path / "collectives")]  # fmt: skip
+             "--trainer.callbacks.path", str(tmp_path / "collectives"), *schedule]  # fmt: skip
     code, stderr = finish(start([*BASE, *ONE_NODE, "--data.root", str(images), *watch], tmp_path, ddp_env(free_port())))
     assert code == 0, stderr[-2000:]
     assert "self.log('fit_time'" not in stderr  # Lightning's advice to sync rank 0's clock: nothing to act on
@@ -228,6 +230,9 @@ def test_training_steps_wait_for_no_collective(images: Path, tmp_path: Path) -> 
         steps = {call["step"] for call in calls} - {9, STEPS}
         assert steps == {10}, calls
         assert {call["op"] for call in calls if call["step"] == 10} == {"broadcast", "broadcast_object_list"}, calls
+        # Rank 0's clock for the time limit and for last.ckpt's timed save, and with a schedule for the budget (each
+        # a broadcast_object_list, which broadcasts twice itself)
+        assert [call["op"] for call in calls if call["step"] == 10].count("broadcast_object_list") == 2 + bool(schedule)
 
 
 @pytest.mark.slow
