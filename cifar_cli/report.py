@@ -244,15 +244,16 @@ def duration(seconds: float) -> str:
     return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {secs:02d} s" if minutes else f"{seconds:.1f} s"
 
 
-def metrics_lines(rows: Rows) -> list[str]:
+def metrics_lines(rows: Rows, evaluation: bool = False) -> list[str]:
+    """The best and final value of each headline metric, with the epoch of the best; none for an `evaluation`
+    (`validate` or `test`), which restores no loop state: its epoch reads 0."""
     lines = ["| metric | best | epoch | final |", "|---|---|---|---|"]
     for column in HEADLINE:
         values = [(x, v) for x, v, _ in validations(rows, column)]  # every validation, and each epoch's training
         if values:
             kind = "min" if "loss" in column else "max"
             best_x, best = (min if kind == "min" else max)(values, key=lambda xv: xv[1])
-            # The epoch the best was in; a test restores no loop state, so its epoch reads 0.
-            epoch = "" if column.startswith("test_") else math.ceil(best_x)
+            epoch = "" if evaluation or column.startswith("test_") else math.ceil(best_x)
             lines.append(f"| {column} | {kind} {fmt(best)} | {epoch} | {fmt(values[-1][1])} |")
     return lines if len(lines) > 2 else []
 
@@ -297,11 +298,23 @@ def config_lines(config: Any) -> list[str]:
     return list(lines.values())
 
 
-def write_markdown(run_dir: Path, rows: Rows, figures: list[str], classes: dict[str, list[str]]) -> str:
+def read_summary(run_dir: Path) -> dict[str, Any] | None:
     summary = read_optional(run_dir / "summary.json", lambda path: json.loads(path.read_text()))
+    return summary if isinstance(summary, dict) else None
+
+
+def is_evaluation(summary: dict[str, Any] | None) -> bool:
+    """Whether the run is a `validate` or `test` of a checkpoint: its metrics.csv reads epoch 0, whatever epoch the
+    checkpoint was saved at."""
+    return summary is not None and summary.get("stage") in ("validate", "test")
+
+
+def write_markdown(
+    run_dir: Path, rows: Rows, figures: list[str], classes: dict[str, list[str]], summary: dict[str, Any] | None
+) -> str:
     config = read_optional(run_dir / "config.yaml", lambda path: yaml.safe_load(path.read_text()))
     out = [f"# Run {run_dir.resolve().name}", ""]
-    if isinstance(summary, dict) and summary.get("stage"):
+    if summary is not None and summary.get("stage"):
         if summary["stage"] == "fit":
             out += [f"Stage: fit, {summary.get('epochs')} epochs, {summary.get('steps')} steps.", ""]
         else:  # test and validate restore no loop state: their epoch and step read 0
@@ -310,7 +323,10 @@ def write_markdown(run_dir: Path, rows: Rows, figures: list[str], classes: dict[
     fit_time = max((row["fit_time"] for row in rows if "fit_time" in row), default=None)
     if fit_time is not None:
         out += [f"Training time: {duration(fit_time)} ({fit_time:.1f} s).", ""]
-    sections = [("Metrics", metrics_lines(rows)), ("Checkpoints", checkpoint_lines(run_dir, summary))]
+    sections = [
+        ("Metrics", metrics_lines(rows, is_evaluation(summary))),
+        ("Checkpoints", checkpoint_lines(run_dir, summary)),
+    ]
     sections += [(f"Per class ({stage})", per_class_lines(rows, stage, classes.get(stage, []))) for stage in STAGES]
     sections += [
         ("Config", config_lines(config)),
@@ -355,7 +371,10 @@ def write_report(run_dir: Path, out: Path | None = None) -> list[Path]:
     rows = read_metrics(run_dir / "metrics.csv")
     out = Path(out) if out is not None else run_dir / "report"
     make_folder(out)
-    figures: dict[str, Figure | None] = {"loss": plot_curves(rows, "loss"), "accuracy": plot_curves(rows, "acc")}
+    summary = read_summary(run_dir)
+    figures: dict[str, Figure | None] = {}
+    if not is_evaluation(summary):  # a validate's one point would be drawn at epoch 1, not the checkpoint's epoch
+        figures.update(loss=plot_curves(rows, "loss"), accuracy=plot_curves(rows, "acc"))
     classes: dict[str, list[str]] = {}
     for stage in STAGES:
         title = {"val": "Validation", "test": "Test"}[stage]
@@ -372,7 +391,7 @@ def write_report(run_dir: Path, out: Path | None = None) -> list[Path]:
             path = out / f"{name}.png"
             atomic_write(path, lambda file, fig=fig: fig.savefig(file, format="png"))
             written.append(path)
-    markdown = write_markdown(run_dir, rows, [path.name for path in written], classes)
+    markdown = write_markdown(run_dir, rows, [path.name for path in written], classes, summary)
     atomic_write_text(out / "report.md", markdown)
     return [*written, out / "report.md"]
 

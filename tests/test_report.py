@@ -302,3 +302,19 @@ def test_out_that_cannot_be_a_folder(fit_run: Path, tmp_path: Path, capsys: pyte
         )
     assert not (fit_run / "report").exists()
     assert sorted(path.name for path in tmp_path.iterdir()) == ["my.yaml", "runs"]
+
+
+def test_validate_run_has_no_epochs(tmp_path: Path) -> None:
+    """A `cifar-cli validate` folder: its metrics.csv reads epoch 0 whatever the checkpoint's epoch, so the report
+    drew one point at epoch 1 and named epoch 1 as the best's, for a checkpoint of epoch 3."""
+    run = tmp_path / "validate-run"
+    run.mkdir()
+    write_csv(run / "metrics.csv", [{"epoch": 0, "step": 0, "val_acc": 0.8125, "val_loss": 0.875}])
+    write_confusion(run / "confusion_val.csv", CLASSES)
+    summary = {"stage": "validate", "metrics": {"val_acc": 0.8125}, "checkpoint": BEST, "epochs": 0, "steps": 0}
+    (run / "summary.json").write_text(json.dumps(summary))
+    written = write_report(run)
+    assert [path.name for path in written] == ["confusion_val.png", "report.md"]
+    report = (run / "report" / "report.md").read_text()
+    assert f"Stage: validate of `{BEST}`." in report
+    assert "| val_acc | max 0.8125 |  | 0.8125 |" in report and "| val_loss | min 0.8750 |  | 0.8750 |" in report
