@@ -12,7 +12,7 @@ import csv
 import errno
 import json
 import math
-import warnings
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -221,8 +221,8 @@ def plot_mistakes(data: dict[str, Any], title: str) -> Figure | None:
 
 
 def read_optional(path: Path, load: Callable[[Path], Any]) -> Any:
-    """`load(path)`, or None when the file is missing or unreadable (with a warning: the rest of the report
-    can still be written)."""
+    """`load(path)`, or None when the file is missing or unreadable (said in one line on stderr: the rest of the
+    report can still be written)."""
     if not path.is_file():
         return None
     try:
@@ -230,7 +230,9 @@ def read_optional(path: Path, load: Callable[[Path], Any]) -> Any:
     except UsageError:
         raise
     except Exception as err:
-        warnings.warn(f"{path}: unreadable ({err}); left out of the report", stacklevel=3)
+        # A line of its own, not a warning: Python's shows this module's path and source line beneath it.
+        reason = " ".join(str(err).split())
+        print(f"cifar-cli: {path}: unreadable ({reason}); left out of the report", file=sys.stderr)
         return None
 
 

@@ -200,13 +200,18 @@ def test_short_run_without_fit_time(tmp_path: Path) -> None:
     assert png_size(run / "report" / "mistakes_val.png")[0] == 528  # 3 columns
 
 
-def test_unreadable_extras_are_left_out(fit_run: Path) -> None:
+def test_unreadable_extras_are_left_out(fit_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Each in one line on stderr; as Python warnings they showed report.py's path and a line of its source."""
     (fit_run / "confusion_val.csv").write_text("label,cat,dog\ncat,1\n")
     (fit_run / "mistakes_val.pt").write_bytes(b"not a pickle")
     (fit_run / "summary.json").write_text("{")
-    with pytest.warns(UserWarning, match="unreadable"):
-        written = write_report(fit_run)
+    written = write_report(fit_run)
     assert [path.name for path in written] == ["loss.png", "accuracy.png", "report.md"]
+    lines = capsys.readouterr().err.splitlines()
+    assert sorted(line.split(": unreadable (")[0] for line in lines) == [
+        f"cifar-cli: {fit_run / name}" for name in ("confusion_val.csv", "mistakes_val.pt", "summary.json")
+    ]
+    assert all(line.endswith("); left out of the report") for line in lines), lines
 
 
 def test_bad_run_folder(tmp_path: Path) -> None:
