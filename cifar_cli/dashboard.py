@@ -284,8 +284,18 @@ class ModelArtifacts(Callback):
         self.best_path: str | None = None
         self.best_metrics: dict[str, float] = {}
         self.best_at: dict[str, int] = {}
+        self._trainer: Trainer | None = None
+        self._noted_now = False  # the best was noted at this step, before the epoch's training metrics were in
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._trainer = trainer
 
     def state_dict(self) -> dict[str, Any]:
+        # Called as every checkpoint is written, the best's too, once ModelCheckpoint has moved its best to it: the
+        # metrics, epoch and step of now are the best's, also for a validation within an epoch
+        # (`--trainer.val_check_interval 0.5`), whose metrics the next epoch's start had replaced by its end's.
+        if self._trainer is not None:
+            self._note_best(self._trainer)
         return {"best_path": self.best_path, "best_metrics": self.best_metrics, "best_at": self.best_at}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -293,20 +303,25 @@ class ModelArtifacts(Callback):
         self.best_metrics = dict(state_dict.get("best_metrics") or {})
         self.best_at = dict(state_dict.get("best_at") or {})
 
-    def _note_best(self, trainer: Trainer) -> None:
-        # Lightning runs the checkpoint callbacks after all others in a hook: by the next epoch's start (or fit's
-        # end), the best checkpoint of the epoch just done is known, and the metrics are still that epoch's.
+    def _note_best(self, trainer: Trainer, epoch_done: bool = False) -> None:
         best = trainer.checkpoint_callback
-        if isinstance(best, ModelCheckpoint) and best.best_model_path and best.best_model_path != self.best_path:
+        if not isinstance(best, ModelCheckpoint) or not best.best_model_path:
+            return
+        moved = best.best_model_path != self.best_path
+        # A best saved by the validation at an epoch's end is noted again at the next epoch's start (or fit's end),
+        # at the same step: by then the epoch's training metrics are in, and the epochs done count it.
+        again = epoch_done and self._noted_now and self.best_at.get("step") == trainer.global_step
+        if moved or again:
             self.best_path = best.best_model_path
             self.best_metrics = epoch_metrics(trainer.callback_metrics)
             self.best_at = {"epoch": trainer.current_epoch, "step": trainer.global_step}
+        self._noted_now = (moved or self._noted_now) and not epoch_done
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._note_best(trainer)
+        self._note_best(trainer, epoch_done=True)
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._note_best(trainer)
+        self._note_best(trainer, epoch_done=True)
         if not trainer.is_global_zero:
             return
         loggers = wandb_loggers(trainer)

@@ -355,3 +355,31 @@ def test_report_of_a_missing_folder_is_one_line(capsys) -> None:
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("cifar-cli: error: ") and "runs/nothing-here" in err[0]
+
+
+def test_best_model_artifact_of_a_validation_within_an_epoch(fake_cifar10: Path, tmp_path: Path) -> None:
+    """`--trainer.val_check_interval 0.5`: the best checkpoint is the first validation's, halfway through the only
+    epoch. Its metadata gave the step and metrics of the epoch's end, noted when fit ended."""
+    config = tmp_path / "first-is-best.yaml"
+    config.write_text(yaml.safe_dump({"trainer": {"callbacks": [
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+         "init_args": {"monitor": "fit_time", "mode": "min", "save_top_k": 1}},
+        {"class_path": "cifar_cli.dashboard.ModelArtifacts"},
+        {"class_path": "cifar_cli.callbacks.FitTimer"},
+    ]}}))  # fmt: skip
+    main(["fit", "--config", str(config), "--data.data_dir", str(fake_cifar10), "--data.val_size", "40",
+          "--data.batch_size", "32", "--trainer.max_epochs", "1", "--trainer.val_check_interval", "0.5",
+          "--trainer.enable_progress_bar", "false"])  # fmt: skip
+    finish_wandb()
+    ((run_id, folder),) = offline_runs().items()
+    (best_file,) = Path("runs/cifar-cli", run_id, "checkpoints").glob("epoch=*.ckpt")
+    saved = torch.load(best_file, weights_only=True)
+    last = torch.load(best_file.with_name("last.ckpt"), weights_only=True)
+    assert 0 < saved["global_step"] < last["global_step"]
+    best = read_run(folder).aliases["best"]["metadata"]
+    assert best["file"] == best_file.name
+    assert (best["epoch"], best["step"]) == (0, saved["global_step"])
+    assert best["metrics"]["fit_time"] == pytest.approx(best["score"])
+    with open(Path("runs/cifar-cli", run_id, "metrics.csv"), newline="") as file:
+        first = next(row for row in csv.DictReader(file) if row["val_acc"])
+    assert best["metrics"]["val_acc"] == pytest.approx(float(first["val_acc"]))
