@@ -144,7 +144,10 @@ class ImagePredictionLogger(Callback):
         precision = trainer.precision_plugin
         with torch.no_grad(), precision.forward_context():
             inputs = precision.convert_input(data.preprocess(images.to(pl_module.device)))
-            predicted = pl_module(inputs).argmax(dim=1).cpu()
+            # With its test-time augmentation (`--model.tta`), as the validation scored them: plain logits captioned
+            # other classes than the prediction table and the confusion matrix beside the panel gave.
+            # ImageClassifier's `evaluate`, by name: cifar_cli.classifier imports this module.
+            predicted = getattr(pl_module, "evaluate", pl_module)(inputs).argmax(dim=1).cpu()
         names = pl_module.class_names
         captions = [f"Pred: {names[p]}, Label: {names[y]}" for p, y in zip(predicted.tolist(), labels.tolist())]
         pictures = list(images.permute(0, 2, 3, 1).numpy())  # HWC uint8, as W&B expects

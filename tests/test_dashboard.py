@@ -383,3 +383,36 @@ def test_best_model_artifact_of_a_validation_within_an_epoch(fake_cifar10: Path,
     with open(Path("runs/cifar-cli", run_id, "metrics.csv"), newline="") as file:
         first = next(row for row in csv.DictReader(file) if row["val_acc"])
     assert best["metrics"]["val_acc"] == pytest.approx(float(first["val_acc"]))
+
+
+def test_example_images_are_captioned_with_the_predictions_validation_scores(
+    fake_cifar10: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With `--model.tta flip-shift` the `examples` panel's captions are the predictions of the validation it sits
+    beside, as the prediction table gives them: they came from the network without test-time augmentation. The
+    network reads one corner pixel, so that every view of an image may be classed otherwise."""
+    (tmp_path / "cornernet.py").write_text(
+        "from torch import nn\n\n\n"
+        "class Corner(nn.Module):\n"
+        "    def __init__(self, num_classes: int, image_shape: tuple[int, int, int]) -> None:\n"
+        "        super().__init__()\n"
+        "        self.conv = nn.Conv2d(image_shape[0], num_classes, 1)\n\n"
+        "    def forward(self, x):\n"
+        "        return self.conv(x[:, :, :1, :1]).flatten(1)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    main(["fit", "--data.data_dir", str(fake_cifar10), "--data.val_size", "40", "--data.batch_size", "64",
+          "--model.net", "cornernet.Corner", "--model.tta", "flip-shift", "--trainer.max_epochs", "1",
+          "--trainer.enable_progress_bar", "false"])  # fmt: skip
+    finish_wandb()
+    (folder,) = offline_runs().values()
+    run = read_run(folder)
+    (examples,) = [row for row in run.history if "examples/captions" in row]
+    table = run.table("val_predictions")
+    columns = table["columns"]
+    rows = {row[columns.index("index")]: row for row in table["data"]}
+    sample = torch.randperm(40, generator=torch.Generator().manual_seed(0))[:32].tolist()  # as the logger draws it
+    expected = [
+        f"Pred: {rows[i][columns.index('predicted')]}, Label: {rows[i][columns.index('label')]}" for i in sample
+    ]
+    assert examples["examples/captions"] == expected
