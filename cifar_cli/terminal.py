@@ -272,6 +272,10 @@ def write_summary(trainer: Trainer, stage: str, metrics: dict[str, float]) -> No
     """`summary.json` in the run's folder: what the summary printed, for `cifar-cli report` and for scripts."""
     if not trainer.loggers:
         return  # the shared default_root_dir is no run's own folder
+    path = os.path.join(run_dir(trainer), "summary.json")
+    if stage == "fit" and not metrics and os.path.exists(path):
+        # `--ckpt_path last` on a run that had already ended trains nothing and logs nothing: its summary stays.
+        return
     best = trainer.checkpoint_callback if stage == "fit" else None
     last = last_checkpoint(trainer)
     score = best.best_model_score if best is not None else None
@@ -287,4 +291,4 @@ def write_summary(trainer: Trainer, stage: str, metrics: dict[str, float]) -> No
         "epochs": trainer.current_epoch,
         "steps": trainer.global_step,
     }
-    atomic_write_text(os.path.join(run_dir(trainer), "summary.json"), json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(path, json.dumps(summary, indent=2) + "\n")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import itertools
+import json
 import re
 import types
 from pathlib import Path
@@ -134,3 +135,16 @@ def test_resumed_offline_wandb_run_prints_one_sync_command_for_all_its_parts(ima
     assert len(parts) == 2 and len({p.name.rsplit("-", 1)[1] for p in parts}) == 1
     lines = re.findall(r"^Upload to W&B: wandb sync (.+)$", out, re.MULTILINE)
     assert lines == [str(parts[0]), f"{parts[0]} {parts[1]}"]
+
+
+def test_resuming_a_run_that_had_ended_keeps_its_summary(image_folder: Path, capfd) -> None:
+    """The same command again (a job requeued after its run ended) resumes at the end and trains nothing: summary.json
+    lost the run's metrics, replaced by none."""
+    run = [*FIT, "--data.root", str(image_folder), "--trainer.logger", "CSVLogger", "--ckpt_path", "last"]
+    main(run)
+    (summary,) = Path("runs").glob("*/summary.json")
+    ended = json.loads(summary.read_text())
+    assert set(ended["metrics"]) >= {"train_loss", "val_acc"} and ended["steps"] == 4
+    main(run)
+    assert "resuming from" in capfd.readouterr().err
+    assert json.loads(summary.read_text()) == ended
