@@ -85,13 +85,27 @@ def per_epoch(
 def validations(rows: Rows, column: str) -> list[tuple[float, float, float | None]]:
     """`(epoch, value, fit_time)` of every row holding `column`, the epoch counted from 1 as `per_epoch` counts it,
     and a fraction of it where an epoch validated several times (`--trainer.val_check_interval 0.5`: 0.5, 1, 1.5,
-    ...); fit_time None where the row has none."""
+    ...); fit_time None where the row has none.
+
+    The fraction is the share of the epoch's steps done, where the steps of the epoch's end are known (its training
+    metrics' row, and the previous epoch's): `--trainer.val_check_interval 7` in an epoch of 20 steps validates
+    at 0.35 and 0.7, not 0.5 and 1. Else the epoch's validations are taken as evenly spaced."""
     by_epoch: dict[int, list[dict[str, float]]] = {}
+    ends: dict[int, float] = {}  # the logged step of each epoch's last training step
     for row in rows:
+        if "epoch" in row and "step" in row and any(key.endswith("_epoch") for key in row):
+            ends[int(row["epoch"]) + 1] = row["step"]
         if column in row and "epoch" in row:
             by_epoch.setdefault(int(row["epoch"]) + 1, []).append(row)
+
+    def position(epoch: int, i: int, found: list[dict[str, float]]) -> float:
+        start, end, step = ends.get(epoch - 1, -1.0 if epoch == 1 else None), ends.get(epoch), found[i - 1].get("step")
+        if start is None or end is None or step is None or not start < step <= end:
+            return epoch - 1 + i / len(found)
+        return epoch - 1 + (step - start) / (end - start)
+
     return [
-        (epoch - 1 + i / len(found), row[column], row.get("fit_time"))
+        (position(epoch, i, found), row[column], row.get("fit_time"))
         for epoch, found in sorted(by_epoch.items())
         for i, row in enumerate(found, 1)
     ]

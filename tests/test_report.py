@@ -179,6 +179,21 @@ def test_several_validations_an_epoch_are_all_drawn_and_scored(tmp_path: Path) -
     assert re.search(r"\| val_acc \| max 0\.7000 \| 1 \| 0\.6800 \|", report), report
 
 
+def test_validations_every_n_steps_are_drawn_where_they_ran(tmp_path: Path) -> None:
+    """`--trainer.val_check_interval 7` in epochs of 20 steps validates after steps 7 and 14 of each: 0.35 and 0.7
+    of the epoch, which the report drew at 0.5 and 1, the second as if at the epoch's end."""
+    run = tmp_path / "every-7-steps"
+    run.mkdir()
+    rows = []
+    for epoch in range(2):
+        for step in (7, 14):  # logged one step behind, as Lightning logs a validation
+            rows.append({"epoch": epoch, "step": 20 * epoch + step - 1, "val_acc": 0.5 + step / 100})
+        rows.append({"epoch": epoch, "step": 20 * epoch + 19, "train_acc_epoch": 0.5})
+    write_csv(run / "metrics.csv", rows)
+    positions = [x for x, _, _ in validations(read_metrics(run / "metrics.csv"), "val_acc")]
+    assert positions == pytest.approx([0.35, 0.7, 1.35, 1.7])
+
+
 def test_short_run_without_fit_time(tmp_path: Path) -> None:
     """One epoch, no fit_time: curves against epoch only; grayscale mistakes; 100 classes without cell text."""
     run = tmp_path / "short"
