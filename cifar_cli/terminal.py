@@ -115,8 +115,9 @@ def epoch_metrics(metrics: dict[str, Any]) -> dict[str, float]:
 
 
 class EpochLines(ProgressBar):
-    """One plain line per training epoch, after its validation, flushed; nothing within an epoch, and nothing for
-    the sanity check, `validate` or `test` (their summary ends the command):
+    """One plain line per training epoch, after its validation (an epoch without one shows no validation metrics),
+    flushed; nothing within an epoch, and nothing for the sanity check, `validate` or `test` (their summary ends the
+    command):
 
         epoch 3/10  step 1,407  train_loss 0.5121  train_acc 0.8304  val_loss 0.6104  val_acc 0.7902  12.3 s
 
@@ -133,7 +134,8 @@ class EpochLines(ProgressBar):
         super().__init__()
         self._enabled = True
         self._start = time.monotonic()
-        self._pending: tuple[int, float] | None = None  # (epoch, seconds since training began) of the next line
+        self._pending: tuple[int, float, bool] | None = None  # (epoch, seconds since training began, validated)
+        self._validated = False  # whether the epoch under way has validated
 
     @property
     def is_enabled(self) -> bool:
@@ -156,7 +158,12 @@ class EpochLines(ProgressBar):
         # FitTimer's count where the run has one: it goes on over a resume, as fit_time does.
         timer = next((c for c in trainer.callbacks if isinstance(c, FitTimer)), None)
         elapsed = timer.time_elapsed("train") if timer is not None else time.monotonic() - self._start
-        self._pending = (trainer.current_epoch, elapsed)
+        self._pending = (trainer.current_epoch, elapsed, self._validated)
+        self._validated = False
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._validated = True
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._print_pending(trainer, pl_module)
@@ -170,9 +177,12 @@ class EpochLines(ProgressBar):
     def _print_pending(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._pending is None or not self._enabled:
             return
-        epoch, elapsed = self._pending
+        epoch, elapsed, validated = self._pending
         self._pending = None
-        metrics = "  ".join(f"{k} {v:.4f}" for k, v in epoch_metrics(self.get_metrics(trainer, pl_module)).items())
+        shown = epoch_metrics(self.get_metrics(trainer, pl_module))
+        if not validated:  # `--trainer.check_val_every_n_epoch 2`: the values are an earlier epoch's validation's
+            shown = {k: v for k, v in shown.items() if not k.startswith("val_")}
+        metrics = "  ".join(f"{k} {v:.4f}" for k, v in shown.items())
         print(
             f"{epoch_label(epoch, trainer.max_epochs)}  step {trainer.global_step:,}  {metrics}  {_seconds(elapsed)}",
             flush=True,

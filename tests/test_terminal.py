@@ -108,6 +108,17 @@ def _seconds_of(line: str) -> float:
     return float(match[1])
 
 
+def test_epoch_lines_show_validation_metrics_only_for_epochs_that_validated(image_folder: Path, capfd) -> None:
+    """`--trainer.check_val_every_n_epoch 2`: the third epoch's line showed the second's val_loss and val_acc, as if
+    the third had validated."""
+    main([*FIT, "--data.root", str(image_folder), "--trainer.max_epochs", "3", "--trainer.check_val_every_n_epoch", "2",
+          "--trainer.logger", "CSVLogger"])  # fmt: skip
+    epochs = [line for line in capfd.readouterr().out.splitlines() if line.startswith("epoch ")]
+    names = [re.findall(r"  ([a-z_]+) \d+\.\d{4}", line) for line in epochs]
+    assert names == [["train_loss", "train_acc"], ["train_loss", "train_acc", "val_loss", "val_acc"],
+                     ["train_loss", "train_acc"]]  # fmt: skip
+
+
 def test_progress_bar_false_turns_the_lines_off(image_folder: Path, capfd) -> None:
     main([*FIT, "--data.root", str(image_folder), "--trainer.max_epochs", "1", "--trainer.logger", "CSVLogger",
           "--trainer.enable_progress_bar", "false"])  # fmt: skip
