@@ -79,7 +79,14 @@ from cifar_cli.resume import (
     run_identity,
     set_aside_csv_metrics,
 )
-from cifar_cli.terminal import print_summary, progress_bar, quiet_model_summary, quiet_wandb, silence_noise
+from cifar_cli.terminal import (
+    print_summary,
+    progress_bar,
+    quiet_model_summary,
+    quiet_wandb,
+    silence_noise,
+    sync_line,
+)
 
 # Checkpoint entry (under cifar_cli's own key): the folder `fit` ran in, where the data config's relative paths start.
 WORKING_DIR_KEY = "working_dir"
@@ -975,8 +982,15 @@ def main(args: ArgsType = None) -> None:
         # exit code.
         finish_wandb_run(0)
     except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else 1
+        wandb = sys.modules.get("wandb")
+        if code in (128 + signal.SIGTERM, 128 + signal.SIGINT) and wandb is not None:
+            # What a stopped offline run logged is kept, and W&B's closing lines that name it are off (WANDB_QUIET):
+            # without this line only the run's resumption would have said how to upload it.
+            if (line := sync_line(wandb.run)) is not None:
+                print(line, file=sys.stderr, flush=True)
         # A run stopped by a signal (Preemption: exit code 143 or 130) too, with that code, as the hook would.
-        finish_wandb_run(stop.code if isinstance(stop.code, int) else 1)
+        finish_wandb_run(code)
         raise
     except Exception as err:
         debug = debugging()

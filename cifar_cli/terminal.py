@@ -259,19 +259,26 @@ def print_summary(trainer: Trainer, stage: str) -> None:
         lines.append(f"Best checkpoint{score}: {best.best_model_path}")
     for logger in trainer.loggers:
         run = getattr(logger, "_experiment", None) if isinstance(logger, WandbLogger) else None
-        if run is not None and getattr(run, "offline", False):
-            lines.append(f"Upload to W&B: wandb sync {shlex.join(offline_parts(run.sync_dir, run.id))}")
+        if (line := sync_line(run)) is not None:
+            lines.append(line)
     for line in lines:
         console.print(Text(line), soft_wrap=True, highlight=False)
     if stage != "predict":  # predictions.csv is a predict run's summary
         write_summary(trainer, stage, metrics)
 
 
+def sync_line(run: Any) -> str | None:
+    """`Upload to W&B: wandb sync ...` for an offline W&B run (every part of it); None for an online run or none."""
+    if run is None or not getattr(run, "offline", False):
+        return None
+    return f"Upload to W&B: wandb sync {shlex.join(offline_parts(run.sync_dir, run.id))}"
+
+
 def offline_parts(sync_dir: str, run_id: str) -> list[str]:
     """The offline folders of W&B run `run_id`, oldest first, ending with this process's `sync_dir`: a run resumed
     with `--ckpt_path last` writes one per start, beside the first. `wandb sync` uploads the parts of one run in
     the order of their start when given together; the newest alone would leave out the epochs before the resume
-    (and a run stopped by a signal never printed the command for its first part)."""
+    (and the command a stopped part printed names it and the parts before it only)."""
     folder, own = os.path.split(sync_dir)
     parts = {name for name in os.listdir(folder or ".") if name.startswith("offline-run-")
              and name.endswith(f"-{run_id}") and name < own}  # fmt: skip

@@ -145,9 +145,13 @@ def test_sigterm_saves_prints_the_resume_command_and_ckpt_path_last_continues_th
     (run,) = Path("runs/cifar-cli").iterdir()
     last = run / "checkpoints" / "last.ckpt"
     assert torch.load(last, weights_only=True)["global_step"] == 8  # the batch under way when the signal came
-    lines = [line for line in capfd.readouterr().err.splitlines() if line.startswith("cifar-cli: stopped by")]
+    err = capfd.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("cifar-cli: stopped by")]
     assert lines == [f"cifar-cli: stopped by SIGTERM in epoch 2/3, step 8; resume with: cifar-cli fit --config "
                      f"{run / 'config.yaml'} --ckpt_path {last}"]  # fmt: skip
+    # And how to upload what the offline run logged, which nothing else said (W&B's own closing lines are off).
+    (part,) = Path("runs/wandb").glob(f"offline-run-*-{run.name}")
+    assert f"\nUpload to W&B: wandb sync {part}\n" in err
     config = (run / "config.yaml").read_bytes()
     # Ended by cifar-cli with the exit code, not left to W&B's exit hook, whose lines carry colour codes into logs.
     assert wandb.run is None
