@@ -338,7 +338,8 @@ def write_markdown(
             out += [f"Stage: {summary['stage']}{evaluated}.", ""]
     fit_time = max((row["fit_time"] for row in rows if "fit_time" in row), default=None)
     if fit_time is not None:
-        out += [f"Training time: {duration(fit_time)} ({fit_time:.1f} s).", ""]
+        seconds = f" ({fit_time:.1f} s)" if fit_time >= 60 else ""  # under a minute, duration() gives the seconds
+        out += [f"Training time: {duration(fit_time)}{seconds}.", ""]
     sections = [
         ("Metrics", metrics_lines(rows, is_evaluation(summary))),
         ("Checkpoints", checkpoint_lines(run_dir, summary)),

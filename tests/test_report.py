@@ -324,6 +324,15 @@ def test_out_that_cannot_be_a_folder(fit_run: Path, tmp_path: Path, capsys: pyte
     assert sorted(path.name for path in tmp_path.iterdir()) == ["my.yaml", "runs"]
 
 
+def test_training_time_under_a_minute_is_given_once(tmp_path: Path) -> None:
+    """It read "Training time: 30.3 s (30.3 s).": the seconds, then the same seconds again."""
+    run = tmp_path / "short-fit"
+    run.mkdir()
+    write_csv(run / "metrics.csv", [{"epoch": 0, "step": 9, "val_acc": 0.5, "fit_time": 30.25}])
+    write_report(run)
+    assert "\nTraining time: 30.2 s.\n" in (run / "report" / "report.md").read_text()
+
+
 def test_validate_run_has_no_epochs(tmp_path: Path) -> None:
     """A `cifar-cli validate` folder: its metrics.csv reads epoch 0 whatever the checkpoint's epoch, so the report
     drew one point at epoch 1 and named epoch 1 as the best's, for a checkpoint of epoch 3."""
