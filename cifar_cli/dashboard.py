@@ -286,6 +286,7 @@ class ModelArtifacts(Callback):
         self.best_at: dict[str, int] = {}
         self._trainer: Trainer | None = None
         self._noted_now = False  # the best was noted at this step, before the epoch's training metrics were in
+        self._trained = False  # whether this fit trained (a resumed run that had ended does not)
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._trainer = trainer
@@ -313,16 +314,27 @@ class ModelArtifacts(Callback):
         again = epoch_done and self._noted_now and self.best_at.get("step") == trainer.global_step
         if moved or again:
             self.best_path = best.best_model_path
-            self.best_metrics = epoch_metrics(trainer.callback_metrics)
+            metrics = epoch_metrics(trainer.callback_metrics)
+            if not epoch_done:  # the training metrics are still the previous epoch's
+                metrics = {k: v for k, v in metrics.items() if not k.startswith("train_")}
+            self.best_metrics = metrics
             self.best_at = {"epoch": trainer.current_epoch, "step": trainer.global_step}
         self._noted_now = (moved or self._noted_now) and not epoch_done
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._trained = False
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._trained = True  # not called where `--ckpt_path last` resumes a run that had ended
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._note_best(trainer, epoch_done=True)
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._note_best(trainer, epoch_done=True)
-        if not trainer.is_global_zero:
+        # `--ckpt_path last` on a run that had ended trains nothing: it logged the versions again, `latest` without
+        # metrics.
+        if not trainer.is_global_zero or not self._trained:
             return
         loggers = wandb_loggers(trainer)
         if not loggers:

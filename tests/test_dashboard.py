@@ -416,3 +416,20 @@ def test_example_images_are_captioned_with_the_predictions_validation_scores(
         f"Pred: {rows[i][columns.index('predicted')]}, Label: {rows[i][columns.index('label')]}" for i in sample
     ]
     assert examples["examples/captions"] == expected
+
+
+def test_resuming_a_run_that_had_ended_logs_no_model_versions_again(fake_cifar10: Path) -> None:
+    """The same command again with `--ckpt_path last` after the run ended trains nothing; it logged the best and
+    the last checkpoint again, `latest` with no metrics."""
+    run = ["fit", "--data.data_dir", str(fake_cifar10), "--data.val_size", "40", "--data.batch_size", "64",
+           "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false", "--ckpt_path", "last"]  # fmt: skip
+    main(run)
+    finish_wandb()
+    main(run)
+    finish_wandb()
+    first, second = sorted(Path("runs/wandb").glob("offline-run-*"))
+    assert {alias for a in read_run(first).artifacts if a["type"] == "model" for alias in a["aliases"]} == {
+        "best",
+        "latest",
+    }
+    assert [a for a in read_run(second).artifacts if a["type"] == "model"] == []
