@@ -61,6 +61,10 @@ def read_metrics(path: Path) -> Rows:
                 for row in csv.DictReader(file)
             ]
     except FileNotFoundError:
+        with contextlib.suppress(OSError, UnicodeDecodeError, yaml.YAMLError, LookupError, TypeError, AttributeError):
+            # The folder of a run with `--trainer.logger false` (default_root_dir): its config.yaml, no metrics.
+            if yaml.safe_load((path.parent / "config.yaml").read_text())["trainer"].get("logger") is False:
+                hint = "a run with --trainer.logger false logs none: train with the default logger or CSVLogger"
         raise UsageError(f"{path.parent}: no metrics.csv in this folder; {hint}") from None
     except (OSError, UnicodeDecodeError, csv.Error, ValueError, TypeError) as err:
         raise UsageError(f"{path}: unreadable ({err}); {hint}") from None

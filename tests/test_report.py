@@ -244,6 +244,20 @@ def test_bad_run_folder(tmp_path: Path) -> None:
     assert not (tmp_path / "report").exists()
 
 
+def test_folder_of_a_run_without_a_logger(tmp_path: Path) -> None:
+    """`--trainer.logger false` writes checkpoints and config.yaml, no metrics.csv: the line told the user to pass
+    a folder written by `cifar-cli fit`, which this one was."""
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "config.yaml").write_text("trainer:\n  logger: false\n")
+    with pytest.raises(UsageError, match=r"no metrics\.csv in this folder; a run with --trainer\.logger false logs "):
+        write_report(tmp_path)
+    # A run with a logger, stopped before it logged anything, or a config.yaml of another shape: the general hint.
+    for config in ("trainer:\n  logger: {class_path: WandbLogger}\n", "[1, 2]\n", "trainer: 3\n", ": :\n"):
+        (tmp_path / "config.yaml").write_text(config)
+        with pytest.raises(UsageError, match=r"no metrics\.csv in this folder; pass the folder of a run written by"):
+            write_report(tmp_path)
+
+
 def test_main(fit_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     main([str(fit_run)])
     lines = capsys.readouterr().out.splitlines()
