@@ -413,6 +413,12 @@ class RichBar(RichProgressBar):
         self.metrics_interval = metrics_interval
         self._metrics_read = float("-inf")
 
+    def get_metrics(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, int | str | float | dict]:
+        items = super().get_metrics(trainer, pl_module)
+        if isinstance(items.get("v_num"), int):  # a logger's version number, which the bar showed as `v_num: 3.000`
+            items["v_num"] = str(items["v_num"])
+        return items
+
     def _get_train_description(self, current_epoch: int) -> str:
         # Lightning's bar reads `Epoch 3/24` in the fourth of 25 epochs; cifar-cli's lines say `epoch 4/25`.
         label = epoch_label(current_epoch, self.trainer.max_epochs)

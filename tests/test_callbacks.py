@@ -153,6 +153,24 @@ def test_progress_bar_counts_epochs_from_one_as_every_line_does(image_folder: Pa
     assert {len(s) for s in shown} == {len("Validation")}  # padded as Lightning's, so the bars do not shift
 
 
+def test_progress_bar_shows_a_csv_loggers_version_as_a_whole_number(image_folder: Path, tmp_path: Path) -> None:
+    """Lightning's rich bar formats every number it shows as a metric: a CSVLogger's version 3 read `v_num: 3.000`."""
+    shown: list[str] = []
+
+    class Shown(RichBar):
+        def _update_metrics(self, trainer: Trainer, pl_module) -> None:
+            super()._update_metrics(trainer, pl_module)
+            shown.extend(self._metric_component._generate_metrics_texts())
+
+    data = ImageFolderDataModule(str(image_folder), val_size=30, batch_size=4)
+    model = ImageClassifier(TutorialCNN(3), class_names=["cat", "dog", "frog"])
+    trainer = Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=0, callbacks=[Shown()],
+                      logger=CSVLogger(tmp_path, version=3), enable_checkpointing=False, accelerator="cpu")  # fmt: skip
+    trainer.fit(model, data)
+    assert "v_num: 3" in shown and not any(text.startswith("v_num: 3.") for text in shown)
+    assert any(text.startswith("train_loss_step: ") and "." in text for text in shown)  # metrics keep their format
+
+
 def test_cuda_check_answers_without_nvml_only_where_no_gpu_answers(monkeypatch: pytest.MonkeyPatch) -> None:
     """Lightning's NVML-based CUDA check goes where no GPU answers (it reloads NVML at every Adam step on a CPU);
     where one does, it stays, so that nothing initialises CUDA before a fork."""
