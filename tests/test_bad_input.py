@@ -875,6 +875,25 @@ def test_odd_images_of_mixed_sizes_train_and_predict(tmp_path: Path, capfd) -> N
     assert f"Predictions for {6 + len(ODD_KINDS) // 2 + 3} images written to" in out
 
 
+# EXIF orientation tag: how a viewer turns the stored pixels (6: a quarter turn clockwise, as phones store portraits).
+ORIENTATIONS = {3: lambda a: np.rot90(a, 2), 6: lambda a: np.rot90(a, -1), 8: lambda a: np.rot90(a, 1)}
+
+
+@pytest.mark.parametrize("suffix", [".jpg", ".png", ".webp"])
+@pytest.mark.parametrize("orientation", sorted(ORIENTATIONS))
+def test_exif_rotated_photo_decodes_upright(suffix: str, orientation: int, tmp_path: Path) -> None:
+    stored = gradient(24, 40)  # landscape pixels, shown as a portrait where the tag turns them a quarter
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / f"photo{suffix}"
+    lossless = {"lossless": True} if suffix == ".webp" else {"quality": 95}
+    Image.fromarray(stored).save(path, exif=exif.tobytes(), **lossless)
+    shown = torch.from_numpy(ORIENTATIONS[orientation](stored).copy()).permute(2, 0, 1)
+    decoded = decode_rgb(path)
+    assert decoded.shape == shown.shape
+    assert (decoded.int() - shown.int()).abs().max() <= (8 if suffix == ".jpg" else 0)
+
+
 def test_decode_images_keeps_mixed_sizes_square(tmp_path: Path) -> None:
     paths = []
     for width, height in [(32, 32), (64, 32), (16, 40)]:

@@ -108,17 +108,20 @@ def skipped_line(folder: Path, skipped: Sequence[Skipped]) -> str | None:
 
 
 def decode_rgb(path: Path) -> Tensor:
-    """One image file as a `(3, H, W)` uint8 RGB tensor: grayscale, palette and alpha images, 16-bit PNGs, CMYK
-    JPEGs and animated GIFs (their first frame) included. A file that is no image ends in a UsageError naming it."""
+    """One image file as a `(3, H, W)` uint8 RGB tensor, upright as viewers show it (its EXIF orientation applied):
+    grayscale, palette and alpha images, 16-bit PNGs, CMYK JPEGs and animated GIFs (their first frame) included. A
+    file that is no image ends in a UsageError naming it."""
     if path.stat().st_size == 0:
         raise UsageError(f"image {path} is empty (0 bytes): remove or replace the file")
-    if path.suffix.lower() in PILLOW_SUFFIXES:
+    # Read here, not by torchvision's read_file, which takes no file name that is not UTF-8 (a Latin-1 `café.jpg`).
+    data = None if path.suffix.lower() in PILLOW_SUFFIXES else np.fromfile(path, dtype=np.uint8)
+    if data is None or _webp_with_exif(data):
         image = _decode_with_pillow(path, None)
     else:
-        # Read here, not by torchvision's read_file, which takes no file name that is not UTF-8 (a Latin-1 `café.jpg`).
-        data = torch.from_numpy(np.fromfile(path, dtype=np.uint8))
         try:
-            image = decode_image(data, mode=ImageReadMode.RGB)
+            # A phone stores a portrait photo as landscape pixels with an EXIF orientation tag: without it applied,
+            # such photos trained and were predicted lying on their side.
+            image = decode_image(torch.from_numpy(data), mode=ImageReadMode.RGB, apply_exif_orientation=True)
         except RuntimeError as err:
             image = _decode_with_pillow(path, err)
     if image.ndim == 4:  # an animated GIF: all its frames; Pillow, and every viewer's thumbnail, show the first
@@ -128,15 +131,22 @@ def decode_rgb(path: Path) -> Tensor:
     return image
 
 
+def _webp_with_exif(data: np.ndarray) -> bool:
+    """Whether the file is a WebP with EXIF metadata (the VP8X header's flag 0x08): torchvision applies the EXIF
+    orientation of JPEGs and PNGs only, Pillow of these too."""
+    return data[8:16].tobytes() == b"WEBPVP8X" and len(data) > 20 and bool(data[20] & 0x08)
+
+
 def _decode_with_pillow(path: Path, error: RuntimeError | None) -> Tensor:
     # torchvision refuses some valid files that Pillow reads, such as animated WebP ("Animated webp files are not
     # supported"); Pillow is the fallback only, as it is slower and loads lazily (errors surface at convert). It
-    # reads PILLOW_SUFFIXES (BMP) alone (`error` None): torchvision reads none of them.
-    from PIL import Image
+    # reads PILLOW_SUFFIXES (BMP), and WebPs with EXIF, alone (`error` None): torchvision reads none of the former
+    # and ignores the latter's orientation.
+    from PIL import Image, ImageOps
 
     try:
         with Image.open(path) as image:
-            rgb = np.asarray(image.convert("RGB"))
+            rgb = np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
     except Exception as err:  # Pillow raises UnidentifiedImageError, OSError, SyntaxError, ValueError for bad files
         cause = err if error is None else error
         reason = " ".join(str(cause).split()) or type(cause).__name__

@@ -34,10 +34,15 @@ def cache_path(cache_dir: Path, name: str, source: Path, fingerprint: str) -> Pa
     return cache_dir / f"{name}-{key}-{fingerprint[:16]}.npy"
 
 
+# Raised when the same file decodes to other pixels than before, so that caches decoded the old way are rebuilt.
+# 2: EXIF orientation applied.
+DECODING_VERSION = 2
+
+
 def files_fingerprint(paths: list[Path], names: list[str], image_size: int) -> str:
-    """A digest of the files' names, sizes and modification times and the side they decode to: editing, adding or
-    removing an image changes it. Stat-ing 50,000 files takes about 0.5 s."""
-    digest = hashlib.sha1(str(image_size).encode())
+    """A digest of the files' names, sizes and modification times, the side they decode to and DECODING_VERSION:
+    editing, adding or removing an image changes it. Stat-ing 50,000 files takes about 0.5 s."""
+    digest = hashlib.sha1(f"{image_size}|{DECODING_VERSION}".encode())
     for name, path in zip(names, paths):
         stat = path.stat()
         # surrogateescape: a name that is not UTF-8 (`café.jpg` in Latin-1) as its bytes, as os.fsencode gives them
