@@ -16,6 +16,8 @@ import contextlib
 import difflib
 import importlib.util
 import os
+import pickle
+import re
 import socket
 import urllib.error
 import urllib.parse
@@ -117,8 +119,22 @@ def load_weights_file(path: str, flag: str) -> dict[str, Tensor]:
             state = load_file(str(file), device="cpu")
         else:
             state = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as err:  # a damaged file or one that holds code raises anything from the unpickler or the zip
-        raise UsageError(f"{flag} {path} is not a weights file ({type(err).__name__}: {err})".split("\n")[0]) from err
+    except pickle.UnpicklingError as err:
+        # torch's message opens with advice to load the file without `weights_only`, which cifar-cli never does
+        # (and which would not read a JPEG either): say what the file holds instead.
+        refused = re.search(r"GLOBAL ([\w.]+)", str(err))
+        what = (
+            f"it holds a {refused[1]}, which weights-only loading refuses: save the network's state_dict() instead"
+            if refused
+            else "not a file torch.save wrote"
+        )
+        raise UsageError(f"{flag} {path} is not a weights file ({what})") from err
+    except Exception as err:  # a damaged or foreign file raises anything from the unpickler or the zip
+        with open(file, "rb") as head:
+            damaged = head.read(4) == b"PK\x03\x04"  # the zip format torch.save writes, cut short
+        what = "the file is truncated or damaged" if damaged else "not a file torch.save wrote"
+        what = f"not a safetensors file: {err}" if file.suffix == ".safetensors" else f"{what}: {type(err).__name__}"
+        raise UsageError(f"{flag} {path} is not a weights file ({what})".split("\n")[0]) from err
     # Checkpoints of other trainers nest the weights one level down; DDP-wrapped ones prefix them with `module.`.
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):

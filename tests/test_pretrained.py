@@ -173,6 +173,22 @@ def test_weights_path_of_another_architecture_fails_in_one_line(capsys) -> None:
                         ".safetensors)")  # fmt: skip
 
 
+def test_weights_path_that_is_no_state_dict_says_what_it_holds(capsys) -> None:
+    # torch's own message advised loading the file without weights_only, which cifar-cli never does.
+    Path("photo.jpg").write_bytes(b"\xff\xd8\xff\xe0" + bytes(100))
+    err = fails(capsys, "fit", "--model.net", "TorchvisionNet", "--model.net.weights_path", "photo.jpg")
+    assert err.endswith("--model.net.weights_path photo.jpg is not a weights file (not a file torch.save wrote)")
+    torch.save(torchvision.models.resnet18(), "whole.pth")  # the module pickled, not its state_dict
+    err = fails(capsys, "fit", "--model.net", "TorchvisionNet", "--model.net.weights_path", "whole.pth")
+    assert err.endswith(
+        "--model.net.weights_path whole.pth is not a weights file (it holds a torchvision.models.resnet.ResNet, "
+        "which weights-only loading refuses: save the network's state_dict() instead)"
+    )
+    Path("cut.pth").write_bytes(Path("whole.pth").read_bytes()[:5000])
+    err = fails(capsys, "fit", "--model.net", "TorchvisionNet", "--model.net.weights_path", "cut.pth")
+    assert "--model.net.weights_path cut.pth is not a weights file (the file is truncated or damaged: " in err
+
+
 def test_backbone_lr_factor_puts_the_backbone_in_its_own_groups() -> None:
     model = ImageClassifier(TorchvisionNet(3), ["a", "b", "c"], learning_rate=0.1, backbone_lr_factor=0.01)
     model.trainer = None
