@@ -144,10 +144,10 @@ def load_weights_file(path: str, flag: str) -> dict[str, Tensor]:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
-def load_into(model: nn.Module, state: dict[str, Tensor], head_path: str, flag: str) -> None:
-    """Load `state` into `model`, every tensor but the head's, which may have another class count; one line names
-    what does not fit."""
-    head = f"{head_path}."
+def load_into(model: nn.Module, state: dict[str, Tensor], head_path: str | tuple[str, ...], flag: str) -> None:
+    """Load `state` into `model`, every tensor but the head's (or heads'), which may have another class count; one
+    line names what does not fit."""
+    head = tuple(f"{path}." for path in ((head_path,) if isinstance(head_path, str) else head_path))
     body = {k: v for k, v in state.items() if not k.startswith(head)}
     own = {k: v for k, v in model.state_dict().items() if not k.startswith(head)}
     problems = fit_problems(own, body)
@@ -348,18 +348,16 @@ class TimmNet(NamedNet):
         known = timm.list_models()
         if name.partition(".")[0] not in known:
             raise UsageError(f"--model.net.name {name}: no timm network; {suggest(name.partition('.')[0], known)}")
-        overlay = {"file": str(Path(weights_path).expanduser())} if weights_path else None
-        load = (pretrained or weights_path is not None) and not _WEIGHTS_FROM_CHECKPOINT.get()
-        if load and weights_path is not None:
-            check_weights_file(weights_path, "--model.net.weights_path")
+        # A local file is loaded here, as TorchvisionNet loads it, not by timm: timm loads any weights but a head of
+        # the pretrained class count with strict=False, so a file of another network trained from random weights
+        # without a word, or ended in "Error(s) in loading state_dict" with nothing of what did not fit.
+        state = None
+        if weights_path is not None and not _WEIGHTS_FROM_CHECKPOINT.get():
+            state = load_weights_file(weights_path, "--model.net.weights_path")
+        load = pretrained and weights_path is None and not _WEIGHTS_FROM_CHECKPOINT.get()
 
         def create() -> nn.Module:
-            return timm.create_model(
-                name,
-                pretrained=load,
-                num_classes=num_classes,
-                pretrained_cfg_overlay=overlay,
-            )
+            return timm.create_model(name, pretrained=load, num_classes=num_classes)
 
         try:
             try:
@@ -383,6 +381,8 @@ class TimmNet(NamedNet):
         self.name = name
         head = model.pretrained_cfg.get("classifier") or "fc"
         self.head_path = head if isinstance(head, str) else head[0]
+        if state is not None:
+            load_into(model, state, head if isinstance(head, str) else tuple(head), "--model.net.weights_path")
         if pretrained or weights_path is not None:
             self.input_mean = tuple(model.pretrained_cfg.get("mean", IMAGENET_MEAN))
             self.input_std = tuple(model.pretrained_cfg.get("std", IMAGENET_STD))

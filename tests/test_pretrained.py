@@ -285,6 +285,19 @@ def test_timm_networks_by_name_with_local_weights(image_folder) -> None:
     main(["test", "--ckpt_path", str(only_checkpoint()), *QUIET])
 
 
+def test_timm_weights_path_of_another_network_fails_in_one_line(image_folder, capsys) -> None:
+    timm = pytest.importorskip("timm")
+    # timm loaded a file with any other head than its pretrained one with strict=False: these trained from random
+    # weights without a word.
+    torch.save(timm.create_model("test_vit").state_dict(), "vit.pth")
+    torch.save({"stem.weight": torch.zeros(3)}, "other.pth")
+    for file in ("vit.pth", "other.pth"):
+        args = ["--model.net", "TimmNet", "--model.net.name", "test_resnet", "--model.net.weights_path", file]
+        err = fails(capsys, "fit", *folder_args(image_folder, *args))
+        assert "--model.net.weights_path: the weights do not fit this architecture (" in err
+    assert not list(Path().glob("**/*.ckpt"))
+
+
 @pytest.mark.parametrize("where", ["cache", "hub", "nowhere"])
 def test_timm_weights_from_the_cache_without_a_request_and_no_retries_offline(
     where: str, monkeypatch: pytest.MonkeyPatch, capsys
