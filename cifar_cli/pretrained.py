@@ -271,6 +271,16 @@ def download_weights(name: str, weights: models.WeightsEnum) -> dict[str, Tensor
     folder = Path(torch.hub.get_dir()) / "checkpoints"
     file = folder / os.path.basename(weights.url)
     cached = file.is_file()  # torch loads it without a download or a check of its hash
+
+    def offline(reason: object) -> UsageError:
+        return UsageError(
+            f"cannot download the {name} weights {weights} ({reason}): put {file.name} from {weights.url} in "
+            f"{folder}/, or pass --model.net.weights_path FILE"
+        )
+
+    if not cached and unreachable(weights.url):
+        # Without a request: torch prints its `Downloading: "<url>" to <file>` line before it fails, a second line.
+        raise offline(f"{urllib.parse.urlsplit(weights.url).hostname} does not resolve: no network")
     try:
         return weights.get_state_dict(progress=False, check_hash=True)
     except Exception as err:
@@ -282,11 +292,7 @@ def download_weights(name: str, weights: models.WeightsEnum) -> dict[str, Tensor
             ) from err
         if not isinstance(err, (urllib.error.URLError, OSError)):
             raise
-        reason = getattr(err, "reason", None) or err
-        raise UsageError(
-            f"cannot download the {name} weights {weights} ({reason}): put {file.name} from {weights.url} in "
-            f"{folder}/, or pass --model.net.weights_path FILE"
-        ) from err
+        raise offline(getattr(err, "reason", None) or err) from err
 
 
 @contextlib.contextmanager
@@ -306,11 +312,16 @@ def hub_offline() -> Iterator[None]:
 def hub_unreachable() -> bool:
     """Whether the Hub's host name does not resolve here (and no proxy would resolve it): huggingface_hub retries
     each file five times over about 23 s before it gives up, on a machine without network as anywhere else."""
-    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return False
     from huggingface_hub import constants
 
-    host = urllib.parse.urlsplit(constants.ENDPOINT).hostname
+    return unreachable(constants.ENDPOINT)
+
+
+def unreachable(url: str) -> bool:
+    """Whether `url`'s host name does not resolve here, and no proxy would resolve it."""
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return False
+    host = urllib.parse.urlsplit(url).hostname
     try:
         socket.getaddrinfo(host, 443)
     except OSError:

@@ -73,6 +73,30 @@ def test_weights_offline_name_the_file_and_the_folder(capsys, monkeypatch, tmp_p
     assert f"{tmp_path / 'torch' / 'hub' / 'checkpoints'}/, or pass --model.net.weights_path FILE" in err
 
 
+def test_weights_without_network_fail_in_one_line_without_a_request(capsys, monkeypatch, tmp_path: Path) -> None:
+    # torch's download printed `Downloading: "<url>" to <file>` on stdout before it failed, and made the folder.
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    for proxy in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(proxy, raising=False)
+
+    def no_network(host, *args, **kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--model.net", "TorchvisionNet", "--model.net.weights", "DEFAULT"])
+    assert exit_info.value.code == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == (
+        "cifar-cli: error: cannot download the resnet18 weights ResNet18_Weights.IMAGENET1K_V1 (download.pytorch.org "
+        "does not resolve: no network): put resnet18-f37072fd.pth from "
+        f"https://download.pytorch.org/models/resnet18-f37072fd.pth in {tmp_path / 'torch' / 'hub' / 'checkpoints'}/, "
+        "or pass --model.net.weights_path FILE\n"
+    )
+    assert not (tmp_path / "torch").exists()
+
+
 @pytest.mark.parametrize("damage", ["truncated", "not_weights"])
 def test_a_damaged_weights_file_in_the_cache_fails_in_one_line(capsys, monkeypatch, tmp_path: Path, damage) -> None:
     # The file put there by hand, as the offline message says, cut short or of another kind: it was a traceback
