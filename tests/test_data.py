@@ -319,6 +319,25 @@ def test_image_folder_test_split_held_out_of_train(tmp_path: Path) -> None:
         no_test.test_dataloader()
 
 
+def test_a_class_the_held_out_splits_take_whole_is_said_in_fit(tmp_path: Path, capfd) -> None:
+    # A class of one image, which the seeded validation split takes: the network never saw it, and nothing said so.
+    write_image_folder(tmp_path / "train", {"a": 1, "b": 10, "c": 10, "d": 10, "e": 10})
+    args = ["--data", "ImageFolderDataModule", "--data.root", str(tmp_path), "--trainer.max_epochs", "1"]
+    args += ["--trainer.logger", "false", "--trainer.enable_progress_bar", "false"]
+    main(["fit", *args, "--data.val_size", "5"])
+    said = [line for line in capfd.readouterr().err.splitlines() if "held out" in line]
+    assert said == [
+        f"cifar-cli: every image of class a (1 image) in {tmp_path / 'train'} is held out for validation or testing "
+        "(--data.val_size, --data.test_size): the network never learns it; add images, hold out fewer, or draw "
+        "another split (--data.split_seed)"
+    ]
+    data = ImageFolderDataModule(str(tmp_path), val_size=5)
+    data.setup("fit")
+    assert 0 not in data.splits["train"].labels.tolist() and 0 in data.splits["val"].labels.tolist()
+    main(["fit", *args, "--data.val_size", "5", "--data.split_seed", "0"])  # a split that trains on it: no line
+    assert "held out" not in capfd.readouterr().err
+
+
 def test_image_folder_resizes_other_sizes(tmp_path: Path) -> None:
     write_image_folder(tmp_path / "train", {"a": 4, "b": 4}, size=48)
     data = ImageFolderDataModule(str(tmp_path), val_size=2, image_size=32)

@@ -219,12 +219,37 @@ class ImageFolderDataModule(ImageDataModule):
         # the command with nothing written.
         listings = self._listings()
         self.check_split_sizes(len(listings["train"].paths), self._held_out())
+        if stage == "fit":
+            self._say_untrained_classes(listings)
         needs_test = stage == "test" or (stage == "predict" and self.predict_root is None)
         if needs_test and "test" not in listings and not self.test_size:
             raise UsageError(f"{type(self).__name__} has no test split: {self._missing_split_hint('test')}")
         self._say_skipped(listings)
         self._write_caches([listing for listing in listings.values() if self._cached(listing) is None])
         self._prepared_listings = listings
+
+    def _held_out_sizes(self, listings: dict[str, _Listing]) -> list[int]:
+        """The validation and test images held out of train/: none for a split that has its own folder."""
+        return [0 if "val" in listings else self.val_size, 0 if "test" in listings else self.test_size]
+
+    def _say_untrained_classes(self, listings: dict[str, _Listing]) -> None:
+        """One line when the held-out splits take every training image of a class (a class of one or two images):
+        as with an empty class folder, the network would never learn it, and nothing said so. A line, not a refusal:
+        a quick run over many small classes may accept it."""
+        labels = listings["train"].labels
+        train_index = split_indices(len(labels), self._held_out_sizes(listings), self.split_seed)[-1]
+        untrained = sorted(set(range(len(self._classes))) - set(labels[train_index].tolist()))
+        if not untrained:
+            return
+        counts = torch.bincount(labels, minlength=len(self._classes)).tolist()
+        named = ", ".join(f"{self._classes[i]} ({counts[i]} image{'s'[: counts[i] - 1]})" for i in untrained[:3])
+        more = f" and {len(untrained) - 3} more" if len(untrained) > 3 else ""
+        self.notice(
+            f"every image of class{'es'[: 2 * (len(untrained) > 1)]} {named}{more} in {self.root / 'train'} is held "
+            "out for validation or testing (--data.val_size, --data.test_size): the network never learns "
+            f"{'them' if len(untrained) > 1 else 'it'}; add images, hold out fewer, or draw another split "
+            "(--data.split_seed)"
+        )
 
     def load_splits(self) -> None:
         # The listing `prepare` made moments before in this process, if any: listing 50,000 files and reading
@@ -241,8 +266,7 @@ class ImageFolderDataModule(ImageDataModule):
             self._legacy_cache(split).unlink(missing_ok=True)
         images, labels, names = files["train"], listings["train"].labels, listings["train"].names
         self.set_statistics(images)
-        sizes = [0 if "val" in listings else self.val_size, 0 if "test" in listings else self.test_size]
-        val_index, test_index, train_index = split_indices(len(images), sizes, self.split_seed)
+        val_index, test_index, train_index = split_indices(len(images), self._held_out_sizes(listings), self.split_seed)
 
         def split(name: str, index: Tensor) -> tuple[Tensor | DiskImages, Tensor, list[str]]:
             """A split: its own folder, or the rows `index` of train/."""
