@@ -805,8 +805,9 @@ def out_of_space(err: BaseException) -> OSError | None:
     return next(full, None)
 
 
-# A folder that cannot be written in, or made: the command's, not a file's, trouble.
-UNWRITABLE = (errno.ENOTDIR, errno.EACCES, errno.EPERM, errno.EROFS)
+# A folder that cannot be written in, or made: the command's, not a file's, trouble. EEXIST: `mkdir(exist_ok=True)`
+# of a folder whose path is a file.
+UNWRITABLE = (errno.ENOTDIR, errno.EACCES, errno.EPERM, errno.EROFS, errno.EEXIST)
 
 
 def unwritable(err: BaseException) -> OSError | None:
@@ -1018,7 +1019,8 @@ def main(args: ArgsType = None) -> None:
             sys.exit(1)
         denied = unwritable(err) if cause is None and not debug else None
         if denied is not None:
-            print(f"cifar-cli: error: cannot write in {denied.filename} ({denied.strerror.lower()}): choose a folder "
+            reason = "a file, not a folder" if denied.errno == errno.EEXIST else denied.strerror.lower()
+            print(f"cifar-cli: error: cannot write in {denied.filename} ({reason}): choose a folder "
                   "you can write in (--trainer.default_root_dir, --data.cache_dir)", file=sys.stderr)  # fmt: skip
             sys.exit(1)
         if cause is None or debug:

@@ -948,22 +948,31 @@ def test_full_disk_is_one_line_and_leaves_no_partial_file(
     assert len(list(Path("runs").rglob("config.yaml"))) == 1
 
 
-@pytest.mark.parametrize("flag", ["--data.cache_dir", "--trainer.default_root_dir"])
-def test_a_folder_that_cannot_be_written_is_one_line(flag: str, capsys) -> None:
+@pytest.mark.parametrize(
+    ("flag", "folder", "reason"),
+    [
+        ("--data.cache_dir", "notes.txt/out", "not a directory"),
+        ("--trainer.default_root_dir", "notes.txt/out", "not a directory"),
+        # The folder a file: its `mkdir(exist_ok=True)` raised FileExistsError, a traceback.
+        ("--data.cache_dir", "notes.txt", "a file, not a folder"),
+        ("--trainer.default_root_dir", "notes.txt", "a file, not a folder"),
+    ],
+)
+def test_a_folder_that_cannot_be_written_is_one_line(flag: str, folder: str, reason: str, capsys) -> None:
     """A folder to write in that cannot be made (a file in its path here; a read-only disk, one without permission):
     one line, exit code 1, and nothing written. It was a traceback, from the cache's or the logger's `mkdir`."""
     images(CLASSES_AB)
     Path("notes.txt").write_text("a file, not a folder")
     before = snapshot(Path())
+    logger = "CSVLogger" if folder != "notes.txt" else "false"  # without a logger, the folder itself is made
     with pytest.raises(SystemExit) as exit_info:
-        main([*FIT, "--trainer.max_epochs", "1", "--trainer.logger", "CSVLogger", flag, "notes.txt/out"])
+        main([*FIT, "--trainer.max_epochs", "1", "--trainer.logger", logger, flag, folder])
     err = capsys.readouterr().err
     assert exit_info.value.code == 1 and "Traceback" not in err
     errors = [line for line in err.splitlines() if line.startswith("cifar-cli: error")]
     assert len(errors) == 1 and errors[0].startswith("cifar-cli: error: cannot write in ")
     assert errors[0].endswith(
-        "notes.txt/out (not a directory): choose a folder you can write in (--trainer.default_root_dir, "
-        "--data.cache_dir)"
+        f"{folder} ({reason}): choose a folder you can write in (--trainer.default_root_dir, --data.cache_dir)"
     )
     if flag == "--data.cache_dir":  # refused before the trainer is built
         assert snapshot(Path()) == before
