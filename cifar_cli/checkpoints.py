@@ -156,10 +156,12 @@ def check_weights_fit(model: LightningModule, state_dict: dict[str, torch.Tensor
         )
 
 
-def check_same_classes(model: LightningModule, checkpoint: dict[str, Any], ckpt_path: str, subcommand: str) -> None:
+def check_same_classes(
+    model: LightningModule, checkpoint: dict[str, Any], ckpt_path: str, subcommand: str, data: object = None
+) -> None:
     """Fail in one line when the data's classes are not the checkpoint's, in the same order: its outputs would be
     read as other classes (a class folder added, removed or renamed since training), silently when their number is
-    the same."""
+    the same. `data`: the command's data module, named where it is of another class than the checkpoint's."""
     saved = checkpoint.get("hyper_parameters", {}).get("class_names")
     names = list(getattr(model, "class_names", []))
     if saved is None or list(saved) == names:
@@ -175,7 +177,15 @@ def check_same_classes(model: LightningModule, checkpoint: dict[str, Any], ckpt_
                for what, classes in (("lacks", lacks), ("adds", adds)) if classes]  # fmt: skip
     detail = f" (the data {'; '.join(changes)})" if changes else ""
     advice = "pass the data it was trained on"
-    if subcommand == "fit":
+    trained_with = str((checkpoint.get(CHECKPOINT_KEY, {}).get("data") or {}).get("class_path", "")).rpartition(".")[2]
+    if data is not None and trained_with and trained_with != type(data).__name__:
+        # A config's `data:` (configs/default.yaml names CIFAR10DataModule) replaces the checkpoint's data module:
+        # `--data.predict_root`, which the advice below names, cannot help then.
+        advice = (
+            f"it was trained with {trained_with}, and this command's data is {type(data).__name__} (a --data flag or "
+            "a config's data: section): leave that out"
+        )
+    elif subcommand == "fit":
         advice += ", or start a new run from its weights with --model.init_from"
     elif subcommand == "predict":
         advice += ", or predict a folder of images with --data.predict_root DIR"

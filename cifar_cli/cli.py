@@ -431,7 +431,8 @@ class CifarCLI(LightningCLI):
                 f"{type(self.model.net).__name__} has none"
             )
         if getattr(self, "checkpoint", None) is not None:
-            check_same_classes(self.model, self.checkpoint, self.config[self.subcommand]["ckpt_path"], self.subcommand)
+            ckpt_path = self.config[self.subcommand]["ckpt_path"]
+            check_same_classes(self.model, self.checkpoint, ckpt_path, self.subcommand, self.datamodule)
             check_weights_fit(self.model, self.checkpoint["state_dict"], self.config[self.subcommand]["ckpt_path"])
             self.checkpoint = None
         self.check_image_sizes()

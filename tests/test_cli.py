@@ -440,6 +440,24 @@ def test_a_checkpoint_of_other_classes_is_refused(image_folder: Path, capsys) ->
     )
 
 
+def test_predict_with_a_config_of_another_data_module_says_to_leave_it_out(image_folder: Path, capsys) -> None:
+    # configs/default.yaml names CIFAR10DataModule: the advice was --data.predict_root DIR, which was given.
+    main(["fit", "--data", "ImageFolderDataModule", "--data.root", str(image_folder), "--data.val_size", "30",
+          "--trainer.max_epochs", "1", "--trainer.logger", "false"])  # fmt: skip
+    (ckpt,) = checkpoints()
+    capsys.readouterr()
+    default = str(REPO / "configs" / "default.yaml")
+    err = fails(capsys, "predict", "--config", default, "--ckpt_path", str(ckpt), "--data.predict_root",
+                str(image_folder / "test"), "--trainer.logger", "false")  # fmt: skip
+    assert err.endswith(
+        "it was trained with ImageFolderDataModule, and this command's data is CIFAR10DataModule (a --data flag or a "
+        "config's data: section): leave that out"
+    )
+    main(["predict", "--ckpt_path", str(ckpt), "--data.predict_root", str(image_folder / "test"),
+          "--trainer.logger", "false"])  # fmt: skip
+    assert len(Path("predictions.csv").read_text().splitlines()) == 31
+
+
 def test_the_command_runs_with_the_imports_frozen(monkeypatch: pytest.MonkeyPatch) -> None:
     """`cifar-cli` and `python -m cifar_cli` (cli.run) keep the garbage collector off what the imports made; `main`,
     which a program may call many times, freezes nothing."""
