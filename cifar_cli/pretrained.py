@@ -383,10 +383,13 @@ class TimmNet(NamedNet):
                 raise UsageError(f"--model.net.name {name}: {err}") from err
             raise UsageError(f"--model.net {name}: the weights do not load ({str(err).splitlines()[0]})") from err
         except OSError as err:  # the Hub unreachable and the file not in its cache
-            cache = os.environ.get("HF_HOME", "~/.cache/huggingface")
+            from huggingface_hub import constants
+
+            # The folder huggingface_hub reads, from HF_HUB_CACHE, HF_HOME or XDG_CACHE_HOME: it was named from
+            # HF_HOME alone, ~/.cache/huggingface/hub wherever that was unset.
             raise UsageError(
                 f"cannot download the timm weights of {name} ({type(err).__name__}): run once online to fill "
-                f"{cache}/hub, or pass --model.net.weights_path FILE"
+                f"{constants.HF_HUB_CACHE}, or pass --model.net.weights_path FILE"
             ) from err
         self.model = model
         self.name = name

@@ -351,8 +351,13 @@ def test_timm_weights_from_the_cache_without_a_request_and_no_retries_offline(
     monkeypatch.setattr(timm, "create_model", create_model)
     monkeypatch.setattr(socket, "getaddrinfo", resolve)
     if where == "nowhere":
+        # The cache huggingface_hub reads (from HF_HUB_CACHE, HF_HOME or XDG_CACHE_HOME), not ~/.cache/huggingface/hub
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", "/data/hf-cache")
         err = fails(capsys, "fit", "--model.net", "TimmNet", "--model.net.pretrained", "true")
-        assert "cannot download the timm weights of resnet18 (LocalEntryNotFoundError)" in err
+        assert err.endswith(
+            "cannot download the timm weights of resnet18 (LocalEntryNotFoundError): run once online to fill "
+            "/data/hf-cache, or pass --model.net.weights_path FILE"
+        )
     else:
         TimmNet(num_classes=3, image_shape=(3, 32, 32), pretrained=True)
     assert offline_modes == {"cache": [True], "hub": [True, False], "nowhere": [True]}[where]
