@@ -218,7 +218,10 @@ class TorchvisionNet(NamedNet):
         super().__init__()
         known = models.list_models(module=models)
         if name not in known:
-            raise UsageError(f"--model.net.name {name}: no torchvision classification network; {suggest(name, known)}")
+            raise UsageError(
+                f"--model.net.name {name}: no torchvision classification network; "
+                f"{timm_hint(name, known) or suggest(name, known)}"
+            )
         kwargs = {}
         if name in ("googlenet", "inception_v3"):
             # Built as torchvision builds them for their weights: the auxiliary heads are dropped below, and the
@@ -249,6 +252,22 @@ class TorchvisionNet(NamedNet):
         setattr(holder, leaf, new_layer(holder.get_submodule(leaf), num_classes))
         self.model = model
         self.name = name
+
+
+def timm_hint(name: str, torchvision_names: list[str]) -> str | None:
+    """Where a name TorchvisionNet does not know is timm's (`deit_tiny_patch16_224`, `efficientnet_b0.ra_in1k`), how
+    to build it: close torchvision names alone sent the user looking for a spelling that was right."""
+    if importlib.util.find_spec("timm") is None:
+        return None
+    import timm
+
+    if not timm.is_model(name):
+        return None
+    hint = f"it is timm's: --model.net TimmNet --model.net.name {name}"
+    arch = name.partition(".")[0]
+    if arch != name and arch in torchvision_names:  # a timm weights tag on a name torchvision has too
+        hint += f", or torchvision's {arch} with --model.net.weights DEFAULT"
+    return hint
 
 
 def final_layer_outputs(model: nn.Module) -> int:
@@ -358,7 +377,10 @@ class TimmNet(NamedNet):
 
         known = timm.list_models()
         if name.partition(".")[0] not in known:
-            raise UsageError(f"--model.net.name {name}: no timm network; {suggest(name.partition('.')[0], known)}")
+            hint = suggest(name.partition(".")[0], known)
+            if name in models.list_models(module=models):
+                hint = f"it is torchvision's: --model.net TorchvisionNet --model.net.name {name}"
+            raise UsageError(f"--model.net.name {name}: no timm network; {hint}")
         # A local file is loaded here, as TorchvisionNet loads it, not by timm: timm loads any weights but a head of
         # the pretrained class count with strict=False, so a file of another network trained from random weights
         # without a word, or ended in "Error(s) in loading state_dict" with nothing of what did not fit.

@@ -61,6 +61,19 @@ def test_unknown_network_and_weights_names_fail_in_one_line(capsys) -> None:
     assert err.endswith("--model.net.weights IMAGENET9K: resnet18 has the weights DEFAULT, IMAGENET1K_V1")  # once each
 
 
+def test_a_network_of_the_other_library_says_which_to_use(capsys) -> None:
+    # Close torchvision names alone ("80 are known") sent the user looking for a spelling that was right.
+    pytest.importorskip("timm")
+    err = fails(capsys, "fit", "--model.net", "TorchvisionNet", "--model.net.name", "deit_tiny_patch16_224")
+    assert err.endswith("no torchvision classification network; it is timm's: --model.net TimmNet --model.net.name "
+                        "deit_tiny_patch16_224")  # fmt: skip
+    err = fails(capsys, "fit", "--model.net", "TorchvisionNet", "--model.net.name", "efficientnet_b0.ra_in1k")
+    assert err.endswith("it is timm's: --model.net TimmNet --model.net.name efficientnet_b0.ra_in1k, or "
+                        "torchvision's efficientnet_b0 with --model.net.weights DEFAULT")  # fmt: skip
+    err = fails(capsys, "fit", "--model.net", "TimmNet", "--model.net.name", "vit_b_16")
+    assert err.endswith("no timm network; it is torchvision's: --model.net TorchvisionNet --model.net.name vit_b_16")
+
+
 def test_weights_offline_name_the_file_and_the_folder(capsys, monkeypatch, tmp_path: Path) -> None:
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
 
