@@ -19,6 +19,7 @@ import os
 import pickle
 import re
 import socket
+import sys
 import urllib.error
 import urllib.parse
 from collections.abc import Iterable, Iterator
@@ -270,6 +271,23 @@ def timm_hint(name: str, torchvision_names: list[str]) -> str | None:
     return hint
 
 
+def timm_converted(model: nn.Module, state: dict[str, Tensor]) -> dict[str, Tensor] | None:
+    """`state` as timm converts a file for `model` when it loads pretrained weights (`checkpoint_filter_fn` of the
+    network's module: position embeddings resampled to another image size, an original repository's layout); None
+    where the module has none, or it cannot convert this file."""
+    convert = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
+    if convert is None:
+        return None
+    try:
+        try:
+            converted = convert(dict(state), model)
+        except TypeError:  # older filters take the state dict alone, as timm's loader allows
+            converted = convert(dict(state))
+    except Exception:  # a file the filter does not know: what did not fit is said of the file as it is
+        return None
+    return converted if isinstance(converted, dict) else None
+
+
 def final_layer_outputs(model: nn.Module) -> int:
     """The class count a torchvision network was built with (1000 unless told otherwise)."""
     return int(getattr(model, "num_classes", 1000))
@@ -418,7 +436,14 @@ class TimmNet(NamedNet):
         head = model.pretrained_cfg.get("classifier") or "fc"
         self.head_path = head if isinstance(head, str) else head[0]
         if state is not None:
-            load_into(model, state, head if isinstance(head, str) else tuple(head), "--model.net.weights_path")
+            heads = head if isinstance(head, str) else tuple(head)
+            try:
+                load_into(model, state, heads, "--model.net.weights_path")
+            except UsageError:
+                converted = timm_converted(model, state)
+                if converted is None:
+                    raise
+                load_into(model, converted, heads, "--model.net.weights_path")
         if pretrained or weights_path is not None:
             self.input_mean = tuple(model.pretrained_cfg.get("mean", IMAGENET_MEAN))
             self.input_std = tuple(model.pretrained_cfg.get("std", IMAGENET_STD))

@@ -335,6 +335,17 @@ def test_timm_weights_path_of_another_network_fails_in_one_line(image_folder, ca
     assert not list(Path().glob("**/*.ckpt"))
 
 
+def test_timm_weights_path_timm_converts_still_loads(image_folder) -> None:
+    # A ViT's file of another image size: timm resamples its position embeddings, as it did loading the file itself.
+    timm = pytest.importorskip("timm")
+    source = timm.create_model("test_vit", img_size=224)
+    torch.save(source.state_dict(), "vit224.pth")
+    net = TimmNet(num_classes=3, image_shape=(3, 32, 32), name="test_vit", weights_path="vit224.pth")
+    own = net.model.state_dict()
+    assert own["pos_embed"].shape != source.pos_embed.shape
+    assert torch.equal(own["blocks.0.attn.qkv.weight"], source.state_dict()["blocks.0.attn.qkv.weight"])
+
+
 @pytest.mark.parametrize("where", ["cache", "hub", "nowhere"])
 def test_timm_weights_from_the_cache_without_a_request_and_no_retries_offline(
     where: str, monkeypatch: pytest.MonkeyPatch, capsys
