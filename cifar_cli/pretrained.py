@@ -366,6 +366,9 @@ def unreachable(url: str) -> bool:
     return False
 
 
+TIMM_SOURCES = ("hf-hub:", "local-dir:")
+
+
 class TimmNet(NamedNet):
     """Any network of timm (`pip install 'cifar-cli[timm]'`), through `timm.create_model(name, pretrained,
     num_classes)`, which builds the new head itself.
@@ -375,7 +378,8 @@ class TimmNet(NamedNet):
     Args:
         num_classes: Outputs of the new head; the CLI links it from the data.
         image_shape: `(channels, height, width)` of the input images; the CLI links it from the data.
-        name: The architecture with its weights tag, as timm names it: `resnet18`, `convnext_tiny.fb_in22k`, ...
+        name: The architecture with its weights tag, as timm names it: `resnet18`, `convnext_tiny.fb_in22k`, ...;
+            or a Hub repository (`hf-hub:timm/resnet18.a1_in1k`) or a folder saved by timm (`local-dir:PATH`).
         pretrained: Load the pretrained weights.
         weights_path: A local state dict of the architecture (`.pth` or `.safetensors`), loaded instead.
     """
@@ -394,7 +398,9 @@ class TimmNet(NamedNet):
         import timm
 
         known = timm.list_models()
-        if name.partition(".")[0] not in known:
+        # `hf-hub:` (a Hub repository) and `local-dir:` (a folder saved by timm) name no registry entry: timm
+        # reads the architecture from the repository's or folder's config.json.
+        if not name.startswith(TIMM_SOURCES) and name.partition(".")[0] not in known:
             hint = suggest(name.partition(".")[0], known)
             if name in models.list_models(module=models):
                 hint = f"it is torchvision's: --model.net TorchvisionNet --model.net.name {name}"

@@ -322,6 +322,24 @@ def test_timm_networks_by_name_with_local_weights(image_folder) -> None:
     main(["test", "--ckpt_path", str(only_checkpoint()), *QUIET])
 
 
+def test_timm_network_from_a_folder_timm_saved(image_folder) -> None:
+    """timm's own source prefixes (`local-dir:`, `hf-hub:`) name no registry entry: TimmNet refused them as "no timm
+    network". A folder saved by timm (config.json and the weights) builds its network offline, with a new head."""
+    timm = pytest.importorskip("timm")
+    from timm.models._hub import save_for_hf
+
+    source = timm.create_model("test_resnet")
+    save_for_hf(source, "saved")
+    net = TimmNet(num_classes=3, image_shape=(3, 32, 32), name="local-dir:saved", pretrained=True)
+    own = net.model.state_dict()
+    assert net.head.out_features == 3
+    assert all(torch.equal(own[k], v) for k, v in source.state_dict().items() if not k.startswith("fc."))
+    args = ["--model.net", "TimmNet", "--model.net.name", "local-dir:saved", "--model.net.pretrained", "true",
+            "--trainer.limit_train_batches", "1"]  # fmt: skip
+    main(["fit", *folder_args(image_folder, *args)])
+    assert only_checkpoint().is_file()
+
+
 def test_timm_weights_path_of_another_network_fails_in_one_line(image_folder, capsys) -> None:
     timm = pytest.importorskip("timm")
     # timm loaded a file with any other head than its pretrained one with strict=False: these trained from random
