@@ -354,6 +354,8 @@ class LastCheckpoint(ModelCheckpoint):
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any, **kwargs: Any) -> None:
         if self._should_skip_saving_checkpoint(trainer) or trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
             return  # (the epoch's end saves after the last batch)
+        if trainer.fit_loop._should_accumulate():
+            return  # a checkpoint holds no gradients: one saved within an accumulation would lose its batches
         due = bool(self.every_n_steps) and trainer.global_step % self.every_n_steps == 0
         if self.every_n_minutes and (trainer.world_size == 1 or trainer.global_step % TIME_CHECK_STEPS == 0):
             late = time.monotonic() - self._last_save >= 60 * self.every_n_minutes
@@ -518,6 +520,8 @@ class Preemption(Callback):
         rank (at validation and epoch ends), counting the vote started at the last batch end."""
         if trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking:
             return
+        if trainer.fit_loop._should_accumulate():
+            return  # stopped there, the checkpoint would lose the gradients of the accumulation's batches so far
         signalled = self.signal is not None
         if trainer.world_size > 1:
             vote, self._vote = self._vote, None
@@ -530,8 +534,8 @@ class Preemption(Callback):
         if trainer.world_size == 1 or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             self._stop_if_signalled(trainer)
             return
-        if trainer.state.fn != TrainerFn.FITTING:
-            return
+        if trainer.state.fn != TrainerFn.FITTING or trainer.fit_loop._should_accumulate():
+            return  # (every rank accumulates alike: all read the vote at the batch that ends the accumulation)
         # The vote started at the last batch end has had a whole step to finish on every rank; every rank reads
         # the same sum, so all stop here, or all start the next vote.
         vote, self._vote = self._vote, None

@@ -131,6 +131,42 @@ def test_stop_on_a_signal_then_resume_ends_with_the_uninterrupted_weights(
     assert_identical(tensors(last), tensors(reference))
 
 
+def test_a_signal_within_a_gradient_accumulation_stops_where_it_ends_and_resumes_exactly(
+    fake_cifar10: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With `accumulate_grad_batches 2` (5 batches an epoch: 3 optimizer steps), a SIGTERM before the first batch of
+    an accumulation stops after its second, and no `last.ckpt` is saved between the two (the resumed run's first
+    step-cadence save was one): a checkpoint holds no gradients, and a run resumed from there had lost a batch's."""
+    args = [*cifar(fake_cifar10), *CSV_LOGGER, "--trainer.max_epochs", "3", "--trainer.enable_progress_bar", "false",
+            "--trainer.accumulate_grad_batches", "2", "--last_checkpoint.every_n_steps", "2"]  # fmt: skip
+    os.chdir(tmp_path / "reference" if (tmp_path / "reference").mkdir() is None else tmp_path)
+    main(["fit", *args])
+    (reference,) = Path().glob("runs/**/last.ckpt")
+    reference = reference.resolve()
+    os.chdir(tmp_path / "stopped" if (tmp_path / "stopped").mkdir() is None else tmp_path)
+    sys.path.insert(0, str(REPO / "tests"))
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", *args, "--trainer.callbacks+=faults.SignalAt", "--trainer.callbacks.epoch", "1",
+              "--trainer.callbacks.batch", "2"])  # fmt: skip
+    assert stop.value.code == 143
+    (last,) = Path().glob("runs/**/last.ckpt")
+    assert torch.load(last, weights_only=True)["global_step"] == 5  # batches 2 and 3 of the second epoch: step 5
+    saved = []
+    real = AtomicCheckpointIO.save_checkpoint
+
+    def save(self, checkpoint, path, storage_options=None) -> None:
+        loop = checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]
+        if Path(path).name == "last.ckpt":
+            saved.append((checkpoint["global_step"], loop["processed"]))
+        real(self, checkpoint, path, storage_options)
+
+    monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", save)
+    main(["fit", *args, "--ckpt_path", "last"])
+    # Each save after a batch that ended an accumulation (the 2nd or 4th of an epoch) or after the epoch's last.
+    assert saved == [(6, 5), (8, 4), (9, 5)]
+    assert_identical(tensors(last), tensors(reference))
+
+
 def test_sigterm_saves_prints_the_resume_command_and_ckpt_path_last_continues_the_run(
     fake_cifar10: Path, capfd
 ) -> None:
