@@ -90,6 +90,7 @@ from cifar_cli.terminal import (
 
 # Checkpoint entry (under cifar_cli's own key): the folder `fit` ran in, where the data config's relative paths start.
 WORKING_DIR_KEY = "working_dir"
+SEED_KEY = "seed"  # the run's seed, which a resume with `--seed_everything true` goes on with
 # The data modules' arguments that name files or folders.
 DATA_PATHS = ("root", "data_dir", "cache_dir", "predict_root")
 
@@ -262,12 +263,13 @@ class RunConfigSaver(SaveConfigCallback):
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         # The data module's full config (class_path and init_args), so that `--ckpt_path` restores it too, with
-        # the folder its relative paths start from, and the run's identity, so that resuming from it continues the
-        # same run folder and W&B run.
+        # the folder its relative paths start from, the run's identity, so that resuming from it continues the
+        # same run folder and W&B run, and its seed.
         checkpoint[CHECKPOINT_KEY] = {
             "data": self.resolved["data"],
             WORKING_DIR_KEY: os.getcwd(),
             RUN_KEY: run_identity(trainer),
+            SEED_KEY: self.resolved.get("seed_everything"),
         }
 
 
@@ -352,6 +354,11 @@ class CifarCLI(LightningCLI):
     def _set_seed(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         nodes = config["trainer"].get("num_nodes")
+        saved = (getattr(self, "checkpoint", None) or {}).get(CHECKPOINT_KEY, {}).get(SEED_KEY)
+        if self.subcommand == "fit" and config.get("seed_everything") is True and type(saved) is int:
+            # The run drew its seed when it started: drawn again, the resumed run would shuffle, augment and
+            # flip as another run does (the same command restarts a job).
+            config["seed_everything"] = saved
         config["seed_everything"] = chosen_seed(config.get("seed_everything"), nodes if isinstance(nodes, int) else 1)
         with QuietSeed():  # announced after the checks, whose errors it would otherwise precede
             super()._set_seed()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
@@ -12,6 +13,7 @@ import faults
 import pytest
 import torch
 import wandb
+import yaml
 from lightning.pytorch.callbacks import Timer
 from test_cli import CSV_LOGGER, metrics_rows, values
 
@@ -197,6 +199,32 @@ def test_sigterm_saves_prints_the_resume_command_and_ckpt_path_last_continues_th
     assert list(Path("runs/cifar-cli").iterdir()) == [run] and (run / "config.yaml").read_bytes() == config
     assert {p.name.rsplit("-", 1)[1] for p in Path("runs/wandb").glob("offline-run-*")} == {run.name}
     assert torch.load(last, weights_only=True)["global_step"] == 15
+
+
+def test_a_run_with_a_drawn_seed_restarted_by_the_same_command_goes_on_with_its_seed(
+    fake_cifar10: Path, tmp_path: Path, caplog
+) -> None:
+    """`--seed_everything true` draws a seed once; the same command with `--ckpt_path last` goes on with it (a new
+    draw shuffled the rest of training as another run would) and ends with the weights of an uninterrupted run of
+    that seed."""
+    args = [*cifar(fake_cifar10), *CSV_LOGGER, "--trainer.max_epochs", "2", "--trainer.enable_progress_bar", "false",
+            "--data.augment", "true"]  # fmt: skip
+    os.chdir(tmp_path / "stopped" if (tmp_path / "stopped").mkdir() is None else tmp_path)
+    sys.path.insert(0, str(REPO / "tests"))
+    with pytest.raises(SystemExit):
+        main(["fit", *args, "--seed_everything", "true", "--trainer.callbacks+=faults.SignalAt",
+              "--trainer.callbacks.epoch", "0", "--trainer.callbacks.batch", "2"])  # fmt: skip
+    (config,) = Path().glob("runs/**/config.yaml")
+    seed = yaml.safe_load(config.read_text())["seed_everything"]
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        main(["fit", *args, "--seed_everything", "true", "--ckpt_path", "last"])
+    assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("Seed set")] == [f"Seed set to {seed}"]
+    (last,) = Path().glob("runs/**/last.ckpt")
+    os.chdir(tmp_path / "reference" if (tmp_path / "reference").mkdir() is None else tmp_path)
+    main(["fit", *args, "--seed_everything", str(seed)])
+    (reference,) = Path().glob("runs/**/last.ckpt")
+    assert_identical(tensors(tmp_path / "stopped" / last), tensors(reference))
 
 
 def test_a_second_ctrl_c_stops_at_once_with_exit_code_130(fake_cifar10: Path, capfd, caplog) -> None:
