@@ -11,6 +11,7 @@ from jsonargparse.typing import ClosedUnitInterval, PositiveFloat, PositiveInt
 from lightning.pytorch import LightningModule
 from lightning.pytorch.callbacks import BackboneFinetuning, BaseFinetuning, Timer
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable, ReduceLROnPlateau
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import LambdaLR
@@ -30,6 +31,8 @@ Batch = tuple[Tensor, ...]  # (images, labels) in training; (images, labels, ind
 TTA = Literal["none", "flip", "flip-shift"]
 # Checkpoint entry holding the training metrics' running sums.
 METRICS_KEY = "cifar_cli_train_metrics"
+# Optimizer settings that choose how the update is computed, not what it is: a resumed run keeps its checkpoint's.
+IMPLEMENTATION_KEYS = ("fused", "foreach", "capturable", "differentiable")
 # Steps before the pace of training, and with it the steps that fit in a time budget, is first estimated.
 BUDGET_MIN_STEPS = 10
 # Training images the whitening layer of a net with `init_whitening` is fitted to (airbench uses 5,000).
@@ -446,6 +449,8 @@ class ImageClassifier(LightningModule):
         checkpoint[METRICS_KEY] = saved
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
+            self._resumed_from = checkpoint  # its optimizer state is restored after on_fit_start
         if self._trainer is not None and self.global_rank != 0:
             return  # rank 0 takes the sums of every rank's batches so far; the others count on from zero
         for name, saved in checkpoint.get(METRICS_KEY, {}).items():
@@ -479,6 +484,9 @@ class ImageClassifier(LightningModule):
             self.net.compile()
 
     def on_fit_start(self) -> None:
+        checkpoint, self._resumed_from = getattr(self, "_resumed_from", None), None
+        if checkpoint is not None:
+            self._optimizer_settings_over(checkpoint)
         # A fresh run fits the whitening layer to the data; a resumed one has it in its checkpoint already.
         whitening = hasattr(self.net, "init_whitening") and not any(k.startswith("whiten.") for k in self.initialised)
         if whitening and self.trainer.ckpt_path is None:
@@ -492,6 +500,39 @@ class ImageClassifier(LightningModule):
             # which DDP would never reconcile in a frozen layer.
             for tensor in self.net.state_dict().values():
                 tensor.copy_(self.trainer.strategy.broadcast(tensor))
+
+    def _optimizer_settings_over(self, checkpoint: dict[str, Any]) -> None:
+        """Put the settings of the optimizer just built (learning rate, weight decay, momentum, ...) over those in
+        the checkpoint's optimizer state, which Lightning restores next: a restart's `--model.learning_rate` trained
+        on at the checkpoint's rate. A scheduled learning rate keeps its place in the schedule, rescaled to the new
+        base rate. The implementation (fused, foreach) stays the checkpoint's, so that resuming stays exact."""
+        states = checkpoint.get("optimizer_states") or []
+        schedulers = checkpoint.get("lr_schedulers") or []
+        for optimizer, state in zip(self.trainer.optimizers, states):
+            ratios = []
+            for new, saved in zip(optimizer.param_groups, state.get("param_groups", [])):
+                for key, value in new.items():
+                    if key not in ("params", "lr", "initial_lr", *IMPLEMENTATION_KEYS) and key in saved:
+                        saved[key] = value
+                ratio = 1.0
+                if not self.trainer.lr_scheduler_configs:
+                    saved["lr"] = new["lr"]
+                elif new.get("initial_lr") and saved.get("initial_lr"):  # a torch scheduler's base rate
+                    ratio = new["initial_lr"] / saved["initial_lr"]
+                    saved["initial_lr"] = new["initial_lr"]
+                else:  # ReduceLROnPlateau: its reductions so far go on
+                    ratio = self.hparams.learning_rate / checkpoint.get("hyper_parameters", {}).get(
+                        "learning_rate", self.hparams.learning_rate
+                    )
+                if ratio != 1:
+                    saved["lr"] *= ratio
+                ratios.append(ratio)
+            for config, scheduler in zip(self.trainer.lr_scheduler_configs, schedulers):
+                if getattr(config.scheduler, "optimizer", None) is not optimizer:
+                    continue
+                for key in ("base_lrs", "_last_lr"):  # (groups a finetuning callback added keep theirs)
+                    if isinstance(rates := scheduler.get(key), list):
+                        scheduler[key] = [rate * r for rate, r in zip(rates, ratios)] + rates[len(ratios) :]
 
     def configure_optimizers(self) -> Any:
         hp = self.hparams

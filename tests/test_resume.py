@@ -339,6 +339,25 @@ def test_restart_changes_the_learning_rate_and_resumes_a_run_of_two_loggers(fake
     (last,) = Path("runs").glob("**/checkpoints/last.ckpt")
     state = torch.load(last, weights_only=True)
     assert state["global_step"] == 10 and state["hyper_parameters"]["learning_rate"] == 0.05
+    # The optimizer trained on at it: the schedule's base rate, and its rate at the end of the schedule.
+    assert state["lr_schedulers"][0]["base_lrs"][0] == 0.05
+    group = state["optimizer_states"][0]["param_groups"][0]
+    end = WarmupLinearDecay(start=0.2, peak=0.23, end=0.07, restarts=(0.4,))(1.0)
+    assert group["initial_lr"] == 0.05 and group["lr"] == pytest.approx(0.05 * end)
+
+
+def test_restart_changes_the_optimizer_settings(fake_cifar10: Path) -> None:
+    """Without a schedule too: the optimizer state restored from the checkpoint had the first start's learning rate
+    and weight decay, and the restart's flags were only written into its hyperparameters."""
+    args = [*cifar(fake_cifar10), *CSV_LOGGER, "--trainer.enable_progress_bar", "false"]
+    main(["fit", *args, "--trainer.max_epochs", "1"])
+    main(["fit", *args, "--trainer.max_epochs", "2", "--ckpt_path", "last", "--model.learning_rate", "0.001",
+          "--model.weight_decay", "0.01", "--model.optimizer.betas", "[0.8, 0.9]"])  # fmt: skip
+    (last,) = Path("runs").glob("**/checkpoints/last.ckpt")
+    state = torch.load(last, weights_only=True)
+    assert state["global_step"] == 10
+    (group,) = state["optimizer_states"][0]["param_groups"]
+    assert (group["lr"], group["weight_decay"], group["betas"]) == (0.001, 0.01, (0.8, 0.9))
 
 
 def test_max_time_stops_training(fake_cifar10: Path) -> None:
