@@ -350,6 +350,12 @@ class LastCheckpoint(ModelCheckpoint):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
         self._last_save = time.monotonic()
+        if trainer.ckpt_path and not self.last_model_path and trainer.loggers:
+            # Resumed from a checkpoint written before the run's first last.ckpt (its first epoch's best): the run's
+            # folder is its own, and its last.ckpt goes on being replaced, not left behind beside a last-v1.ckpt.
+            path = self.format_checkpoint_name({}, self.CHECKPOINT_NAME_LAST)
+            if self.file_exists(path, trainer):
+                self.last_model_path = path
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any, **kwargs: Any) -> None:
         if self._should_skip_saving_checkpoint(trainer) or trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:

@@ -360,6 +360,18 @@ def test_restart_changes_the_optimizer_settings(fake_cifar10: Path) -> None:
     assert (group["lr"], group["weight_decay"], group["betas"]) == (0.001, 0.01, (0.8, 0.9))
 
 
+def test_a_run_resumed_from_its_first_best_checkpoint_keeps_its_last_ckpt_current(fake_cifar10: Path) -> None:
+    """The best checkpoint of a run's first epoch is written before its first `last.ckpt`; resumed from it, the run
+    wrote `last-v1.ckpt` beside a `last.ckpt` left at the first epoch, which the documented resume command
+    (`--ckpt_path .../last.ckpt`) then went back to."""
+    args = [*cifar(fake_cifar10), *CSV_LOGGER, "--trainer.enable_progress_bar", "false"]
+    main(["fit", *args, "--trainer.max_epochs", "1"])
+    (best,) = Path("runs").glob("**/checkpoints/epoch=0-step=5.ckpt")
+    main(["fit", *args, "--trainer.max_epochs", "2", "--ckpt_path", str(best)])
+    assert sorted(p.name for p in best.parent.glob("last*.ckpt")) == ["last.ckpt"]
+    assert torch.load(best.parent / "last.ckpt", weights_only=True)["global_step"] == 10
+
+
 def test_max_time_stops_training(fake_cifar10: Path) -> None:
     # Every shipped config has a FitTimer (a Lightning Timer), which made Lightning ignore max_time.
     main(["fit", *FAST, *cifar(fake_cifar10), *CSV_LOGGER, "--trainer.max_epochs", "1000",
