@@ -284,6 +284,9 @@ class FitTimer(Timer):
     def on_train_batch_end(self, trainer: Trainer, *args: Any, **kwargs: Any) -> None:
         # Lightning's Timer broadcasts rank 0's verdict after every batch, a blocking collective each step under
         # DDP; there the clock is read every TIME_CHECK_STEPS steps, so a run may end up to 9 steps past its limit.
+        # Not within a gradient accumulation: stopped there, the batches accumulated so far would go untrained.
+        if trainer.fit_loop._should_accumulate():
+            return
         if trainer.world_size == 1 or trainer.global_step % TIME_CHECK_STEPS == 0:
             super().on_train_batch_end(trainer, *args, **kwargs)
 

@@ -427,6 +427,21 @@ def test_time_budget_drives_the_schedule_and_ends_it_when_time_runs_out(fake_cif
     assert rows[-1]["step"] == "11"
 
 
+def test_max_time_ends_a_gradient_accumulation_before_it_stops(fake_cifar10: Path, monkeypatch) -> None:
+    """Batches of exactly 1 s on a fake clock, a 3 s limit, `accumulate_grad_batches 2`: the limit comes after the
+    third batch, the first of an accumulation; training stops after the fourth, which steps. Stopped after the
+    third, its gradient was never applied, and a run resumed with a larger limit went on after it."""
+    faults.CLOCK["now"] = 0.0
+    monkeypatch.setattr(Timer, "time_elapsed", lambda self, stage="train": faults.CLOCK["now"])
+    main(["fit", *cifar(fake_cifar10), *CSV_LOGGER, "--trainer.max_epochs", "10", "--trainer.max_time",
+          "00:00:00:03", "--trainer.accumulate_grad_batches", "2", "--trainer.callbacks+=faults.TickClock",
+          "--trainer.enable_progress_bar", "false"])  # fmt: skip
+    (last,) = Path("runs").glob("**/checkpoints/last.ckpt")
+    state = torch.load(last, weights_only=True)
+    assert state["global_step"] == 2
+    assert state["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]["processed"] == 4
+
+
 def test_last_checkpoint_every_n_steps(fake_cifar10: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     saved = []
     real = AtomicCheckpointIO.save_checkpoint
