@@ -67,7 +67,7 @@ from cifar_cli.data import ImageDataModule
 from cifar_cli.data.base import predicting_from
 from cifar_cli.distributed import exit_if_rank_failed, watch_ranks
 from cifar_cli.errors import TrainingDiverged, UsageError, causes, debug_switch, debugging
-from cifar_cli.optimizer_flags import check_built, move_optimizer_flags, unsettled
+from cifar_cli.optimizer_flags import check_built, move_optimizer_flags, unsettled, without_settled_copies
 from cifar_cli.precision import announce_precision, choose_precision
 from cifar_cli.pretrained import weights_from_checkpoint
 from cifar_cli.resume import (
@@ -901,6 +901,30 @@ def check_subcommand(argv: list[str] | None) -> None:
         raise UsageError(f"unknown subcommand '{argv[0]}': {names}{hint}")
 
 
+CONFIG_FLAGS = ("--config", "-c")
+
+
+def settled_configs(args: list[str]) -> list[str]:
+    """`args` with each config file that holds the optimizer's copy of the learning rate or weight decay given as
+    its contents without the pair (see `without_settled_copies`; jsonargparse's `--config` takes YAML text too)."""
+    args = list(args)
+    for i, arg in enumerate(args):
+        flag, equals, value = arg.partition("=")
+        at = i if equals else i + 1
+        if flag not in CONFIG_FLAGS or at >= len(args):
+            continue
+        path = value if equals else args[at]
+        try:
+            with open(path, encoding="utf-8") as file:
+                config = yaml.safe_load(file)
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            continue  # not a readable YAML file: the parse says what is wrong with it
+        if without_settled_copies(config):
+            text = yaml.safe_dump(config, sort_keys=False)
+            args[at] = f"{flag}={text}" if equals else text
+    return args
+
+
 def given_settings(parser: LightningArgumentParser, args: ArgsType) -> Namespace | None:
     """The command line and its configs parsed without the parser's defaults: what the user gave, which the parsed
     config (defaults merged) cannot tell from a default of the same value. None where it cannot be read (a config
@@ -911,7 +935,7 @@ def given_settings(parser: LightningArgumentParser, args: ArgsType) -> Namespace
         return None
     try:
         with contextlib.redirect_stderr(io.StringIO()):
-            return parser.parse_args(args, defaults=False, _skip_validation=True)
+            return parser.parse_args(settled_configs(args), defaults=False, _skip_validation=True)
     except (Exception, SystemExit):  # a jsonargparse that reads it otherwise: the rule of the defaults
         return None
 

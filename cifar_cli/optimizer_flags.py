@@ -14,10 +14,12 @@ from typing import Any
 
 import torch
 from jsonargparse import Namespace
-from lightning.pytorch.cli import ReduceLROnPlateau
+from lightning.pytorch.cli import LightningCLI, ReduceLROnPlateau
 
 from cifar_cli.errors import UsageError
 
+# The sections of a top-level config (`cifar-cli --config FILE fit`).
+LIGHTNING_SUBCOMMANDS = tuple(LightningCLI.subcommands())
 # ImageClassifier's defaults: a value other than these was chosen by the user.
 DEFAULT_OPTIMIZER = "torch.optim.Adam"
 DEFAULT_LEARNING_RATE = 2e-4
@@ -68,6 +70,31 @@ def unsettled(hparams: dict[str, Any]) -> dict[str, Any]:
         return hparams
     init = {k: v for k, v in init.items() if k not in ("lr", "weight_decay")}
     return {**hparams, "optimizer": {**optimizer, "init_args": init}}
+
+
+# The model's settings that the optimizer's own arguments copy (`settle`), by the optimizer's name.
+SETTLED = {"lr": "learning_rate", "weight_decay": "weight_decay"}
+
+
+def without_settled_copies(config: Any) -> bool:
+    """Remove from a config file's contents each pair of the optimizer's `lr` (`weight_decay`) and the model's
+    `learning_rate` (`weight_decay`) that agree, as `--print_config` and every run's config.yaml write them (see
+    `settle`), in its `model` section and its subcommands'; True where one was removed. Left in, the pair reads as
+    two given values, and a `--model.learning_rate` beside the file as a third that disagrees with one of them: the
+    file holds one learning rate, which a flag or a later config changes, as it changes any other setting."""
+    removed = False
+    sections = [config, *(config.get(s) for s in LIGHTNING_SUBCOMMANDS)] if isinstance(config, dict) else []
+    for section in sections:
+        model = section.get("model") if isinstance(section, dict) else None
+        optimizer = model.get("optimizer") if isinstance(model, dict) else None
+        init = optimizer.get("init_args") if isinstance(optimizer, dict) else None
+        if not isinstance(init, dict):
+            continue
+        for name, model_name in SETTLED.items():
+            if name in init and model_name in model and init[name] == model[model_name]:
+                del init[name], model[model_name]
+                removed = True
+    return removed
 
 
 def given_keys(given: Namespace | None, *keys: str) -> dict[str, Any] | None:

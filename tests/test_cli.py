@@ -240,6 +240,30 @@ def test_print_config_shows_the_learning_rate_the_run_uses(capsys) -> None:
     assert err.endswith("--optimizer and --model.optimizer both choose the optimizer: give one of them")
 
 
+def test_printed_config_takes_a_new_learning_rate(capsys, tmp_path: Path) -> None:
+    """A printed config (or a run's config.yaml) holds the learning rate and weight decay twice, in the model and in
+    its optimizer's arguments, equal: one value, which a flag beside the file changes like any other setting."""
+    saved = tmp_path / "printed.yaml"
+    saved.write_text(print_config(capsys, "--optimizer", "SGD", "--model.learning_rate", "0.05"))
+    for args, lr, decay in (
+        (["--model.learning_rate", "0.1"], 0.1, 0.0),
+        (["--model.optimizer.lr", "0.1"], 0.1, 0.0),
+        (["--model.weight_decay", "0.01"], 0.05, 0.01),
+        (["--model.learning_rate", "0.1", "--model.optimizer.momentum", "0.9"], 0.1, 0.0),
+        ([], 0.05, 0.0),
+    ):
+        model = yaml.safe_load(print_config(capsys, "--config", str(saved), *args))["model"]
+        assert model["optimizer"]["class_path"] == "torch.optim.SGD"
+        assert model["learning_rate"] == model["optimizer"]["init_args"]["lr"] == lr, args
+        assert model["weight_decay"] == model["optimizer"]["init_args"]["weight_decay"] == decay, args
+    # Two values given in one file still disagree.
+    mixed = yaml.safe_load(saved.read_text())
+    mixed["model"]["optimizer"]["init_args"]["lr"] = 0.2
+    saved.write_text(yaml.safe_dump(mixed))
+    err = fails(capsys, "fit", "--config", str(saved))
+    assert err.endswith("--model.optimizer.lr 0.2 and --model.learning_rate 0.05 disagree: give the learning rate once")
+
+
 def test_print_config_beside_a_checkpoint_shows_its_settings(image_folder: Path, tmp_path: Path, capsys) -> None:
     main(["fit", "--data", "ImageFolderDataModule", "--data.root", str(image_folder), "--data.val_size", "30",
           "--model.learning_rate", "1e-3", "--trainer.max_epochs", "1", "--trainer.logger", "false"])  # fmt: skip
