@@ -68,6 +68,9 @@ class ArgumentParser(LightningArgumentParser):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("allow_abbrev", False)
+        # The command's name, not argv[0]'s (`__main__.py` under `python -m cifar_cli`), also in the parsers that
+        # jsonargparse builds for a class's help (`--model.net.help FastNet`).
+        kwargs.setdefault("prog", "cifar-cli")
         super().__init__(*args, **kwargs)
 
     def parse_path(self, cfg_path: str | os.PathLike, *args: Any, **kwargs: Any) -> Namespace:

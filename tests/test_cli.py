@@ -526,6 +526,11 @@ def test_help_lists_every_subcommand_and_a_top_level_config_reaches_the_subcomma
     # The same under `python -m cifar_cli`, whose argv[0] is __main__.py, which the usage line named.
     module = subprocess.run([sys.executable, "-m", "cifar_cli", "--help"], capture_output=True, text=True, cwd=REPO)
     assert module.returncode == 0 and module.stdout.startswith("usage: cifar-cli "), module.stdout[:80]
+    # And in a class's help, which jsonargparse prints from a parser of its own.
+    module = subprocess.run([sys.executable, "-m", "cifar_cli", "fit", "--model.net.help", "FastNet"],
+                            capture_output=True, text=True, cwd=REPO)  # fmt: skip
+    assert module.returncode == 0 and module.stdout.startswith("usage: cifar-cli [--model.net."), module.stdout[:80]
+    assert "Help for --model.net.help=cifar_cli.nets.FastNet" in module.stdout
     config = tmp_path / "top.yaml"
     config.write_text(yaml.safe_dump({"fit": {"trainer": {"max_epochs": 1, "limit_train_batches": 2}}}))
     main(["--config", str(config), "fit", *cifar_args(fake_cifar10), *CSV_LOGGER])
