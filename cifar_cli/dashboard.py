@@ -62,9 +62,11 @@ class RunCSVLogger(CSVLogger):
 
 
 def with_csv_logger(logger: Any) -> Any:
-    """The trainer's `logger` value with a RunCSVLogger added, where it holds loggers and none writes CSV."""
+    """The trainer's `logger` value with a RunCSVLogger added, where it holds loggers and the first, whose folder is
+    the run's, does not write CSV. A CSVLogger later in the list (`--trainer.logger+=CSVLogger` beside W&B) writes
+    into a folder of its own, and the run's folder lacked the metrics.csv that `cifar-cli report` reads."""
     loggers = list(logger) if isinstance(logger, (list, tuple)) else [logger] if isinstance(logger, Logger) else []
-    if not loggers or any(isinstance(each, CSVLogger) for each in loggers):
+    if not loggers or isinstance(loggers[0], CSVLogger):
         return logger
     return [*loggers, RunCSVLogger(loggers[0])]
 

@@ -433,3 +433,24 @@ def test_resuming_a_run_that_had_ended_logs_no_model_versions_again(fake_cifar10
         "latest",
     }
     assert [a for a in read_run(second).artifacts if a["type"] == "model"] == []
+
+
+def test_a_csv_logger_beside_wandb_leaves_metrics_in_the_run_folder(image_folder: Path, capsys) -> None:
+    """`--trainer.logger+=CSVLogger` writes its own folder; the W&B run's folder still gets its metrics.csv."""
+    main(["fit", "--data", "ImageFolderDataModule", "--data.root", str(image_folder), "--data.val_size", "30",
+          "--trainer.max_epochs", "2", "--trainer.logger+=CSVLogger", "--trainer.logger.save_dir", "csv",
+          "--trainer.enable_progress_bar", "false"])  # fmt: skip
+    finish_wandb()
+    (run_folder,) = Path("runs/cifar-cli").iterdir()
+    (own,) = Path("csv").glob("**/metrics.csv")
+    assert run_folder.name in offline_runs()
+
+    def validations(path: Path) -> list[str]:
+        with open(path, newline="") as file:
+            return [row["val_acc"] for row in csv.DictReader(file) if row.get("val_acc")]
+
+    assert len(validations(run_folder / "metrics.csv")) == 2
+    assert validations(run_folder / "metrics.csv") == validations(own)
+    capsys.readouterr()
+    main(["report", str(run_folder)])
+    assert (run_folder / "report" / "accuracy.png").stat().st_size > 0
