@@ -715,7 +715,9 @@ class CifarCLI(LightningCLI):
         """`--ckpt_path last`: the newest loadable `last.ckpt` under the save folder of the configured logger."""
         trainer = self.config[subcommand]["trainer"]
         logger = trainer.get("logger")
-        init_args = getattr(logger, "init_args", None) or {}
+        # Of a list of loggers, the first's folder is the run's (`--trainer.logger+=CSVLogger` beside W&B).
+        first = logger[0] if isinstance(logger, list) and logger else logger
+        init_args = getattr(first, "init_args", None) or {}
         roots = [Path(init_args.get("save_dir") or trainer.get("default_root_dir") or ".")]
         if trainer.get("default_root_dir"):
             roots.append(Path(trainer["default_root_dir"]))

@@ -372,6 +372,22 @@ def test_a_run_resumed_from_its_first_best_checkpoint_keeps_its_last_ckpt_curren
     assert torch.load(best.parent / "last.ckpt", weights_only=True)["global_step"] == 10
 
 
+def test_ckpt_path_last_finds_a_wandb_run_that_a_csv_logger_follows(fake_cifar10: Path, capsys) -> None:
+    """With a list of loggers, W&B's first (`--trainer.logger+=CSVLogger`), `--ckpt_path last` looks in the first
+    logger's folder, the run's: it looked in the current folder alone and started a new run."""
+    args = [*cifar(fake_cifar10), "--trainer.logger+=CSVLogger", "--trainer.logger.save_dir", "csv",
+            "--trainer.enable_progress_bar", "false"]  # fmt: skip
+    main(["fit", *args, "--trainer.max_epochs", "1"])
+    wandb.finish()
+    capsys.readouterr()
+    main(["fit", *args, "--trainer.max_epochs", "2", "--ckpt_path", "last"])
+    (run,) = Path("runs/cifar-cli").iterdir()
+    assert (
+        f"cifar-cli: resuming from runs/cifar-cli/{run.name}/checkpoints/last.ckpt at step 5" in capsys.readouterr().err
+    )
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 10
+
+
 def test_max_time_stops_training(fake_cifar10: Path) -> None:
     # Every shipped config has a FitTimer (a Lightning Timer), which made Lightning ignore max_time.
     main(["fit", *FAST, *cifar(fake_cifar10), *CSV_LOGGER, "--trainer.max_epochs", "1000",
