@@ -81,7 +81,8 @@ def without_settled_copies(config: Any) -> bool:
     `learning_rate` (`weight_decay`) that agree, as `--print_config` and every run's config.yaml write them (see
     `settle`), in its `model` section and its subcommands'; True where one was removed. Left in, the pair reads as
     two given values, and a `--model.learning_rate` beside the file as a third that disagrees with one of them: the
-    file holds one learning rate, which a flag or a later config changes, as it changes any other setting."""
+    file holds one learning rate, which a flag or a later config changes, as it changes any other setting. What is
+    left of ImageClassifier's default optimizer, Adam with its class defaults, is removed too."""
     removed = False
     sections = [config, *(config.get(s) for s in LIGHTNING_SUBCOMMANDS)] if isinstance(config, dict) else []
     for section in sections:
@@ -94,6 +95,13 @@ def without_settled_copies(config: Any) -> bool:
             if name in init and model_name in model and init[name] == model[model_name]:
                 del init[name], model[model_name]
                 removed = True
+        default = all(  # (YAML writes Adam's betas as a list)
+            (tuple(value) if isinstance(value, list) else value) == class_default(DEFAULT_OPTIMIZER, name)
+            for name, value in init.items()
+        )
+        if removed and optimizer.get("class_path") == DEFAULT_OPTIMIZER and default:
+            # The default optimizer, spelled out: `--optimizer SGD` beside the file chooses another, as without it.
+            del model["optimizer"]
     return removed
 
 

@@ -264,6 +264,19 @@ def test_printed_config_takes_a_new_learning_rate(capsys, tmp_path: Path) -> Non
     assert err.endswith("--model.optimizer.lr 0.2 and --model.learning_rate 0.05 disagree: give the learning rate once")
 
 
+def test_printed_default_config_takes_another_optimizer(capsys, tmp_path: Path) -> None:
+    """The default recipe's printed config spells out Adam, ImageClassifier's default: `--optimizer SGD` beside it
+    chooses SGD, as it does without the file; an optimizer the file chose is still not replaced silently."""
+    default, chosen = tmp_path / "default.yaml", tmp_path / "sgd.yaml"
+    default.write_text(print_config(capsys))
+    chosen.write_text(print_config(capsys, "--model.optimizer", "SGD", "--model.optimizer.momentum", "0.9"))
+    model = yaml.safe_load(print_config(capsys, "--config", str(default), "--optimizer", "SGD"))["model"]
+    assert model["optimizer"]["class_path"] == "torch.optim.SGD"
+    assert model["learning_rate"] == model["optimizer"]["init_args"]["lr"] == 2e-4
+    err = fails(capsys, "fit", "--config", str(chosen), "--optimizer", "AdamW")
+    assert err.endswith("--optimizer and --model.optimizer both choose the optimizer: give one of them")
+
+
 def test_print_config_beside_a_checkpoint_shows_its_settings(image_folder: Path, tmp_path: Path, capsys) -> None:
     main(["fit", "--data", "ImageFolderDataModule", "--data.root", str(image_folder), "--data.val_size", "30",
           "--model.learning_rate", "1e-3", "--trainer.max_epochs", "1", "--trainer.logger", "false"])  # fmt: skip
