@@ -410,6 +410,7 @@ class CifarCLI(LightningCLI):
         self._add_configure_optimizers_method_to_model(self.subcommand)
         self.check_model_and_data()
         self.trainer = self.instantiate_trainer()
+        self._restore_given_save_dir()
         self.announce()
 
     def _from_budget_config(self, err: UsageError) -> UsageError:
@@ -580,6 +581,7 @@ class CifarCLI(LightningCLI):
             # the command would refuse the printed config too.
             self._parse_arguments(parser, args)
             raise
+        self._restore_given_save_dir()
         print_if_requested(self.parser, self.config)
 
     def _move_optimizer_flags(self, subcommand: str) -> dict[str, str]:
@@ -710,6 +712,16 @@ class CifarCLI(LightningCLI):
         save_dir = init_args.get("save_dir") if init_args is not None else None
         if root and save_dir and not os.path.isabs(save_dir) and not Path(save_dir).is_relative_to(root):
             init_args.save_dir = os.path.join(root, save_dir)
+            self._given_save_dir = (init_args, save_dir)
+
+    def _restore_given_save_dir(self) -> None:
+        """The logger's `save_dir` as given, once the logger is built (or before the config is printed): the
+        printed config and config.yaml hold `save_dir: runs` beside `default_root_dir: DIR`, as the command line
+        gave them. Written joined (`DIR/runs`), they put a rerun with another `--trainer.default_root_dir OTHER`
+        in OTHER/DIR/runs."""
+        given = getattr(self, "_given_save_dir", None)
+        if given is not None:
+            given[0].save_dir = given[1]
 
     def _find_last(self, subcommand: str) -> tuple[dict[str, Any] | None, str | None]:
         """`--ckpt_path last`: the newest loadable `last.ckpt` under the save folder of the configured logger."""

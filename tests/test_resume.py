@@ -525,6 +525,17 @@ def test_default_root_dir_holds_the_runs_of_the_default_logger(fake_cifar10: Pat
     assert list(Path("experiment/runs/cifar-cli").iterdir()) == [last.parent.parent]
 
 
+def test_config_of_a_run_under_default_root_dir_runs_again_under_another(fake_cifar10: Path) -> None:
+    """config.yaml holds the logger's save_dir as given, beside default_root_dir: run again with another
+    --trainer.default_root_dir, the run goes under that folder's runs/, not under it joined with the first's."""
+    main(["fit", *cifar(fake_cifar10), *CSV_LOGGER, "--trainer.max_epochs", "1", "--trainer.default_root_dir", "one"])
+    (config,) = Path("one/runs").glob("*/config.yaml")
+    saved = yaml.safe_load(config.read_text())["trainer"]
+    assert (saved["default_root_dir"], saved["logger"]["init_args"]["save_dir"]) == ("one", "runs")
+    main(["fit", "--config", str(config), "--trainer.default_root_dir", "two"])
+    assert [p.relative_to("two").parts[0] for p in Path("two").rglob("config.yaml")] == ["runs"]
+
+
 def test_resumed_run_keeps_its_csv_metrics(fake_cifar10: Path, tmp_path: Path) -> None:
     # Lightning's CSV writer deletes an existing metrics.csv when it opens the run's folder: the resumed run lost
     # every row logged before the interruption. Now its metrics.csv reads as the uninterrupted run's.
