@@ -708,20 +708,22 @@ class CifarCLI(LightningCLI):
         ignored with the default W&B logger: the runs would go to ./runs whatever DIR says.
         """
         trainer = (self.config[subcommand] if subcommand else self.config)["trainer"]
-        root, init_args = trainer.get("default_root_dir"), getattr(trainer.get("logger"), "init_args", None)
-        save_dir = init_args.get("save_dir") if init_args is not None else None
-        if root and save_dir and not os.path.isabs(save_dir) and not Path(save_dir).is_relative_to(root):
-            init_args.save_dir = os.path.join(root, save_dir)
-            self._given_save_dir = (init_args, save_dir)
+        root, loggers = trainer.get("default_root_dir"), trainer.get("logger")
+        self._given_save_dirs: list[tuple[Namespace, str]] = []
+        for logger in loggers if isinstance(loggers, list) else [loggers]:  # each of a list (`logger+=CSVLogger`)
+            init_args = getattr(logger, "init_args", None)
+            save_dir = init_args.get("save_dir") if init_args is not None else None
+            if root and save_dir and not os.path.isabs(save_dir) and not Path(save_dir).is_relative_to(root):
+                init_args.save_dir = os.path.join(root, save_dir)
+                self._given_save_dirs.append((init_args, save_dir))
 
     def _restore_given_save_dir(self) -> None:
         """The logger's `save_dir` as given, once the logger is built (or before the config is printed): the
         printed config and config.yaml hold `save_dir: runs` beside `default_root_dir: DIR`, as the command line
         gave them. Written joined (`DIR/runs`), they put a rerun with another `--trainer.default_root_dir OTHER`
         in OTHER/DIR/runs."""
-        given = getattr(self, "_given_save_dir", None)
-        if given is not None:
-            given[0].save_dir = given[1]
+        for init_args, save_dir in getattr(self, "_given_save_dirs", []):
+            init_args.save_dir = save_dir
 
     def _find_last(self, subcommand: str) -> tuple[dict[str, Any] | None, str | None]:
         """`--ckpt_path last`: the newest loadable `last.ckpt` under the save folder of the configured logger."""

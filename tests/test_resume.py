@@ -536,6 +536,18 @@ def test_config_of_a_run_under_default_root_dir_runs_again_under_another(fake_ci
     assert [p.relative_to("two").parts[0] for p in Path("two").rglob("config.yaml")] == ["runs"]
 
 
+def test_default_root_dir_holds_the_folders_of_every_logger_of_a_list(fake_cifar10: Path) -> None:
+    # Each logger's save_dir, not only a single logger's: a list's folders were made in the current folder.
+    loggers = (
+        "[{class_path: CSVLogger, init_args: {save_dir: runs}}, "
+        "{class_path: TensorBoardLogger, init_args: {save_dir: tb}}]"
+    )
+    main(["fit", *cifar(fake_cifar10), "--trainer.max_epochs", "1", "--trainer.logger", loggers,
+          "--trainer.default_root_dir", "exp", "--trainer.enable_progress_bar", "false"])  # fmt: skip
+    assert not Path("runs").exists() and not Path("tb").exists()
+    assert len(list(Path("exp/runs").glob("*/checkpoints/last.ckpt"))) == 1 and any(Path("exp/tb").rglob("events.*"))
+
+
 def test_resumed_run_keeps_its_csv_metrics(fake_cifar10: Path, tmp_path: Path) -> None:
     # Lightning's CSV writer deletes an existing metrics.csv when it opens the run's folder: the resumed run lost
     # every row logged before the interruption. Now its metrics.csv reads as the uninterrupted run's.
