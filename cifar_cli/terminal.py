@@ -62,6 +62,10 @@ def silence_noise() -> None:
     # torch 2.14 deprecated the all_gather that Lightning's (2.6) `strategy.all_gather` calls, once per process:
     # `predict` under DDP gathers its rows with it.
     warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.all_gather is deprecated")
+    # An epoch shorter than `log_every_n_steps` (a short fit, a small folder): the warning says to lower it "to see
+    # logs for the training epoch", but the epoch's train_loss and train_acc are logged at its end whatever the
+    # interval, and the step values every `log_every_n_steps` steps counted across epochs.
+    warnings.filterwarnings("ignore", message=r"The number of training batches \(\d+\) is smaller than the logging")
 
 
 def quiet_wandb(trainer: Trainer) -> None:

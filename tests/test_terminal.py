@@ -159,3 +159,13 @@ def test_resuming_a_run_that_had_ended_keeps_its_summary(image_folder: Path, cap
     main(run)
     assert "resuming from" in capfd.readouterr().err
     assert json.loads(summary.read_text()) == ended
+
+
+def test_epoch_shorter_than_the_logging_interval_gives_no_warning(image_folder: Path, recwarn) -> None:
+    """Two batches an epoch, under log_every_n_steps 50: Lightning warned, with its site-packages path, to lower the
+    interval "to see logs for the training epoch", which metrics.csv holds all the same."""
+    main([*FIT, "--data.root", str(image_folder), "--trainer.max_epochs", "1", "--trainer.logger", "CSVLogger"])
+    assert not [w for w in recwarn if "smaller than the logging interval" in str(w.message)]
+    with open(next(Path("runs").rglob("metrics.csv")), newline="") as file:
+        rows = list(csv.DictReader(file))
+    assert [row["train_loss_epoch"] for row in rows if row.get("train_loss_epoch")]
