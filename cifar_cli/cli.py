@@ -835,9 +835,21 @@ UNWRITABLE = (errno.ENOTDIR, errno.EACCES, errno.EPERM, errno.EROFS, errno.EEXIS
 
 
 def unwritable(err: BaseException) -> OSError | None:
-    """The error of a path that cannot be written in (a file in its way, no permission, a read-only disk), if any."""
-    found = (e for e in causes(err) if isinstance(e, OSError) and e.errno in UNWRITABLE and e.filename)
+    """The error of a path that cannot be written in (a file in its way, no permission, a read-only disk, a file
+    system that makes no folders), if any."""
+    found = (e for e in causes(err) if isinstance(e, OSError) and e.filename and (e.errno in UNWRITABLE or unmade(e)))
     return next(found, None)
+
+
+def unmade(err: OSError) -> bool:
+    """Whether `err` is ENOENT from making a folder whose parents exist: /proc and /sys make none (`mkdir /proc/x`).
+    Told by the function that raised it, since the ENOENT of a missing input file reads the same."""
+    if err.errno != errno.ENOENT or err.__traceback__ is None:
+        return False
+    frame = err.__traceback__
+    while frame.tb_next is not None:
+        frame = frame.tb_next
+    return frame.tb_frame.f_code.co_name in ("mkdir", "makedirs")
 
 
 # jsonargparse's "Expected a <class 'int'>" and "Expected a typing.Literal['none', 'flip']. Got value: x" lines.
@@ -1067,7 +1079,9 @@ def main(args: ArgsType = None) -> None:
             sys.exit(1)
         denied = unwritable(err) if cause is None and not debug else None
         if denied is not None:
-            reason = "a file, not a folder" if denied.errno == errno.EEXIST else denied.strerror.lower()
+            reason = {errno.EEXIST: "a file, not a folder", errno.ENOENT: "no folder can be made there"}.get(
+                denied.errno, denied.strerror.lower()
+            )
             print(f"cifar-cli: error: cannot write in {denied.filename} ({reason}): choose a folder "
                   "you can write in (--trainer.default_root_dir, --data.cache_dir)", file=sys.stderr)  # fmt: skip
             sys.exit(1)

@@ -956,6 +956,9 @@ def test_full_disk_is_one_line_and_leaves_no_partial_file(
         # The folder a file: its `mkdir(exist_ok=True)` raised FileExistsError, a traceback.
         ("--data.cache_dir", "notes.txt", "a file, not a folder"),
         ("--trainer.default_root_dir", "notes.txt", "a file, not a folder"),
+        # A file system that makes no folders: mkdir's FileNotFoundError was a traceback.
+        ("--data.cache_dir", "/proc/cifar-cli", "no folder can be made there"),
+        ("--trainer.default_root_dir", "/proc/cifar-cli", "no folder can be made there"),
     ],
 )
 def test_a_folder_that_cannot_be_written_is_one_line(flag: str, folder: str, reason: str, capsys) -> None:
