@@ -537,6 +537,13 @@ class CifarCLI(LightningCLI):
             # Lightning's refusals of its arguments that are not MisconfigurationException (`num_nodes 0`, an unknown
             # strategy, a precision whose package is missing, devices the accelerator cannot take): one line too.
             raise UsageError(f"--trainer: {str(err).strip().splitlines()[0]}") from err
+        # Lightning runs fp16 mixed precision on a CPU as bf16-mixed (a CPU has no fp16 autocast), with a warning
+        # (silenced): config.yaml records what ran, and the precision line says it.
+        given = config.get("precision")
+        if precision is None and str(given) in ("16", "16-mixed") and trainer.precision == "bf16-mixed":
+            self._get(self.config, "trainer")["precision"] = trainer.precision
+            why = f"--trainer.precision {given}: a CPU has no fp16 mixed precision"
+            precision = trainer.precision, f"Precision {trainer.precision} ({why})"
         self._chosen_precision = precision  # said once the trainer passes its checks (announce)
         for callback in trainer.callbacks:
             if isinstance(callback, RunConfigSaver):

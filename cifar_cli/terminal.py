@@ -62,6 +62,8 @@ def silence_noise() -> None:
     # torch 2.14 deprecated the all_gather that Lightning's (2.6) `strategy.all_gather` calls, once per process:
     # `predict` under DDP gathers its rows with it.
     warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.all_gather is deprecated")
+    # fp16 mixed precision asked for on a CPU, run as bf16-mixed: cifar-cli's precision line says so.
+    warnings.filterwarnings("ignore", message=r"You passed `Trainer\(accelerator='cpu', precision='16-mixed'\)`")
     # An epoch shorter than `log_every_n_steps` (a short fit, a small folder): the warning says to lower it "to see
     # logs for the training epoch", but the epoch's train_loss and train_acc are logged at its end whatever the
     # interval, and the step values every `log_every_n_steps` steps counted across epochs.

@@ -830,6 +830,22 @@ def test_precision_flag_overrides_the_choice(fake_cifar10: Path, caplog, monkeyp
     assert not any("Automatic Mixed Precision" in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.parametrize("given", ["16", "16-mixed"])
+def test_fp16_on_a_cpu_is_recorded_and_said_as_the_bf16_that_ran(
+    fake_cifar10: Path, given: str, caplog, recwarn
+) -> None:
+    """Lightning runs fp16 mixed precision on a CPU as bf16-mixed: config.yaml recorded `precision: 16`, which the
+    run did not use, and only Lightning's warning, with its site-packages path, said what ran."""
+    with caplog.at_level(logging.INFO):
+        main(["fit", *cifar_args(fake_cifar10), "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1",
+              "--trainer.accelerator", "cpu", "--trainer.precision", given])  # fmt: skip
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Precision")]
+    assert said == [f"Precision bf16-mixed (--trainer.precision {given}: a CPU has no fp16 mixed precision)"]
+    assert not [w for w in recwarn if "AMP with fp16 is not supported on CPU" in str(w.message)]
+    (folder,) = run_folders()
+    assert yaml.safe_load((folder / "config.yaml").read_text())["trainer"]["precision"] == "bf16-mixed"
+
+
 @pytest.mark.parametrize(("chosen", "dtype"), [("bf16-true", torch.bfloat16), ("64-true", torch.float64)])
 def test_true_precisions_train_and_test_in_their_dtype(fake_cifar10: Path, chosen: str, dtype: torch.dtype) -> None:
     """The weights in the precision's dtype, and the batches too (they failed at the first step: float32 images
