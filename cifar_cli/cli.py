@@ -936,6 +936,18 @@ def check_subcommand(argv: list[str] | None) -> None:
         raise UsageError(f"unknown subcommand '{argv[0]}': {names}{hint}")
 
 
+def check_model_help(argv: list[str] | None) -> None:
+    """Answer `--model.help`, LightningCLI's form for a model chosen by class, in one line: the model is always
+    ImageClassifier, so jsonargparse has no such flag and refused it as an unrecognized argument."""
+    if not argv or argv[0] == "report" or not any(a.split("=")[0] == "--model.help" for a in argv):
+        return
+    subcommand = argv[0] if argv[0] in SUBCOMMANDS else "fit"
+    raise UsageError(
+        f"--model.help: the model is always ImageClassifier; its settings are the --model.* flags of `cifar-cli "
+        f"{subcommand} --help`, and a network's are shown by --model.net.help CLASS (--model.net.help TutorialCNN)"
+    )
+
+
 CONFIG_FLAGS = ("--config", "-c")
 
 
@@ -1027,6 +1039,7 @@ def main(args: ArgsType = None) -> None:
         with ctrl_c_exits_130():
             debug_switch()
             check_subcommand(argv)
+            check_model_help(argv)
             if argv and argv[:1] == ["report"]:
                 # Not a LightningCLI subcommand: it builds no trainer, model or data, only reads a run folder.
                 from cifar_cli.report import main as report

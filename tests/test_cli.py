@@ -555,6 +555,15 @@ def test_error_unknown_key(capsys) -> None:
     assert "unrecognized arguments: --trainer.max_epochs_x" in fails(capsys, "fit", "--trainer.max_epochs_x", "3")
 
 
+@pytest.mark.parametrize("args", [["fit", "--model.help"], ["test", "--model.help=ImageClassifier"]])
+def test_model_help_says_where_the_model_settings_are(args: list[str], capsys) -> None:
+    """LightningCLI's `--model.help` of a model chosen by class: it was refused as an unrecognized argument."""
+    said = fails(capsys, *args)
+    assert said.startswith(f"cifar-cli: error: --model.help: the model is always ImageClassifier; its settings are "
+                           f"the --model.* flags of `cifar-cli {args[0]} --help`")  # fmt: skip
+    assert "--model.net.help TutorialCNN" in said
+
+
 def test_error_line_says_each_problem_once(capsys) -> None:
     """jsonargparse reports every branch of a Union: LightningCLI's --lr_scheduler is an LRScheduler or its own
     ReduceLROnPlateau (which is both, so its problem came twice), a callbacks entry a list or one callback."""
