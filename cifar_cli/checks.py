@@ -66,12 +66,27 @@ class ArgumentParser(LightningArgumentParser):
     unambiguous prefix), so a typo could quietly set another flag, or one that a later version adds.
     """
 
+    # The `--*.help` options of the command line, as typed (CifarCLI sets them).
+    help_options: tuple[str, ...] = ()
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("allow_abbrev", False)
         # The command's name, not argv[0]'s (`__main__.py` under `python -m cifar_cli`), also in the parsers that
         # jsonargparse builds for a class's help (`--model.net.help FastNet`).
         kwargs.setdefault("prog", "cifar-cli")
         super().__init__(*args, **kwargs)
+
+    def add_class_arguments(self, theclass: Any, nested_key: str | None = None, *args: Any, **kwargs: Any) -> Any:
+        # jsonargparse's help of a class inside the class a group picks (`--data.augment.help PhotoAugment`) is
+        # built from that class's own parser, whose keys lack the group's: it listed `--augment.erasing`, which
+        # the command line refuses. The parser it builds for the help takes the key the command line gave.
+        help_of = f"Help for --{nested_key}.help="
+        if nested_key and (self.description or "").startswith(help_of):
+            typed = next((o for o in self.help_options if o.endswith(f".{nested_key}.help")), None)
+            if typed is not None:
+                nested_key = typed[2 : -len(".help")]
+                self.description = f"Help for {typed}={self.description[len(help_of) :]}"
+        return super().add_class_arguments(theclass, nested_key, *args, **kwargs)
 
     def parse_path(self, cfg_path: str | os.PathLike, *args: Any, **kwargs: Any) -> Namespace:
         try:

@@ -283,6 +283,7 @@ class CifarCLI(LightningCLI):
         self._argv: list[str] = argv if isinstance(argv, list) else []  # (a config given as a dict: none)
         first = self._argv[0] if self._argv else None
         self._only_subcommand = first if first in LightningCLI.subcommands() else None
+        ArgumentParser.help_options = tuple(a.split("=")[0] for a in self._argv if a.split("=")[0].endswith(".help"))
         # The checkpoint `--ckpt_path` names, where it was read before the command line (its path and contents).
         self._named_checkpoint: tuple[str, dict[str, Any]] | None = None
         super().__init__(*args, **kwargs)

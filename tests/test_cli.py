@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import re
 import shutil
 import subprocess
 import sys
@@ -548,6 +549,21 @@ def test_help_lists_every_subcommand_and_a_top_level_config_reaches_the_subcomma
     config.write_text(yaml.safe_dump({"fit": {"trainer": {"max_epochs": 1, "limit_train_batches": 2}}}))
     main(["--config", str(config), "fit", *cifar_args(fake_cifar10), *CSV_LOGGER])
     assert [p.name for p in checkpoints()] == ["epoch=0-step=2.ckpt"]
+
+
+def test_help_of_a_class_inside_the_data_module_names_its_flags_whole(image_folder: Path, capsys) -> None:
+    """`--data.augment.help PhotoAugment` listed `--augment.erasing` and the like, which the command line refuses:
+    the flags it lists are the ones that set the augmentation."""
+    data = ["--data", "ImageFolderDataModule", "--data.root", str(image_folder)]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *data, "--data.augment.help", "PhotoAugment"])
+    helped = capsys.readouterr().out
+    assert exit_info.value.code == 0 and "Help for --data.augment.help=cifar_cli.data.PhotoAugment" in helped
+    listed = re.findall(r"^  (--\S+)", helped, re.MULTILINE)
+    assert "--data.augment.erasing" in listed and all(flag.startswith("--data.augment.") for flag in listed), listed
+    with pytest.raises(SystemExit):
+        main(["fit", *data, "--data.augment", "PhotoAugment", "--data.augment.erasing", "0.5", "--print_config"])
+    assert yaml.safe_load(capsys.readouterr().out)["data"]["init_args"]["augment"]["init_args"]["erasing"] == 0.5
 
 
 # Bad input: one line naming the problem, exit code 2, and nothing written.
