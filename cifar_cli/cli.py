@@ -554,6 +554,12 @@ class CifarCLI(LightningCLI):
                     callback.check_shared_folder(trainer)
             if isinstance(callback, PredictionWriter) and self.subcommand == "predict":
                 callback.check_folder(trainer)
+        if self.resuming and self.ended:
+            # A run resumed with nothing left to train logs nothing: an offline W&B part of its own would hold
+            # nothing and lengthen the `wandb sync` command. wandb's disabled mode makes the callbacks' logging a no-op.
+            for logger in trainer.loggers:
+                if isinstance(logger, WandbLogger) and logger._experiment is None:
+                    logger._wandb_init["mode"] = "disabled"  # private to Lightning (2.6), as in quiet_wandb
         if self.resuming:
             set_aside_csv_metrics(trainer)  # before Lightning's CSV writer, created next, deletes the earlier rows
         for logger in trainer.loggers:
@@ -637,6 +643,7 @@ class CifarCLI(LightningCLI):
         self._given = given_settings(parser, args)
         self.checkpoint: dict[str, Any] | None = None
         self.resuming = False
+        self.ended = False  # resumed after its last epoch or step: nothing is left to train
         self.resume_step = 0
         subcommand = self.config.get("subcommand")
         self._save_under_root_dir(subcommand)
@@ -689,6 +696,7 @@ class CifarCLI(LightningCLI):
             for unit, done in (("step", step), ("epoch", epoch)):
                 limit = trainer.get(f"max_{unit}s")
                 if limit is not None and 0 < limit <= done:
+                    self.ended = True
                     label = (
                         f"after its last {unit} ({done}/{limit}): nothing is left to train; raise "
                         f"--trainer.max_{unit}s to train on"

@@ -427,12 +427,11 @@ def test_resuming_a_run_that_had_ended_logs_no_model_versions_again(fake_cifar10
     finish_wandb()
     main(run)
     finish_wandb()
-    first, second = sorted(Path("runs/wandb").glob("offline-run-*"))
+    (first,) = sorted(Path("runs/wandb").glob("offline-run-*"))  # the second start made no W&B part
     assert {alias for a in read_run(first).artifacts if a["type"] == "model" for alias in a["aliases"]} == {
         "best",
         "latest",
     }
-    assert [a for a in read_run(second).artifacts if a["type"] == "model"] == []
 
 
 def test_a_csv_logger_beside_wandb_leaves_metrics_in_the_run_folder(image_folder: Path, capsys) -> None:

@@ -296,6 +296,21 @@ def test_ckpt_path_last_of_a_finished_run_says_nothing_is_left_to_train(fake_cif
     assert f"cifar-cli: resuming from {last} at step 5, epoch 2/2\n" in capfd.readouterr().err
 
 
+def test_ckpt_path_last_of_a_finished_wandb_run_adds_no_offline_part(fake_cifar10: Path, capfd) -> None:
+    """The same command again after the run ended trains nothing: it still started an empty offline W&B part, and
+    the `wandb sync` command it printed named it beside the run's own."""
+    args = ["fit", *FAST, *cifar(fake_cifar10), "--trainer.max_epochs", "1", "--ckpt_path", "last"]
+    main(args)
+    wandb.finish()
+    (part,) = Path("runs/wandb").glob("offline-run-*")
+    assert f"Upload to W&B: wandb sync {part}\n" in capfd.readouterr().out
+    main(args)
+    wandb.finish()
+    out, err = capfd.readouterr()
+    assert "nothing is left to train" in err and "wandb sync" not in out
+    assert list(Path("runs/wandb").glob("offline-run-*")) == [part]
+
+
 def test_ckpt_path_last_of_a_run_ended_by_max_steps_says_nothing_is_left_to_train(fake_cifar10: Path, capfd) -> None:
     args = [*FAST, *cifar(fake_cifar10), "--trainer.max_epochs", "3", "--trainer.max_steps", "3", *CSV_LOGGER]
     main(["fit", *args])
