@@ -34,10 +34,15 @@ def last_checkpoints(roots: list[Path]) -> list[Path]:
 
 
 def run_identity(trainer: Trainer) -> dict[str, Any] | None:
-    """The first logger's class and version (the W&B run id, or CSVLogger's version): what names the run folder."""
+    """The first logger's class and version (the W&B run id, or CSVLogger's version): what names the run folder;
+    and, as `followers`, those of the loggers after it, each with a folder of its own."""
     if not trainer.loggers:
         return None
-    logger = trainer.loggers[0]
+    first, *followers = [_identity(logger) for logger in trainer.loggers]
+    return {**first, "followers": followers}
+
+
+def _identity(logger: Any) -> dict[str, Any]:
     return {"logger": f"{type(logger).__module__}.{type(logger).__qualname__}", "version": logger.version}
 
 
@@ -64,6 +69,14 @@ def continue_run(logger_config: Any, identity: dict[str, Any] | None) -> bool:
         return False
     first = logger_config[0] if isinstance(logger_config, (list, tuple)) else logger_config  # it names the folder
     first.init_args.version = identity["version"]
+    # A logger after it (`--trainer.logger+=CSVLogger`) goes on in its own folder too, unless given a version: a
+    # CSVLogger's next version would be a new folder. The run's added CSVLogger comes last, after the config's.
+    followers = list(logger_config[1:]) if isinstance(logger_config, (list, tuple)) else []
+    for config, saved in zip(followers, identity.get("followers") or []):
+        init_args = config.get("init_args") if hasattr(config, "get") else None
+        same = logger_name(config) == logger_name(saved.get("logger"))
+        if same and init_args is not None and "version" in init_args and init_args.version is None:
+            init_args.version = saved.get("version")
     return True
 
 

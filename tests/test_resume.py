@@ -311,6 +311,21 @@ def test_ckpt_path_last_of_a_finished_wandb_run_adds_no_offline_part(fake_cifar1
     assert list(Path("runs/wandb").glob("offline-run-*")) == [part]
 
 
+def test_a_csv_logger_after_wandb_goes_on_in_its_own_folder(fake_cifar10: Path) -> None:
+    """`--trainer.logger+=CSVLogger` beside W&B: the resumed run went on in its W&B run and run folder, but the
+    CSVLogger started `version_1`, its metrics of the first epoch left behind in `version_0`."""
+    args = ["fit", *FAST, *cifar(fake_cifar10), "--trainer.logger+=CSVLogger", "--trainer.logger.save_dir", "csv"]
+    main([*args, "--trainer.max_epochs", "1"])
+    wandb.finish()
+    main([*args, "--trainer.max_epochs", "2", "--ckpt_path", "last"])
+    wandb.finish()
+    assert [p.name for p in Path("csv/lightning_logs").iterdir()] == ["version_0"]
+    epochs = {row["epoch"] for row in metrics_rows("csv")}
+    assert epochs == {"0", "1"}, epochs
+    (run,) = Path("runs/cifar-cli").iterdir()
+    assert {row["epoch"] for row in metrics_rows(run)} == {"0", "1"}
+
+
 def test_ckpt_path_last_of_a_run_ended_by_max_steps_says_nothing_is_left_to_train(fake_cifar10: Path, capfd) -> None:
     args = [*FAST, *cifar(fake_cifar10), "--trainer.max_epochs", "3", "--trainer.max_steps", "3", *CSV_LOGGER]
     main(["fit", *args])
