@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import errno
 import logging
 import os
 import secrets
@@ -26,6 +27,7 @@ from lightning.fabric.utilities.seed import max_seed_value, min_seed_value
 from lightning.pytorch.accelerators import AcceleratorRegistry
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint, Timer
 from lightning.pytorch.cli import LightningArgumentParser, ReduceLROnPlateau
+from lightning.pytorch.loggers import WandbLogger
 from torch import nn
 from torch.func import functional_call
 
@@ -226,6 +228,26 @@ def check_data(data: Any, stage: str) -> None:
     only, as Lightning's own prepare_data call, which then costs nothing)."""
     if isinstance(data, ImageDataModule) and local_rank_zero():
         data.prepare(stage)
+
+
+def check_wandb_folder(logger: Any) -> None:
+    """Refuse a W&B run whose staging folder, outside the run, cannot be made: W&B copies there what a run logs
+    (tables, images, model artifacts), and with a read-only home (its default, ~/.local/share/wandb, unless
+    WANDB_DATA_DIR is set) the run trained an epoch, then failed at its first validation. Checked without making the
+    folder, as bad input writes nothing: the OSError that making it would raise, which cifar-cli says in one line."""
+    loggers = list(logger) if isinstance(logger, (list, tuple)) else [logger]
+    if not any(isinstance(one, WandbLogger) for one in loggers) or not local_rank_zero():
+        return
+    from wandb import env
+
+    folder = Path(env.get_data_dir(), "artifacts", "staging").expanduser().absolute()
+    made = [folder, *folder.parents]
+    index = next(i for i, path in enumerate(made) if path.exists())
+    first = made[max(index - 1, 0)]  # the first folder to make, or the staging folder itself
+    if not made[index].is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(first))
+    if not os.access(made[index], os.W_OK | os.X_OK):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(first))
 
 
 def net_name(net: nn.Module) -> str:

@@ -54,6 +54,7 @@ from cifar_cli.checks import (
     check_data,
     check_monitors,
     check_trainer_values,
+    check_wandb_folder,
     chosen_seed,
     config_given,
     input_problem,
@@ -446,6 +447,7 @@ class CifarCLI(LightningCLI):
             self.checkpoint = None
         self.check_image_sizes()
         if self.subcommand is not None:
+            check_wandb_folder(self._get(self.config_init, "trainer", default={}).get("logger"))
             check_data(self.datamodule, self.subcommand)
 
     def announce(self) -> None:
@@ -868,6 +870,19 @@ def unmade(err: OSError) -> bool:
     return frame.tb_frame.f_code.co_name in ("mkdir", "makedirs")
 
 
+def write_elsewhere(path: str) -> str:
+    """How to write elsewhere than `path`, a folder that cannot be written in: the run's own folders move with flags;
+    W&B's staging folder (~/.local/share/wandb, in a home that may be read-only) with its variable alone."""
+    env = sys.modules.get("wandb.env")
+    staging = Path(env.get_data_dir(), "artifacts", "staging").expanduser().absolute() if env is not None else None
+    if staging is not None and staging.is_relative_to(Path(path).absolute()):
+        return (
+            "set WANDB_DATA_DIR to a folder you can write in (W&B stages what a run logs there), or log without W&B "
+            "(--trainer.logger CSVLogger)"
+        )
+    return "choose a folder you can write in (--trainer.default_root_dir, --data.cache_dir)"
+
+
 # jsonargparse's "Expected a <class 'int'>" and "Expected a typing.Literal['none', 'flip']. Got value: x" lines.
 _EXPECTED = re.compile(
     r"^(Parser key \"[\w.]+\": )?Expected a (?:<class '(\w+)'>|typing\.Literal\[(.*)\])(?:\. Got value: (.*))?$"
@@ -1111,8 +1126,8 @@ def main(args: ArgsType = None) -> None:
             reason = {errno.EEXIST: "a file, not a folder", errno.ENOENT: "no folder can be made there"}.get(
                 denied.errno, denied.strerror.lower()
             )
-            print(f"cifar-cli: error: cannot write in {denied.filename} ({reason}): choose a folder "
-                  "you can write in (--trainer.default_root_dir, --data.cache_dir)", file=sys.stderr)  # fmt: skip
+            print(f"cifar-cli: error: cannot write in {denied.filename} ({reason}): {write_elsewhere(denied.filename)}",
+                  file=sys.stderr)  # fmt: skip
             sys.exit(1)
         if cause is None or debug:
             raise

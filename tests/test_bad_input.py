@@ -981,6 +981,29 @@ def test_a_folder_that_cannot_be_written_is_one_line(flag: str, folder: str, rea
         assert snapshot(Path()) == before
 
 
+def test_a_home_wandb_cannot_write_in_is_one_line_before_training(monkeypatch, capsys) -> None:
+    """W&B stages what a run logs (tables, images, model artifacts) in a folder of the home (~/.local/share/wandb),
+    not the run's: with a read-only home the run trained an epoch, then failed at its first validation with advice
+    (--trainer.default_root_dir, --data.cache_dir) that moves nothing of W&B's. Refused before training, naming the
+    variable that moves it."""
+    images(CLASSES_AB)
+    Path("home").write_text("a file, not a folder")
+    monkeypatch.setenv("HOME", str(Path("home").absolute()))
+    monkeypatch.delenv("WANDB_DATA_DIR")
+    monkeypatch.delenv("XDG_DATA_HOME", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        main([*FIT, "--trainer.max_epochs", "1", "--trainer.logger.save_dir", "runs"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("cifar-cli: error")]
+    assert len(errors) == 1 and errors[0].startswith(f"cifar-cli: error: cannot write in {Path('home').absolute()}")
+    assert errors[0].endswith(
+        " (not a directory): set WANDB_DATA_DIR to a folder you can write in (W&B stages what a run logs there), "
+        "or log without W&B (--trainer.logger CSVLogger)"
+    )
+    assert not Path("runs").exists()  # no run begun
+
+
 def test_monitors_that_may_be_logged_pass() -> None:
     """The monitor check refuses only names it knows are never logged."""
     model = ImageClassifier(TutorialCNN(3), class_names=["a", "b", "c"])
