@@ -326,7 +326,7 @@ class CifarCLI(LightningCLI):
                 "trainer.max_epochs": 2,
                 "trainer.logger": {
                     "class_path": "lightning.pytorch.loggers.WandbLogger",
-                    "init_args": {"project": "cifar-cli", "save_dir": "runs", "offline": True},
+                    "init_args": {"project": "cifar-cli", "save_dir": "runs", "offline": wandb_offline()},
                 },
                 "trainer.callbacks": [
                     {
@@ -822,6 +822,14 @@ _OTHER_BRANCHES = re.compile(
     r"|a dict with(out)? (class_path|init_args|parameters)"
 )
 USER_ERRORS = (ArgumentError, MisconfigurationException, UsageError)
+
+
+def wandb_offline() -> bool:
+    """The default of the W&B logger's `offline`: true, unless WANDB_MODE asks for an online run or none. Lightning's
+    WandbLogger sets WANDB_MODE=dryrun for an offline run, over the user's: WANDB_MODE=disabled wrote an offline run
+    all the same, and WANDB_MODE=online, which W&B's own line advises, logged offline. A config or flag that sets
+    `offline` wins over the variable."""
+    return os.environ.get("WANDB_MODE", "offline").strip().lower() not in ("online", "run", "disabled")
 
 
 def user_error(err: BaseException) -> BaseException | None:

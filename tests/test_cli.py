@@ -311,6 +311,27 @@ def test_every_config_parses(config: Path, capsys) -> None:
             assert printed["trainer"][key] == value, key
 
 
+def test_wandb_mode_disabled_writes_no_wandb_run(fake_cifar10: Path, monkeypatch, capsys) -> None:
+    """WANDB_MODE=disabled, as CI jobs set it: no W&B run, the run's folder still whole. Lightning's offline logger
+    replaced the variable, and an offline W&B run was written all the same."""
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    main(["fit", *cifar_args(fake_cifar10), "--trainer.max_epochs", "1"])
+    assert not Path("runs/wandb").exists()
+    (run,) = Path("runs/cifar-cli").iterdir()
+    assert (run / "metrics.csv").exists() and list((run / "checkpoints").glob("epoch=*.ckpt"))
+    assert "wandb sync" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("mode", "offline"), [("online", False), ("disabled", False), ("offline", True)])
+def test_wandb_mode_sets_the_default_of_offline(mode: str, offline: bool, monkeypatch, capsys) -> None:
+    """WANDB_MODE=online, which W&B's own `syncing is set to offline` line advises, logs online (it stayed offline);
+    a flag that sets `offline` wins over it."""
+    monkeypatch.setenv("WANDB_MODE", mode)
+    assert yaml.safe_load(print_config(capsys))["trainer"]["logger"]["init_args"]["offline"] is offline
+    given = yaml.safe_load(print_config(capsys, "--trainer.logger.offline", "true"))
+    assert given["trainer"]["logger"]["init_args"]["offline"] is True
+
+
 def test_wandb_offline_run_holds_metrics_config_and_images(fake_cifar10: Path) -> None:
     main(["fit", *cifar_args(fake_cifar10), "--trainer.max_epochs", "2", "--data.batch_size", "64"])
     import wandb
