@@ -105,7 +105,7 @@ def tutorial(
     if in_process:
         from bench.tutorial import main
 
-        with environment(bench_env()), contextlib.chdir(arrays.parent):
+        with environment(bench_env()), working_directory(arrays.parent):
             result = main(str(arrays), epochs, val_size, limit)
         return time.perf_counter() - start, result
     done = run_process([sys.executable, "-m", "bench.tutorial", str(arrays), str(epochs), str(val_size),
@@ -120,7 +120,7 @@ def _in_process(args: list[str], cwd: Path) -> tuple[int, str]:
 
     output = io.StringIO()
     code = 0
-    with environment(bench_env()), contextlib.chdir(cwd):
+    with environment(bench_env()), working_directory(cwd):
         with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
             try:
                 main(args)
@@ -146,6 +146,17 @@ def environment(env: dict[str, str]) -> Iterator[None]:
     finally:
         os.environ.clear()
         os.environ.update(saved)
+
+
+@contextlib.contextmanager
+def working_directory(path: Path) -> Iterator[None]:
+    """`contextlib.chdir`, which Python 3.10, the oldest pyproject.toml admits, lacks."""
+    before = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(before)
 
 
 def bench_env() -> dict[str, str]:

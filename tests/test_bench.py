@@ -17,7 +17,7 @@ from conftest import write_image_folder
 from rich.console import Console
 from rich.table import Table
 
-from bench.common import run_process, run_steps
+from bench.common import cifar_cli, run_process, run_steps
 from bench.gpu import run as gpu_check
 from bench.run import run
 from bench.run import table as bench_table
@@ -27,6 +27,17 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
+def test_in_process_runs_need_no_python_3_11(tmp_path: Path, monkeypatch) -> None:
+    """pyproject admits Python 3.10, whose contextlib lacks `chdir`: the suite's in-process runs of the benchmarks
+    (and `make bench`'s tutorial part) stopped there with an AttributeError."""
+    import contextlib
+
+    monkeypatch.delattr(contextlib, "chdir", raising=False)
+    _, output = cifar_cli(["fit", "--help"], tmp_path / "run", in_process=True)
+    assert "--trainer.max_epochs" in output
+    assert Path.cwd() == tmp_path  # back where it was
+
+
 def test_bench_smoke_run_fills_every_row(tmp_path: Path, capsys) -> None:
     # Four classes: the transfer part pretrains on the first half of them, and a classifier needs two.
     write_image_folder(tmp_path / "images" / "train", {"a": 30, "b": 30, "c": 30, "d": 30})
