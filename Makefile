@@ -84,5 +84,6 @@ data/cifar10-jpg/.unpacked: $(wildcard $(CIFAR10_JPG))
 	touch data/cifar10-jpg.partial/.unpacked
 	rm -rf data/cifar10-jpg && mv data/cifar10-jpg.partial data/cifar10-jpg
 
+# build/ and *.egg-info: what `pip install .` (not editable) or `pip wheel .` leave in the tree.
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info bundle.partial data/cifar10-jpg.partial
+	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info bundle.partial data/cifar10-jpg.partial

@@ -70,3 +70,14 @@ def test_fit_trains_on_the_unpacked_jpeg_copy_without_the_archive(tmp_path: Path
     done = make(tmp_path, "-n", "fit", "VENV=venv", "CIFAR10_JPG=missing.tar.gz")
     assert done.returncode == 0, done.stderr
     assert "venv/bin/cifar-cli fit" in done.stdout and "--config" not in done.stdout
+
+
+def test_clean_removes_what_a_plain_pip_install_builds(tmp_path: Path) -> None:
+    """`pip install .` builds in the tree: build/ stayed after `make clean`, with the package's old files in it."""
+    (tmp_path / "build" / "lib" / "cifar_cli").mkdir(parents=True)
+    (tmp_path / "cifar_cli.egg-info").mkdir()
+    (tmp_path / "data" / "cifar10-jpg").mkdir(parents=True)
+    done = make(tmp_path, "clean", "VENV=venv")
+    assert done.returncode == 0, done.stderr
+    assert not (tmp_path / "build").exists() and not (tmp_path / "cifar_cli.egg-info").exists()
+    assert (tmp_path / "data" / "cifar10-jpg").is_dir()  # the unpacked images stay
