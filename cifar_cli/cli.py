@@ -326,7 +326,12 @@ class CifarCLI(LightningCLI):
                 "trainer.max_epochs": 2,
                 "trainer.logger": {
                     "class_path": "lightning.pytorch.loggers.WandbLogger",
-                    "init_args": {"project": "cifar-cli", "save_dir": "runs", "offline": wandb_offline()},
+                    # W&B's variables, which the logger's arguments override, set these defaults instead.
+                    "init_args": {
+                        "project": os.environ.get("WANDB_PROJECT") or "cifar-cli",
+                        "save_dir": "runs",
+                        "offline": wandb_offline(),
+                    },
                 },
                 "trainer.callbacks": [
                     {

@@ -116,6 +116,7 @@ def offline_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr("sys.argv", ["cifar-cli"])
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_PROJECT", raising=False)  # the runs' folder is runs/cifar-cli/
     monkeypatch.setenv("WANDB_DATA_DIR", str(tmp_path / "wandb-data"))  # artifacts' staged copies
     # W&B's own records of the environment, which no test reads: its pip package list (0.35 s a run) and git state.
     monkeypatch.setenv("WANDB__SAVE_REQUIREMENTS", "false")

@@ -332,6 +332,18 @@ def test_wandb_mode_sets_the_default_of_offline(mode: str, offline: bool, monkey
     assert given["trainer"]["logger"]["init_args"]["offline"] is True
 
 
+def test_wandb_project_names_the_run_s_project_and_folder(fake_cifar10: Path, monkeypatch, capsys) -> None:
+    """WANDB_PROJECT, which W&B reads, names the project the run goes to (`wandb sync` uploads it there) and its
+    folder: the logger's own project, cifar-cli, overrode it. A flag that sets the project wins."""
+    monkeypatch.setenv("WANDB_PROJECT", "flowers")
+    main(["fit", *cifar_args(fake_cifar10), "--trainer.max_epochs", "1"])
+    (run,) = Path("runs/flowers").iterdir()
+    assert yaml.safe_load((run / "config.yaml").read_text())["trainer"]["logger"]["init_args"]["project"] == "flowers"
+    capsys.readouterr()
+    given = yaml.safe_load(print_config(capsys, "--trainer.logger.project", "birds"))
+    assert given["trainer"]["logger"]["init_args"]["project"] == "birds"
+
+
 def test_wandb_offline_run_holds_metrics_config_and_images(fake_cifar10: Path) -> None:
     main(["fit", *cifar_args(fake_cifar10), "--trainer.max_epochs", "2", "--data.batch_size", "64"])
     import wandb
