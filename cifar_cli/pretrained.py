@@ -370,7 +370,7 @@ TIMM_SOURCES = ("hf-hub:", "local-dir:")
 
 
 class TimmNet(NamedNet):
-    """Any network of timm (`pip install 'cifar-cli[timm]'`), through `timm.create_model(name, pretrained,
+    """Any network of timm (`pip install -e '.[timm]'`), through `timm.create_model(name, pretrained,
     num_classes)`, which builds the new head itself.
 
     Pretrained weights are downloaded from the Hugging Face Hub into its cache (`$HF_HOME/hub`) on first use.
@@ -394,7 +394,10 @@ class TimmNet(NamedNet):
     ) -> None:
         super().__init__()
         if importlib.util.find_spec("timm") is None:
-            raise UsageError("TimmNet needs timm: pip install 'cifar-cli[timm]' (or pip install timm)")
+            # `pip install 'cifar-cli[timm]'` asked PyPI for a cifar-cli it does not have: the extra is the folder's.
+            raise UsageError(
+                "TimmNet needs timm: pip install 'timm>=1.0', or in cifar-cli's folder pip install -e '.[timm]'"
+            )
         import timm
 
         known = timm.list_models()
