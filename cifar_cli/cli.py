@@ -1121,8 +1121,12 @@ def main(args: ArgsType = None) -> None:
         if wandb_error is not None and not debug:
             # Going live without a login (outside a terminal, where W&B cannot ask for the key) or without a
             # connection: W&B's own error, in one line.
-            print(f"cifar-cli: error: W&B: {one_line(wandb_error)} (the default logs offline: "
-                  "--trainer.logger.offline true, then `wandb sync`)", file=sys.stderr)  # fmt: skip
+            if wandb_offline():
+                why = "the default logs offline: --trainer.logger.offline true"
+            else:  # WANDB_MODE=online made the default a live run
+                mode = os.environ["WANDB_MODE"]
+                why = f"WANDB_MODE={mode} asks for a live run; offline: --trainer.logger.offline true"
+            print(f"cifar-cli: error: W&B: {one_line(wandb_error)} ({why}, then `wandb sync`)", file=sys.stderr)
             sys.exit(1)
         cause = user_error(err)
         exit_if_rank_failed(err, one_line(cause) if cause is not None else None)  # under DDP: "rank R failed: ..."

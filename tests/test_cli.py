@@ -942,6 +942,14 @@ def test_wandb_failing_to_start_live_is_one_line(fake_cifar10: Path, capfd, monk
         "--trainer.logger.offline true, then `wandb sync`)"
     )
     assert "Traceback" not in err
+    # WANDB_MODE=online makes the default a live run: the line said the default logs offline.
+    monkeypatch.setenv("WANDB_MODE", "online")
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", *cifar_args(fake_cifar10), "--trainer.max_epochs", "1"])
+    assert capfd.readouterr().err.strip().splitlines()[-1] == (
+        "cifar-cli: error: W&B: No API key configured. Use `wandb login` to log in. (WANDB_MODE=online asks for a "
+        "live run; offline: --trainer.logger.offline true, then `wandb sync`)"
+    )
 
 
 def test_diverged_training_stops_in_one_line_and_checkpoints_no_nan_weights(fake_cifar10: Path, capfd) -> None:
