@@ -38,7 +38,7 @@ class TutorialCNN(nn.Module):
         self.pool = nn.MaxPool2d(2)
         feature_h, feature_w = ((height - 4) // 2 - 4) // 2, ((width - 4) // 2 - 4) // 2
         if feature_h < 1 or feature_w < 1:
-            raise UsageValueError(f"TutorialCNN needs images of at least 14x14 pixels, got {height}x{width}")
+            raise UsageValueError(f"TutorialCNN needs images of at least 16x16 pixels, got {height}x{width}")
         self.fc1 = nn.Linear(64 * feature_h * feature_w, 512)
         self.fc2 = nn.Linear(512, 128)
         self.fc3 = nn.Linear(128, num_classes)

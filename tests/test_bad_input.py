@@ -543,7 +543,7 @@ CASES = [
     Case(
         "folder_images_too_small_for_net",
         [*FIT, "--data.image_size", "8"],
-        "cifar-cli: error: TutorialCNN needs images of at least 14x14 pixels, got 8x8",
+        "cifar-cli: error: TutorialCNN needs images of at least 16x16 pixels, got 8x8",
         setup=lambda: images(CLASSES_AB),
     ),
     Case(

@@ -41,8 +41,16 @@ def test_tutorial_cnn_matches_the_tutorial() -> None:
 
 
 def test_tutorial_cnn_rejects_too_small_images() -> None:
-    with pytest.raises(ValueError, match="at least 14x14"):
+    with pytest.raises(ValueError, match="at least 16x16"):
         nets.TutorialCNN(image_shape=(3, 12, 12))
+
+
+@pytest.mark.parametrize("side", [14, 15])
+def test_tutorial_cnn_smallest_side_it_names_is_the_smallest_that_runs(side: int) -> None:
+    # Two 3x3 convolutions and a 2x2 pool, twice: 14 and 15 pixels end as an empty map, 16 as 1x1.
+    with pytest.raises(ValueError, match=f"at least 16x16 pixels, got {side}x{side}"):
+        nets.TutorialCNN(image_shape=(3, side, side))
+    assert nets.TutorialCNN(image_shape=(3, 16, 16))(torch.randn(2, 3, 16, 16)).shape == (2, 10)
 
 
 def test_fast_net_whitening_layer_whitens_patches() -> None:
