@@ -791,7 +791,20 @@ class CifarCLI(LightningCLI):
 
     def _run_subcommand(self, subcommand: str) -> None:
         if subcommand == "fit":
-            return super()._run_subcommand(subcommand)
+            try:
+                return super()._run_subcommand(subcommand)
+            except ValueError as err:
+                # Lightning compares a step count with the epoch's batches only once the data is loaded, and refuses
+                # it in a traceback: stacking `--trainer.check_val_every_n_epoch 1` on configs/budget.yaml does it.
+                if "`val_check_interval`" not in str(err):
+                    raise
+                trainer = self.trainer
+                raise UsageError(
+                    f"--trainer.val_check_interval {trainer.val_check_interval}: more than the "
+                    f"{trainer.fit_loop.max_batches} training batches of an epoch, within which it counts while "
+                    "--trainer.check_val_every_n_epoch is set: give fewer batches or a fraction of an epoch, or "
+                    "--trainer.check_val_every_n_epoch null to count batches across epochs"
+                ) from err
         # Lightning asks for the callbacks that wrote the checkpoint (a recipe's EMA, its ModelCheckpoint) whenever
         # the command lacks them: "Please add the following callbacks". Only a resumed fit goes on with their state;
         # test, validate and predict use the weights alone (EMA's average is the checkpoint's state_dict).

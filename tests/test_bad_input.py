@@ -1026,3 +1026,17 @@ def test_monitors_that_may_be_logged_pass() -> None:
     # A model of the user's own, or a callback, may log more: their names pass.
     check_monitors(LogsMore(TutorialCNN(3), class_names=["a", "b", "c"]), [EarlyStopping("val_f1")], None, "")
     check_monitors(model, [EarlyStopping("val_f1"), OwnCallback()], None, "")
+
+
+def test_val_check_interval_beyond_an_epoch_is_one_line(tmp_path: Path, capfd) -> None:
+    """A step count above the epoch's batches while validation counts per epoch (configs/budget.yaml's interval with
+    `--trainer.check_val_every_n_epoch 1`): Lightning refuses it only once the data is loaded, in a traceback."""
+    images(CLASSES_AB)
+    args = [*FIT, "--data.batch_size", "2", "--trainer.logger", "false", "--trainer.max_epochs", "1"]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, "--trainer.check_val_every_n_epoch", "1", "--trainer.val_check_interval", "10"])
+    err = capfd.readouterr().err
+    assert exit_info.value.code == 2
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("cifar-cli: error: --trainer.val_check_interval 10: more than the 3 training batches"), err
