@@ -11,6 +11,7 @@ from jsonargparse.typing import ClosedUnitInterval, PositiveFloat, PositiveInt
 from lightning.pytorch import LightningModule
 from lightning.pytorch.callbacks import BackboneFinetuning, BaseFinetuning, Timer
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable, ReduceLROnPlateau
+from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
@@ -540,8 +541,13 @@ class ImageClassifier(LightningModule):
         groups = param_groups(
             self.net, hp.learning_rate, hp.weight_decay, hp.norm_lr_factor, backbone, hp.backbone_lr_factor
         )
-        scaler = getattr(getattr(self._trainer, "precision_plugin", None), "scaler", None)
-        optimizer = build_optimizer(self.optimizer, groups, scaled_loss=scaler is not None)
+        precision = getattr(self._trainer, "precision_plugin", None)
+        # Lightning's mixed precision (bf16-mixed too, the default on a CPU with native bf16) refuses to clip a
+        # fused optimizer's gradients at the first step: `--trainer.gradient_clip_val`, which a diverged run is
+        # told to try, failed.
+        clipped = isinstance(precision, MixedPrecision) and bool(self._trainer.gradient_clip_val)
+        unscaled_outside = getattr(precision, "scaler", None) is not None or clipped
+        optimizer = build_optimizer(self.optimizer, groups, unscaled_outside=unscaled_outside)
         if self.lr_scheduler is not None:
             # Per epoch, as LightningCLI steps its --lr_scheduler; ReduceLROnPlateau with the metric it names.
             torch_scheduler = self.lr_scheduler(optimizer)

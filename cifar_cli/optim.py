@@ -94,7 +94,7 @@ def param_groups(
     return groups
 
 
-def build_optimizer(factory: Callable[..., Optimizer], groups: list[dict], scaled_loss: bool = False) -> Optimizer:
+def build_optimizer(factory: Callable[..., Optimizer], groups: list[dict], unscaled_outside: bool = False) -> Optimizer:
     """`factory(groups)`, with torch's fused implementation where the optimizer has one and the user chose none.
 
     A fused optimizer updates all parameters of a step in one kernel. torch leaves it off by default
@@ -102,13 +102,15 @@ def build_optimizer(factory: Callable[..., Optimizer], groups: list[dict], scale
     took 4 to 9 ms there against 1 ms fused (2-core Xeon), a sixth to a third of the whole training step at batch
     32. Adam, AdamW, SGD and Adagrad have fused kernels on CPUs and CUDA GPUs. An implementation chosen on the
     command line (`--model.optimizer.fused false`, `--model.optimizer.foreach true`) is kept, and so is any
-    optimizer without a `fused` argument. Not under a loss scaler (16-mixed): a fused optimizer unscales the
-    gradients inside its step, after Lightning's gradient clipping and the callbacks that read the gradients.
+    optimizer without a `fused` argument. Not where the gradients must be unscaled outside the optimizer's step
+    (`unscaled_outside`: under a loss scaler, 16-mixed on a GPU, or with gradient clipping under Lightning's mixed
+    precision, which refuses to clip for a fused optimizer): a fused optimizer unscales them inside its step, after
+    Lightning's gradient clipping and the callbacks that read the gradients.
     """
     optimizer = factory([dict(group) for group in groups])  # a copy: torch fills each group with the defaults
     defaults = optimizer.defaults
     chosen = defaults.get("fused") is not None or defaults.get("foreach") is not None
-    if scaled_loss or "fused" not in defaults or chosen or defaults.get("differentiable"):
+    if unscaled_outside or "fused" not in defaults or chosen or defaults.get("differentiable"):
         return optimizer
     try:
         return factory(groups, fused=True)

@@ -72,6 +72,16 @@ def test_optimizer_is_fused_except_under_a_loss_scaler(precision: str, fused: bo
     assert (getattr(model.trainer.precision_plugin, "scaler", None) is not None) == (precision == "16-mixed")
 
 
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
+def test_gradient_clipping_under_mixed_precision_trains(precision: str, fake_cifar10: Path) -> None:
+    """The fast recipe with `--trainer.gradient_clip_val` (what a diverged run is told to try) under mixed
+    precision, bf16-mixed being this CPU's default: Lightning refused to clip a fused optimizer's gradients at the
+    first step, in a traceback."""
+    main(["fit", *FAST, *cifar(fake_cifar10), "--trainer.max_epochs", "1", "--trainer.logger", "false",
+          "--trainer.precision", precision, "--trainer.gradient_clip_val", "1.0"])  # fmt: skip
+    assert list(Path("checkpoints").glob("epoch=0-step=5*.ckpt"))
+
+
 def test_any_network_can_be_injected() -> None:
     net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 2))
     model = ImageClassifier(net, class_names=["x", "y"])
