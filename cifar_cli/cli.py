@@ -496,6 +496,12 @@ class CifarCLI(LightningCLI):
                 f"{name} cannot take {height}x{width} images ({problem}): choose another --model.net{other}"
             )
         if low is not None and (problem := input_problem(net, (channels, low, low), channels_last)) is not None:
+            takes = smallest_side(net, channels, low, side, channels_last)
+            if takes is not None:  # a network that pools (FastNet) but not down from this side
+                raise UsageError(
+                    f"--model.low_res_side {low}: {name} cannot take {low}x{low} images ({problem}); its smallest "
+                    f"side is {takes}: pass a side from {takes} to {side - 1}"
+                )
             raise UsageError(
                 f"--model.low_res_side {low}: {name} cannot take {low}x{low} images ({problem}); progressive "
                 "resizing needs a network that takes both sizes, with global pooling, such as FastNet"
@@ -1185,3 +1191,19 @@ def run() -> None:
     # Python program may call many times: objects it froze there would never be collected.
     gc.freeze()
     main()
+
+
+def smallest_side(net: nn.Module, channels: int, low: int, side: int, channels_last: bool) -> int | None:
+    """The smallest side above `low` and below `side` that `net` takes, or None where it takes none (a fixed-size
+    network). By bisection, each try a forward pass on the meta device: a network that takes a side takes the larger
+    ones."""
+    if input_problem(net, (channels, side - 1, side - 1), channels_last) is not None:
+        return None
+    fails, works = low, side - 1
+    while works - fails > 1:
+        middle = (fails + works) // 2
+        if input_problem(net, (channels, middle, middle), channels_last) is None:
+            works = middle
+        else:
+            fails = middle
+    return works

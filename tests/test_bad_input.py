@@ -297,6 +297,13 @@ CASES = [
         "pooling, such as FastNet",
     ),
     Case(
+        "low_res_side_below_what_the_net_takes",
+        ["fit", "--model.net", "FastNet", "--model.low_res_side", "8"],
+        "cifar-cli: error: --model.low_res_side 8: FastNet cannot take 8x8 images (Given input size: (256x1x1). "
+        "Calculated output size: (256x0x0). Output size is too small); its smallest side is 9: pass a side from 9 "
+        "to 31",
+    ),
+    Case(
         "low_res_side_not_below_image_side",
         ["fit", "--model.net", "FastNet", "--model.low_res_side", "64"],
         "cifar-cli: error: --model.low_res_side 64 is not below the images' side (32x32), so no step would train at a "
