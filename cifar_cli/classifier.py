@@ -617,6 +617,9 @@ class ImageClassifier(LightningModule):
         # only at the end (configs/budget.yaml) relies on.
         if self._steps_total is not None and self.progress(step) >= 1.0:
             self.trainer.should_stop = True
+            # And whatever the epoch: configs/fast.yaml validates every 10th epoch, its end with its 10 epochs, and
+            # with --trainer.max_epochs 8 the run ended unvalidated, with no best checkpoint.
+            self.trainer.check_val_every_n_epoch = None
 
 
 def check_settings(net: nn.Module, label_smoothing: float, backbone_lr_factor: float, low_res_until: float) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -12,7 +13,7 @@ import torch.nn.functional as F
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.plugins import MixedPrecision
-from test_cli import CSV_LOGGER
+from test_cli import CSV_LOGGER, REPO
 from test_resume import FAST, cifar
 from torch import nn
 
@@ -80,6 +81,17 @@ def test_gradient_clipping_under_mixed_precision_trains(precision: str, fake_cif
     main(["fit", *FAST, *cifar(fake_cifar10), "--trainer.max_epochs", "1", "--trainer.logger", "false",
           "--trainer.precision", precision, "--trainer.gradient_clip_val", "1.0"])  # fmt: skip
     assert list(Path("checkpoints").glob("epoch=0-step=5*.ckpt"))
+
+
+def test_fast_recipe_with_fewer_epochs_validates_at_its_end(fake_cifar10: Path) -> None:
+    """configs/fast.yaml validates every 10th epoch, once at the end of its 10; with `--trainer.max_epochs 2` the run
+    ended without a validation, a val_acc or a best checkpoint. The schedule's end validates, whatever the epoch."""
+    fast = ["--config", str(REPO / "configs" / "fast.yaml"), "--trainer.accelerator", "cpu",
+            "--model.net.init_args.widths", "[8, 16, 16]", "--data.batch_size", "32"]  # fmt: skip
+    main(["fit", *fast, *cifar(fake_cifar10), "--trainer.max_epochs", "2", *CSV_LOGGER])
+    assert [path.name for path in Path("runs").rglob("epoch=*.ckpt")] == ["epoch=1-step=10.ckpt"]
+    rows = list(csv.DictReader(next(Path("runs").rglob("metrics.csv")).open()))
+    assert [row["step"] for row in rows if row.get("val_acc")] == ["9"]
 
 
 def test_any_network_can_be_injected() -> None:
