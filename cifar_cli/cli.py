@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 from jsonargparse import ArgumentError, Namespace
 from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.callbacks import BackboneFinetuning, BasePredictionWriter, ProgressBar
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
@@ -558,6 +559,11 @@ class CifarCLI(LightningCLI):
             self._get(self.config, "trainer")["precision"] = trainer.precision
             why = f"--trainer.precision {given}: a CPU has no fp16 mixed precision"
             precision = trainer.precision, f"Precision {trainer.precision} ({why})"
+        elif precision is None and trainer.precision == "16-true" and isinstance(trainer.accelerator, CPUAccelerator):
+            # Kept, as asked; but a CPU computes fp16 in software: a step of the tutorial CNN (batch 32) took 3.07 s
+            # against 9.8 ms in bf16 and 20 ms in fp32 on a 2-core Xeon with AMX, with nothing said.
+            slow = "a CPU computes fp16 in software, hundreds of times slower than bf16-mixed or 32-true"
+            precision = trainer.precision, f"Precision 16-true: {slow} (--trainer.precision)"
         self._chosen_precision = precision  # said once the trainer passes its checks (announce)
         for callback in trainer.callbacks:
             if isinstance(callback, RunConfigSaver):
