@@ -922,10 +922,20 @@ def write_elsewhere(path: str) -> str:
 
 
 # jsonargparse's "Expected a <class 'int'>" and "Expected a typing.Literal['none', 'flip']. Got value: x" lines.
+# The keys before it are nested where the value is an argument of a class (`Parser key "model.lr_schedule":
+# 'cifar_cli.optim.WarmupLinearDecay': Parser key "restarts": ...`).
 _EXPECTED = re.compile(
-    r"^(Parser key \"[\w.]+\": )?Expected a (?:<class '(\w+)'>|typing\.Literal\[(.*)\])(?:\. Got value: (.*))?$"
+    r"^((?:Parser key \"[\w.]+\": (?:'[\w.]+': )?)*)Expected a (?:<class '(\w+)'>|typing\.Literal\[(.*)\])"
+    r"(?:\. Got value: (.*))?$"
 )
-_TYPE_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "text"}
+_TYPE_WORDS = {
+    "int": "an integer",
+    "float": "a number",
+    "bool": "true or false",
+    "str": "text",
+    "tuple": "a list ([...])",
+    "list": "a list ([...])",
+}
 
 
 def expected_values(lines: list[str], given: str | None) -> str | None:
@@ -941,11 +951,12 @@ def expected_values(lines: list[str], given: str | None) -> str | None:
             kinds.append(_TYPE_WORDS.get(match[2], match[2]))
         else:
             choices += [choice.strip().strip("'") for choice in match[3].split(",")]
-        given = given or match[4]
+        given = match[4] or given  # the value as the key's own line gives it (a nested one's: NestedArg(...) else)
     if choices:
         kinds.append("one of " + ", ".join(dict.fromkeys(choices)))
     got = f", got {given}" if given is not None else ""
-    return f"{matches[0][1]}expected {', or '.join(dict.fromkeys(kinds))}{got}"
+    key = ".".join(re.findall(r'Parser key "([\w.]+)"', matches[0][1]))
+    return f'Parser key "{key}": expected {", or ".join(dict.fromkeys(kinds))}{got}'
 
 
 def one_line(err: BaseException) -> str:
@@ -958,8 +969,10 @@ def one_line(err: BaseException) -> str:
     lines = list(dict.fromkeys(lines))  # each once: a class in two branches of a Union fails the same way in both
     pertinent = [line for line in lines if not _OTHER_BRANCHES.search(line)]
     lines = pertinent if len(pertinent) > 1 else lines
-    if len(lines) > 1 and lines[0].endswith(":") and lines[0].startswith("Parser key"):  # the key on its own line
-        lines = [f"{lines[0]} {lines[1]}", *lines[2:]]
+    if len(lines) > 1 and lines[0].endswith(":") and lines[0].startswith("Parser key"):
+        # The key on its own line, and where the value is a class's argument, the class and its key on theirs.
+        keys = next(i for i, line in enumerate(lines) if not line.endswith(":") or i == len(lines) - 1)
+        lines = [" ".join(lines[: keys + 1]), *lines[keys + 1 :]]
     return expected_values(lines, given) or " ".join(lines)
 
 

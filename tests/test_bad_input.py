@@ -156,6 +156,12 @@ CASES = [
         ["fit", "--seed_everything", "abc"],
         'cifar-cli: error: Parser key "seed_everything": expected true or false, or an integer, got abc',
     ),
+    # An argument of a class chosen by a setting: jsonargparse named the class and "<class 'tuple'>"
+    Case(
+        "schedule_restarts_not_a_list",
+        ["fit", "--model.lr_schedule", "WarmupLinearDecay", "--model.lr_schedule.restarts", "0.5"],
+        'cifar-cli: error: Parser key "model.lr_schedule.restarts": expected a list ([...]), got 0.5',
+    ),
     Case("unknown_option", ["fit", "--trainer.max_epochs_x", "3"], "unrecognized arguments: --trainer.max_epochs_x"),
     # argparse would take a prefix for the whole flag (this one for --trainer.max_epochs)
     Case("abbreviated_option", ["fit", "--trainer.max_epoch", "3"], "unrecognized arguments: --trainer.max_epoch"),
