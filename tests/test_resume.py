@@ -52,6 +52,16 @@ def assert_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> 
     assert not different, f"{len(different)} of {len(a)} tensors differ, e.g. {different[:3]}"
 
 
+def uninterrupted_last(tmp_path: Path, args: list[str], then: str) -> Path:
+    """`fit` with `args`, whole, in `tmp_path/reference`: its last.ckpt. The current folder is then `tmp_path/then`,
+    for the interrupted run to compare with it."""
+    os.chdir(tmp_path / "reference" if (tmp_path / "reference").mkdir() is None else tmp_path)
+    main(["fit", *args])
+    (reference,) = Path().glob("runs/**/last.ckpt")
+    os.chdir(tmp_path / then if (tmp_path / then).mkdir() is None else tmp_path)
+    return (tmp_path / "reference" / reference).resolve()
+
+
 # Wherever the splits are: on the device, or in host memory with each batch sent ahead of its step. Disk placement
 # sends ahead through the same code (its rows read from the cache instead), and trains to the device placement's
 # weights bit for bit (test_placement.py); resuming it here took 28 s more.
@@ -117,11 +127,7 @@ def test_stop_on_a_signal_then_resume_ends_with_the_uninterrupted_weights(
     # at step 6 of 12, where the mid-epoch case stops).
     args = [*FAST, *cifar(fake_cifar10), *CSV_LOGGER, "--trainer.max_epochs", "3", "--data.val_size", "64",
             "--data.batch_size", "32", "--data.flip", "alternate", "--model.whiten_bias_until", "0.5"]  # fmt: skip
-    os.chdir(tmp_path / "reference" if (tmp_path / "reference").mkdir() is None else tmp_path)
-    main(["fit", *args])
-    (reference,) = Path().glob("runs/**/last.ckpt")
-    reference = reference.resolve()
-    os.chdir(tmp_path / "stopped" if (tmp_path / "stopped").mkdir() is None else tmp_path)
+    reference = uninterrupted_last(tmp_path, args, then="stopped")
     sys.path.insert(0, str(REPO / "tests"))
     with pytest.raises(SystemExit) as stop:
         main(["fit", *args, "--trainer.callbacks+=faults.SignalAt", "--trainer.callbacks.signum", str(int(signum)),
@@ -141,11 +147,7 @@ def test_a_signal_within_a_gradient_accumulation_stops_where_it_ends_and_resumes
     step-cadence save was one): a checkpoint holds no gradients, and a run resumed from there had lost a batch's."""
     args = [*cifar(fake_cifar10), *CSV_LOGGER, "--trainer.max_epochs", "3", "--trainer.enable_progress_bar", "false",
             "--trainer.accumulate_grad_batches", "2", "--last_checkpoint.every_n_steps", "2"]  # fmt: skip
-    os.chdir(tmp_path / "reference" if (tmp_path / "reference").mkdir() is None else tmp_path)
-    main(["fit", *args])
-    (reference,) = Path().glob("runs/**/last.ckpt")
-    reference = reference.resolve()
-    os.chdir(tmp_path / "stopped" if (tmp_path / "stopped").mkdir() is None else tmp_path)
+    reference = uninterrupted_last(tmp_path, args, then="stopped")
     sys.path.insert(0, str(REPO / "tests"))
     with pytest.raises(SystemExit) as stop:
         main(["fit", *args, "--trainer.callbacks+=faults.SignalAt", "--trainer.callbacks.epoch", "1",
@@ -430,11 +432,7 @@ def test_a_run_cut_short_within_an_epoch_resumes_there_with_a_larger_limit(fake_
     """`max_steps` (or `max_time`) ends a run in the middle of an epoch; resumed with a larger limit, it trains that
     epoch's other batches and ends with the uninterrupted run's weights (Lightning took the cut epoch for done)."""
     args = [*cifar(fake_cifar10), *CSV_LOGGER, "--trainer.max_epochs", "2", "--trainer.enable_progress_bar", "false"]
-    os.chdir(tmp_path / "reference" if (tmp_path / "reference").mkdir() is None else tmp_path)
-    main(["fit", *args])
-    (reference,) = Path().glob("runs/**/last.ckpt")
-    reference = reference.resolve()
-    os.chdir(tmp_path / "cut" if (tmp_path / "cut").mkdir() is None else tmp_path)
+    reference = uninterrupted_last(tmp_path, args, then="cut")
     main(["fit", *args, "--trainer.max_steps", "7"])  # 5 steps an epoch: 2 batches into the second
     (last,) = Path().glob("runs/**/last.ckpt")
     assert torch.load(last, weights_only=True)["global_step"] == 7
