@@ -157,15 +157,22 @@ def lightning_plateau(argv: list[str]) -> list[str]:
     setting's type: under the model's LRSchedulerCallable, the name is both torch's class and Lightning's subclass,
     which it refused as ambiguous (torch's cannot name the metric it watches, and the run refuses it anyway). In a
     config file the name stays ambiguous, and jsonargparse's one-line error names both full paths."""
-    args = list(argv)
+    plateau = "lightning.pytorch.cli.ReduceLROnPlateau"
+    return with_values(argv, PLATEAU_FLAGS, lambda value: plateau if value == "ReduceLROnPlateau" else None)
+
+
+def with_values(args: list[str], flags: tuple[str, ...], change: Callable[[str], str | None]) -> list[str]:
+    """`args` with the value of each of `flags` (`--flag VALUE` or `--flag=VALUE`) replaced by `change(value)`,
+    where that is not None."""
+    args = list(args)
     for i, arg in enumerate(args):
         flag, equals, value = arg.partition("=")
-        if flag not in PLATEAU_FLAGS:
+        at = i if equals else i + 1
+        if flag not in flags or at >= len(args):
             continue
-        if equals and value == "ReduceLROnPlateau":
-            args[i] = f"{flag}=lightning.pytorch.cli.ReduceLROnPlateau"
-        elif not equals and i + 1 < len(args) and args[i + 1] == "ReduceLROnPlateau":
-            args[i + 1] = "lightning.pytorch.cli.ReduceLROnPlateau"
+        new = change(value if equals else args[at])
+        if new is not None:
+            args[at] = f"{flag}={new}" if equals else new
     return args
 
 
@@ -1029,22 +1036,16 @@ CONFIG_FLAGS = ("--config", "-c")
 def settled_configs(args: list[str]) -> list[str]:
     """`args` with each config file that holds the optimizer's copy of the learning rate or weight decay given as
     its contents without the pair (see `without_settled_copies`; jsonargparse's `--config` takes YAML text too)."""
-    args = list(args)
-    for i, arg in enumerate(args):
-        flag, equals, value = arg.partition("=")
-        at = i if equals else i + 1
-        if flag not in CONFIG_FLAGS or at >= len(args):
-            continue
-        path = value if equals else args[at]
+
+    def settled(path: str) -> str | None:
         try:
             with open(path, encoding="utf-8") as file:
                 config = yaml.safe_load(file)
         except (OSError, UnicodeDecodeError, yaml.YAMLError):
-            continue  # not a readable YAML file: the parse says what is wrong with it
-        if without_settled_copies(config):
-            text = yaml.safe_dump(config, sort_keys=False)
-            args[at] = f"{flag}={text}" if equals else text
-    return args
+            return None  # not a readable YAML file: the parse says what is wrong with it
+        return yaml.safe_dump(config, sort_keys=False) if without_settled_copies(config) else None
+
+    return with_values(args, CONFIG_FLAGS, settled)
 
 
 def given_settings(parser: LightningArgumentParser, args: ArgsType) -> Namespace | None:
