@@ -404,9 +404,11 @@ class TimmNet(NamedNet):
         # `hf-hub:` (a Hub repository) and `local-dir:` (a folder saved by timm) name no registry entry: timm
         # reads the architecture from the repository's or folder's config.json.
         if not name.startswith(TIMM_SOURCES) and name.partition(".")[0] not in known:
-            hint = suggest(name.partition(".")[0], known)
-            if name in models.list_models(module=models):
-                hint = f"it is torchvision's: --model.net TorchvisionNet --model.net.name {name}"
+            hint = (
+                f"it is torchvision's: --model.net TorchvisionNet --model.net.name {name}"
+                if name in models.list_models(module=models)
+                else suggest(name.partition(".")[0], known)
+            )
             raise UsageError(f"--model.net.name {name}: no timm network; {hint}")
         # A local file is loaded here, as TorchvisionNet loads it, not by timm: timm loads any weights but a head of
         # the pretrained class count with strict=False, so a file of another network trained from random weights
