@@ -71,6 +71,7 @@ from cifar_cli.distributed import exit_if_rank_failed, watch_ranks
 from cifar_cli.errors import TrainingDiverged, UsageError, causes, debug_switch, debugging
 from cifar_cli.optimizer_flags import check_built, move_optimizer_flags, unsettled, without_settled_copies
 from cifar_cli.precision import announce_precision, choose_precision
+from cifar_cli.presets import shipped_config
 from cifar_cli.pretrained import weights_from_checkpoint
 from cifar_cli.resume import (
     RUN_KEY,
@@ -1116,6 +1117,12 @@ def main(args: ArgsType = None) -> None:
             debug_switch()
             check_subcommand(argv)
             check_model_help(argv)
+            if argv is not None and (shipped := with_values(argv, CONFIG_FLAGS, shipped_config)) != argv:
+                argv = shipped
+                if args is None:  # Lightning's DDP launcher starts the other ranks with sys.argv
+                    sys.argv[1:] = shipped
+                else:
+                    args = shipped
             if argv and argv[:1] == ["report"]:
                 # Not a LightningCLI subcommand: it builds no trainer, model or data, only reads a run folder.
                 from cifar_cli.report import main as report

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 import re
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -216,6 +218,53 @@ def print_config(capsys: pytest.CaptureFixture, *args: str) -> str:
         main(["fit", *args, "--print_config"])
     assert exit_info.value.code in (0, None)
     return capsys.readouterr().out
+
+
+def test_configs_of_cifar_cli_are_found_from_any_folder(capsys, fake_cifar10: Path, tmp_path: Path) -> None:
+    """`--config configs/NAME.yaml`, as the README and cifar-cli's messages write it, works outside the repository:
+    it names cifar-cli's own config where the current folder has no such file. Before, it was a missing file."""
+    assert not Path("configs").exists()  # the test's own folder
+    printed = yaml.safe_load(print_config(capsys, "--config", "configs/cpu.yaml", "--config=configs/debug.yaml"))
+    assert printed["trainer"]["accelerator"] == "cpu" and printed["trainer"]["limit_train_batches"] == 10
+    main(["fit", "-c", "configs/debug.yaml", *cifar_args(fake_cifar10)])
+    assert Path("runs/debug/checkpoints/last.ckpt").is_file()  # debug.yaml's folder, in the current one
+    capsys.readouterr()
+    # A file of the current folder's configs/ is the user's, and comes first.
+    Path("configs").mkdir()
+    Path("configs/cpu.yaml").write_text("trainer:\n  max_epochs: 9\n")
+    printed = yaml.safe_load(print_config(capsys, "--config", "configs/cpu.yaml"))
+    assert printed["trainer"]["max_epochs"] == 9 and printed["trainer"]["accelerator"] == "auto"
+    err = fails(capsys, "fit", "--config", "configs/cpu2.yaml")
+    assert err == (
+        f"cifar-cli: error: --config configs/cpu2.yaml: no such file in {tmp_path}, nor among cifar-cli's own configs "
+        f"({', '.join(p.name for p in sorted((REPO / 'configs').glob('*.yaml')))})"
+    )
+
+
+def test_wheel_holds_the_configs_and_every_package(tmp_path: Path) -> None:
+    """A wheel (`pip install .`, or from an index) installs the configs inside the package, where `--config
+    configs/NAME.yaml` finds them, and every package of the source tree (pyproject.toml lists them by name)."""
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source)
+    for name in ("cifar_cli", "configs"):
+        shutil.copytree(REPO / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+    pip = [sys.executable, "-m", "pip", "-q"]
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", "dist", "."], cwd=source, check=True)
+    (wheel,) = (source / "dist").glob("cifar_cli-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        held = set(archive.namelist())
+    configs = {f"cifar_cli/configs/{p.name}" for p in (REPO / "configs").glob("*.yaml")}
+    modules = {p.relative_to(REPO).as_posix() for p in (REPO / "cifar_cli").glob("**/*.py")}
+    assert "cifar_cli/configs/gpu.yaml" in configs and configs <= held and modules <= held
+    # Installed, the package finds its own copy (not the repository's beside the source).
+    subprocess.run([*pip, "install", "--no-deps", "--target", "site", str(wheel)], cwd=tmp_path, check=True)
+    found = subprocess.run(
+        [sys.executable, "-c", "from cifar_cli.presets import presets_folder; print(presets_folder())"],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(tmp_path / "site")}, capture_output=True, text=True,
+    )  # fmt: skip
+    assert found.stdout.strip() == str(tmp_path / "site" / "cifar_cli" / "configs")
 
 
 def test_print_config_round_trip(capsys, tmp_path: Path) -> None:
