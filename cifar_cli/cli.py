@@ -587,6 +587,7 @@ class CifarCLI(LightningCLI):
             for logger in trainer.loggers:
                 if isinstance(logger, WandbLogger) and logger._experiment is None:
                     logger._wandb_init["mode"] = "disabled"  # private to Lightning (2.6), as in quiet_wandb
+        wandb_dir_from_env(trainer)
         if self.resuming:
             set_aside_csv_metrics(trainer)  # before Lightning's CSV writer, created next, deletes the earlier rows
         for logger in trainer.loggers:
@@ -868,6 +869,20 @@ def wandb_offline() -> bool:
     all the same, and WANDB_MODE=online, which W&B's own line advises, logged offline. A config or flag that sets
     `offline` wins over the variable."""
     return os.environ.get("WANDB_MODE", "offline").strip().lower() not in ("online", "run", "disabled")
+
+
+def wandb_dir_from_env(trainer: Trainer) -> None:
+    """W&B's own files (`wandb/offline-run-...`) in WANDB_DIR where it is set, as W&B documents: Lightning's
+    WandbLogger passes its `save_dir` to `wandb.init` as `dir`, which W&B puts over the variable, so it was ignored.
+    The run's folder (checkpoints, config.yaml, metrics.csv) stays under `save_dir`, where `--ckpt_path last` finds
+    it; the W&B run id is in its checkpoints, so the resumed run's part goes beside the first in WANDB_DIR."""
+    folder = os.environ.get("WANDB_DIR", "").strip()
+    if not folder:
+        return
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger) and logger._experiment is None:
+            # Absolute: W&B's service resolves a relative folder against its own working directory.
+            logger._wandb_init["dir"] = os.path.abspath(os.path.expanduser(folder))  # private to Lightning (2.6)
 
 
 def user_error(err: BaseException) -> BaseException | None:

@@ -75,16 +75,16 @@ def quiet_wandb(trainer: Trainer) -> None:
 
     "The anonymous setting has no effect": Lightning's WandbLogger passes `anonymous=None` to `wandb.init`, and
     wandb warns whenever the setting is given at all. "git root runs does not exist": wandb looks for the git
-    commit from the logger's `save_dir`, which Lightning creates only later; created now, the run records the
-    commit of the code it ran, instead of a warning.
+    commit from its folder (the logger's `save_dir`, or WANDB_DIR), which is created only later; created now, the
+    run records the commit of the code it ran, instead of a warning.
     """
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger) and logger._experiment is None:
             init = logger._wandb_init  # private to Lightning (2.6): the keyword arguments of `wandb.init`
             if init.get("anonymous", "") is None:
                 del init["anonymous"]
-            if logger.save_dir and trainer.is_global_zero:
-                os.makedirs(logger.save_dir, exist_ok=True)
+            if init.get("dir") and trainer.is_global_zero:
+                os.makedirs(init["dir"], exist_ok=True)
 
 
 def is_terminal() -> bool:

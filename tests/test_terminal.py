@@ -148,6 +148,23 @@ def test_resumed_offline_wandb_run_prints_one_sync_command_for_all_its_parts(ima
     assert lines == [str(parts[0]), f"{parts[0]} {parts[1]}"]
 
 
+def test_wandb_dir_holds_the_wandb_files_and_the_resumed_run_s_parts(
+    image_folder: Path, tmp_path: Path, monkeypatch, capfd
+) -> None:
+    """WANDB_DIR, as W&B documents it, holds W&B's own `wandb/` folder: the logger's save_dir overrode it, and the
+    files went into runs/wandb/ without a word. The run's folder stays under runs/, so `--ckpt_path last` finds the
+    run and continues its W&B run, whose parts are both in WANDB_DIR and both in the sync command."""
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "scratch"))
+    main([*FIT, "--data.root", str(image_folder), "--trainer.max_epochs", "1"])
+    main([*FIT, "--data.root", str(image_folder), "--ckpt_path", "last"])
+    (run,) = Path("runs/cifar-cli").iterdir()
+    assert (run / "checkpoints" / "last.ckpt").exists() and not Path("runs/wandb").exists()
+    parts = sorted((tmp_path / "scratch" / "wandb").glob(f"offline-run-*-{run.name}"))
+    assert len(parts) == 2
+    lines = re.findall(r"^Upload to W&B: wandb sync (.+)$", capfd.readouterr().out, re.MULTILINE)
+    assert lines == [str(parts[0]), f"{parts[0]} {parts[1]}"]
+
+
 def test_resuming_a_run_that_had_ended_keeps_its_summary(image_folder: Path, capfd) -> None:
     """The same command again (a job requeued after its run ended) resumes at the end and trains nothing: summary.json
     lost the run's metrics, replaced by none."""
