@@ -1017,6 +1017,26 @@ def test_a_home_wandb_cannot_write_in_is_one_line_before_training(monkeypatch, c
     assert not Path("runs").exists()  # no run begun
 
 
+@pytest.mark.parametrize("cache", [True, False], ids=["cache-folder", "none-writable"])
+def test_a_home_matplotlib_cannot_write_in_prints_nothing_of_it(tmp_path: Path, monkeypatch, cache: bool) -> None:
+    """Matplotlib, which torchmetrics imports as every command starts, printed two long lines about a temporary
+    folder where the home cannot be written in. Its files go into cifar-cli's cache folder instead, or where that
+    cannot be made either, into a temporary folder removed at exit; MPLCONFIGDIR, where set, is left alone."""
+    Path("home").write_text("a file, not a folder")
+    monkeypatch.setenv("HOME", str(Path("home", "user").absolute()))
+    monkeypatch.delenv("MPLCONFIGDIR", raising=False)
+    monkeypatch.delenv("XDG_CONFIG_HOME", raising=False)
+    monkeypatch.setenv("TMPDIR", str(Path("tmp").absolute()))
+    Path("tmp").mkdir()
+    if not cache:
+        monkeypatch.delenv("XDG_CACHE_HOME")
+    run = subprocess.run([sys.executable, "-m", "cifar_cli", "fit", "--print_config"], capture_output=True, text=True)
+    assert run.returncode == 0 and run.stderr == "", run.stderr
+    assert "seed_everything" in run.stdout
+    assert (tmp_path / "cache" / "cifar-cli" / "matplotlib").is_dir() == cache
+    assert not list(Path("tmp").glob("matplotlib-*"))
+
+
 def test_monitors_that_may_be_logged_pass() -> None:
     """The monitor check refuses only names it knows are never logged."""
     model = ImageClassifier(TutorialCNN(3), class_names=["a", "b", "c"])
