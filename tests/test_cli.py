@@ -393,6 +393,21 @@ def test_wandb_project_names_the_run_s_project_and_folder(fake_cifar10: Path, mo
     assert given["trainer"]["logger"]["init_args"]["project"] == "birds"
 
 
+def test_settings_from_the_environment_with_jsonargparse_s_default_env(fake_cifar10: Path, monkeypatch, capsys) -> None:
+    """Lightning's PL_TRAINER_* variables do nothing under LightningCLI, which passes every Trainer argument; the
+    README's way, jsonargparse's JSONARGPARSE_DEFAULT_ENV=true, reads PL_FIT__TRAINER__MAX_EPOCHS, under the flags."""
+    monkeypatch.setenv("PL_TRAINER_MAX_EPOCHS", "3")
+    assert yaml.safe_load(print_config(capsys))["trainer"]["max_epochs"] == 2
+    monkeypatch.setenv("JSONARGPARSE_DEFAULT_ENV", "true")
+    monkeypatch.setenv("PL_FIT__TRAINER__MAX_EPOCHS", "1")
+    main(["fit", *cifar_args(fake_cifar10), *CSV_LOGGER])
+    (config,) = Path("runs").glob("*/config.yaml")
+    assert yaml.safe_load(config.read_text())["trainer"]["max_epochs"] == 1
+    assert max(values(metrics_rows("runs"), "epoch")) == 0
+    capsys.readouterr()
+    assert yaml.safe_load(print_config(capsys, "--trainer.max_epochs", "4"))["trainer"]["max_epochs"] == 4
+
+
 def test_wandb_offline_run_holds_metrics_config_and_images(fake_cifar10: Path) -> None:
     main(["fit", *cifar_args(fake_cifar10), "--trainer.max_epochs", "2", "--data.batch_size", "64"])
     import wandb
