@@ -933,13 +933,19 @@ def unmade(err: OSError) -> bool:
 
 def write_elsewhere(path: str) -> str:
     """How to write elsewhere than `path`, a folder that cannot be written in: the run's own folders move with flags;
-    W&B's staging folder (~/.local/share/wandb, in a home that may be read-only) with its variable alone."""
+    W&B's staging folder (~/.local/share/wandb, in a home that may be read-only) and WANDB_DIR with their variables."""
     env = sys.modules.get("wandb.env")
     staging = Path(env.get_data_dir(), "artifacts", "staging").expanduser().absolute() if env is not None else None
     if staging is not None and staging.is_relative_to(Path(path).absolute()):
         return (
             "set WANDB_DATA_DIR to a folder you can write in (W&B stages what a run logs there), or log without W&B "
             "(--trainer.logger CSVLogger)"
+        )
+    wandb_dir = os.environ.get("WANDB_DIR", "").strip()
+    if wandb_dir and Path(wandb_dir).expanduser().absolute().is_relative_to(Path(path).absolute()):
+        return (
+            "set WANDB_DIR to a folder you can write in, or unset it (W&B's files then go under the logger's "
+            "save_dir, runs/ by default)"
         )
     return "choose a folder you can write in (--trainer.default_root_dir, --data.cache_dir)"
 

@@ -1017,6 +1017,24 @@ def test_a_home_wandb_cannot_write_in_is_one_line_before_training(monkeypatch, c
     assert not Path("runs").exists()  # no run begun
 
 
+def test_a_wandb_dir_that_cannot_be_written_in_is_one_line_naming_it(monkeypatch, capsys) -> None:
+    """WANDB_DIR, which holds W&B's own files, below a file: one line before training that says to move WANDB_DIR,
+    not the run's folders (--trainer.default_root_dir, --data.cache_dir), which would not help."""
+    images(CLASSES_AB)
+    Path("scratch").write_text("a file, not a folder")
+    monkeypatch.setenv("WANDB_DIR", "scratch/wandb")
+    with pytest.raises(SystemExit) as exit_info:
+        main([*FIT, "--trainer.max_epochs", "1", "--trainer.logger.save_dir", "runs"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("cifar-cli: error")]
+    assert errors == [
+        f"cifar-cli: error: cannot write in {Path('scratch', 'wandb').absolute()} (not a directory): set WANDB_DIR to "
+        "a folder you can write in, or unset it (W&B's files then go under the logger's save_dir, runs/ by default)"
+    ]
+    assert not list(Path("runs").glob("*/*/checkpoints"))  # no training begun
+
+
 @pytest.mark.parametrize("cache", [True, False], ids=["cache-folder", "none-writable"])
 def test_a_home_matplotlib_cannot_write_in_prints_nothing_of_it(tmp_path: Path, monkeypatch, cache: bool) -> None:
     """Matplotlib, which torchmetrics imports as every command starts, printed two long lines about a temporary
