@@ -27,7 +27,7 @@ from lightning.fabric.utilities.seed import max_seed_value, min_seed_value
 from lightning.pytorch.accelerators import AcceleratorRegistry
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint, Timer
 from lightning.pytorch.cli import LightningArgumentParser, ReduceLROnPlateau
-from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.loggers import Logger, WandbLogger
 from torch import nn
 from torch.func import functional_call
 
@@ -248,6 +248,25 @@ def check_wandb_folder(logger: Any) -> None:
         raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(first))
     if not os.access(made[index], os.W_OK | os.X_OK):
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(first))
+
+
+def check_run_folder(logger: Any, root: str) -> None:
+    """Refuse a new run named as an earlier one (`--trainer.logger.version`, or W&B's WANDB_RUN_ID) before the logger
+    starts: found only as its config.yaml was written, it had begun a W&B run (an offline part with the earlier run's
+    id, and W&B's closing lines after the error) and replaced the earlier run's metrics.csv with an empty one."""
+    first = (logger[0] if logger else None) if isinstance(logger, (list, tuple)) else logger
+    if not isinstance(first, Logger) or (_get_rank() or 0) != 0:
+        return  # (the other ranks of a DDP run start once the first has begun the run and written its config.yaml)
+    version, given = first.version, "pass --trainer.logger.version with a new run name"
+    if isinstance(first, WandbLogger) and version is None:
+        version = os.environ.get("WANDB_RUN_ID", "").strip() or None
+        given = f"WANDB_RUN_ID={version} names that run; set it to a new run name, or unset it"
+    if version is None:
+        return  # W&B draws a new id
+    folder = version if isinstance(version, str) else f"version_{version}"  # as callbacks.run_dir names it
+    path = os.path.join(first.save_dir or root, str(first.name), folder, "config.yaml")
+    if os.path.exists(path):
+        raise UsageError(f"{path} exists already: {given} (`fit --ckpt_path last` continues that run)")
 
 
 def net_name(net: nn.Module) -> str:

@@ -54,6 +54,7 @@ from cifar_cli.checks import (
     check_accelerator,
     check_data,
     check_monitors,
+    check_run_folder,
     check_trainer_values,
     check_wandb_folder,
     chosen_seed,
@@ -461,7 +462,10 @@ class CifarCLI(LightningCLI):
             self.checkpoint = None
         self.check_image_sizes()
         if self.subcommand is not None:
-            check_wandb_folder(self._get(self.config_init, "trainer", default={}).get("logger"))
+            trainer = self._get(self.config_init, "trainer", default={})
+            check_wandb_folder(trainer.get("logger"))
+            if not self.resuming:
+                check_run_folder(trainer.get("logger"), trainer.get("default_root_dir") or os.getcwd())
             check_data(self.datamodule, self.subcommand)
 
     def announce(self) -> None:

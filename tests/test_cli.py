@@ -408,6 +408,31 @@ def test_settings_from_the_environment_with_jsonargparse_s_default_env(fake_cifa
     assert yaml.safe_load(print_config(capsys, "--trainer.max_epochs", "4"))["trainer"]["max_epochs"] == 4
 
 
+@pytest.mark.parametrize("named_by", ["WANDB_RUN_ID", "--trainer.logger.version"])
+def test_a_new_run_named_as_an_earlier_one_is_refused_before_it_starts(
+    named_by: str, fake_cifar10: Path, monkeypatch, capsys
+) -> None:
+    """A second `fit` with the run name of the first (W&B's WANDB_RUN_ID, as in a job script, or the flag) was refused
+    only as it wrote config.yaml: after it had begun an offline W&B part with the first run's id (and W&B's closing
+    lines, with their colour codes, after the error) and emptied the first run's metrics.csv. Now one line before
+    anything starts; `--ckpt_path last` still continues that run."""
+    args = ["fit", *cifar_args(fake_cifar10), "--trainer.max_epochs", "1"]
+    if named_by == "WANDB_RUN_ID":
+        monkeypatch.setenv("WANDB_RUN_ID", "first")
+    else:
+        args += ["--trainer.logger.version", "first"]
+    main(args)
+    metrics = Path("runs/cifar-cli/first/metrics.csv")
+    before = metrics.read_text()
+    capsys.readouterr()
+    message = fails(capsys, *args)
+    assert message.startswith("cifar-cli: error: runs/cifar-cli/first/config.yaml exists already: ")
+    assert metrics.read_text() == before
+    assert len(list(Path("runs/wandb").glob("offline-run-*-first"))) == 1
+    main([*args, "--trainer.max_epochs", "2", "--ckpt_path", "last"])
+    assert max(values(metrics_rows("runs/cifar-cli"), "epoch")) == 1
+
+
 def test_wandb_offline_run_holds_metrics_config_and_images(fake_cifar10: Path) -> None:
     main(["fit", *cifar_args(fake_cifar10), "--trainer.max_epochs", "2", "--data.batch_size", "64"])
     import wandb
