@@ -19,17 +19,30 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
+from jsonargparse import ArgumentError, auto_cli
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
 from cifar_cli.atomic import atomic_write_text
+from cifar_cli.cli import one_line
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs"
 # `--smoke` runs on a CPU, whatever a config names, and each fit stops after a few batches.
 SMOKE_DEVICE = ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.precision", "32-true"]
 SMOKE_LIMITS = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "2"]
+
+
+def command(function: Callable, prog: str) -> None:
+    """Run `function` with its arguments from the command line (jsonargparse's auto_cli). A bad flag or value ends as
+    cifar-cli's own do, in one line `PROG: error: ...` and exit code 2, not under jsonargparse's usage block and tip;
+    `--help` prints whole."""
+    try:
+        auto_cli(function, exit_on_error=False, prog=prog)
+    except ArgumentError as error:
+        print(f"{prog}: error: {one_line(error)}", file=sys.stderr)
+        sys.exit(2)
 
 
 def cifar_cli(args: list[str], cwd: Path, in_process: bool = False, timeout: float | None = None) -> tuple[float, str]:

@@ -29,7 +29,6 @@ import time
 from pathlib import Path
 
 import torch
-from jsonargparse import auto_cli
 from jsonargparse.typing import PositiveFloat, PositiveInt
 from rich.table import Table
 
@@ -41,6 +40,7 @@ from bench.common import (
     airbench_arrays,
     best_checkpoint,
     cifar_cli,
+    command,
     csv_logger,
     data_args,
     fit_time,
@@ -236,4 +236,4 @@ def run(
 
 
 if __name__ == "__main__":
-    auto_cli(run)
+    command(run, "bench-gpu")

@@ -25,10 +25,9 @@ import time
 from pathlib import Path
 
 import torch
-from jsonargparse import auto_cli
 from jsonargparse.typing import PositiveInt
 
-from bench.common import CONFIGS, bench_env
+from bench.common import CONFIGS, bench_env, command
 
 RECIPE = ["--config", str(CONFIGS / "cifar10-jpg.yaml"), "--config", str(CONFIGS / "fast-cpu.yaml"),
           "--model.net.init_args.widths", "[16, 32, 32]", "--data.batch_size", "256",
@@ -134,4 +133,4 @@ def run(
 
 
 if __name__ == "__main__":
-    auto_cli(run)
+    command(run, "bench-resume")

@@ -25,7 +25,6 @@ import sys
 import time
 from pathlib import Path
 
-from jsonargparse import auto_cli
 from jsonargparse.typing import PositiveInt
 from rich.table import Table
 
@@ -33,6 +32,7 @@ from bench.common import (
     CONFIGS,
     best_checkpoint,
     cifar_cli,
+    command,
     csv_logger,
     data_args,
     machine,
@@ -318,4 +318,4 @@ def run(
 
 
 if __name__ == "__main__":
-    auto_cli(run)
+    command(run, "bench")

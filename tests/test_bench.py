@@ -280,6 +280,22 @@ def test_gpu_and_resume_checks_refuse_counts_below_one_before_running(
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(
+    "module, args, line",
+    [
+        ("bench.run", ["--bogus", "1"], "bench: error: unrecognized arguments: --bogus 1"),
+        ("bench.gpu", ["--runs", "x"], 'bench-gpu: error: Parser key "runs": Not of type PositiveInt: invalid literal'),
+        ("bench.resume_trial", ["--trials", "0"], 'bench-resume: error: Parser key "trials": Not of type PositiveInt'),
+    ],
+)
+def test_bench_commands_refuse_a_bad_flag_in_one_line(module: str, args: list[str], line: str) -> None:
+    # jsonargparse's usage block and tip came first: five lines to read before the error, under `make bench`.
+    done = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 2 and len(done.stderr.splitlines()) == 1 and done.stderr.startswith(line), done.stderr
+    shown = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO, capture_output=True, text=True)
+    assert shown.returncode == 0 and shown.stdout.startswith("usage: ") and "--out OUT" in shown.stdout
+
+
 def test_gpu_offline_script_writes_a_relative_out_dir_where_it_was_started(tmp_path: Path) -> None:
     # "Run from anywhere": the script moves to the repository, and a relative OUT_DIR went there with it. A Python
     # that fails stops it at its first step, after OUT_DIR is made.
