@@ -71,7 +71,7 @@ from cifar_cli.data.base import predicting_from
 from cifar_cli.distributed import exit_if_rank_failed, watch_ranks
 from cifar_cli.errors import TrainingDiverged, UsageError, causes, debug_switch, debugging
 from cifar_cli.optimizer_flags import check_built, move_optimizer_flags, unsettled, without_settled_copies
-from cifar_cli.precision import announce_precision, choose_precision
+from cifar_cli.precision import announce_precision, choose_precision, show_held_warnings
 from cifar_cli.presets import shipped_config
 from cifar_cli.pretrained import weights_from_checkpoint
 from cifar_cli.resume import (
@@ -558,16 +558,23 @@ class CifarCLI(LightningCLI):
         config.update(callbacks=callbacks, plugins=plugins)
         # metrics.csv in every run's folder, whatever else the run logs to (cifar-cli report reads it).
         config["logger"] = with_csv_logger(config.get("logger"))
+        given = config.get("precision")
+        fp16_as_bf16 = False
+        held: list[warnings.WarningMessage] = []
         try:
-            trainer = self._instantiate_trainer(config, extra)
+            # Lightning's warnings as it builds the trainer wait until the precision that runs is known (below).
+            with warnings.catch_warnings(record=True) as held:
+                trainer = self._instantiate_trainer(config, extra)
+            fp16_as_bf16 = precision is None and str(given) in ("16", "16-mixed") and trainer.precision == "bf16-mixed"
         except (ValueError, TypeError, ImportError) as err:
             # Lightning's refusals of its arguments that are not MisconfigurationException (`num_nodes 0`, an unknown
             # strategy, a precision whose package is missing, devices the accelerator cannot take): one line too.
             raise UsageError(f"--trainer: {str(err).strip().splitlines()[0]}") from err
+        finally:
+            show_held_warnings(held, precision_said=fp16_as_bf16)
         # Lightning runs fp16 mixed precision on a CPU as bf16-mixed (a CPU has no fp16 autocast), with a warning
         # (silenced): config.yaml records what ran, and the precision line says it.
-        given = config.get("precision")
-        if precision is None and str(given) in ("16", "16-mixed") and trainer.precision == "bf16-mixed":
+        if fp16_as_bf16:
             self._get(self.config, "trainer")["precision"] = trainer.precision
             why = f"--trainer.precision {given}: a CPU has no fp16 mixed precision"
             precision = trainer.precision, f"Precision {trainer.precision} ({why})"

@@ -66,3 +66,19 @@ def announce_precision(chosen: tuple[str, str] | None) -> None:
     would otherwise follow it."""
     if chosen is not None:
         rank_zero_info(chosen[1])
+
+
+def show_held_warnings(held: list[warnings.WarningMessage], precision_said: bool) -> None:
+    """Show the warnings held while the trainer was built, as they would have been shown then. Less Lightning's on
+    the alias `--trainer.precision 16` where the precision line says what runs instead (bf16-mixed, on a CPU): its
+    advice, 16-mixed, runs the same bf16-mixed there."""
+    for held_warning in held:
+        if precision_said and str(held_warning.message).startswith("`precision=16` is supported for historical"):
+            continue
+        warnings.warn_explicit(
+            held_warning.message,
+            held_warning.category,
+            held_warning.filename,
+            held_warning.lineno,
+            source=held_warning.source,
+        )

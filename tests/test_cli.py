@@ -989,8 +989,19 @@ def test_fp16_on_a_cpu_is_recorded_and_said_as_the_bf16_that_ran(
     said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Precision")]
     assert said == [f"Precision bf16-mixed (--trainer.precision {given}: a CPU has no fp16 mixed precision)"]
     assert not [w for w in recwarn if "AMP with fp16 is not supported on CPU" in str(w.message)]
+    # Nor Lightning's advice on the alias 16, to set 16-mixed: that runs as bf16-mixed too on a CPU.
+    assert not [w for w in recwarn if "supported for historical reasons" in str(w.message)]
     (folder,) = run_folders()
     assert yaml.safe_load((folder / "config.yaml").read_text())["trainer"]["precision"] == "bf16-mixed"
+
+
+def test_lightnings_warnings_on_building_the_trainer_are_kept_where_no_precision_line_says_what_runs(
+    fake_cifar10: Path, recwarn
+) -> None:
+    main(["fit", *cifar_args(fake_cifar10), "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1",
+          "--trainer.limit_val_batches", "1", "--trainer.accelerator", "cpu",
+          "--trainer.precision", "bf16"])  # fmt: skip
+    assert [w for w in recwarn if str(w.message).startswith("`precision=bf16` is supported for historical reasons")]
 
 
 def test_fp16_true_on_a_cpu_is_said_to_be_slow(fake_cifar10: Path, caplog) -> None:
