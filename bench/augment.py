@@ -9,13 +9,15 @@ MixUp and CutMix) at 224 and 128 px, and its parts at 224 px, against the CIFAR 
 
 from __future__ import annotations
 
-import argparse
 import time
 from collections.abc import Callable
 
 import torch
+from jsonargparse.typing import PositiveInt
 
+from bench.common import command
 from cifar_cli.data import PhotoAugment, random_crop_flip
+from cifar_cli.errors import UsageError
 
 FULL = PhotoAugment(hue=0.1, erasing=0.25, mixup=0.8, cutmix=1.0)
 
@@ -39,38 +41,32 @@ def ms_per_batch(fn: Callable[[torch.Generator], object], device: torch.device, 
     return 1000 * min(wall[3:]), 1000 * sorted(cpu[3:])[repeats // 2]
 
 
-def positive(text: str) -> int:
-    """An argparse type: a count of at least 1 (0 repeats, a batch of 0 or -4 ended in a traceback)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
-    return value
-
-
 def device_type(text: str) -> torch.device:
-    """An argparse type: a torch device this machine has."""
+    """A torch device this machine has."""
     try:
         device = torch.device(text)
     except RuntimeError:
-        raise argparse.ArgumentTypeError(f"{text} is not a torch device (cpu, cuda, cuda:1, ...)") from None
+        raise UsageError(f"--device: {text} is not a torch device (cpu, cuda, cuda:1, ...)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError("this machine has no CUDA GPU that PyTorch can use")
+        raise UsageError("--device: this machine has no CUDA GPU that PyTorch can use")
     return device
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=positive, default=64)
-    parser.add_argument("--device", type=device_type, default="cpu")
-    parser.add_argument("--repeats", type=positive, default=20)
-    parser.add_argument("--threads", type=positive, default=torch.get_num_threads())
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    device = args.device
-    n = args.batch
+def main(
+    batch: PositiveInt = 64, device: str = "cpu", repeats: PositiveInt = 20, threads: PositiveInt | None = None
+) -> None:
+    """Milliseconds per training batch of the batched augmentations, on this machine's CPU (or `--device cuda`).
+
+    Args:
+        batch: images per batch.
+        device: the torch device that runs them (cpu, cuda, cuda:1, ...).
+        repeats: timed calls of each, after 3 warm-up calls.
+        threads: torch's CPU threads (default: torch's own count).
+    """
+    device = device_type(device)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    n = batch
     threads = torch.get_num_threads()
     print(f"torch {torch.__version__}, {threads} threads, {device}, batch {n}: ms per batch, fastest wall (median CPU)")
     labels = torch.randint(0, 1000, (n,), device=device)
@@ -91,9 +87,9 @@ def main() -> None:
         "224 px, default PhotoAugment()": lambda g: PhotoAugment()(x224, labels, g, 1000),
     }
     for name, fn in rows.items():
-        wall, cpu = ms_per_batch(fn, device, args.repeats)
+        wall, cpu = ms_per_batch(fn, device, repeats)
         print(f"  {name + ':':38s}{wall:8.1f} ({cpu:.1f})")
 
 
 if __name__ == "__main__":
-    main()
+    command(main, "bench.augment")

@@ -26,6 +26,7 @@ from rich.text import Text
 
 from cifar_cli.atomic import atomic_write_text
 from cifar_cli.cli import one_line
+from cifar_cli.errors import UsageError
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs"
@@ -35,12 +36,12 @@ SMOKE_LIMITS = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2
 
 
 def command(function: Callable, prog: str) -> None:
-    """Run `function` with its arguments from the command line (jsonargparse's auto_cli). A bad flag or value ends as
-    cifar-cli's own do, in one line `PROG: error: ...` and exit code 2, not under jsonargparse's usage block and tip;
-    `--help` prints whole."""
+    """Run `function` with its arguments from the command line (jsonargparse's auto_cli). A bad flag or value, found
+    as it is parsed or by `function` (UsageError), ends as cifar-cli's own do, in one line `PROG: error: ...` and exit
+    code 2, not under jsonargparse's usage block and tip; `--help` prints whole."""
     try:
         auto_cli(function, exit_on_error=False, prog=prog)
-    except ArgumentError as error:
+    except (ArgumentError, UsageError) as error:
         print(f"{prog}: error: {one_line(error)}", file=sys.stderr)
         sys.exit(2)
 
