@@ -93,11 +93,16 @@ def run(
         trials: Kill-and-resume trials, half with SIGKILL, half with SIGTERM.
         seed: Seed of the random kill moments.
     """
-    out_path = Path(out).resolve()
-    data = ["--data.root", str(Path(root).resolve())]
+    root_path, out_path = Path(root).resolve(), Path(out).resolve()
+    if not (root_path / "train").is_dir():
+        raise SystemExit(f"bench-resume: {root_path} has no train/ folder: run `make data` or pass --root")
+    data = ["--data.root", str(root_path)]
     start = time.perf_counter()
     if fit(data, fresh(out_path / "reference")).wait():
-        raise SystemExit(f"the reference run failed: see {out_path / 'reference' / 'output.log'}")
+        # The run's own last line (cifar-cli's one-line error, or a traceback's last) says why; the log has the rest.
+        log = out_path / "reference" / "output.log"
+        why = (log.read_text(errors="replace").strip().splitlines() or ["no output"])[-1]
+        raise SystemExit(f"bench-resume: the reference run failed: {why} (see {log})")
     expected = final_state(out_path / "reference")
     duration = time.perf_counter() - start
     print(f"reference: {duration:.1f} s, {len(expected)} tensors")

@@ -309,6 +309,19 @@ def test_gpu_offline_script_writes_a_relative_out_dir_where_it_was_started(tmp_p
         shutil.rmtree(REPO / name, ignore_errors=True)
 
 
+def test_resume_trials_say_why_a_folder_cannot_be_used_in_one_line(tmp_path: Path) -> None:
+    # "the reference run failed: see .../output.log" was all it said, after starting a training process.
+    from bench.resume_trial import run as resume_trials
+
+    with pytest.raises(SystemExit, match=r"^bench-resume: .*nowhere has no train/ folder: run `make data` or pass"):
+        resume_trials(root=str(tmp_path / "nowhere"), out=str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "images" / "train").mkdir(parents=True)
+    with pytest.raises(SystemExit, match=r"^bench-resume: the reference run failed: cifar-cli: error: .*train has no "
+                       r"class folders: .*\(see .*output\.log\)$"):  # fmt: skip
+        resume_trials(root=str(tmp_path / "images"), out=str(tmp_path / "out"))
+
+
 def test_resume_trials_start_in_fresh_folders_when_run_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # A second `make bench-resume` found the first one's last.ckpt in each trial's folder: it counted as a save,
     # the kill could come before the new run had saved, and `--ckpt_path last` then resumed the old finished run.
@@ -337,6 +350,7 @@ def test_resume_trials_start_in_fresh_folders_when_run_again(tmp_path: Path, mon
     monkeypatch.setattr(trial, "final_state", lambda cwd: {"w": torch.zeros(1)})
     monkeypatch.setattr(trial, "all_loadable", lambda cwd: True)
     monkeypatch.setattr(trial.time, "sleep", lambda seconds: None)
+    (tmp_path / "train").mkdir()
     for _ in range(2):
         trial.run(root=str(tmp_path), out=str(tmp_path / "out"), trials=2)
     assert found == [[]] * 6  # reference, trial-0, trial-1, twice: each started in an empty folder
