@@ -11,11 +11,16 @@ shift
 mkdir -p "$out" && out=$(cd "$out" && pwd) || exit 2
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
+# A missing bundle in one line: pip's and tar's own messages on it took two and three lines, before the remedy.
+compgen -G "bundle/wheels/*.whl" > /dev/null \
+    || { echo "gpu-offline: could not install bundle/wheels: no wheels there (run make gpu-bundle first)" >&2; exit 2; }
 site=$(mktemp -d)
 "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" bundle/wheels/*.whl \
     || { echo "gpu-offline: could not install bundle/wheels (run make gpu-bundle first)" >&2; exit 2; }
 export PYTHONPATH="$site:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 if [ ! -f data/cifar10-jpg/.unpacked ]; then
+    [ -f bundle/cifar10-train-jpg.tar.gz ] \
+        || { echo "gpu-offline: no bundle/cifar10-train-jpg.tar.gz to unpack (run make gpu-bundle first)" >&2; exit 2; }
     rm -rf data/cifar10-jpg.partial && mkdir -p data/cifar10-jpg.partial
     tar -xzf bundle/cifar10-train-jpg.tar.gz -C data/cifar10-jpg.partial || exit 2
     touch data/cifar10-jpg.partial/.unpacked

@@ -309,6 +309,21 @@ def test_gpu_offline_script_writes_a_relative_out_dir_where_it_was_started(tmp_p
         shutil.rmtree(REPO / name, ignore_errors=True)
 
 
+def test_gpu_offline_script_without_the_bundle_says_so_in_one_line(tmp_path: Path) -> None:
+    (tmp_path / "bench").mkdir()
+    shutil.copy(REPO / "bench" / "gpu-offline.sh", tmp_path / "bench")
+    script = [str(tmp_path / "bench" / "gpu-offline.sh"), str(tmp_path / "out")]
+    done = subprocess.run(script, capture_output=True, text=True, env={**os.environ, "PYTHON": "true"})
+    assert done.returncode == 2
+    assert done.stderr == "gpu-offline: could not install bundle/wheels: no wheels there (run make gpu-bundle first)\n"
+    (tmp_path / "bundle" / "wheels").mkdir(parents=True)
+    (tmp_path / "bundle" / "wheels" / "jsonargparse-4.53.0-py3-none-any.whl").touch()  # installed by `true`
+    done = subprocess.run(script, capture_output=True, text=True, env={**os.environ, "PYTHON": "true"})
+    assert done.returncode == 2
+    assert done.stderr == "gpu-offline: no bundle/cifar10-train-jpg.tar.gz to unpack (run make gpu-bundle first)\n"
+    assert not (tmp_path / "data").exists()
+
+
 def test_resume_trials_say_why_a_folder_cannot_be_used_in_one_line(tmp_path: Path) -> None:
     # "the reference run failed: see .../output.log" was all it said, after starting a training process.
     from bench.resume_trial import run as resume_trials
