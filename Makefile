@@ -6,7 +6,19 @@ ARGS ?=
 # The CIFAR-10 training images as JPEG class folders, for machines that cannot download CIFAR-10 (see README).
 CIFAR10_JPG ?= ../shared/data/cifar10-train-jpg.tar.gz
 
-.PHONY: fit test lint bench bench-gpu gpu-bundle bench-resume data clean
+.PHONY: help fit test lint bench bench-gpu gpu-bundle bench-resume data clean
+
+# `make` alone lists the targets: it ran the first rule, which made .venv and nothing else, without a word on why.
+help:
+	@echo "make fit [ARGS=...]           train the tutorial recipe (ARGS: cifar-cli fit's flags)"
+	@echo "make test [ARGS=...]          ruff and the test suite (ARGS: pytest's, e.g. \"-n 0 tests/test_cli.py\")"
+	@echo "make lint                     ruff check and format check"
+	@echo "make data                     unpack the CIFAR-10 JPEG archive (CIFAR10_JPG=$(CIFAR10_JPG))"
+	@echo "make bench [ARGS=...]         the benchmarks, one table (ARGS=\"--smoke true\": every part in a minute)"
+	@echo "make bench-gpu [ARGS=...]     the GPU check (ARGS=\"--smoke true\": the same steps on the CPU)"
+	@echo "make bench-resume [ARGS=...]  kill training at random moments, resume, compare (ARGS=\"--trials 20\")"
+	@echo "make gpu-bundle               gather what the GPU check needs offline into bundle/"
+	@echo "make clean                    remove .venv, caches and build leftovers (not data/ or runs/)"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)

@@ -81,3 +81,13 @@ def test_clean_removes_what_a_plain_pip_install_builds(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert not (tmp_path / "build").exists() and not (tmp_path / "cifar_cli.egg-info").exists()
     assert (tmp_path / "data" / "cifar10-jpg").is_dir()  # the unpacked images stay
+
+
+def test_make_alone_lists_every_target_and_builds_nothing(tmp_path: Path) -> None:
+    # It ran the first rule: a .venv made, and nothing said of fit, test or data.
+    done = make(tmp_path)
+    assert done.returncode == 0, done.stderr
+    phony = next(line for line in (REPO / "Makefile").read_text().splitlines() if line.startswith(".PHONY:"))
+    listed = [line.split()[1] for line in done.stdout.splitlines() if line.startswith("make ")]
+    assert sorted(listed) == sorted(set(phony.split()[1:]) - {"help"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["Makefile"]
