@@ -195,7 +195,7 @@ class ImageClassifier(LightningModule):
             padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
             for shifted in (padded[..., :h, :w], padded[..., 2:, 2:]):
                 views += [shifted, shifted.flip(-1)]
-        logits = self(torch.cat(views)).view(len(views), len(x), -1)
+        logits = self(torch.cat(views)).unflatten(0, (len(views), len(x)))
         if len(views) == 2:
             return logits.mean(0)
         # Half the weight on the unshifted pair, as airbench's level-2 TTA.
@@ -231,15 +231,19 @@ class ImageClassifier(LightningModule):
         mean_loss: MeanMetric = getattr(self, f"{stage}_loss")
         accuracy: MulticlassAccuracy = getattr(self, f"{stage}_acc")
         getattr(self, f"{stage}_confusion").update(logits.argmax(dim=1), labels)
-        if not self._logs(stage, batch_idx):
+        logs = self._logs(stage, batch_idx)
+        if not len(labels):
+            pass  # a rank's last batch emptied of the sampler's repeat (DeviceBatches): no image, and a NaN loss
+        elif not logs:
             mean_loss.update(loss, weight=len(labels))
             accuracy.update(logits, labels)
-            return
-        mean_loss(loss, weight=len(labels))  # the epoch's value is the mean over images, not over batches
-        accuracy(logits, labels)
-        for metric in METRICS:
-            name = f"{stage}_{metric}"
-            self.log(name, getattr(self, name), on_epoch=True, prog_bar=True)
+        else:
+            mean_loss(loss, weight=len(labels))  # the epoch's value is the mean over images, not over batches
+            accuracy(logits, labels)
+        if logs:  # also after an empty batch: every rank logs the stage's metrics, and synchronises them
+            for metric in METRICS:
+                name = f"{stage}_{metric}"
+                self.log(name, getattr(self, name), on_epoch=True, prog_bar=True)
 
     def _class_scores(self, stage: str) -> None:
         """Log the stage's per-class precision, recall and accuracy (`val_recall/cat`, ...) from its confusion

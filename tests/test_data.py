@@ -90,6 +90,24 @@ def test_device_batches_shuffle_per_epoch_and_shard_across_ranks() -> None:
     assert len(DeviceBatches(data, 32, drop_last=True)) == 1
 
 
+def test_evaluation_batches_of_two_ranks_hold_each_image_once() -> None:
+    """11 images over 2 ranks, 3 a batch: the sampler pads rank 1's shard with a repeat of an image of rank 0, which
+    evaluation leaves out; both ranks still take 2 batches (they meet in the same collectives). With 13 images and 6
+    a batch, rank 1's second batch held the repeat alone: it is empty."""
+    for n, size in ((11, 3), (13, 6)):
+        data = TensorImageDataset(torch.zeros(n, 1, 1, 1, dtype=torch.uint8), torch.arange(n))
+        ranks = [DeviceBatches(data, size, scramble=True, num_replicas=2, rank=r, with_index=True) for r in (0, 1)]
+        batches = [list(loader) for loader in ranks]
+        assert [len(b) for b in batches] == [len(loader) for loader in ranks] == [2, 2]
+        index = [i for rank in batches for _, labels, idx in rank for i in idx.tolist()]
+        assert sorted(index) == list(range(n))
+        assert all(torch.equal(labels, idx) for rank in batches for _, labels, idx in rank)
+    assert len(batches[1][-1][2]) == 0
+    # Training keeps the repeat: every rank trains as many images per step.
+    train = [DeviceBatches(data, 7, shuffle=True, num_replicas=2, rank=r) for r in (0, 1)]
+    assert [sum(len(labels) for _, labels in loader) for loader in train] == [7, 7]
+
+
 def test_cifar10_splits_and_statistics(fake_cifar10: Path) -> None:
     data = CIFAR10DataModule(str(fake_cifar10), val_size=40, download=False)
     data.prepare_data()

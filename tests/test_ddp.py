@@ -66,13 +66,19 @@ def start(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Popen:
 
 def finish(proc: subprocess.Popen, timeout: float = TIMEOUT_S) -> tuple[int, str]:
     """Return code and stderr; the test fails, and the whole process group is killed, if it runs past `timeout`."""
+    code, _, stderr = finish_with_output(proc, timeout)
+    return code, stderr
+
+
+def finish_with_output(proc: subprocess.Popen, timeout: float = TIMEOUT_S) -> tuple[int, str, str]:
+    """`finish`, with stdout too."""
     try:
-        _, stderr = proc.communicate(timeout=timeout)
+        stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         _, stderr = proc.communicate()
         pytest.fail(f"cifar-cli still running after {timeout:.0f} s; stderr ends:\n{stderr[-2000:]}")
-    return proc.returncode, stderr
+    return proc.returncode, stdout, stderr
 
 
 def errors(stderr: str) -> list[str]:
@@ -255,3 +261,29 @@ def test_predictions_of_two_processes_list_every_image_once(images: Path, uninte
         rows = list(csv.DictReader(file))
     assert [row["image"] for row in rows] == sorted(p.name for p in folder.iterdir())
     assert all(row["predicted"] in {"cat", "dog", "frog"} for row in rows)
+
+
+@pytest.mark.slow
+def test_validation_of_two_processes_counts_each_image_once(images: Path, uninterrupted: Path, tmp_path: Path):
+    """31 validation images over 2 ranks, 5 a batch: the sampler pads rank 1's shard with a repeat, which left rank
+    1's last batch empty once left out. The confusion matrix counts 31 images, and val_loss and val_acc are those of
+    one process, with the flip test-time augmentation's views of an empty batch too."""
+    ckpt = uninterrupted / "steps" / f"epoch=1-step={STEPS}.ckpt"
+    validate = ["validate", "--trainer.accelerator", "cpu", "--trainer.logger", "false",
+                "--trainer.enable_progress_bar", "false", "--data", "ImageFolderDataModule", "--data.root", str(images),
+                "--data.val_size", "31", "--data.batch_size", "5", "--data.cache_dir", "cache", "--model.tta", "flip",
+                "--ckpt_path", str(ckpt)]  # fmt: skip
+    confusion, metrics = {}, {}
+    for name, devices in (("one", ["--trainer.devices", "1"]), ("two", ["--trainer.strategy", "ddp", *ONE_NODE])):
+        code, stdout, stderr = finish_with_output(start([*validate, *devices], tmp_path / name, ddp_env(free_port())))
+        assert code == 0, stderr[-2000:]
+        with open(tmp_path / name / "confusion_val.csv", newline="") as file:
+            confusion[name] = list(csv.reader(file))
+        # The printed table's rows: "│ val_acc │ 1.0 │"
+        rows = [line.strip("│ ").split() for line in stdout.splitlines() if " val_" in line]
+        metrics[name] = {row[0]: float(row[-1].strip("│")) for row in rows}
+    assert sum(int(x) for row in confusion["two"][1:] for x in row[1:]) == 31
+    assert confusion["two"] == confusion["one"]
+    # Equal but for the order of the sums (each rank's, then theirs)
+    assert metrics["two"].keys() == {"val_acc", "val_loss"}
+    assert metrics["two"] == pytest.approx(metrics["one"], rel=1e-6)
