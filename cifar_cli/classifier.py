@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import sys
 from typing import Any, Literal
 
@@ -170,6 +171,18 @@ class ImageClassifier(LightningModule):
             object.__setattr__(self, name, value)
         else:
             super().__setattr__(name, value)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> ImageClassifier:
+        # The copy that EMA and StochasticWeightAveraging average into shares the optimizer and scheduler factories:
+        # from the command line they are partials holding jsonargparse's instantiators, and through them the CLI and
+        # its trainer, which under DDP holds the launched ranks' processes and cannot be copied ("cannot pickle
+        # '_thread.lock' object" on rank 0). Otherwise as copy.deepcopy copies any object with __getstate__.
+        for factory in (self.optimizer, self.lr_scheduler):
+            memo[id(factory)] = factory
+        copied = type(self).__new__(type(self))
+        memo[id(self)] = copied
+        copied.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        return copied
 
     @property
     def backbone(self) -> nn.Module:

@@ -287,3 +287,17 @@ def test_validation_of_two_processes_counts_each_image_once(images: Path, uninte
     # Equal but for the order of the sums (each rank's, then theirs)
     assert metrics["two"].keys() == {"val_acc", "val_loss"}
     assert metrics["two"] == pytest.approx(metrics["one"], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_weight_averaging_under_ddp(images: Path, tmp_path: Path) -> None:
+    """EMA (configs/fast.yaml and fast-cpu.yaml) copies the model at set-up: on rank 0, whose trainer holds the
+    launched rank's process, the copy failed ("cannot pickle '_thread.lock' object") before the first step."""
+    ema = ["--trainer.callbacks+=cifar_cli.averaging.EMA", "--trainer.callbacks.decay", "0.5",
+           "--trainer.callbacks.update_every_n_steps", "3",
+           "--optimizer", "SGD", "--optimizer.momentum", "0.9"]  # fmt: skip
+    code, stderr = finish(start([*TRAIN, *ONE_NODE, "--data.root", str(images), *ema], tmp_path, ddp_env(free_port())))
+    assert code == 0, stderr[-2000:]
+    saved = torch.load(tmp_path / "steps" / f"epoch=1-step={STEPS}.ckpt", weights_only=True)
+    # Updated at steps 3, 6, ..., 18: the copy made at set-up averaged on
+    assert int(saved["averaging_state"]["n_averaged"]) == STEPS // 3
