@@ -123,9 +123,21 @@ class ImagePredictionLogger(Callback):
         self.num_samples = num_samples
         self.key = key
         self._sample: tuple[Tensor, Tensor] | None = None
+        self._captions: list[str] | None = None  # of the validation under way
 
-    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.sanity_checking or not trainer.is_global_zero:
+    def on_validation_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        # Predicted during the validation, not at its end: by then a callback listed before this one may have put
+        # the trained weights back (EMA and SWA swap their average in for the validation only, as in
+        # configs/fast.yaml), and the captions were the trained network's, not the predictions the validation scored.
+        if batch_idx != 0 or trainer.sanity_checking or not trainer.is_global_zero:
             return
         loggers = wandb_loggers(trainer)
         if not loggers:
@@ -149,9 +161,14 @@ class ImagePredictionLogger(Callback):
             # ImageClassifier's `evaluate`, by name: cifar_cli.classifier imports this module.
             predicted = getattr(pl_module, "evaluate", pl_module)(inputs).argmax(dim=1).cpu()
         names = pl_module.class_names
-        captions = [f"Pred: {names[p]}, Label: {names[y]}" for p, y in zip(predicted.tolist(), labels.tolist())]
-        pictures = list(images.permute(0, 2, 3, 1).numpy())  # HWC uint8, as W&B expects
-        for logger in loggers:
+        self._captions = [f"Pred: {names[p]}, Label: {names[y]}" for p, y in zip(predicted.tolist(), labels.tolist())]
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        captions, self._captions = self._captions, None
+        if captions is None:
+            return
+        pictures = list(self._sample[0].permute(0, 2, 3, 1).numpy())  # HWC uint8, as W&B expects
+        for logger in wandb_loggers(trainer):
             logger.log_image(key=self.key, images=pictures, caption=captions, step=logged_step(trainer))
 
 

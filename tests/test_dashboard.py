@@ -386,12 +386,9 @@ def test_best_model_artifact_of_a_validation_within_an_epoch(fake_cifar10: Path,
     assert best["metrics"]["val_acc"] == pytest.approx(float(first["val_acc"]))
 
 
-def test_example_images_are_captioned_with_the_predictions_validation_scores(
-    fake_cifar10: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """With `--model.tta flip-shift` the `examples` panel's captions are the predictions of the validation it sits
-    beside, as the prediction table gives them: they came from the network without test-time augmentation. The
-    network reads one corner pixel, so that every view of an image may be classed otherwise."""
+@pytest.fixture
+def corner_net(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A network that reads one corner pixel, so that every view of an image may be classed otherwise."""
     (tmp_path / "cornernet.py").write_text(
         "from torch import nn\n\n\n"
         "class Corner(nn.Module):\n"
@@ -402,9 +399,12 @@ def test_example_images_are_captioned_with_the_predictions_validation_scores(
         "        return self.conv(x[:, :, :1, :1]).flatten(1)\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
-    main(["fit", "--data.data_dir", str(fake_cifar10), "--data.val_size", "40", "--data.batch_size", "64",
-          "--model.net", "cornernet.Corner", "--model.tta", "flip-shift", "--trainer.max_epochs", "1",
-          "--trainer.enable_progress_bar", "false"])  # fmt: skip
+    return "cornernet.Corner"
+
+
+def assert_captions_are_the_tables() -> None:
+    """The `examples` panel's captions are the predictions of the validation it sits beside, as the prediction table
+    gives them."""
     finish_wandb()
     (folder,) = offline_runs().values()
     run = read_run(folder)
@@ -417,6 +417,32 @@ def test_example_images_are_captioned_with_the_predictions_validation_scores(
         f"Pred: {rows[i][columns.index('predicted')]}, Label: {rows[i][columns.index('label')]}" for i in sample
     ]
     assert examples["examples/captions"] == expected
+
+
+def test_example_images_are_captioned_with_the_predictions_validation_scores(fake_cifar10: Path, corner_net: str):
+    """With `--model.tta flip-shift` the captions came from the network without test-time augmentation."""
+    main(["fit", "--data.data_dir", str(fake_cifar10), "--data.val_size", "40", "--data.batch_size", "64",
+          "--model.net", corner_net, "--model.tta", "flip-shift", "--trainer.max_epochs", "1",
+          "--trainer.enable_progress_bar", "false"])  # fmt: skip
+    assert_captions_are_the_tables()
+
+
+def test_example_images_are_captioned_with_the_averaged_weights_validation_scores(
+    fake_cifar10: Path, corner_net: str, tmp_path: Path
+) -> None:
+    """With EMA listed before the logger, as in configs/fast.yaml, the captions came from the trained weights, which
+    EMA had put back at the validation's end, not from the average the validation scored (here the weights before
+    training: no update within the run)."""
+    callbacks = tmp_path / "callbacks.yaml"
+    callbacks.write_text(yaml.safe_dump({"trainer": {"callbacks": [
+        {"class_path": "cifar_cli.averaging.EMA", "init_args": {"update_every_n_steps": 1000}},
+        {"class_path": "cifar_cli.callbacks.ImagePredictionLogger"},
+        {"class_path": "cifar_cli.dashboard.EvaluationLogger"},
+    ]}}))  # fmt: skip
+    main(["fit", "--config", str(callbacks), "--data.data_dir", str(fake_cifar10), "--data.val_size", "40",
+          "--data.batch_size", "64", "--model.net", corner_net, "--model.learning_rate", "0.5",
+          "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false"])  # fmt: skip
+    assert_captions_are_the_tables()
 
 
 def test_resuming_a_run_that_had_ended_logs_no_model_versions_again(fake_cifar10: Path) -> None:
