@@ -26,6 +26,7 @@ from lightning.pytorch.callbacks import BackboneFinetuning, BasePredictionWriter
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.plugins.io import CheckpointIO
+from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
@@ -566,6 +567,11 @@ class CifarCLI(LightningCLI):
             with warnings.catch_warnings(record=True) as held:
                 trainer = self._instantiate_trainer(config, extra)
             fp16_as_bf16 = precision is None and str(given) in ("16", "16-mixed") and trainer.precision == "bf16-mixed"
+            launcher = trainer.strategy.launcher
+            if isinstance(launcher, _SubprocessScriptLauncher):
+                # What Lightning checks as it launches, where every rank raised it with a traceback: devices x
+                # num_nodes against the processes that torchrun or SLURM started.
+                launcher.cluster_environment.validate_settings(launcher.num_processes, launcher.num_nodes)
         except (ValueError, TypeError, ImportError) as err:
             # Lightning's refusals of its arguments that are not MisconfigurationException (`num_nodes 0`, an unknown
             # strategy, a precision whose package is missing, devices the accelerator cannot take): one line too.

@@ -301,3 +301,20 @@ def test_weight_averaging_under_ddp(images: Path, tmp_path: Path) -> None:
     saved = torch.load(tmp_path / "steps" / f"epoch=1-step={STEPS}.ckpt", weights_only=True)
     # Updated at steps 3, 6, ..., 18: the copy made at set-up averaged on
     assert int(saved["averaging_state"]["n_averaged"]) == STEPS // 3
+
+
+@pytest.mark.slow
+def test_torchrun_with_other_devices_than_processes_says_so_in_a_line(images: Path, tmp_path: Path) -> None:
+    """torchrun starts 2 processes, --trainer.devices says 1: each rank says so in one line (Lightning checked it
+    only as it launched, and each rank printed a traceback); torchrun's own report of the failed ranks follows."""
+    torchrun = [str(Path(sys.executable).parent / "torchrun"), "--nnodes", "1", "--nproc-per-node", "2",
+                "--master-port", str(free_port()), "-m", "cifar_cli"]  # fmt: skip
+    args = [*BASE, "--trainer.devices", "1", "--data.root", str(images)]
+    proc = subprocess.Popen([*torchrun, *args], cwd=tmp_path, env=ddp_env(free_port()), start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    code, stderr = finish(proc)
+    assert code != 0
+    line = ("cifar-cli: error: --trainer: You set `devices=1` and `num_nodes=1` in Lightning, but the product (1 * 1) "
+            "does not match the world size (2).")  # fmt: skip
+    assert errors(stderr) == [line, line], stderr[-3000:]
+    assert "validate_settings" not in stderr, stderr[-3000:]  # no rank's traceback
