@@ -69,7 +69,7 @@ from cifar_cli.classifier import SCHEDULE_NEEDS_LENGTH, ImageClassifier
 from cifar_cli.dashboard import RunCSVLogger, with_csv_logger
 from cifar_cli.data import ImageDataModule
 from cifar_cli.data.base import predicting_from
-from cifar_cli.distributed import exit_if_rank_failed, watch_ranks
+from cifar_cli.distributed import exit_if_rank_failed, exit_if_spawned_rank_failed, watch_ranks
 from cifar_cli.errors import TrainingDiverged, UsageError, causes, debug_switch, debugging
 from cifar_cli.optimizer_flags import check_built, move_optimizer_flags, unsettled, without_settled_copies
 from cifar_cli.precision import announce_precision, choose_precision, show_held_warnings
@@ -1212,6 +1212,7 @@ def main(args: ArgsType = None) -> None:
                 why = f"WANDB_MODE={mode} asks for a live run; offline: --trainer.logger.offline true"
             print(f"cifar-cli: error: W&B: {one_line(wandb_error)} ({why}, then `wandb sync`)", file=sys.stderr)
             sys.exit(1)
+        exit_if_spawned_rank_failed(err)  # under ddp_spawn: "rank R failed: ..."
         cause = user_error(err)
         exit_if_rank_failed(err, one_line(cause) if cause is not None else None)  # under DDP: "rank R failed: ..."
         full = out_of_space(err) if cause is None and not debug else None

@@ -25,6 +25,7 @@ from datetime import timedelta
 import torch.distributed as dist
 from lightning.pytorch import Trainer
 from lightning.pytorch.strategies.launchers import subprocess_script
+from torch.multiprocessing.spawn import ProcessException, ProcessExitedException
 
 from cifar_cli.errors import causes, debugging
 
@@ -117,6 +118,34 @@ def exit_if_rank_failed(err: BaseException, usage: str | None) -> None:
         pass
     if not debug:
         _exit(f"rank {rank} failed: {failure.message}", 2 if usage else 1)
+
+
+def exit_if_spawned_rank_failed(err: BaseException) -> None:
+    """Under ddp_spawn, in the process that started the ranks: name the rank that failed, and why, in one line.
+
+    torch's spawn reports a rank's failure as an exception holding the rank's traceback as text (the rank itself
+    prints nothing), which was printed whole inside the launching process's own traceback. Returns where `err` is
+    no such failure, or with JSONARGPARSE_DEBUG set.
+    """
+    failed = next((e for e in causes(err) if isinstance(e, ProcessException)), None)
+    if failed is None or debugging():
+        return
+    if isinstance(failed, ProcessExitedException):
+        why = _exit_status(failed.exit_code)  # negative: the signal that killed it
+    else:
+        why = _raised(failed.msg)
+    # The index of the spawned process: the rank on one node, the local rank on several.
+    _exit(f"rank {failed.error_index} failed: {why}", 2 if why.startswith("UsageError: ") else 1)
+
+
+def _raised(trace: str) -> str:
+    """`Type: message` (the first line of the message) of the exception a traceback's text ends with."""
+    lines = trace.rstrip().splitlines()
+    frames = [i for i, line in enumerate(lines) if line.startswith("  File ")]
+    raised = [line for line in lines[frames[-1] + 1 :] if line and not line[0].isspace()] if frames else []
+    name, _, message = (raised[0] if raised else lines[-1]).partition(": ")
+    name = name.rsplit(".", 1)[-1]  # cifar_cli.errors.UsageError -> UsageError, as the other ranks' lines say
+    return f"{name}: {message}" if message else name
 
 
 def _store() -> dist.Store:

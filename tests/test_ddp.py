@@ -318,3 +318,15 @@ def test_torchrun_with_other_devices_than_processes_says_so_in_a_line(images: Pa
             "does not match the world size (2).")  # fmt: skip
     assert errors(stderr) == [line, line], stderr[-3000:]
     assert "validate_settings" not in stderr, stderr[-3000:]  # no rank's traceback
+
+
+@pytest.mark.slow
+def test_failing_rank_under_ddp_spawn_is_named_in_a_line(images: Path, tmp_path: Path) -> None:
+    """Under ddp_spawn the launching process hears of a rank's failure from torch's spawn, as the rank's traceback in
+    text, which it printed inside its own: one line names the rank and the error."""
+    args = [*TRAIN, *ONE_NODE, "--trainer.strategy", "ddp_spawn", "--data.root", str(images),
+            "--trainer.callbacks+=faults.FailOnRank"]  # fmt: skip
+    code, stderr = finish(start(args, tmp_path, ddp_env(free_port())))
+    assert code == 1
+    assert errors(stderr) == ["cifar-cli: error: rank 1 failed: ValueError: bad batch 2 in this rank's shard"], stderr
+    assert "Traceback" not in stderr, stderr[-3000:]
