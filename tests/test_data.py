@@ -282,6 +282,24 @@ def test_file_names_that_are_not_utf8_train_and_predict(image_folder: Path) -> N
     assert len(rows) == 2 and rows[1].startswith(b"caf\xe9.jpg,")  # the file's name, as the file system holds it
 
 
+def test_class_folder_names_that_are_not_utf8_train_test_and_predict(image_folder: Path) -> None:
+    # A class folder from another system's archive (Latin-1 `café`): its name went into the metrics' names, the
+    # confusion CSV and W&B, which take UTF-8 only, and fit ended in a UnicodeEncodeError traceback at the first
+    # validation, whatever the logger.
+    for split in ("train", "test"):
+        os.replace(image_folder / split / "cat", image_folder / split / os.fsdecode(b"caf\xe9"))
+    data = ["--data", "ImageFolderDataModule", "--data.root", str(image_folder), "--data.val_size", "30"]
+    main(["fit", *data, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1",
+          "--trainer.logger", "CSVLogger", "--trainer.logger.save_dir", "runs"])  # fmt: skip
+    (ckpt,) = Path("runs").glob("**/epoch=*.ckpt")
+    assert "val_recall/caf\\xe9" in next(Path("runs").glob("**/metrics.csv")).read_text().splitlines()[0]
+    main(["test", "--ckpt_path", str(ckpt), "--trainer.logger", "false"])
+    assert Path("confusion_test.csv").read_text().splitlines()[0] == "label,caf\\xe9,dog,frog"
+    main(["predict", "--ckpt_path", str(ckpt), "--trainer.logger", "false"])
+    rows = Path("predictions.csv").read_bytes().splitlines()
+    assert rows[1].startswith(b"test/caf\xe9/0000.png,") and rows[1].endswith(b",caf\\xe9")
+
+
 def test_class_folders_that_are_links_are_read(tmp_path: Path, capsys) -> None:
     # A data set put together from others with `ln -s`: a linked class folder counted as a class, but its images
     # were passed over, and the run stopped with "class folder dog ... has no images".

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 from pathlib import Path
 from typing import NamedTuple
 
@@ -27,6 +28,13 @@ from cifar_cli.data.storage import (
     rows_of,
 )
 from cifar_cli.errors import UsageError
+
+
+def class_name(folder: str) -> str:
+    """A class folder's name as the class is named: one that is not UTF-8 (a Latin-1 `café` from an archive made on
+    another system) with those bytes as `\\xe9`, as `ls -b` shows them. The metrics' names, the CSV files and W&B
+    take UTF-8 only: such a name ended `fit` in a UnicodeEncodeError at the first validation."""
+    return os.fsencode(folder).decode(errors="backslashreplace")
 
 
 class _Listing(NamedTuple):
@@ -103,7 +111,7 @@ class ImageFolderDataModule(ImageDataModule):
             raise UsageError(f"image folder {self.root} does not exist: {layout}")
         if not train.is_dir():
             raise UsageError(f"image folder {self.root} has no train/ folder: {layout}")
-        classes = sorted(d.name for d in train.iterdir() if d.is_dir() and not d.name.startswith("."))
+        classes = sorted(class_name(d.name) for d in train.iterdir() if d.is_dir() and not d.name.startswith("."))
         if not classes:
             raise UsageError(f"{train} has no class folders: {layout}")
         if len(classes) == 1:
@@ -141,7 +149,7 @@ class ImageFolderDataModule(ImageDataModule):
             )
         paths = [folder.joinpath(*parts) for parts in found]
         names = ["/".join([split, *parts]) for parts in found]
-        classes = [parts[0] for parts in found]
+        classes = [class_name(parts[0]) for parts in found]
         unknown = sorted(set(classes) - set(self._classes))
         if unknown:
             raise UsageError(f"{folder} has classes that train/ lacks: {', '.join(unknown)}")
