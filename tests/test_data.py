@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -507,6 +510,37 @@ def test_image_folder_undecodable_file(tmp_path: Path) -> None:
     (tmp_path / "train" / "a" / "broken.jpg").write_bytes(b"not an image")
     with pytest.raises(UsageError, match="cannot decode .*broken.jpg"):
         ImageFolderDataModule(str(tmp_path), val_size=1).prepare_data()
+
+
+def deny_reading(monkeypatch: pytest.MonkeyPatch, paths: set[Path]) -> None:
+    """Reading `paths` fails as it does for a user other than their owner, where the mode lets only the owner read:
+    root, who may run the tests, reads every file whatever its mode."""
+
+    def denied(real: Callable) -> Callable:
+        def call(path, *args, **kwargs):
+            if Path(path) in paths:
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fspath(path))
+            return real(path, *args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(np, "fromfile", denied(np.fromfile))
+    monkeypatch.setattr(os, "scandir", denied(os.scandir))
+
+
+def test_an_image_that_may_not_be_read_is_one_line_naming_it(tmp_path: Path, monkeypatch, capsys) -> None:
+    # An image of another user's on a shared machine: the command said "cannot write in <image> (permission denied):
+    # choose a folder you can write in (--trainer.default_root_dir, --data.cache_dir)".
+    write_image_folder(tmp_path / "data" / "train", {"cat": 4, "dog": 4})
+    locked = tmp_path / "data" / "train" / "dog" / "0005.jpg"
+    deny_reading(monkeypatch, {locked})
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--data", "ImageFolderDataModule", "--data.root", str(tmp_path / "data"), "--data.val_size", "2",
+              "--trainer.max_epochs", "1", "--trainer.logger", "false"])  # fmt: skip
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"cifar-cli: error: cannot read image {locked} (permission denied): make it readable (chmod a+r) or remove it"
+    )
 
 
 def test_predict_root_missing(image_folder: Path, tmp_path: Path) -> None:

@@ -114,7 +114,13 @@ def decode_rgb(path: Path) -> Tensor:
     if path.stat().st_size == 0:
         raise UsageError(f"image {path} is empty (0 bytes): remove or replace the file")
     # Read here, not by torchvision's read_file, which takes no file name that is not UTF-8 (a Latin-1 `café.jpg`).
-    data = None if path.suffix.lower() in PILLOW_SUFFIXES else np.fromfile(path, dtype=np.uint8)
+    try:
+        data = None if path.suffix.lower() in PILLOW_SUFFIXES else np.fromfile(path, dtype=np.uint8)
+    except PermissionError as err:
+        # Said here: the command's own handler reads a denied path as a folder it cannot write in.
+        raise UsageError(
+            f"cannot read image {path} (permission denied): make it readable (chmod a+r) or remove it"
+        ) from err
     if data is None or _webp_with_exif(data):
         image = _decode_with_pillow(path, None)
     else:
