@@ -543,6 +543,27 @@ def test_an_image_that_may_not_be_read_is_one_line_naming_it(tmp_path: Path, mon
     )
 
 
+def test_folders_that_may_not_be_read_are_said(tmp_path: Path, monkeypatch, capsys) -> None:
+    # A class's subfolder of another user's was passed over without a word: its images were left out of training.
+    root, train = tmp_path / "data", tmp_path / "data" / "train"
+    write_image_folder(train, {"cat": 4, "dog": 4})
+    write_image_folder(train / "cat" / "more", {"x": 3}, seed=1)
+    photos = tmp_path / "photos"
+    write_image_folder(photos, {"x": 2})
+    deny_reading(monkeypatch, {train / "cat" / "more", photos})
+    data = ImageFolderDataModule(str(root), val_size=2)
+    data.setup("fit")
+    assert len(data.splits["train"]) + len(data.splits["val"]) == 8
+    assert capsys.readouterr().err.splitlines()[0] == (
+        f"cifar-cli: skipped 1 file of {train} that is not a .bmp/.gif/.jpeg/.jpg/.png/.webp image (folder you may "
+        f"not read: 1; e.g. {train}/cat/more)"
+    )
+    # A predict folder that may not be read at all: one line saying so, not that it has no images.
+    with pytest.raises(UsageError) as refused:
+        ImageFolderDataModule(str(root), val_size=2, predict_root=str(photos)).setup("predict")
+    assert str(refused.value) == f"cannot read folder {photos} (permission denied): make it readable (chmod a+rx)"
+
+
 def test_predict_root_missing(image_folder: Path, tmp_path: Path) -> None:
     data = ImageFolderDataModule(str(image_folder), val_size=30, predict_root=str(tmp_path / "none"))
     with pytest.raises(UsageError, match="is not a folder"):

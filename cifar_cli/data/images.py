@@ -42,12 +42,13 @@ def image_parts(folder: Path, skipped: list[Skipped] | None = None, class_folder
     """The path components below `folder` of each of `list_images(folder)`, in the same order.
 
     As `Path.rglob` lists them (sorted by path components; links to files followed, links to folders not, folders
-    it may not read skipped), but through `os.scandir`: every run lists its folders at start-up, and 50,000 files
-    took 1.6 to 2.1 s through pathlib against 0.7 s this way, Path objects included (2-core Xeon). With
+    it may not read skipped, and `folder` itself refused), but through `os.scandir`: every run lists its folders at
+    start-up, and 50,000 files took 1.6 to 2.1 s through pathlib against 0.7 s this way, Path objects included
+    (2-core Xeon). With
     `class_folders`, links to folders directly in `folder` are followed: they are class folders, counted as such.
 
-    Files that are not images of IMAGE_SUFFIXES, broken links and links to folders are appended to `skipped`, when it
-    is given, with what they are (`skipped_line` says so); hidden files are not.
+    Files that are not images of IMAGE_SUFFIXES, broken links, links to folders and folders it may not read are
+    appended to `skipped`, when it is given, with what they are (`skipped_line` says so); hidden files are not.
     """
     found: list[list[str]] = []
 
@@ -56,6 +57,12 @@ def image_parts(folder: Path, skipped: list[Skipped] | None = None, class_folder
             with os.scandir(directory) as scan:
                 entries = list(scan)
         except PermissionError:
+            if not parts:  # said as what it is: an empty listing read as a folder without images
+                raise UsageError(
+                    f"cannot read folder {directory} (permission denied): make it readable (chmod a+rx)"
+                ) from None
+            if skipped is not None:  # another user's folder: its images are not trained on, which is said
+                skipped.append((parts, "folder you may not read"))
             return
         for entry in entries:
             if entry.name.startswith("."):
