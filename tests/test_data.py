@@ -526,6 +526,7 @@ def deny_reading(monkeypatch: pytest.MonkeyPatch, paths: set[Path]) -> None:
 
     monkeypatch.setattr(np, "fromfile", denied(np.fromfile))
     monkeypatch.setattr(os, "scandir", denied(os.scandir))
+    monkeypatch.setattr(os, "listdir", denied(os.listdir))
 
 
 def test_an_image_that_may_not_be_read_is_one_line_naming_it(tmp_path: Path, monkeypatch, capsys) -> None:
@@ -562,6 +563,15 @@ def test_folders_that_may_not_be_read_are_said(tmp_path: Path, monkeypatch, caps
     with pytest.raises(UsageError) as refused:
         ImageFolderDataModule(str(root), val_size=2, predict_root=str(photos)).setup("predict")
     assert str(refused.value) == f"cannot read folder {photos} (permission denied): make it readable (chmod a+rx)"
+    # train/ or a class folder that may not be read: that, not "cannot write in" the folder, nor "has no images".
+    for folder in (train / "dog", train):
+        deny_reading(monkeypatch, {folder})
+        with pytest.raises(SystemExit) as exit_info:
+            main(["fit", "--data", "ImageFolderDataModule", "--data.root", str(root), "--data.val_size", "2"])
+        assert exit_info.value.code == 2
+        assert capsys.readouterr().err.splitlines()[-1] == (
+            f"cifar-cli: error: cannot read folder {folder} (permission denied): make it readable (chmod a+rx)"
+        )
 
 
 def test_predict_root_missing(image_folder: Path, tmp_path: Path) -> None:

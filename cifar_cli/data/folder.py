@@ -107,11 +107,16 @@ class ImageFolderDataModule(ImageDataModule):
     def _find_classes(self) -> list[str]:
         train = self.root / "train"
         layout = "expected ROOT/train/<class>/<image>.jpg (or .png)"
-        if not self.root.is_dir():
-            raise UsageError(f"image folder {self.root} does not exist: {layout}")
-        if not train.is_dir():
-            raise UsageError(f"image folder {self.root} has no train/ folder: {layout}")
-        classes = sorted(class_name(d.name) for d in train.iterdir() if d.is_dir() and not d.name.startswith("."))
+        try:
+            if not self.root.is_dir():
+                raise UsageError(f"image folder {self.root} does not exist: {layout}")
+            if not train.is_dir():
+                raise UsageError(f"image folder {self.root} has no train/ folder: {layout}")
+            classes = sorted(class_name(d.name) for d in train.iterdir() if d.is_dir() and not d.name.startswith("."))
+        except PermissionError as err:  # the command's own handler reads a denied path as one it cannot write in
+            raise UsageError(
+                f"cannot read folder {err.filename} (permission denied): make it readable (chmod a+rx)"
+            ) from None
         if not classes:
             raise UsageError(f"{train} has no class folders: {layout}")
         if len(classes) == 1:
