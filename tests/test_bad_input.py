@@ -535,6 +535,15 @@ CASES = [
         lambda: images(CLASSES_AB),
     ),
     Case(
+        "folder_web_page_named_jpg",  # a scraped image whose server sent an error page: torchvision's reason said
+        # "Only jpeg, png, webp and gif are currently supported ... rely on `decode_avif` and `decode_heic` directly"
+        FIT,
+        "cannot decode image images/train/a/page.jpg (not an image: its contents are no JPEG, PNG, GIF, WebP or BMP): "
+        "remove or replace the file",
+        {"images/train/a/page.jpg": "<!DOCTYPE html>\n<html><body>403 Forbidden</body></html>\n"},
+        lambda: images(CLASSES_AB),
+    ),
+    Case(
         "folder_zero_byte_image",
         FIT,
         "image images/train/b/empty.png is empty (0 bytes)",

@@ -155,7 +155,7 @@ def _decode_with_pillow(path: Path, error: RuntimeError | None) -> Tensor:
     # supported"); Pillow is the fallback only, as it is slower and loads lazily (errors surface at convert). It
     # reads PILLOW_SUFFIXES (BMP), and WebPs with EXIF, alone (`error` None): torchvision reads none of the former
     # and ignores the latter's orientation.
-    from PIL import Image, ImageOps
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
         with Image.open(path) as image:
@@ -165,6 +165,10 @@ def _decode_with_pillow(path: Path, error: RuntimeError | None) -> Tensor:
         reason = " ".join(str(cause).split()) or type(cause).__name__
         # torchvision's errors begin with the function and the line of its C++ source that raised them.
         reason = re.sub(r"^\w+, \S+\.(?:cpp|cc|cu|h):\d+, ", "", reason)
+        if isinstance(err, UnidentifiedImageError) and (error is None or reason.startswith("Unsupported image file")):
+            # Neither knows the format (a web server's error page saved as .jpg): torchvision's reason listed its own
+            # formats and pointed to its Python functions for AVIF and HEIC.
+            reason = "not an image: its contents are no JPEG, PNG, GIF, WebP or BMP"
         raise UsageError(f"cannot decode image {path} ({reason}): remove or replace the file") from err
     return torch.from_numpy(rgb.copy()).permute(2, 0, 1)
 
