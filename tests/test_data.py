@@ -574,6 +574,31 @@ def test_folders_that_may_not_be_read_are_said(tmp_path: Path, monkeypatch, caps
         )
 
 
+def test_a_predict_root_below_a_folder_that_may_not_be_read_is_one_line(
+    image_folder: Path, monkeypatch, capsys
+) -> None:
+    # The folder above may not be read, so neither may the predict folder's own status: the command said it could
+    # not write in the predict folder, and to choose another --trainer.default_root_dir.
+    main(["fit", "--data", "ImageFolderDataModule", "--data.root", str(image_folder), "--data.val_size", "30",
+          "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1", "--trainer.logger", "false"])  # fmt: skip
+    (ckpt,) = Path("checkpoints").glob("epoch=*.ckpt")
+    photos = image_folder / "shared" / "photos"
+    real_stat = os.stat
+
+    def stat(path, *args, **kwargs):
+        if Path(path) == photos:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fspath(path))
+        return real_stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", stat)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["predict", "--ckpt_path", str(ckpt), "--data.predict_root", str(photos), "--trainer.logger", "false"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"cifar-cli: error: cannot read folder {photos} (permission denied): make it readable (chmod a+rx)"
+    )
+
+
 def test_predict_root_missing(image_folder: Path, tmp_path: Path) -> None:
     data = ImageFolderDataModule(str(image_folder), val_size=30, predict_root=str(tmp_path / "none"))
     with pytest.raises(UsageError, match="is not a folder"):

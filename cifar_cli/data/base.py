@@ -252,7 +252,13 @@ class ImageDataModule(LightningDataModule):
         images would take more than half the free host memory: a folder of 100,000 photos at 224 px is 15 GB)."""
         root = self.predict_root
         assert root is not None
-        if not root.is_dir():
+        try:
+            is_folder = root.is_dir()
+        except PermissionError as err:  # below a folder that may not be read; not one it cannot write in, as said
+            raise UsageError(
+                f"cannot read folder {err.filename} (permission denied): make it readable (chmod a+rx)"
+            ) from None
+        if not is_folder:
             missing = "" if root.exists() else " (no such path)"
             raise UsageError(f"--data.predict_root {root} is not a folder{missing}: pass a folder of images")
         skipped: list[Skipped] = []
