@@ -67,7 +67,7 @@ from cifar_cli.checks import (
 )
 from cifar_cli.classifier import SCHEDULE_NEEDS_LENGTH, ImageClassifier
 from cifar_cli.dashboard import RunCSVLogger, with_csv_logger
-from cifar_cli.data import ImageDataModule
+from cifar_cli.data import ImageDataModule, ImageFolderDataModule
 from cifar_cli.data.base import predicting_from
 from cifar_cli.distributed import exit_if_rank_failed, exit_if_spawned_rank_failed, watch_ranks
 from cifar_cli.errors import TrainingDiverged, UsageError, causes, debug_switch, debugging
@@ -456,10 +456,12 @@ class CifarCLI(LightningCLI):
                 f"BackboneFinetuning needs a network with a backbone, such as TorchvisionNet or TimmNet; "
                 f"{type(self.model.net).__name__} has none"
             )
+        trained_data = None  # the data module's state in the checkpoint, if any
         if getattr(self, "checkpoint", None) is not None:
             ckpt_path = self.config[self.subcommand]["ckpt_path"]
             check_same_classes(self.model, self.checkpoint, ckpt_path, self.subcommand, self.datamodule)
             check_weights_fit(self.model, self.checkpoint["state_dict"], self.config[self.subcommand]["ckpt_path"])
+            trained_data = self.checkpoint.get(type(self.datamodule).__qualname__)
             self.checkpoint = None
         self.check_image_sizes()
         if self.subcommand is not None:
@@ -468,6 +470,8 @@ class CifarCLI(LightningCLI):
             if not self.resuming:
                 check_run_folder(trainer.get("logger"), trainer.get("default_root_dir") or os.getcwd())
             check_data(self.datamodule, self.subcommand)
+            if trained_data is not None and isinstance(self.datamodule, ImageFolderDataModule):
+                self.datamodule.check_held_out(trained_data, ckpt_path, self.subcommand)
 
     def announce(self) -> None:
         """The seed, untrained weights, where a resumed run goes on: once the command line, the checkpoint, the

@@ -358,6 +358,44 @@ def test_image_folder_test_split_held_out_of_train(tmp_path: Path) -> None:
         no_test.test_dataloader()
 
 
+def test_a_checkpoint_evaluates_only_on_the_images_its_run_held_out(tmp_path: Path, capsys) -> None:
+    # The held-out splits are drawn from train/'s listing: one image added after fit (or another --data.test_size)
+    # drew others, and `test --ckpt_path` scored the network on images it had trained on, without a word.
+    write_image_folder(tmp_path / "data" / "train", {"a": 30, "b": 30})
+    data = ["--data", "ImageFolderDataModule", "--data.root", str(tmp_path / "data"), "--data.val_size", "10",
+            "--data.test_size", "12"]  # fmt: skip
+    main(["fit", *data, "--trainer.max_epochs", "1", "--trainer.logger", "false"])
+    (ckpt,) = Path("checkpoints").glob("epoch=*.ckpt")
+    main(["predict", "--ckpt_path", str(ckpt), "--trainer.logger", "false"])
+    held_out = Path("predictions.csv").read_text()
+    main(["test", "--ckpt_path", str(ckpt), "--data.val_size", "10", "--trainer.logger", "false"])  # as trained
+    capsys.readouterr()
+
+    def refused(*args: str) -> str:
+        with pytest.raises(SystemExit) as exit_info:
+            main([*args, "--ckpt_path", str(ckpt), "--trainer.logger", "false"])
+        assert exit_info.value.code == 2
+        return capsys.readouterr().err.splitlines()[-1]
+
+    root = tmp_path / "data" / "train"
+    assert refused("test", "--data.test_size", "20") == (
+        f"cifar-cli: error: checkpoint {ckpt} held other images of {root} out of training (it held out 22 images, "
+        "--data.val_size 10 and --data.test_size 20 take 30): some of those this command tests on were trained on; "
+        "pass the data and the --data flags it was trained with"
+    )
+    assert "--data.split_seed was 42, now 7" in refused("validate", "--data.split_seed", "7")
+    # Fewer images, from those the run held out, are none it trained on: a quicker validation, say.
+    main(["validate", "--ckpt_path", str(ckpt), "--data.val_size", "4", "--trainer.logger", "false"])
+    main(["test", "--ckpt_path", str(ckpt), "--data.val_size", "2", "--data.test_size", "20",
+          "--trainer.logger", "false"])  # fmt: skip
+    (root / "b" / "new.jpg").write_bytes((root / "b" / "0030.jpg").read_bytes())
+    for command in ("test", "validate", "predict", "fit"):
+        assert f"held other images of {root} out of training (it had 60 images, now 61)" in refused(command)
+    (root / "b" / "new.jpg").unlink()
+    main(["predict", "--ckpt_path", str(ckpt), "--trainer.logger", "false"])
+    assert Path("predictions.csv").read_text() == held_out
+
+
 def test_a_class_the_held_out_splits_take_whole_is_said_in_fit(tmp_path: Path, capfd) -> None:
     # A class of one image, which the seeded validation split takes: the network never saw it, and nothing said so.
     write_image_folder(tmp_path / "train", {"a": 1, "b": 10, "c": 10, "d": 10, "e": 10})
