@@ -485,6 +485,24 @@ def test_image_folder_layout_errors(tmp_path: Path, layout: dict, message: str) 
         data.prepare_data()
 
 
+def test_a_root_that_is_a_file_or_the_train_folder_itself_says_so(tmp_path: Path) -> None:
+    # A downloaded data.zip passed as the root was said not to exist; train/ itself, passed as the root, was said
+    # to have no train/ folder, and nothing said to pass the folder above it.
+    (tmp_path / "data.zip").write_bytes(b"PK\x03\x04")
+    with pytest.raises(UsageError) as refused:
+        ImageFolderDataModule(str(tmp_path / "data.zip"))
+    assert str(refused.value) == (
+        f"image folder {tmp_path}/data.zip is a file, not a folder: expected ROOT/train/<class>/<image>.jpg (or .png)"
+    )
+    write_image_folder(tmp_path / "data" / "train", {"a": 3, "b": 3})
+    with pytest.raises(UsageError) as refused:
+        ImageFolderDataModule(str(tmp_path / "data" / "train"))
+    assert str(refused.value) == (
+        f"image folder {tmp_path}/data/train has no train/ folder: expected ROOT/train/<class>/<image>.jpg (or .png); "
+        f"it is a train/ folder itself: pass --data.root {tmp_path}/data"
+    )
+
+
 NOT_IMAGES = "that are not .bmp/.gif/.jpeg/.jpg/.png/.webp images"
 
 

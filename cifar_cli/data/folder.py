@@ -111,9 +111,16 @@ class ImageFolderDataModule(ImageDataModule):
         layout = "expected ROOT/train/<class>/<image>.jpg (or .png)"
         try:
             if not self.root.is_dir():
-                raise UsageError(f"image folder {self.root} does not exist: {layout}")
+                what = "is a file, not a folder" if self.root.exists() else "does not exist"  # a data.zip, say
+                raise UsageError(f"image folder {self.root} {what}: {layout}")
             if not train.is_dir():
-                raise UsageError(f"image folder {self.root} has no train/ folder: {layout}")
+                # The train/ folder itself passed as the root, a common slip: which folder to pass instead.
+                hint = (
+                    f"; it is a train/ folder itself: pass --data.root {self.root.parent}"
+                    if self.root.name == "train"
+                    else ""
+                )
+                raise UsageError(f"image folder {self.root} has no train/ folder: {layout}{hint}")
             classes = sorted(class_name(d.name) for d in train.iterdir() if d.is_dir() and not d.name.startswith("."))
         except PermissionError as err:  # the command's own handler reads a denied path as one it cannot write in
             raise UsageError(
