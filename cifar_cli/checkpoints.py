@@ -38,7 +38,7 @@ def load_checkpoint(ckpt_path: str, flag: str | None = None) -> dict[str, Any]:
     written by cifar-cli; `flag` names it in the errors (default `--ckpt_path PATH`)."""
     flag = flag or f"--ckpt_path {ckpt_path}"
     refuse_unsafe_load(flag)
-    path = Path(ckpt_path)
+    path = Path(ckpt_path).expanduser()  # `--model.init_from=~/x.ckpt`: no shell expands it
     if path.is_dir():
         raise UsageError(f"{flag} is a directory, not a checkpoint file; {FROM_FIT}")
     if not path.is_file() and ckpt_path == "best":

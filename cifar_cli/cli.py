@@ -139,6 +139,12 @@ def flag_value(argv: list[str], flag: str) -> str | None:
     return value
 
 
+def expand_home(path: str | os.PathLike) -> str:
+    """A `--ckpt_path` with its `~` expanded, as the data paths are: the shell expands only a bare word, not
+    `--ckpt_path=~/x.ckpt`, a quoted path or a config's `ckpt_path: ~/x.ckpt`."""
+    return os.path.expanduser(str(path))
+
+
 def class_given_after(argv: list[str], group: str, flag: str) -> str | None:
     """The class that `--group CLASS` (or `--group=CLASS`) names after the first `flag` on the command line."""
     position = next((i for i, arg in enumerate(argv) if arg.split("=")[0] == flag), None)
@@ -699,6 +705,7 @@ class CifarCLI(LightningCLI):
         ckpt_path = subcommand and self.config[subcommand].get("ckpt_path")
         if not ckpt_path:
             return
+        ckpt_path = expand_home(ckpt_path)
         # Read already, its settings the defaults of the parse that succeeded (_defaults_from_named_checkpoint).
         read_first = self._named_checkpoint is not None and self._named_checkpoint[0] == ckpt_path
         if ckpt_path == "last":
@@ -759,6 +766,7 @@ class CifarCLI(LightningCLI):
         path = flag_value(self._argv, "--ckpt_path")
         if self._only_subcommand is None or path is None or path == "last":
             return False
+        path = expand_home(path)
         checkpoint = load_checkpoint(path)  # a missing or foreign file: its one-line error, not the flag's
         self._named_checkpoint = (path, checkpoint)
         defaults = checkpoint_defaults(checkpoint)

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import lightning
 import numpy as np
 import pytest
 import torch
@@ -1100,3 +1101,21 @@ def test_val_check_interval_beyond_an_epoch_is_one_line(tmp_path: Path, capfd) -
     assert "Traceback" not in err
     last = err.strip().splitlines()[-1]
     assert last.startswith("cifar-cli: error: --trainer.val_check_interval 10: more than the 3 training batches"), err
+
+
+def test_a_checkpoint_path_under_the_home_is_found(
+    tmp_path: Path, fake_cifar10: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """`~` in `--ckpt_path=~/x.ckpt`, which no shell expands, or in a config: it was "no such file", though the
+    data paths expand it."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    torch.save({**checkpoint(), "pytorch-lightning_version": lightning.__version__}, home / "model.ckpt")
+    write("c.yaml", "ckpt_path: ~/model.ckpt\n")
+    for args in (["--ckpt_path=~/model.ckpt"], ["--config", "c.yaml"]):
+        main(["validate", *args, "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"])
+        assert f"Checkpoint: {home / 'model.ckpt'}\n" in capsys.readouterr().out
+    main(["fit", "--model.init_from=~/model.ckpt", "--data.val_size", "40", "--trainer.max_epochs", "1",
+          "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"])  # fmt: skip
+    assert "cifar-cli: --model.init_from ~/model.ckpt: loaded 14 of 14 network tensors" in capsys.readouterr().err
