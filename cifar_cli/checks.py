@@ -100,10 +100,8 @@ class ArgumentParser(LightningArgumentParser):
         self, content: str, path: str | os.PathLike = "", ext_vars: dict | None = None, prev_cfg: Any = None
     ) -> Namespace:
         # Overrides a private jsonargparse method (4.53): the one place that sees a config file's whole content.
-        try:
-            loaded = yaml.safe_load(content)
-        except yaml.YAMLError:
-            loaded = {}  # jsonargparse reports the syntax error with its line and column
+        name = f"config {Path(path).name}" if path else "config"
+        loaded = load_config_yaml(content, name)
         if loaded is None:
             content = "{}"
         elif isinstance(loaded, dict) and {"method", "parameters"} <= loaded.keys():
@@ -113,12 +111,60 @@ class ArgumentParser(LightningArgumentParser):
                 "`wandb agent` runs it (configs/sweep.yaml says how)"
             )
         elif not isinstance(loaded, dict):
-            name = f"config {Path(path).name} " if path else "config "
             raise TypeError(
-                f"{name}holds a {type(loaded).__name__}, not a mapping of keys (trainer:, model:, data:): see the "
+                f"{name} holds a {type(loaded).__name__}, not a mapping of keys (trainer:, model:, data:): see the "
                 "output of --print_config for the form"
             )
         return super()._load_config_parser_mode(content, path, ext_vars, prev_cfg)
+
+
+class _DuplicateKey(yaml.YAMLError):
+    pass
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """YAML's safe loader as jsonargparse reads configs, without timestamps (`max_time: 2026-13-45` ended in
+    datetime's ValueError, a traceback), and refusing a key given twice in one mapping: PyYAML keeps the last
+    silently, so a second `trainer:` section dropped every setting of the first."""
+
+    yaml_implicit_resolvers = {
+        first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        lines: dict[str, int] = {}
+        for key, _ in node.value:
+            if not isinstance(key, yaml.ScalarNode) or key.tag == "tag:yaml.org,2002:merge":  # `<<:` may override
+                continue
+            if key.value in lines:
+                raise _DuplicateKey(
+                    f"{key.value} is given twice in one mapping (lines {lines[key.value]} and "
+                    f"{key.start_mark.line + 1}): the second would replace the first; merge them"
+                )
+            lines[key.value] = key.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
+def load_config_yaml(content: str, name: str) -> Any:
+    """A config file's content, loaded; a syntax error or a key given twice raises a TypeError naming the file and
+    the line (jsonargparse said "Problems parsing config: ... in <unicode string>", naming neither the file nor, for
+    a tab, the cause)."""
+    try:
+        return yaml.load(content, Loader=_ConfigLoader)  # a SafeLoader: plain data only
+    except _DuplicateKey as err:
+        raise TypeError(f"{name}: {err}") from None
+    except yaml.MarkedYAMLError as err:
+        problem, mark, lines = str(err.problem), err.problem_mark, content.splitlines()
+        if err.context and err.context_mark is not None:  # "while scanning a quoted scalar": where it began
+            problem += f" {err.context} that starts at line {err.context_mark.line + 1}"
+        line = lines[mark.line] if mark is not None and mark.line < len(lines) else ""
+        if "'\\t'" in problem or "\t" in line[: len(line) - len(line.lstrip())]:  # PyYAML writes it as '\t'
+            problem += ": YAML indents with spaces, not tabs"
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        raise TypeError(f"{name} is not valid YAML{where}: {problem}") from None
+    except yaml.YAMLError as err:
+        raise TypeError(f"{name} is not valid YAML: {err}") from None
 
 
 def device_count(devices: Any) -> int | None:

@@ -457,8 +457,42 @@ CASES = [
     ),
     # Config files.
     Case("config_missing", ["fit", "--config", "missing.yaml"], "File does not exist"),
+    # YAML syntax: jsonargparse's "Problems parsing config: ... in <unicode string>" named neither the file nor a tab
     Case(
-        "config_yaml_syntax", ["fit", "--config", "c.yaml"], "Problems parsing config", {"c.yaml": "trainer: [1, 2\n"}
+        "config_yaml_syntax",
+        ["fit", "--config", "c.yaml"],
+        "cifar-cli: error: config c.yaml is not valid YAML (line 2, column 1): expected ',' or ']', but got "
+        "'<stream end>' while parsing a flow sequence that starts at line 1",
+        {"c.yaml": "trainer: [1, 2\n"},
+    ),
+    Case(
+        "config_yaml_tab",
+        ["fit", "--config", "c.yaml"],
+        "cifar-cli: error: config c.yaml is not valid YAML (line 2, column 1): found character '\\t' that cannot start "
+        "any token: YAML indents with spaces, not tabs",
+        {"c.yaml": "trainer:\n\tmax_epochs: 1\n"},
+    ),
+    Case(
+        "config_yaml_unclosed_quote",
+        ["fit", "--config", "c.yaml"],
+        "cifar-cli: error: config c.yaml is not valid YAML (line 3, column 1): found unexpected end of stream while "
+        "scanning a quoted scalar that starts at line 2",
+        {"c.yaml": 'model:\n  net: "FastNet\n'},
+    ),
+    # PyYAML keeps the last of a key given twice: the first section's settings were dropped without a word
+    Case(
+        "config_key_twice",
+        ["fit", "--config", "c.yaml"],
+        "cifar-cli: error: config c.yaml: trainer is given twice in one mapping (lines 1 and 3): the second would "
+        "replace the first; merge them",
+        {"c.yaml": "trainer:\n  max_epochs: 1\ntrainer:\n  accelerator: cpu\n"},
+    ),
+    # A date-like value: PyYAML's timestamp ended in datetime's ValueError, a traceback
+    Case(
+        "config_date_like_value",
+        ["fit", "--config", "c.yaml"],
+        "cifar-cli: error: --trainer.max_time 2026-13-45",
+        {"c.yaml": "trainer:\n  max_time: 2026-13-45\n"},
     ),
     Case(
         "config_list",
