@@ -115,7 +115,36 @@ class ArgumentParser(LightningArgumentParser):
                 f"{name} holds a {type(loaded).__name__}, not a mapping of keys (trainer:, model:, data:): see the "
                 "output of --print_config for the form"
             )
+        else:
+            check_class_keys(loaded, name)
         return super()._load_config_parser_mode(content, path, ext_vars, prev_cfg)
+
+
+# The keys jsonargparse reads beside a `class_path` (`__path__`: where a nested config file came from).
+CLASS_KEYS = ("class_path", "init_args", "dict_kwargs", "__path__")
+
+
+def check_class_keys(config: Any, name: str, key: str = "") -> None:
+    """Refuse a key beside a `class_path` other than `init_args`, such as a misspelled `init_arg:` or an argument
+    not put under `init_args:`. jsonargparse dropped the class_path then and read the mapping as the arguments of
+    the class already chosen, naming that one: `'cifar_cli.nets.TutorialCNN': Option 'init_arg.widths' is not
+    accepted` for a config that named FastNet."""
+    if isinstance(config, list):
+        for item in config:
+            check_class_keys(item, name, key)
+    if not isinstance(config, dict):
+        return
+    if "class_path" in config:
+        others = [str(k) for k in config if k not in CLASS_KEYS]
+        if others:
+            close = difflib.get_close_matches(others[0], ["init_args"], n=1, cutoff=0.6)
+            hint = "; did you mean init_args?" if close else f" (init_args: {{{others[0]}: ...}})"
+            raise TypeError(
+                f"{name}: {key or 'the config'} has {', '.join(others)} beside class_path {config['class_path']}: a "
+                f"class's arguments go under init_args{hint}"
+            )
+    for child, value in config.items():  # keys named as their flags are: `data.augment`, without init_args
+        check_class_keys(value, name, key if child == "init_args" else f"{key}.{child}" if key else str(child))
 
 
 class _DuplicateKey(yaml.YAMLError):

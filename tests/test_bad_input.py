@@ -513,6 +513,21 @@ CASES = [
         "and `wandb agent` runs it (configs/sweep.yaml says how)",
         {"sweep.yaml": "program: cifar-cli\nmethod: bayes\nparameters:\n  model.learning_rate:\n    min: 0.5\n"},
     ),
+    # A key beside class_path: jsonargparse read the mapping as arguments of the class already chosen, and named it
+    Case(
+        "config_init_args_misspelled",
+        ["fit", "--config", "c.yaml"],
+        "cifar-cli: error: config c.yaml: model.net has init_arg beside class_path FastNet: a class's arguments go "
+        "under init_args; did you mean init_args?",
+        {"c.yaml": "model:\n  net:\n    class_path: FastNet\n    init_arg:\n      widths: [8, 16, 16]\n"},
+    ),
+    Case(
+        "config_argument_beside_class_path",
+        ["fit", "--config", "c.yaml"],
+        "cifar-cli: error: config c.yaml: trainer.callbacks has monitor beside class_path EarlyStopping: a class's "
+        "arguments go under init_args (init_args: {monitor: ...})",
+        {"c.yaml": "trainer:\n  callbacks:\n  - class_path: EarlyStopping\n    monitor: val_acc\n"},
+    ),
     Case("config_unknown_key", ["fit", "--config", "c.yaml"], "dropout", {"c.yaml": "model:\n  dropout: 0.5\n"}),
     Case("config_wrong_type", ["fit", "--config", "c.yaml"], "max_epochs", {"c.yaml": "trainer:\n  max_epochs: two\n"}),
     Case(
