@@ -734,6 +734,13 @@ class CifarCLI(LightningCLI):
         config["ckpt_path"] = ckpt_path
         # The checkpoint's weights replace whatever --model.init_from would load: the file is not read.
         config["model"]["init_from"] = None
+        if subcommand == "fit" and "optimizer_states" not in self.checkpoint:
+            # Lightning's KeyError, a traceback, once the trainer was built and the data loaded.
+            raise UsageError(
+                f"--ckpt_path {ckpt_path} holds the network's weights alone (a ModelCheckpoint's save_weights_only), "
+                f"not the optimizer and progress a resumed fit goes on with: start a new run from its weights with "
+                f"--model.init_from {ckpt_path}"
+            )
         if subcommand == "fit":
             # Training goes on in the checkpoint's own run: its folder, its config.yaml, its W&B run.
             self.resuming = continue_run(config["trainer"].get("logger"), saved.get(RUN_KEY))

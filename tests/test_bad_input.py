@@ -1168,3 +1168,26 @@ def test_a_checkpoint_path_under_the_home_is_found(
     main(["fit", "--model.init_from=~/model.ckpt", "--data.val_size", "40", "--trainer.max_epochs", "1",
           "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"])  # fmt: skip
     assert "cifar-cli: --model.init_from ~/model.ckpt: loaded 14 of 14 network tensors" in capsys.readouterr().err
+
+
+def test_resuming_from_a_weights_only_checkpoint_is_one_line(fake_cifar10: Path, capfd) -> None:
+    """A checkpoint a ModelCheckpoint wrote with save_weights_only has no optimizer state: `fit --ckpt_path` on it
+    ended in Lightning's KeyError, a traceback, once the data was loaded. Refused first; --model.init_from takes it."""
+    args = ["--data.data_dir", str(fake_cifar10), "--data.val_size", "40", "--trainer.max_epochs", "1",
+            "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"]  # fmt: skip
+    main(["fit", *args, "--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.save_weights_only", "true",
+          "--trainer.callbacks.dirpath", "weights", "--trainer.callbacks.filename", "w"])  # fmt: skip
+    before = snapshot(Path())
+    capfd.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *args, "--trainer.max_epochs", "2", "--ckpt_path", "weights/w.ckpt"])
+    err = capfd.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    assert err.strip().splitlines() == [
+        "cifar-cli: error: --ckpt_path weights/w.ckpt holds the network's weights alone (a ModelCheckpoint's "
+        "save_weights_only), not the optimizer and progress a resumed fit goes on with: start a new run from its "
+        "weights with --model.init_from weights/w.ckpt"
+    ]
+    assert snapshot(Path()) == before
+    main(["fit", *args, "--model.init_from", "weights/w.ckpt", "--trainer.default_root_dir", "new"])
+    assert "--model.init_from weights/w.ckpt: loaded 14 of 14 network tensors" in capfd.readouterr().err
