@@ -209,17 +209,15 @@ def run(
     """
     root_path, out_path = Path(root).resolve(), Path(out).resolve()
     if not (root_path / "train").is_dir():
-        raise SystemExit(f"bench-gpu: {root_path} has no train/ folder: run `make data` or pass --root")
+        raise UsageError(f"{root_path} has no train/ folder: run `make data` or pass --root")
     if not smoke and not torch.cuda.is_available():
-        raise SystemExit("bench-gpu: no CUDA GPU here; `--smoke true` runs the same steps on the CPU")
+        raise UsageError("no CUDA GPU here; `--smoke true` runs the same steps on the CPU")
     sizes = (20, 20) if smoke else (VAL_SIZE, TEST_SIZE)
     start = time.perf_counter()
-    try:
-        data = ImageFolderDataModule(str(root_path), val_size=sizes[0], test_size=sizes[1])
-        data.prepare_data()  # decodes the images into the cache every run reads, before anything is timed
-        data.setup("fit")
-    except UsageError as error:  # a folder it cannot use: one line, before anything is written
-        raise SystemExit(f"bench-gpu: {error}") from None
+    # A folder it cannot use ends here (UsageError, one line), before anything is written.
+    data = ImageFolderDataModule(str(root_path), val_size=sizes[0], test_size=sizes[1])
+    data.prepare_data()  # decodes the images into the cache every run reads, before anything is timed
+    data.setup("fit")
     out_path.mkdir(parents=True, exist_ok=True)
     results_path = Path(results).resolve() if results else out_path
     results_path.mkdir(parents=True, exist_ok=True)

@@ -28,6 +28,7 @@ import torch
 from jsonargparse.typing import PositiveInt
 
 from bench.common import CONFIGS, bench_env, command
+from cifar_cli.errors import UsageError
 
 RECIPE = ["--config", str(CONFIGS / "cifar10-jpg.yaml"), "--config", str(CONFIGS / "fast-cpu.yaml"),
           "--model.net.init_args.widths", "[16, 32, 32]", "--data.batch_size", "256",
@@ -95,7 +96,7 @@ def run(
     """
     root_path, out_path = Path(root).resolve(), Path(out).resolve()
     if not (root_path / "train").is_dir():
-        raise SystemExit(f"bench-resume: {root_path} has no train/ folder: run `make data` or pass --root")
+        raise UsageError(f"{root_path} has no train/ folder: run `make data` or pass --root")
     data = ["--data.root", str(root_path)]
     start = time.perf_counter()
     if fit(data, fresh(out_path / "reference")).wait():

@@ -281,17 +281,17 @@ def run(
     if parts is not None and (not parts or set(parts) - set(PARTS)):
         # A misspelt part matched none and ran nothing: an empty table over the last run's results.txt.
         unknown = ", ".join(part for part in parts if part not in PARTS)
-        raise SystemExit(f"bench: --parts: {f'no part {unknown}' if unknown else 'none given'}; "
+        raise UsageError(f"--parts: {f'no part {unknown}' if unknown else 'none given'}; "
                          f"choose from {', '.join(PARTS)}")  # fmt: skip
     root_path, out_path = Path(root).resolve(), Path(out).resolve()
     if not (root_path / "train").is_dir():
-        raise SystemExit(f"bench: {root_path} has no train/ folder: run `make data` or pass --root")
+        raise UsageError(f"{root_path} has no train/ folder: run `make data` or pass --root")
     try:
         data = ImageFolderDataModule(str(root_path), val_size=val_size, test_size=test_size)
         data.prepare_data()  # builds the decoded cache once, before anything is timed
         data.setup("fit")
     except UsageError as error:  # the folder, or sizes it cannot hold: one line, with this command's flags
-        raise SystemExit(f"bench: {str(error).replace('--data.', '--')}") from None
+        raise UsageError(str(error).replace("--data.", "--")) from None
     out_path.mkdir(parents=True, exist_ok=True)
     title = f"cifar-cli benchmarks: {machine()}"
     results: dict = {"machine": title}

@@ -22,6 +22,7 @@ from bench.gpu import run as gpu_check
 from bench.run import run
 from bench.run import table as bench_table
 from bench.scale import PLACEMENTS
+from cifar_cli.errors import UsageError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -183,12 +184,12 @@ def running(pid: int) -> bool:
 
 def test_gpu_check_refuses_a_machine_without_gpu(tmp_path: Path) -> None:
     (tmp_path / "train").mkdir()
-    with pytest.raises(SystemExit, match="no CUDA GPU here"):
+    with pytest.raises(UsageError, match="no CUDA GPU here"):
         gpu_check(root=str(tmp_path), out=str(tmp_path / "gpu"))
 
 
 def test_bench_refuses_a_folder_without_train(tmp_path: Path) -> None:
-    with pytest.raises(SystemExit, match="has no train/ folder"):
+    with pytest.raises(UsageError, match="has no train/ folder"):
         run(root=str(tmp_path), out=str(tmp_path / "bench"), smoke=True)
 
 
@@ -204,28 +205,28 @@ def test_the_table_signs_a_negative_overhead_once() -> None:
 @pytest.mark.parametrize("parts", [["pipelin"], []])
 def test_bench_refuses_parts_it_does_not_have_before_writing(tmp_path: Path, parts: list[str]) -> None:
     (tmp_path / "images" / "train").mkdir(parents=True)
-    with pytest.raises(SystemExit, match=r"^bench: --parts: .*choose from pipeline, host, overhead, recipe, "):
+    with pytest.raises(UsageError, match=r"^--parts: .*choose from pipeline, host, overhead, recipe, "):
         run(root=str(tmp_path / "images"), out=str(tmp_path / "bench"), smoke=True, parts=parts)
     assert not (tmp_path / "bench").exists()
 
 
 def test_bench_refuses_sizes_the_folder_cannot_hold_in_one_line(tmp_path: Path) -> None:
     write_image_folder(tmp_path / "images" / "train", {"a": 5, "b": 5})
-    message = r"^bench: val_size/test_size hold out 105 of 10 training images.*choose --val_size \(and --test_size\)"
-    with pytest.raises(SystemExit, match=message):
+    message = r"^val_size/test_size hold out 105 of 10 training images.*choose --val_size \(and --test_size\)"
+    with pytest.raises(UsageError, match=message):
         run(root=str(tmp_path / "images"), out=str(tmp_path / "bench"), val_size=100, test_size=5, smoke=True)
     assert not (tmp_path / "bench").exists()
 
 
 def test_bench_refuses_a_train_folder_without_classes_in_one_line(tmp_path: Path) -> None:
     (tmp_path / "images" / "train").mkdir(parents=True)
-    with pytest.raises(SystemExit, match=r"^bench: .*train has no class folders"):
+    with pytest.raises(UsageError, match=r"train has no class folders"):
         run(root=str(tmp_path / "images"), out=str(tmp_path / "bench"), smoke=True)
 
 
 def test_gpu_check_refuses_a_train_folder_without_classes_in_one_line(tmp_path: Path) -> None:
     (tmp_path / "images" / "train").mkdir(parents=True)
-    with pytest.raises(SystemExit, match=r"^bench-gpu: .*train has no class folders"):
+    with pytest.raises(UsageError, match=r"train has no class folders"):
         gpu_check(root=str(tmp_path / "images"), out=str(tmp_path / "gpu"), smoke=True)
     assert not (tmp_path / "gpu").exists()
 
@@ -286,6 +287,8 @@ def test_gpu_and_resume_checks_refuse_counts_below_one_before_running(
         ("bench.run", ["--bogus", "1"], "bench: error: unrecognized arguments: --bogus 1"),
         ("bench.gpu", ["--runs", "x"], 'bench-gpu: error: Parser key "runs": Not of type PositiveInt: invalid literal'),
         ("bench.resume_trial", ["--trials", "0"], 'bench-resume: error: Parser key "trials": Not of type PositiveInt'),
+        ("bench.run", ["--parts", "[pipelin]"], "bench: error: --parts: no part pipelin; choose from pipeline, host"),
+        ("bench.resume_trial", ["--root", "nowhere"], "bench-resume: error: /"),
     ],
 )
 def test_bench_commands_refuse_a_bad_flag_in_one_line(module: str, args: list[str], line: str) -> None:
@@ -328,7 +331,7 @@ def test_resume_trials_say_why_a_folder_cannot_be_used_in_one_line(tmp_path: Pat
     # "the reference run failed: see .../output.log" was all it said, after starting a training process.
     from bench.resume_trial import run as resume_trials
 
-    with pytest.raises(SystemExit, match=r"^bench-resume: .*nowhere has no train/ folder: run `make data` or pass"):
+    with pytest.raises(UsageError, match=r"nowhere has no train/ folder: run `make data` or pass"):
         resume_trials(root=str(tmp_path / "nowhere"), out=str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
     (tmp_path / "images" / "train").mkdir(parents=True)
