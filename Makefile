@@ -57,7 +57,7 @@ lint: $(VENV)/.installed-dev
 # `make bench ARGS="--smoke true"` checks in a minute that every part runs.
 bench: $(VENV)/.installed
 	@test -f data/cifar10-jpg/.unpacked || test -f $(CIFAR10_JPG) || \
-		{ echo "make bench: needs the CIFAR-10 JPEG archive; set CIFAR10_JPG=path/to/cifar10-train-jpg.tar.gz"; exit 2; }
+		{ echo "make bench: no CIFAR-10 JPEG archive at '$(CIFAR10_JPG)' and none unpacked in data/cifar10-jpg; set CIFAR10_JPG=path/to/cifar10-train-jpg.tar.gz"; exit 2; }
 	$(MAKE) data
 	$(BIN)/python -m bench.run $(ARGS)
 

@@ -275,7 +275,7 @@ def run(
         parts: Only these parts (pipeline, host, overhead, recipe, fast_cpu, transfer, decode, placement, predict); the
             table shows those measured, in `results-<parts>.json` and `.txt` (`results-host.json`), so that the
             results of a whole run stay beside them.
-        photos: Folder of the CIFAR-10 JPEGs upscaled to 256 px that parts f and g read, made from `root` when
+        photos: Folder of the CIFAR-10 JPEGs upscaled to 256 px that parts f, g and h read, made from `root` when
             missing (smoke runs make a small one under `out`).
     """
     if parts is not None and (not parts or set(parts) - set(PARTS)):

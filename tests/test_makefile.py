@@ -55,6 +55,19 @@ def test_gpu_bundle_without_the_archive_says_which_variable_to_set_before_downlo
     assert "pip" not in done.stdout and not (tmp_path / "bundle.partial").exists()
 
 
+def test_bench_without_the_archive_says_where_it_looked(tmp_path: Path) -> None:
+    (tmp_path / "pyproject.toml").touch()
+    (tmp_path / "venv" / "bin").mkdir(parents=True)
+    (tmp_path / "venv" / "bin" / "python").touch()
+    (tmp_path / "venv" / ".installed").touch()  # installed after the last change of pyproject.toml
+    done = make(tmp_path, "bench", "VENV=venv", "CIFAR10_JPG=missing.tar.gz")
+    assert done.returncode == 2
+    assert done.stdout == (
+        "make bench: no CIFAR-10 JPEG archive at 'missing.tar.gz' and none unpacked in data/cifar10-jpg; "
+        "set CIFAR10_JPG=path/to/cifar10-train-jpg.tar.gz\n"
+    )
+
+
 def test_fit_trains_on_the_unpacked_jpeg_copy_without_the_archive(tmp_path: Path) -> None:
     (tmp_path / "pyproject.toml").touch()
     (tmp_path / "venv" / "bin").mkdir(parents=True)
