@@ -44,8 +44,8 @@ def image_parts(folder: Path, skipped: list[Skipped] | None = None, class_folder
     As `Path.rglob` lists them (sorted by path components; links to files followed, links to folders not, folders
     it may not read skipped, `folder` itself and class folders refused), but through `os.scandir`: every run lists
     its folders at start-up, and 50,000 files took 1.6 to 2.1 s through pathlib against 0.7 s this way, Path objects
-    included (2-core Xeon). With
-    `class_folders`, links to folders directly in `folder` are followed: they are class folders, counted as such.
+    included (2-core Xeon). With `class_folders`, links to folders directly in `folder` are followed: they are class
+    folders, counted as such.
 
     Files that are not images of IMAGE_SUFFIXES, broken links, links to folders and folders it may not read are
     appended to `skipped`, when it is given, with what they are (`skipped_line` says so); hidden files are not.
