@@ -69,7 +69,7 @@ from cifar_cli.classifier import SCHEDULE_NEEDS_LENGTH, ImageClassifier
 from cifar_cli.dashboard import RunCSVLogger, with_csv_logger
 from cifar_cli.data import ImageDataModule, ImageFolderDataModule
 from cifar_cli.data.base import predicting_from
-from cifar_cli.distributed import exit_if_rank_failed, exit_if_spawned_rank_failed, watch_ranks
+from cifar_cli.distributed import carry_spawned_state, exit_if_rank_failed, exit_if_spawned_rank_failed, watch_ranks
 from cifar_cli.errors import TrainingDiverged, UsageError, causes, debug_switch, debugging
 from cifar_cli.optimizer_flags import check_built, move_optimizer_flags, unsettled, without_settled_copies
 from cifar_cli.precision import announce_precision, choose_precision, show_held_warnings
@@ -624,6 +624,7 @@ class CifarCLI(LightningCLI):
         # dropped with a notice, as the W&B-only callbacks idle without W&B; Lightning refused the run as it started.
         drop_logger_only(trainer, training=self.subcommand in (None, "fit"))
         watch_ranks(trainer)  # a failed DDP rank is named, not SIGKILLed silently with the others
+        carry_spawned_state(trainer)  # ddp_spawn: the epochs, steps and checkpoints of the summary
         quiet_model_summary(trainer)
         quiet_wandb(trainer)
         return trainer

@@ -13,6 +13,7 @@ record says that it lost contact.
 from __future__ import annotations
 
 import atexit
+import io
 import os
 import signal
 import subprocess
@@ -21,10 +22,13 @@ import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
+import torch
 import torch.distributed as dist
 from lightning.pytorch import Trainer
 from lightning.pytorch.strategies.launchers import subprocess_script
+from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from torch.multiprocessing.spawn import ProcessException, ProcessExitedException
 
 from cifar_cli.errors import causes, debugging
@@ -76,6 +80,35 @@ def watch_ranks(trainer: Trainer) -> None:
     """
     if isinstance(trainer.strategy.launcher, subprocess_script._SubprocessScriptLauncher):
         subprocess_script._launch_process_observer = _watch
+
+
+def carry_spawned_state(trainer: Trainer) -> None:
+    """Under ddp_spawn, bring the loops' progress and the checkpoint callbacks' state back from rank 0.
+
+    Lightning's launcher hands the spawning process rank 0's weights, metrics and best checkpoint path only: the
+    summary said "0 epochs, step 0", without the best score, and summary.json had no last checkpoint.
+    """
+    if type(trainer.strategy.launcher) is _MultiProcessingLauncher:
+        trainer.strategy.launcher.__class__ = _StateCarryingLauncher  # (pickled to the ranks: a class of its own)
+
+
+class _StateCarryingLauncher(_MultiProcessingLauncher):
+    def get_extra_results(self, trainer: Trainer) -> dict[str, Any]:
+        state = {"fit_loop": trainer.fit_loop.state_dict(), "checkpoints": [c.state_dict() for c in
+                 trainer.checkpoint_callbacks]}  # fmt: skip
+        buffer = io.BytesIO()
+        torch.save(state, buffer)  # as bytes, as Lightning sends the metrics: tensors would share memory
+        return {**super().get_extra_results(trainer), "cifar_cli_state": buffer.getvalue()}
+
+    def update_main_process_results(self, trainer: Trainer, extra: dict[str, Any]) -> None:
+        super().update_main_process_results(trainer, extra)
+        state = torch.load(io.BytesIO(extra["cifar_cli_state"]), weights_only=True)
+        trainer.fit_loop.load_state_dict(state["fit_loop"])
+        for callback, saved in zip(trainer.checkpoint_callbacks, state["checkpoints"]):
+            # The folder rank 0 resolved at set-up, which this process never ran: load_state_dict keeps the best
+            # score and the last checkpoint only where the folders agree.
+            callback.dirpath = saved["dirpath"]
+            callback.load_state_dict(saved)
 
 
 def exit_if_rank_failed(err: BaseException, usage: str | None) -> None:

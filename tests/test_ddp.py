@@ -330,3 +330,14 @@ def test_failing_rank_under_ddp_spawn_is_named_in_a_line(images: Path, tmp_path:
     assert code == 1
     assert errors(stderr) == ["cifar-cli: error: rank 1 failed: ValueError: bad batch 2 in this rank's shard"], stderr
     assert "Traceback" not in stderr, stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_ddp_spawn_summary_has_the_ranks_epochs_steps_and_best_score(images: Path, tmp_path: Path) -> None:
+    """Under ddp_spawn the ranks train in processes of their own, and the spawning process, which prints the
+    summary, learnt only their metrics and best checkpoint's path from Lightning: "0 epochs, step 0", no score."""
+    args = [*BASE, *ONE_NODE, "--trainer.strategy", "ddp_spawn", "--data.root", str(images)]
+    code, stdout, stderr = finish_with_output(start(args, tmp_path, ddp_env(free_port())))
+    assert code == 0, stderr[-2000:]
+    assert f"cifar-cli fit: 2 epochs, step {STEPS}" in stdout, stdout[-2000:]
+    assert "Best checkpoint (val_loss " in stdout, stdout[-2000:]
