@@ -32,6 +32,7 @@ from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcess
 from torch.multiprocessing.spawn import ProcessException, ProcessExitedException
 
 from cifar_cli.errors import causes, debugging
+from cifar_cli.terminal import silence_noise
 
 # Store key of the first failure: "rank leader message", where leader is the global rank of local rank 0 on the
 # failing rank's node.
@@ -93,6 +94,11 @@ def carry_spawned_state(trainer: Trainer) -> None:
 
 
 class _StateCarryingLauncher(_MultiProcessingLauncher):
+    def _wrapping_function(self, *args: Any, **kwargs: Any) -> None:
+        # A spawned rank starts a new interpreter, without the warning filters the command set in its own.
+        silence_noise()
+        super()._wrapping_function(*args, **kwargs)
+
     def get_extra_results(self, trainer: Trainer) -> dict[str, Any]:
         state = {"fit_loop": trainer.fit_loop.state_dict(), "checkpoints": [c.state_dict() for c in
                  trainer.checkpoint_callbacks]}  # fmt: skip
