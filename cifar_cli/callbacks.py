@@ -26,6 +26,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
 
 from cifar_cli.atomic import atomic_write
@@ -68,6 +69,29 @@ def drop_logger_only(trainer: Trainer, training: bool) -> None:
         trainer.callbacks.remove(callback)
         if training:
             warn_idle(callback, NO_LOGGER)
+
+
+def one_per_state_key(callbacks: list[Callback]) -> list[Callback]:
+    """`callbacks` with one callback for each state key, saying so where two shared one: the later takes the
+    earlier's place, as a later config or flag replaces an earlier value. `--trainer.callbacks+=EarlyStopping
+    --trainer.callbacks.monitor val_loss --trainer.callbacks.patience 10`, beside the default EarlyStopping on
+    val_loss, gives it another patience; Lightning refused the pair in a traceback, as a checkpoint keeps one state
+    a key (Lightning's own test of a callback's state, `_validate_callbacks_list`)."""
+    kept: list[Callback] = []
+    place: dict[str, int] = {}
+    for callback in callbacks:
+        key = callback.state_key if is_overridden("state_dict", instance=callback, parent=Callback) else None
+        if key is None or key not in place:
+            if key is not None:
+                place[key] = len(kept)
+            kept.append(callback)
+            continue
+        kept[place[key]] = callback
+        rank_zero_only(print)(
+            f"cifar-cli: --trainer.callbacks lists {key} twice: the later one's settings replace the earlier's",
+            file=sys.stderr,
+        )
+    return kept
 
 
 # Images of up to this many pixels go into the prediction tables whole split (CIFAR's 32x32, 64x64 thumbnails);

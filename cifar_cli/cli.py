@@ -39,6 +39,7 @@ from cifar_cli.callbacks import (
     Preemption,
     drop_logger_only,
     epoch_label,
+    one_per_state_key,
     run_dir,
 )
 from cifar_cli.checkpoints import (
@@ -537,7 +538,7 @@ class CifarCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
-        callbacks = list(config.get("callbacks") or [])
+        callbacks = one_per_state_key(list(config.get("callbacks") or []))
         extra = self._cli_callbacks()
         if config.get("enable_checkpointing") is False:
             extra = [c for c in extra if not isinstance(c, LastCheckpoint)]  # Lightning refuses any ModelCheckpoint

@@ -54,6 +54,21 @@ def test_debug_config_stacked_on_a_recipe_drops_the_learning_rate_monitor_and_tr
     assert list(Path("runs/debug/checkpoints").glob("epoch=0-step=*.ckpt"))
 
 
+def test_a_callback_added_with_the_state_of_a_default_one_replaces_it(image_folder: Path, capsys) -> None:
+    """`+=EarlyStopping` on val_loss, the default EarlyStopping's metric, to give it another patience: Lightning
+    refused two callbacks with one state key in a traceback. The later one replaces the earlier, with a line."""
+    main(["fit", "--data", "ImageFolderDataModule", "--data.root", str(image_folder), "--data.val_size", "30",
+          "--trainer.max_epochs", "1", "--trainer.logger", "false", "--trainer.callbacks+=EarlyStopping",
+          "--trainer.callbacks.monitor", "val_loss", "--trainer.callbacks.patience", "7"])  # fmt: skip
+    assert capsys.readouterr().err.splitlines()[0] == (
+        "cifar-cli: --trainer.callbacks lists EarlyStopping{'monitor': 'val_loss', 'mode': 'min'} twice: the later "
+        "one's settings replace the earlier's"
+    )
+    states = torch.load("checkpoints/last.ckpt", weights_only=True)["callbacks"]
+    stopping = [state for key, state in states.items() if key.startswith("EarlyStopping")]
+    assert [state["patience"] for state in stopping] == [7]
+
+
 def test_learning_rate_monitor_stays_where_the_trainer_has_a_logger(capsys) -> None:
     monitor = LearningRateMonitor()
     trainer = Trainer(logger=CSVLogger("runs"), callbacks=[monitor], enable_progress_bar=False)
