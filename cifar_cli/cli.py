@@ -71,7 +71,7 @@ from cifar_cli.dashboard import RunCSVLogger, with_csv_logger
 from cifar_cli.data import ImageDataModule, ImageFolderDataModule
 from cifar_cli.data.base import predicting_from
 from cifar_cli.distributed import carry_spawned_state, exit_if_rank_failed, exit_if_spawned_rank_failed, watch_ranks
-from cifar_cli.errors import TrainingDiverged, UsageError, causes, debug_switch, debugging
+from cifar_cli.errors import DEBUG_ENV, TrainingDiverged, UsageError, causes, debug_switch, debugging
 from cifar_cli.optimizer_flags import check_built, move_optimizer_flags, unsettled, without_settled_copies
 from cifar_cli.precision import announce_precision, choose_precision, show_held_warnings
 from cifar_cli.presets import shipped_config
@@ -934,6 +934,32 @@ def user_error(err: BaseException) -> BaseException | None:
     return None
 
 
+def import_failure(err: BaseException) -> str | None:
+    """One line for an error raised while jsonargparse imported the module of a `class_path` (a module of the user's
+    that raises, or has a syntax error, as it is imported), if `err` is one: it was a traceback of 100 lines, most of
+    them jsonargparse's. A missing module is jsonargparse's own one-line error already."""
+    for error in causes(err):
+        tb, class_path, where = error.__traceback__, None, None
+        while tb is not None:
+            code = tb.tb_frame.f_code
+            if code.co_name == "import_object" and "jsonargparse" in code.co_filename:
+                class_path = tb.tb_frame.f_locals.get("name")
+            elif class_path is not None:
+                where = (tb.tb_frame.f_code.co_filename, tb.tb_lineno)  # the deepest frame: where it was raised
+            tb = tb.tb_next
+        if not isinstance(class_path, str):
+            continue
+        reason = str(error).splitlines()[0] if str(error) else ""
+        if isinstance(error, SyntaxError) and error.filename:  # its file and line are its own, not a frame's
+            where, reason = (error.filename, error.lineno), error.msg
+        at = f" ({where[0]}, line {where[1]})" if where is not None else ""
+        return (
+            f"{class_path}: importing its module failed with {type(error).__name__}: {reason}{at}; "
+            f"{DEBUG_ENV}=true shows the traceback"
+        )
+    return None
+
+
 def is_wandb_error(err: BaseException) -> bool:
     """Whether `err` is one of W&B's own errors (a missing login, a server that does not answer)."""
     errors = sys.modules.get("wandb.errors")
@@ -1235,6 +1261,10 @@ def main(args: ArgsType = None) -> None:
             sys.exit(1)
         exit_if_spawned_rank_failed(err)  # under ddp_spawn: "rank R failed: ..."
         cause = user_error(err)
+        failed_import = import_failure(err) if cause is None and not debug else None
+        if failed_import is not None:
+            print(f"cifar-cli: error: {failed_import}", file=sys.stderr)
+            sys.exit(2)
         exit_if_rank_failed(err, one_line(cause) if cause is not None else None)  # under DDP: "rank R failed: ..."
         full = out_of_space(err) if cause is None and not debug else None
         if full is not None:

@@ -119,6 +119,12 @@ def force_unsafe_load(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch, "load", refuse)
 
 
+def importable_here(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Modules in the test's folder importable, without writing their bytecode there."""
+    monkeypatch.syspath_prepend(os.getcwd())
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)
+
+
 class Case(NamedTuple):
     id: str
     args: list[str]
@@ -528,6 +534,21 @@ CASES = [
         "arguments go under init_args (init_args: {monitor: ...})",
         {"c.yaml": "trainer:\n  callbacks:\n  - class_path: EarlyStopping\n    monitor: val_acc\n"},
     ),
+    # A class_path whose module raises as it is imported (a module of the user's): a traceback of 100 lines
+    *(
+        Case(
+            f"class_path_module_{name}",
+            ["fit", "--config", "c.yaml"],
+            f"cifar-cli: error: {name}_module.Net: importing its module failed with {error} ("
+            f"{{cwd}}/{name}_module.py, line 1); JSONARGPARSE_DEBUG=true shows the traceback",
+            {"c.yaml": f"model:\n  net:\n    class_path: {name}_module.Net\n", f"{name}_module.py": source},
+            env=importable_here,
+        )
+        for name, source, error in [
+            ("raising", "raise RuntimeError('needs a driver')\n", "RuntimeError: needs a driver"),
+            ("syntax_error", "def f(:\n    pass\n", "SyntaxError: invalid syntax"),
+        ]
+    ),
     Case("config_unknown_key", ["fit", "--config", "c.yaml"], "dropout", {"c.yaml": "model:\n  dropout: 0.5\n"}),
     Case("config_wrong_type", ["fit", "--config", "c.yaml"], "max_epochs", {"c.yaml": "trainer:\n  max_epochs: two\n"}),
     Case(
@@ -798,7 +819,7 @@ def test_bad_input(case: Case, tmp_path: Path, capfd, recwarn, monkeypatch: pyte
     assert exit_info.value.code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("cifar-cli: error: "), err
-    assert case.phrase in lines[0], lines[0]
+    assert case.phrase.replace("{cwd}", os.getcwd()) in lines[0], lines[0]
     assert "Traceback" not in err
     assert not [str(w.message) for w in recwarn if issubclass(w.category, SHOWN)]
     after = snapshot(tmp_path)
