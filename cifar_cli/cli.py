@@ -6,6 +6,7 @@ import contextlib
 import difflib
 import errno
 import gc
+import inspect
 import io
 import os
 import re
@@ -696,6 +697,8 @@ class CifarCLI(LightningCLI):
         except ArgumentError as err:
             if (before := argument_before_class(err, self._argv)) is not None:
                 raise before from err
+            if (elsewhere := self._option_of_another_subcommand(err)) is not None:
+                raise elsewhere from err
             raise
         self._given = given_settings(parser, args)
         self.checkpoint: dict[str, Any] | None = None
@@ -768,6 +771,25 @@ class CifarCLI(LightningCLI):
                     )
                     break
             self.resume_line = f"cifar-cli: resuming from {ckpt_path} at step {step:,}, {label}"
+
+    def _option_of_another_subcommand(self, err: ArgumentError) -> UsageError | None:
+        """The refusal of a top-level key that another subcommand takes, saying which: `verbose`, in a config
+        printed by `test --print_config` and given to `fit`, was "Subcommand 'fit' does not accept option
+        'verbose'"."""
+        match = re.search(r"Subcommand '(\w+)' does not accept option '(\w+)'", str(err))
+        if match is None:
+            return None
+        subcommand, key = match.groups()
+        # The subcommands' own options are their Trainer method's arguments (only the command's parser is built).
+        takes = {other: inspect.signature(getattr(Trainer, other)).parameters for other in LightningCLI.subcommands()}
+        owners = [other for other, skipped in LightningCLI.subcommands().items()
+                  if other != subcommand and key in takes[other] and key not in skipped]  # fmt: skip
+        if not owners:
+            return None
+        return UsageError(
+            f"{key} is an option of {' and '.join(owners)}, not of {subcommand} (a config printed by `{owners[-1]} "
+            f"--print_config`?): remove its {key}: line"
+        )
 
     def _defaults_from_named_checkpoint(self) -> bool:
         """Make the settings of the checkpoint that the command line names (`SUBCOMMAND ... --ckpt_path FILE`) the

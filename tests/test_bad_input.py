@@ -549,6 +549,14 @@ CASES = [
             ("syntax_error", "def f(:\n    pass\n", "SyntaxError: invalid syntax"),
         ]
     ),
+    # What `test --print_config` prints, given to fit: "Subcommand 'fit' does not accept option 'verbose'"
+    Case(
+        "config_of_another_subcommand",
+        ["fit", "--config", "c.yaml"],
+        "cifar-cli: error: verbose is an option of validate and test, not of fit (a config printed by `test "
+        "--print_config`?): remove its verbose: line",
+        {"c.yaml": "verbose: true\nckpt_path: null\n"},
+    ),
     Case("config_unknown_key", ["fit", "--config", "c.yaml"], "dropout", {"c.yaml": "model:\n  dropout: 0.5\n"}),
     Case("config_wrong_type", ["fit", "--config", "c.yaml"], "max_epochs", {"c.yaml": "trainer:\n  max_epochs: two\n"}),
     Case(
