@@ -116,8 +116,28 @@ class ArgumentParser(LightningArgumentParser):
                 "output of --print_config for the form"
             )
         else:
+            self.check_groups(loaded, name)
             check_class_keys(loaded, name)
         return super()._load_config_parser_mode(content, path, ext_vars, prev_cfg)
+
+    def check_groups(self, config: dict[Any, Any], name: str) -> None:
+        """Refuse a group of settings (`trainer:`, `model:`) that holds no mapping: jsonargparse took `trainer: 5`
+        whole, and the command ended in an AttributeError traceback; `model: null` read as a missing model.net."""
+        for key, value in config.items():
+            # A group's only action of its own name loads a file of its settings (`--trainer FILE`); --data's and
+            # --optimizer's take a class too.
+            typed = any(a.dest == key and type(a).__name__ != "_ActionConfigLoad" for a in self._actions)
+            group = key in self.groups and not typed
+            if group and value is None:
+                raise TypeError(
+                    f"{name}: {key}: holds nothing (its settings all commented out?): remove the line, or give its "
+                    "settings indented below it"
+                )
+            if group and not isinstance(value, dict):
+                raise TypeError(
+                    f"{name}: {key}: holds {type(value).__name__} {value!r}, not a mapping of its settings indented "
+                    "below it: see the output of --print_config for the form"
+                )
 
 
 # The keys jsonargparse reads beside a `class_path` (`__path__`: where a nested config file came from).

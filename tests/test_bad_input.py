@@ -557,6 +557,21 @@ CASES = [
         "--print_config`?): remove its verbose: line",
         {"c.yaml": "verbose: true\nckpt_path: null\n"},
     ),
+    # A group that holds no mapping: jsonargparse took it whole, and `trainer: 5` ended in an AttributeError traceback
+    Case(
+        "config_group_not_a_mapping",
+        ["fit", "--config", "c.yaml"],
+        "cifar-cli: error: config c.yaml: trainer: holds int 5, not a mapping of its settings indented below it: see "
+        "the output of --print_config for the form",
+        {"c.yaml": "trainer: 5\n"},
+    ),
+    Case(
+        "config_group_empty",
+        ["fit", "--config", "c.yaml"],
+        "cifar-cli: error: config c.yaml: trainer: holds nothing (its settings all commented out?): remove the line, "
+        "or give its settings indented below it",
+        {"c.yaml": "trainer:\n#  max_epochs: 3\n"},
+    ),
     Case("config_unknown_key", ["fit", "--config", "c.yaml"], "dropout", {"c.yaml": "model:\n  dropout: 0.5\n"}),
     Case("config_wrong_type", ["fit", "--config", "c.yaml"], "max_epochs", {"c.yaml": "trainer:\n  max_epochs: two\n"}),
     Case(
