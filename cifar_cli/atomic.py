@@ -139,7 +139,14 @@ def refuse_unsafe_load(what: str) -> None:
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's checkpoint IO, writing each local checkpoint whole or not at all, and loading weights only."""
 
+    # The entries every checkpoint gets (the run's data config: cifar_cli.cli.RunConfigSaver sets it), also one of
+    # weights alone (a ModelCheckpoint's save_weights_only), for which Lightning calls no callback's
+    # on_save_checkpoint: `predict --ckpt_path` on it took the default data module's classes.
+    entries: Callable[[], dict[str, Any]] | None = None
+
     def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
+        for key, value in (self.entries() if self.entries is not None else {}).items():
+            checkpoint.setdefault(key, value)
         if storage_options is not None or not isinstance(get_filesystem(path), LocalFileSystem):
             return super().save_checkpoint(checkpoint, path, storage_options)  # remote storage: fsspec's own way
         atomic_write(path, lambda file: torch.save(checkpoint, file))

@@ -253,6 +253,8 @@ class RunConfigSaver(SaveConfigCallback):
         return yaml.safe_load(self.dumped)
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO):
+            trainer.strategy.checkpoint_io.entries = lambda: self.checkpoint_entries(trainer)
         if self.already_saved or not trainer.is_global_zero:
             return
         path = os.path.join(run_dir(trainer), self.config_filename)
@@ -285,11 +287,16 @@ class RunConfigSaver(SaveConfigCallback):
         # The data module's full config (class_path and init_args), so that `--ckpt_path` restores it too, with
         # the folder its relative paths start from, the run's identity, so that resuming from it continues the
         # same run folder and W&B run, and its seed.
-        checkpoint[CHECKPOINT_KEY] = {
-            "data": self.resolved["data"],
-            WORKING_DIR_KEY: os.getcwd(),
-            RUN_KEY: run_identity(trainer),
-            SEED_KEY: self.resolved.get("seed_everything"),
+        checkpoint.update(self.checkpoint_entries(trainer))
+
+    def checkpoint_entries(self, trainer: Trainer) -> dict[str, Any]:
+        return {
+            CHECKPOINT_KEY: {
+                "data": self.resolved["data"],
+                WORKING_DIR_KEY: os.getcwd(),
+                RUN_KEY: run_identity(trainer),
+                SEED_KEY: self.resolved.get("seed_everything"),
+            }
         }
 
 

@@ -9,6 +9,7 @@ images and config at the end of the file.
 
 from __future__ import annotations
 
+import csv
 import errno
 import io
 import os
@@ -1235,3 +1236,22 @@ def test_resuming_from_a_weights_only_checkpoint_is_one_line(fake_cifar10: Path,
     assert snapshot(Path()) == before
     main(["fit", *args, "--model.init_from", "weights/w.ckpt", "--trainer.default_root_dir", "new"])
     assert "--model.init_from weights/w.ckpt: loaded 14 of 14 network tensors" in capfd.readouterr().err
+
+
+def test_a_weights_only_checkpoint_carries_its_data_config(image_folder: Path, capfd) -> None:
+    """A ModelCheckpoint's save_weights_only skips the callbacks' on_save_checkpoint, which wrote the run's data
+    config: `predict --ckpt_path F --data.predict_root DIR` on it took CIFAR-10's classes and was refused, its advice
+    the --data.predict_root it had been given."""
+    main(["fit", "--data", "ImageFolderDataModule", "--data.root", str(image_folder), "--data.val_size", "30",
+          "--trainer.max_epochs", "1", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+          "--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.save_weights_only", "true",
+          "--trainer.callbacks.dirpath", "weights", "--trainer.callbacks.filename", "w"])  # fmt: skip
+    assert "optimizer_states" not in torch.load("weights/w.ckpt", weights_only=True)
+    quiet = ["--trainer.logger", "false", "--trainer.enable_progress_bar", "false"]
+    cats = str(image_folder / "test" / "cat")
+    main(["predict", "--ckpt_path", "weights/w.ckpt", "--data.predict_root", cats, *quiet])
+    with open("predictions.csv", newline="") as file:
+        rows = list(csv.DictReader(file))
+    assert len(rows) == 10 and {row["predicted"] for row in rows} <= {"cat", "dog", "frog"}
+    main(["test", "--ckpt_path", "weights/w.ckpt", *quiet])  # the run's image folder, and its test split
+    assert "test_acc" in capfd.readouterr().out
