@@ -678,6 +678,15 @@ CASES = [
         setup=lambda: images(CLASSES_AB),
     ),
     Case("folder_test_without_test_split", ["test", *FIT[1:]], "has no test split", setup=lambda: images(CLASSES_AB)),
+    # predict reads the test split only without a folder of its own: the advice named only the test split
+    Case(
+        "folder_predict_without_test_split",
+        ["predict", *FIT[1:]],
+        "cifar-cli: error: ImageFolderDataModule has no test split: add images/test/<class>/ with images the model "
+        "has not trained on, or hold out training images when you fit (--data.test_size N); or predict a folder of "
+        "images with --data.predict_root DIR",
+        setup=lambda: images(CLASSES_AB),
+    ),
     Case(
         "predict_root_missing",
         ["predict", *FIT[1:], "--data.predict_root", "new"],

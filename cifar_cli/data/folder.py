@@ -246,7 +246,9 @@ class ImageFolderDataModule(ImageDataModule):
             self._say_untrained_classes(listings)
         needs_test = stage == "test" or (stage == "predict" and self.predict_root is None)
         if needs_test and "test" not in listings and not self.test_size:
-            raise UsageError(f"{type(self).__name__} has no test split: {self._missing_split_hint('test')}")
+            # predict reads the test split only where it is given no folder of its own
+            other = "; or predict a folder of images with --data.predict_root DIR" if stage == "predict" else ""
+            raise UsageError(f"{type(self).__name__} has no test split: {self._missing_split_hint('test')}{other}")
         self._say_skipped(listings)
         self._write_caches([listing for listing in listings.values() if self._cached(listing) is None])
         self._prepared_listings = listings
