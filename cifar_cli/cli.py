@@ -142,8 +142,8 @@ def flag_value(argv: list[str], flag: str) -> str | None:
 
 
 def expand_home(path: str | os.PathLike) -> str:
-    """A `--ckpt_path` with its `~` expanded, as the data paths are: the shell expands only a bare word, not
-    `--ckpt_path=~/x.ckpt`, a quoted path or a config's `ckpt_path: ~/x.ckpt`."""
+    """A path given to cifar-cli with its `~` expanded, as the data paths are: the shell expands only a bare word,
+    not `--ckpt_path=~/x.ckpt`, a quoted path or a config's `ckpt_path: ~/x.ckpt`."""
     return os.path.expanduser(str(path))
 
 
@@ -820,10 +820,16 @@ class CifarCLI(LightningCLI):
         """
         trainer = (self.config[subcommand] if subcommand else self.config)["trainer"]
         root, loggers = trainer.get("default_root_dir"), trainer.get("logger")
+        if isinstance(root, str) and root.startswith("~"):
+            # `--trainer.default_root_dir=~/x` or a config's: no shell expands it, and Lightning made a folder named
+            # `~` in the current one for the run's files, while W&B's went to the home.
+            trainer["default_root_dir"] = root = expand_home(root)
         self._given_save_dirs: list[tuple[Namespace, str]] = []
         for logger in loggers if isinstance(loggers, list) else [loggers]:  # each of a list (`logger+=CSVLogger`)
             init_args = getattr(logger, "init_args", None)
             save_dir = init_args.get("save_dir") if init_args is not None else None
+            if isinstance(save_dir, str) and save_dir.startswith("~"):
+                init_args.save_dir = save_dir = expand_home(save_dir)
             if root and save_dir and not os.path.isabs(save_dir) and not Path(save_dir).is_relative_to(root):
                 init_args.save_dir = os.path.join(root, save_dir)
                 self._given_save_dirs.append((init_args, save_dir))

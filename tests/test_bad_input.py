@@ -1264,3 +1264,18 @@ def test_a_weights_only_checkpoint_carries_its_data_config(image_folder: Path, c
     assert len(rows) == 10 and {row["predicted"] for row in rows} <= {"cat", "dog", "frog"}
     main(["test", "--ckpt_path", "weights/w.ckpt", *quiet])  # the run's image folder, and its test split
     assert "test_acc" in capfd.readouterr().out
+
+
+def test_a_root_dir_under_the_home_holds_the_whole_run(
+    tmp_path: Path, fake_cifar10: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--trainer.default_root_dir=~/outs`, which no shell expands: Lightning put the run's folder (config,
+    checkpoints, metrics) in a folder named `~` in the current one, and W&B its files in the home's `outs`."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    main(["fit", "--data.data_dir", str(fake_cifar10), "--data.val_size", "40", "--trainer.max_epochs", "1",
+          "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir=~/outs"])  # fmt: skip
+    assert not Path("~").exists()
+    (run,) = (home / "outs" / "runs" / "cifar-cli").iterdir()
+    assert (run / "config.yaml").is_file() and len(list(run.glob("checkpoints/*.ckpt"))) == 2
+    assert len(list((home / "outs" / "runs" / "wandb").glob(f"offline-run-*-{run.name}"))) == 1
