@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -394,6 +395,28 @@ def test_a_checkpoint_evaluates_only_on_the_images_its_run_held_out(tmp_path: Pa
     (root / "b" / "new.jpg").unlink()
     main(["predict", "--ckpt_path", str(ckpt), "--trainer.logger", "false"])
     assert Path("predictions.csv").read_text() == held_out
+
+
+def test_a_checkpoint_of_a_run_with_a_val_folder_is_not_validated_on_train_once_it_is_gone(
+    tmp_path: Path, capsys
+) -> None:
+    # Without val/, validation is drawn from train/: all images the run trained on.
+    for split, count in (("train", 20), ("val", 6), ("test", 6)):
+        write_image_folder(tmp_path / "data" / split, {"a": count, "b": count}, seed=len(split))
+    data = ["--data", "ImageFolderDataModule", "--data.root", str(tmp_path / "data"), "--trainer.logger", "false"]
+    main(["fit", *data, "--trainer.max_epochs", "1"])
+    (ckpt,) = Path("checkpoints").glob("epoch=*.ckpt")
+    shutil.rmtree(tmp_path / "data" / "val")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["validate", *data, "--data.val_size", "8", "--ckpt_path", str(ckpt)])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"cifar-cli: error: checkpoint {ckpt} held other images of {tmp_path / 'data' / 'train'} out of training (it "
+        "had val/ and test/ folders of its own): some of those this command validates on were trained on; pass the "
+        "data and the --data flags it was trained with"
+    )
+    main(["test", *data, "--data.val_size", "8", "--ckpt_path", str(ckpt)])  # test/ is still there
 
 
 def test_a_class_the_held_out_splits_take_whole_is_said_in_fit(tmp_path: Path, capfd) -> None:

@@ -257,12 +257,11 @@ class ImageFolderDataModule(ImageDataModule):
         """The validation and test images held out of train/: none for a split that has its own folder."""
         return [0 if "val" in listings else self.val_size, 0 if "test" in listings else self.test_size]
 
-    def _held_out_record(self, listings: dict[str, _Listing]) -> dict[str, int | str] | None:
+    def _held_out_record(self, listings: dict[str, _Listing]) -> dict[str, int | str]:
         """What decides which images of train/ the validation and test splits hold out (`split_indices`): the
-        listing, the sizes held out and the seed; None when both splits have folders of their own."""
+        listing, the sizes held out (none for a split with a folder of its own: one removed since then draws from the
+        images trained on) and the seed."""
         val_size, test_size = self._held_out_sizes(listings)
-        if not val_size and not test_size:
-            return None
         names = listings["train"].names
         digest = hashlib.sha1("\n".join(names).encode(errors="surrogateescape")).hexdigest()
         # Plain ints: jsonargparse's PositiveInt is a class that weights-only loading of the checkpoint refuses.
@@ -297,6 +296,8 @@ class ImageFolderDataModule(ImageDataModule):
             what = "the names of its images have changed"
         elif changed == "split_seed":
             what = f"--data.split_seed was {before['split_seed']}, now {now['split_seed']}"
+        elif untrained == 0:
+            what = "it had val/ and test/ folders of its own"
         else:
             sizes = f"--data.val_size {now['val_size']}" + (
                 "" if stage == "validate" else f" and --data.test_size {now['test_size']}"
