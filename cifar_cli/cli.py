@@ -715,6 +715,11 @@ class CifarCLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         self._save_under_root_dir(subcommand)
         ckpt_path = subcommand and self.config[subcommand].get("ckpt_path")
+        if isinstance(ckpt_path, str) and not ckpt_path.strip():
+            # `--ckpt_path "$CKPT"` with the variable unset: it read as no checkpoint, and `test` evaluated an
+            # untrained network, `fit` started a new run.
+            raise UsageError(f"--ckpt_path {ckpt_path!r} is empty (an unset variable?): give a checkpoint file, or "
+                             "last, or leave the flag out")  # fmt: skip
         if not ckpt_path:
             return
         ckpt_path = expand_home(ckpt_path)
@@ -802,7 +807,7 @@ class CifarCLI(LightningCLI):
         """Make the settings of the checkpoint that the command line names (`SUBCOMMAND ... --ckpt_path FILE`) the
         subcommand's defaults, before the command line has been parsed; False where it names none."""
         path = flag_value(self._argv, "--ckpt_path")
-        if self._only_subcommand is None or path is None or path == "last":
+        if self._only_subcommand is None or path is None or path == "last" or not path.strip():
             return False
         path = expand_home(path)
         checkpoint = load_checkpoint(path)  # a missing or foreign file: its one-line error, not the flag's

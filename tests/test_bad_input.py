@@ -709,6 +709,17 @@ CASES = [
     ),
     # Checkpoints.
     Case("ckpt_missing", TEST_CKPT, "--ckpt_path model.ckpt: no such file"),
+    # `--ckpt_path "$CKPT"` with the variable unset: test evaluated an untrained network, fit started a new run
+    *(
+        Case(
+            f"ckpt_empty_path_{subcommand}",
+            [subcommand, "--ckpt_path", "", *FOLDER],
+            "cifar-cli: error: --ckpt_path '' is empty (an unset variable?): give a checkpoint file, or last, or leave "
+            "the flag out",
+            setup=lambda: images(CLASSES_AB),
+        )
+        for subcommand in ("test", "fit")
+    ),
     Case(
         "ckpt_directory", TEST_CKPT, "--ckpt_path model.ckpt is a directory", setup=lambda: Path("model.ckpt").mkdir()
     ),
