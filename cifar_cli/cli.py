@@ -45,6 +45,7 @@ from cifar_cli.callbacks import (
 )
 from cifar_cli.checkpoints import (
     CHECKPOINT_KEY,
+    FROM_FIT,
     apply_hyperparameters,
     check_optimizer_class,
     check_same_classes,
@@ -862,11 +863,16 @@ class CifarCLI(LightningCLI):
         other_loggers = []
         found: tuple[dict[str, Any] | None, str | None] = (None, None)
         for path in last_checkpoints(roots):
-            try:  # the newest that loads: a file copied in half, say, is passed over
-                checkpoint = load_checkpoint(str(path))
+            try:
+                checkpoint = load_checkpoint(str(path), flag=f"--ckpt_path last: the newest run's {path}")
             except UsageError as err:
-                print(f"cifar-cli: skipping {path}: {err}", file=sys.stderr)
-                continue
+                # The command asks to continue that run (checkpoints are written whole, so it was damaged since):
+                # passing over it resumed an older run, or started a new one, without the user choosing it.
+                reason = str(err).removesuffix(f"; {FROM_FIT}")
+                raise UsageError(
+                    f"{reason}: resume that run from another of its checkpoints (in {path.parent}) with --ckpt_path "
+                    "FILE, or move the file away to start or resume another"
+                ) from err
             # fit goes on in the run's own folder, which only a run of the same logger has (W&B runs and CSV runs
             # share `runs/`): another logger's run would be resumed into a new folder, under this command's config.
             identity = checkpoint.get(CHECKPOINT_KEY, {}).get(RUN_KEY)

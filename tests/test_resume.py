@@ -340,6 +340,28 @@ def test_ckpt_path_last_of_a_run_ended_by_max_steps_says_nothing_is_left_to_trai
     ) in capfd.readouterr().err
 
 
+def test_ckpt_path_last_stops_at_a_damaged_last_ckpt_of_the_newest_run(fake_cifar10: Path, capfd) -> None:
+    """The command asks to continue the newest run: its last.ckpt cut short was passed over with a "skipping" line,
+    and the older run resumed (or a new one started) in its place."""
+    args = [*FAST, *cifar(fake_cifar10), "--trainer.max_epochs", "1", *CSV_LOGGER]
+    main(["fit", *args])
+    main(["fit", *args])
+    older, newest = Path("runs/version_0/checkpoints/last.ckpt"), Path("runs/version_1/checkpoints/last.ckpt")
+    newest.write_bytes(newest.read_bytes()[:100_000])
+    os.utime(newest)  # the newest still
+    before = older.read_bytes()
+    capfd.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", *args, "--trainer.max_epochs", "2", "--ckpt_path", "last"])
+    assert stop.value.code == 2
+    assert capfd.readouterr().err == (
+        f"cifar-cli: error: --ckpt_path last: the newest run's {newest} is not a Lightning checkpoint (the file is "
+        f"truncated or damaged: RuntimeError): resume that run from another of its checkpoints (in {newest.parent}) "
+        "with --ckpt_path FILE, or move the file away to start or resume another\n"
+    )
+    assert older.read_bytes() == before and not Path("runs/version_2").exists()
+
+
 def test_ckpt_path_last_resumes_only_a_run_of_the_same_logger(fake_cifar10: Path, capfd) -> None:
     """W&B runs and CSV runs share `runs/`: `fit --ckpt_path last` with the W&B logger passes over the newer CSV
     run (its own folder would be lost, and the other run's weights taken into a new one) and continues the W&B run."""
