@@ -734,6 +734,14 @@ class CifarCLI(LightningCLI):
             self.checkpoint = load_checkpoint(ckpt_path)
         if self.checkpoint is None:
             return
+        if "pytorch-lightning_version" not in self.checkpoint:
+            # Lightning reads it first when it restores a checkpoint: a KeyError traceback, once the data was loaded.
+            # A file saved by hand from a checkpoint's parts lacks it; its weights alone still start a fit.
+            weights = f", or start a new run from its weights with --model.init_from {ckpt_path}"
+            raise UsageError(
+                f"--ckpt_path {ckpt_path} is not a Lightning checkpoint (it has no pytorch-lightning_version entry: "
+                f"saved by hand?); {FROM_FIT}{weights if subcommand == 'fit' else ''}"
+            )
         if subcommand != "fit":
             # Lightning restores the checkpoint's ModelCheckpoint state and warns that its folder differs from
             # this run's: only a run that trains on (fit) has use for that state.

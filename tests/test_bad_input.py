@@ -85,6 +85,7 @@ def checkpoint(num_classes: int = 10, **changes: Any) -> dict[str, Any]:
             "_instantiator": "lightning.pytorch.cli.instantiate_module",
         },
         "cifar_cli": {"data": {"class_path": "cifar_cli.data.CIFAR10DataModule", "init_args": {"val_size": 40}}},
+        "pytorch-lightning_version": lightning.__version__,
     }
     for key, value in changes.items():  # "hyper_parameters.net.class_path": "os.system"
         *parents, last = key.split(".")
@@ -736,6 +737,14 @@ CASES = [
         "is not a Lightning checkpoint (the file is truncated or damaged",
         ckpt=checkpoint(),
         setup=lambda: truncate("model.ckpt"),
+    ),
+    # Saved by hand from a checkpoint's entries: Lightning's KeyError traceback once the data was loaded
+    Case(
+        "ckpt_without_lightning_version",
+        TEST_CKPT,
+        "--ckpt_path model.ckpt is not a Lightning checkpoint (it has no pytorch-lightning_version entry: saved by "
+        "hand?); pass a .ckpt file written by `cifar-cli fit`",
+        ckpt={k: v for k, v in checkpoint().items() if k != "pytorch-lightning_version"},
     ),
     Case("ckpt_plain_tensor", TEST_CKPT, "is not a Lightning checkpoint (it holds a Tensor", ckpt=torch.zeros(3)),
     Case("ckpt_without_state_dict", TEST_CKPT, "it holds a dict without a state_dict", ckpt={"epoch": 3}),
