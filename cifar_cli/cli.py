@@ -721,6 +721,11 @@ class CifarCLI(LightningCLI):
             # untrained network, `fit` started a new run.
             raise UsageError(f"--ckpt_path {ckpt_path!r} is empty (an unset variable?): give a checkpoint file, or "
                              "last, or leave the flag out")  # fmt: skip
+        init_from = subcommand and self.config[subcommand]["model"].get("init_from")
+        if isinstance(init_from, str) and not init_from.strip():
+            # It read as none: the fit trained from scratch, without a word.
+            raise UsageError(f"--model.init_from {init_from!r} is empty (an unset variable?): give a checkpoint file, "
+                             "or leave the flag out")  # fmt: skip
         if not ckpt_path:
             return
         ckpt_path = expand_home(ckpt_path)
@@ -1173,6 +1178,16 @@ def check_model_help(argv: list[str] | None) -> None:
 CONFIG_FLAGS = ("--config", "-c")
 
 
+def check_empty_configs(argv: list[str] | None) -> None:
+    """Refuse an empty `--config` (`--config "$CONFIG"` with the variable unset): jsonargparse passed over it, and
+    the command ran on the defaults without a word."""
+    for flag, value in zip(["", *(argv or [])], argv or []):
+        flag, _, value = value.partition("=") if value.startswith("-") and "=" in value else (flag, "", value)
+        if flag in CONFIG_FLAGS and not value.strip():
+            raise UsageError(f"{flag} {value!r} is empty (an unset variable?): give a config file, or leave the flag "
+                             "out")  # fmt: skip
+
+
 def settled_configs(args: list[str]) -> list[str]:
     """`args` with each config file that holds the optimizer's copy of the learning rate or weight decay given as
     its contents without the pair (see `without_settled_copies`; jsonargparse's `--config` takes YAML text too)."""
@@ -1256,6 +1271,7 @@ def main(args: ArgsType = None) -> None:
             debug_switch()
             check_subcommand(argv)
             check_model_help(argv)
+            check_empty_configs(argv)
             if argv is not None and (shipped := with_values(argv, CONFIG_FLAGS, shipped_config)) != argv:
                 argv = shipped
                 if args is None:  # Lightning's DDP launcher starts the other ranks with sys.argv

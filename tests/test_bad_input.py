@@ -721,6 +721,19 @@ CASES = [
         )
         for subcommand in ("test", "fit")
     ),
+    # `--config "$CONFIG"`, `--model.init_from "$CKPT"` with the variable unset: read as none, without a word
+    Case(
+        "config_empty_path",
+        ["fit", "--config", "", *FOLDER],
+        "cifar-cli: error: --config '' is empty (an unset variable?): give a config file, or leave the flag out",
+    ),
+    Case(
+        "init_from_empty_path",
+        ["fit", "--model.init_from=", *FOLDER],
+        "cifar-cli: error: --model.init_from '' is empty (an unset variable?): give a checkpoint file, or leave the "
+        "flag out",
+        setup=lambda: images(CLASSES_AB),
+    ),
     Case(
         "ckpt_directory", TEST_CKPT, "--ckpt_path model.ckpt is a directory", setup=lambda: Path("model.ckpt").mkdir()
     ),
