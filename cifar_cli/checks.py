@@ -140,6 +140,26 @@ class ArgumentParser(LightningArgumentParser):
                 )
 
 
+def check_group_files(parser: LightningArgumentParser, argv: list[str]) -> None:
+    """Give a file given to a group (`--trainer FILE`, `--model FILE`: jsonargparse's form) the checks of a --config
+    file: jsonargparse took the second of a key given twice without a word, and said "<unicode string>" of a tab."""
+    groups = {a.option_strings[0] for a in parser._actions if type(a).__name__ == "_ActionConfigLoad"}
+    for flag, value in zip(["", *argv], argv):
+        flag, _, value = value.partition("=") if value.startswith("--") and "=" in value else (flag, "", value)
+        if flag not in groups or not os.path.isfile(value):
+            continue  # (a group's settings as YAML text on the command line: no file)
+        try:
+            with open(value, encoding="utf-8") as file:
+                content = file.read()
+        except (OSError, UnicodeDecodeError):
+            continue  # the parse says what is wrong with it
+        name = f"{flag} {value}"
+        try:
+            check_class_keys(load_config_yaml(content, name), name)
+        except TypeError as err:
+            raise UsageError(str(err)) from None
+
+
 # The keys jsonargparse reads beside a `class_path` (`__path__`: where a nested config file came from).
 CLASS_KEYS = ("class_path", "init_args", "dict_kwargs", "__path__")
 

@@ -57,6 +57,7 @@ from cifar_cli.checks import (
     QuietSeed,
     check_accelerator,
     check_data,
+    check_group_files,
     check_monitors,
     check_run_folder,
     check_trainer_values,
@@ -690,6 +691,8 @@ class CifarCLI(LightningCLI):
                 sys.argv[1:] = plateau
             else:
                 args = plateau
+        if self._only_subcommand is not None:
+            check_group_files(self._parser(self._only_subcommand), self._argv)
         try:
             try:
                 super().parse_arguments(parser, args)

@@ -495,6 +495,29 @@ CASES = [
         "replace the first; merge them",
         {"c.yaml": "trainer:\n  max_epochs: 1\ntrainer:\n  accelerator: cpu\n"},
     ),
+    # A file given to a group (jsonargparse's `--trainer FILE`) had none of these checks: the second of the two
+    # max_epochs was taken without a word, a tab read "<unicode string>", an init_arg: was read as init_args of another
+    Case(
+        "group_file_key_twice",
+        ["fit", "--trainer", "t.yaml", "--print_config"],
+        "cifar-cli: error: --trainer t.yaml: max_epochs is given twice in one mapping (lines 1 and 2): the second "
+        "would replace the first; merge them",
+        {"t.yaml": "max_epochs: 1\nmax_epochs: 2\n"},
+    ),
+    Case(
+        "group_file_yaml_tab",
+        ["fit", "--trainer=t.yaml"],
+        "cifar-cli: error: --trainer t.yaml is not valid YAML (line 2, column 1): found character '\\t' that cannot "
+        "start any token: YAML indents with spaces, not tabs",
+        {"t.yaml": "logger:\n\tsave_dir: x\n"},
+    ),
+    Case(
+        "group_file_key_beside_class_path",
+        ["fit", "--model", "m.yaml"],
+        "cifar-cli: error: --model m.yaml: net has init_arg beside class_path cifar_cli.nets.FastNet: a class's "
+        "arguments go under init_args; did you mean init_args?",
+        {"m.yaml": "net:\n  class_path: cifar_cli.nets.FastNet\n  init_arg:\n    widths: [8, 8, 8]\n"},
+    ),
     # A date-like value: PyYAML's timestamp ended in datetime's ValueError, a traceback
     Case(
         "config_date_like_value",
