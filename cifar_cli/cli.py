@@ -710,6 +710,8 @@ class CifarCLI(LightningCLI):
                 raise before from err
             if (elsewhere := self._option_of_another_subcommand(err)) is not None:
                 raise elsewhere from err
+            if (unset := self._required_set_to_null(err)) is not None:
+                raise unset from err
             raise
         self._given = given_settings(parser, args)
         self.checkpoint: dict[str, Any] | None = None
@@ -818,6 +820,24 @@ class CifarCLI(LightningCLI):
         return UsageError(
             f"{key} is an option of {' and '.join(owners)}, not of {subcommand} (a config printed by `{owners[-1]} "
             f"--print_config`?): remove its {key}: line"
+        )
+
+    def _required_set_to_null(self, err: ArgumentError) -> UsageError | None:
+        """The refusal of a required setting that a config sets to nothing (`net: null`, or `net:` alone), saying
+        so and how to give it: it was "the following arguments are required: fit.model.net", which it had been."""
+        match = re.fullmatch(r"the following arguments are required: ([\w.]+)", str(err).strip())
+        if match is None or self._only_subcommand is None:
+            return None
+        key = match[1].removeprefix(f"{self._only_subcommand}.")
+        default = self._parser(self._only_subcommand).get_defaults().get(key)
+        if isinstance(default, Namespace) and isinstance(default.get("class_path"), str):
+            default = default.class_path.rpartition(".")[2]
+        if default is None:
+            return None
+        name = key.rpartition(".")[2]
+        return UsageError(
+            f"--{key} is set to nothing (`{name}: null`, or `{name}:` with nothing below it, in a config): give it a "
+            f"value, or remove that line to keep its default ({default})"
         )
 
     def _defaults_from_named_checkpoint(self) -> bool:

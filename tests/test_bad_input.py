@@ -495,6 +495,17 @@ CASES = [
         "replace the first; merge them",
         {"c.yaml": "trainer:\n  max_epochs: 1\ntrainer:\n  accelerator: cpu\n"},
     ),
+    # It read "the following arguments are required: fit.model.net", which the config had given
+    *(
+        Case(
+            f"config_required_set_to_null_{i}",
+            ["fit", "--config", "c.yaml"],
+            "cifar-cli: error: --model.net is set to nothing (`net: null`, or `net:` with nothing below it, in a "
+            "config): give it a value, or remove that line to keep its default (TutorialCNN)",
+            {"c.yaml": content},
+        )
+        for i, content in enumerate(["model:\n  net: null\n", "model:\n  net:\n"])
+    ),
     # A file given to a group (jsonargparse's `--trainer FILE`) had none of these checks: the second of the two
     # max_epochs was taken without a word, a tab read "<unicode string>", an init_arg: was read as init_args of another
     Case(
