@@ -86,13 +86,16 @@ bench-resume: $(VENV)/.installed data
 
 # Unpack the JPEG copy into data/cifar10-jpg/train/<class>/, for configs/cifar10-jpg.yaml.
 # Unpacked beside, then renamed: an interrupted unpack leaves no half-filled data/cifar10-jpg.
+# tar's own lines on a damaged archive (three, from gzip and tar) name neither the target nor the variable to set.
 # The archive is a prerequisite only where it exists: a copy unpacked before needs no archive any more.
 data: data/cifar10-jpg/.unpacked
 data/cifar10-jpg/.unpacked: $(wildcard $(CIFAR10_JPG))
 	@test -f "$(CIFAR10_JPG)" || \
 		{ echo "make data: no CIFAR-10 JPEG archive at '$(CIFAR10_JPG)'; set CIFAR10_JPG=path/to/cifar10-train-jpg.tar.gz"; exit 2; }
 	rm -rf data/cifar10-jpg.partial && mkdir -p data/cifar10-jpg.partial
-	tar -xzf $(CIFAR10_JPG) -C data/cifar10-jpg.partial
+	@echo "tar -xzf $(CIFAR10_JPG) -C data/cifar10-jpg.partial"
+	@tar -xzf $(CIFAR10_JPG) -C data/cifar10-jpg.partial 2>/dev/null || \
+		{ rm -rf data/cifar10-jpg.partial; echo "make data: could not unpack '$(CIFAR10_JPG)': not a .tar.gz archive, a damaged one, or the disk is full"; exit 2; }
 	touch data/cifar10-jpg.partial/.unpacked
 	rm -rf data/cifar10-jpg && mv data/cifar10-jpg.partial data/cifar10-jpg
 

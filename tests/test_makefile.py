@@ -104,3 +104,15 @@ def test_make_alone_lists_every_target_and_builds_nothing(tmp_path: Path) -> Non
     listed = [line.split()[1] for line in done.stdout.splitlines() if line.startswith("make ")]
     assert sorted(listed) == sorted(set(phony.split()[1:]) - {"help"})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["Makefile"]
+
+
+def test_data_from_a_damaged_archive_says_so_in_one_line_and_leaves_nothing(tmp_path: Path) -> None:
+    (tmp_path / "bad.tar.gz").write_text("junk\n")
+    done = make(tmp_path, "data", "CIFAR10_JPG=bad.tar.gz")
+    assert done.returncode == 2
+    assert done.stdout.splitlines()[-1] == (
+        "make data: could not unpack 'bad.tar.gz': not a .tar.gz archive, a damaged one, or the disk is full"
+    )
+    assert "tar:" not in done.stderr and "gzip:" not in done.stderr
+    assert not (tmp_path / "data" / "cifar10-jpg.partial").exists()
+    assert not (tmp_path / "data" / "cifar10-jpg").exists()
