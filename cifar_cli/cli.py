@@ -1198,6 +1198,30 @@ def check_model_help(argv: list[str] | None) -> None:
     )
 
 
+def not_utf8(err: BaseException, argv: list[str] | None) -> str | None:
+    """What to say where a value that is not UTF-8 (a folder named in Latin-1, say) failed to parse, naming its flag;
+    None for another error. jsonargparse reads a --data.* value as YAML, which holds only Unicode text: the error was
+    a codec's, under `Parser key "data"`. Other values (--trainer.default_root_dir) take such a name."""
+    if argv is None or not any(isinstance(e, UnicodeEncodeError) for e in causes(err)):
+        return None
+    key = re.search(r'Parser key "([^"]+)"', str(err))
+    found = []
+    for i, arg in enumerate(argv):
+        try:
+            arg.encode("utf-8")
+        except UnicodeEncodeError:
+            flag, _, value = arg.partition("=") if arg.startswith("--") else (argv[i - 1] if i else "", "", arg)
+            found.append((flag or "argument", os.fsencode(value).decode("utf-8", "backslashreplace")))
+    named = [f for f in found if key and f[0].startswith(f"--{key[1]}")] or found
+    if not named:
+        return None
+    flag, shown = named[0]
+    return (
+        f"{flag} '{shown}': the name is not UTF-8, which cifar-cli's configs (YAML) cannot hold: rename it, or link "
+        "it under a UTF-8 name (ln -s) and give that"
+    )
+
+
 CONFIG_FLAGS = ("--config", "-c")
 
 
@@ -1353,6 +1377,10 @@ def main(args: ArgsType = None) -> None:
             print(f"cifar-cli: error: W&B: {one_line(wandb_error)} ({why}, then `wandb sync`)", file=sys.stderr)
             sys.exit(1)
         exit_if_spawned_rank_failed(err)  # under ddp_spawn: "rank R failed: ..."
+        undecodable = not_utf8(err, argv) if not debug else None
+        if undecodable is not None:
+            print(f"cifar-cli: error: {undecodable}", file=sys.stderr)
+            sys.exit(2)
         cause = user_error(err)
         failed_import = import_failure(err) if cause is None and not debug else None
         if failed_import is not None:

@@ -1346,3 +1346,25 @@ def test_a_root_dir_under_the_home_holds_the_whole_run(
     (run,) = (home / "outs" / "runs" / "cifar-cli").iterdir()
     assert (run / "config.yaml").is_file() and len(list(run.glob("checkpoints/*.ckpt"))) == 2
     assert len(list((home / "outs" / "runs" / "wandb").glob(f"offline-run-*-{run.name}"))) == 1
+
+
+@pytest.mark.parametrize(
+    ("command", "flag"),
+    [
+        (["fit", "--data", "ImageFolderDataModule"], "--data.root"),
+        (["predict", "--ckpt_path", "m.ckpt"], "--data.predict_root"),
+    ],
+)
+def test_a_folder_whose_name_is_not_utf8_is_one_line_naming_it(command: list[str], flag: str, capsys) -> None:
+    """A folder named in Latin-1 (`donn\\xe9es`): jsonargparse reads --data.* values as YAML, which holds only
+    Unicode, and the error was a codec's, under `Parser key "data"`, that named neither the flag nor the folder."""
+    folder = os.fsdecode(b"donn\xe9es")
+    write_image_folder(Path(folder) / "train", {"cat": 4, "dog": 4})
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command, flag, folder, "--trainer.logger", "false"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert err.splitlines()[-1] == (
+        f"cifar-cli: error: {flag} 'donn\\xe9es': the name is not UTF-8, which cifar-cli's configs (YAML) cannot "
+        "hold: rename it, or link it under a UTF-8 name (ln -s) and give that"
+    )
