@@ -29,6 +29,8 @@ import torch.distributed as dist
 from lightning.pytorch import Trainer
 from lightning.pytorch.strategies.launchers import subprocess_script
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+from lightning.pytorch.trainer.call import _interrupt
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.multiprocessing.spawn import ProcessException, ProcessExitedException
 
 from cifar_cli.errors import causes, debugging
@@ -94,20 +96,76 @@ def carry_spawned_state(trainer: Trainer) -> None:
 
 
 class _StateCarryingLauncher(_MultiProcessingLauncher):
-    def _wrapping_function(self, *args: Any, **kwargs: Any) -> None:
+    """Also a SIGTERM to the spawning process (a scheduler's, `kill`) stops the run as under ddp: it goes on to the
+    ranks, whose Preemption stops them at the same step, saves last.ckpt and prints the line that resumes, and the
+    process exits with 143. The spawning process died at once, with no word, and left the ranks training on."""
+
+    _stopped: int | None = None  # in rank 0: the exit code of a stop by a signal (Preemption's), for the launcher
+    _signalled: int | None = None  # in the spawning process: the signal passed on to the ranks
+    _procs: list = []
+
+    @property
+    def procs(self) -> list:
+        return self._procs
+
+    @procs.setter
+    def procs(self, procs: list) -> None:
+        # Lightning sets it once the ranks are started: a signal that came while they were being started goes now.
+        self._procs = procs
+        if self._signalled is not None:
+            self._pass_on(self._signalled, None)
+
+    def launch(self, function: Any, *args: Any, trainer: Trainer | None = None, **kwargs: Any) -> Any:
+        if threading.current_thread() is not threading.main_thread():
+            return super().launch(function, *args, trainer=trainer, **kwargs)
+        previous = signal.signal(signal.SIGTERM, self._pass_on)
+        try:
+            return super().launch(function, *args, trainer=trainer, **kwargs)
+        except ProcessExitedException as failed:
+            # A rank the signal reached before it set up its own handler (still importing torch, say) ended by it:
+            # the run is stopped before training, as a process alone is by a SIGTERM then, not failed.
+            if self._signalled is not None and failed.exit_code in (-self._signalled, 128 + self._signalled):
+                raise SystemExit(128 + self._signalled) from None
+            raise
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    def _pass_on(self, signum: int, frame: Any) -> None:
+        self._signalled = signum
+        for proc in self._procs:
+            if proc.is_alive():
+                os.kill(proc.pid, signum)
+
+    def _wrapping_function(self, process_idx: int, trainer: Trainer | None, function: Any, *args: Any) -> None:
         # A spawned rank starts a new interpreter, without the warning filters the command set in its own.
         silence_noise()
-        super()._wrapping_function(*args, **kwargs)
+
+        def run(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return function(*args, **kwargs)
+            except SIGTERMException as stop:
+                # What Lightning does with it around `trainer.fit` in the process that calls it, here the
+                # spawning one: Preemption's on_exception saves last.ckpt, says how to resume and sets the code.
+                # The rank then ends as after a finished fit, so that its results reach the spawning process.
+                _interrupt(trainer, stop)
+                trainer._teardown()
+                self._stopped = stop.code if isinstance(stop.code, int) else 128 + signal.SIGTERM
+                return None
+
+        super()._wrapping_function(process_idx, trainer, run, *args)
 
     def get_extra_results(self, trainer: Trainer) -> dict[str, Any]:
         state = {"fit_loop": trainer.fit_loop.state_dict(), "checkpoints": [c.state_dict() for c in
                  trainer.checkpoint_callbacks]}  # fmt: skip
         buffer = io.BytesIO()
         torch.save(state, buffer)  # as bytes, as Lightning sends the metrics: tensors would share memory
-        return {**super().get_extra_results(trainer), "cifar_cli_state": buffer.getvalue()}
+        return {**super().get_extra_results(trainer), "cifar_cli_state": buffer.getvalue(),
+                "cifar_cli_stopped": self._stopped}  # fmt: skip
 
     def update_main_process_results(self, trainer: Trainer, extra: dict[str, Any]) -> None:
         super().update_main_process_results(trainer, extra)
+        if extra.get("cifar_cli_stopped"):
+            raise SystemExit(extra["cifar_cli_stopped"])  # rank 0 has said how to resume
         state = torch.load(io.BytesIO(extra["cifar_cli_state"]), weights_only=True)
         trainer.fit_loop.load_state_dict(state["fit_loop"])
         for callback, saved in zip(trainer.checkpoint_callbacks, state["checkpoints"]):

@@ -53,6 +53,7 @@ class SignalAt(Callback):
         in_validation: Send it during that epoch's validation instead of during training.
         rank: Under DDP, the only rank that sends it (to its own process); None: every rank.
         twice: Send it twice in a row (a second Ctrl-C before the clean stop).
+        parent: Send it to the process that started this one instead (under ddp_spawn: the spawning process).
     """
 
     def __init__(
@@ -63,9 +64,10 @@ class SignalAt(Callback):
         in_validation: bool = False,
         rank: int | None = None,
         twice: bool = False,
+        parent: bool = False,
     ) -> None:
         self.signum, self.epoch, self.batch, self.in_validation, self.rank = signum, epoch, batch, in_validation, rank
-        self.twice = twice
+        self.twice, self.parent = twice, parent
         self.sent = False
 
     def _send(self, trainer: Trainer, batch_idx: int, validating: bool) -> None:
@@ -73,7 +75,7 @@ class SignalAt(Callback):
         due = due and self.rank in (None, trainer.global_rank)
         if due and not self.sent and not trainer.sanity_checking:
             self.sent = True
-            os.kill(os.getpid(), self.signum)
+            os.kill(os.getppid() if self.parent else os.getpid(), self.signum)
             if self.twice:
                 os.kill(os.getpid(), self.signum)
 

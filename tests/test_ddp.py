@@ -344,3 +344,30 @@ def test_ddp_spawn_summary_has_the_ranks_epochs_steps_and_best_score(images: Pat
     assert "Best checkpoint (val_loss " in stdout, stdout[-2000:]
     # The ranks silence the warnings the command silences (a spawned process starts without its filters)
     assert "LeafSpec" not in stderr and "not supported by the model summary" not in stderr, stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_spawning_process_stops_the_ranks_as_under_ddp(images: Path, tmp_path: Path) -> None:
+    """Under ddp_spawn a SIGTERM (a scheduler's, `kill`) reaches the process that spawned the ranks: it died at once
+    with 143 and no word, and the ranks trained on, orphaned. It goes on to the ranks now, which stop at the same
+    step, save last.ckpt and say how to resume, as under ddp; and no process of the run lives on."""
+    signal_parent = ["--trainer.callbacks+=faults.SignalAt", "--trainer.callbacks.batch", "5",
+                     "--trainer.callbacks.rank", "0", "--trainer.callbacks.parent", "true"]  # fmt: skip
+    args = [*TRAIN, *ONE_NODE, "--trainer.strategy", "ddp_spawn", "--data.root", str(images), *signal_parent]
+    proc = start(args, tmp_path, ddp_env(free_port()))
+    code, stderr = finish(proc)
+    assert code == 143, stderr[-2000:]
+    assert "cifar-cli: stopped by SIGTERM in epoch 1/2, step " in stderr, stderr[-2000:]
+    assert f"resume with: cifar-cli fit --config {tmp_path / 'config.yaml'} --ckpt_path " in stderr, stderr[-2000:]
+    stopped = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert 6 <= stopped["global_step"] < STEPS // 2
+    deadline = time.monotonic() + 5  # the ranks and multiprocessing's resource tracker end with the run
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    else:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("a process of the run lived on after it ended")
