@@ -404,12 +404,21 @@ def evaluating(net: nn.Module) -> Iterator[None]:
 
 
 def input_problem(net: nn.Module, shape: tuple[int, int, int], channels_last: bool = False) -> str | None:
-    """Why `net` cannot take images of `shape` (channels, height, width), or None where it can.
+    """Why `net` cannot take images of `shape` (channels, height, width), or None where it can."""
+    try:
+        output_shape(net, shape, channels_last)
+    except (RuntimeError, ValueError, AssertionError) as err:  # torch's shape errors; torch._assert's
+        return (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return None
 
-    One image goes through the network on the meta device, which computes shapes only (a few ms, whatever the
+
+def output_shape(net: nn.Module, shape: tuple[int, int, int], channels_last: bool = False) -> tuple[int, ...] | None:
+    """The shape of `net`'s output for one image of `shape` (channels, height, width); None where it is no tensor.
+
+    The image goes through the network on the meta device, which computes shapes only (a few ms, whatever the
     network's size: a real forward pass of a ResNet-50 at 224 px takes 1.5 s on 2 CPU cores), in eval mode and
-    without gradients; nothing of the network changes. Where that fails, a real pass decides, and its error is
-    the message: the meta device lacks some operations, and words some shape errors differently.
+    without gradients; nothing of the network changes. Where that fails, a real pass decides, and raises its error:
+    the meta device lacks some operations, and words some shape errors differently.
     """
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     with evaluating(net):
@@ -417,16 +426,11 @@ def input_problem(net: nn.Module, shape: tuple[int, int, int], channels_last: bo
             tensors = {k: torch.empty_like(v, device="meta") for k, v in chain(net.named_parameters(),
                                                                                 net.named_buffers())}  # fmt: skip
             image = torch.empty(1, *shape, device="meta").contiguous(memory_format=memory_format)
-            functional_call(net, tensors, (image,))
-            return None
+            output = functional_call(net, tensors, (image,))
         except Exception:  # (on the meta device, anything: the real pass below decides)
-            pass
-        device = next(chain(net.parameters(), net.buffers()), torch.empty(0)).device
-        try:
-            net(torch.zeros(1, *shape, device=device).contiguous(memory_format=memory_format))
-        except (RuntimeError, ValueError, AssertionError) as err:  # torch's shape errors; torch._assert's
-            return (str(err).strip().splitlines() or [type(err).__name__])[0]
-    return None
+            device = next(chain(net.parameters(), net.buffers()), torch.empty(0)).device
+            output = net(torch.zeros(1, *shape, device=device).contiguous(memory_format=memory_format))
+    return tuple(output.shape) if isinstance(output, torch.Tensor) else None
 
 
 class QuietSeed:

@@ -67,6 +67,7 @@ from cifar_cli.checks import (
     input_problem,
     local_rank_zero,
     net_name,
+    output_shape,
     plain_numbers,
 )
 from cifar_cli.classifier import SCHEDULE_NEEDS_LENGTH, ImageClassifier
@@ -529,6 +530,16 @@ class CifarCLI(LightningCLI):
             other = ", or another --data.image_size" if hasattr(data, "image_size") else ""
             raise UsageError(
                 f"{name} cannot take {height}x{width} images ({problem}): choose another --model.net{other}"
+            )
+        logits = output_shape(net, (channels, height, width), channels_last)
+        classes = len(model.class_names)
+        if logits is not None and logits != (1, classes):
+            # Cross-entropy and the confusion matrices failed at the first step with a shape error, after the run's
+            # folder was created; a net with more logits than classes could even train, on logits no label has.
+            raise UsageError(
+                f"--model.net {name} returns logits of shape {list(logits)} for one image, not [1, {classes}] for "
+                f"the data's {classes} classes: give it a num_classes argument, which cifar-cli sets, for its last "
+                "layer"
             )
         if low is not None and (problem := input_problem(net, (channels, low, low), channels_last)) is not None:
             takes = smallest_side(net, channels, low, side, channels_last)

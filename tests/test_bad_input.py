@@ -331,6 +331,14 @@ CASES = [
         "channel: (1 x 1). Kernel size: (3 x 3). Kernel size can't be greater than actual input size): choose "
         "another --model.net",
     ),
+    # A network whose logits are not one per class failed at the first step (cross-entropy, the confusion matrix),
+    # or trained on logits no label has.
+    Case(
+        "net_logits_not_one_per_class",
+        ["fit", "--model.net", "torch.nn.Flatten"],
+        "cifar-cli: error: --model.net Flatten returns logits of shape [1, 3072] for one image, not [1, 10] for the "
+        "data's 10 classes: give it a num_classes argument, which cifar-cli sets, for its last layer",
+    ),
     Case(
         "lr_schedule_peak_above_one",
         ["fit", "--model.lr_schedule", "WarmupLinearDecay", "--model.lr_schedule.peak", "2"],
