@@ -39,16 +39,21 @@ class WarmupLinearDecay(LRSchedule):
     def __init__(
         self, start: float = 0.2, peak: float = 0.23, end: float = 0.07, restarts: tuple[float, ...] = ()
     ) -> None:
+        # The flag in each message: it is the only way to this class from the command line, and a bare "peak" does
+        # not say which of a run's settings is wrong.
+        flag = "--model.lr_schedule"
         if not 0 <= peak <= 1:
-            raise UsageValueError(f"peak is a fraction of a cycle, between 0 and 1, got {peak}")
-        if start < 0 or end < 0:  # a negative learning rate climbs the loss
             raise UsageValueError(
-                f"start and end are factors on the learning rate, at least 0, got start {start}, end {end}"
+                f"{flag}.peak {peak}: a fraction of a cycle, from 0 to 1 (0.23: the full rate at 23%)"
             )
+        for name, factor in (("start", start), ("end", end)):
+            if factor < 0:  # a negative learning rate climbs the loss
+                raise UsageValueError(f"{flag}.{name} {factor}: a factor on the learning rate, at least 0")
         bounds = [0.0, *restarts, 1.0]
         if any(b <= a for a, b in zip(bounds, bounds[1:])):
             raise UsageValueError(
-                f"restarts are increasing fractions of training between 0 and 1, got {list(restarts)}"
+                f"{flag}.restarts {list(restarts)}: increasing fractions of training, each above 0 and below 1 "
+                "([0.4]: a second cycle from 40% of training)"
             )
         self.start, self.peak, self.end = start, peak, end
         self.bounds = bounds

@@ -342,12 +342,19 @@ CASES = [
     Case(
         "lr_schedule_peak_above_one",
         ["fit", "--model.lr_schedule", "WarmupLinearDecay", "--model.lr_schedule.peak", "2"],
-        "cifar-cli: error: peak is a fraction of a cycle, between 0 and 1, got 2.0",
+        "cifar-cli: error: --model.lr_schedule.peak 2.0: a fraction of a cycle, from 0 to 1 (0.23: the full rate at "
+        "23%)",
     ),
     Case(
         "lr_schedule_negative_end",  # the last steps would have climbed the loss
         ["fit", "--model.lr_schedule", "WarmupLinearDecay", "--model.lr_schedule.end", "-0.5"],
-        "cifar-cli: error: start and end are factors on the learning rate, at least 0, got start 0.2, end -0.5",
+        "cifar-cli: error: --model.lr_schedule.end -0.5: a factor on the learning rate, at least 0",
+    ),
+    Case(
+        "lr_schedule_restarts_not_increasing",
+        ["fit", "--model.lr_schedule", "WarmupLinearDecay", "--model.lr_schedule.restarts", "[0.5, 0.3]"],
+        "cifar-cli: error: --model.lr_schedule.restarts [0.5, 0.3]: increasing fractions of training, each above 0 "
+        "and below 1 ([0.4]: a second cycle from 40% of training)",
     ),
     Case("bad_precision", ["fit", "--trainer.precision", "17"], 'Parser key "trainer.precision"'),
     Case(
