@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from jsonargparse.typing import PositiveInt
+from jsonargparse.typing import ClosedUnitInterval, PositiveFloat, PositiveInt
 from torch import Tensor, nn
 
 from cifar_cli.errors import UsageValueError
@@ -110,15 +110,19 @@ class FastNet(nn.Module):
         image_shape: tuple[int, int, int] = (3, 32, 32),
         widths: tuple[PositiveInt, ...] = (64, 256, 256),
         whiten_kernel: PositiveInt = 2,
-        batchnorm_momentum: float = 0.4,
-        logit_scale: float = 1 / 9,
+        batchnorm_momentum: ClosedUnitInterval = 0.4,
+        logit_scale: PositiveFloat = 1 / 9,
     ) -> None:
         super().__init__()
         channels, height, width = image_shape
+        if not widths:
+            raise UsageValueError(
+                "--model.net.widths []: FastNet needs at least one block (airbench94's: [64, 256, 256])"
+            )
         side = min(height, width) - whiten_kernel + 1
         for _ in widths:
             side //= 2
-        if not widths or side < 1:
+        if side < 1:
             raise UsageValueError(
                 f"FastNet with {len(widths)} blocks needs images of at least {whiten_kernel - 1 + 2 ** len(widths)} "
                 f"pixels a side, got {height}x{width}"

@@ -331,6 +331,23 @@ CASES = [
         "channel: (1 x 1). Kernel size: (3 x 3). Kernel size can't be greater than actual input size): choose "
         "another --model.net",
     ),
+    # FastNet's settings: no block at all was refused as too small for the images; a BatchNorm momentum above 1 makes
+    # the running statistics evaluation uses diverge, and a logit scale of 0 makes every logit 0.
+    Case(
+        "fastnet_no_blocks",
+        ["fit", "--model.net", "FastNet", "--model.net.widths", "[]"],
+        "cifar-cli: error: --model.net.widths []: FastNet needs at least one block (airbench94's: [64, 256, 256])",
+    ),
+    Case(
+        "fastnet_batchnorm_momentum_above_one",
+        ["fit", "--model.net", "FastNet", "--model.net.batchnorm_momentum", "2"],
+        'Parser key "batchnorm_momentum": Not of type ClosedUnitInterval: 2 does not conform',
+    ),
+    Case(
+        "fastnet_logit_scale_zero",
+        ["fit", "--model.net", "FastNet", "--model.net.logit_scale", "0"],
+        'Parser key "logit_scale": Not of type PositiveFloat: 0 does not conform to restriction v>0',
+    ),
     # A network whose logits are not one per class failed at the first step (cross-entropy, the confusion matrix),
     # or trained on logits no label has.
     Case(
