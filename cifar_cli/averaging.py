@@ -7,7 +7,7 @@ import itertools
 from typing import Any
 
 import torch
-from jsonargparse.typing import PositiveInt
+from jsonargparse.typing import ClosedUnitInterval, PositiveInt
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import EMAWeightAveraging
 from torch import Tensor, nn
@@ -30,10 +30,11 @@ class Lookahead(Callback):
 
     Args:
         every_n_steps: Optimizer steps between two updates (airbench: 5).
-        peak: The decay at the end of training (airbench: 0.95 ** 5).
+        peak: The decay at the end of training (airbench: 0.95 ** 5), from 0 to 1: above 1 the slow weights would
+            move away from the network's, not toward them.
     """
 
-    def __init__(self, every_n_steps: PositiveInt = 5, peak: float = 0.95**5) -> None:
+    def __init__(self, every_n_steps: PositiveInt = 5, peak: ClosedUnitInterval = 0.95**5) -> None:
         self.every_n_steps = every_n_steps
         self.peak = peak
         self.slow: dict[str, Tensor] | None = None
@@ -99,13 +100,13 @@ class EMA(EMAWeightAveraging):
     two kernels per tensor. The averages equal Lightning's to float rounding (lerp against a weighted sum).
 
     Args:
-        decay: Weight of the old average at each update.
+        decay: Weight of the old average at each update, from 0 to 1 (Lightning's check of it was a traceback).
         update_every_n_steps: Optimizer steps between two updates.
         kwargs: The rest of EMAWeightAveraging's arguments (`device`, `use_buffers`, `update_starting_at_step`,
             `update_starting_at_epoch`).
     """
 
-    def __init__(self, decay: float = 0.999, update_every_n_steps: PositiveInt = 1, **kwargs: Any) -> None:
+    def __init__(self, decay: ClosedUnitInterval = 0.999, update_every_n_steps: PositiveInt = 1, **kwargs: Any) -> None:
         super().__init__(decay=decay, update_every_n_steps=update_every_n_steps, **kwargs)
         self._kwargs.pop("avg_fn")
         if self._kwargs.get("multi_avg_fn") is None:

@@ -331,6 +331,18 @@ CASES = [
         "channel: (1 x 1). Kernel size: (3 x 3). Kernel size can't be greater than actual input size): choose "
         "another --model.net",
     ),
+    # Lightning's own check of the EMA's decay was a traceback; a lookahead peak above 1 trained, pushing the slow
+    # weights away from the network's.
+    Case(
+        "ema_decay_above_one",
+        ["fit", "--trainer.callbacks+=cifar_cli.averaging.EMA", "--trainer.callbacks.decay", "2"],
+        'Parser key "decay": Not of type ClosedUnitInterval: 2 does not conform',
+    ),
+    Case(
+        "lookahead_peak_above_one",
+        ["fit", "--trainer.callbacks+=cifar_cli.averaging.Lookahead", "--trainer.callbacks.peak", "3"],
+        'Parser key "peak": Not of type ClosedUnitInterval: 3 does not conform',
+    ),
     # FastNet's settings: no block at all was refused as too small for the images; a BatchNorm momentum above 1 makes
     # the running statistics evaluation uses diverge, and a logit scale of 0 makes every logit 0.
     Case(
