@@ -15,12 +15,23 @@ from pathlib import Path
 
 def run() -> None:
     matplotlib_folder()
+    current_folder_modules()
     try:
         from cifar_cli.cli import run as run_command
     except KeyboardInterrupt:
         print("cifar-cli: interrupted by Ctrl-C", file=sys.stderr)
         raise SystemExit(128 + signal.SIGINT) from None
     run_command()
+
+
+def current_folder_modules() -> None:
+    """Let class paths name modules of the current folder (`--model.net mynet.Net` for a `mynet.py` there), as under
+    `python -m cifar_cli`, which puts the folder first on the import path; the `cifar-cli` script put it nowhere, and
+    the same command said `No module named 'mynet'`. Last here, so that a file there named like a package cifar-cli
+    imports (`wandb.py`) does not replace it."""
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.append(cwd)
 
 
 def matplotlib_folder() -> None:

@@ -649,6 +649,14 @@ def test_python_m_and_console_script(tmp_path: Path) -> None:
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines() == [f"cifar-cli: error: Parser key \"config\": File does not exist: "
                                                f"'{tmp_path / 'missing.yaml'}'"]  # fmt: skip
+    # A network of the user's, in a module of the current folder, by its class path: as under `python -m cifar_cli`.
+    (tmp_path / "mynet.py").write_text(
+        "from cifar_cli.nets import TutorialCNN\n\nclass MyNet(TutorialCNN):\n    pass\n"
+    )
+    printed = subprocess.run([bin_dir / "cifar-cli", "fit", "--model.net", "mynet.MyNet", "--print_config"],
+                             capture_output=True, text=True)  # fmt: skip
+    assert printed.returncode == 0, printed.stderr
+    assert yaml.safe_load(printed.stdout)["model"]["net"]["class_path"] == "mynet.MyNet"
 
 
 def test_help_lists_every_subcommand_and_a_top_level_config_reaches_the_subcommand(
