@@ -121,6 +121,21 @@ def apply_hyperparameters(
     return config
 
 
+def check_same_net(model: Namespace, checkpoint: dict[str, Any], ckpt_path: str) -> None:
+    """Refuse a `--model.net` of another class than the checkpoint's network, whose weights would not fit it, before
+    the model is built: the error was whatever failed first, such as the checkpoint's `--model.whiten_bias_until`,
+    kept as a default, refused for a TutorialCNN, which the user never gave."""
+    saved = checkpoint.get("hyper_parameters", {}).get("net")
+    saved_class = saved.get("class_path") if isinstance(saved, dict) else None
+    net = model.get("net")
+    given = net.get("class_path") if isinstance(net, (Namespace, dict)) else None
+    if saved_class and given and given != saved_class:
+        raise UsageError(
+            f"--model.net {given}: --ckpt_path {ckpt_path} holds the weights of a {saved_class}, which do not fit "
+            "another network: leave --model.net out"
+        )
+
+
 def check_optimizer_class(config: Namespace, context: str = "") -> None:
     """Refuse an optimizer or scheduler `class_path` that names no such class, before anything is instantiated.
 

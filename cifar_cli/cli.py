@@ -49,6 +49,7 @@ from cifar_cli.checkpoints import (
     apply_hyperparameters,
     check_optimizer_class,
     check_same_classes,
+    check_same_net,
     check_weights_fit,
     load_checkpoint,
 )
@@ -778,6 +779,7 @@ class CifarCLI(LightningCLI):
             super().parse_arguments(parser, args)
             self._save_under_root_dir(subcommand)
         config = self.config[subcommand]
+        check_same_net(config["model"], self.checkpoint, ckpt_path)
         config["ckpt_path"] = ckpt_path
         # The checkpoint's weights replace whatever --model.init_from would load: the file is not read.
         config["model"]["init_from"] = None

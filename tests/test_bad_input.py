@@ -812,6 +812,22 @@ CASES = [
         "flag out",
         setup=lambda: images(CLASSES_AB),
     ),
+    # The checkpoint's settings stay defaults: its whiten_bias_until was refused for the TutorialCNN asked for.
+    Case(
+        "ckpt_of_another_net",
+        [*TEST_CKPT, "--model.net", "TutorialCNN"],
+        "cifar-cli: error: --model.net cifar_cli.nets.TutorialCNN: --ckpt_path model.ckpt holds the weights of a "
+        "cifar_cli.nets.FastNet, which do not fit another network: leave --model.net out",
+        ckpt=checkpoint(
+            **{
+                "hyper_parameters.net": {
+                    "class_path": "cifar_cli.nets.FastNet",
+                    "init_args": {"num_classes": 10, "image_shape": (3, 32, 32)},
+                },
+                "hyper_parameters.whiten_bias_until": 0.3,
+            }
+        ),
+    ),
     Case(
         "ckpt_directory", TEST_CKPT, "--ckpt_path model.ckpt is a directory", setup=lambda: Path("model.ckpt").mkdir()
     ),
