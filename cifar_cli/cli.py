@@ -19,8 +19,10 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from jsonargparse import ArgumentError, Namespace
+from jsonargparse.typing import register_type
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.callbacks import BackboneFinetuning, BasePredictionWriter, ProgressBar
@@ -100,6 +102,11 @@ from cifar_cli.terminal import (
 )
 
 # Checkpoint entry (under cifar_cli's own key): the folder `fit` ran in, where the data config's relative paths start.
+# A torch.device as its string (`cpu`, `cuda:0`), the form its constructor takes: jsonargparse wrote the default of
+# StochasticWeightAveraging's `device` as `Unable to serialize instance cpu`, with a warning, into --print_config
+# and the run's config.yaml, which then failed mid-run with a traceback.
+register_type(torch.device, str, torch.device)
+
 WORKING_DIR_KEY = "working_dir"
 SEED_KEY = "seed"  # the run's seed, which a resume with `--seed_everything true` goes on with
 # The data modules' arguments that name files or folders.

@@ -275,6 +275,19 @@ def test_print_config_round_trip(capsys, tmp_path: Path) -> None:
     assert yaml.safe_load(printed)["trainer"]["max_epochs"] == 7
 
 
+def test_print_config_writes_a_callbacks_device_as_its_name(capsys, tmp_path: Path, recwarn) -> None:
+    """StochasticWeightAveraging's `device` defaults to a torch.device, which jsonargparse wrote as `Unable to
+    serialize instance cpu`, with a warning: the printed config (and a run's config.yaml) then failed mid-run."""
+    swa = ["--trainer.callbacks+=StochasticWeightAveraging", "--trainer.callbacks.swa_lrs", "0.05"]
+    printed = print_config(capsys, *swa)
+    (callback,) = [c for c in yaml.safe_load(printed)["trainer"]["callbacks"] if "StochasticWeight" in c["class_path"]]
+    assert callback["init_args"]["device"] == "cpu"
+    assert not [str(w.message) for w in recwarn if "serialize" in str(w.message)]
+    saved = tmp_path / "printed.yaml"
+    saved.write_text(printed)
+    assert print_config(capsys, "--config", str(saved)) == printed
+
+
 def test_print_config_shows_the_learning_rate_the_run_uses(capsys) -> None:
     model = yaml.safe_load(print_config(capsys))["model"]
     assert model["learning_rate"] == 2e-4 and model["optimizer"]["init_args"]["lr"] == 2e-4  # not Adam's own 1e-3
