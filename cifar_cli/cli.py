@@ -25,7 +25,12 @@ from jsonargparse import ArgumentError, Namespace
 from jsonargparse.typing import register_type
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.accelerators import CPUAccelerator
-from lightning.pytorch.callbacks import BackboneFinetuning, BasePredictionWriter, ProgressBar
+from lightning.pytorch.callbacks import (
+    BackboneFinetuning,
+    BasePredictionWriter,
+    ProgressBar,
+    StochasticWeightAveraging,
+)
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.plugins.io import CheckpointIO
@@ -475,6 +480,17 @@ class CifarCLI(LightningCLI):
         if self.subcommand == "fit":
             extra = self._cli_callbacks()
             check_monitors(self.model, [*callbacks, *extra], scheduler, self.optimizer_flags["lr_scheduler"])
+        swa = any(isinstance(c, StochasticWeightAveraging) for c in callbacks)
+        batch_norm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules())
+        if self.subcommand == "fit" and swa and batch_norm and self.model.lr_schedule is not None:
+            # Lightning's SWA swaps the per-step schedule for its own per-epoch SWALR (with a warning), and the
+            # schedule's end stopped the run before the extra epoch SWA adds, for a network with BatchNorm, to
+            # recompute the statistics: the run ended on averaged weights with statistics of other weights.
+            raise UsageError(
+                "StochasticWeightAveraging replaces --model.lr_schedule with its own schedule (SWALR), and the "
+                "schedule's end cuts off the epoch in which it recomputes BatchNorm statistics: give "
+                "--model.lr_schedule null, or average with cifar_cli.averaging.EMA"
+            )
         finetuning = [c for c in callbacks if isinstance(c, BackboneFinetuning)]
         if finetuning and not isinstance(getattr(self.model.net, "backbone", None), nn.Module):
             # Lightning's own check comes after its setup has failed on the missing attribute, with a traceback.

@@ -343,6 +343,22 @@ CASES = [
         ["fit", "--trainer.callbacks+=cifar_cli.averaging.Lookahead", "--trainer.callbacks.peak", "3"],
         'Parser key "peak": Not of type ClosedUnitInterval: 3 does not conform',
     ),
+    Case(
+        "swa_with_lr_schedule",
+        [
+            "fit",
+            "--model.net",
+            "FastNet",
+            "--model.lr_schedule",
+            "WarmupLinearDecay",
+            "--trainer.callbacks+=StochasticWeightAveraging",
+            "--trainer.callbacks.swa_lrs",
+            "0.05",
+        ],  # fmt: skip
+        "cifar-cli: error: StochasticWeightAveraging replaces --model.lr_schedule with its own schedule (SWALR), and "
+        "the schedule's end cuts off the epoch in which it recomputes BatchNorm statistics: give --model.lr_schedule "
+        "null, or average with cifar_cli.averaging.EMA",
+    ),
     # FastNet's settings: no block at all was refused as too small for the images; a BatchNorm momentum above 1 makes
     # the running statistics evaluation uses diverge, and a logit scale of 0 makes every logit 0.
     Case(
