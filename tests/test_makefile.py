@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import tarfile
@@ -14,8 +15,11 @@ pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="needs make
 
 
 def make(folder: Path, *args: str) -> subprocess.CompletedProcess:
+    """`make ARGS` in `folder` as a user runs it: not as a sub-make of `make test`, which prints the folders it
+    enters and leaves."""
     shutil.copy(REPO / "Makefile", folder / "Makefile")
-    return subprocess.run(["make", *args], cwd=folder, capture_output=True, text=True)
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
+    return subprocess.run(["make", *args], cwd=folder, capture_output=True, text=True, env=env)
 
 
 def test_data_already_unpacked_needs_no_archive(tmp_path: Path) -> None:
