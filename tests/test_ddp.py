@@ -306,8 +306,9 @@ def test_weight_averaging_under_ddp(images: Path, tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_torchrun_with_other_devices_than_processes_says_so_in_a_line(images: Path, tmp_path: Path) -> None:
-    """torchrun starts 2 processes, --trainer.devices says 1: each rank says so in one line (Lightning checked it
-    only as it launched, and each rank printed a traceback); torchrun's own report of the failed ranks follows."""
+    """torchrun starts 2 processes, --trainer.devices says 1: a rank says so in one line (Lightning checked it only
+    as it launched, and each rank printed a traceback); torchrun's own report of the failed ranks follows. torchrun
+    stops the other rank as the first fails, which may be before that one has said anything."""
     torchrun = [str(Path(sys.executable).parent / "torchrun"), "--nnodes", "1", "--nproc-per-node", "2",
                 "--master-port", str(free_port()), "-m", "cifar_cli"]  # fmt: skip
     args = [*BASE, "--trainer.devices", "1", "--data.root", str(images)]
@@ -317,7 +318,7 @@ def test_torchrun_with_other_devices_than_processes_says_so_in_a_line(images: Pa
     assert code != 0
     line = ("cifar-cli: error: --trainer: You set `devices=1` and `num_nodes=1` in Lightning, but the product (1 * 1) "
             "does not match the world size (2).")  # fmt: skip
-    assert errors(stderr) == [line, line], stderr[-3000:]
+    assert errors(stderr) in ([line], [line, line]), stderr[-3000:]
     assert "validate_settings" not in stderr, stderr[-3000:]  # no rank's traceback
 
 
