@@ -721,11 +721,6 @@ class CifarCLI(LightningCLI):
         return flags
 
     def _parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
-        if (plateau := lightning_plateau(self._argv)) != self._argv:
-            if args is None:  # the command line itself: LightningCLI warns of args given beside one
-                sys.argv[1:] = plateau
-            else:
-                args = plateau
         if self._only_subcommand is not None:
             check_group_files(self._parser(self._only_subcommand), self._argv)
         try:
@@ -1355,12 +1350,18 @@ def main(args: ArgsType = None) -> None:
             check_subcommand(argv)
             check_model_help(argv)
             check_empty_configs(argv)
-            if argv is not None and (shipped := with_values(argv, CONFIG_FLAGS, shipped_config)) != argv:
-                argv = shipped
-                if args is None:  # Lightning's DDP launcher starts the other ranks with sys.argv
-                    sys.argv[1:] = shipped
+            # The values the parse reads otherwise: the configs that come with cifar-cli, Lightning's plateau class.
+            if (
+                argv is not None
+                and (rewritten := lightning_plateau(with_values(argv, CONFIG_FLAGS, shipped_config))) != argv
+            ):
+                argv = rewritten
+                # The command line itself: LightningCLI warns of args given beside it, and Lightning's DDP launcher
+                # starts the other ranks with sys.argv.
+                if args is None:
+                    sys.argv[1:] = rewritten
                 else:
-                    args = shipped
+                    args = rewritten
             if argv and argv[:1] == ["report"]:
                 # Not a LightningCLI subcommand: it builds no trainer, model or data, only reads a run folder.
                 from cifar_cli.report import main as report
