@@ -186,9 +186,9 @@ def test_fit_and_test_runs_hold_tables_confusion_matrices_artifacts_and_config(f
     assert float(test_matrix.diagonal().sum()) / 50 == pytest.approx(test_run.summary["test_acc"], abs=1e-6)
 
 
-def first_is_best_config(tmp_path: Path) -> Path:
-    """A config whose ModelCheckpoint keeps the lowest fit_time, the first validation's (fit_time only grows), beside
-    the model artifacts and the timer."""
+def first_is_best_run(tmp_path: Path, fake_cifar10: Path, *args: str) -> tuple[str, Path, Path]:
+    """A fit whose ModelCheckpoint keeps the lowest fit_time, the first validation's (fit_time only grows), beside
+    the model artifacts and the timer: its run id, offline W&B folder and best checkpoint."""
     config = tmp_path / "first-is-best.yaml"
     config.write_text(yaml.safe_dump({"trainer": {"callbacks": [
         {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
@@ -196,19 +196,19 @@ def first_is_best_config(tmp_path: Path) -> Path:
         {"class_path": "cifar_cli.dashboard.ModelArtifacts"},
         {"class_path": "cifar_cli.callbacks.FitTimer"},
     ]}}))  # fmt: skip
-    return config
+    main(["fit", "--config", str(config), "--data.data_dir", str(fake_cifar10), "--data.val_size", "40",
+          "--trainer.enable_progress_bar", "false", *args])  # fmt: skip
+    finish_wandb()
+    ((run_id, folder),) = offline_runs().items()
+    (best_file,) = Path("runs/cifar-cli", run_id, "checkpoints").glob("epoch=*.ckpt")
+    return run_id, folder, best_file
 
 
 def test_best_model_artifact_carries_the_epoch_and_step_of_its_checkpoint(fake_cifar10: Path, tmp_path: Path) -> None:
     """The best checkpoint is the first epoch's (fit_time only grows), the last is the third's: the `best` version's
     metadata gives the epoch and step that made it, not those of the run's end."""
-    config = first_is_best_config(tmp_path)
-    main(["fit", "--config", str(config), "--data.data_dir", str(fake_cifar10), "--data.val_size", "40",
-          "--data.batch_size", "64", "--trainer.max_epochs", "3",
-          "--trainer.enable_progress_bar", "false"])  # fmt: skip
-    finish_wandb()
-    ((run_id, folder),) = offline_runs().items()
-    (best_file,) = Path("runs/cifar-cli", run_id, "checkpoints").glob("epoch=*.ckpt")
+    _, folder, best_file = first_is_best_run(tmp_path, fake_cifar10, "--data.batch_size", "64",
+                                             "--trainer.max_epochs", "3")  # fmt: skip
     saved = torch.load(best_file, weights_only=True)
     last = torch.load(best_file.with_name("last.ckpt"), weights_only=True)
     assert saved["epoch"] == 0 and last["epoch"] == 2
@@ -367,13 +367,8 @@ def test_report_of_a_missing_folder_is_one_line(capsys) -> None:
 def test_best_model_artifact_of_a_validation_within_an_epoch(fake_cifar10: Path, tmp_path: Path) -> None:
     """`--trainer.val_check_interval 0.5`: the best checkpoint is the first validation's, halfway through the only
     epoch. Its metadata gave the step and metrics of the epoch's end, noted when fit ended."""
-    config = first_is_best_config(tmp_path)
-    main(["fit", "--config", str(config), "--data.data_dir", str(fake_cifar10), "--data.val_size", "40",
-          "--data.batch_size", "32", "--trainer.max_epochs", "1", "--trainer.val_check_interval", "0.5",
-          "--trainer.enable_progress_bar", "false"])  # fmt: skip
-    finish_wandb()
-    ((run_id, folder),) = offline_runs().items()
-    (best_file,) = Path("runs/cifar-cli", run_id, "checkpoints").glob("epoch=*.ckpt")
+    args = ["--data.batch_size", "32", "--trainer.max_epochs", "1", "--trainer.val_check_interval", "0.5"]
+    run_id, folder, best_file = first_is_best_run(tmp_path, fake_cifar10, *args)
     saved = torch.load(best_file, weights_only=True)
     last = torch.load(best_file.with_name("last.ckpt"), weights_only=True)
     assert 0 < saved["global_step"] < last["global_step"]
