@@ -90,10 +90,12 @@ from cifar_cli.presets import shipped_config
 from cifar_cli.pretrained import weights_from_checkpoint
 from cifar_cli.resume import (
     RUN_KEY,
+    config_changes,
     continue_run,
     keep_csv_metrics,
     last_checkpoints,
     logger_name,
+    restart_config,
     run_identity,
     set_aside_csv_metrics,
 )
@@ -281,12 +283,41 @@ class RunConfigSaver(SaveConfigCallback):
                 raise UsageError(f"{path} exists already: pass --trainer.logger.version with a new run name")
             self.check_shared_folder(trainer)
             atomic_write_text(path, RUN_CONFIG_MARK + self.dumped)
+        elif written_by_a_run(path):
+            self.record_restart(path)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 # A resumed W&B run already holds the config it started with; the resumed one differs in
                 # ckpt_path and the logger's version.
                 logger.experiment.config.update(self.resolved, allow_val_change=True)
         self.already_saved = True
+
+    def record_restart(self, path: str) -> None:
+        """A restart whose settings differ from the run's config.yaml (`--trainer.max_epochs 40` to train on,
+        `--model.learning_rate 1e-4`): config.yaml takes them, so that the command a later stop prints, which
+        gives config.yaml, goes on as this restart does; before, it went back to the first start's settings (its
+        max_epochs, reached already, ended the run at once). The earlier file is kept beside it, named by the step
+        up to which it held, once: a second restart at the same step replaces only config.yaml."""
+        with open(path, encoding="utf-8") as file:
+            text = file.read()
+        earlier = yaml.safe_load(text)
+        if not isinstance(earlier, dict):
+            return
+        config = restart_config(earlier, self.resolved)
+        changes = config_changes(earlier, config)
+        if not changes:
+            return
+        kept = os.path.join(os.path.dirname(path), f"config-until-step-{self.resume_step}.yaml")
+        if not os.path.exists(kept):
+            atomic_write_text(kept, text)
+        header = "".join(line for line in self.dumped.splitlines(keepends=True) if line.startswith("#"))
+        atomic_write_text(path, RUN_CONFIG_MARK + header + yaml.safe_dump(config, sort_keys=False))
+        shown = ", ".join(changes[:4]) + (f" and {len(changes) - 4} more" if len(changes) > 4 else "")
+        print(
+            f"cifar-cli: this restart changes the run's settings ({shown}); config.yaml now holds them, the earlier "
+            f"one is kept as {os.path.basename(kept)}",
+            file=sys.stderr,
+        )
 
     def check_shared_folder(self, trainer: Trainer) -> None:
         """Without a logger every run shares default_root_dir, like its checkpoints: the newest run's config.yaml

@@ -8,8 +8,11 @@ same W&B run, whose charts then continue one curve.
 
 from __future__ import annotations
 
+import copy
 import csv
+import json
 import os
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -119,3 +122,55 @@ def _step(row: dict[str, str]) -> int | None:
         return int(float(row.get("step") or ""))
     except ValueError:
         return None
+
+
+def restart_config(earlier: dict[str, Any], now: dict[str, Any]) -> dict[str, Any]:
+    """A restart's resolved config `now`, with what it took from the checkpoint to continue the run given back as
+    the run's `earlier` config.yaml had it: `ckpt_path` and the loggers' `version` and `id`. (config.yaml is given
+    with `--ckpt_path`; a version in it would make `--config config.yaml` alone write into this run's folder.)"""
+    config = copy.deepcopy(now)
+    config["ckpt_path"] = earlier.get("ckpt_path")
+    loggers = [_as_list(c.get("trainer", {}).get("logger")) for c in (config, earlier)]
+    for logger, before in zip(*loggers):
+        args, args_before = (x.get("init_args") if isinstance(x, dict) else None for x in (logger, before))
+        if isinstance(args, dict) and isinstance(args_before, dict):
+            for key in ("version", "id"):
+                if key in args or key in args_before:
+                    args[key] = args_before.get(key)
+    return config
+
+
+def _as_list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else [value]
+
+
+def config_changes(earlier: Any, now: Any, key: str = "") -> list[str]:
+    """`key before -> after` for each setting that differs between two configs, keys as the command line's flags
+    name them (`model.optimizer.lr`, without `init_args`); a list of classes (callbacks, loggers) that gained or
+    lost one, as `key +Class -Class`."""
+    if isinstance(earlier, dict) and isinstance(now, dict):
+        changes = []
+        for name in [*earlier, *(k for k in now if k not in earlier)]:
+            inner = key if name == "init_args" else f"{key}.{name}" if key else str(name)
+            changes += config_changes(earlier.get(name), now.get(name), inner)
+        return changes
+    if isinstance(earlier, list) and isinstance(now, list) and earlier != now:
+        classes = [[_class_name(item) for item in items] for items in (earlier, now)]
+        if None not in classes[0] + classes[1]:
+            if classes[0] == classes[1]:
+                return [
+                    c for name, a, b in zip(classes[0], earlier, now) for c in config_changes(a, b, f"{key}.{name}")
+                ]
+            gone, new = Counter(classes[0]) - Counter(classes[1]), Counter(classes[1]) - Counter(classes[0])
+            return [" ".join([key, *(f"+{n}" for n in new.elements()), *(f"-{n}" for n in gone.elements())])]
+    return [] if earlier == now else [f"{key} {_short(earlier)} -> {_short(now)}"]
+
+
+def _class_name(item: Any) -> str | None:
+    class_path = item.get("class_path") if isinstance(item, dict) else None
+    return class_path.rsplit(".", 1)[-1] if isinstance(class_path, str) else None
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, default=str) if isinstance(value, (dict, list)) else str(value)
+    return text if len(text) <= 40 else text[:37] + "..."

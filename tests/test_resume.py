@@ -20,6 +20,7 @@ from test_cli import CSV_LOGGER, metrics_rows, values
 from cifar_cli.atomic import AtomicCheckpointIO, atomic_csv_logs, atomic_write
 from cifar_cli.cli import main
 from cifar_cli.optim import WarmupLinearDecay
+from cifar_cli.resume import config_changes, restart_config
 
 REPO = Path(__file__).resolve().parents[1]
 # The fast recipe shrunk: augmentation, EMA, a warm-up/decay schedule with a restart, bf16-mixed, as shipped.
@@ -412,6 +413,70 @@ def test_restart_changes_the_optimizer_settings(fake_cifar10: Path) -> None:
     assert state["global_step"] == 10
     (group,) = state["optimizer_states"][0]["param_groups"]
     assert (group["lr"], group["weight_decay"], group["betas"]) == (0.001, 0.01, (0.8, 0.9))
+
+
+def test_a_restart_that_changes_settings_leaves_them_in_config_yaml_for_the_next_resume(
+    fake_cifar10: Path, capsys
+) -> None:
+    """The command a stop prints resumes with the run's config.yaml. After a restart that trained on with more
+    epochs and another learning rate, config.yaml still held the first start's, so the next resume went back to
+    them; it now holds the restart's, and the first start's file is kept beside it."""
+    args = [*cifar(fake_cifar10), *CSV_LOGGER, "--trainer.enable_progress_bar", "false"]
+    main(["fit", *args, "--trainer.max_epochs", "1"])
+    (config,) = Path("runs").glob("*/config.yaml")
+    first = config.read_text()
+    main(["fit", *args, "--trainer.max_epochs", "1", "--ckpt_path", "last"])  # the same settings: nothing to keep
+    assert config.read_text() == first and [p.name for p in config.parent.glob("config*")] == ["config.yaml"]
+    capsys.readouterr()
+    main(["fit", *args, "--trainer.max_epochs", "2", "--model.learning_rate", "0.001", "--ckpt_path", "last"])
+    assert (
+        "cifar-cli: this restart changes the run's settings (trainer.max_epochs 1 -> 2, model.learning_rate 0.0002 "
+        "-> 0.001, model.optimizer.lr 0.0002 -> 0.001); config.yaml now holds them, the earlier one is "
+        "kept as config-until-step-5.yaml\n"
+    ) in capsys.readouterr().err
+    assert (config.parent / "config-until-step-5.yaml").read_text() == first
+    saved = yaml.safe_load(config.read_text())
+    assert saved["ckpt_path"] is None and saved["trainer"]["logger"]["init_args"]["version"] is None
+    last = config.parent / "checkpoints" / "last.ckpt"
+    main(["fit", "--config", str(config), "--ckpt_path", str(last), "--trainer.max_epochs", "3"])
+    state = torch.load(last, weights_only=True)
+    assert state["global_step"] == 15 and state["optimizer_states"][0]["param_groups"][0]["lr"] == 0.001
+    assert sorted(p.name for p in config.parent.glob("config*")) == [
+        "config-until-step-10.yaml",
+        "config-until-step-5.yaml",
+        "config.yaml",
+    ]
+
+
+def test_config_changes_are_named_as_flags_and_as_classes_added_or_removed() -> None:
+    def cls(name: str, **init_args: object) -> dict:
+        return {"class_path": f"lightning.pytorch.callbacks.{name}", "init_args": init_args}
+
+    earlier = {
+        "trainer": {"callbacks": [cls("EarlyStopping", patience=3), cls("Timer")], "max_epochs": 2},
+        "model": {"optimizer": cls("Adam", lr=0.1)},
+    }
+    now = {
+        "trainer": {"callbacks": [cls("EarlyStopping", patience=10), cls("Timer")], "max_epochs": 2},
+        "model": {"optimizer": cls("Adam", lr=0.2)},
+    }
+    assert config_changes(earlier, now) == [
+        "trainer.callbacks.EarlyStopping.patience 3 -> 10",
+        "model.optimizer.lr 0.1 -> 0.2",
+    ]
+    now["trainer"]["callbacks"] = [cls("EarlyStopping", patience=3), cls("SignalAt"), cls("LearningRateMonitor")]
+    assert config_changes(earlier["trainer"], now["trainer"]) == ["callbacks +SignalAt +LearningRateMonitor -Timer"]
+
+
+def test_a_restart_config_gives_back_what_the_checkpoint_named() -> None:
+    """The checkpoint and the run's id, which a restart takes from `--ckpt_path`, are no change of settings."""
+    earlier = {"trainer": {"logger": [{"class_path": "WandbLogger", "init_args": {"version": None, "id": None}},
+                                      {"class_path": "CSVLogger", "init_args": {"version": None}}]},
+               "ckpt_path": None}  # fmt: skip
+    now = {"trainer": {"logger": [{"class_path": "WandbLogger", "init_args": {"version": "1x2y3z4w", "id": None}},
+                                  {"class_path": "CSVLogger", "init_args": {"version": 0}}]},
+           "ckpt_path": "runs/cifar-cli/1x2y3z4w/checkpoints/last.ckpt"}  # fmt: skip
+    assert restart_config(earlier, now) == earlier and now["ckpt_path"].endswith("last.ckpt")
 
 
 def test_a_run_resumed_from_its_first_best_checkpoint_keeps_its_last_ckpt_current(fake_cifar10: Path) -> None:
