@@ -1104,6 +1104,24 @@ def import_failure(err: BaseException) -> str | None:
     return None
 
 
+def refused_value(err: BaseException) -> str | None:
+    """One line for a ValueError raised by a class of the config as jsonargparse built it, if `err` holds one: a
+    value it refuses (Lightning's `EMAWeightAveraging(decay=2)`, in torch's check). jsonargparse reports it as a
+    Union that does not validate, beside the repr of every callback in the list, after a traceback."""
+    for error in causes(err):
+        if not isinstance(error, ValueError):
+            continue
+        tb, class_type = error.__traceback__, None
+        while tb is not None:
+            code = tb.tb_frame.f_code
+            if code.co_name == "default_class_instantiator" and "jsonargparse" in code.co_filename:
+                class_type = tb.tb_frame.f_locals.get("class_type")
+            tb = tb.tb_next
+        if isinstance(class_type, type):
+            return f"{class_type.__name__}: {one_line(error)}"
+    return None
+
+
 def is_wandb_error(err: BaseException) -> bool:
     """Whether `err` is one of W&B's own errors (a missing login, a server that does not answer)."""
     errors = sys.modules.get("wandb.errors")
@@ -1453,6 +1471,10 @@ def main(args: ArgsType = None) -> None:
         failed_import = import_failure(err) if cause is None and not debug else None
         if failed_import is not None:
             print(f"cifar-cli: error: {failed_import}", file=sys.stderr)
+            sys.exit(2)
+        refused = refused_value(err) if cause is None and not debug else None
+        if refused is not None:
+            print(f"cifar-cli: error: {refused}", file=sys.stderr)
             sys.exit(2)
         exit_if_rank_failed(err, one_line(cause) if cause is not None else None)  # under DDP: "rank R failed: ..."
         full = out_of_space(err) if cause is None and not debug else None

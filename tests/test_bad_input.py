@@ -338,6 +338,14 @@ CASES = [
         ["fit", "--trainer.callbacks+=cifar_cli.averaging.EMA", "--trainer.callbacks.decay", "2"],
         'Parser key "decay": Not of type ClosedUnitInterval: 2 does not conform',
     ),
+    # Lightning's own EMAWeightAveraging: torch's check of the decay, reported by jsonargparse beside the repr of
+    # every callback of the list, after a traceback.
+    Case(
+        "lightning_ema_decay_above_one",
+        ["fit", "--trainer.callbacks+=EMAWeightAveraging", "--trainer.callbacks.decay", "2"],
+        "cifar-cli: error: EMAWeightAveraging: Invalid decay value 2.0 provided. Please provide a value in [0,1] "
+        "range.",
+    ),
     Case(
         "lookahead_peak_above_one",
         ["fit", "--trainer.callbacks+=cifar_cli.averaging.Lookahead", "--trainer.callbacks.peak", "3"],
