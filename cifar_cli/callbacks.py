@@ -20,6 +20,7 @@ from lightning.pytorch.callbacks import (
     LearningRateMonitor,
     ModelCheckpoint,
     RichProgressBar,
+    StochasticWeightAveraging,
     Timer,
 )
 from lightning.pytorch.loggers import WandbLogger
@@ -449,6 +450,26 @@ def epoch_label(index: int, max_epochs: int | None) -> str:
     return f"epoch {index + 1}{total}"
 
 
+def swa_batchnorm_pass(trainer: Trainer) -> int | None:
+    """The epochs the run was given, where StochasticWeightAveraging adds a pass of its own after them: on a network
+    with BatchNorm it raises Lightning's `max_epochs` by one as training starts, for an epoch that recomputes the
+    BatchNorm statistics of the averaged weights (no optimizer step), and lowers it again at the end. Lines read
+    "epoch 1/3" for a run of 2 epochs, then "epoch 3/2"."""
+    for callback in trainer.callbacks:
+        if isinstance(callback, StochasticWeightAveraging) and getattr(callback, "_model_contains_batch_norm", False):
+            asked = getattr(callback, "_max_epochs", None)
+            return asked if isinstance(asked, int) and asked > 0 else None
+    return None
+
+
+def trainer_epoch_label(trainer: Trainer, index: int) -> str:
+    """`epoch_label` of the trainer's epoch `index`, its pass after the given epochs named as SWA's."""
+    asked = swa_batchnorm_pass(trainer)
+    if asked is not None and index >= asked:
+        return f"SWA BatchNorm pass after epoch {asked}/{asked}"
+    return epoch_label(index, trainer.max_epochs if asked is None else asked)
+
+
 class RichBar(RichProgressBar):
     """Lightning's rich progress bar, reading the logged metrics at most twice a second in training.
 
@@ -473,7 +494,7 @@ class RichBar(RichProgressBar):
 
     def _get_train_description(self, current_epoch: int) -> str:
         # Lightning's bar reads `Epoch 3/24` in the fourth of 25 epochs; cifar-cli's lines say `epoch 4/25`.
-        label = epoch_label(current_epoch, self.trainer.max_epochs)
+        label = trainer_epoch_label(self.trainer, current_epoch)
         return f"{label[0].upper()}{label[1:]:{len(self.validation_description) - 1}}"
 
     def on_train_batch_end(
@@ -633,7 +654,7 @@ class Preemption(Callback):
             command = f"cifar-cli fit --config {config}" if os.path.isfile(config) else "cifar-cli fit ..."
             print(
                 f"cifar-cli: stopped by {signal.Signals(signum).name} in "
-                f"{epoch_label(trainer.current_epoch, trainer.max_epochs)}, step {trainer.global_step:,}; "
+                f"{trainer_epoch_label(trainer, trainer.current_epoch)}, step {trainer.global_step:,}; "
                 f"resume with: {command} --ckpt_path {path}",
                 file=sys.stderr,
                 flush=True,

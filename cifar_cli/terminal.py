@@ -21,7 +21,7 @@ from rich.table import Table
 from rich.text import Text
 
 from cifar_cli.atomic import atomic_write_text
-from cifar_cli.callbacks import FitTimer, RichBar, epoch_label, last_checkpoint, run_dir
+from cifar_cli.callbacks import FitTimer, RichBar, last_checkpoint, run_dir, swa_batchnorm_pass, trainer_epoch_label
 
 # Columns of the end summary when stdout is a file: wide enough for a metric table, narrow enough for a log viewer.
 LOG_COLUMNS = 100
@@ -190,7 +190,7 @@ class EpochLines(ProgressBar):
             shown = {k: v for k, v in shown.items() if not k.startswith("val_")}
         metrics = "  ".join(f"{k} {v:.4f}" for k, v in shown.items())
         print(
-            f"{epoch_label(epoch, trainer.max_epochs)}  step {trainer.global_step:,}  {metrics}  {_seconds(elapsed)}",
+            f"{trainer_epoch_label(trainer, epoch)}  step {trainer.global_step:,}  {metrics}  {_seconds(elapsed)}",
             flush=True,
         )
 
@@ -243,7 +243,10 @@ def print_summary(trainer: Trainer, stage: str) -> None:
     scored = best is not None and best.best_model_path and best.best_model_score is not None
     # A checkpoint evaluated by test or validate restores no loop state: its epoch and step would read 0.
     epochs = trainer.current_epoch
-    where = f": {epochs} epoch{'' if epochs == 1 else 's'}, step {trainer.global_step:,}" if stage == "fit" else ""
+    asked = swa_batchnorm_pass(trainer)
+    swa = " and SWA BatchNorm pass" if asked is not None and epochs > asked else ""
+    epochs = asked if swa else epochs
+    where = f": {epochs} epoch{'' if epochs == 1 else 's'}{swa}, step {trainer.global_step:,}" if stage == "fit" else ""
     title = f"cifar-cli {stage}{where}"
     table = Table(title=title, min_width=len(title))  # a narrower table (no validation metrics) wrapped its title
     table.add_column("metric")

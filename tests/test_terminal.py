@@ -119,6 +119,19 @@ def test_epoch_lines_show_validation_metrics_only_for_epochs_that_validated(imag
                      ["train_loss", "train_acc"]]  # fmt: skip
 
 
+def test_swa_batchnorm_pass_is_named_and_the_epochs_count_as_given(image_folder: Path, capfd) -> None:
+    """StochasticWeightAveraging on a network with BatchNorm adds a pass after the given epochs (Lightning raises
+    max_epochs by one while it trains): the lines read "epoch 1/3", "epoch 2/3", then "epoch 3/2", and the summary
+    "3 epochs"."""
+    main([*FIT, "--data.root", str(image_folder), "--trainer.logger", "CSVLogger", "--model.net", "FastNet",
+          "--model.net.widths", "[8, 16, 16]", "--trainer.callbacks+=StochasticWeightAveraging",
+          "--trainer.callbacks.swa_lrs", "0.01"])  # fmt: skip
+    out = capfd.readouterr().out
+    lines = [line.split("  ")[:2] for line in out.splitlines() if line.startswith(("epoch ", "SWA "))]
+    assert lines == [["epoch 1/2", "step 2"], ["epoch 2/2", "step 4"], ["SWA BatchNorm pass after epoch 2/2", "step 5"]]
+    assert "cifar-cli fit: 2 epochs and SWA BatchNorm pass, step 5" in out
+
+
 def test_progress_bar_false_turns_the_lines_off(image_folder: Path, capfd) -> None:
     main([*FIT, "--data.root", str(image_folder), "--trainer.max_epochs", "1", "--trainer.logger", "CSVLogger",
           "--trainer.enable_progress_bar", "false"])  # fmt: skip
