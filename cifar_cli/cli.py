@@ -771,7 +771,7 @@ class CifarCLI(LightningCLI):
                 raise before from err
             if (elsewhere := self._option_of_another_subcommand(err)) is not None:
                 raise elsewhere from err
-            if (unset := self._required_set_to_null(err)) is not None:
+            if (unset := self._required_set_to_null(err) or self._required_given_null(err)) is not None:
                 raise unset from err
             raise
         self._given = given_settings(parser, args)
@@ -884,6 +884,26 @@ class CifarCLI(LightningCLI):
             f"--print_config`?): remove its {key}: line"
         )
 
+    def _required_given_null(self, err: ArgumentError) -> UsageError | None:
+        """The refusal of `--model.net null` (or `none`, `~`) on the command line, for a setting that needs a class:
+        jsonargparse read "null" as the path of a config file, "Expected a path but null either not accessible or
+        invalid", and went on about dot import paths."""
+        match = re.match(
+            r'Parser key "([\w.]+)":\s*(?:- )?Expected a path but (null|none|None|NULL|Null|~) ', str(err).strip()
+        )
+        if match is None or self._only_subcommand is None or flag_value(self._argv, f"--{match[1]}") != match[2]:
+            return None
+        default = self._default_name(match[1])
+        keep = f", or leave the flag out to keep its default ({default})" if default is not None else ""
+        return UsageError(f"--{match[1]} {match[2]} sets it to nothing, and it needs a value: give one{keep}")
+
+    def _default_name(self, key: str) -> str | None:
+        """The subcommand's default of `key`, a class by its name."""
+        default = self._parser(self._only_subcommand).get_defaults().get(key)
+        if isinstance(default, Namespace) and isinstance(default.get("class_path"), str):
+            default = default.class_path.rpartition(".")[2]
+        return None if default is None else str(default)
+
     def _required_set_to_null(self, err: ArgumentError) -> UsageError | None:
         """The refusal of a required setting that a config sets to nothing (`net: null`, or `net:` alone), saying
         so and how to give it: it was "the following arguments are required: fit.model.net", which it had been."""
@@ -891,9 +911,7 @@ class CifarCLI(LightningCLI):
         if match is None or self._only_subcommand is None:
             return None
         key = match[1].removeprefix(f"{self._only_subcommand}.")
-        default = self._parser(self._only_subcommand).get_defaults().get(key)
-        if isinstance(default, Namespace) and isinstance(default.get("class_path"), str):
-            default = default.class_path.rpartition(".")[2]
+        default = self._default_name(key)
         if default is None:
             return None
         name = key.rpartition(".")[2]

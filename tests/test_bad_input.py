@@ -574,6 +574,20 @@ CASES = [
         )
         for i, content in enumerate(["model:\n  net: null\n", "model:\n  net:\n"])
     ),
+    # The same on the command line: jsonargparse read "null" as a config file's path ("Expected a path but null
+    # either not accessible or invalid") and went on about dot import paths
+    Case(
+        "flag_required_class_null",
+        ["fit", "--model.net", "null"],
+        "cifar-cli: error: --model.net null sets it to nothing, and it needs a value: give one, or leave the flag "
+        "out to keep its default (TutorialCNN)",
+    ),
+    Case(
+        "flag_optimizer_none",
+        ["fit", "--model.optimizer=none"],
+        "cifar-cli: error: --model.optimizer none sets it to nothing, and it needs a value: give one, or leave the "
+        "flag out to keep its default (Adam)",
+    ),
     # A file given to a group (jsonargparse's `--trainer FILE`) had none of these checks: the second of the two
     # max_epochs was taken without a word, a tab read "<unicode string>", an init_arg: was read as init_args of another
     Case(
