@@ -338,7 +338,13 @@ class ImageClassifier(LightningModule):
         if batch_idx == 0 or trainer is None or stage not in self._logged_stages:
             self._logged_stages.add(stage)
             return True
-        return stage == "train" and (self.global_step + 1) % trainer.log_every_n_steps == 0
+        # With accumulate_grad_batches Lightning writes a step's values at the batch that ends its accumulation: the
+        # steps' other batches keep adding to the window, or the written value would be that last batch's alone.
+        return (
+            stage == "train"
+            and (self.global_step + 1) % trainer.log_every_n_steps == 0
+            and not trainer.fit_loop._should_accumulate()
+        )
 
     def on_train_start(self) -> None:
         # Lightning hands a resumed run's loader state to the loader in `fit_loop.setup_data`, but only while it is

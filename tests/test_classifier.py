@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.plugins import MixedPrecision
-from test_cli import CSV_LOGGER, REPO
+from test_cli import CSV_LOGGER, REPO, cifar_args, metrics_rows, values
 from test_resume import FAST, cifar
 from torch import nn
 
@@ -164,7 +164,8 @@ def test_training_metrics_count_every_image_of_the_epoch_and_log_window_means(mo
     monkeypatch.setattr(
         model, "log", lambda name, metric, **kwargs: logged.append((name, float(metric._forward_cache)))
     )
-    trainer = SimpleNamespace(num_training_batches=3, log_every_n_steps=2, global_step=0)
+    trainer = SimpleNamespace(num_training_batches=3, log_every_n_steps=2, global_step=0,
+                              fit_loop=SimpleNamespace(_should_accumulate=lambda: False))  # fmt: skip
     model._trainer = trainer
     logits = [torch.tensor([[2.0, 0, 0], [0, 2.0, 0], [0, 0, 2.0]]), torch.tensor([[2.0, 0, 0], [2.0, 0, 0]]),
               torch.tensor([[0, 0, 2.0], [0, 2.0, 0]])]  # fmt: skip
@@ -182,6 +183,34 @@ def test_training_metrics_count_every_image_of_the_epoch_and_log_window_means(mo
     assert model._window_images == 0
     # Each rank keeps its own sums: a buffer would be overwritten with rank 0's by DDP before every step.
     assert not [name for name, _ in model.named_buffers() if "window" in name]
+
+
+class BatchLosses(Callback):
+    """Records every training batch's mean loss, undoing Lightning's division by `accumulate_grad_batches`."""
+
+    seen: list[float] = []
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        BatchLosses.seen = []
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, *args) -> None:
+        BatchLosses.seen.append(float(outputs["loss"]) * trainer.accumulate_grad_batches)
+
+
+def test_logged_step_values_with_gradient_accumulation_cover_every_batch_since_the_last(fake_cifar10: Path) -> None:
+    # 8 batches of 20, two to a step, logged every 2 steps: Lightning writes the values at the batch that ends
+    # steps 2 and 4. Before, the batch before it logged too, and what was written was the last batch's loss alone.
+    main(["fit", *cifar_args(fake_cifar10), *CSV_LOGGER, "--data.batch_size", "20", "--trainer.max_epochs", "1",
+          "--trainer.accumulate_grad_batches", "2", "--trainer.log_every_n_steps", "2",
+          "--trainer.callbacks+=test_classifier.BatchLosses"])  # fmt: skip
+    losses = BatchLosses.seen
+    assert len(losses) == 8
+    rows = [row for row in metrics_rows("runs") if row["train_loss_step"]]
+    assert [int(row["step"]) for row in rows] == [1, 3]
+    # (The first batch logs alone, so that the epoch's values are reported; Lightning does not write it.)
+    assert float(rows[0]["train_loss_step"]) == pytest.approx(sum(losses[1:4]) / 3, rel=1e-5)
+    assert float(rows[1]["train_loss_step"]) == pytest.approx(sum(losses[4:]) / 4, rel=1e-5)
+    assert values(metrics_rows("runs"), "train_loss_epoch") == [pytest.approx(sum(losses) / 8, rel=1e-5)]
 
 
 class InputSides(Callback):
