@@ -300,16 +300,20 @@ class ImageClassifier(LightningModule):
         step = torch.stack((loss.detach().float() * len(labels), correct.float()))
         self._window = step if self._window_images == 0 else self._window + step
         self._window_images += len(labels)
+        # The epoch's last batch logs too: where it ends training (the schedule's end), Lightning writes the step
+        # values whatever log_every_n_steps says, and they would be those of the previous logged step again (see
+        # on_train_batch_end).
         last = self._trainer is not None and batch_idx + 1 >= self.trainer.num_training_batches
-        if not self._logs("train", batch_idx):
-            if last:
-                self._flush_window(log=False)
-            return loss
+        if last or self._logs("train", batch_idx):
+            self._log_window()
+        return loss
+
+    def _log_window(self) -> None:
+        """Log the window's means as the step values of the training metrics (and add them to the epoch's)."""
         self._flush_window(log=True)
         for metric in METRICS:
             name = f"train_{metric}"
             self.log(name, getattr(self, name), on_step=True, on_epoch=True, prog_bar=True)
-        return loss
 
     def _flush_window(self, log: bool) -> None:
         """Hand the window sums to the training metrics; `log`: through their forward, whose value self.log
@@ -643,6 +647,10 @@ class ImageClassifier(LightningModule):
             # And whatever the epoch: configs/fast.yaml validates every 10th epoch, its end with its 10 epochs, and
             # with --trainer.max_epochs 8 the run ended unvalidated, with no best checkpoint.
             self.trainer.check_val_every_n_epoch = None
+        if self.trainer.should_stop and self._window_images:
+            # Lightning writes the step values of the step that stops training (a time limit, a signal; after the
+            # callbacks' hooks and this one), whatever log_every_n_steps says: the steps' since the last logged one.
+            self._log_window()
 
 
 def check_settings(net: nn.Module, label_smoothing: float, backbone_lr_factor: float, low_res_until: float) -> None:

@@ -157,8 +157,8 @@ def test_optimizer_and_schedule_are_injected() -> None:
 
 
 def test_training_metrics_count_every_image_of_the_epoch_and_log_window_means(monkeypatch) -> None:
-    # Three steps of an epoch of three, logging every 2 steps: the first step and the second logged step log, the
-    # last flushes; the epoch's values are the exact means over all 7 images, whatever was logged.
+    # Three steps of an epoch of three, logging every 2 steps: the first step, the second (step 1 + 1 = 2) and the
+    # epoch's last log; the epoch's values are the exact means over all 7 images, whatever was logged.
     model = make()
     logged: list[tuple[str, float]] = []
     monkeypatch.setattr(
@@ -176,10 +176,10 @@ def test_training_metrics_count_every_image_of_the_epoch_and_log_window_means(mo
         model._train_metrics(F.cross_entropy(x, y), x, y, step)
     assert model.train_acc.compute().item() == pytest.approx(4 / 7)
     assert model.train_loss.compute().item() == pytest.approx(float(sum(losses)) / 7)
-    # Logged: step 0 alone (2 of 3 right), then steps 1-2 together, at the second logged step (step 1 + 1 = 2).
-    assert [name for name, _ in logged] == ["train_loss", "train_acc", "train_loss", "train_acc"]
-    assert logged[1][1] == pytest.approx(2 / 3) and logged[3][1] == pytest.approx(2 / 4)
-    assert logged[2][1] == pytest.approx(float(losses[1] + losses[2]) / 4)
+    # Logged: each step alone, each the mean over its images (2 of 3 right, then 1 of 2 twice).
+    assert [name for name, _ in logged] == ["train_loss", "train_acc"] * 3
+    assert [value for _, value in logged[1::2]] == pytest.approx([2 / 3, 1 / 2, 1 / 2])
+    assert [value for _, value in logged[::2]] == pytest.approx([float(s) / len(y) for s, y in zip(losses, labels)])
     assert model._window_images == 0
     # Each rank keeps its own sums: a buffer would be overwritten with rank 0's by DDP before every step.
     assert not [name for name, _ in model.named_buffers() if "window" in name]
@@ -211,6 +211,38 @@ def test_logged_step_values_with_gradient_accumulation_cover_every_batch_since_t
     assert float(rows[0]["train_loss_step"]) == pytest.approx(sum(losses[1:4]) / 3, rel=1e-5)
     assert float(rows[1]["train_loss_step"]) == pytest.approx(sum(losses[4:]) / 4, rel=1e-5)
     assert values(metrics_rows("runs"), "train_loss_epoch") == [pytest.approx(sum(losses) / 8, rel=1e-5)]
+
+
+def test_the_step_that_ends_the_schedule_writes_its_own_step_values(fake_cifar10: Path) -> None:
+    # 8 steps logged every 3: Lightning also writes the step values at the step that stops training (the schedule's
+    # end, here the 8th), whatever log_every_n_steps says. Before, those were step 6's again, written as step 8's.
+    main(["fit", *cifar_args(fake_cifar10), *CSV_LOGGER, "--data.batch_size", "20", "--trainer.max_epochs", "1",
+          "--model.lr_schedule", "WarmupLinearDecay", "--trainer.log_every_n_steps", "3",
+          "--trainer.callbacks+=test_classifier.BatchLosses"])  # fmt: skip
+    losses = BatchLosses.seen
+    rows = [row for row in metrics_rows("runs") if row["train_loss_step"]]
+    assert [int(row["step"]) for row in rows] == [2, 5, 7]
+    assert float(rows[1]["train_loss_step"]) == pytest.approx(sum(losses[3:6]) / 3, rel=1e-5)
+    assert float(rows[2]["train_loss_step"]) == pytest.approx(sum(losses[6:]) / 2, rel=1e-5)
+    assert values(metrics_rows("runs"), "train_loss_epoch") == [pytest.approx(sum(losses) / 8, rel=1e-5)]
+
+
+def test_a_time_limit_mid_epoch_writes_the_step_values_of_its_last_steps(
+    fake_cifar10: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Steps of 1 s on a fake clock and a 5 s limit: the Timer stops training at the 5th of an epoch's 8 steps, which
+    # Lightning writes whatever log_every_n_steps says. Before, it wrote the 3rd step's values again there.
+    faults.CLOCK["now"] = 0.0
+    monkeypatch.setattr(Timer, "time_elapsed", lambda self, stage="train": faults.CLOCK["now"])
+    main(["fit", *cifar_args(fake_cifar10), *CSV_LOGGER, "--data.batch_size", "20", "--trainer.max_epochs", "3",
+          "--trainer.max_time", "00:00:00:05", "--trainer.log_every_n_steps", "3",
+          "--trainer.callbacks+=faults.TickClock", "--trainer.callbacks+=test_classifier.BatchLosses"])  # fmt: skip
+    losses = BatchLosses.seen
+    assert len(losses) == 5
+    rows = [row for row in metrics_rows("runs") if row["train_loss_step"]]
+    assert [int(row["step"]) for row in rows] == [2, 4]
+    assert float(rows[1]["train_loss_step"]) == pytest.approx(sum(losses[3:]) / 2, rel=1e-5)
+    assert values(metrics_rows("runs"), "train_loss_epoch") == [pytest.approx(sum(losses) / 5, rel=1e-5)]
 
 
 class InputSides(Callback):
