@@ -320,7 +320,14 @@ class ImageClassifier(LightningModule):
         reports as the step value."""
         if self._window_images == 0:
             return
-        mean_loss, accuracy = self._window / self._window_images
+        mean_loss, accuracy = self._window_means()
+        for metric, value in ((self.train_loss, mean_loss), (self.train_acc, accuracy)):
+            (metric if log else metric.update)(value, weight=self._window_images)
+        self._window_images = 0
+
+    def _window_means(self) -> Tensor:
+        """The window's mean loss and accuracy over its images; a loss gone NaN or infinite stops the run."""
+        mean_loss, accuracy = means = self._window / self._window_images
         # A loss gone NaN or infinite would be dropped by the metrics (with a warning), the epoch reported finite
         # and its NaN weights checkpointed as the best: the run stops here instead. The metrics wait for the device
         # at each update (their NaN check), so this read of it costs no wait of its own.
@@ -330,9 +337,7 @@ class ImageClassifier(LightningModule):
                 f"training diverged: train_loss is {float(mean_loss)} by step {self.global_step + 1}; lower "
                 f"--model.learning_rate (now {lr:g}) or clip the gradients (--trainer.gradient_clip_val 1.0)"
             )
-        for metric, value in ((self.train_loss, mean_loss), (self.train_acc, accuracy)):
-            (metric if log else metric.update)(value, weight=self._window_images)
-        self._window_images = 0
+        return means
 
     def _logs(self, stage: str, batch_idx: int) -> bool:
         """Whether this batch logs: the first of every epoch (or of a resumed one: Lightning reports a metric's
@@ -464,10 +469,13 @@ class ImageClassifier(LightningModule):
             or trainer.fit_loop.epoch_loop.batch_progress.current.processed >= trainer.num_training_batches
         ):
             return  # the epoch's batches are done: a resumed run starts the next epoch from zero
-        self._flush_window(log=False)
+        window = self._window_means() if self._window_images else None
         saved = {}
-        for name in ("train_acc", "train_loss"):
-            metric = getattr(self, name)
+        for name, index in (("train_acc", 1), ("train_loss", 0)):
+            # The window goes into a copy of the sums: it stays whole for the next logged step's values.
+            metric = copy.deepcopy(getattr(self, name))
+            if window is not None:
+                metric.update(window[index], weight=self._window_images)
             # Under DDP each rank holds the sums of its own batches: the checkpoint keeps their totals over the
             # ranks, which rank 0 alone takes back (on_load_checkpoint). Every rank saves a checkpoint at the same
             # step (Lightning's save_checkpoint ends in a barrier), so this collective is met by all.

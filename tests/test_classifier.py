@@ -245,6 +245,21 @@ def test_a_time_limit_mid_epoch_writes_the_step_values_of_its_last_steps(
     assert values(metrics_rows("runs"), "train_loss_epoch") == [pytest.approx(sum(losses) / 5, rel=1e-5)]
 
 
+def test_a_checkpoint_within_an_epoch_leaves_the_logged_step_values_whole(fake_cifar10: Path) -> None:
+    # 8 steps, logged at the 4th and 8th (the first logs alone), last.ckpt saved after the 3rd and 6th: the values
+    # written are the means over steps 2 to 4 and 5 to 8. Before, each save emptied the sums of the steps since the
+    # last logged one into the epoch's, and the values written were those of the 4th step alone, of the 7th and 8th.
+    main(["fit", *cifar_args(fake_cifar10), *CSV_LOGGER, "--data.batch_size", "20", "--trainer.max_epochs", "1",
+          "--trainer.log_every_n_steps", "4", "--last_checkpoint.every_n_steps", "3",
+          "--trainer.callbacks+=test_classifier.BatchLosses"])  # fmt: skip
+    losses = BatchLosses.seen
+    rows = [row for row in metrics_rows("runs") if row["train_loss_step"]]
+    assert [int(row["step"]) for row in rows] == [3, 7]
+    assert float(rows[0]["train_loss_step"]) == pytest.approx(sum(losses[1:4]) / 3, rel=1e-5)
+    assert float(rows[1]["train_loss_step"]) == pytest.approx(sum(losses[4:]) / 4, rel=1e-5)
+    assert values(metrics_rows("runs"), "train_loss_epoch") == [pytest.approx(sum(losses) / 8, rel=1e-5)]
+
+
 class InputSides(Callback):
     """Records (training?, side) of every batch the network sees."""
 
