@@ -75,7 +75,9 @@ class Lookahead(Callback):
     @torch.no_grad()
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any, **kwargs: Any) -> None:
         step = trainer.global_step
-        if self._done or self.slow is None:
+        # A batch that only accumulates gradients (--trainer.accumulate_grad_batches) comes after the same step as
+        # the one before it: updating again would pull BatchNorm's statistics of its forward pass back once more.
+        if self._done or self.slow is None or trainer.fit_loop._should_accumulate():
             return
         progress = self._progress(trainer, pl_module, step)
         last = progress >= 1.0 or step >= trainer.max_steps > 0

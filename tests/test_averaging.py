@@ -12,7 +12,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import Timer
 from test_cli import CSV_LOGGER, metrics_rows
-from test_resume import EVERY_STEP, assert_identical, cifar, tensors
+from test_resume import EVERY_STEP, REPO, assert_identical, cifar, tensors
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
@@ -73,6 +73,35 @@ def test_lookahead_without_a_schedule_follows_the_trainers_steps(fake_cifar10: P
     weights, slow = torch.load(last, weights_only=True)["state_dict"], slow_weights(last)
     assert torch.load(last, weights_only=True)["global_step"] == 10
     assert all(torch.equal(slow[k], weights[k]) for k in slow)
+
+
+class SlowUpdates(Callback):
+    """Records, after every training batch, the step and whether lookahead's slow weights changed in it."""
+
+    seen: list[tuple[int, bool]] = []
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        SlowUpdates.seen = []
+        self.before: dict[str, torch.Tensor] = {}
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        (lookahead,) = [c for c in trainer.callbacks if type(c).__name__ == "Lookahead"]
+        changed = any(not torch.equal(v, self.before.get(k, v)) for k, v in lookahead.slow.items())
+        SlowUpdates.seen.append((trainer.global_step, changed))
+        self.before = {k: v.clone() for k, v in lookahead.slow.items()}
+
+
+def test_lookahead_with_gradient_accumulation_updates_once_per_optimizer_step(fake_cifar10: Path) -> None:
+    # FastNet (BatchNorm) with lookahead every 2 optimizer steps, 2 batches to a step: 10 batches, 5 steps. The slow
+    # weights move at the batches that end steps 2 and 4 (at the last, 5, the network takes them as they are). Before,
+    # the batch after steps 2 and 4, which steps nothing, moved them again, by BatchNorm's running statistics.
+    main(["fit", "--config", str(REPO / "configs" / "fast-cpu.yaml"), *cifar(fake_cifar10),
+          "--model.net.init_args.widths", "[8, 16, 16]", "--data.batch_size", "16", "--trainer.max_epochs", "1",
+          "--trainer.accumulate_grad_batches", "2", *LOOKAHEAD, "--trainer.callbacks+=test_averaging.SlowUpdates",
+          *CSV_LOGGER])  # fmt: skip
+    steps = [step for step, _ in SlowUpdates.seen]
+    assert steps == [0, 1, 1, 2, 2, 3, 3, 4, 4, 5]
+    assert [step for step, changed in SlowUpdates.seen if changed] == [2, 4]
 
 
 def ema_args(class_path: str) -> list[str]:
