@@ -403,7 +403,12 @@ class ImageClassifier(LightningModule):
             # keeps its own unscaled value, so scaling once an epoch scales every epoch's rate once.
             if isinstance(callback, BackboneFinetuning) and self.current_epoch >= callback.unfreeze_backbone_at_epoch:
                 for optimizer in self.trainer.optimizers:
-                    optimizer.param_groups[-1]["lr"] *= factor
+                    group = optimizer.param_groups[-1]
+                    group["lr"] *= factor
+                    # Added with the optimizer's weight decay: divided by the factor, as for the backbone's other
+                    # groups (param_groups), the decay per step is the head's.
+                    if "weight_decay" in group:
+                        group["weight_decay"] = self.hparams.weight_decay / factor
                 self._schedule_added_groups(rebase=True)
 
     def _schedule_added_groups(self, rebase: bool) -> None:

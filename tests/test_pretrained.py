@@ -475,6 +475,25 @@ def test_backbone_finetuning_trains_the_backbone_at_backbone_lr_factor(fake_cifa
     assert [g[0]["lr"] for g in groups] == [0.01] * 4 and [g[1]["lr"] for g in groups] == pytest.approx([0.001] * 4)
 
 
+def test_backbone_finetuning_adds_the_backbone_at_the_weight_decay_of_backbone_lr_factor(fake_cifar10: Path) -> None:
+    # --model.backbone_lr_factor 0.1 trains the backbone at ten times the weight decay (the decay per step, learning
+    # rate times weight decay, the head's), also where BackboneFinetuning adds it. Before, the group it added had
+    # the optimizer's own weight decay: a tenth of the decay per step of the backbone's BatchNorm beside it.
+    from test_resume import cifar
+
+    args = [*cifar(fake_cifar10), *QUIET, "--trainer.max_epochs", "2", "--trainer.limit_train_batches", "1"]
+    args += ["--model.net", "TorchvisionNet", "--model.net.name", "shufflenet_v2_x0_5"]
+    args += ["--model.optimizer", "SGD", "--model.learning_rate", "0.01", "--model.weight_decay", "0.001"]
+    args += ["--model.backbone_lr_factor", "0.1"]
+    args += ["--trainer.callbacks+=BackboneFinetuning", "--trainer.callbacks.unfreeze_backbone_at_epoch", "1"]
+    args += ["--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.save_top_k", "-1"]
+    args += ["--trainer.callbacks.dirpath", "epochs"]
+    main(["fit", *args])
+    groups = torch.load("epochs/epoch=1-step=2.ckpt", weights_only=True)["optimizer_states"][0]["param_groups"]
+    assert len(groups) == 3  # the head; the backbone's BatchNorm; the rest of the backbone, from epoch 1
+    assert [g["weight_decay"] for g in groups] == pytest.approx([0.001, 0.01, 0.01])
+
+
 class GroupRates(Callback):
     """Records every step's epoch and learning rates, one per parameter group."""
 
