@@ -32,7 +32,8 @@ class WarmupLinearDecay(LRSchedule):
     Args:
         start: Factor on the learning rate at the first step of a cycle.
         peak: Fraction of a cycle at which the full learning rate is reached.
-        end: Factor on the learning rate at the last step of a cycle.
+        end: Factor on the learning rate at the end of a cycle; its last step trains one step's decay above it,
+            as airbench's schedule does.
         restarts: Fractions of training, increasing, at which a new cycle begins; none by default.
     """
 
