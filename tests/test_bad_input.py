@@ -62,10 +62,10 @@ def images(counts: dict[str, int], split: str = "train") -> None:
     write_image_folder(Path("images") / split, counts)
 
 
-def jpeg_bytes() -> bytes:
-    """A valid 64x64 JPEG of noise, whole."""
+def image_bytes(kind: str = "JPEG") -> bytes:
+    """A valid 64x64 image of noise, whole, in Pillow's format `kind`."""
     buffer = io.BytesIO()
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buffer, "JPEG")
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buffer, kind)
     return buffer.getvalue()
 
 
@@ -743,7 +743,15 @@ CASES = [
         "folder_truncated_jpeg",  # torchvision's reason, without the path of its C++ source that came with it
         FIT,
         "cannot decode image images/train/a/cut.jpg (Image is incomplete or truncated): remove or replace the file",
-        {"images/train/a/cut.jpg": jpeg_bytes()[:300]},
+        {"images/train/a/cut.jpg": image_bytes()[:300]},
+        lambda: images(CLASSES_AB),
+    ),
+    Case(
+        "folder_truncated_png",  # a lambda's reason: `operator(), /__w/vision/.../decode_png.cpp:79, Out of bound ...`
+        FIT,
+        "cannot decode image images/train/a/cut.png (Out of bound read in decode_png. Probably, the input image is "
+        "corrupted): remove or replace the file",
+        {"images/train/a/cut.png": image_bytes("PNG")[:3000]},
         lambda: images(CLASSES_AB),
     ),
     Case(

@@ -163,8 +163,9 @@ def _decode_with_pillow(path: Path, error: RuntimeError | None) -> Tensor:
     except Exception as err:  # Pillow raises UnidentifiedImageError, OSError, SyntaxError, ValueError for bad files
         cause = err if error is None else error
         reason = " ".join(str(cause).split()) or type(cause).__name__
-        # torchvision's errors begin with the function and the line of its C++ source that raised them.
-        reason = re.sub(r"^\w+, \S+\.(?:cpp|cc|cu|h):\d+, ", "", reason)
+        # torchvision's errors begin with the function and the line of its C++ source that raised them; the
+        # function of a cut-short PNG's error is a lambda, `operator()`.
+        reason = re.sub(r"^\S+, \S+\.(?:cpp|cc|cu|h):\d+, ", "", reason)
         if isinstance(err, UnidentifiedImageError) and (error is None or reason.startswith("Unsupported image file")):
             # Neither knows the format (a web server's error page saved as .jpg): torchvision's reason listed its own
             # formats and pointed to its Python functions for AVIF and HEIC.
