@@ -196,13 +196,13 @@ def test_device_batches_resume_at_the_next_batch_with_the_same_augmentation() ->
 
     full = loader()
     uninterrupted = list(full)
-    assert full.state_dict() == {"epoch": 3, "batches_taken": 10, "images_taken": 40}
+    assert full.state_dict() == {"epoch": 3, "batches_taken": 10, "images_taken": 40, "hashed_order": 1}
     interrupted = loader()
     iterator = iter(interrupted)
     for _ in range(4):
         next(iterator)
     state = interrupted.state_dict()
-    assert state == {"epoch": 3, "batches_taken": 4, "images_taken": 16}
+    assert state == {"epoch": 3, "batches_taken": 4, "images_taken": 16, "hashed_order": 1}
     resumed = loader()
     resumed.load_state_dict(state)
     rest = list(resumed)
@@ -213,6 +213,36 @@ def test_device_batches_resume_at_the_next_batch_with_the_same_augmentation() ->
     after = loader()
     after.load_state_dict({"epoch": 2, "batches_taken": 10})
     assert len(list(after)) == 10
+
+
+def test_consecutive_seeds_draw_other_orders_not_the_same_an_epoch_apart() -> None:
+    """DistributedSampler seeds an epoch's permutation with seed + epoch: a run with seed 1 trained on the orders of
+    the run with seed 0, one epoch earlier (a mean over seeds 0-4 averaged five runs of the same orders)."""
+    data = TensorImageDataset(torch.zeros(50, 1, 1, 1, dtype=torch.uint8), torch.arange(50))
+
+    def order(seed: int, epoch: int, rank: int = 0, ranks: int = 1) -> list[int]:
+        batches = DeviceBatches(data, 5, shuffle=True, drop_last=True, num_replicas=ranks, rank=rank, seed=seed)
+        batches.sampler.set_epoch(epoch)
+        return torch.cat([labels for _, labels in batches]).tolist()
+
+    assert order(1, 0) != order(0, 1) and order(43, 2) != order(42, 3)
+    assert order(0, 1) == order(0, 1) and order(0, 0) != order(0, 1)  # the same seed, the same order; a new epoch's
+    shards = [order(7, 2, rank, 3) for rank in range(3)]
+    assert [len(shard) for shard in shards] == [15, 15, 15]  # 17 a rank (one a repeat), 2 dropped with drop_last
+    assert len({i for shard in shards for i in shard}) == 45
+
+
+def test_a_state_saved_with_the_earlier_orders_goes_on_in_its_epochs_order() -> None:
+    """A checkpoint written in an epoch by a version whose orders were seed + epoch's: its epoch ends in that order,
+    each image once; the epochs after it take the new ones."""
+    data = TensorImageDataset(torch.zeros(40, 1, 1, 1, dtype=torch.uint8), torch.arange(40))
+    batches = DeviceBatches(data, 8, shuffle=True, drop_last=True, seed=5)
+    batches.load_state_dict({"epoch": 3, "batches_taken": 2, "images_taken": 16})
+    batches.sampler.set_epoch(3)
+    earlier = torch.randperm(40, generator=torch.Generator().manual_seed(5 + 3)).tolist()
+    assert torch.cat([labels for _, labels in batches]).tolist() == earlier[16:]
+    batches.sampler.set_epoch(4)
+    assert torch.cat([labels for _, labels in batches]).tolist() == list(batches.sampler)
 
 
 @pytest.mark.parametrize("device", [None, torch.device("cpu")], ids=["on_device", "sent"])
@@ -230,7 +260,7 @@ def test_batches_resumed_with_another_batch_size_go_on_at_the_next_image(device:
     interrupted = iter(first := loader(8))
     taken = [next(interrupted)[1] for _ in range(3)]
     state = first.state_dict()
-    assert state == {"epoch": 3, "batches_taken": 3, "images_taken": 24}
+    assert state == {"epoch": 3, "batches_taken": 3, "images_taken": 24, "hashed_order": 1}
     smaller = loader(5)
     smaller.load_state_dict(state)
     again = iter(smaller)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -53,13 +53,37 @@ class TensorImageDataset(Dataset):
         return images, labels.pin_memory() if pin else labels
 
 
+class EpochSampler(DistributedSampler):
+    """torch's DistributedSampler, with each epoch's permutation seeded by `derived_seed(seed, epoch)`.
+
+    Its own seeds the permutation with `seed + epoch`: epoch 1 of a run with seed 0 was epoch 0 of one with seed 1,
+    so runs of consecutive seeds (a mean over seeds 0-4) trained on the same orders, an epoch apart. The padding and
+    the shards are DistributedSampler's.
+    """
+
+    def __iter__(self) -> Iterator[int]:
+        if not self.shuffle:
+            return super().__iter__()
+        generator = torch.Generator().manual_seed(derived_seed(self.seed, self.epoch))
+        order = torch.randperm(len(self.dataset), generator=generator).tolist()
+        padding = self.total_size - len(order)  # the first images again, so that every rank takes as many
+        if padding > 0:
+            order += (order * math.ceil(padding / len(order)))[:padding]
+        return iter(order[self.rank : self.total_size : self.num_replicas])
+
+    def summed_order(self) -> list[int]:
+        """This rank's order of the epoch as DistributedSampler's `seed + epoch` draws it: the order of a pass
+        that a checkpoint of an earlier version stopped in."""
+        return list(super().__iter__())
+
+
 class DeviceBatches:
     """The batches of one split, cut by index from its tensors on the device they live on; a DataLoader's stand-in.
 
     Written by hand because a DataLoader collates every batch on the host: here a batch is one gather on the
-    training device. The order comes from torch's DistributedSampler: a permutation seeded by `seed + epoch`, the
-    same on every rank, of which each of the `num_replicas` ranks takes its own shard. Lightning calls
-    `sampler.set_epoch` before every training epoch.
+    training device. The order comes from `EpochSampler`, torch's DistributedSampler: a permutation seeded by the
+    seed and the epoch, the same on every rank, of which each of the `num_replicas` ranks takes its own shard.
+    Lightning calls `sampler.set_epoch` before every training epoch.
 
     Stateful in Lightning's sense (`state_dict`, `load_state_dict`): a checkpoint records the epoch and how many of
     its batches and images were taken, and a resumed run goes on at the next batch, not at batch 0 (at the next
@@ -123,9 +147,7 @@ class DeviceBatches:
         # one image a rank. Training keeps them; evaluation and predict leave them out of the batches (a rank's last
         # batch is one image shorter, or empty) but keep the batch count, so that each image is counted once and
         # the ranks still meet in the same collectives (DDP's buffer broadcast before each forward of a validation).
-        self.sampler = DistributedSampler(
-            data, num_replicas=num_replicas, rank=rank, shuffle=shuffle or scramble, seed=seed
-        )
+        self.sampler = EpochSampler(data, num_replicas=num_replicas, rank=rank, shuffle=shuffle or scramble, seed=seed)
         self._unique = len(self.sampler) if shuffle else len(range(rank, len(data), num_replicas))
         self.scramble = scramble and not shuffle
         self.batch_sampler = None  # Lightning inspects `sampler` and `batch_sampler` as on a DataLoader
@@ -142,13 +164,18 @@ class DeviceBatches:
         return n // self.batch_size if self.drop_last and n >= self.batch_size else math.ceil(n / self.batch_size)
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self._epoch, "batches_taken": self._taken, "images_taken": self._images}
+        # `hashed_order`: the epoch's order is EpochSampler's, not the `seed + epoch` one of earlier versions.
+        return {"epoch": self._epoch, "batches_taken": self._taken, "images_taken": self._images, "hashed_order": 1}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         # Images, not batches, say where the epoch goes on: a restart may change the batch size. States saved
         # before images were counted hold the batches of this batch size.
         images = state.get("images_taken", int(state["batches_taken"]) * self.batch_size)
         self._resume = {"epoch": int(state["epoch"]), "images_taken": int(images)}
+        if not state.get("hashed_order"):
+            # Saved by a version whose orders were `seed + epoch`'s: the epoch it stopped in goes on in that order,
+            # or it would see some images twice and others never.
+            self._resume["summed_order"] = 1
 
     def __iter__(self):
         # The body runs at the first `next`, after Lightning has set the sampler's epoch.
@@ -160,6 +187,8 @@ class DeviceBatches:
             self.sampler.set_epoch(0)
             order = list(self.sampler)
             self.sampler.set_epoch(epoch)
+        elif done and resume is not None and resume.get("summed_order"):
+            order = self.sampler.summed_order()
         else:
             order = list(self.sampler)
         order = torch.tensor(order[done:], dtype=torch.long, device=self.data.device)  # the images still to take
