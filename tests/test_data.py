@@ -123,10 +123,23 @@ def test_cifar10_splits_and_statistics(fake_cifar10: Path) -> None:
     other = CIFAR10DataModule(str(fake_cifar10), val_size=40)
     other.setup("validate")
     assert torch.equal(other.splits["val"].images, data.splits["val"].images)
-    # Normalised with the training images' own statistics: mean 0 and std 1 per channel over all 200.
-    x = data.preprocess(torch.cat([data.splits["train"].images, data.splits["val"].images]))
+    # Normalised with the training split's own statistics: mean 0 and std 1 per channel over its 160 images.
+    x = data.preprocess(data.splits["train"].images)
     assert x.mean(dim=(0, 2, 3)).abs().max() < 1e-4
     assert (x.std(dim=(0, 2, 3)) - 1).abs().max() < 1e-3
+
+
+def test_images_held_out_of_a_folder_take_no_part_in_the_normalisation(tmp_path: Path) -> None:
+    """The validation and test images held out of train/ counted in the mean and std that every input of the model
+    is normalised with: a quarter of the images of this folder, whose classes differ in colour."""
+    write_image_folder(tmp_path / "train", {"a": 20, "b": 20, "c": 20, "d": 20})
+    data = ImageFolderDataModule(str(tmp_path), val_size=10, test_size=10)
+    data.setup("fit")
+    x = data.preprocess(data.splits["train"].images)
+    assert x.mean(dim=(0, 2, 3)).abs().max() < 1e-4
+    assert (x.std(dim=(0, 2, 3)) - 1).abs().max() < 1e-3
+    held_out = data.preprocess(torch.cat([data.splits["val"].images, data.splits["test"].images]))
+    assert held_out.mean(dim=(0, 2, 3)).abs().max() > 0.01  # they are other images, normalised as the model sees them
 
 
 def test_augmentation_only_for_training_batches(fake_cifar10: Path) -> None:

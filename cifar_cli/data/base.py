@@ -103,7 +103,7 @@ class ImageDataModule(LightningDataModule):
         self.splits: dict[str, TensorImageDataset] = {}
         # Names of the predicted images (paths or indices) in the order of the predict split, for predictions.csv.
         self.predict_names: list[str] = []
-        self.mean: Tensor | None = None  # per channel, 0-255 scale, from the training images
+        self.mean: Tensor | None = None  # per channel, 0-255 scale, from the training split's images
         self.std: Tensor | None = None
         self._stats_on: dict[torch.device, tuple[Tensor, Tensor]] = {}
         self._prepared_for: str | None = None  # the stage `prepare` checked the data for
@@ -128,7 +128,8 @@ class ImageDataModule(LightningDataModule):
         raise NotImplementedError
 
     def set_statistics(self, train_images: Tensor | DiskImages) -> None:
-        """Take the per-channel mean and std for normalisation from all training images.
+        """Take the per-channel mean and std for normalisation from all images of the training split: not from those
+        held out of it for validation and testing, which would then shape the inputs of the model they evaluate.
 
         Exact and cheap from each channel's 256-bin histogram: no float copy of the whole data set. Counted a chunk
         of about 64 MB at a time, so that images on disk are read once and never held whole.

@@ -177,13 +177,13 @@ class CIFAR10DataModule(ImageDataModule):
             test_images = torch.from_numpy(test.data).permute(0, 3, 1, 2).contiguous()
             test_labels = torch.tensor(test.targets, dtype=torch.long)
         self.check_split_sizes(len(images), self.val_size)
-        self.set_statistics(images)
         val_index, train_index = split_indices(len(images), [self.val_size], self.split_seed)
         self.splits = {
             "train": TensorImageDataset(rows_of(images, train_index), labels[train_index]),
             "val": TensorImageDataset(rows_of(images, val_index), labels[val_index]),
             "test": TensorImageDataset(test_images, test_labels),
         }
+        self.set_statistics(self.splits["train"].images)
         self.splits["predict"] = self.splits["test"]
         self.predict_names = [str(i) for i in range(len(test_images))]
 

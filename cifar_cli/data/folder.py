@@ -343,7 +343,6 @@ class ImageFolderDataModule(ImageDataModule):
         for split in listings:
             self._legacy_cache(split).unlink(missing_ok=True)
         images, labels, names = files["train"], listings["train"].labels, listings["train"].names
-        self.set_statistics(images)
         val_index, test_index, train_index = split_indices(len(images), self._held_out_sizes(listings), self.split_seed)
 
         def split(name: str, index: Tensor) -> tuple[Tensor | DiskImages, Tensor, list[str]]:
@@ -354,6 +353,7 @@ class ImageFolderDataModule(ImageDataModule):
 
         # Only the test split keeps its image names (for predictions.csv).
         self.splits = {"train": TensorImageDataset(self.place(rows_of(images, train_index)), labels[train_index])}
+        self.set_statistics(self.splits["train"].images)
         val_images, val_labels, _ = split("val", val_index)
         self.splits["val"] = TensorImageDataset(val_images, val_labels)
         if "test" in listings or self.test_size:
