@@ -209,13 +209,19 @@ def test_device_batches_resume_at_the_next_batch_with_the_same_augmentation() ->
 
     full = loader()
     uninterrupted = list(full)
-    assert full.state_dict() == {"epoch": 3, "batches_taken": 10, "images_taken": 40, "hashed_order": 1}
+    assert full.state_dict() == {
+        "epoch": 3,
+        "batches_taken": 10,
+        "images_taken": 40,
+        "epoch_images_taken": 40,
+        "hashed_order": 1,
+    }
     interrupted = loader()
     iterator = iter(interrupted)
     for _ in range(4):
         next(iterator)
     state = interrupted.state_dict()
-    assert state == {"epoch": 3, "batches_taken": 4, "images_taken": 16, "hashed_order": 1}
+    assert state == {"epoch": 3, "batches_taken": 4, "images_taken": 16, "epoch_images_taken": 16, "hashed_order": 1}
     resumed = loader()
     resumed.load_state_dict(state)
     rest = list(resumed)
@@ -226,6 +232,35 @@ def test_device_batches_resume_at_the_next_batch_with_the_same_augmentation() ->
     after = loader()
     after.load_state_dict({"epoch": 2, "batches_taken": 10})
     assert len(list(after)) == 10
+
+
+@pytest.mark.parametrize(("before", "after"), [(2, 1), (1, 2), (2, 3)])
+def test_a_restart_on_another_number_of_ranks_takes_each_remaining_image_once(before: int, after: int) -> None:
+    """A DDP run stopped in an epoch and resumed on another number of GPUs: each rank went on at the images it had
+    taken of its own shard, whose images are others with another number of shards. 2 ranks resumed on 1 trained
+    12 of the 24 images they had taken again; 1 resumed on 2 skipped 12 images."""
+    data = TensorImageDataset(torch.zeros(40, 1, 1, 1, dtype=torch.uint8), torch.arange(40))
+
+    def loaders(ranks: int) -> list[DeviceBatches]:
+        batches = [DeviceBatches(data, 4, shuffle=True, num_replicas=ranks, rank=r, seed=5) for r in range(ranks)]
+        for loader in batches:
+            loader.sampler.set_epoch(3)
+        return batches
+
+    taken, states = [], []
+    for loader in loaders(before):  # 3 batches a rank, then stopped
+        iterator = iter(loader)
+        taken += [i for _ in range(3) for i in next(iterator)[1].tolist()]
+        states.append(loader.state_dict())
+    assert states[0]["epoch_images_taken"] == len(taken) == 12 * before
+    rest = []
+    for loader in loaders(after):
+        loader.load_state_dict(states[0])  # the state Lightning saved, rank 0's, restored on every rank
+        rest.append([i for _, labels in loader for i in labels.tolist()])
+    assert len({len(shard) for shard in rest}) == 1  # as many images a rank: the ranks take as many steps
+    everything = taken + [i for shard in rest for i in shard]
+    assert set(everything) == set(range(40))
+    assert len(everything) - 40 < after  # repeated only to give every rank as many, as the sampler pads
 
 
 def test_consecutive_seeds_draw_other_orders_not_the_same_an_epoch_apart() -> None:
@@ -273,7 +308,7 @@ def test_batches_resumed_with_another_batch_size_go_on_at_the_next_image(device:
     interrupted = iter(first := loader(8))
     taken = [next(interrupted)[1] for _ in range(3)]
     state = first.state_dict()
-    assert state == {"epoch": 3, "batches_taken": 3, "images_taken": 24, "hashed_order": 1}
+    assert state == {"epoch": 3, "batches_taken": 3, "images_taken": 24, "epoch_images_taken": 24, "hashed_order": 1}
     smaller = loader(5)
     smaller.load_state_dict(state)
     again = iter(smaller)

@@ -133,12 +133,24 @@ def test_sent_ahead_batches_resume_at_the_next_batch(tmp_path: Path) -> None:
     iterator = iter(interrupted)
     for _ in range(4):
         next(iterator)  # batch 4 has been read ahead by now; the state counts the 4 yielded
-    assert interrupted.state_dict() == {"epoch": 3, "batches_taken": 4, "images_taken": 16, "hashed_order": 1}
+    assert interrupted.state_dict() == {
+        "epoch": 3,
+        "batches_taken": 4,
+        "images_taken": 16,
+        "epoch_images_taken": 16,
+        "hashed_order": 1,
+    }
     resumed = loader(on_disk, torch.device("cpu"))
     resumed.load_state_dict(interrupted.state_dict())
     rest = list(resumed)
     assert len(rest) == 6
-    assert resumed.state_dict() == {"epoch": 3, "batches_taken": 10, "images_taken": 40, "hashed_order": 1}
+    assert resumed.state_dict() == {
+        "epoch": 3,
+        "batches_taken": 10,
+        "images_taken": 40,
+        "epoch_images_taken": 40,
+        "hashed_order": 1,
+    }
     for (x, y), (x0, y0) in zip(rest, uninterrupted[4:]):
         assert torch.equal(x, x0) and torch.equal(y, y0)
 

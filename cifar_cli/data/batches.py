@@ -62,14 +62,19 @@ class EpochSampler(DistributedSampler):
     """
 
     def __iter__(self) -> Iterator[int]:
-        if not self.shuffle:
-            return super().__iter__()
-        generator = torch.Generator().manual_seed(derived_seed(self.seed, self.epoch))
-        order = torch.randperm(len(self.dataset), generator=generator).tolist()
+        return iter(self.order()[self.rank : self.total_size : self.num_replicas])
+
+    def order(self) -> list[int]:
+        """The epoch's order over all ranks, of which rank r takes every `num_replicas`-th image from position r."""
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(derived_seed(self.seed, self.epoch))
+            order = torch.randperm(len(self.dataset), generator=generator).tolist()
+        else:
+            order = list(range(len(self.dataset)))
         padding = self.total_size - len(order)  # the first images again, so that every rank takes as many
         if padding > 0:
             order += (order * math.ceil(padding / len(order)))[:padding]
-        return iter(order[self.rank : self.total_size : self.num_replicas])
+        return order
 
     def summed_order(self) -> list[int]:
         """This rank's order of the epoch as DistributedSampler's `seed + epoch` draws it: the order of a pass
@@ -157,6 +162,7 @@ class DeviceBatches:
         self._epoch = 0  # the epoch of the current (or last) pass
         self._taken = 0  # batches of that epoch handed out so far
         self._images = 0  # and their images
+        self._everyone = 0  # and the images every rank took
         self._resume: dict[str, int] | None = None  # a loaded state, applied by the next pass
 
     def __len__(self) -> int:
@@ -165,13 +171,17 @@ class DeviceBatches:
 
     def state_dict(self) -> dict[str, int]:
         # `hashed_order`: the epoch's order is EpochSampler's, not the `seed + epoch` one of earlier versions.
-        return {"epoch": self._epoch, "batches_taken": self._taken, "images_taken": self._images, "hashed_order": 1}
+        # `epoch_images_taken`: those of every rank, the first of the epoch's order (EpochSampler.order).
+        return {"epoch": self._epoch, "batches_taken": self._taken, "images_taken": self._images,
+                "epoch_images_taken": self._everyone, "hashed_order": 1}  # fmt: skip
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         # Images, not batches, say where the epoch goes on: a restart may change the batch size. States saved
-        # before images were counted hold the batches of this batch size.
-        images = state.get("images_taken", int(state["batches_taken"]) * self.batch_size)
-        self._resume = {"epoch": int(state["epoch"]), "images_taken": int(images)}
+        # before images were counted hold the batches of this batch size, and those saved before every rank's
+        # were counted come from as many ranks as this run has.
+        images = int(state.get("images_taken", int(state["batches_taken"]) * self.batch_size))
+        everyone = int(state.get("epoch_images_taken", images * self.sampler.num_replicas))
+        self._resume = {"epoch": int(state["epoch"]), "images_taken": images, "epoch_images_taken": everyone}
         if not state.get("hashed_order"):
             # Saved by a version whose orders were `seed + epoch`'s: the epoch it stopped in goes on in that order,
             # or it would see some images twice and others never.
@@ -182,24 +192,33 @@ class DeviceBatches:
         epoch = self.sampler.epoch
         resume, self._resume = self._resume, None
         # A state from the end of an epoch, or from another epoch, starts this one from its first batch.
-        done = resume["images_taken"] if resume is not None and resume["epoch"] == epoch else 0
+        same = resume is not None and resume["epoch"] == epoch
+        done, everyone = (resume["images_taken"], resume["epoch_images_taken"]) if same else (0, 0)
+        ranks = self.sampler.num_replicas
         if self.scramble:  # the sampler's permutation of epoch 0, whatever epoch Lightning set
             self.sampler.set_epoch(0)
-            order = list(self.sampler)
+            order = list(self.sampler)[done:]
             self.sampler.set_epoch(epoch)
-        elif done and resume is not None and resume.get("summed_order"):
-            order = self.sampler.summed_order()
+        elif done and resume.get("summed_order"):
+            order = self.sampler.summed_order()[done:]
+        elif everyone != done * ranks:
+            # Taken by another number of ranks (a restart on fewer GPUs, say): together the first `everyone` of the
+            # epoch's order. Taking on from `done` of this rank's shard would repeat some images and skip others;
+            # the rest is shared out as the sampler shares an epoch, padded with its first images to as many a rank.
+            rest = self.sampler.order()[everyone:]
+            rest += rest[: -len(rest) % ranks]
+            order, done = rest[self.rank :: ranks], everyone // ranks
         else:
-            order = list(self.sampler)
-        order = torch.tensor(order[done:], dtype=torch.long, device=self.data.device)  # the images still to take
-        # Batch numbers (the augmentation's seeds) go on from the batches taken. With the batch size the state was
-        # saved with, `done` is a whole number of batches and the pass is the uninterrupted one's remainder.
+            order = list(self.sampler)[done:]
+        order = torch.tensor(order, dtype=torch.long, device=self.data.device)  # the images still to take
+        # Batch numbers (the augmentation's seeds) go on from the batches taken. With the batch size and ranks the
+        # state was saved with, `done` is a whole number of batches and the pass is the uninterrupted one's remainder.
         first, aligned = divmod(done, self.batch_size)
-        if aligned == 0:
+        if aligned == 0 and everyone == done * ranks:
             batches = max(len(self) - first, 0)
-        else:  # after a restart with another batch size
+        else:  # after a restart with another batch size or number of ranks
             batches = len(order) // self.batch_size if self.drop_last else math.ceil(len(order) / self.batch_size)
-        self._epoch, self._taken, self._images = epoch, first, done
+        self._epoch, self._taken, self._images, self._everyone = epoch, first, done, everyone
         sent = self._send(order, done, 0) if self.device is not None and batches > 0 else None
         for i in range(batches):
             if sent is None:
@@ -214,7 +233,8 @@ class DeviceBatches:
                 self._generator.manual_seed(derived_seed(self.seed, epoch, batch, self.rank))
                 images, labels = self.augment(images, labels, self._generator, index, epoch)
             # Counted before the yield: a checkpoint taken during this step counts it.
-            self._taken, self._images = batch + 1, done + min((i + 1) * self.batch_size, len(order))
+            taken = min((i + 1) * self.batch_size, len(order))
+            self._taken, self._images, self._everyone = batch + 1, done + taken, everyone + ranks * taken
             yield (images, labels, index) if self.with_index else (images, labels)
 
     def _batch(self, order: Tensor, done: int, batch: int) -> Tensor:
