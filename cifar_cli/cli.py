@@ -90,6 +90,7 @@ from cifar_cli.presets import shipped_config
 from cifar_cli.pretrained import weights_from_checkpoint
 from cifar_cli.resume import (
     RUN_KEY,
+    budget_spent,
     config_changes,
     continue_run,
     keep_csv_metrics,
@@ -863,6 +864,13 @@ class CifarCLI(LightningCLI):
                         f"--trainer.max_{unit}s to train on"
                     )
                     break
+            if not self.ended and budget_spent(self.checkpoint, trainer.get("max_time")):
+                # It stopped at once, saying "epoch 15/1000" and adding an empty W&B part to the `wandb sync` line.
+                self.ended = True
+                label = (
+                    f"after its time budget ({trainer.get('max_time')}): nothing is left to train; raise "
+                    "--trainer.max_time to train on"
+                )
             self.resume_line = f"cifar-cli: resuming from {ckpt_path} at step {step:,}, {label}"
 
     def _option_of_another_subcommand(self, err: ArgumentError) -> UsageError | None:

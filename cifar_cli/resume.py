@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.loggers import CSVLogger
 
 from cifar_cli.atomic import atomic_write_csv
@@ -122,6 +123,20 @@ def _step(row: dict[str, str]) -> int | None:
         return int(float(row.get("step") or ""))
     except ValueError:
         return None
+
+
+def budget_spent(checkpoint: dict[str, Any], max_time: Any) -> bool:
+    """Whether the checkpoint's run has trained for all of `max_time` (`--trainer.max_time`), by the training time
+    its Timer (FitTimer) recorded: resumed, it would stop before its first step."""
+    states = [s for s in (checkpoint.get("callbacks") or {}).values() if isinstance(s, dict) and "time_elapsed" in s]
+    if max_time is None or not states:
+        return False
+    try:
+        timer = Timer(duration=max_time)  # Lightning's own reading of the limit and of the time spent
+    except Exception:  # a malformed limit, refused in one line before the trainer is built
+        return False
+    timer.load_state_dict(states[0])
+    return (timer.time_remaining() or 0) <= 0
 
 
 def restart_config(earlier: dict[str, Any], now: dict[str, Any]) -> dict[str, Any]:

@@ -343,6 +343,32 @@ def test_ckpt_path_last_of_a_run_ended_by_max_steps_says_nothing_is_left_to_trai
     ) in capfd.readouterr().err
 
 
+def test_ckpt_path_last_of_a_run_whose_time_budget_is_spent_says_nothing_is_left_to_train(
+    fake_cifar10: Path, capfd
+) -> None:
+    """The same command after `--trainer.max_time` ended the run: the line said "epoch 8/1000", the run stopped
+    before its first step, and an empty offline W&B part lengthened the `wandb sync` command."""
+    args = ["fit", *cifar(fake_cifar10), "--trainer.max_epochs", "1000", "--trainer.max_time", "00:00:00:01",
+            "--trainer.enable_progress_bar", "false"]  # fmt: skip
+    main(args)
+    wandb.finish()
+    (last,) = Path("runs").glob("**/checkpoints/last.ckpt")
+    step = torch.load(last, weights_only=True)["global_step"]
+    (part,) = Path("runs/wandb").glob("offline-run-*")
+    capfd.readouterr()
+    main([*args, "--ckpt_path", "last"])
+    wandb.finish()
+    out, err = capfd.readouterr()
+    assert (
+        f"cifar-cli: resuming from {last} at step {step}, after its time budget (00:00:00:01): nothing is left to "
+        "train; raise --trainer.max_time to train on\n"
+    ) in err
+    assert "wandb sync" not in out and list(Path("runs/wandb").glob("offline-run-*")) == [part]
+    main([*args, "--trainer.max_time", "00:00:01:00", "--trainer.max_steps", str(step + 2), "--ckpt_path", "last"])
+    assert "nothing is left to train" not in capfd.readouterr().err
+    assert torch.load(last, weights_only=True)["global_step"] == step + 2
+
+
 def test_ckpt_path_last_stops_at_a_damaged_last_ckpt_of_the_newest_run(fake_cifar10: Path, capfd) -> None:
     """The command asks to continue the newest run: its last.ckpt cut short was passed over with a "skipping" line,
     and the older run resumed (or a new one started) in its place."""
