@@ -22,6 +22,7 @@ import torch
 from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from cifar_cli.errors import UsageError
@@ -165,16 +166,22 @@ def atomic_csv_logs(logger: Any) -> None:
     a new file that replaces the old. The file stays small (one row per logged step), so the rewrite is cheap.
     """
     writer = logger.experiment
+    if type(writer) is ExperimentWriter:
+        # A class, not a function set on the writer: ddp_spawn pickles the logger to the ranks, and a local
+        # function stopped `--trainer.strategy ddp_spawn --trainer.logger CSVLogger` with "Can't pickle".
+        writer.__class__ = WholeCSVWriter
 
-    def save() -> None:
-        if not writer.metrics:
+
+class WholeCSVWriter(ExperimentWriter):
+    """Lightning's CSV writer, each flush writing `metrics.csv` whole (atomic_csv_logs)."""
+
+    def save(self) -> None:
+        if not self.metrics:
             return
-        writer._record_new_keys()
+        self._record_new_keys()
         rows: list[dict[str, Any]] = []
-        if os.path.isfile(writer.metrics_file_path):
-            with open(writer.metrics_file_path, newline="") as file:
+        if os.path.isfile(self.metrics_file_path):
+            with open(self.metrics_file_path, newline="") as file:
                 rows = list(csv.DictReader(file))
-        atomic_write_csv(writer.metrics_file_path, writer.metrics_keys, rows + writer.metrics)
-        writer.metrics = []
-
-    writer.save = save
+        atomic_write_csv(self.metrics_file_path, self.metrics_keys, rows + self.metrics)
+        self.metrics = []

@@ -372,3 +372,23 @@ def test_sigterm_to_the_spawning_process_stops_the_ranks_as_under_ddp(images: Pa
     else:
         os.killpg(proc.pid, signal.SIGKILL)
         pytest.fail("a process of the run lived on after it ended")
+
+
+@pytest.mark.slow
+def test_a_csv_logger_run_under_ddp_spawn_restarts_with_its_changes_recorded_once(images: Path, tmp_path: Path):
+    """`--trainer.strategy ddp_spawn --trainer.logger CSVLogger` stopped before training with "Can't pickle local
+    object" (the logger goes to the ranks pickled). A restart with changed settings: config.yaml and its kept copy
+    are rank 0's, the change is said once, and metrics.csv keeps the first start's rows."""
+    args = [*BASE, *ONE_NODE, "--trainer.strategy", "ddp_spawn", "--data.root", str(images),
+            "--trainer.logger", "CSVLogger", "--trainer.logger.save_dir", "runs"]  # fmt: skip
+    code, stderr = finish(start([*args, "--trainer.max_epochs", "1"], tmp_path, ddp_env(free_port())))
+    assert code == 0, stderr[-2000:]
+    restart = [*args, "--trainer.max_epochs", "2", "--model.learning_rate", "0.001", "--ckpt_path", "last"]
+    code, stderr = finish(start(restart, tmp_path, ddp_env(free_port())))
+    assert code == 0, stderr[-2000:]
+    assert stderr.count("cifar-cli: this restart changes the run's settings (trainer.max_epochs 1 -> 2") == 1
+    (run,) = (tmp_path / "runs" / "lightning_logs").iterdir()
+    assert sorted(p.name for p in run.glob("config*")) == [f"config-until-step-{STEPS // 2}.yaml", "config.yaml"]
+    assert "max_epochs: 2\n" in (run / "config.yaml").read_text()
+    with open(run / "metrics.csv", newline="") as file:
+        assert {row["epoch"] for row in csv.DictReader(file)} == {"0", "1"}
