@@ -101,6 +101,7 @@ from cifar_cli.resume import (
     set_aside_csv_metrics,
 )
 from cifar_cli.terminal import (
+    ignore_for_this_run,
     print_summary,
     progress_bar,
     quiet_model_summary,
@@ -817,7 +818,7 @@ class CifarCLI(LightningCLI):
         if subcommand != "fit":
             # Lightning restores the checkpoint's ModelCheckpoint state and warns that its folder differs from
             # this run's: only a run that trains on (fit) has use for that state.
-            warnings.filterwarnings("ignore", message=r"The dirpath has changed from")
+            ignore_for_this_run(r"The dirpath has changed from")
         # The checkpoint's model and data settings become the defaults, so that `test --ckpt_path FILE` alone
         # evaluates the same network on the split it was trained with, and a flag or config still overrides them.
         saved = self.checkpoint.get(CHECKPOINT_KEY, {})
@@ -844,8 +845,8 @@ class CifarCLI(LightningCLI):
             # Training goes on in the checkpoint's own run: its folder, its config.yaml, its W&B run.
             self.resuming = continue_run(config["trainer"].get("logger"), saved.get(RUN_KEY))
             if self.resuming:  # its folders hold its checkpoints and logs so far, as they should
-                warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
-                warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
+                ignore_for_this_run(r"Checkpoint directory .* exists and is not empty")
+                ignore_for_this_run(r"Experiment logs directory .* exists and is not empty")
             step = self.checkpoint.get("global_step") or 0
             self.resume_step = step
             # The epoch training goes on in: the count of epochs whose batches are all done (a checkpoint taken

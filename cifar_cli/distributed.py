@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -34,7 +35,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.multiprocessing.spawn import ProcessException, ProcessExitedException
 
 from cifar_cli.errors import causes, debugging
-from cifar_cli.terminal import silence_noise
+from cifar_cli.terminal import IGNORED_FOR_THIS_RUN, silence_noise
 
 # Store key of the first failure: "rank leader message", where leader is the global rank of local rank 0 on the
 # failing rank's node.
@@ -103,6 +104,7 @@ class _StateCarryingLauncher(_MultiProcessingLauncher):
     _stopped: int | None = None  # in rank 0: the exit code of a stop by a signal (Preemption's), for the launcher
     _signalled: int | None = None  # in the spawning process: the signal passed on to the ranks
     _procs: list = []
+    _ignored: list[str] = []  # the messages the spawning process ignores for this run, for the ranks
 
     @property
     def procs(self) -> list:
@@ -116,6 +118,7 @@ class _StateCarryingLauncher(_MultiProcessingLauncher):
             self._pass_on(self._signalled, None)
 
     def launch(self, function: Any, *args: Any, trainer: Trainer | None = None, **kwargs: Any) -> Any:
+        self._ignored = list(IGNORED_FOR_THIS_RUN)
         if threading.current_thread() is not threading.main_thread():
             return super().launch(function, *args, trainer=trainer, **kwargs)
         previous = signal.signal(signal.SIGTERM, self._pass_on)
@@ -137,8 +140,11 @@ class _StateCarryingLauncher(_MultiProcessingLauncher):
                 os.kill(proc.pid, signum)
 
     def _wrapping_function(self, process_idx: int, trainer: Trainer | None, function: Any, *args: Any) -> None:
-        # A spawned rank starts a new interpreter, without the warning filters the command set in its own.
+        # A spawned rank starts a new interpreter, without the warning filters the command set in its own: a resumed
+        # run's ranks warned that Lightning would delete its metrics.csv (which cifar-cli keeps).
         silence_noise()
+        for message in self._ignored:
+            warnings.filterwarnings("ignore", message=message)
 
         def run(*args: Any, **kwargs: Any) -> Any:
             try:

@@ -46,6 +46,17 @@ _TIPS = _DropMessages(r"^💡 Tip: For seamless cloud ", r"Detected KeyboardInte
 _TIPS_LOGGER = "lightning.pytorch.utilities.rank_zero"
 
 
+# The messages a command ignores for what it read on its command line (a resumed run's folders exist already): a
+# rank that ddp_spawn starts is a new interpreter, which ignores them again (cifar_cli.distributed).
+IGNORED_FOR_THIS_RUN: list[str] = []
+
+
+def ignore_for_this_run(message: str) -> None:
+    """Ignore the warnings matching `message` in this process and in the ranks it spawns."""
+    warnings.filterwarnings("ignore", message=message)
+    IGNORED_FOR_THIS_RUN.append(message)
+
+
 def silence_noise() -> None:
     """Silence, by their text, the upstream messages that tell a user of cifar-cli nothing they can act on."""
     logger = logging.getLogger(_TIPS_LOGGER)
