@@ -162,7 +162,10 @@ def _as_list(value: Any) -> list[Any]:
 def config_changes(earlier: Any, now: Any, key: str = "") -> list[str]:
     """`key before -> after` for each setting that differs between two configs, keys as the command line's flags
     name them (`model.optimizer.lr`, without `init_args`); a list of classes (callbacks, loggers) that gained or
-    lost one, as `key +Class -Class`."""
+    lost one, as `key +Class -Class`; a class given for another, or for none, by its name (`model.lr_schedule null
+    -> WarmupLinearDecay`)."""
+    if _class_name(earlier) != _class_name(now):
+        return [f"{key} {_short(earlier)} -> {_short(now)}"]
     if isinstance(earlier, dict) and isinstance(now, dict):
         changes = []
         for name in [*earlier, *(k for k in now if k not in earlier)]:
@@ -187,5 +190,8 @@ def _class_name(item: Any) -> str | None:
 
 
 def _short(value: Any) -> str:
-    text = json.dumps(value, default=str) if isinstance(value, (dict, list)) else str(value)
+    """A value as a flag takes it: a class by its name, and YAML's null, true and false."""
+    if (name := _class_name(value)) is not None:
+        return name
+    text = json.dumps(value, default=str) if isinstance(value, (dict, list, bool)) or value is None else str(value)
     return text if len(text) <= 40 else text[:37] + "..."

@@ -476,6 +476,24 @@ def test_a_restart_that_changes_settings_leaves_them_in_config_yaml_for_the_next
     ]
 
 
+def test_a_restart_names_a_class_it_adds_and_values_as_flags_take_them(fake_cifar10: Path, capsys) -> None:
+    """The line named a schedule added on a restart by 40 characters of its config (`model.lr_schedule None ->
+    {"class_path": "cifar_cli.optim.Warmu...`), and wrote None, False and True, which no flag or config spells."""
+    args = [*cifar(fake_cifar10), *CSV_LOGGER, "--trainer.enable_progress_bar", "false"]
+    main(["fit", *args, "--trainer.max_epochs", "1"])
+    capsys.readouterr()
+    main(["fit", *args, "--trainer.max_epochs", "2", "--model.lr_schedule", "WarmupLinearDecay", "--data.augment",
+          "true", "--trainer.max_time", "00:01:00:00", "--ckpt_path", "last"])  # fmt: skip
+    assert (
+        "cifar-cli: this restart changes the run's settings (trainer.max_epochs 1 -> 2, trainer.max_time null -> "
+        "00:01:00:00, model.lr_schedule null -> WarmupLinearDecay, data.augment false -> true); config.yaml now "
+        "holds them, the earlier one is kept as config-until-step-5.yaml\n"
+    ) in capsys.readouterr().err
+    (config,) = Path("runs").glob("*/config.yaml")
+    schedule = yaml.safe_load(config.read_text())["model"]["lr_schedule"]
+    assert schedule["class_path"] == "cifar_cli.optim.WarmupLinearDecay"
+
+
 def test_config_changes_are_named_as_flags_and_as_classes_added_or_removed() -> None:
     def cls(name: str, **init_args: object) -> dict:
         return {"class_path": f"lightning.pytorch.callbacks.{name}", "init_args": init_args}
