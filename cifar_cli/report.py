@@ -12,6 +12,7 @@ import csv
 import errno
 import json
 import math
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +27,7 @@ from matplotlib.ticker import MaxNLocator
 
 from cifar_cli.atomic import atomic_write, atomic_write_text, refuse_unsafe_load
 from cifar_cli.errors import UsageError
+from cifar_cli.resume import config_changes
 
 HEADLINE = ("train_loss_epoch", "train_acc_epoch", "val_loss", "val_acc", "test_loss", "test_acc")
 STAGES = ("val", "test")
@@ -318,6 +320,23 @@ def config_lines(config: Any) -> list[str]:
     return list(lines.values())
 
 
+def restart_lines(run_dir: Path, config: Any) -> list[str]:
+    """Each restart that changed the run's settings, from the earlier configs it kept (`config-until-step-N.yaml`):
+    its step and the changes, as its line named them. config.yaml, which the Config section reads, holds the
+    latest settings alone: a run restarted with another learning rate read as trained at that rate throughout."""
+    kept = sorted(
+        (int(match[1]), path)
+        for path in run_dir.glob("config-until-step-*.yaml")
+        if (match := re.fullmatch(r"config-until-step-(\d+)\.yaml", path.name))
+    )
+    configs = [read_optional(path, lambda path: yaml.safe_load(path.read_text())) for _, path in kept] + [config]
+    lines = []
+    for (step, path), earlier, later in zip(kept, configs, configs[1:]):
+        if isinstance(earlier, dict) and isinstance(later, dict) and (changes := config_changes(earlier, later)):
+            lines.append(f"- at step {step:,}: {', '.join(changes)} (the settings before: `{path.name}`)")
+    return lines
+
+
 def read_summary(run_dir: Path) -> dict[str, Any] | None:
     summary = read_optional(run_dir / "summary.json", lambda path: json.loads(path.read_text()))
     return summary if isinstance(summary, dict) else None
@@ -351,6 +370,7 @@ def write_markdown(
     sections += [(f"Per class ({stage})", per_class_lines(rows, stage, classes.get(stage, []))) for stage in STAGES]
     sections += [
         ("Config", config_lines(config)),
+        ("Restarts with other settings", restart_lines(run_dir, config)),
         ("Figures", [f"![{Path(name).stem}]({name})\n" for name in figures]),  # one paragraph each, not a row
     ]
     for heading, lines in sections:

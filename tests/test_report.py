@@ -146,6 +146,24 @@ def test_fit_run(fit_run: Path) -> None:
     assert "![loss](loss.png)" in report and "![mistakes_val](mistakes_val.png)" in report
 
 
+def test_a_run_restarted_with_other_settings_says_when_and_what_changed(fit_run: Path) -> None:
+    """config.yaml holds a restarted run's latest settings: the report gave its learning rate as the run's, with no
+    word that the first epochs trained at another (the restart kept their config as config-until-step-N.yaml)."""
+    config = yaml.safe_load((fit_run / "config.yaml").read_text())
+    config["trainer"]["max_epochs"], config["model"]["learning_rate"] = 1, 0.001
+    (fit_run / "config-until-step-10.yaml").write_text(yaml.safe_dump(config))
+    config["trainer"]["max_epochs"] = 2
+    (fit_run / "config-until-step-20.yaml").write_text(yaml.safe_dump(config))
+    report = (write_report(fit_run)[-1]).read_text()
+    assert "- model.learning_rate: `0.0002`" in report
+    assert (
+        "## Restarts with other settings\n\n"
+        "- at step 10: trainer.max_epochs 1 -> 2 (the settings before: `config-until-step-10.yaml`)\n"
+        "- at step 20: model.learning_rate 0.001 -> 0.0002, trainer.max_epochs 2 -> 3 (the settings before: "
+        "`config-until-step-20.yaml`)\n"
+    ) in report
+
+
 def test_test_only_run(tmp_path: Path) -> None:
     """A `cifar-cli test` folder: test columns only, no fit_time, a test confusion matrix; no curves to draw."""
     run = tmp_path / "test-run"
