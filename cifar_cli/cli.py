@@ -847,6 +847,8 @@ class CifarCLI(LightningCLI):
             if self.resuming:  # its folders hold its checkpoints and logs so far, as they should
                 ignore_for_this_run(r"Checkpoint directory .* exists and is not empty")
                 ignore_for_this_run(r"Experiment logs directory .* exists and is not empty")
+            else:
+                self._say_new_run_folder(ckpt_path, config["trainer"].get("logger"), saved.get(RUN_KEY))
             step = self.checkpoint.get("global_step") or 0
             self.resume_step = step
             # The epoch training goes on in: the count of epochs whose batches are all done (a checkpoint taken
@@ -873,6 +875,22 @@ class CifarCLI(LightningCLI):
                     "--trainer.max_time to train on"
                 )
             self.resume_line = f"cifar-cli: resuming from {ckpt_path} at step {step:,}, {label}"
+
+    @staticmethod
+    def _say_new_run_folder(ckpt_path: str, logger: Any, identity: Any) -> None:
+        """`fit --ckpt_path FILE` of a run that logged with another logger (or none) trains on in a run folder of
+        its own, as `--ckpt_path last` passes over such runs. It said "resuming" and nothing else, but for
+        Lightning's line that the checkpoint's ModelCheckpoint state was of another folder."""
+        ignore_for_this_run(r"The dirpath has changed from")
+        theirs = logger_name(identity.get("logger")) if isinstance(identity, dict) else None
+        ours = logger_name(logger)
+        if theirs != ours:
+            print(
+                f"cifar-cli: --ckpt_path {ckpt_path} comes from a run with {theirs or 'no logger'}, and this fit has "
+                f"{ours or 'no logger'}: it trains on from that checkpoint in a new run folder (give --trainer.logger "
+                f"{theirs or 'false'} to continue the run itself)",
+                file=sys.stderr,
+            )
 
     def _option_of_another_subcommand(self, err: ArgumentError) -> UsageError | None:
         """The refusal of a top-level key that another subcommand takes, saying which: `verbose`, in a config

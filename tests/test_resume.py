@@ -409,6 +409,30 @@ def test_ckpt_path_last_resumes_only_a_run_of_the_same_logger(fake_cifar10: Path
     assert len(list(Path("runs/cifar-cli").iterdir())) == 1  # the W&B run's folder, continued
 
 
+def test_a_checkpoint_of_a_run_with_another_logger_trains_on_in_a_new_run_folder_saying_so(
+    fake_cifar10: Path, capfd, recwarn
+) -> None:
+    """`fit --ckpt_path FILE` with another logger than the checkpoint's run had cannot continue that run's folder:
+    it said "resuming" and nothing more, but for Lightning's warning that the checkpoint's ModelCheckpoint state
+    was of another folder."""
+    args = [*cifar(fake_cifar10), "--trainer.enable_progress_bar", "false"]
+    main(["fit", *args, *CSV_LOGGER, "--trainer.max_epochs", "1"])
+    (last,) = Path("runs").glob("**/checkpoints/last.ckpt")
+    config = (last.parent.parent / "config.yaml").read_bytes()
+    capfd.readouterr()
+    main(["fit", *args, "--trainer.max_epochs", "2", "--ckpt_path", str(last)])
+    wandb.finish()
+    assert (
+        f"cifar-cli: --ckpt_path {last} comes from a run with CSVLogger, and this fit has WandbLogger: it trains on "
+        "from that checkpoint in a new run folder (give --trainer.logger CSVLogger to continue the run itself)\n"
+    ) in capfd.readouterr().err
+    assert not [w for w in recwarn if "dirpath has changed" in str(w.message)]
+    (run,) = Path("runs/cifar-cli").iterdir()
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 10
+    assert torch.load(last, weights_only=True)["global_step"] == 5
+    assert (last.parent.parent / "config.yaml").read_bytes() == config
+
+
 def test_restart_changes_the_learning_rate_and_resumes_a_run_of_two_loggers(fake_cifar10: Path) -> None:
     """A restart's `--model.learning_rate` applies from there on (the checkpoint's is only the default), and a run
     that logs to a list of loggers continues in its own folder, named by the first."""
