@@ -332,6 +332,25 @@ class RunConfigSaver(SaveConfigCallback):
                 "there: run in another folder, or pass --trainer.default_root_dir"
             )
 
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        # A run resumed from another folder than `fit` ran in goes on in its own folder there
+        # (CifarCLI._save_where_the_run_is); its ModelCheckpoint states name relative paths from there, and
+        # Lightning, finding another dirpath, dropped the best score (the next checkpoint was the best, however bad).
+        working_dir = checkpoint.get(CHECKPOINT_KEY, {}).get(WORKING_DIR_KEY)
+        if not self.resuming or not isinstance(working_dir, str) or os.path.realpath(working_dir) == os.getcwd():
+            return
+
+        def from_there(path: Any) -> Any:
+            relative = isinstance(path, str) and path and not os.path.isabs(path)
+            return os.path.normpath(os.path.join(working_dir, path)) if relative else path
+
+        for state in (checkpoint.get("callbacks") or {}).values():
+            if isinstance(state, dict) and from_there(state.get("dirpath")) != state.get("dirpath"):
+                for key in ("dirpath", "best_model_path", "kth_best_model_path", "last_model_path"):
+                    state[key] = from_there(state.get(key))
+                if isinstance(state.get("best_k_models"), dict):
+                    state["best_k_models"] = {from_there(k): v for k, v in state["best_k_models"].items()}
+
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         # The data module's full config (class_path and init_args), so that `--ckpt_path` restores it too, with
         # the folder its relative paths start from, the run's identity, so that resuming from it continues the
@@ -845,6 +864,7 @@ class CifarCLI(LightningCLI):
             # Training goes on in the checkpoint's own run: its folder, its config.yaml, its W&B run.
             self.resuming = continue_run(config["trainer"].get("logger"), saved.get(RUN_KEY))
             if self.resuming:  # its folders hold its checkpoints and logs so far, as they should
+                self._save_where_the_run_is(config["trainer"].get("logger"), ckpt_path, saved.get(WORKING_DIR_KEY))
                 ignore_for_this_run(r"Checkpoint directory .* exists and is not empty")
                 ignore_for_this_run(r"Experiment logs directory .* exists and is not empty")
             else:
@@ -982,6 +1002,26 @@ class CifarCLI(LightningCLI):
             if root and save_dir and not os.path.isabs(save_dir) and not Path(save_dir).is_relative_to(root):
                 init_args.save_dir = os.path.join(root, save_dir)
                 self._given_save_dirs.append((init_args, save_dir))
+
+    def _save_where_the_run_is(self, loggers: Any, ckpt_path: str, working_dir: Any) -> None:
+        """A resumed run's relative `save_dir` taken from the folder `fit` ran in, where the checkpoint lies under
+        it there and not from here: resumed from another folder (`--ckpt_path /project/runs/.../last.ckpt`), the
+        run went on in a second folder of the same id under the current one, with a config.yaml and metrics.csv of
+        its own. config.yaml keeps `save_dir` as given (`_restore_given_save_dir`)."""
+        if not isinstance(working_dir, str):
+            return
+        checkpoint = Path(ckpt_path).resolve()
+        for logger in loggers if isinstance(loggers, list) else [loggers]:
+            init_args = getattr(logger, "init_args", None)
+            save_dir = init_args.get("save_dir") if init_args is not None else None
+            if not isinstance(save_dir, str) or os.path.isabs(save_dir):
+                continue
+            there = os.path.normpath(os.path.join(working_dir, save_dir))  # as the checkpoints' states name it
+            here = Path(save_dir).resolve()
+            if checkpoint.is_relative_to(Path(there).resolve()) and not checkpoint.is_relative_to(here):
+                given = next((g for args, g in self._given_save_dirs if args is init_args), save_dir)
+                init_args.save_dir = there
+                self._given_save_dirs.append((init_args, given))
 
     def _restore_given_save_dir(self) -> None:
         """The logger's `save_dir` as given, once the logger is built (or before the config is printed): the

@@ -518,6 +518,27 @@ def test_a_restart_names_a_class_it_adds_and_values_as_flags_take_them(fake_cifa
     assert schedule["class_path"] == "cifar_cli.optim.WarmupLinearDecay"
 
 
+def test_a_run_resumed_from_another_folder_goes_on_in_its_own_folder(fake_cifar10: Path, tmp_path: Path, recwarn):
+    """`fit --config /project/runs/.../config.yaml --ckpt_path /project/runs/.../last.ckpt` from another folder: the
+    run went on in a second folder of its id under the current one, with a config.yaml and a metrics.csv of their
+    own (the first epoch's rows left behind). Its checkpoints' best score is kept, as from the run's own folder."""
+    args = [*cifar(fake_cifar10), *CSV_LOGGER, "--trainer.enable_progress_bar", "false"]
+    os.chdir(tmp_path / "project" if (tmp_path / "project").mkdir() is None else tmp_path)
+    main(["fit", *args, "--trainer.max_epochs", "1"])
+    (config,) = Path("runs").glob("*/config.yaml")
+    run = config.parent.resolve()
+    first = config.read_text()
+    os.chdir(tmp_path / "elsewhere" if (tmp_path / "elsewhere").mkdir() is None else tmp_path)
+    main(["fit", "--config", str(run / "config.yaml"), "--ckpt_path", str(run / "checkpoints" / "last.ckpt"),
+          "--trainer.max_epochs", "2"])  # fmt: skip
+    assert list(Path().iterdir()) == []
+    assert (run / "config-until-step-5.yaml").read_text() == first
+    assert yaml.safe_load((run / "config.yaml").read_text())["trainer"]["logger"]["init_args"]["save_dir"] == "runs"
+    assert {row["epoch"] for row in metrics_rows(run)} == {"0", "1"}
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 10
+    assert not [w for w in recwarn if "dirpath has changed" in str(w.message)]
+
+
 def test_config_changes_are_named_as_flags_and_as_classes_added_or_removed() -> None:
     def cls(name: str, **init_args: object) -> dict:
         return {"class_path": f"lightning.pytorch.callbacks.{name}", "init_args": init_args}
