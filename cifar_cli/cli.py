@@ -91,7 +91,6 @@ from cifar_cli.pretrained import weights_from_checkpoint
 from cifar_cli.resume import (
     RUN_KEY,
     budget_spent,
-    config_changes,
     continue_run,
     keep_csv_metrics,
     last_checkpoints,
@@ -99,6 +98,7 @@ from cifar_cli.resume import (
     restart_config,
     run_identity,
     set_aside_csv_metrics,
+    settings_changed,
 )
 from cifar_cli.terminal import (
     ignore_for_this_run,
@@ -306,7 +306,7 @@ class RunConfigSaver(SaveConfigCallback):
         if not isinstance(earlier, dict):
             return
         config = restart_config(earlier, self.resolved)
-        changes = config_changes(earlier, config)
+        changes = settings_changed(earlier, config)
         if not changes:
             return
         kept = os.path.join(os.path.dirname(path), f"config-until-step-{self.resume_step}.yaml")

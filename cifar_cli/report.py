@@ -27,7 +27,7 @@ from matplotlib.ticker import MaxNLocator
 
 from cifar_cli.atomic import atomic_write, atomic_write_text, refuse_unsafe_load
 from cifar_cli.errors import UsageError
-from cifar_cli.resume import config_changes
+from cifar_cli.resume import settings_changed
 
 HEADLINE = ("train_loss_epoch", "train_acc_epoch", "val_loss", "val_acc", "test_loss", "test_acc")
 STAGES = ("val", "test")
@@ -332,7 +332,7 @@ def restart_lines(run_dir: Path, config: Any) -> list[str]:
     configs = [read_optional(path, lambda path: yaml.safe_load(path.read_text())) for _, path in kept] + [config]
     lines = []
     for (step, path), earlier, later in zip(kept, configs, configs[1:]):
-        if isinstance(earlier, dict) and isinstance(later, dict) and (changes := config_changes(earlier, later)):
+        if isinstance(earlier, dict) and isinstance(later, dict) and (changes := settings_changed(earlier, later)):
             lines.append(f"- at step {step:,}: {', '.join(changes)} (the settings before: `{path.name}`)")
     return lines
 

@@ -159,6 +159,14 @@ def _as_list(value: Any) -> list[Any]:
     return value if isinstance(value, list) else [value]
 
 
+def settings_changed(earlier: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """`config_changes` between two configs of a run, each change once: the optimizer's `lr` is the one learning
+    rate, `--model.learning_rate` (cifar_cli.optimizer_flags), and its copy took a place of the four a line names."""
+    changes = config_changes(earlier, now)
+    rate = [change.split(" ", 1)[1] for change in changes if change.startswith("model.learning_rate ")]
+    return [change for change in changes if change not in (f"model.optimizer.lr {r}" for r in rate)]
+
+
 def config_changes(earlier: Any, now: Any, key: str = "") -> list[str]:
     """`key before -> after` for each setting that differs between two configs, keys as the command line's flags
     name them (`model.optimizer.lr`, without `init_args`); a list of classes (callbacks, loggers) that gained or
