@@ -122,6 +122,17 @@ SEED_KEY = "seed"  # the run's seed, which a resume with `--seed_everything true
 DATA_PATHS = ("root", "data_dir", "cache_dir", "predict_root")
 
 
+def continues_without_logger(trainer: dict[str, Any], identity: Any, ckpt_path: str) -> bool:
+    """Whether `fit` without a logger goes on with a run that had none, from its folder's checkpoints
+    (`default_root_dir/checkpoints/`): the same run, whose config.yaml is there. It was taken for a new run, whose
+    config.yaml replaced the run's, the earlier settings lost and `ckpt_path` written in (the same command again
+    changed the file)."""
+    if identity is not None or logger_name(trainer.get("logger")) is not None:
+        return False
+    folder = Path(expand_home(trainer.get("default_root_dir") or os.getcwd()), "checkpoints")
+    return Path(ckpt_path).resolve().parent == folder.resolve()
+
+
 def data_paths_from(data: dict[str, Any], working_dir: str | None) -> dict[str, Any]:
     """A checkpoint's data config with each relative path that does not exist from here, but does from the folder
     `fit` ran in, made absolute: `test --ckpt_path runs/.../x.ckpt` then works from any folder, while a project
@@ -863,6 +874,7 @@ class CifarCLI(LightningCLI):
         if subcommand == "fit":
             # Training goes on in the checkpoint's own run: its folder, its config.yaml, its W&B run.
             self.resuming = continue_run(config["trainer"].get("logger"), saved.get(RUN_KEY))
+            self.resuming = self.resuming or continues_without_logger(config["trainer"], saved.get(RUN_KEY), ckpt_path)
             if self.resuming:  # its folders hold its checkpoints and logs so far, as they should
                 self._save_where_the_run_is(config["trainer"].get("logger"), ckpt_path, saved.get(WORKING_DIR_KEY))
                 ignore_for_this_run(r"Checkpoint directory .* exists and is not empty")

@@ -500,6 +500,22 @@ def test_a_restart_that_changes_settings_leaves_them_in_config_yaml_for_the_next
     ]
 
 
+def test_a_run_without_a_logger_restarted_keeps_its_config_as_a_logged_run_does(fake_cifar10: Path, capsys) -> None:
+    """`--trainer.logger false`: a restart was taken for a new run in the shared folder, whose config.yaml it
+    replaced, writing `ckpt_path` in (the same command again changed the file) and losing the earlier settings."""
+    args = [*cifar(fake_cifar10), "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"]
+    main(["fit", *args, "--trainer.max_epochs", "1"])
+    first = Path("config.yaml").read_text()
+    main(["fit", *args, "--trainer.max_epochs", "1", "--ckpt_path", "last"])
+    assert Path("config.yaml").read_text() == first and not list(Path().glob("config-until-*"))
+    capsys.readouterr()
+    main(["fit", *args, "--trainer.max_epochs", "2", "--ckpt_path", "last"])
+    assert "cifar-cli: this restart changes the run's settings (trainer.max_epochs 1 -> 2)" in capsys.readouterr().err
+    assert Path("config-until-step-5.yaml").read_text() == first
+    saved = yaml.safe_load(Path("config.yaml").read_text())
+    assert saved["ckpt_path"] is None and saved["trainer"]["max_epochs"] == 2
+
+
 def test_a_restart_names_a_class_it_adds_and_values_as_flags_take_them(fake_cifar10: Path, capsys) -> None:
     """The line named a schedule added on a restart by 40 characters of its config (`model.lr_schedule None ->
     {"class_path": "cifar_cli.optim.Warmu...`), and wrote None, False and True, which no flag or config spells."""
