@@ -96,6 +96,7 @@ from cifar_cli.resume import (
     last_checkpoints,
     logger_name,
     restart_config,
+    run_folder_name,
     run_identity,
     set_aside_csv_metrics,
     settings_changed,
@@ -709,6 +710,16 @@ class CifarCLI(LightningCLI):
             slow = "a CPU computes fp16 in software, hundreds of times slower than bf16-mixed or 32-true"
             precision = trainer.precision, f"Precision 16-true: {slow} (--trainer.precision)"
         self._chosen_precision = precision  # said once the trainer passes its checks (announce)
+        now = Path(run_dir(trainer)).parent.name
+        if self.resuming and self._run_folder_name not in (None, now):
+            # `--trainer.logger.project other` on a restart: the run went on in a second folder of its id (under
+            # runs/other/), with a config.yaml and metrics.csv of its own, and its W&B run in another project.
+            raise UsageError(
+                f"--ckpt_path {self.config[self.subcommand]['ckpt_path']} is of a run under {self._run_folder_name}/, "
+                f"and this command's logger would put it under {now}/ (its project or name): a resumed run goes on "
+                "in its own folder and W&B run; leave that setting as the run had it, or start a new run from its "
+                "weights with --model.init_from"
+            )
         for callback in trainer.callbacks:
             if isinstance(callback, RunConfigSaver):
                 callback.resuming = self.resuming
@@ -810,6 +821,7 @@ class CifarCLI(LightningCLI):
         self.checkpoint: dict[str, Any] | None = None
         self.resuming = False
         self.ended = False  # resumed after its last epoch or step: nothing is left to train
+        self._run_folder_name: str | None = None  # of the run resumed: the folder its run folder is in
         self.resume_step = 0
         subcommand = self.config.get("subcommand")
         self._save_under_root_dir(subcommand)
@@ -876,6 +888,7 @@ class CifarCLI(LightningCLI):
             self.resuming = continue_run(config["trainer"].get("logger"), saved.get(RUN_KEY))
             self.resuming = self.resuming or continues_without_logger(config["trainer"], saved.get(RUN_KEY), ckpt_path)
             if self.resuming:  # its folders hold its checkpoints and logs so far, as they should
+                self._run_folder_name = run_folder_name(self.checkpoint)
                 self._save_where_the_run_is(config["trainer"].get("logger"), ckpt_path, saved.get(WORKING_DIR_KEY))
                 ignore_for_this_run(r"Checkpoint directory .* exists and is not empty")
                 ignore_for_this_run(r"Experiment logs directory .* exists and is not empty")

@@ -125,6 +125,15 @@ def _step(row: dict[str, str]) -> int | None:
         return None
 
 
+def run_folder_name(checkpoint: dict[str, Any]) -> str | None:
+    """The name (a W&B project, a CSVLogger's `name`) of the folder that holds the checkpoint's run folder
+    (`save_dir/name/version`), by the folder its `last.ckpt` was kept in; None where the checkpoint does not say."""
+    for key, state in (checkpoint.get("callbacks") or {}).items():
+        if key.startswith("LastCheckpoint") and isinstance(state, dict) and isinstance(state.get("dirpath"), str):
+            return Path(state["dirpath"]).parent.parent.name or None
+    return None
+
+
 def budget_spent(checkpoint: dict[str, Any], max_time: Any) -> bool:
     """Whether the checkpoint's run has trained for all of `max_time` (`--trainer.max_time`), by the training time
     its Timer (FitTimer) recorded: resumed, it would stop before its first step."""

@@ -433,6 +433,26 @@ def test_a_checkpoint_of_a_run_with_another_logger_trains_on_in_a_new_run_folder
     assert (last.parent.parent / "config.yaml").read_bytes() == config
 
 
+def test_a_restart_that_moves_the_run_to_another_project_is_refused_in_one_line(fake_cifar10: Path, capfd) -> None:
+    """`--trainer.logger.project other` beside the run's checkpoint: the run went on in a second folder of its id,
+    runs/other/<id>/, with a config.yaml and a metrics.csv of its own, and its W&B run in another project."""
+    args = [*cifar(fake_cifar10), "--trainer.enable_progress_bar", "false"]
+    main(["fit", *args, "--trainer.max_epochs", "1"])
+    wandb.finish()
+    (last,) = Path("runs").glob("**/checkpoints/last.ckpt")
+    capfd.readouterr()
+    with pytest.raises(SystemExit) as refused:
+        main(["fit", *args, "--trainer.max_epochs", "2", "--trainer.logger.project", "other", "--ckpt_path", str(last)])
+    assert refused.value.code == 2
+    errors = [line for line in capfd.readouterr().err.splitlines() if "error" in line]
+    assert errors == [
+        f"cifar-cli: error: --ckpt_path {last} is of a run under cifar-cli/, and this command's logger would put it "
+        "under other/ (its project or name): a resumed run goes on in its own folder and W&B run; leave that "
+        "setting as the run had it, or start a new run from its weights with --model.init_from"
+    ]
+    assert sorted(p.name for p in Path("runs").iterdir()) == ["cifar-cli", "wandb"]
+
+
 def test_restart_changes_the_learning_rate_and_resumes_a_run_of_two_loggers(fake_cifar10: Path) -> None:
     """A restart's `--model.learning_rate` applies from there on (the checkpoint's is only the default), and a run
     that logs to a list of loggers continues in its own folder, named by the first."""
