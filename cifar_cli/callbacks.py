@@ -72,27 +72,28 @@ def drop_logger_only(trainer: Trainer, training: bool) -> None:
             warn_idle(callback, NO_LOGGER)
 
 
-def one_per_state_key(callbacks: list[Callback]) -> list[Callback]:
+def one_per_state_key(callbacks: list[Callback]) -> tuple[list[Callback], list[int]]:
     """`callbacks` with one callback for each state key, saying so where two shared one: the later takes the
     earlier's place, as a later config or flag replaces an earlier value. `--trainer.callbacks+=EarlyStopping
     --trainer.callbacks.monitor val_loss --trainer.callbacks.patience 10`, beside the default EarlyStopping on
     val_loss, gives it another patience; Lightning refused the pair in a traceback, as a checkpoint keeps one state
-    a key (Lightning's own test of a callback's state, `_validate_callbacks_list`)."""
-    kept: list[Callback] = []
+    a key (Lightning's own test of a callback's state, `_validate_callbacks_list`). Also returns the positions in
+    `callbacks` of those kept, in their new order, for the config's list to follow."""
+    kept: list[int] = []
     place: dict[str, int] = {}
-    for callback in callbacks:
+    for i, callback in enumerate(callbacks):
         key = callback.state_key if is_overridden("state_dict", instance=callback, parent=Callback) else None
         if key is None or key not in place:
             if key is not None:
                 place[key] = len(kept)
-            kept.append(callback)
+            kept.append(i)
             continue
-        kept[place[key]] = callback
+        kept[place[key]] = i
         rank_zero_only(print)(
             f"cifar-cli: --trainer.callbacks lists {key} twice: the later one's settings replace the earlier's",
             file=sys.stderr,
         )
-    return kept
+    return [callbacks[i] for i in kept], kept
 
 
 # Images of up to this many pixels go into the prediction tables whole split (CIFAR's 32x32, 64x64 thumbnails);

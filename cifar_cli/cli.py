@@ -647,7 +647,13 @@ class CifarCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
-        callbacks = one_per_state_key(list(config.get("callbacks") or []))
+        listed = list(config.get("callbacks") or [])
+        callbacks, kept = one_per_state_key(listed)
+        given = self._get(self.config, "trainer", default={}).get("callbacks")
+        if len(kept) < len(listed) and isinstance(given, list) and len(given) == len(listed):
+            # config.yaml (and the W&B run's config) lists what runs: the replaced callback listed too, every run
+            # from it said the line above again, and a restart's changes read `+EarlyStopping` for a new patience.
+            self._get(self.config, "trainer")["callbacks"] = [given[i] for i in kept]
         extra = self._cli_callbacks()
         if config.get("enable_checkpointing") is False:
             extra = [c for c in extra if not isinstance(c, LastCheckpoint)]  # Lightning refuses any ModelCheckpoint

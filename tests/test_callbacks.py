@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import CSVLogger
@@ -67,6 +68,12 @@ def test_a_callback_added_with_the_state_of_a_default_one_replaces_it(image_fold
     states = torch.load("checkpoints/last.ckpt", weights_only=True)["callbacks"]
     stopping = [state for key, state in states.items() if key.startswith("EarlyStopping")]
     assert [state["patience"] for state in stopping] == [7]
+    # config.yaml lists what ran, in the order it ran: a run from it has nothing to replace.
+    listed = yaml.safe_load(Path("config.yaml").read_text())["trainer"]["callbacks"]
+    stops = [i for i, c in enumerate(listed) if c["class_path"].endswith("EarlyStopping")]
+    assert len(stops) == 1 and stops[0] < len(listed) - 1 and listed[stops[0]]["init_args"]["patience"] == 7
+    main(["fit", "--config", "config.yaml", "--trainer.max_epochs", "1"])
+    assert "twice" not in capsys.readouterr().err
 
 
 def test_learning_rate_monitor_stays_where_the_trainer_has_a_logger(capsys) -> None:
