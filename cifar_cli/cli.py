@@ -649,11 +649,12 @@ class CifarCLI(LightningCLI):
         config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
         listed = list(config.get("callbacks") or [])
         callbacks, kept = one_per_state_key(listed)
-        given = self._get(self.config, "trainer", default={}).get("callbacks")
+        trainer_config = self._get(self.config, "trainer", default={})
+        given = trainer_config.get("callbacks")
         if len(kept) < len(listed) and isinstance(given, list) and len(given) == len(listed):
             # config.yaml (and the W&B run's config) lists what runs: the replaced callback listed too, every run
             # from it said the line above again, and a restart's changes read `+EarlyStopping` for a new patience.
-            self._get(self.config, "trainer")["callbacks"] = [given[i] for i in kept]
+            trainer_config["callbacks"] = [given[i] for i in kept]
         extra = self._cli_callbacks()
         if config.get("enable_checkpointing") is False:
             extra = [c for c in extra if not isinstance(c, LastCheckpoint)]  # Lightning refuses any ModelCheckpoint
@@ -891,15 +892,17 @@ class CifarCLI(LightningCLI):
             )
         if subcommand == "fit":
             # Training goes on in the checkpoint's own run: its folder, its config.yaml, its W&B run.
-            self.resuming = continue_run(config["trainer"].get("logger"), saved.get(RUN_KEY))
-            self.resuming = self.resuming or continues_without_logger(config["trainer"], saved.get(RUN_KEY), ckpt_path)
+            logger, identity = config["trainer"].get("logger"), saved.get(RUN_KEY)
+            self.resuming = continue_run(logger, identity) or continues_without_logger(
+                config["trainer"], identity, ckpt_path
+            )
             if self.resuming:  # its folders hold its checkpoints and logs so far, as they should
                 self._run_folder_name = run_folder_name(self.checkpoint)
-                self._save_where_the_run_is(config["trainer"].get("logger"), ckpt_path, saved.get(WORKING_DIR_KEY))
+                self._save_where_the_run_is(logger, ckpt_path, saved.get(WORKING_DIR_KEY))
                 ignore_for_this_run(r"Checkpoint directory .* exists and is not empty")
                 ignore_for_this_run(r"Experiment logs directory .* exists and is not empty")
             else:
-                self._say_new_run_folder(ckpt_path, config["trainer"].get("logger"), saved.get(RUN_KEY))
+                self._say_new_run_folder(ckpt_path, logger, identity)
             step = self.checkpoint.get("global_step") or 0
             self.resume_step = step
             # The epoch training goes on in: the count of epochs whose batches are all done (a checkpoint taken
@@ -1584,13 +1587,10 @@ def main(args: ArgsType = None) -> None:
             print(f"cifar-cli: error: {undecodable}", file=sys.stderr)
             sys.exit(2)
         cause = user_error(err)
-        failed_import = import_failure(err) if cause is None and not debug else None
-        if failed_import is not None:
-            print(f"cifar-cli: error: {failed_import}", file=sys.stderr)
-            sys.exit(2)
-        refused = refused_value(err) if cause is None and not debug else None
-        if refused is not None:
-            print(f"cifar-cli: error: {refused}", file=sys.stderr)
+        # A class_path whose module fails to import, or a class that refuses a value as jsonargparse builds it.
+        building = (import_failure(err) or refused_value(err)) if cause is None and not debug else None
+        if building is not None:
+            print(f"cifar-cli: error: {building}", file=sys.stderr)
             sys.exit(2)
         exit_if_rank_failed(err, one_line(cause) if cause is not None else None)  # under DDP: "rank R failed: ..."
         full = out_of_space(err) if cause is None and not debug else None
