@@ -197,15 +197,20 @@ class BatchLosses(Callback):
         BatchLosses.seen.append(float(outputs["loss"]) * trainer.accumulate_grad_batches)
 
 
+def fit_in_batches_of_20(data: Path, *args: str) -> tuple[list[float], list[dict[str, str]]]:
+    """`fit` of 8 batches of 20 an epoch with `args`, logging to CSV: every batch's loss (BatchLosses), and the
+    metrics.csv rows that hold step values."""
+    main(["fit", *cifar_args(data), *CSV_LOGGER, "--data.batch_size", "20", *args,
+          "--trainer.callbacks+=test_classifier.BatchLosses"])  # fmt: skip
+    return BatchLosses.seen, [row for row in metrics_rows("runs") if row["train_loss_step"]]
+
+
 def test_logged_step_values_with_gradient_accumulation_cover_every_batch_since_the_last(fake_cifar10: Path) -> None:
     # 8 batches of 20, two to a step, logged every 2 steps: Lightning writes the values at the batch that ends
     # steps 2 and 4. Before, the batch before it logged too, and what was written was the last batch's loss alone.
-    main(["fit", *cifar_args(fake_cifar10), *CSV_LOGGER, "--data.batch_size", "20", "--trainer.max_epochs", "1",
-          "--trainer.accumulate_grad_batches", "2", "--trainer.log_every_n_steps", "2",
-          "--trainer.callbacks+=test_classifier.BatchLosses"])  # fmt: skip
-    losses = BatchLosses.seen
+    losses, rows = fit_in_batches_of_20(fake_cifar10, "--trainer.max_epochs", "1", "--trainer.accumulate_grad_batches",
+                                        "2", "--trainer.log_every_n_steps", "2")  # fmt: skip
     assert len(losses) == 8
-    rows = [row for row in metrics_rows("runs") if row["train_loss_step"]]
     assert [int(row["step"]) for row in rows] == [1, 3]
     # (The first batch logs alone, so that the epoch's values are reported; Lightning does not write it.)
     assert float(rows[0]["train_loss_step"]) == pytest.approx(sum(losses[1:4]) / 3, rel=1e-5)
@@ -216,11 +221,8 @@ def test_logged_step_values_with_gradient_accumulation_cover_every_batch_since_t
 def test_the_step_that_ends_the_schedule_writes_its_own_step_values(fake_cifar10: Path) -> None:
     # 8 steps logged every 3: Lightning also writes the step values at the step that stops training (the schedule's
     # end, here the 8th), whatever log_every_n_steps says. Before, those were step 6's again, written as step 8's.
-    main(["fit", *cifar_args(fake_cifar10), *CSV_LOGGER, "--data.batch_size", "20", "--trainer.max_epochs", "1",
-          "--model.lr_schedule", "WarmupLinearDecay", "--trainer.log_every_n_steps", "3",
-          "--trainer.callbacks+=test_classifier.BatchLosses"])  # fmt: skip
-    losses = BatchLosses.seen
-    rows = [row for row in metrics_rows("runs") if row["train_loss_step"]]
+    losses, rows = fit_in_batches_of_20(fake_cifar10, "--trainer.max_epochs", "1", "--model.lr_schedule",
+                                        "WarmupLinearDecay", "--trainer.log_every_n_steps", "3")  # fmt: skip
     assert [int(row["step"]) for row in rows] == [2, 5, 7]
     assert float(rows[1]["train_loss_step"]) == pytest.approx(sum(losses[3:6]) / 3, rel=1e-5)
     assert float(rows[2]["train_loss_step"]) == pytest.approx(sum(losses[6:]) / 2, rel=1e-5)
@@ -234,12 +236,10 @@ def test_a_time_limit_mid_epoch_writes_the_step_values_of_its_last_steps(
     # Lightning writes whatever log_every_n_steps says. Before, it wrote the 3rd step's values again there.
     faults.CLOCK["now"] = 0.0
     monkeypatch.setattr(Timer, "time_elapsed", lambda self, stage="train": faults.CLOCK["now"])
-    main(["fit", *cifar_args(fake_cifar10), *CSV_LOGGER, "--data.batch_size", "20", "--trainer.max_epochs", "3",
-          "--trainer.max_time", "00:00:00:05", "--trainer.log_every_n_steps", "3",
-          "--trainer.callbacks+=faults.TickClock", "--trainer.callbacks+=test_classifier.BatchLosses"])  # fmt: skip
-    losses = BatchLosses.seen
+    losses, rows = fit_in_batches_of_20(fake_cifar10, "--trainer.max_epochs", "3", "--trainer.max_time",
+                                        "00:00:00:05", "--trainer.log_every_n_steps", "3",
+                                        "--trainer.callbacks+=faults.TickClock")  # fmt: skip
     assert len(losses) == 5
-    rows = [row for row in metrics_rows("runs") if row["train_loss_step"]]
     assert [int(row["step"]) for row in rows] == [2, 4]
     assert float(rows[1]["train_loss_step"]) == pytest.approx(sum(losses[3:]) / 2, rel=1e-5)
     assert values(metrics_rows("runs"), "train_loss_epoch") == [pytest.approx(sum(losses) / 5, rel=1e-5)]
@@ -249,11 +249,8 @@ def test_a_checkpoint_within_an_epoch_leaves_the_logged_step_values_whole(fake_c
     # 8 steps, logged at the 4th and 8th (the first logs alone), last.ckpt saved after the 3rd and 6th: the values
     # written are the means over steps 2 to 4 and 5 to 8. Before, each save emptied the sums of the steps since the
     # last logged one into the epoch's, and the values written were those of the 4th step alone, of the 7th and 8th.
-    main(["fit", *cifar_args(fake_cifar10), *CSV_LOGGER, "--data.batch_size", "20", "--trainer.max_epochs", "1",
-          "--trainer.log_every_n_steps", "4", "--last_checkpoint.every_n_steps", "3",
-          "--trainer.callbacks+=test_classifier.BatchLosses"])  # fmt: skip
-    losses = BatchLosses.seen
-    rows = [row for row in metrics_rows("runs") if row["train_loss_step"]]
+    losses, rows = fit_in_batches_of_20(fake_cifar10, "--trainer.max_epochs", "1", "--trainer.log_every_n_steps", "4",
+                                        "--last_checkpoint.every_n_steps", "3")  # fmt: skip
     assert [int(row["step"]) for row in rows] == [3, 7]
     assert float(rows[0]["train_loss_step"]) == pytest.approx(sum(losses[1:4]) / 3, rel=1e-5)
     assert float(rows[1]["train_loss_step"]) == pytest.approx(sum(losses[4:]) / 4, rel=1e-5)
