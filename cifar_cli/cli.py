@@ -292,35 +292,38 @@ class RunConfigSaver(SaveConfigCallback):
         path = os.path.join(run_dir(trainer), self.config_filename)
         if self.resuming:
             keep_csv_metrics(trainer, self.resume_step)
+        run_config = self.resolved
         if not (self.resuming and os.path.isfile(path)):
             if trainer.loggers and os.path.exists(path) and not self.overwrite:
                 raise UsageError(f"{path} exists already: pass --trainer.logger.version with a new run name")
             self.check_shared_folder(trainer)
             atomic_write_text(path, RUN_CONFIG_MARK + self.dumped)
         elif written_by_a_run(path):
-            self.record_restart(path)
+            run_config = self.record_restart(path)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
-                # A resumed W&B run already holds the config it started with; the resumed one differs in
-                # ckpt_path and the logger's version.
-                logger.experiment.config.update(self.resolved, allow_val_change=True)
+                # The W&B run's config is config.yaml's: on a restart, the first start's with the settings the
+                # restart changed, not the ckpt_path and logger version that only continue the run (the dashboard
+                # showed them as settings of the run from then on).
+                logger.experiment.config.update(run_config, allow_val_change=True)
         self.already_saved = True
 
-    def record_restart(self, path: str) -> None:
+    def record_restart(self, path: str) -> dict[str, Any]:
         """A restart whose settings differ from the run's config.yaml (`--trainer.max_epochs 40` to train on,
         `--model.learning_rate 1e-4`): config.yaml takes them, so that the command a later stop prints, which
         gives config.yaml, goes on as this restart does; before, it went back to the first start's settings (its
         max_epochs, reached already, ended the run at once). The earlier file is kept beside it, named by the step
-        up to which it held, once: a second restart at the same step replaces only config.yaml."""
+        up to which it held, once: a second restart at the same step replaces only config.yaml. Returns the run's
+        config as config.yaml now holds it."""
         with open(path, encoding="utf-8") as file:
             text = file.read()
         earlier = yaml.safe_load(text)
         if not isinstance(earlier, dict):
-            return
+            return self.resolved
         config = restart_config(earlier, self.resolved)
         changes = settings_changed(earlier, config)
         if not changes:
-            return
+            return config
         kept = os.path.join(os.path.dirname(path), f"config-until-step-{self.resume_step}.yaml")
         if not os.path.exists(kept):
             atomic_write_text(kept, text)
@@ -332,6 +335,7 @@ class RunConfigSaver(SaveConfigCallback):
             f"one is kept as {os.path.basename(kept)}",
             file=sys.stderr,
         )
+        return config
 
     def check_shared_folder(self, trainer: Trainer) -> None:
         """Without a logger every run shares default_root_dir, like its checkpoints: the newest run's config.yaml

@@ -16,6 +16,7 @@ import wandb
 import yaml
 from lightning.pytorch.callbacks import Timer
 from test_cli import CSV_LOGGER, metrics_rows, values
+from wandb_offline import read_run
 
 from cifar_cli.atomic import AtomicCheckpointIO, atomic_csv_logs, atomic_write
 from cifar_cli.cli import main
@@ -299,6 +300,26 @@ def test_ckpt_path_last_of_a_finished_run_says_nothing_is_left_to_train(fake_cif
     assert torch.load(last, weights_only=True)["global_step"] == 5
     main(["fit", *args, "--trainer.max_epochs", "2", "--ckpt_path", "last"])
     assert f"cifar-cli: resuming from {last} at step 5, epoch 2/2\n" in capfd.readouterr().err
+
+
+def test_a_restarted_wandb_run_shows_config_yaml_settings_not_the_checkpoint_it_went_on_from(
+    fake_cifar10: Path,
+) -> None:
+    """The W&B run's config is config.yaml's: the restart's part took the command line's `ckpt_path` and the
+    logger's version (the run's id) as settings of the run, which config.yaml leaves out."""
+    args = ["fit", *FAST, *cifar(fake_cifar10)]
+    main([*args, "--trainer.max_epochs", "1"])
+    wandb.finish()
+    main([*args, "--trainer.max_epochs", "2", "--ckpt_path", "last"])
+    wandb.finish()
+    wandb.teardown()  # waits for the W&B service to write out every record
+    first, restart = (read_run(part).config for part in sorted(Path("runs/wandb").glob("offline-run-*")))
+    (config,) = Path("runs/cifar-cli").glob("*/config.yaml")
+    saved = yaml.safe_load(config.read_text())
+    assert [c["trainer"]["max_epochs"] for c in (first, restart, saved)] == [1, 2, 2]
+    for part in (first, restart):
+        assert part["ckpt_path"] is None and part["trainer"]["logger"]["init_args"]["version"] is None
+        assert part["trainer"]["logger"] == saved["trainer"]["logger"] and part["model"] == saved["model"]
 
 
 def test_ckpt_path_last_of_a_finished_wandb_run_adds_no_offline_part(fake_cifar10: Path, capfd) -> None:
