@@ -87,7 +87,7 @@ from cifar_cli.errors import DEBUG_ENV, TrainingDiverged, UsageError, causes, de
 from cifar_cli.optimizer_flags import check_built, move_optimizer_flags, unsettled, without_settled_copies
 from cifar_cli.precision import announce_precision, choose_precision, show_held_warnings
 from cifar_cli.presets import shipped_config
-from cifar_cli.pretrained import weights_from_checkpoint
+from cifar_cli.pretrained import LOCAL_DIR, weights_from_checkpoint
 from cifar_cli.resume import (
     RUN_KEY,
     budget_spent,
@@ -158,8 +158,24 @@ def checkpoint_defaults(checkpoint: dict[str, Any]) -> dict[str, Any]:
     defaults = {"data": data_paths_from(saved["data"], saved.get(WORKING_DIR_KEY))} if saved.get("data") else {}
     hparams = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if k != "_instantiator"}
     if hparams:
-        defaults["model"] = unsettled(hparams)
+        defaults["model"] = net_paths_from(unsettled(hparams), saved.get(WORKING_DIR_KEY))
     return defaults
+
+
+def net_paths_from(hparams: dict[str, Any], working_dir: str | None) -> dict[str, Any]:
+    """A checkpoint's model hyperparameters with a relative `local-dir:PATH` network (TimmNet), not found from here
+    but from the folder `fit` ran in, made absolute, as `data_paths_from` does for the data: timm builds the
+    architecture from that folder's config.json, and `test --ckpt_path` run from another folder failed."""
+    net = hparams.get("net")
+    init_args = net.get("init_args") if isinstance(net, dict) else None
+    name = init_args.get("name") if isinstance(init_args, dict) else None
+    if not isinstance(working_dir, str) or not isinstance(name, str) or not name.startswith(LOCAL_DIR):
+        return hparams
+    path = name.removeprefix(LOCAL_DIR)
+    there = os.path.join(working_dir, path)
+    if not path or os.path.isabs(path) or os.path.exists(path) or not os.path.exists(there):
+        return hparams
+    return {**hparams, "net": {**net, "init_args": {**init_args, "name": LOCAL_DIR + there}}}
 
 
 def flag_value(argv: list[str], flag: str) -> str | None:

@@ -367,6 +367,23 @@ def unreachable(url: str) -> bool:
 
 
 TIMM_SOURCES = ("hf-hub:", "local-dir:")
+LOCAL_DIR = "local-dir:"
+
+
+def check_local_dir(name: str) -> None:
+    """Refuse a `local-dir:PATH` whose folder is missing or holds no config.json, in one line. timm reads the
+    architecture from that file, also where a checkpoint's weights replace the folder's: the error was the Hub's,
+    "cannot download the timm weights ... run once online", of a folder that timm never looks for on the Hub."""
+    if not name.startswith(LOCAL_DIR):
+        return
+    folder = Path(name.removeprefix(LOCAL_DIR))
+    what = "the folder timm saved with save_for_hf, whose config.json names the architecture"
+    if _WEIGHTS_FROM_CHECKPOINT.get():
+        what += " (the checkpoint holds the weights, not the architecture)"
+    if not folder.is_dir():
+        raise UsageError(f"--model.net.name {name}: no such folder {folder}; give {what}")
+    if not (folder / "config.json").is_file():
+        raise UsageError(f"--model.net.name {name}: {folder} has no config.json; give {what}")
 
 
 class TimmNet(NamedNet):
@@ -410,6 +427,7 @@ class TimmNet(NamedNet):
                 else suggest(name.partition(".")[0], known)
             )
             raise UsageError(f"--model.net.name {name}: no timm network; {hint}")
+        check_local_dir(name)
         # A local file is loaded here, as TorchvisionNet loads it, not by timm: timm loads any weights but a head of
         # the pretrained class count with strict=False, so a file of another network trained from random weights
         # without a word, or ended in "Error(s) in loading state_dict" with nothing of what did not fit.

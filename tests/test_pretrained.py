@@ -340,6 +340,36 @@ def test_timm_network_from_a_folder_timm_saved(image_folder) -> None:
     assert only_checkpoint().is_file()
 
 
+def test_timm_folder_checkpoint_tests_from_another_folder_and_a_missing_folder_says_so(
+    image_folder, tmp_path, monkeypatch, capsys
+) -> None:
+    """A relative `local-dir:` folder is found from where `fit` ran, as the data is: `test --ckpt_path` from another
+    folder failed. A folder that is not there (or holds no config.json) was said to be a download to retry online."""
+    timm = pytest.importorskip("timm")
+    from timm.models._hub import save_for_hf
+
+    save_for_hf(timm.create_model("test_resnet"), "saved")
+    args = ["--model.net", "TimmNet", "--model.net.name", "local-dir:saved", "--model.net.pretrained", "true",
+            "--trainer.limit_train_batches", "1"]  # fmt: skip
+    main(["fit", *folder_args(image_folder, *args)])
+    checkpoint = only_checkpoint().resolve()
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    main(["test", "--ckpt_path", str(checkpoint), *QUIET])
+    assert "test_acc" in capsys.readouterr().out
+    shutil.rmtree(tmp_path / "saved")
+    err = fails(capsys, "test", "--ckpt_path", str(checkpoint), *QUIET)
+    assert err.endswith(
+        "--model.net.name local-dir:saved: no such folder saved; give the folder timm saved with save_for_hf, whose "
+        "config.json names the architecture (the checkpoint holds the weights, not the architecture)"
+    )
+    Path("no-config").mkdir()
+    err = fails(
+        capsys, "fit", *folder_args(image_folder, "--model.net", "TimmNet", "--model.net.name", "local-dir:no-config")
+    )
+    assert "--model.net.name local-dir:no-config: no-config has no config.json; give the folder timm saved" in err
+
+
 def test_timm_weights_path_of_another_network_fails_in_one_line(image_folder, capsys) -> None:
     timm = pytest.importorskip("timm")
     # timm loaded a file with any other head than its pretrained one with strict=False: these trained from random
