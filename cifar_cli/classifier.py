@@ -703,11 +703,11 @@ def class_scores(matrix: Tensor) -> dict[str, Tensor]:
     return {"precision": precision.float(), "recall": recall.float(), "acc": recall.float()}
 
 
-def head_prefix(net: nn.Module, num_classes: int) -> str:
-    """The state_dict prefix of the layer that produces the logits."""
+def head_prefix(net: nn.Module, num_classes: int) -> tuple[str, ...]:
+    """The state_dict prefixes of the layers that produce the logits (a distilled DeiT has two)."""
     if isinstance(net, NamedNet):
-        return f"model.{net.head_path}."
-    return f"{final_layer(net, num_classes)}."
+        return tuple(f"model.{path}." for path in net.head_paths or (net.head_path,))
+    return (f"{final_layer(net, num_classes)}.",)
 
 
 def init_weights(net: nn.Module, path: str, class_names: list[str]) -> set[str]:

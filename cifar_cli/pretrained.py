@@ -69,6 +69,9 @@ class NamedNet(nn.Module):
 
     model: nn.Module
     head_path: str
+    # Every new head: `head_path`, and the others of networks with more than one (a distilled DeiT's `head_dist`,
+    # whose logits its forward averages with the head's).
+    head_paths: tuple[str, ...] = ()
     name: str  # the architecture, as the library names it
     # Mean and std (0-1 scale, per channel) the images are normalised with; None: the data's own statistics.
     input_mean: tuple[float, ...] | None = None
@@ -83,15 +86,26 @@ class NamedNet(nn.Module):
 
     @property
     def backbone(self) -> Parts:
-        """Every module and parameter but the head's. Walks the path to the head: the siblings of each module on it
-        belong to the backbone, as do parameters held directly by a module on it (a ViT's class token)."""
+        """Every module and parameter but the heads'. Walks the paths to the heads: the other children of each module
+        on them belong to the backbone, as do parameters held directly by a module on them (a ViT's class token). A
+        second head (a distilled DeiT's `head_dist`), new and random, was counted in the backbone: frozen by
+        BackboneFinetuning, and trained at `backbone_lr_factor`, while the forward pass averaged its logits in."""
+        heads = self.head_paths or (self.head_path,)
         modules: list[nn.Module] = []
         parameters: list[nn.Parameter] = []
-        node = self.model
-        for name in self.head_path.split("."):
-            parameters += node.parameters(recurse=False)
-            modules += [child for child_name, child in node.named_children() if child_name != name]
-            node = node.get_submodule(name)
+
+        def walk(node: nn.Module, path: str) -> None:
+            parameters.extend(node.parameters(recurse=False))
+            for name, child in node.named_children():
+                child_path = f"{path}{name}"
+                if child_path in heads:
+                    continue
+                if any(head.startswith(f"{child_path}.") for head in heads):
+                    walk(child, f"{child_path}.")
+                else:
+                    modules.append(child)
+
+        walk(self.model, "")
         return Parts(modules, parameters)
 
 
@@ -236,6 +250,7 @@ class TorchvisionNet(NamedNet):
                 model.aux_logits = False
         outputs = final_layer_outputs(model)
         self.head_path = final_layer(model, outputs)
+        self.head_paths = (self.head_path,)
         enum = resolve_weights(name, weights) if weights is not None else None
         if _WEIGHTS_FROM_CHECKPOINT.get():
             pass  # the checkpoint's weights replace them
@@ -463,16 +478,16 @@ class TimmNet(NamedNet):
         self.model = model
         self.name = name
         head = model.pretrained_cfg.get("classifier") or "fc"
-        self.head_path = head if isinstance(head, str) else head[0]
+        self.head_paths = (head,) if isinstance(head, str) else tuple(head)
+        self.head_path = self.head_paths[0]
         if state is not None:
-            heads = head if isinstance(head, str) else tuple(head)
             try:
-                load_into(model, state, heads, "--model.net.weights_path")
+                load_into(model, state, self.head_paths, "--model.net.weights_path")
             except UsageError:
                 converted = timm_converted(model, state)
                 if converted is None:
                     raise
-                load_into(model, converted, heads, "--model.net.weights_path")
+                load_into(model, converted, self.head_paths, "--model.net.weights_path")
         if pretrained or weights_path is not None:
             self.input_mean = tuple(model.pretrained_cfg.get("mean", IMAGENET_MEAN))
             self.input_std = tuple(model.pretrained_cfg.get("std", IMAGENET_STD))

@@ -14,6 +14,7 @@ import pytest
 import torch
 import torchvision
 from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.callbacks import BackboneFinetuning
 from test_cli import fails
 
 from cifar_cli.classifier import ImageClassifier
@@ -235,6 +236,27 @@ def test_backbone_lr_factor_puts_the_backbone_in_its_own_groups() -> None:
     norms = sum(p.numel() for m in backbone.modules() if isinstance(m, torch.nn.BatchNorm2d) for p in m.parameters())
     others = sum(p.numel() for p in backbone.parameters()) - norms
     assert groups == [(0.1, sum(p.numel() for p in head.parameters())), (0.001, others), (0.001, norms)]
+
+
+def test_a_second_head_is_no_part_of_the_backbone() -> None:
+    """A distilled DeiT averages the logits of two new heads, `head` and `head_dist`: the second was counted in the
+    backbone, so BackboneFinetuning froze it at its random start and backbone_lr_factor slowed it down."""
+    pytest.importorskip("timm")
+    net = TimmNet(num_classes=3, image_shape=(3, 224, 224), name="deit_tiny_distilled_patch16_224")
+    backbone = {id(p) for p in net.backbone.parameters()}
+    heads = {id(p) for head in (net.model.head, net.model.head_dist) for p in head.parameters()}
+    assert not backbone & heads and backbone | heads == {id(p) for p in net.parameters()}
+    BackboneFinetuning().freeze_before_training(ImageClassifier(net, ["a", "b", "c"]))
+    assert all(p.requires_grad for p in net.model.head_dist.parameters())
+    assert not any(p.requires_grad for p in net.model.patch_embed.parameters())
+    model = ImageClassifier(net, ["a", "b", "c"], learning_rate=0.1, backbone_lr_factor=0.01)
+    model.trainer = None
+    optimizer = model.configure_optimizers()
+    assert list(optimizer.param_groups[0]["params"]) == [
+        *net.model.head.parameters(),
+        *net.model.head_dist.parameters(),
+    ]
+    assert optimizer.param_groups[0]["lr"] == 0.1
 
 
 def test_backbone_finetuning_freezes_the_backbone_until_its_epoch(image_folder) -> None:
