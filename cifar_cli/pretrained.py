@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import importlib.util
+import math
 import os
 import pickle
 import re
@@ -243,6 +244,13 @@ class TorchvisionNet(NamedNet):
             # weights' own input transform is kept, as their ImageNet accuracy was measured with it.
             kwargs = {"aux_logits": True, "init_weights": weights is None and weights_path is None}
             kwargs["transform_input"] = weights is not None or weights_path is not None
+        enum = resolve_weights(name, weights) if weights is not None else None
+        from_checkpoint = _WEIGHTS_FROM_CHECKPOINT.get()
+        flag = "--model.net.weights_path"
+        state = load_weights_file(weights_path, flag) if weights_path is not None and not from_checkpoint else None
+        size = vit_image_size(name, enum, state, image_shape if from_checkpoint and weights_path is not None else None)
+        if size is not None:
+            kwargs["image_size"] = size
         model = models.get_model(name, weights=None, **kwargs)
         for aux in ("AuxLogits", "aux1", "aux2"):
             if hasattr(model, aux):
@@ -251,12 +259,10 @@ class TorchvisionNet(NamedNet):
         outputs = final_layer_outputs(model)
         self.head_path = final_layer(model, outputs)
         self.head_paths = (self.head_path,)
-        enum = resolve_weights(name, weights) if weights is not None else None
-        if _WEIGHTS_FROM_CHECKPOINT.get():
+        if from_checkpoint:
             pass  # the checkpoint's weights replace them
-        elif weights_path is not None:
-            flag = "--model.net.weights_path"
-            load_into(model, load_weights_file(weights_path, flag), self.head_path, flag)
+        elif state is not None:
+            load_into(model, state, self.head_path, flag)
         elif enum is not None:
             load_into(model, download_weights(name, enum), self.head_path, "--model.net.weights")
         if enum is not None or weights_path is not None:
@@ -268,6 +274,29 @@ class TorchvisionNet(NamedNet):
         setattr(holder, leaf, new_layer(holder.get_submodule(leaf), num_classes))
         self.model = model
         self.name = name
+
+
+def vit_image_size(
+    name: str, enum: models.WeightsEnum | None, state: dict[str, Tensor] | None, trained: tuple[int, ...] | None
+) -> int | None:
+    """The image side to build a torchvision ViT for (None: its default, 224), as torchvision's builder builds it for
+    weights it downloads: their position embedding fits that side alone. Built at 224, ViTs refused their SWAG
+    weights (`vit_b_16` IMAGENET1K_SWAG_E2E_V1 at 384 px, `vit_h_14`'s DEFAULT at 518) as weights that do not fit.
+
+    From the weights file `state` where one is read (its position embedding's length), else from the image shape
+    the run trained with (`trained`: the file is not read when a checkpoint's weights replace it), else from the
+    named weights' `enum`."""
+    if not name.startswith("vit_"):
+        return None
+    if state is not None:
+        embedding = state.get("encoder.pos_embedding")
+        tokens = embedding.shape[1] - 1 if embedding is not None and embedding.ndim == 3 else 0
+        side = math.isqrt(tokens)
+        patch = int(name.rpartition("_")[2])  # vit_b_16, vit_h_14
+        return side * patch if tokens and side * side == tokens else None
+    if trained is not None:
+        return int(trained[-1])
+    return int(enum.meta["min_size"][0]) if enum is not None else None
 
 
 def timm_hint(name: str, torchvision_names: list[str]) -> str | None:

@@ -183,6 +183,23 @@ def test_weights_path_loads_the_backbone_and_normalises_as_the_weights_expect(im
                           torch.tensor(IMAGENET_MEAN) * 255)  # fmt: skip
 
 
+def test_vit_weights_of_another_image_size_load(monkeypatch) -> None:
+    """torchvision builds a ViT for the image size of its weights (the SWAG ones take 384 px and more): built at 224,
+    `vit_b_16` refused IMAGENET1K_SWAG_E2E_V1, and `vit_h_14` its DEFAULT, as weights that do not fit."""
+    import cifar_cli.pretrained as pretrained
+
+    source = torchvision.models.vit_b_16(image_size=384).state_dict()  # 577 position embeddings, not 197
+    monkeypatch.setattr(pretrained, "download_weights", lambda name, weights: source)
+    monkeypatch.setattr(pretrained, "load_weights_file", lambda path, flag: source)
+    for given in ({"weights": "IMAGENET1K_SWAG_E2E_V1"}, {"weights_path": "vit.pth"}):
+        net = TorchvisionNet(num_classes=3, image_shape=(3, 384, 384), name="vit_b_16", **given)
+        assert torch.equal(net.model.encoder.pos_embedding, source["encoder.pos_embedding"])
+        assert net(torch.zeros(1, 3, 384, 384)).shape == (1, 3)
+    with pretrained.weights_from_checkpoint():  # the file is not read: the size is the run's
+        net = TorchvisionNet(num_classes=3, image_shape=(3, 384, 384), name="vit_b_16", weights_path="gone.pth")
+        assert net.model.encoder.pos_embedding.shape == source["encoder.pos_embedding"].shape
+
+
 def test_pretrained_statistics_replace_the_datas(image_folder) -> None:
     from cifar_cli.data import ImageFolderDataModule
 
