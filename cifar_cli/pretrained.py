@@ -151,6 +151,14 @@ def load_weights_file(path: str, flag: str) -> dict[str, Tensor]:
         what = "the file is truncated or damaged" if damaged else "not a file torch.save wrote"
         what = f"not a safetensors file: {err}" if file.suffix == ".safetensors" else f"{what}: {type(err).__name__}"
         raise UsageError(f"{flag} {path} is not a weights file ({what})".split("\n")[0]) from err
+    # A cifar-cli checkpoint holds the network under `net.`, with its own head and normalisation: its tensors were
+    # all said not to fit ("242 problems: bn1.bias is missing; ...") where they would. --model.init_from takes it.
+    nested = state.get("state_dict") if isinstance(state, dict) else None
+    if isinstance(nested, dict) and "pytorch-lightning_version" in state and any(k.startswith("net.") for k in nested):
+        raise UsageError(
+            f"{flag} {path} is a cifar-cli checkpoint, not the network's state dict: start from its weights with "
+            f"--model.init_from {path}"
+        )
     # Checkpoints of other trainers nest the weights one level down; DDP-wrapped ones prefix them with `module.`.
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):

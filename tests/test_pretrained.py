@@ -183,6 +183,21 @@ def test_weights_path_loads_the_backbone_and_normalises_as_the_weights_expect(im
                           torch.tensor(IMAGENET_MEAN) * 255)  # fmt: skip
 
 
+def test_weights_path_of_a_cifar_cli_checkpoint_points_to_init_from(image_folder, capsys) -> None:
+    """Every tensor of a cifar-cli checkpoint was said not to fit (`242 problems: bn1.bias is missing; ...`)."""
+    main(["fit", *folder_args(image_folder, "--trainer.limit_train_batches", "1")])
+    ckpt = str(only_checkpoint())
+    capsys.readouterr()
+    for net in ("TorchvisionNet", "TimmNet"):
+        if net == "TimmNet":
+            pytest.importorskip("timm")
+        err = fails(capsys, "fit", *folder_args(image_folder, "--model.net", net, "--model.net.weights_path", ckpt))
+        assert err.endswith(
+            f"--model.net.weights_path {ckpt} is a cifar-cli checkpoint, not the network's state dict: start from "
+            f"its weights with --model.init_from {ckpt}"
+        )
+
+
 def test_vit_weights_of_another_image_size_load(monkeypatch) -> None:
     """torchvision builds a ViT for the image size of its weights (the SWAG ones take 384 px and more): built at 224,
     `vit_b_16` refused IMAGENET1K_SWAG_E2E_V1, and `vit_h_14` its DEFAULT, as weights that do not fit."""
