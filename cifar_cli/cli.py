@@ -220,6 +220,50 @@ def lightning_plateau(argv: list[str]) -> list[str]:
     return with_values(argv, PLATEAU_FLAGS, lambda value: plateau if value == "ReduceLROnPlateau" else None)
 
 
+LOGGER_FLAG = "--trainer.logger"
+
+
+def requires_save_dir(name: str) -> bool:
+    """Whether the logger class `name` (`CSVLogger`, or its full path) is one of Lightning's that has no default
+    `save_dir`."""
+    module, _, short = name.rpartition(".")
+    if module not in ("", "lightning.pytorch.loggers"):
+        return False
+    import lightning.pytorch.loggers as loggers
+
+    cls = getattr(loggers, short, None)
+    if not inspect.isclass(cls):
+        return False
+    parameter = inspect.signature(cls).parameters.get("save_dir")
+    return parameter is not None and parameter.default is inspect.Parameter.empty
+
+
+def added_logger_folders(argv: list[str]) -> list[str]:
+    """The command line with a `--trainer.logger.save_dir` after each `--trainer.logger+=CSVLogger` (or
+    `TensorBoardLogger`): the folder the logger before it was given on the command line, else `runs`, beside the
+    default W&B run's. A logger added to the list starts with no arguments, not the first logger's (as one that
+    replaces it does), and these classes require a folder: `--trainer.logger+=CSVLogger`, as the README gives it,
+    was refused with "the following arguments are required: save_dir Expected a <class 'bool'>". A save_dir
+    given after it still wins."""
+    args: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        args.append(arg)
+        i += 1
+        if arg.startswith(LOGGER_FLAG + "+="):
+            name = arg.partition("=")[2]
+        elif arg == LOGGER_FLAG + "+" and i < len(argv):
+            name = argv[i]
+            args.append(name)
+            i += 1
+        else:
+            continue
+        if requires_save_dir(name):
+            args.append(f"{LOGGER_FLAG}.save_dir={flag_value(args, LOGGER_FLAG + '.save_dir') or 'runs'}")
+    return args
+
+
 def with_values(args: list[str], flags: tuple[str, ...], change: Callable[[str], str | None]) -> list[str]:
     """`args` with the value of each of `flags` (`--flag VALUE` or `--flag=VALUE`) replaced by `change(value)`,
     where that is not None."""
@@ -1538,10 +1582,16 @@ def main(args: ArgsType = None) -> None:
             check_subcommand(argv)
             check_model_help(argv)
             check_empty_configs(argv)
-            # The values the parse reads otherwise: the configs that come with cifar-cli, Lightning's plateau class.
+            # The values the parse reads otherwise: the configs that come with cifar-cli, Lightning's plateau class,
+            # the folder of a logger added to the list.
             if (
                 argv is not None
-                and (rewritten := lightning_plateau(with_values(argv, CONFIG_FLAGS, shipped_config))) != argv
+                and (
+                    rewritten := added_logger_folders(
+                        lightning_plateau(with_values(argv, CONFIG_FLAGS, shipped_config))
+                    )
+                )
+                != argv
             ):
                 argv = rewritten
                 # The command line itself: LightningCLI warns of args given beside it, and Lightning's DDP launcher

@@ -475,3 +475,18 @@ def test_a_csv_logger_beside_wandb_leaves_metrics_in_the_run_folder(image_folder
     capsys.readouterr()
     main(["report", str(run_folder)])
     assert (run_folder / "report" / "accuracy.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("logger", ["--trainer.logger+=CSVLogger", "--trainer.logger+=TensorBoardLogger"])
+def test_a_logger_added_without_its_folder_writes_under_runs(image_folder: Path, logger: str) -> None:
+    """`--trainer.logger+=CSVLogger` alone, as the README gives it: the class requires a `save_dir`, which a logger
+    added to the list gets from nothing, and the run was refused before it started with jsonargparse's "the
+    following arguments are required: save_dir Expected a <class 'bool'>". It writes its own folder under runs/."""
+    main(["fit", "--data", "ImageFolderDataModule", "--data.root", str(image_folder), "--data.val_size", "30",
+          "--trainer.max_epochs", "1", logger, "--trainer.enable_progress_bar", "false"])  # fmt: skip
+    finish_wandb()
+    (run_folder,) = Path("runs/cifar-cli").iterdir()
+    assert run_folder.name in offline_runs()
+    (own,) = Path("runs/lightning_logs").iterdir()
+    assert own.name == "version_0" and (own / "hparams.yaml").is_file()
+    assert (run_folder / "metrics.csv").is_file()
