@@ -100,6 +100,10 @@ def keep_csv_metrics(trainer: Trainer, step: int) -> None:
     the interruption. Called once the writer exists: the rows logged up to the checkpoint go back into the file
     (whole, through `atomic_write`); those logged after it are dropped, since the resumed run logs them again.
     A row cut short by a kill is passed over.
+
+    Lightning logs a step's metrics one step behind its count (`_batches_that_stepped`): every row logged before
+    a checkpoint at step N reads a step below N, and the first step after it logs at N. A kill that saves nothing
+    (kill -9, out of memory) leaves those rows in the file, and one kept at N came back twice.
     """
     for logger in trainer.loggers:
         if not isinstance(logger, CSVLogger) or not trainer.is_global_zero:
@@ -111,7 +115,7 @@ def keep_csv_metrics(trainer: Trainer, step: int) -> None:
         with open(saved, newline="") as file:
             reader = csv.DictReader(file)
             keys = list(reader.fieldnames or [])
-            rows = [row for row in reader if None not in row.values() and (_step(row) or 0) <= step]
+            rows = [row for row in reader if None not in row.values() and (_step(row) or 0) < max(step, 1)]
         atomic_write_csv(writer.metrics_file_path, keys, rows)
         # The writer appends its rows under this header; a key it has not seen rewrites the header, not the rows.
         writer.metrics_keys = sorted(set(writer.metrics_keys) | set(keys))

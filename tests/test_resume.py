@@ -831,6 +831,32 @@ def test_resumed_run_keeps_its_csv_metrics(fake_cifar10: Path, tmp_path: Path) -
     assert len(reference) > 20 and rows() == reference
 
 
+def test_a_run_killed_after_its_last_checkpoint_resumes_without_repeating_a_row(fake_cifar10: Path, tmp_path: Path):
+    """A kill that saves nothing (kill -9, an out-of-memory kill, a lost node) leaves rows in metrics.csv past the
+    last checkpoint, which the resumed run logs again. Lightning logs a step's metrics one step behind its count:
+    the first training step after a checkpoint at step 5 logs at step 5, and that row was kept beside the resumed
+    run's own, twice in metrics.csv."""
+    # The tutorial recipe: no schedule over max_epochs, which the first start sets to 1.
+    args = [*cifar(fake_cifar10), *CSV_LOGGER, "--data.batch_size", "32", "--trainer.log_every_n_steps", "1",
+            "--trainer.callbacks+=LearningRateMonitor", "--trainer.enable_progress_bar", "false"]  # fmt: skip
+
+    def rows() -> list[dict[str, str]]:
+        return [{k: v for k, v in row.items() if k != "fit_time"} for row in metrics_rows("runs")]  # wall clock
+
+    os.chdir(tmp_path / "reference" if (tmp_path / "reference").mkdir() is None else tmp_path)
+    main(["fit", *args, "--trainer.max_epochs", "2"])
+    reference = rows()
+    os.chdir(tmp_path / "killed" if (tmp_path / "killed").mkdir() is None else tmp_path)
+    main(["fit", *args, "--trainer.max_epochs", "1"])
+    (last,) = Path("runs").glob("**/checkpoints/last.ckpt")
+    kept = tmp_path / "epoch-1.ckpt"  # last.ckpt as a kill before the second epoch's end left it
+    kept.write_bytes(last.read_bytes())
+    main(["fit", *args, "--trainer.max_epochs", "2", "--ckpt_path", "last"])
+    assert rows() == reference
+    main(["fit", *args, "--trainer.max_epochs", "2", "--ckpt_path", str(kept)])
+    assert len(reference) > 10 and rows() == reference
+
+
 def test_csv_logs_are_written_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from lightning.pytorch.loggers import CSVLogger
 
