@@ -2,7 +2,8 @@
 (no W&B): loss and accuracy curves against epoch and training time from `metrics.csv`, the confusion matrices
 and the most confident mistakes of the last validation and of the test, and `report.md` with the best metrics,
 training time, checkpoints, per-class scores, key config values and links to the figures. It writes what the
-folder allows, skipping what is missing, and every file whole or not at all.
+folder allows, skipping what is missing, and every file whole or not at all; written again, it replaces the
+earlier report, whose figures it no longer draws included.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from cifar_cli.resume import settings_changed
 
 HEADLINE = ("train_loss_epoch", "train_acc_epoch", "val_loss", "val_acc", "test_loss", "test_acc")
 STAGES = ("val", "test")
+# The figures a report draws, by file name (without .png).
+FIGURES = ("loss", "accuracy", *(f"{kind}_{stage}" for stage in STAGES for kind in ("confusion", "mistakes")))
 DPI = 110
 # Beyond these class counts the cell counts, then the class names, would overlap into a grey smear.
 ANNOTATED_CLASSES = 20
@@ -432,6 +435,13 @@ def write_report(run_dir: Path, out: Path | None = None) -> list[Path]:
             path = out / f"{name}.png"
             atomic_write(path, lambda file, fig=fig: fig.savefig(file, format="png"))
             written.append(path)
+    # A figure an earlier report wrote here and this one does not (the mistakes of a run that since made none): left
+    # beside report.md, it showed what the run no longer holds.
+    for name in FIGURES:
+        path = out / f"{name}.png"
+        if path not in written and path.is_file():
+            with contextlib.suppress(OSError):
+                path.unlink()
     markdown = write_markdown(run_dir, rows, [path.name for path in written], classes, summary)
     atomic_write_text(out / "report.md", markdown)
     return [*written, out / "report.md"]

@@ -146,6 +146,17 @@ def test_fit_run(fit_run: Path) -> None:
     assert "![loss](loss.png)" in report and "![mistakes_val](mistakes_val.png)" in report
 
 
+def test_a_report_written_again_leaves_no_figure_of_the_earlier_one(fit_run: Path) -> None:
+    """A run reported while it trained, then resumed until it made no validation mistake: report.md no longer
+    showed mistakes_val.png, but the file of the first report stayed beside it, its mistakes long gone."""
+    write_report(fit_run)
+    write_mistakes(fit_run / "mistakes_val.pt", 0)
+    written = write_report(fit_run)
+    out = fit_run / "report"
+    assert "mistakes_val.png" not in {path.name for path in written}
+    assert sorted(path.name for path in out.iterdir()) == sorted(path.name for path in written)
+
+
 def test_a_run_restarted_with_other_settings_says_when_and_what_changed(fit_run: Path) -> None:
     """config.yaml holds a restarted run's latest settings: the report gave its learning rate as the run's, with no
     word that the first epochs trained at another (the restart kept their config as config-until-step-N.yaml)."""
