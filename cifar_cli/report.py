@@ -435,11 +435,13 @@ def write_report(run_dir: Path, out: Path | None = None) -> list[Path]:
             path = out / f"{name}.png"
             atomic_write(path, lambda file, fig=fig: fig.savefig(file, format="png"))
             written.append(path)
-    # A figure an earlier report wrote here and this one does not (the mistakes of a run that since made none): left
-    # beside report.md, it showed what the run no longer holds.
+    # A figure the earlier report.md here showed and this one does not draw (the mistakes of a run that since made
+    # none): left beside the new report.md, it showed what the run no longer holds. Only the figures that report
+    # linked: a file of the same name in an `--out` folder of the user's, which no report wrote, stays.
+    earlier = read_optional(out / "report.md", lambda path: path.read_text(encoding="utf-8")) or ""
     for name in FIGURES:
         path = out / f"{name}.png"
-        if path not in written and path.is_file():
+        if path not in written and f"]({name}.png)" in earlier and path.is_file():
             with contextlib.suppress(OSError):
                 path.unlink()
     markdown = write_markdown(run_dir, rows, [path.name for path in written], classes, summary)

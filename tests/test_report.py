@@ -146,7 +146,7 @@ def test_fit_run(fit_run: Path) -> None:
     assert "![loss](loss.png)" in report and "![mistakes_val](mistakes_val.png)" in report
 
 
-def test_a_report_written_again_leaves_no_figure_of_the_earlier_one(fit_run: Path) -> None:
+def test_a_report_written_again_leaves_no_figure_of_the_earlier_one(fit_run: Path, tmp_path: Path) -> None:
     """A run reported while it trained, then resumed until it made no validation mistake: report.md no longer
     showed mistakes_val.png, but the file of the first report stayed beside it, its mistakes long gone."""
     write_report(fit_run)
@@ -155,6 +155,12 @@ def test_a_report_written_again_leaves_no_figure_of_the_earlier_one(fit_run: Pat
     out = fit_run / "report"
     assert "mistakes_val.png" not in {path.name for path in written}
     assert sorted(path.name for path in out.iterdir()) == sorted(path.name for path in written)
+    # A file of a figure's name that no report linked, in a folder of the user's, stays.
+    mine = tmp_path / "figures" / "mistakes_val.png"
+    mine.parent.mkdir()
+    mine.write_bytes(b"the user's own")
+    write_report(fit_run, out=mine.parent)
+    assert mine.read_bytes() == b"the user's own"
 
 
 def test_a_run_restarted_with_other_settings_says_when_and_what_changed(fit_run: Path) -> None:
