@@ -1584,15 +1584,10 @@ def main(args: ArgsType = None) -> None:
             check_empty_configs(argv)
             # The values the parse reads otherwise: the configs that come with cifar-cli, Lightning's plateau class,
             # the folder of a logger added to the list.
-            if (
-                argv is not None
-                and (
-                    rewritten := added_logger_folders(
-                        lightning_plateau(with_values(argv, CONFIG_FLAGS, shipped_config))
-                    )
-                )
-                != argv
-            ):
+            rewritten = argv
+            if argv is not None:
+                rewritten = added_logger_folders(lightning_plateau(with_values(argv, CONFIG_FLAGS, shipped_config)))
+            if rewritten != argv:
                 argv = rewritten
                 # The command line itself: LightningCLI warns of args given beside it, and Lightning's DDP launcher
                 # starts the other ranks with sys.argv.
