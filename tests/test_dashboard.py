@@ -325,16 +325,25 @@ def test_sweep_agent_arguments_reach_the_model_and_the_run_config(fake_cifar10: 
     assert checkpoint["epoch"] == 1 and "val_acc" in run.summary  # validated at the end of the last epoch
 
 
-def test_watch_model_logs_gradients_and_parameters(fake_cifar10: Path) -> None:
+def test_watch_model_logs_gradients_and_parameters_every_log_freq_steps(fake_cifar10: Path) -> None:
+    """At every `log_freq`-th step, at that step. Through `wandb.watch`, W&B kept a histogram only with the next row
+    Lightning logged (every `log_every_n_steps`): with 2 and 5, histograms showed at steps 4 and 9 alone."""
     main(["fit", "--data.data_dir", str(fake_cifar10), "--data.val_size", "40", "--data.batch_size", "32",
-          "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false",
+          "--trainer.max_epochs", "2", "--trainer.enable_progress_bar", "false", "--trainer.log_every_n_steps", "5",
           "--trainer.callbacks+=cifar_cli.dashboard.WatchModel", "--trainer.callbacks.log=all",
           "--trainer.callbacks.log_freq=2"])  # fmt: skip
     finish_wandb()
     (folder,) = offline_runs().values()
-    keys = {key for row in read_run(folder).history for key in row}
+    history = read_run(folder).history
+    keys = {key for row in history for key in row}
     assert {"gradients/net.conv1.weight/values", "parameters/net.conv1.weight/values"} <= keys
     assert {"gradients/net.fc3.bias/bins", "parameters/net.fc3.bias/bins"} <= keys
+    drawn = [row for row in history if "gradients/net.fc3.bias/values" in row]
+    assert [row["trainer/global_step"] for row in drawn] == [0, 2, 4, 6, 8]  # 10 steps
+    for row in drawn:
+        for kind in ("gradients", "parameters"):
+            counts, edges = row[f"{kind}/net.fc3.bias/values"], row[f"{kind}/net.fc3.bias/bins"]
+            assert sum(counts) == 10 and len(edges) == len(counts) + 1 == 65  # the 10 classes' biases
 
 
 def test_report_of_a_csv_logger_run(image_folder: Path, capsys) -> None:
