@@ -508,6 +508,14 @@ class TimmNet(NamedNet):
 
             # The folder huggingface_hub reads, from HF_HUB_CACHE, HF_HOME or XDG_CACHE_HOME: it was named from
             # HF_HOME alone, ~/.cache/huggingface/hub wherever that was unset.
+            if _WEIGHTS_FROM_CHECKPOINT.get():
+                # No weights were asked for (the checkpoint's replace them), but an `hf-hub:` network's architecture
+                # is its repository's config.json: the advice to pass a weights file, which a checkpoint ignores,
+                # led nowhere.
+                raise UsageError(
+                    f"cannot download the timm network config of {name} ({type(err).__name__}): the checkpoint holds "
+                    f"its weights, not its architecture; run once online to fill {constants.HF_HUB_CACHE}"
+                ) from err
             raise UsageError(
                 f"cannot download the timm weights of {name} ({type(err).__name__}): run once online to fill "
                 f"{constants.HF_HUB_CACHE}, or pass --model.net.weights_path FILE"

@@ -19,8 +19,9 @@ from test_cli import fails
 
 from cifar_cli.classifier import ImageClassifier
 from cifar_cli.cli import main
+from cifar_cli.errors import UsageError
 from cifar_cli.nets import TutorialCNN
-from cifar_cli.pretrained import IMAGENET_MEAN, IMAGENET_STD, TimmNet, TorchvisionNet
+from cifar_cli.pretrained import IMAGENET_MEAN, IMAGENET_STD, TimmNet, TorchvisionNet, weights_from_checkpoint
 
 QUIET = ["--trainer.logger", "false", "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary"]
 QUIET += ["false", "--trainer.max_epochs", "1"]
@@ -488,6 +489,33 @@ def test_timm_weights_from_the_cache_without_a_request_and_no_retries_offline(
         TimmNet(num_classes=3, image_shape=(3, 32, 32), pretrained=True)
     assert offline_modes == {"cache": [True], "hub": [True, False], "nowhere": [True]}[where]
     assert constants.HF_HUB_OFFLINE is False  # as it was
+
+
+def test_an_hf_hub_network_of_a_checkpoint_off_the_hub_names_its_config(monkeypatch) -> None:
+    """`test --ckpt_path` of a TimmNet `hf-hub:` run on a machine without the Hub or its cache: the checkpoint's
+    weights replace the network's, but timm reads its architecture from the repository's config.json. The error
+    said to pass --model.net.weights_path, which a checkpoint ignores."""
+    timm = pytest.importorskip("timm")
+    from huggingface_hub import constants
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    def create_model(name, pretrained=False, **kwargs):
+        assert not pretrained  # the checkpoint's weights replace them
+        raise LocalEntryNotFoundError("config.json is not in the local cache")
+
+    def resolve(host, *args):
+        raise socket.gaierror(-2, "Name or service not known")
+
+    monkeypatch.setattr(timm, "create_model", create_model)
+    monkeypatch.setattr(socket, "getaddrinfo", resolve)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", "/data/hf-cache")
+    name = "hf-hub:timm/resnet18.a1_in1k"
+    with weights_from_checkpoint(), pytest.raises(UsageError) as err:
+        TimmNet(num_classes=3, image_shape=(3, 32, 32), name=name, pretrained=True)
+    assert str(err.value) == (
+        f"cannot download the timm network config of {name} (LocalEntryNotFoundError): the checkpoint holds its "
+        "weights, not its architecture; run once online to fill /data/hf-cache"
+    )
 
 
 def test_timm_missing_or_unknown_name_fail_in_one_line(capsys, monkeypatch) -> None:
