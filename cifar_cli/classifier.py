@@ -118,8 +118,12 @@ class ImageClassifier(LightningModule):
         # not need the file it started from. (config.yaml keeps it.)
         self.save_hyperparameters(ignore=["init_from"])
         self.net = net.to(memory_format=torch.channels_last) if channels_last else net
-        # Tensors of `net` that init_from loaded; the whitening layer keeps loaded filters (on_fit_start).
-        self.initialised: set[str] = init_weights(self.net, init_from, class_names) if init_from else set()
+        # Tensors of `net` that init_from loaded; the whitening layer keeps loaded filters (on_fit_start). And the
+        # input normalisation they were trained with (setup).
+        self.initialised: set[str] = set()
+        self.init_normalization: tuple[Tensor, Tensor] | None = None
+        if init_from:
+            self.initialised, self.init_normalization = init_weights(self.net, init_from, class_names)
         whiten = getattr(net, "whiten", None)
         if whiten_bias_until is not None and (not isinstance(whiten, nn.Conv2d) or whiten.bias is None):
             raise UsageError(
@@ -516,7 +520,13 @@ class ImageClassifier(LightningModule):
     def setup(self, stage: str) -> None:
         mean, std = getattr(self.net, "input_mean", None), getattr(self.net, "input_std", None)
         data = self.trainer.datamodule if self._trainer is not None else None
-        if mean is not None and std is not None and isinstance(data, ImageDataModule):
+        if self.init_normalization is not None and isinstance(data, ImageDataModule):
+            # The weights init_from loaded expect the images normalised as in the run they come from (its data's
+            # statistics, or its pretrained network's): this data's statistics fed them other inputs, and the
+            # whitening filters they keep were fitted to the earlier ones. A resumed fit's checkpoint restores
+            # the data's normalisation after this, as the run had it.
+            data.set_normalization(*self.init_normalization)
+        elif mean is not None and std is not None and isinstance(data, ImageDataModule):
             # Pretrained weights expect the images normalised as in their training, not by this data's statistics.
             data.set_normalization(torch.tensor(mean) * 255, torch.tensor(std) * 255)
         # In place, so the state_dict keeps its keys; after the callbacks' setup, whose weight averaging copies
@@ -710,9 +720,11 @@ def head_prefix(net: nn.Module, num_classes: int) -> tuple[str, ...]:
     return (f"{final_layer(net, num_classes)}.",)
 
 
-def init_weights(net: nn.Module, path: str, class_names: list[str]) -> set[str]:
+def init_weights(net: nn.Module, path: str, class_names: list[str]) -> tuple[set[str], tuple[Tensor, Tensor] | None]:
     """Load the network weights of the cifar-cli checkpoint at `path` whose names and shapes match `net`'s; the
-    head's only when the checkpoint was trained on the same classes. Reports what was loaded in one line."""
+    head's only when the checkpoint was trained on the same classes. Reports what was loaded in one line. Returns
+    the names loaded, and the per-channel mean and std (0-255 scale) its run normalised the images with, which the
+    checkpoint's data state holds (None in a checkpoint without one)."""
     flag = "--model.init_from"
     checkpoint = load_checkpoint(path, flag=f"{flag} {path}")
     saved = {k.removeprefix("net."): v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")}
@@ -730,5 +742,17 @@ def init_weights(net: nn.Module, path: str, class_names: list[str]) -> set[str]:
     net.load_state_dict({k: saved[k] for k in loaded}, strict=False)
     new = sorted(own.keys() - loaded)
     new_part = f"; new: {', '.join(new[:4])}{', ...' if len(new) > 4 else ''}" if new else ""
-    print(f"cifar-cli: {flag} {path}: loaded {len(loaded)} of {len(own)} network tensors{new_part}", file=sys.stderr)
-    return loaded
+    normalization = next(
+        (
+            (torch.as_tensor(state["mean"]).float(), torch.as_tensor(state["std"]).float())
+            for state in checkpoint.values()
+            if isinstance(state, dict) and {"class_names", "mean", "std"} <= state.keys()
+        ),
+        None,
+    )
+    inputs = "; images normalised as its run's were" if normalization is not None else ""
+    print(
+        f"cifar-cli: {flag} {path}: loaded {len(loaded)} of {len(own)} network tensors{new_part}{inputs}",
+        file=sys.stderr,
+    )
+    return loaded, normalization

@@ -13,8 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
+from conftest import write_image_folder
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import BackboneFinetuning
+from PIL import Image
 from test_cli import fails
 
 from cifar_cli.classifier import ImageClassifier
@@ -32,7 +34,7 @@ def folder_args(root: Path, *more: str) -> list[str]:
 
 
 def only_checkpoint() -> Path:
-    (path,) = [p for p in Path().glob("**/*.ckpt") if not p.name.startswith("last")]
+    (path,) = [p for p in Path().glob("**/*.ckpt") if not p.name.startswith("last") and p.parent.name != "kept"]
     return path
 
 
@@ -337,6 +339,38 @@ def test_init_from_loads_matching_weights_with_a_new_head_for_new_classes(image_
     # Other classes, same count: the head is new.
     other = ImageClassifier(TutorialCNN(3), ["ant", "bee", "cow"], init_from=str(pretrained))
     assert not torch.equal(other.net.fc3.weight, saved["net.fc3.weight"])
+
+
+def test_init_from_normalises_the_images_as_the_run_it_comes_from(image_folder, tmp_path, capsys) -> None:
+    """The weights init_from loads were trained on images normalised by their run's statistics (or by a pretrained
+    network's): the new fit normalised by its own data's, so the loaded network saw other inputs (an ImageNet
+    ResNet, data-normalised in its second stage)."""
+    (tmp_path / "kept").mkdir()
+
+    def kept(name: str) -> Path:
+        return only_checkpoint().rename(tmp_path / "kept" / name)  # out of the next fit's checkpoint folder
+
+    main(["fit", *folder_args(image_folder, "--trainer.limit_train_batches", "2")])
+    first = kept("first.ckpt")
+    darker = tmp_path / "darker"
+    write_image_folder(darker / "train", {"ant": 30, "bee": 30}, seed=5)
+    for path in (darker / "train").glob("*/*.jpg"):
+        Image.open(path).point(lambda v: v // 3).save(path, quality=95)
+
+    def normalization(checkpoint: Path) -> tuple[torch.Tensor, torch.Tensor]:
+        state = torch.load(checkpoint, weights_only=True)["ImageFolderDataModule"]
+        return state["mean"], state["std"]
+
+    main(["fit", *folder_args(darker, "--trainer.limit_train_batches", "2")])
+    own = kept("own.ckpt")
+    capsys.readouterr()
+    main(["fit", *folder_args(darker, "--model.init_from", str(first), "--trainer.limit_train_batches", "2")])
+    assert "loaded 12 of 14 network tensors; new: fc3.bias, fc3.weight; images normalised as its run's were" in (
+        capsys.readouterr().err
+    )
+    mean, std = normalization(only_checkpoint())
+    assert torch.equal(mean, normalization(first)[0]) and torch.equal(std, normalization(first)[1])
+    assert (normalization(own)[0] < mean * 0.6).all()  # the darker images' own statistics, which it used before
 
 
 def test_init_from_through_the_cli_and_test_without_the_file(image_folder, tmp_path, capsys) -> None:
