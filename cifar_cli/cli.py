@@ -89,6 +89,7 @@ from cifar_cli.precision import announce_precision, choose_precision, show_held_
 from cifar_cli.presets import shipped_config
 from cifar_cli.pretrained import LOCAL_DIR, weights_from_checkpoint
 from cifar_cli.resume import (
+    RUN_CONFIG_MARK,
     RUN_KEY,
     budget_spent,
     continue_run,
@@ -100,6 +101,7 @@ from cifar_cli.resume import (
     run_identity,
     set_aside_csv_metrics,
     settings_changed,
+    written_by_a_run,
 )
 from cifar_cli.terminal import (
     ignore_for_this_run,
@@ -311,20 +313,6 @@ def argument_before_class(err: ArgumentError, argv: list[str]) -> UsageError | N
     else:
         fix = f"--lr_scheduler CLASS {flag} {value} (any torch.optim.lr_scheduler class, such as StepLR)"
     return UsageError(f"{flag} {value} is given before the {what}'s class: {fix}")
-
-
-# The first line of every run's config.yaml: a file without it is not overwritten (a YAML comment, so the file is
-# still a config for `--config`).
-RUN_CONFIG_MARK = "# The resolved config of a cifar-cli run, written by the run itself\n"
-
-
-def written_by_a_run(path: str) -> bool:
-    """Whether the file at `path` is a config.yaml that a cifar-cli run wrote (it starts with RUN_CONFIG_MARK)."""
-    try:
-        with open(path, encoding="utf-8") as file:
-            return file.readline() == RUN_CONFIG_MARK
-    except (OSError, UnicodeDecodeError):
-        return False
 
 
 class RunConfigSaver(SaveConfigCallback):

@@ -28,7 +28,7 @@ from matplotlib.ticker import MaxNLocator
 
 from cifar_cli.atomic import atomic_write, atomic_write_text, refuse_unsafe_load
 from cifar_cli.errors import UsageError
-from cifar_cli.resume import settings_changed
+from cifar_cli.resume import settings_changed, written_by_a_run
 
 HEADLINE = ("train_loss_epoch", "train_acc_epoch", "val_loss", "val_acc", "test_loss", "test_acc")
 STAGES = ("val", "test")
@@ -66,9 +66,14 @@ def read_metrics(path: Path) -> Rows:
                 for row in csv.DictReader(file)
             ]
     except FileNotFoundError:
+        config = path.parent / "config.yaml"
+        if written_by_a_run(str(config)):
+            # A run's own folder: the run is in its first steps, or stopped within them (the hint said to pass the
+            # folder of a run, which this is).
+            hint = "the run has logged nothing yet (it is in its first steps, or stopped within them)"
         with contextlib.suppress(OSError, UnicodeDecodeError, yaml.YAMLError, LookupError, TypeError, AttributeError):
             # The folder of a run with `--trainer.logger false` (default_root_dir): its config.yaml, no metrics.
-            if yaml.safe_load((path.parent / "config.yaml").read_text())["trainer"].get("logger") is False:
+            if yaml.safe_load(config.read_text())["trainer"].get("logger") is False:
                 hint = "a run with --trainer.logger false logs none: train with the default logger or CSVLogger"
         raise UsageError(f"{path.parent}: no metrics.csv in this folder; {hint}") from None
     except (OSError, UnicodeDecodeError, csv.Error, ValueError, TypeError) as err:

@@ -152,6 +152,20 @@ def budget_spent(checkpoint: dict[str, Any], max_time: Any) -> bool:
     return (timer.time_remaining() or 0) <= 0
 
 
+# The first line of every run's config.yaml: a file without it is not overwritten (a YAML comment, so the file is
+# still a config for `--config`).
+RUN_CONFIG_MARK = "# The resolved config of a cifar-cli run, written by the run itself\n"
+
+
+def written_by_a_run(path: str) -> bool:
+    """Whether the file at `path` is a config.yaml that a cifar-cli run wrote (it starts with RUN_CONFIG_MARK)."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            return file.readline() == RUN_CONFIG_MARK
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
 def restart_config(earlier: dict[str, Any], now: dict[str, Any]) -> dict[str, Any]:
     """A restart's resolved config `now`, with what it took from the checkpoint to continue the run given back as
     the run's `earlier` config.yaml had it: `ckpt_path` and the loggers' `version` and `id`. (config.yaml is given

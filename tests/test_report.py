@@ -15,6 +15,7 @@ from PIL import Image
 from cifar_cli.cli import main as cli_main
 from cifar_cli.errors import UsageError
 from cifar_cli.report import main, read_metrics, validations, write_report
+from cifar_cli.resume import RUN_CONFIG_MARK
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 VAL_ACC = [0.5, 0.8125, 0.75]  # best at epoch 1, not the last
@@ -286,11 +287,15 @@ def test_folder_of_a_run_without_a_logger(tmp_path: Path) -> None:
     (tmp_path / "config.yaml").write_text("trainer:\n  logger: false\n")
     with pytest.raises(UsageError, match=r"no metrics\.csv in this folder; a run with --trainer\.logger false logs "):
         write_report(tmp_path)
-    # A run with a logger, stopped before it logged anything, or a config.yaml of another shape: the general hint.
+    # A config.yaml of another shape, or one no run wrote: the general hint.
     for config in ("trainer:\n  logger: {class_path: WandbLogger}\n", "[1, 2]\n", "trainer: 3\n", ": :\n"):
         (tmp_path / "config.yaml").write_text(config)
         with pytest.raises(UsageError, match=r"no metrics\.csv in this folder; pass the folder of a run written by"):
             write_report(tmp_path)
+    # The folder of a run with a logger, in its first steps or stopped within them: it said to pass a run's folder.
+    (tmp_path / "config.yaml").write_text(RUN_CONFIG_MARK + "trainer:\n  logger: {class_path: WandbLogger}\n")
+    with pytest.raises(UsageError, match=r"in this folder; the run has logged nothing yet \(it is in its first steps"):
+        write_report(tmp_path)
 
 
 def test_main(fit_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
