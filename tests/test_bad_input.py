@@ -802,6 +802,20 @@ CASES = [
         "another --model.net, or another --data.image_size",
         setup=lambda: images(CLASSES_AB),
     ),
+    # Refused as the trainer set the data up: after Lightning's banner, an empty run folder left behind and the
+    # folder decoded (CIFAR downloaded)
+    *(
+        Case(
+            f"crop_padding_not_below_the_image_side_{name}",
+            [*args, "--data.augment", "true", "--data.crop_padding", padding],
+            f"cifar-cli: error: --data.crop_padding {padding} must be below the image side, {side} pixels",
+            setup=lambda: images(CLASSES_AB),
+        )
+        for name, args, padding, side in [
+            ("folder", [*FIT, "--data.image_size", "16"], "16", "16"),
+            ("cifar", ["fit"], "40", "32"),
+        ]
+    ),
     Case("folder_test_without_test_split", ["test", *FIT[1:]], "has no test split", setup=lambda: images(CLASSES_AB)),
     # predict reads the test split only without a folder of its own: the advice named only the test split
     Case(

@@ -180,6 +180,7 @@ class ImageDataModule(LightningDataModule):
         """
         if self._prepared_for == stage:
             return
+        self.check_crop_padding()
         # The predict folder first: the data set's preparation may write its cache.
         predict = self._decode_predict_folder() if stage == "predict" and self.predict_root is not None else None
         if self.saved is None:
@@ -190,10 +191,16 @@ class ImageDataModule(LightningDataModule):
     def prepare_files(self, stage: str) -> None:
         """Download or cache the data set and check it for `stage`."""
 
-    def setup(self, stage: str) -> None:
+    def check_crop_padding(self) -> None:
+        """Refuse a crop that would shift the image by its whole side or more (reflect padding needs less). Checked
+        in `prepare`, before the trainer is built: found in `setup` alone, it stopped the command after Lightning's
+        banner, leaving an empty run folder behind, and after an image folder's decoding."""
         side = min(self.image_shape[1:])
         if self.augment is True and self.crop_padding >= side:
             raise UsageError(f"--data.crop_padding {self.crop_padding} must be below the image side, {side} pixels")
+
+    def setup(self, stage: str) -> None:
+        self.check_crop_padding()  # again: `prepare` runs on each node's first process only
         if self.saved is not None:  # predicting from a checkpoint: none of the labelled data is read
             if stage != "predict":
                 raise RuntimeError(f"a data module built to predict from a checkpoint cannot {stage}")
