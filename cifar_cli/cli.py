@@ -80,7 +80,7 @@ from cifar_cli.checks import (
 )
 from cifar_cli.classifier import SCHEDULE_NEEDS_LENGTH, ImageClassifier
 from cifar_cli.dashboard import RunCSVLogger, with_csv_logger
-from cifar_cli.data import ImageDataModule, ImageFolderDataModule
+from cifar_cli.data import ImageDataModule
 from cifar_cli.data.base import predicting_from
 from cifar_cli.distributed import carry_spawned_state, exit_if_rank_failed, exit_if_spawned_rank_failed, watch_ranks
 from cifar_cli.errors import DEBUG_ENV, TrainingDiverged, UsageError, causes, debug_switch, debugging
@@ -628,7 +628,7 @@ class CifarCLI(LightningCLI):
             if not self.resuming:
                 check_run_folder(trainer.get("logger"), trainer.get("default_root_dir") or os.getcwd())
             check_data(self.datamodule, self.subcommand)
-            if trained_data is not None and isinstance(self.datamodule, ImageFolderDataModule):
+            if trained_data is not None and isinstance(self.datamodule, ImageDataModule):
                 self.datamodule.check_held_out(trained_data, ckpt_path, self.subcommand)
 
     def announce(self) -> None:

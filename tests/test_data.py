@@ -475,6 +475,32 @@ def test_a_checkpoint_evaluates_only_on_the_images_its_run_held_out(tmp_path: Pa
     assert Path("predictions.csv").read_text() == held_out
 
 
+def test_a_cifar_checkpoint_validates_only_on_the_images_its_run_held_out(fake_cifar10: Path, capsys) -> None:
+    # CIFAR's validation images are drawn from its training set as a folder's are: `validate --ckpt_path` with a
+    # larger --data.val_size or another --data.split_seed scored the network on images it had trained on, silently.
+    data = ["--data.data_dir", str(fake_cifar10), "--data.download", "false", "--trainer.logger", "false"]
+    main(["fit", *data, "--data.val_size", "50", "--trainer.max_epochs", "1"])
+    (ckpt,) = Path("checkpoints").glob("epoch=*.ckpt")
+    capsys.readouterr()
+
+    def refused(*args: str) -> str:
+        with pytest.raises(SystemExit) as exit_info:
+            main([*args, *data, "--ckpt_path", str(ckpt)])
+        assert exit_info.value.code == 2
+        return capsys.readouterr().err.splitlines()[-1]
+
+    source = fake_cifar10 / "cifar-10-batches-py"
+    assert refused("validate", "--data.val_size", "80") == (
+        f"cifar-cli: error: checkpoint {ckpt} held other images of {source} out of training (it held out 50 images, "
+        "--data.val_size 80 takes 80): some of those this command validates on were trained on; pass the data and "
+        "the --data flags it was trained with"
+    )
+    assert "--data.split_seed was 42, now 7" in refused("validate", "--data.split_seed", "7")
+    assert "--data.split_seed was 42, now 7" in refused("fit", "--data.split_seed", "7", "--trainer.max_epochs", "2")
+    main(["validate", *data, "--ckpt_path", str(ckpt), "--data.val_size", "20"])  # among those held out
+    main(["test", *data, "--ckpt_path", str(ckpt), "--data.split_seed", "7"])  # CIFAR's test set is its own
+
+
 def test_a_checkpoint_of_a_run_with_a_val_folder_is_not_validated_on_train_once_it_is_gone(
     tmp_path: Path, capsys
 ) -> None:

@@ -109,6 +109,7 @@ class ImageDataModule(LightningDataModule):
         self._prepared_for: str | None = None  # the stage `prepare` checked the data for
         self._predict_folder: tuple[Tensor | DiskImages, list[str]] | None = None  # decoded by `prepare`
         self.cache_dir = default_cache_dir()  # decoded data kept on disk; the subclasses' `cache_dir` flag sets it
+        self.held_out_from: dict[str, int | str] | None = None  # what the held-out splits are drawn from, if any
         # The state a checkpoint saved (`state_dict`), when this module predicts `predict_root` from it alone.
         checkpoint = _PREDICT_FROM.get()
         state = checkpoint.get(type(self).__qualname__) if checkpoint is not None and predict_root else None
@@ -159,7 +160,50 @@ class ImageDataModule(LightningDataModule):
         # then reads nothing else, and evaluation normalises as training did even where the data has changed.
         if self.mean is None or self.std is None:
             return {}
-        return {"class_names": self.class_names, "mean": self.mean.clone(), "std": self.std.clone()}
+        state = {"class_names": self.class_names, "mean": self.mean.clone(), "std": self.std.clone()}
+        if self.held_out_from is not None:
+            state["held_out_from"] = dict(self.held_out_from)
+        return state
+
+    def _held_out_source(self) -> str:
+        """The training images the held-out splits are drawn from, as `check_held_out` names them."""
+        raise NotImplementedError
+
+    def check_held_out(self, trained: Mapping[str, Any] | None, ckpt_path: str, stage: str) -> None:
+        """Refuse, in one line, to evaluate a checkpoint on training images its run trained on: the held-out splits
+        are drawn from the training images (a folder's listing), so an image added or removed since, another
+        split_seed, or held-out sizes beyond those of the run draw others. Checkpoints from before this record (and
+        CIFAR's before it kept one) pass unchecked."""
+        before, now = (trained or {}).get("held_out_from"), self.held_out_from
+        if not isinstance(before, Mapping) or now is None:
+            return
+        if (stage in ("test", "predict") and not now["test_size"]) or (stage == "validate" and not now["val_size"]):
+            return  # a split with its own folder
+        # Validation takes the first val_size images of the seeded order, test the next test_size, training the
+        # rest: splits within the first images the run held out (a smaller --data.val_size) hold none it trained on.
+        reach = now["val_size"] if stage == "validate" else now["val_size"] + now["test_size"]
+        untrained = int(before.get("val_size", 0)) + int(before.get("test_size", 0))
+        changed = next((key for key in ("images", "names", "split_seed") if before.get(key) != now[key]), None)
+        if changed is None and reach <= untrained:
+            return
+        if changed == "images":
+            what = f"it had {before['images']} images, now {now['images']}"
+        elif changed == "names":
+            what = "the names of its images have changed"
+        elif changed == "split_seed":
+            what = f"--data.split_seed was {before['split_seed']}, now {now['split_seed']}"
+        elif untrained == 0:
+            what = "it had val/ and test/ folders of its own"
+        else:
+            sizes = f"--data.val_size {now['val_size']}" + (
+                "" if stage == "validate" else f" and --data.test_size {now['test_size']}"
+            )
+            what = f"it held out {untrained} images, {sizes} take{'s' if stage == 'validate' else ''} {reach}"
+        uses = {"fit": "validates on", "validate": "validates on"}.get(stage, "tests on")
+        raise UsageError(
+            f"checkpoint {ckpt_path} held other images of {self._held_out_source()} out of training ({what}): some of "
+            f"those this command {uses} were trained on; pass the data and the --data flags it was trained with"
+        )
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # Lightning calls this after `setup` with a checkpoint's state: the model goes on seeing its inputs as in

@@ -5,9 +5,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 from jsonargparse.typing import NonNegativeInt, PositiveInt
@@ -103,7 +102,6 @@ class ImageFolderDataModule(ImageDataModule):
         # From the checkpoint when predicting from it (see ImageDataModule.saved): `root` may not exist here.
         self._classes = list(self.saved["class_names"]) if self.saved is not None else self._find_classes()
         self._prepared_listings: dict[str, _Listing] | None = None  # `prepare`'s, for the `setup` that follows
-        self.held_out_from: dict[str, int | str] | None = None  # what the held-out splits are drawn from, if any
         self.save_hyperparameters()
 
     def _find_classes(self) -> list[str]:
@@ -268,46 +266,8 @@ class ImageFolderDataModule(ImageDataModule):
         return {"images": len(names), "names": digest, "val_size": int(val_size), "test_size": int(test_size),
                 "split_seed": int(self.split_seed)}  # fmt: skip
 
-    def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()
-        if state and self.held_out_from is not None:
-            state["held_out_from"] = dict(self.held_out_from)
-        return state
-
-    def check_held_out(self, trained: Mapping[str, Any] | None, ckpt_path: str, stage: str) -> None:
-        """Refuse, in one line, to evaluate a checkpoint on images of train/ its run trained on: the held-out splits
-        are drawn from the listing, so an image added or removed since, another split_seed, or held-out sizes beyond
-        those of the run draw others. Checkpoints from before this record pass unchecked."""
-        before, now = (trained or {}).get("held_out_from"), self.held_out_from
-        if not isinstance(before, Mapping) or now is None:
-            return
-        if (stage in ("test", "predict") and not now["test_size"]) or (stage == "validate" and not now["val_size"]):
-            return  # a split with its own folder
-        # Validation takes the first val_size images of the seeded order, test the next test_size, training the
-        # rest: splits within the first images the run held out (a smaller --data.val_size) hold none it trained on.
-        reach = now["val_size"] if stage == "validate" else now["val_size"] + now["test_size"]
-        untrained = int(before.get("val_size", 0)) + int(before.get("test_size", 0))
-        changed = next((key for key in ("images", "names", "split_seed") if before.get(key) != now[key]), None)
-        if changed is None and reach <= untrained:
-            return
-        if changed == "images":
-            what = f"it had {before['images']} images, now {now['images']}"
-        elif changed == "names":
-            what = "the names of its images have changed"
-        elif changed == "split_seed":
-            what = f"--data.split_seed was {before['split_seed']}, now {now['split_seed']}"
-        elif untrained == 0:
-            what = "it had val/ and test/ folders of its own"
-        else:
-            sizes = f"--data.val_size {now['val_size']}" + (
-                "" if stage == "validate" else f" and --data.test_size {now['test_size']}"
-            )
-            what = f"it held out {untrained} images, {sizes} take {reach}"
-        uses = {"fit": "validates on", "validate": "validates on"}.get(stage, "tests on")
-        raise UsageError(
-            f"checkpoint {ckpt_path} held other images of {self.root / 'train'} out of training ({what}): some of "
-            f"those this command {uses} were trained on; pass the data and the --data flags it was trained with"
-        )
+    def _held_out_source(self) -> str:
+        return str(self.root / "train")
 
     def _say_untrained_classes(self, listings: dict[str, _Listing]) -> None:
         """One line when the held-out splits take every training image of a class (a class of one or two images):
