@@ -816,6 +816,17 @@ CASES = [
             ("cifar", ["fit"], "40", "32"),
         ]
     ),
+    # torch's generator takes a signed or unsigned 64-bit seed: a larger one ended in a traceback as the split was drawn
+    *(
+        Case(
+            f"split_seed_beyond_64_bits_{name}",
+            [*args, "--data.split_seed", "18446744073709551616"],
+            "cifar-cli: error: --data.split_seed 18446744073709551616: a seed is an integer from "
+            "-9223372036854775808 to 18446744073709551615",
+            setup=lambda: images(CLASSES_AB),
+        )
+        for name, args in [("folder", FIT), ("cifar", ["validate"])]
+    ),
     Case("folder_test_without_test_split", ["test", *FIT[1:]], "has no test split", setup=lambda: images(CLASSES_AB)),
     # predict reads the test split only without a folder of its own: the advice named only the test split
     Case(

@@ -88,6 +88,9 @@ class ImageDataModule(LightningDataModule):
         flip: Flip = "random",
     ) -> None:
         super().__init__()
+        if not -(2**63) <= split_seed < 2**64:
+            # torch's generator takes a signed or unsigned 64-bit seed; a larger one raised as the split was drawn.
+            raise UsageError(f"--data.split_seed {split_seed}: a seed is an integer from {-(2**63)} to {2**64 - 1}")
         self.batch_size = batch_size
         self.val_size = val_size
         self.split_seed = split_seed
