@@ -501,6 +501,24 @@ def test_a_cifar_checkpoint_validates_only_on_the_images_its_run_held_out(fake_c
     main(["test", *data, "--ckpt_path", str(ckpt), "--data.split_seed", "7"])  # CIFAR's test set is its own
 
 
+def test_cifar_val_size_beyond_its_disk_copy_is_one_line_before_the_trainer(fake_cifar10: Path, capfd) -> None:
+    # With --data.placement disk and its copy made, the archive was not read again and the sizes went unchecked
+    # until the trainer set the data up: after Lightning's banner.
+    data = ["--data.data_dir", str(fake_cifar10), "--data.download", "false", "--data.placement", "disk",
+            "--data.cache_dir", "cache", "--trainer.logger", "false"]  # fmt: skip
+    main(["fit", *data, "--data.val_size", "50", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1"])
+    capfd.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *data, "--data.val_size", "500", "--trainer.logger", "CSVLogger", "--trainer.logger.save_dir",
+              "runs"])  # fmt: skip
+    assert exit_info.value.code == 2
+    assert capfd.readouterr().err.splitlines() == [
+        "cifar-cli: error: val_size/test_size hold out 500 of 200 training images, leaving none to train on: choose "
+        "--data.val_size (and --data.test_size) with a sum below 200"
+    ]
+    assert not Path("runs").exists()  # refused before the trainer and its logger were built
+
+
 def test_a_checkpoint_of_a_run_with_a_val_folder_is_not_validated_on_train_once_it_is_gone(
     tmp_path: Path, capsys
 ) -> None:

@@ -113,6 +113,7 @@ class CIFAR10DataModule(ImageDataModule):
             # load it whole into memory, which disk placement keeps bounded.
             copy = self._disk_copy(train=True)
             assert copy is not None
+            self.check_split_sizes(len(copy[0]), self.val_size)  # before the trainer is built, not in `setup`
             self._record_held_out(len(copy[0]))
             return
         # Download once per node; torchvision verifies the MD5 sums.
