@@ -108,11 +108,10 @@ class CIFAR10DataModule(ImageDataModule):
             ) from err
 
     def prepare_files(self, stage: str) -> None:
-        if self.placement == "disk" and all(self._disk_copy(train) is not None for train in (True, False)):
+        copy = self._disk_copy(train=True) if self.placement == "disk" else None
+        if copy is not None and self._disk_copy(train=False) is not None:
             # Checked when the copy was made (a changed file changes its name): reading the data set again would
             # load it whole into memory, which disk placement keeps bounded.
-            copy = self._disk_copy(train=True)
-            assert copy is not None
             self.check_split_sizes(len(copy[0]), self.val_size)  # before the trainer is built, not in `setup`
             self._record_held_out(len(copy[0]))
             return
