@@ -145,12 +145,18 @@ def data_paths_from(data: dict[str, Any], working_dir: str | None) -> dict[str, 
         return data
     init_args = dict(init_args)
     for key in DATA_PATHS:
-        path = init_args.get(key)
-        if isinstance(path, str) and path and not os.path.isabs(os.path.expanduser(path)) and not os.path.exists(path):
-            there = os.path.join(working_dir, path)
-            if os.path.exists(there):
-                init_args[key] = there
+        if (there := found_from(init_args.get(key), working_dir)) is not None:
+            init_args[key] = there
     return {**data, "init_args": init_args}
+
+
+def found_from(path: Any, working_dir: str) -> str | None:
+    """`path` joined to `working_dir`, where it is relative, does not exist from here and does from there; else
+    None."""
+    if not isinstance(path, str) or not path or os.path.isabs(os.path.expanduser(path)) or os.path.exists(path):
+        return None
+    there = os.path.join(working_dir, path)
+    return there if os.path.exists(there) else None
 
 
 def checkpoint_defaults(checkpoint: dict[str, Any]) -> dict[str, Any]:
@@ -173,9 +179,8 @@ def net_paths_from(hparams: dict[str, Any], working_dir: str | None) -> dict[str
     name = init_args.get("name") if isinstance(init_args, dict) else None
     if not isinstance(working_dir, str) or not isinstance(name, str) or not name.startswith(LOCAL_DIR):
         return hparams
-    path = name.removeprefix(LOCAL_DIR)
-    there = os.path.join(working_dir, path)
-    if not path or os.path.isabs(path) or os.path.exists(path) or not os.path.exists(there):
+    there = found_from(name.removeprefix(LOCAL_DIR), working_dir)
+    if there is None:
         return hparams
     return {**hparams, "net": {**net, "init_args": {**init_args, "name": LOCAL_DIR + there}}}
 
