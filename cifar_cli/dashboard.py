@@ -408,8 +408,8 @@ class WatchModel(Callback):
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
         # The gradients as the optimizer takes them: accumulated, all-reduced under DDP, unscaled under fp16 AMP.
-        loggers = wandb_loggers(trainer)
-        if not loggers or not trainer.is_global_zero or trainer.global_step % self.log_freq:
+        # Checked before the loggers are looked for: this hook runs at every step.
+        if trainer.global_step % self.log_freq or not trainer.is_global_zero or not (loggers := wandb_loggers(trainer)):
             return
         import wandb
 
@@ -436,8 +436,7 @@ def histogram(tensor: Tensor, bins: int) -> tuple[list[float], list[float]]:
     values = values[values.isfinite()]
     if values.numel() == 0:
         return [0.0] * bins, torch.linspace(0, 1, bins + 1).tolist()
-    low, high = values.aminmax()
-    low, high = low.item(), high.item()
+    low, high = torch.stack(values.aminmax()).tolist()  # one wait for the device, not two
     if low == high:  # one value: a bin around it, as numpy.histogram draws it
         low, high = low - 0.5, high + 0.5
     counts = torch.histc(values, bins=bins, min=low, max=high)
