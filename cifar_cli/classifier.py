@@ -716,7 +716,7 @@ def class_scores(matrix: Tensor) -> dict[str, Tensor]:
 def head_prefix(net: nn.Module, num_classes: int) -> tuple[str, ...]:
     """The state_dict prefixes of the layers that produce the logits (a distilled DeiT has two)."""
     if isinstance(net, NamedNet):
-        return tuple(f"model.{path}." for path in net.head_paths or (net.head_path,))
+        return tuple(f"model.{path}." for path in net.head_paths)
     return (f"{final_layer(net, num_classes)}.",)
 
 
@@ -742,6 +742,8 @@ def init_weights(net: nn.Module, path: str, class_names: list[str]) -> tuple[set
     net.load_state_dict({k: saved[k] for k in loaded}, strict=False)
     new = sorted(own.keys() - loaded)
     new_part = f"; new: {', '.join(new[:4])}{', ...' if len(new) > 4 else ''}" if new else ""
+    # The data module's state, under its class's name, which need not be this fit's (CIFAR10DataModule's for a
+    # folder's fine-tuning): the one whose keys ImageDataModule.state_dict writes.
     normalization = next(
         (
             (torch.as_tensor(state["mean"]).float(), torch.as_tensor(state["std"]).float())

@@ -72,7 +72,7 @@ class NamedNet(nn.Module):
     head_path: str
     # Every new head: `head_path`, and the others of networks with more than one (a distilled DeiT's `head_dist`,
     # whose logits its forward averages with the head's).
-    head_paths: tuple[str, ...] = ()
+    head_paths: tuple[str, ...]
     name: str  # the architecture, as the library names it
     # Mean and std (0-1 scale, per channel) the images are normalised with; None: the data's own statistics.
     input_mean: tuple[float, ...] | None = None
@@ -91,7 +91,7 @@ class NamedNet(nn.Module):
         on them belong to the backbone, as do parameters held directly by a module on them (a ViT's class token). A
         second head (a distilled DeiT's `head_dist`), new and random, was counted in the backbone: frozen by
         BackboneFinetuning, and trained at `backbone_lr_factor`, while the forward pass averaged its logits in."""
-        heads = self.head_paths or (self.head_path,)
+        heads = self.head_paths
         modules: list[nn.Module] = []
         parameters: list[nn.Parameter] = []
 
