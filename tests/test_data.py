@@ -600,6 +600,33 @@ def test_image_folder_cache_is_reused_and_rebuilt_on_change(tmp_path: Path, monk
     assert len(os.listdir(tmp_path / "cache")) == 1
 
 
+def test_image_replaced_by_one_of_the_same_size_and_time_rebuilds_the_cache(tmp_path: Path) -> None:
+    # `cp -p other.bmp a/0.bmp`: the same size (BMP files of one side are) and the old modification time, other
+    # pixels. Only the change time (ctime), which no copy can set, tells it.
+    from PIL import Image
+
+    for name, colour in (("a/0.bmp", (255, 0, 0)), ("a/1.bmp", (0, 0, 255)), ("b/0.bmp", (0, 255, 0))):
+        (tmp_path / "data" / "train" / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (32, 32), colour).save(tmp_path / "data" / "train" / name)
+
+    def load() -> torch.Tensor:
+        data = ImageFolderDataModule(str(tmp_path / "data"), val_size=0, cache_dir=str(tmp_path / "cache"))
+        data.prepare_data()
+        data.setup("fit")
+        return data.splits["train"].images[:]
+
+    first = load()
+    target, other = tmp_path / "data" / "train" / "a" / "0.bmp", tmp_path / "data" / "train" / "b" / "0.bmp"
+    before = target.stat()
+    assert other.stat().st_size == before.st_size
+    target.write_bytes(other.read_bytes())
+    os.utime(target, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert target.stat().st_mtime_ns == before.st_mtime_ns
+    changed = load()
+    assert not torch.equal(changed[0], first[0]) and torch.equal(changed[0], first[2])
+    assert len(os.listdir(tmp_path / "cache")) == 1  # the stale cache is gone
+
+
 @pytest.mark.parametrize(
     ("layout", "message"),
     [

@@ -26,6 +26,7 @@ from cifar_cli.data.storage import (
     default_cache_dir,
     remove_other_versions,
     rows_of,
+    stat_key,
     write_at,
 )
 from cifar_cli.errors import UsageError
@@ -136,11 +137,10 @@ class CIFAR10DataModule(ImageDataModule):
         return [Path(self.data_dir) / self.dataset_class.base_folder / name for name, _ in listed]
 
     def _disk_copy_path(self, train: bool) -> Path:
-        # Named by the archive files' sizes and modification times, as ImageFolderDataModule's caches are.
+        # Named by the archive files' sizes and times, as ImageFolderDataModule's caches are.
         digest = hashlib.sha1()
         for path in self._files(train):
-            stat = path.stat()
-            digest.update(f"{path.name}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+            digest.update(f"{path.name}|{stat_key(path)}\n".encode())
         name = f"{self.dataset_class.__name__.lower()}-{'train' if train else 'test'}"
         return cache_path(
             self.cache_dir, name, Path(self.data_dir) / self.dataset_class.base_folder, digest.hexdigest()

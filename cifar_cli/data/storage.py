@@ -39,14 +39,21 @@ def cache_path(cache_dir: Path, name: str, source: Path, fingerprint: str) -> Pa
 DECODING_VERSION = 2
 
 
+def stat_key(path: Path) -> str:
+    """`path`'s size, modification time and change time (ctime). The ctime tells a file rewritten with its size and
+    modification time kept (`cp -p`, `rsync -a`, an unpacked archive) from the file it replaced: no copy can set it.
+    It also moves on `chmod` or `touch`, which then cost one rebuild of a cache, never a stale one."""
+    stat = path.stat()
+    return f"{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ctime_ns}"
+
+
 def files_fingerprint(paths: list[Path], names: list[str], image_size: int) -> str:
-    """A digest of the files' names, sizes and modification times, the side they decode to and DECODING_VERSION:
-    editing, adding or removing an image changes it. Stat-ing 50,000 files takes about 0.5 s."""
+    """A digest of the files' names, sizes, modification and change times, the side they decode to and
+    DECODING_VERSION: editing, adding or removing an image changes it. Stat-ing 50,000 files takes about 0.5 s."""
     digest = hashlib.sha1(f"{image_size}|{DECODING_VERSION}".encode())
     for name, path in zip(names, paths):
-        stat = path.stat()
         # surrogateescape: a name that is not UTF-8 (`café.jpg` in Latin-1) as its bytes, as os.fsencode gives them
-        digest.update(f"{name}|{stat.st_size}|{stat.st_mtime_ns}\n".encode(errors="surrogateescape"))
+        digest.update(f"{name}|{stat_key(path)}\n".encode(errors="surrogateescape"))
     return digest.hexdigest()
 
 
