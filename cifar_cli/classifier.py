@@ -26,7 +26,7 @@ from cifar_cli.checkpoints import load_checkpoint
 from cifar_cli.data import ImageDataModule
 from cifar_cli.errors import TrainingDiverged, UsageError
 from cifar_cli.optim import LRSchedule, build_optimizer, param_groups
-from cifar_cli.pretrained import NamedNet, final_layer
+from cifar_cli.pretrained import TIMM_CONFIG_KEY, NamedNet, final_layer
 from cifar_cli.seeding import derived_seed, run_seed
 
 Batch = tuple[Tensor, ...]  # (images, labels) in training; (images, labels, index in the split) elsewhere
@@ -469,6 +469,9 @@ class ImageClassifier(LightningModule):
             self.net.whiten.bias.grad = None
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        timm_config = getattr(self.net, "timm_config", None)
+        if timm_config is not None:  # a network timm built from a config.json, which the checkpoint then carries
+            checkpoint[TIMM_CONFIG_KEY] = {"name": self.net.name, "config": timm_config}
         # The training metrics' sums so far this epoch, when the checkpoint falls within an epoch: a run resumed
         # there reports the whole epoch's values. Kept beside the weights rather than in the state_dict, which
         # stays the network's alone.

@@ -87,7 +87,7 @@ from cifar_cli.errors import DEBUG_ENV, TrainingDiverged, UsageError, causes, de
 from cifar_cli.optimizer_flags import check_built, move_optimizer_flags, unsettled, without_settled_copies
 from cifar_cli.precision import announce_precision, choose_precision, show_held_warnings
 from cifar_cli.presets import shipped_config
-from cifar_cli.pretrained import LOCAL_DIR, weights_from_checkpoint
+from cifar_cli.pretrained import LOCAL_DIR, saved_timm_config, weights_from_checkpoint
 from cifar_cli.resume import (
     RUN_CONFIG_MARK,
     RUN_KEY,
@@ -166,7 +166,9 @@ def checkpoint_defaults(checkpoint: dict[str, Any]) -> dict[str, Any]:
     defaults = {"data": data_paths_from(saved["data"], saved.get(WORKING_DIR_KEY))} if saved.get("data") else {}
     hparams = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if k != "_instantiator"}
     if hparams:
-        defaults["model"] = net_paths_from(unsettled(hparams), saved.get(WORKING_DIR_KEY))
+        # A network the checkpoint carries the architecture of is built from it, not from its folder.
+        working_dir = None if saved_timm_config(checkpoint) is not None else saved.get(WORKING_DIR_KEY)
+        defaults["model"] = net_paths_from(unsettled(hparams), working_dir)
     return defaults
 
 
@@ -570,7 +572,8 @@ class CifarCLI(LightningCLI):
         # pretrained weights are neither downloaded nor read from their file, as the checkpoint's replace them.
         checkpoint = getattr(self, "checkpoint", None)
         with predicting_from(checkpoint if self.subcommand == "predict" else None):
-            with weights_from_checkpoint(checkpoint is not None):
+            timm_config = saved_timm_config(checkpoint) if checkpoint is not None else None
+            with weights_from_checkpoint(checkpoint is not None, timm_config):
                 try:
                     self.config_init = self.parser.instantiate_classes(self.config)
                 except UsageError as err:

@@ -15,12 +15,14 @@ from __future__ import annotations
 import contextlib
 import difflib
 import importlib.util
+import json
 import math
 import os
 import pickle
 import re
 import socket
 import sys
+import tempfile
 import urllib.error
 import urllib.parse
 from collections.abc import Iterable, Iterator
@@ -42,9 +44,26 @@ from cifar_cli.scoped import set_during
 _WEIGHTS_FROM_CHECKPOINT: ContextVar[bool] = ContextVar("weights_from_checkpoint", default=False)
 
 
-def weights_from_checkpoint(yes: bool = True) -> contextlib.AbstractContextManager[None]:
-    """Networks built in this block leave their pretrained weights out: a checkpoint's replace them."""
-    return set_during(_WEIGHTS_FROM_CHECKPOINT, yes)
+# The architecture of the checkpoint's `hf-hub:` or `local-dir:` network (TimmNet), as the checkpoint keeps it under
+# TIMM_CONFIG_KEY: `{"name": ..., "config": <its config.json>}`, set with _WEIGHTS_FROM_CHECKPOINT.
+_SAVED_TIMM_CONFIG: ContextVar[dict | None] = ContextVar("saved_timm_config", default=None)
+TIMM_CONFIG_KEY = "timm_config"
+
+
+@contextlib.contextmanager
+def weights_from_checkpoint(yes: bool = True, timm_config: dict | None = None) -> Iterator[None]:
+    """Networks built in this block leave their pretrained weights out: a checkpoint's replace them. `timm_config`:
+    the checkpoint's TIMM_CONFIG_KEY entry, which a TimmNet of its name is built from."""
+    with set_during(_WEIGHTS_FROM_CHECKPOINT, yes), set_during(_SAVED_TIMM_CONFIG, timm_config if yes else None):
+        yield
+
+
+def saved_timm_config(checkpoint: dict) -> dict | None:
+    """The checkpoint's TIMM_CONFIG_KEY entry, where it is one (checkpoints of other networks, and of earlier
+    versions, have none)."""
+    saved = checkpoint.get(TIMM_CONFIG_KEY)
+    valid = isinstance(saved, dict) and isinstance(saved.get("name"), str) and isinstance(saved.get("config"), dict)
+    return saved if valid else None
 
 
 # The statistics of ImageNet's training images, 0-1 scale: what torchvision's and most timm weights expect.
@@ -438,6 +457,22 @@ def check_local_dir(name: str) -> None:
         raise UsageError(f"--model.net.name {name}: {folder} has no config.json; give {what}")
 
 
+def source_config(name: str) -> dict | None:
+    """The config.json that timm built the `hf-hub:` or `local-dir:` network `name` from, which it has just read
+    (from the folder, or the Hub's cache); None for a network of timm's registry, whose architecture timm holds."""
+    if name.startswith(LOCAL_DIR):
+        path = Path(name.removeprefix(LOCAL_DIR)) / "config.json"
+    elif name.startswith("hf-hub:"):
+        from huggingface_hub import hf_hub_download
+
+        repo, _, revision = name.removeprefix("hf-hub:").partition("@")
+        with hub_offline():
+            path = Path(hf_hub_download(repo, "config.json", revision=revision or None))
+    else:
+        return None
+    return json.loads(path.read_text())
+
+
 class TimmNet(NamedNet):
     """Any network of timm (`pip install -e '.[timm]'`), through `timm.create_model(name, pretrained,
     num_classes)`, which builds the new head itself.
@@ -479,7 +514,10 @@ class TimmNet(NamedNet):
                 else suggest(name.partition(".")[0], known)
             )
             raise UsageError(f"--model.net.name {name}: no timm network; {hint}")
-        check_local_dir(name)
+        saved = _SAVED_TIMM_CONFIG.get()
+        saved = saved["config"] if saved is not None and saved["name"] == name else None
+        if saved is None:
+            check_local_dir(name)
         # A local file is loaded here, as TorchvisionNet loads it, not by timm: timm loads any weights but a head of
         # the pretrained class count with strict=False, so a file of another network trained from random weights
         # without a word, or ended in "Error(s) in loading state_dict" with nothing of what did not fit.
@@ -489,7 +527,14 @@ class TimmNet(NamedNet):
         load = pretrained and weights_path is None and not _WEIGHTS_FROM_CHECKPOINT.get()
 
         def create() -> nn.Module:
-            return timm.create_model(name, pretrained=load, num_classes=num_classes)
+            if saved is None:
+                return timm.create_model(name, pretrained=load, num_classes=num_classes)
+            # The checkpoint's copy of the config.json, handed to timm as a folder of its own: the architecture the
+            # weights were trained in, on a machine without the Hub, its cache or the folder, and whatever the
+            # repository holds now.
+            with tempfile.TemporaryDirectory() as folder:
+                (Path(folder) / "config.json").write_text(json.dumps(saved))
+                return timm.create_model(LOCAL_DIR + folder, pretrained=False, num_classes=num_classes)
 
         try:
             try:
@@ -522,6 +567,8 @@ class TimmNet(NamedNet):
             ) from err
         self.model = model
         self.name = name
+        # Kept in every checkpoint (ImageClassifier.on_save_checkpoint), which then builds the network without it.
+        self.timm_config = saved if saved is not None else source_config(name)
         head = model.pretrained_cfg.get("classifier") or "fc"
         self.head_paths = (head,) if isinstance(head, str) else tuple(head)
         self.head_path = self.head_paths[0]

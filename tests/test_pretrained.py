@@ -4,6 +4,7 @@ fine-tuning controls (backbone learning-rate factor, BackboneFinetuning, the wei
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 import socket
@@ -23,7 +24,14 @@ from cifar_cli.classifier import ImageClassifier
 from cifar_cli.cli import main
 from cifar_cli.errors import UsageError
 from cifar_cli.nets import TutorialCNN
-from cifar_cli.pretrained import IMAGENET_MEAN, IMAGENET_STD, TimmNet, TorchvisionNet, weights_from_checkpoint
+from cifar_cli.pretrained import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    TimmNet,
+    TorchvisionNet,
+    source_config,
+    weights_from_checkpoint,
+)
 
 QUIET = ["--trainer.logger", "false", "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary"]
 QUIET += ["false", "--trainer.max_epochs", "1"]
@@ -447,6 +455,10 @@ def test_timm_folder_checkpoint_tests_from_another_folder_and_a_missing_folder_s
     main(["test", "--ckpt_path", str(checkpoint), *QUIET])
     assert "test_acc" in capsys.readouterr().out
     shutil.rmtree(tmp_path / "saved")
+    # A checkpoint of an earlier version, without the architecture (see the next test), still needs the folder.
+    old = torch.load(checkpoint, weights_only=True)
+    del old["timm_config"]
+    torch.save(old, checkpoint)
     err = fails(capsys, "test", "--ckpt_path", str(checkpoint), *QUIET)
     assert err.endswith(
         "--model.net.name local-dir:saved: no such folder saved; give the folder timm saved with save_for_hf, whose "
@@ -457,6 +469,58 @@ def test_timm_folder_checkpoint_tests_from_another_folder_and_a_missing_folder_s
         capsys, "fit", *folder_args(image_folder, "--model.net", "TimmNet", "--model.net.name", "local-dir:no-config")
     )
     assert "--model.net.name local-dir:no-config: no-config has no config.json; give the folder timm saved" in err
+
+
+def test_a_timm_checkpoint_carries_the_architecture_of_its_folder_or_hub_repository(image_folder, capsys) -> None:
+    """timm builds a `local-dir:` or `hf-hub:` network from a config.json, which the checkpoint lacked: without
+    the folder (or the Hub and its cache) the checkpoint alone could not test or predict, and with the folder's
+    config.json changed since, it was refused as another network's weights. The checkpoint keeps a copy."""
+    timm = pytest.importorskip("timm")
+    from timm.models._hub import save_for_hf
+
+    save_for_hf(timm.create_model("test_resnet"), "saved")
+    args = ["--model.net", "TimmNet", "--model.net.name", "local-dir:saved", "--model.net.pretrained", "true",
+            "--trainer.limit_train_batches", "1"]  # fmt: skip
+    main(["fit", *folder_args(image_folder, *args)])
+    checkpoint = only_checkpoint()
+    saved = torch.load(checkpoint, weights_only=True)["timm_config"]
+    assert saved == {"name": "local-dir:saved", "config": json.loads(Path("saved/config.json").read_text())}
+    assert saved["config"]["architecture"] == "test_resnet"
+
+    def predictions() -> list[dict[str, str]]:
+        main(["predict", "--ckpt_path", str(checkpoint), "--data.predict_root", str(image_folder / "test"), *QUIET])
+        with open("predictions.csv") as file:
+            return list(csv.DictReader(file))
+
+    before = predictions()
+    shutil.rmtree("saved")
+    save_for_hf(timm.create_model("test_vit"), "saved")  # another network in the folder now
+    assert predictions() == before
+    shutil.rmtree("saved")
+    assert predictions() == before
+    main(["test", "--ckpt_path", str(checkpoint), *QUIET])
+    assert "test_acc" in capsys.readouterr().out
+    # A resumed run keeps the copy in its checkpoints.
+    main(["fit", "--ckpt_path", str(checkpoint), *QUIET, "--trainer.max_epochs", "2"])
+    (resumed,) = [p for p in Path().glob("**/*.ckpt") if "epoch=1" in p.name]
+    assert torch.load(resumed, weights_only=True)["timm_config"] == saved
+
+
+def test_the_config_of_an_hf_hub_network_is_read_from_the_hub_cache(tmp_path, monkeypatch) -> None:
+    from huggingface_hub import constants
+
+    (tmp_path / "config.json").write_text('{"architecture": "resnet18"}')
+    asked = []
+
+    def hf_hub_download(repo, filename, revision=None):
+        asked.append((repo, filename, revision, constants.HF_HUB_OFFLINE))
+        return str(tmp_path / "config.json")
+
+    monkeypatch.setattr("huggingface_hub.hf_hub_download", hf_hub_download)
+    assert source_config("hf-hub:timm/resnet18.a1_in1k@main") == {"architecture": "resnet18"}
+    assert source_config("hf-hub:timm/resnet18.a1_in1k") == {"architecture": "resnet18"}
+    assert asked == [("timm/resnet18.a1_in1k", "config.json", rev, True) for rev in ("main", None)]
+    assert source_config("resnet18.a1_in1k") is None
 
 
 def test_timm_weights_path_of_another_network_fails_in_one_line(image_folder, capsys) -> None:
