@@ -338,6 +338,28 @@ def local_rank_zero() -> bool:
     return all(os.environ.get(name, "0") == "0" for name in ("LOCAL_RANK", "SLURM_LOCALID"))
 
 
+def check_linked_net_args(given: Any, data: Any) -> None:
+    """Refuse a network's `num_classes` or `image_shape` given on the command line or in a config with another value
+    than the data's: the data sets them (a link), and jsonargparse took the value and replaced it without a word,
+    while it refuses `--model.class_names`. The data's own value passes (a run's hparams.yaml given as `--model`)."""
+    init_args = given.get("model.net.init_args") if isinstance(given, Namespace) else None
+    if not isinstance(init_args, Namespace):
+        return
+    classes, shape = init_args.get("num_classes"), init_args.get("image_shape")
+    if classes is not None and classes != data.num_classes:
+        names = ", ".join(data.class_names[:3]) + (", ..." if data.num_classes > 3 else "")
+        raise UsageError(
+            f"--model.net.num_classes {classes}: the network's classes come from the data ({data.num_classes}: "
+            f"{names}); leave it out"
+        )
+    if shape is not None and tuple(shape) != tuple(data.image_shape):
+        side = "; --data.image_size sets its side" if hasattr(data, "image_size") else ""
+        raise UsageError(
+            f"--model.net.image_shape {list(shape)}: the network's image shape comes from the data "
+            f"({list(data.image_shape)}{side}); leave it out"
+        )
+
+
 def check_data(data: Any, stage: str) -> None:
     """Check, download and cache the data for `stage` before the trainer is built (on a node's first process
     only, as Lightning's own prepare_data call, which then costs nothing)."""

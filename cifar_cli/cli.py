@@ -66,6 +66,7 @@ from cifar_cli.checks import (
     check_accelerator,
     check_data,
     check_group_files,
+    check_linked_net_args,
     check_monitors,
     check_run_folder,
     check_trainer_values,
@@ -599,6 +600,8 @@ class CifarCLI(LightningCLI):
         )
 
     def check_model_and_data(self) -> None:
+        given = getattr(self, "_given", None)
+        check_linked_net_args(given.get(self.subcommand) if given and self.subcommand else given, self.datamodule)
         scheduler = check_built(self.model, self.optimizer_flags)
         callbacks = self._get(self.config_init, "trainer", default={}).get("callbacks") or []
         if self.subcommand == "fit":

@@ -28,13 +28,14 @@ import pytest
 import torch
 import yaml
 from conftest import write_image_folder
+from jsonargparse import Namespace
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import ReduceLROnPlateau
 from PIL import Image
 
 from cifar_cli.callbacks import FitTimer
-from cifar_cli.checks import check_monitors
+from cifar_cli.checks import check_linked_net_args, check_monitors
 from cifar_cli.classifier import ImageClassifier
 from cifar_cli.cli import main
 from cifar_cli.data import CIFAR10DataModule, ImageFolderDataModule, decode_images
@@ -279,6 +280,18 @@ CASES = [
         "configs/fast.yaml, whose FastNet has one)",
     ),
     Case("whiten_bias_until_above_one", ["fit", "--model.whiten_bias_until", "1.5"], "model.whiten_bias_until"),
+    # The data decides them (a link): the flag was taken and silently replaced, while --model.class_names is refused.
+    Case(
+        "net_num_classes_given",
+        ["fit", "--model.net.num_classes", "5"],
+        "--model.net.num_classes 5: the network's classes come from the data (10:",
+    ),
+    Case(
+        "net_image_shape_given_in_a_config",
+        ["fit", "--config", "c.yaml"],
+        "--model.net.image_shape [3, 8, 8]: the network's image shape comes from the data ([3, 32, 32]",
+        {"c.yaml": "model:\n  net:\n    class_path: TutorialCNN\n    init_args:\n      image_shape: [3, 8, 8]\n"},
+    ),
     # cross_entropy fails at the first step above 1; below 0 or at 1 it trains on wrong or uniform targets
     *(
         Case(
@@ -1364,6 +1377,17 @@ def test_a_home_matplotlib_cannot_write_in_prints_nothing_of_it(tmp_path: Path, 
     assert "seed_everything" in run.stdout
     assert (tmp_path / "cache" / "cifar-cli" / "matplotlib").is_dir() == cache
     assert not list(Path("tmp").glob("matplotlib-*"))
+
+
+def test_network_settings_the_data_gives_alike_pass() -> None:
+    data = CIFAR10DataModule()
+    net = Namespace(
+        class_path="cifar_cli.nets.TutorialCNN", init_args=Namespace(num_classes=10, image_shape=(3, 32, 32))
+    )
+    check_linked_net_args(Namespace(model=Namespace(net=net)), data)
+    net.init_args.num_classes = 100
+    with pytest.raises(UsageError, match="num_classes 100: the network's classes come from the data"):
+        check_linked_net_args(Namespace(model=Namespace(net=net)), data)
 
 
 def test_monitors_that_may_be_logged_pass() -> None:
