@@ -85,6 +85,7 @@ from cifar_cli.data import ImageDataModule
 from cifar_cli.data.base import predicting_from
 from cifar_cli.distributed import carry_spawned_state, exit_if_rank_failed, exit_if_spawned_rank_failed, watch_ranks
 from cifar_cli.errors import DEBUG_ENV, TrainingDiverged, UsageError, causes, debug_switch, debugging
+from cifar_cli.folders import hold_run_folder, release_folders
 from cifar_cli.optimizer_flags import check_built, move_optimizer_flags, unsettled, without_settled_copies
 from cifar_cli.precision import announce_precision, choose_precision, show_held_warnings
 from cifar_cli.presets import shipped_config
@@ -638,6 +639,7 @@ class CifarCLI(LightningCLI):
             check_wandb_folder(trainer.get("logger"))
             if not self.resuming:
                 check_run_folder(trainer.get("logger"), trainer.get("default_root_dir") or os.getcwd())
+            hold_run_folder(trainer.get("logger"), trainer.get("default_root_dir") or os.getcwd())  # before decoding
             check_data(self.datamodule, self.subcommand)
             if trained_data is not None and isinstance(self.datamodule, ImageDataModule):
                 self.datamodule.check_held_out(trained_data, ckpt_path, self.subcommand)
@@ -1677,6 +1679,8 @@ def main(args: ArgsType = None) -> None:
             raise
         print(f"cifar-cli: error: {one_line(cause)}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        release_folders()
 
 
 def config_printer() -> tuple[Callable[[], Any], Callable[[Any, Namespace], None]] | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import fcntl
 import logging
 import os
 import re
@@ -877,6 +878,29 @@ def test_run_without_logger_replaces_only_an_earlier_runs_config(capsys, fake_ci
     message = fails(capsys, "fit", *quick, "--config", "config.yaml")
     assert "config.yaml is not the config.yaml of an earlier run" in message
     assert Path("config.yaml").read_text() == own and not Path("checkpoints").exists()
+
+
+def test_two_runs_without_logger_at_once_in_one_folder(capsys, fake_cifar10: Path) -> None:
+    """Runs without a logger share their folder: a second one started while the first runs (here the first's hold on
+    the folder, taken from this process) stops in one line, before writing there. They overwrote each other's
+    checkpoints of the same name, `last.ckpt` and config.yaml, and each printed its best checkpoint as its own."""
+    quick = [*cifar_args(fake_cifar10), "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1",
+             "--trainer.limit_val_batches", "1", "--trainer.logger", "false",
+             "--trainer.default_root_dir", "shared"]  # fmt: skip
+    Path("shared").mkdir()
+    first = os.open("shared", os.O_RDONLY)
+    fcntl.flock(first, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    capsys.readouterr()
+    message = fails(capsys, "fit", *quick)
+    assert message.startswith("cifar-cli: error: another cifar-cli command without a logger is running in shared:")
+    assert not list(Path("shared").iterdir())
+    os.close(first)  # the first run ended
+    main(["fit", *quick])
+    main(["fit", *quick])  # the folder is free again once a run ends
+    assert sorted(p.name for p in Path("shared/checkpoints").glob("epoch*.ckpt")) == [
+        "epoch=0-step=1-v1.ckpt",
+        "epoch=0-step=1.ckpt",
+    ]
 
 
 def test_predict_without_logger_replaces_only_an_earlier_runs_predictions(capsys, fake_cifar10: Path) -> None:

@@ -1,0 +1,62 @@
+"""One command at a time in a shared run folder: runs without a logger all write into `default_root_dir`, and two at
+once overwrote each other's checkpoints of the same name, `last.ckpt` and config.yaml (Lightning's `-v1` suffix is
+chosen as each file is saved, from the files there then), each printing the other's file as its best."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+from typing import Any
+
+from lightning.fabric.utilities.rank_zero import _get_rank
+
+from cifar_cli.errors import UsageError
+
+# The folders this process holds, each with the folders made for it: released when the command ends.
+_HELD: list[tuple[int, list[Path]]] = []
+
+
+def hold_run_folder(logger: Any, folder: str) -> None:
+    """For a run without a logger (`logger` False, or an empty list), hold its `folder` (made where missing) until
+    `release_folders`, or fail in one line where another process holds it. An advisory lock (flock) on the folder
+    itself, so nothing is written there for it; a file system without flock (some network ones) holds nothing, as
+    before. Only the run's first process holds it: the other ranks of a DDP run write there with it (a node's
+    first process knows its node from NODE_RANK, as Lightning's environment reads it, before the trainer exists)."""
+    if logger not in (False, []) or (_get_rank() or 0) != 0:
+        return
+    if int(os.environ.get("NODE_RANK", os.environ.get("GROUP_RANK", "0")) or 0) != 0:
+        return
+    path = Path(folder)
+    made = [f for f in [path, *path.parents] if not f.exists()]
+    os.makedirs(path, exist_ok=True)  # (not Path.mkdir: its error below a file names the deepest folder, not the first)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        os.close(fd)
+        _remove_empty(made)
+        if isinstance(err, BlockingIOError):
+            raise UsageError(
+                f"another cifar-cli command without a logger is running in {folder}: this one would overwrite its "
+                "checkpoints and config.yaml; wait until it ends, or give this one another --trainer.default_root_dir "
+                "(or a logger)"
+            ) from None
+        return
+    _HELD.append((fd, made))
+
+
+def release_folders() -> None:
+    """Let go of the folders held, and remove those made for a command that then wrote nothing in them."""
+    while _HELD:
+        fd, made = _HELD.pop()
+        os.close(fd)
+        _remove_empty(made)
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for folder in folders:  # deepest first; one that holds anything stays, and so do those above it
+        try:
+            folder.rmdir()
+        except OSError:
+            break
