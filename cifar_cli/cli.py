@@ -32,7 +32,7 @@ from lightning.pytorch.callbacks import (
     StochasticWeightAveraging,
 )
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
-from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -85,7 +85,7 @@ from cifar_cli.data import ImageDataModule
 from cifar_cli.data.base import predicting_from
 from cifar_cli.distributed import carry_spawned_state, exit_if_rank_failed, exit_if_spawned_rank_failed, watch_ranks
 from cifar_cli.errors import DEBUG_ENV, TrainingDiverged, UsageError, causes, debug_switch, debugging
-from cifar_cli.folders import hold_run_folder, release_folders
+from cifar_cli.folders import claim_version_folder, hold_run_folder, release_folders
 from cifar_cli.optimizer_flags import check_built, move_optimizer_flags, unsettled, without_settled_copies
 from cifar_cli.precision import announce_precision, choose_precision, show_held_warnings
 from cifar_cli.presets import shipped_config
@@ -637,6 +637,14 @@ class CifarCLI(LightningCLI):
         if self.subcommand is not None:
             trainer = self._get(self.config_init, "trainer", default={})
             check_wandb_folder(trainer.get("logger"))
+            loggers = trainer.get("logger")
+            # Those given no version (`_version`, private to Lightning 2.6), before check_run_folder counts their next
+            # version_N: its folder is made as the trainer is built (claim_version_folder).
+            self._counted = [
+                logger
+                for logger in (loggers if isinstance(loggers, (list, tuple)) else [loggers])
+                if isinstance(logger, (CSVLogger, TensorBoardLogger)) and logger._version is None
+            ]
             if not self.resuming:
                 check_run_folder(trainer.get("logger"), trainer.get("default_root_dir") or os.getcwd())
             hold_run_folder(trainer.get("logger"), trainer.get("default_root_dir") or os.getcwd())  # before decoding
@@ -782,6 +790,9 @@ class CifarCLI(LightningCLI):
             slow = "a CPU computes fp16 in software, hundreds of times slower than bf16-mixed or 32-true"
             precision = trainer.precision, f"Precision 16-true: {slow} (--trainer.precision)"
         self._chosen_precision = precision  # said once the trainer passes its checks (announce)
+        if trainer.is_global_zero:
+            for logger in getattr(self, "_counted", []):
+                claim_version_folder(logger)
         now = Path(run_dir(trainer)).parent.name
         if self.resuming and self._run_folder_name not in (None, now):
             # `--trainer.logger.project other` on a restart: the run went on in a second folder of its id (under

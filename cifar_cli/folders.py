@@ -1,6 +1,8 @@
-"""One command at a time in a shared run folder: runs without a logger all write into `default_root_dir`, and two at
-once overwrote each other's checkpoints of the same name, `last.ckpt` and config.yaml (Lightning's `-v1` suffix is
-chosen as each file is saved, from the files there then), each printing the other's file as its best."""
+"""Run folders that one command at a time writes in. Runs without a logger all write into `default_root_dir`, and two
+at once overwrote each other's checkpoints of the same name, `last.ckpt` and config.yaml (Lightning's `-v1` suffix is
+chosen as each file is saved, from the files there then), each printing the other's file as its best. A CSV or
+TensorBoard logger counts its next `version_N` as the command starts, and makes that folder only once the data is
+ready: two runs started together took the same one."""
 
 from __future__ import annotations
 
@@ -10,11 +12,13 @@ from pathlib import Path
 from typing import Any
 
 from lightning.fabric.utilities.rank_zero import _get_rank
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from cifar_cli.errors import UsageError
 
-# The folders this process holds, each with the folders made for it: released when the command ends.
-_HELD: list[tuple[int, list[Path]]] = []
+# The folders this process holds (a lock's file descriptor, or None), each with the folders made for it: released
+# when the command ends.
+_HELD: list[tuple[int | None, list[Path]]] = []
 
 
 def hold_run_folder(logger: Any, folder: str) -> None:
@@ -46,11 +50,30 @@ def hold_run_folder(logger: Any, folder: str) -> None:
     _HELD.append((fd, made))
 
 
+def claim_version_folder(logger: CSVLogger | TensorBoardLogger) -> None:
+    """Make the folder of a logger's counted `version_N` (a version it was not given) at once, atomically; where
+    another run made it since it was counted, count the next. It is removed at `release_folders` if the command
+    wrote nothing in it."""
+    for _ in range(100):  # (a file named version_N, which Lightning does not count, would be met every time)
+        version = logger.version
+        folder = Path(logger.root_dir, version if isinstance(version, str) else f"version_{version}")
+        made = [f for f in folder.parents if not f.exists()]
+        os.makedirs(folder.parent, exist_ok=True)
+        try:
+            folder.mkdir()
+        except FileExistsError:
+            logger._version = None  # private to Lightning (2.6): counted again, from the folders there now
+            continue
+        _HELD.append((None, [folder, *made]))
+        return
+
+
 def release_folders() -> None:
     """Let go of the folders held, and remove those made for a command that then wrote nothing in them."""
     while _HELD:
         fd, made = _HELD.pop()
-        os.close(fd)
+        if fd is not None:
+            os.close(fd)
         _remove_empty(made)
 
 

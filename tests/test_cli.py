@@ -20,7 +20,7 @@ import yaml
 from conftest import write_image_folder
 from wandb_offline import read_run
 
-from cifar_cli import precision
+from cifar_cli import cli, precision
 from cifar_cli.cli import main
 from cifar_cli.data import CIFAR10DataModule
 from cifar_cli.optim import WarmupLinearDecay
@@ -901,6 +901,28 @@ def test_two_runs_without_logger_at_once_in_one_folder(capsys, fake_cifar10: Pat
         "epoch=0-step=1-v1.ckpt",
         "epoch=0-step=1.ckpt",
     ]
+
+
+def test_two_csv_logger_runs_started_at_once_get_a_folder_each(
+    capsys, fake_cifar10: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A CSVLogger's next version is counted as the command starts, and its folder made once the data is ready: a
+    second run started meanwhile took the same version, and stopped on the first's config.yaml, telling the user to
+    pass a --trainer.logger.version they never gave (or, a moment earlier, wrote into the first's folder). Here the
+    other run makes that folder while this one checks its data."""
+    check_data = cli.check_data
+
+    def other_run_starts(*args: object) -> None:
+        check_data(*args)
+        other = Path("runs/version_0")
+        other.mkdir(parents=True)
+        (other / "config.yaml").write_text(cli.RUN_CONFIG_MARK + "trainer: {}\n")
+
+    monkeypatch.setattr(cli, "check_data", other_run_starts)
+    main(["fit", *cifar_args(fake_cifar10), "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1",
+          "--trainer.limit_val_batches", "1", *CSV_LOGGER])  # fmt: skip
+    assert "Run folder: runs/version_1" in capsys.readouterr().out
+    assert sorted(p.name for p in Path("runs/version_0").iterdir()) == ["config.yaml"]
 
 
 def test_predict_without_logger_replaces_only_an_earlier_runs_predictions(capsys, fake_cifar10: Path) -> None:
