@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import warnings
 from typing import Any, Literal
 
 import torch
@@ -14,8 +15,10 @@ from jsonargparse.typing import NonNegativeInt, PositiveInt
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import DummyExperiment
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
 from cifar_cli.atomic import atomic_csv_logs, atomic_write, atomic_write_text
@@ -55,7 +58,13 @@ class RunCSVLogger(CSVLogger):
     @property
     def experiment(self) -> Any:
         fresh = self._experiment is None
-        writer = super().experiment
+        with warnings.catch_warnings():
+            metrics = ExperimentWriter.NAME_METRICS_FILE
+            if fresh and rank_zero_only.rank == 0 and not os.path.isfile(os.path.join(self.log_dir, metrics)):
+                # The other logger's folder, which holds its files already (TensorBoard's event file): Lightning
+                # warned at every such run that "previous log files" there would be deleted, where there were none.
+                warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
+            writer = super().experiment
         if fresh and not isinstance(writer, DummyExperiment):
             atomic_csv_logs(self)  # every flush writes the file whole (cifar_cli.atomic)
         return writer

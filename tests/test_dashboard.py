@@ -499,3 +499,14 @@ def test_a_logger_added_without_its_folder_writes_under_runs(image_folder: Path,
     (own,) = Path("runs/lightning_logs").iterdir()
     assert own.name == "version_0" and (own / "hparams.yaml").is_file()
     assert (run_folder / "metrics.csv").is_file()
+
+
+def test_a_tensorboard_run_warns_of_no_deletion(image_folder: Path, recwarn) -> None:
+    """The CSV writer cifar-cli adds beside TensorBoard writes into TensorBoard's run folder, which holds its event
+    file by then: Lightning's warning that the folder "exists and is not empty. Previous log files in this directory
+    will be deleted" came with every TensorBoard run, though nothing was there to delete."""
+    main(["fit", "--data", "ImageFolderDataModule", "--data.root", str(image_folder), "--data.val_size", "30",
+          "--trainer.max_epochs", "1", "--trainer.logger", "TensorBoardLogger", "--trainer.logger.save_dir", "runs",
+          "--trainer.enable_progress_bar", "false"])  # fmt: skip
+    assert not [str(w.message) for w in recwarn if "exists and is not empty" in str(w.message)]
+    assert Path("runs/version_0/metrics.csv").is_file()
