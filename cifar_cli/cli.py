@@ -152,6 +152,28 @@ def data_paths_from(data: dict[str, Any], working_dir: str | None) -> dict[str, 
     return {**data, "init_args": init_args}
 
 
+def data_paths_in(data: dict[str, Any], working_dir: str, saved: Any) -> dict[str, Any]:
+    """A data config of a run resumed from another folder as seen from the folder `fit` first ran in,
+    `working_dir`, which its checkpoints go on naming: each path that `data_paths_from` found there given back as
+    the run's `saved` data config had it, any other relative one (given from this folder) made absolute. The restart
+    named `data.root images -> /project/images` as a change of its settings, config.yaml and the checkpoints took the
+    absolute path, and the project moved whole no longer found its data."""
+    init_args = data.get("init_args")
+    before = saved.get("init_args") if isinstance(saved, dict) else None
+    if not isinstance(init_args, dict):
+        return data
+    init_args = dict(init_args)
+    for key in DATA_PATHS:
+        path, earlier = init_args.get(key), (before or {}).get(key)
+        if not isinstance(path, str) or not path:
+            continue
+        if isinstance(earlier, str) and earlier and path == os.path.join(working_dir, earlier):
+            init_args[key] = earlier
+        elif not os.path.isabs(os.path.expanduser(path)):
+            init_args[key] = os.path.abspath(path)
+    return {**data, "init_args": init_args}
+
+
 def found_from(path: Any, working_dir: str) -> str | None:
     """`path` joined to `working_dir`, where it is relative, does not exist from here and does from there; else
     None."""
@@ -331,6 +353,9 @@ class RunConfigSaver(SaveConfigCallback):
     the second run in the same folder would stop on the first run's `config.yaml`. The run's own folder is unique.
     """
 
+    # A run resumed from another folder: the folder `fit` first ran in and the data config it saved (CifarCLI sets it).
+    run_origin: tuple[str, Any] | None = None
+
     @cached_property
     def dumped(self) -> str:
         """The resolved config as YAML."""
@@ -338,8 +363,12 @@ class RunConfigSaver(SaveConfigCallback):
 
     @cached_property
     def resolved(self) -> dict[str, Any]:
-        """The resolved config as plain data."""
-        return yaml.safe_load(self.dumped)
+        """The resolved config as plain data; a run resumed from another folder's with its data paths as seen from
+        the run's own folder (`data_paths_in`)."""
+        resolved = yaml.safe_load(self.dumped)
+        if self.run_origin is not None and isinstance(resolved.get("data"), dict):
+            resolved["data"] = data_paths_in(resolved["data"], *self.run_origin)
+        return resolved
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO):
@@ -434,7 +463,7 @@ class RunConfigSaver(SaveConfigCallback):
         return {
             CHECKPOINT_KEY: {
                 "data": self.resolved["data"],
-                WORKING_DIR_KEY: os.getcwd(),
+                WORKING_DIR_KEY: self.run_origin[0] if self.run_origin is not None else os.getcwd(),
                 RUN_KEY: run_identity(trainer),
                 SEED_KEY: self.resolved.get("seed_everything"),
             }
@@ -806,6 +835,7 @@ class CifarCLI(LightningCLI):
         for callback in trainer.callbacks:
             if isinstance(callback, RunConfigSaver):
                 callback.resuming = self.resuming
+                callback.run_origin = getattr(self, "_run_origin", None)
                 callback.resume_step = int(self.resume_step)
                 if not self.resuming:
                     callback.check_shared_folder(trainer)
@@ -906,6 +936,7 @@ class CifarCLI(LightningCLI):
         self.ended = False  # resumed after its last epoch or step: nothing is left to train
         self._run_folder_name: str | None = None  # of the run resumed: the folder its run folder is in
         self.resume_step = 0
+        self._run_origin: tuple[str, Any] | None = None  # the folder fit first ran in, where resumed from another
         subcommand = self.config.get("subcommand")
         self._save_under_root_dir(subcommand)
         ckpt_path = subcommand and self.config[subcommand].get("ckpt_path")
@@ -974,6 +1005,14 @@ class CifarCLI(LightningCLI):
             )
             if self.resuming:  # its folders hold its checkpoints and logs so far, as they should
                 self._run_folder_name = run_folder_name(self.checkpoint)
+                there = saved.get(WORKING_DIR_KEY)
+                # Resumed from another folder than `fit` ran in, not in a copy of the project or one moved whole.
+                if (
+                    isinstance(there, str)
+                    and os.path.realpath(there) != os.path.realpath(os.getcwd())
+                    and Path(ckpt_path).resolve().is_relative_to(Path(there).resolve())
+                ):
+                    self._run_origin = there, saved.get("data")
                 self._save_where_the_run_is(logger, ckpt_path, saved.get(WORKING_DIR_KEY))
                 ignore_for_this_run(r"Checkpoint directory .* exists and is not empty")
                 ignore_for_this_run(r"Experiment logs directory .* exists and is not empty")

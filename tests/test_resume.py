@@ -14,6 +14,7 @@ import pytest
 import torch
 import wandb
 import yaml
+from conftest import write_image_folder
 from lightning.pytorch.callbacks import Timer
 from test_cli import CSV_LOGGER, metrics_rows, values
 from wandb_offline import read_run
@@ -594,6 +595,36 @@ def test_a_run_resumed_from_another_folder_goes_on_in_its_own_folder(fake_cifar1
     assert {row["epoch"] for row in metrics_rows(run)} == {"0", "1"}
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 10
     assert not [w for w in recwarn if "dirpath has changed" in str(w.message)]
+
+
+def test_a_run_resumed_from_another_folder_keeps_its_relative_data_path(tmp_path: Path, capsys) -> None:
+    """`fit --ckpt_path /project/runs/.../last.ckpt` from another folder finds the run's `--data.root images` from the
+    project, as it should; but the restart said it changed `data.root images -> /project/images`, wrote that into
+    config.yaml, and its checkpoints held the absolute path: the project moved whole no longer found its images."""
+    project = tmp_path / "project"
+    write_image_folder(project / "images" / "train", {"cat": 20, "dog": 20})
+    args = [*CSV_LOGGER, "--trainer.enable_progress_bar", "false", "--trainer.limit_train_batches", "2"]
+    os.chdir(project)
+    main(["fit", "--data", "ImageFolderDataModule", "--data.root", "images", "--data.val_size", "10", *args,
+          "--trainer.max_epochs", "1"])  # fmt: skip
+    (config,) = Path("runs").glob("*/config.yaml")
+    run = config.parent.relative_to("runs")
+    os.chdir(tmp_path / "elsewhere" if (tmp_path / "elsewhere").mkdir() is None else tmp_path)
+    capsys.readouterr()
+    main(["fit", "--ckpt_path", str(project / "runs" / run / "checkpoints" / "last.ckpt"), *args,
+          "--trainer.max_epochs", "2"])  # fmt: skip
+    assert "(trainer.max_epochs 1 -> 2)" in capsys.readouterr().err
+    assert yaml.safe_load((project / "runs" / run / "config.yaml").read_text())["data"]["init_args"]["root"] == "images"
+    saved = torch.load(project / "runs" / run / "checkpoints" / "last.ckpt", weights_only=True)["cifar_cli"]
+    assert saved["data"]["init_args"]["root"] == "images" and saved["working_dir"] == str(project)
+    moved = project.rename(tmp_path / "moved")
+    os.chdir(moved)
+    capsys.readouterr()
+    main(["validate", "--ckpt_path", str(moved / "runs" / run / "checkpoints" / "last.ckpt"), *CSV_LOGGER])
+    assert "val_acc" in capsys.readouterr().out
+    main(["fit", "--ckpt_path", "last", *args, "--trainer.max_epochs", "3"])  # the project's runs, from its new root
+    assert "(trainer.max_epochs 2 -> 3)" in capsys.readouterr().err
+    assert yaml.safe_load((moved / "runs" / run / "config.yaml").read_text())["data"]["init_args"]["root"] == "images"
 
 
 def test_config_changes_are_named_as_flags_and_as_classes_added_or_removed() -> None:
