@@ -46,6 +46,8 @@ def load_checkpoint(ckpt_path: str, flag: str | None = None) -> dict[str, Any]:
             f"{flag}: Lightning's best is that of a fit in the same process; pass the path fit printed as its best "
             "checkpoint (best_checkpoint in the run's summary.json), or last for the newest run's last.ckpt"
         )
+    if path.exists() and not path.is_file():
+        raise UsageError(f"{flag} is not a regular file (a device, pipe or socket); {FROM_FIT}")
     if not path.is_file():
         raise UsageError(f"{flag}: no such file; {FROM_FIT}")
     if path.stat().st_size == 0:

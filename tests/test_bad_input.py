@@ -872,6 +872,8 @@ CASES = [
     ),
     # Checkpoints.
     Case("ckpt_missing", TEST_CKPT, "--ckpt_path model.ckpt: no such file"),
+    # It exists: "no such file" sent the user looking for a typo.
+    Case("ckpt_device", ["test", "--ckpt_path", os.devnull], f"--ckpt_path {os.devnull} is not a regular file"),
     # `--ckpt_path "$CKPT"` with the variable unset: test evaluated an untrained network, fit started a new run
     *(
         Case(
