@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import glob
 import io
 import os
@@ -25,12 +26,13 @@ from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from cifar_cli.errors import UsageError
+from cifar_cli.errors import UsageError, causes
 
 # torch ignores weights_only=True when this variable is set: loading would unpickle arbitrary objects.
 UNSAFE_LOAD_ENV = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
 # Suffix of a file being written; never `.ckpt`, so no search for checkpoints finds one.
 PARTIAL = ".partial"
+FULL = (errno.ENOSPC, errno.EDQUOT)  # a full disk, an exhausted quota
 
 
 def _mode() -> int:
@@ -67,7 +69,7 @@ def atomic_file(path: _PATH) -> Iterator[Path]:
         finally:
             os.close(fd)
         os.replace(partial, path)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(partial)
         for folder in missing:  # deepest first; one another writer has filled stays
@@ -75,6 +77,10 @@ def atomic_file(path: _PATH) -> Iterator[Path]:
                 folder.rmdir()
             except OSError:
                 break
+        full = next((e for e in causes(err) if isinstance(e, OSError) and e.errno in FULL), None)
+        if full is not None and not full.filename:
+            # torch.save's error for a full disk, and the OSError under it, name no file: the one-line error does.
+            raise OSError(full.errno, full.strerror, str(path)) from err
         raise
     # The rename itself is durable only once the folder's entry is on disk.
     folder = os.open(path.parent, os.O_RDONLY)
