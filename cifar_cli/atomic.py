@@ -58,7 +58,11 @@ def atomic_file(path: _PATH) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_partials(path)
     prefix = f".{path.name}.{socket.gethostname()}.{os.getpid()}."
-    fd, partial = tempfile.mkstemp(prefix=prefix, suffix=PARTIAL, dir=path.parent)
+    try:
+        fd, partial = tempfile.mkstemp(prefix=prefix, suffix=PARTIAL, dir=path.parent)
+    except OSError as err:  # (a read-only disk, a folder without permission)
+        # Its error names the hidden file it could not make; the folder is what cannot be written in.
+        raise OSError(err.errno, err.strerror, str(path.parent)) from err
     try:
         os.fchmod(fd, _mode())
         os.close(fd)

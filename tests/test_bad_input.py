@@ -17,6 +17,7 @@ import pickle
 import struct
 import subprocess
 import sys
+import tempfile
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -1320,6 +1321,28 @@ def test_a_folder_that_cannot_be_written_is_one_line(flag: str, folder: str, rea
     )
     if flag == "--data.cache_dir":  # refused before the trainer is built
         assert snapshot(Path()) == before
+
+
+def test_a_folder_without_permission_names_the_folder(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """A run without a logger writes its config.yaml first, into the folder itself: the error named the hidden
+    partial file it could not make there (`.config.yaml.HOST.PID.xxxx.partial`), not the folder. Permission is
+    refused here by mkstemp, as a folder without it (or a read-only disk) refuses it; root would pass."""
+    images(CLASSES_AB)
+
+    def refused(suffix: str = "", prefix: str = "", dir: str = "") -> tuple[int, str]:
+        if os.path.basename(dir) != "out":  # the data's cache
+            return mkstemp(suffix=suffix, prefix=prefix, dir=dir)
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.path.join(dir, f"{prefix}x1y2{suffix}"))
+
+    mkstemp = tempfile.mkstemp
+
+    monkeypatch.setattr("cifar_cli.atomic.tempfile.mkstemp", refused)
+    with pytest.raises(SystemExit) as exit_info:
+        main([*FIT, "--trainer.max_epochs", "1", "--trainer.logger", "false", "--trainer.default_root_dir", "out"])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("cifar-cli: error")]
+    assert exit_info.value.code == 1
+    assert errors == ["cifar-cli: error: cannot write in out (permission denied): choose a folder you can write in "
+                      "(--trainer.default_root_dir, --data.cache_dir)"]  # fmt: skip
 
 
 def test_a_home_wandb_cannot_write_in_is_one_line_before_training(monkeypatch, capsys) -> None:
