@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from jsonargparse.typing import ClosedUnitInterval, PositiveFloat, PositiveInt
 from lightning.pytorch import LightningModule
-from lightning.pytorch.callbacks import BackboneFinetuning, BaseFinetuning, Timer
+from lightning.pytorch.callbacks import BackboneFinetuning, BaseFinetuning, StochasticWeightAveraging, Timer
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable, ReduceLROnPlateau
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.trainer.states import TrainerFn
@@ -378,6 +378,13 @@ class ImageClassifier(LightningModule):
         self._budget_timer_found = self._budget_timer() if follows_progress else None
         if self.trainer.fit_loop.restarted_mid_epoch:
             self._unfreeze_optimized()
+            for callback in self.trainer.callbacks:
+                if isinstance(callback, StochasticWeightAveraging):
+                    # It installs its schedule (SWALR, from the state the checkpoint restored) and its count of
+                    # averaged epochs in on_train_epoch_start, which Lightning does not call for an epoch resumed
+                    # midway: that epoch trained on without the schedule, and lost its step at the epoch's end.
+                    # The average is not updated twice: the callback records the epoch it last averaged.
+                    callback.on_train_epoch_start(self.trainer, self)
         self._schedule_added_groups(rebase=False)  # a resumed run's optimizer has the groups its callbacks added
 
     def _unfreeze_optimized(self) -> None:
@@ -569,12 +576,14 @@ class ImageClassifier(LightningModule):
                     if key not in ("params", "lr", "initial_lr", *IMPLEMENTATION_KEYS) and key in saved:
                         saved[key] = value
                 ratio = 1.0
-                if not self.trainer.lr_scheduler_configs:
+                # StochasticWeightAveraging's SWALR, which marks the groups it anneals (`swa_lr`), is installed by
+                # the callback at the next epoch start, after this: no scheduler is seen, but the rate is scheduled.
+                if not self.trainer.lr_scheduler_configs and "swa_lr" not in saved:
                     saved["lr"] = new["lr"]
                 elif new.get("initial_lr") and saved.get("initial_lr"):  # a torch scheduler's base rate
                     ratio = new["initial_lr"] / saved["initial_lr"]
                     saved["initial_lr"] = new["initial_lr"]
-                else:  # ReduceLROnPlateau: its reductions so far go on
+                else:  # ReduceLROnPlateau: its reductions so far go on; SWALR: its annealing
                     ratio = self.hparams.learning_rate / checkpoint.get("hyper_parameters", {}).get(
                         "learning_rate", self.hparams.learning_rate
                     )

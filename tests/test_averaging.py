@@ -235,3 +235,28 @@ def test_lookahead_without_a_schedule_follows_a_time_budget(
         "--trainer.callbacks+=faults.TickClock",
     )  # fmt: skip
     assert run == (12, True)
+
+
+def swa_state(path: Path) -> dict[str, Any]:
+    (state,) = [v for k, v in torch.load(path, weights_only=True)["callbacks"].items() if k.startswith("Stochastic")]
+    return state
+
+
+def test_swa_resumed_within_its_annealing_goes_on_at_its_learning_rate(fake_cifar10: Path, tmp_path: Path) -> None:
+    """StochasticWeightAveraging anneals the learning rate from the optimizer's own, epoch by epoch (SWALR, which
+    it installs only at its first epoch): a run resumed there went on at the base rate, without a schedule."""
+    args = ["fit", *cifar(fake_cifar10), "--model.net", "FastNet", "--model.net.widths", "[8, 16, 16]",
+            "--model.learning_rate", "0.05", "--trainer.max_epochs", "3", "--trainer.enable_progress_bar", "false",
+            "--trainer.callbacks+=StochasticWeightAveraging", "--trainer.callbacks.swa_lrs", "0.005",
+            "--trainer.callbacks.swa_epoch_start", "1", "--trainer.callbacks.annealing_epochs", "2",
+            *EVERY_STEP, *CSV_LOGGER]  # fmt: skip
+    os.chdir(tmp_path / "full" if (tmp_path / "full").mkdir() is None else tmp_path)
+    main(args)
+    full = {p.name: p.resolve() for p in Path("steps").glob("epoch=*.ckpt")}
+    os.chdir(tmp_path / "resumed" if (tmp_path / "resumed").mkdir() is None else tmp_path)
+    main([*args, "--ckpt_path", str(full["epoch=1-step=7.ckpt"])])  # the second epoch, SWA's first
+    for name in [f"epoch={(s - 1) // 5}-step={s}.ckpt" for s in range(8, 17)]:
+        assert_identical(tensors(Path("steps") / name), tensors(full[name]))
+        averaged, expected = swa_state(Path("steps") / name), swa_state(full[name])
+        assert averaged["n_averaged"] == expected["n_averaged"]
+        assert_identical(averaged["average_model_state"], expected["average_model_state"])
