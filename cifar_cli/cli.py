@@ -113,6 +113,7 @@ from cifar_cli.terminal import (
     quiet_wandb,
     silence_noise,
     sync_line,
+    true_stop_line,
 )
 
 # Checkpoint entry (under cifar_cli's own key): the folder `fit` ran in, where the data config's relative paths start.
@@ -1229,7 +1230,8 @@ class CifarCLI(LightningCLI):
     def _run_subcommand(self, subcommand: str) -> None:
         if subcommand == "fit":
             try:
-                return super()._run_subcommand(subcommand)
+                with true_stop_line(self.trainer):
+                    return super()._run_subcommand(subcommand)
             except ValueError as err:
                 # Lightning compares a step count with the epoch's batches only once the data is loaded, and refuses
                 # it in a traceback: stacking `--trainer.check_val_every_n_epoch 1` on configs/budget.yaml does it.

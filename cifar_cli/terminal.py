@@ -3,6 +3,7 @@ upstream messages the user can do nothing about silenced by their text, and the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -10,6 +11,7 @@ import re
 import shlex
 import time
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 from lightning.pytorch import LightningModule, Trainer
@@ -44,6 +46,43 @@ class _DropMessages(logging.Filter):
 # says what happened (cli.ctrl_c_exits_130).
 _TIPS = _DropMessages(r"^💡 Tip: For seamless cloud ", r"Detected KeyboardInterrupt, attempting graceful shutdown")
 _TIPS_LOGGER = "lightning.pytorch.utilities.rank_zero"
+
+
+class _TrueStopLine(logging.Filter):
+    """Lightning's "`Trainer.fit` stopped: `max_epochs=N` reached." as it is true of the trainer's run.
+
+    StochasticWeightAveraging raises max_epochs by one for its BatchNorm pass while it trains: a run of 2 epochs
+    read "max_epochs=3". And Lightning counts an epoch cut short for done: a time limit that ran out in the last
+    epoch read as its end, after Lightning's own "Time limit reached" (a line that says why, as a callback that
+    stops a run says its own, comes before it).
+    """
+
+    def __init__(self, trainer: Trainer) -> None:
+        super().__init__()
+        self.trainer = trainer
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.getMessage().startswith("`Trainer.fit` stopped: `max_epochs="):
+            return True
+        trainer = self.trainer
+        asked = swa_batchnorm_pass(trainer)
+        if asked is not None:  # its pass counts one batch more than it trains: it is never cut short
+            record.msg = f"`Trainer.fit` stopped: `max_epochs={asked}` reached, then StochasticWeightAveraging's "
+            record.msg += "BatchNorm pass."
+            record.args = ()
+            return True
+        return trainer.fit_loop.epoch_loop.batch_progress.current.completed >= trainer.num_training_batches
+
+
+@contextlib.contextmanager
+def true_stop_line(trainer: Trainer) -> Iterator[None]:
+    """Lightning's stop line made true (`_TrueStopLine`) while `trainer` fits."""
+    logger, line = logging.getLogger(_TIPS_LOGGER), _TrueStopLine(trainer)
+    logger.addFilter(line)
+    try:
+        yield
+    finally:
+        logger.removeFilter(line)
 
 
 # The messages a command ignores for what it read on its command line (a resumed run's folders exist already): a

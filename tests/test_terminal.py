@@ -11,7 +11,9 @@ import re
 import types
 from pathlib import Path
 
+import faults
 import pytest
+from lightning.pytorch.callbacks import Timer
 
 from cifar_cli.cli import main
 
@@ -119,10 +121,10 @@ def test_epoch_lines_show_validation_metrics_only_for_epochs_that_validated(imag
                      ["train_loss", "train_acc"]]  # fmt: skip
 
 
-def test_swa_batchnorm_pass_is_named_and_the_epochs_count_as_given(image_folder: Path, capfd) -> None:
+def test_swa_batchnorm_pass_is_named_and_the_epochs_count_as_given(image_folder: Path, capfd, caplog) -> None:
     """StochasticWeightAveraging on a network with BatchNorm adds a pass after the given epochs (Lightning raises
-    max_epochs by one while it trains): the lines read "epoch 1/3", "epoch 2/3", then "epoch 3/2", and the summary
-    "3 epochs"."""
+    max_epochs by one while it trains): the lines read "epoch 1/3", "epoch 2/3", then "epoch 3/2", the summary
+    "3 epochs", and Lightning's stop line "max_epochs=3"."""
     main([*FIT, "--data.root", str(image_folder), "--trainer.logger", "CSVLogger", "--model.net", "FastNet",
           "--model.net.widths", "[8, 16, 16]", "--trainer.callbacks+=StochasticWeightAveraging",
           "--trainer.callbacks.swa_lrs", "0.01"])  # fmt: skip
@@ -130,6 +132,22 @@ def test_swa_batchnorm_pass_is_named_and_the_epochs_count_as_given(image_folder:
     lines = [line.split("  ")[:2] for line in out.splitlines() if line.startswith(("epoch ", "SWA "))]
     assert lines == [["epoch 1/2", "step 2"], ["epoch 2/2", "step 4"], ["SWA BatchNorm pass after epoch 2/2", "step 5"]]
     assert "cifar-cli fit: 2 epochs and SWA BatchNorm pass, step 5" in out
+    stops = [r.getMessage() for r in caplog.records if r.getMessage().startswith("`Trainer.fit` stopped")]
+    assert stops == ["`Trainer.fit` stopped: `max_epochs=2` reached, then StochasticWeightAveraging's BatchNorm pass."]
+
+
+def test_a_time_limit_in_the_last_epoch_is_not_said_to_be_its_end(fake_cifar10: Path, caplog, monkeypatch) -> None:
+    """Steps of 1 s on a fake clock, a 7 s limit, 2 epochs of 5 steps: the limit stops training 2 steps into the
+    second epoch. Lightning counts a cut epoch as done, and said "`max_epochs=2` reached" after its "Time limit
+    reached", as if the run had trained every epoch."""
+    faults.CLOCK["now"] = 0.0
+    monkeypatch.setattr(Timer, "time_elapsed", lambda self, stage="train": faults.CLOCK["now"])
+    main(["fit", "--data.data_dir", str(fake_cifar10), "--data.val_size", "40", "--trainer.max_epochs", "2",
+          "--trainer.max_time", "00:00:00:07", "--trainer.callbacks+=faults.TickClock", "--trainer.logger",
+          "CSVLogger", "--trainer.enable_progress_bar", "false"])  # fmt: skip
+    said = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("Time limit reached.") for m in said)
+    assert not [m for m in said if m.startswith("`Trainer.fit` stopped")]
 
 
 def test_progress_bar_false_turns_the_lines_off(image_folder: Path, capfd) -> None:
