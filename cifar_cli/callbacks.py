@@ -420,7 +420,11 @@ class LastCheckpoint(ModelCheckpoint):
         if trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking or trainer.fast_dev_run:
             return
         progress = trainer.fit_loop.epoch_progress
-        if trainer.fit_loop.epoch_loop.batch_progress.current.completed >= trainer.num_training_batches:
+        batches = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+        # StochasticWeightAveraging's BatchNorm pass counts one batch more than the epoch has (its optimizer step
+        # waits for it), and is never cut short: saved as cut, a restart of the ended run went on with its end.
+        swa = swa_batchnorm_pass(trainer)
+        if batches >= trainer.num_training_batches or (swa is not None and trainer.current_epoch >= swa):
             self.save(trainer)
             return
         # An epoch cut short (`max_time`, `max_steps`, a callback's stop): saved as Lightning saves after a

@@ -1025,6 +1025,10 @@ class CifarCLI(LightningCLI):
             # within an epoch counts that epoch as not done; cifar_cli.callbacks.LastCheckpoint).
             progress = self.checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {})
             epoch = progress.get("current", {}).get("processed", self.checkpoint.get("epoch") or 0)
+            swa = (self.checkpoint.get("callbacks") or {}).get("StochasticWeightAveraging")
+            averaged = swa.get("latest_update_epoch", -1) if isinstance(swa, dict) else -1  # -1: not yet
+            if averaged >= 0 and epoch == averaged + 2:
+                epoch -= 1  # the epoch after SWA's last average is its BatchNorm pass, no epoch of training
             trainer = config["trainer"]
             label = epoch_label(epoch, trainer.get("max_epochs"))
             # A run that ended, restarted by the same command (a requeued job): the limit it reached, if any.

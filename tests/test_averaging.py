@@ -260,3 +260,21 @@ def test_swa_resumed_within_its_annealing_goes_on_at_its_learning_rate(fake_cifa
         averaged, expected = swa_state(Path("steps") / name), swa_state(full[name])
         assert averaged["n_averaged"] == expected["n_averaged"]
         assert_identical(averaged["average_model_state"], expected["average_model_state"])
+
+
+def test_a_finished_swa_run_restarted_trains_nothing_and_keeps_its_files(fake_cifar10: Path, capsys) -> None:
+    """The same command again after the run ended (a requeued job): its last.ckpt was saved in SWA's BatchNorm pass,
+    which runs one batch fewer than Lightning counts for it, and so read as an epoch cut short. The restart went on
+    with that pass's end: it saved last.ckpt again without SWA's average and added a row to metrics.csv."""
+    args = ["fit", *cifar(fake_cifar10), "--model.net", "FastNet", "--model.net.widths", "[8, 16, 16]",
+            "--trainer.enable_progress_bar", "false", "--trainer.callbacks+=StochasticWeightAveraging",
+            "--trainer.callbacks.swa_lrs", "0.01", *CSV_LOGGER]  # fmt: skip
+    main(args)
+    (last,) = Path("runs").glob("**/checkpoints/last.ckpt")
+    (metrics,) = Path("runs").glob("**/metrics.csv")
+    before = last.read_bytes(), metrics.read_text()
+    capsys.readouterr()
+    main([*args, "--ckpt_path", "last"])
+    assert "after its last epoch (2/2): nothing is left to train" in capsys.readouterr().err
+    assert (last.read_bytes(), metrics.read_text()) == before
+    assert swa_state(last)["n_averaged"] == 2
