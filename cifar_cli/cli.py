@@ -98,6 +98,7 @@ from cifar_cli.resume import (
     keep_csv_metrics,
     last_checkpoints,
     logger_name,
+    pass_over_slurm_checkpoints,
     restart_config,
     run_folder_name,
     run_identity,
@@ -823,6 +824,8 @@ class CifarCLI(LightningCLI):
         if trainer.is_global_zero:
             for logger in getattr(self, "_counted", []):
                 claim_version_folder(logger)
+        if not self.config[self.subcommand].get("ckpt_path"):
+            pass_over_slurm_checkpoints(trainer)
         now = Path(run_dir(trainer)).parent.name
         if self.resuming and self._run_folder_name not in (None, now):
             # `--trainer.logger.project other` on a restart: the run went on in a second folder of its id (under

@@ -12,13 +12,16 @@ import copy
 import csv
 import json
 import os
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from lightning.fabric.plugins.environments.slurm import _is_srun_used
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.trainer.connectors.checkpoint_connector import _CheckpointConnector
 
 from cifar_cli.atomic import atomic_write_csv
 
@@ -82,6 +85,35 @@ def continue_run(logger_config: Any, identity: dict[str, Any] | None) -> bool:
         if same and init_args is not None and "version" in init_args and init_args.version is None:
             init_args.version = saved.get("version")
     return True
+
+
+class _WithoutSlurmResume(_CheckpointConnector):
+    """Lightning's checkpoint connector (private, 2.6), without its resume from `hpc_ckpt_N.ckpt`."""
+
+    @property
+    def _hpc_resume_path(self) -> str | None:
+        return None
+
+
+def pass_over_slurm_checkpoints(trainer: Trainer) -> None:
+    """Start a command that names no checkpoint without one, in a SLURM job too.
+
+    Lightning's requeue handler (SLURMEnvironment's auto_requeue, on SIGUSR1) saves `hpc_ckpt_N.ckpt` in
+    `default_root_dir`, and in a SLURM job Lightning loads the newest of them for any fit, test or predict that names
+    no checkpoint: a new run went on silently from another run's weights and epoch. A requeued run goes on with
+    `--ckpt_path last`, from the `last.ckpt` that the preemption's SIGTERM saved, at a batch end (the handler saves
+    wherever the step is).
+    """
+    found = trainer._checkpoint_connector._hpc_resume_path
+    trainer._checkpoint_connector = _WithoutSlurmResume(trainer)
+    # Lightning's test of a SLURM job (SLURMEnvironment.detect) without its warning that srun is not used, which
+    # the trainer's set-up gave already where it applies.
+    if found is not None and _is_srun_used() and trainer.is_global_zero:
+        print(
+            f"cifar-cli: {os.path.relpath(found)} (Lightning's SLURM checkpoint) is not resumed: a run goes on with "
+            "--ckpt_path last, or --ckpt_path FILE",
+            file=sys.stderr,
+        )
 
 
 def set_aside_csv_metrics(trainer: Trainer) -> None:

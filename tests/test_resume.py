@@ -915,3 +915,26 @@ def test_csv_logs_are_written_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         logger.save()
     assert path.read_text().splitlines() == ["acc,loss,step", ",1.0,0", "0.75,0.5,1"]
     assert [p.name for p in path.parent.iterdir()] == ["metrics.csv"]
+
+
+# What a one-task SLURM job sets, for Lightning to see a SLURM job (SLURMEnvironment.detect).
+SLURM_JOB = {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "1", "SLURM_JOB_NAME": "cifar", "SLURM_PROCID": "0",
+             "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost"}  # fmt: skip
+
+
+def test_a_fit_in_a_slurm_job_starts_anew_beside_lightnings_slurm_checkpoint(fake_cifar10: Path, monkeypatch, capsys):
+    """Lightning's requeue handler (SLURMEnvironment's auto_requeue, on SIGUSR1) saves `hpc_ckpt_N.ckpt` in the
+    folder fit runs in, and Lightning resumes from it any later fit in a SLURM job that names no checkpoint: a new
+    run, whatever its settings, went on silently from the weights and epoch of another."""
+    args = ["fit", *cifar(fake_cifar10), *CSV_LOGGER, "--trainer.enable_progress_bar", "false"]
+    main([*args, "--trainer.max_epochs", "1"])
+    (last,) = Path("runs").glob("**/last.ckpt")
+    Path("hpc_ckpt_1.ckpt").write_bytes(last.read_bytes())
+    for name, value in SLURM_JOB.items():
+        monkeypatch.setenv(name, value)
+    capsys.readouterr()
+    main([*args, "--trainer.max_epochs", "2"])
+    err = capsys.readouterr().err
+    (new,) = [p.parent.parent for p in Path("runs").glob("**/last.ckpt") if p != last]
+    assert {row["epoch"] for row in metrics_rows(str(new)) if row["train_loss_epoch"]} == {"0", "1"}  # from epoch 1
+    assert "cifar-cli: hpc_ckpt_1.ckpt (Lightning's SLURM checkpoint) is not resumed" in err
