@@ -53,7 +53,10 @@ def free_port() -> int:
 def ddp_env(port: int, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "GROUP_RANK")}
     tests = str(Path(__file__).parent)  # faults.py, for --trainer.callbacks+=faults.FailOnRank
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [tests, env.get("PYTHONPATH")]))
+    # The code beside these tests: the `cifar-cli` command imports the checkout it was installed from, and a
+    # relative entry (`PYTHONPATH=.`) reads from the run's folder; a clone's DDP tests ran the installed code.
+    repo = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [tests, repo, env.get("PYTHONPATH")]))
     return {**env, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1", **extra}
 
 
