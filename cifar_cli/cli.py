@@ -99,6 +99,7 @@ from cifar_cli.resume import (
     last_checkpoints,
     logger_name,
     pass_over_slurm_checkpoints,
+    requeued_slurm_job,
     restart_config,
     run_folder_name,
     run_identity,
@@ -954,6 +955,14 @@ class CifarCLI(LightningCLI):
             # It read as none: the fit trained from scratch, without a word.
             raise UsageError(f"--model.init_from {init_from!r} is empty (an unset variable?): give a checkpoint file, "
                              "or leave the flag out")  # fmt: skip
+        if subcommand == "fit" and not ckpt_path and (restarts := requeued_slurm_job()):
+            # A requeued job runs its command again. Lightning goes on from its hpc_ckpt_N.ckpt, saved mid-step at
+            # the requeue signal, in a new run folder; cifar-cli loads none (pass_over_slurm_checkpoints) and goes
+            # on from the run's last.ckpt, in its own folder, as the README's job script asks with --ckpt_path last.
+            if local_rank_zero():
+                print(f"cifar-cli: SLURM requeued this job ({restarts}x): going on as with --ckpt_path last",
+                      file=sys.stderr)  # fmt: skip
+            ckpt_path = self.config[subcommand]["ckpt_path"] = "last"
         if not ckpt_path:
             return
         ckpt_path = expand_home(ckpt_path)

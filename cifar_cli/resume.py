@@ -95,6 +95,15 @@ class _WithoutSlurmResume(_CheckpointConnector):
         return None
 
 
+def requeued_slurm_job() -> int:
+    """How many times SLURM has requeued this job (SLURM_RESTART_COUNT), where this is a SLURM job Lightning
+    recognises (SLURMEnvironment.detect); 0 elsewhere."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    count = os.environ.get("SLURM_RESTART_COUNT", "0")
+    return int(count) if SLURMEnvironment.detect() and count.isdigit() else 0
+
+
 def pass_over_slurm_checkpoints(trainer: Trainer) -> None:
     """Start a command that names no checkpoint without one, in a SLURM job too.
 

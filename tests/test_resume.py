@@ -938,3 +938,23 @@ def test_a_fit_in_a_slurm_job_starts_anew_beside_lightnings_slurm_checkpoint(fak
     (new,) = [p.parent.parent for p in Path("runs").glob("**/last.ckpt") if p != last]
     assert {row["epoch"] for row in metrics_rows(str(new)) if row["train_loss_epoch"]} == {"0", "1"}  # from epoch 1
     assert "cifar-cli: hpc_ckpt_1.ckpt (Lightning's SLURM checkpoint) is not resumed" in err
+
+
+def test_a_requeued_slurm_job_goes_on_from_its_last_checkpoint(fake_cifar10: Path, monkeypatch, capsys) -> None:
+    """A job SLURM requeued (SLURM_RESTART_COUNT) runs its command again: without --ckpt_path, Lightning went on from
+    its hpc_ckpt_N.ckpt in a new run folder, and cifar-cli, which loads none, started the run over. It goes on from
+    the run's last.ckpt, in the run's own folder."""
+    args = ["fit", *cifar(fake_cifar10), *CSV_LOGGER, "--trainer.enable_progress_bar", "false"]
+    main([*args, "--trainer.max_epochs", "1"])
+    (last,) = Path("runs").glob("**/last.ckpt")
+    Path("hpc_ckpt_1.ckpt").write_bytes(last.read_bytes())
+    for name, value in {**SLURM_JOB, "SLURM_RESTART_COUNT": "1"}.items():
+        monkeypatch.setenv(name, value)
+    capsys.readouterr()
+    main([*args, "--trainer.max_epochs", "2"])
+    err = capsys.readouterr().err
+    assert "cifar-cli: SLURM requeued this job (1x): going on as with --ckpt_path last" in err
+    assert list(Path("runs").glob("**/last.ckpt")) == [last]  # no second run
+    rows = metrics_rows(str(last.parent.parent))
+    assert [row["epoch"] for row in rows if row["train_loss_epoch"]] == ["0", "1"]
+    assert torch.load(last, weights_only=True)["epoch"] == 1
