@@ -86,7 +86,13 @@ from cifar_cli.data.base import predicting_from
 from cifar_cli.distributed import carry_spawned_state, exit_if_rank_failed, exit_if_spawned_rank_failed, watch_ranks
 from cifar_cli.errors import DEBUG_ENV, TrainingDiverged, UsageError, causes, debug_switch, debugging
 from cifar_cli.folders import claim_version_folder, hold_run_folder, release_folders
-from cifar_cli.optimizer_flags import check_built, move_optimizer_flags, unsettled, without_settled_copies
+from cifar_cli.optimizer_flags import (
+    check_built,
+    config_that_sets,
+    move_optimizer_flags,
+    unsettled,
+    without_settled_copies,
+)
 from cifar_cli.precision import announce_precision, choose_precision, show_held_warnings
 from cifar_cli.presets import shipped_config
 from cifar_cli.pretrained import LOCAL_DIR, saved_timm_config, weights_from_checkpoint
@@ -900,7 +906,14 @@ class CifarCLI(LightningCLI):
         model_defaults = self._parser(subcommand).get_defaults().get("model") if checkpoint is not None else None
         config = self.config[subcommand]
         given = getattr(self, "_given", None)
-        flags = move_optimizer_flags(config, model_defaults, given.get(subcommand) if given is not None else None)
+        configs = [*(self.config.get("config") or []), *(config.get("config") or [])]  # in the order they apply
+
+        def origin(key: str) -> str | None:
+            return config_that_sets(key, self._argv, configs, subcommand)
+
+        flags = move_optimizer_flags(
+            config, model_defaults, given.get(subcommand) if given is not None else None, origin
+        )
         if subcommand == "fit" and checkpoint is not None:
             saved = (checkpoint.get("hyper_parameters", {}).get("optimizer") or {}).get("class_path")
             chosen = (config["model"].get("optimizer") or Namespace()).get("class_path")

@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import importlib
 import inspect
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningCLI, ReduceLROnPlateau
 
 from cifar_cli.errors import UsageError
+from cifar_cli.presets import FOLDER, presets_folder
 
 # The sections of a top-level config (`cifar-cli --config FILE fit`).
 LIGHTNING_SUBCOMMANDS = tuple(LightningCLI.subcommands())
@@ -116,8 +120,51 @@ def given_keys(given: Namespace | None, *keys: str) -> dict[str, Any] | None:
     return dict(node.items()) if isinstance(node, Namespace) else ({} if node is None else {"": node})
 
 
+def config_that_sets(key: str, argv: list[str], configs: list[Any], subcommand: str) -> str | None:
+    """The last of the `configs` files (in the order given) that sets `key` (`model.optimizer`), as the command line
+    names it (`configs/fast.yaml` for cifar-cli's own); None where a flag on `argv` sets it, or no file does."""
+    flag = f"--{key}"
+    if any(arg == flag or arg.startswith((f"{flag}=", f"{flag}.")) for arg in argv):
+        return None
+    for path in reversed(configs):
+        try:
+            content = yaml.safe_load(path.get_content() if hasattr(path, "get_content") else Path(path).read_text())
+        except (OSError, UnicodeDecodeError, yaml.YAMLError, TypeError):
+            continue  # YAML text given to --config, or a file the parse has read already and refused
+        for section in (content, content.get(subcommand)) if isinstance(content, dict) else ():
+            node = section
+            for name in key.split("."):
+                node = node.get(name) if isinstance(node, dict) else None
+            if node is not None:
+                shipped = Path(str(path)).parent == presets_folder()
+                return str(FOLDER / Path(str(path)).name) if shipped else str(path)
+    return None
+
+
+def _short(class_path: str) -> str:
+    """A class path as a flag takes it: torch's optimizers and schedulers by their names."""
+    module, _, name = class_path.rpartition(".")
+    return name if module in ("torch.optim", "torch.optim.lr_scheduler") else class_path
+
+
+def both_choose(key: str, what: str, top: Namespace, own: Namespace, origin: Callable[[str], str | None]) -> UsageError:
+    """The refusal of `--KEY` beside `--model.KEY` (`key` "optimizer"), each named where it was given: a flag, or
+    the config file that set it (`--optimizer AdamW` beside configs/fast.yaml's SGD spoke of a `--model.optimizer`
+    never typed)."""
+    top_file, own_file = origin(key), origin(f"model.{key}")
+    if top_file is None and own_file is None:
+        return UsageError(f"--{key} and --model.{key} both choose the {what}: give one of them")
+    top_name = f"{top_file}'s {key} ({top['class_path']})" if top_file else f"--{key} {_short(top['class_path'])}"
+    own_name = f"{own_file}'s model.{key} ({own['class_path']})" if own_file else f"--model.{key}"
+    fix = f" (--model.{key} {_short(top['class_path'])} replaces the config's)" if top_file is None else ""
+    return UsageError(f"{top_name} and {own_name} both choose the {what}: give one of them{fix}")
+
+
 def move_optimizer_flags(
-    config: Namespace, model_defaults: Namespace | None = None, given: Namespace | None = None
+    config: Namespace,
+    model_defaults: Namespace | None = None,
+    given: Namespace | None = None,
+    origin: Callable[[str], str | None] = lambda key: None,
 ) -> dict[str, str]:
     """Move `--optimizer` and `--lr_scheduler` of the subcommand's `config` into the model's arguments, and settle
     the learning rate and weight decay in `model.learning_rate` / `model.weight_decay` (and the optimizer's own
@@ -128,6 +175,7 @@ def move_optimizer_flags(
     given, it wins over the model's default; given with a different `--model.learning_rate`, the pair is refused.
     `model.optimizer` and `model.lr_scheduler` count as given when they differ from `model_defaults` (the parser's,
     which with `--ckpt_path` are the checkpoint's): `--optimizer` beside a checkpoint replaces its optimizer.
+    `origin(key)`: the config file that set `key`, for the messages (see `config_that_sets`); None for a flag.
     """
     model = config["model"]
     defaults = model_defaults if isinstance(model_defaults, Namespace) else Namespace()
@@ -141,14 +189,14 @@ def move_optimizer_flags(
         else:
             own_given = not is_default_optimizer(own) and own != defaults.get("optimizer")
         if own_given and own.as_dict() != optimizer.as_dict():
-            raise UsageError("--optimizer and --model.optimizer both choose the optimizer: give one of them")
+            raise both_choose("optimizer", "optimizer", optimizer, own, origin)
         model["optimizer"], config["optimizer"] = optimizer.clone(), None
         flags["optimizer"] = "--optimizer"
     scheduler = config.get("lr_scheduler")
     if scheduler is not None:
         own = model.get("lr_scheduler")
         if own is not None and own != defaults.get("lr_scheduler") and own.as_dict() != scheduler.as_dict():
-            raise UsageError("--lr_scheduler and --model.lr_scheduler both choose the scheduler: give one of them")
+            raise both_choose("lr_scheduler", "scheduler", scheduler, own, origin)
         model["lr_scheduler"], config["lr_scheduler"] = scheduler.clone(), None
         flags["lr_scheduler"] = "--lr_scheduler"
     if model.get("lr_scheduler") is not None and model.get("lr_schedule") is not None:

@@ -338,7 +338,8 @@ def test_printed_default_config_takes_another_optimizer(capsys, tmp_path: Path) 
     assert model["optimizer"]["class_path"] == "torch.optim.SGD"
     assert model["learning_rate"] == model["optimizer"]["init_args"]["lr"] == 2e-4
     err = fails(capsys, "fit", "--config", str(chosen), "--optimizer", "AdamW")
-    assert err.endswith("--optimizer and --model.optimizer both choose the optimizer: give one of them")
+    assert err.endswith(f"{chosen}'s model.optimizer (torch.optim.SGD) both choose the optimizer: give one of them "
+                        "(--model.optimizer AdamW replaces the config's)")  # fmt: skip
 
 
 def test_print_config_beside_a_checkpoint_shows_its_settings(image_folder: Path, tmp_path: Path, capsys) -> None:

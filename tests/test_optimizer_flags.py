@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from test_cli import CSV_LOGGER, cifar_args, fails, metrics_rows
+from test_cli import CSV_LOGGER, cifar_args, fails, metrics_rows, print_config
 
 from cifar_cli.cli import main
 
@@ -189,3 +189,31 @@ def test_resumed_run_keeps_the_optimizer_implementation_of_its_checkpoint(fake_c
     resumed = newest_checkpoint()
     assert resumed["epoch"] == 1 and resumed["global_step"] == 4
     assert [g["fused"] for g in resumed["optimizer_states"][0]["param_groups"]] == [None]
+
+
+def test_optimizer_flag_beside_a_config_that_chose_one_names_the_config(capsys, tmp_path: Path) -> None:
+    """`--optimizer AdamW` beside configs/fast-cpu.yaml, which sets `model.optimizer`: the refusal spoke of a
+    `--model.optimizer` the user never typed. It names the file and the flag that replaces the file's choice."""
+    err = fails(capsys, "fit", "--config", "configs/fast-cpu.yaml", "--optimizer", "AdamW")
+    assert err.endswith(
+        "--optimizer AdamW and configs/fast-cpu.yaml's model.optimizer (torch.optim.SGD) both choose the optimizer: "
+        "give one of them (--model.optimizer AdamW replaces the config's)"
+    )
+    # The flag it names does replace it.
+    assert "torch.optim.AdamW" in print_config(
+        capsys, "--config", "configs/fast-cpu.yaml", "--model.optimizer", "AdamW"
+    )
+    # A top-level `optimizer:` in a file beside --model.optimizer, and a scheduler: the same.
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("optimizer: {class_path: torch.optim.SGD}\n")
+    err = fails(capsys, "fit", "--config", str(mine), "--model.optimizer", "RMSprop")
+    assert err.endswith(f"{mine}'s optimizer (torch.optim.SGD) and --model.optimizer both choose the optimizer: "
+                        "give one of them")  # fmt: skip
+    mine.write_text(
+        "model:\n  lr_scheduler: {class_path: torch.optim.lr_scheduler.StepLR, init_args: {step_size: 1}}\n"
+    )
+    err = fails(capsys, "fit", "--config", str(mine), "--lr_scheduler", "ExponentialLR", "--lr_scheduler.gamma", "0.9")
+    assert err.endswith(
+        f"--lr_scheduler ExponentialLR and {mine}'s model.lr_scheduler (torch.optim.lr_scheduler.StepLR) both choose "
+        "the scheduler: give one of them (--model.lr_scheduler ExponentialLR replaces the config's)"
+    )
