@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from jsonargparse.typing import ClosedUnitInterval, PositiveFloat, PositiveInt
+from jsonargparse.typing import ClosedUnitInterval, NonNegativeFloat, PositiveFloat, PositiveInt
 from lightning.pytorch import LightningModule
 from lightning.pytorch.callbacks import BackboneFinetuning, BaseFinetuning, StochasticWeightAveraging, Timer
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable, ReduceLROnPlateau
@@ -97,7 +97,7 @@ class ImageClassifier(LightningModule):
         net: nn.Module,
         class_names: list[str],
         learning_rate: PositiveFloat = 2e-4,
-        weight_decay: float = 0.0,
+        weight_decay: NonNegativeFloat = 0.0,
         label_smoothing: float = 0.0,
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_schedule: LRSchedule | None = None,

@@ -250,6 +250,8 @@ def settle(
     if own_given:
         if name == "lr" and not own > 0:
             raise UsageError(f"{flag}.lr {own}: the learning rate is a positive number")
+        if name == "weight_decay" and not own >= 0:  # (--model.weight_decay's own type refuses it in the parse)
+            raise UsageError(f"{flag}.weight_decay {own}: the weight decay is at least 0")
         model[model_name] = own
     init[name] = model[model_name]
 

@@ -156,6 +156,12 @@ CASES = [
     Case("val_size_negative", ["fit", "--data.val_size", "-5"], '"val_size": Not of type PositiveInt: -5'),
     Case("batch_size_not_a_number", ["fit", "--data.batch_size", "many"], '"batch_size": Not of type PositiveInt'),
     Case("learning_rate_not_a_number", ["fit", "--model.learning_rate", "fast"], 'Parser key "model.learning_rate"'),
+    # torch refused it as the optimizer was built, naming --model.optimizer, which the user had not given
+    Case(
+        "weight_decay_negative",
+        ["fit", "--model.weight_decay", "-1"],
+        'cifar-cli: error: Parser key "model.weight_decay": Not of type NonNegativeFloat: -1 does not conform',
+    ),
     # jsonargparse said "Expected a <class 'int'>", without the value
     Case(
         "max_epochs_not_a_number",

@@ -168,6 +168,9 @@ def test_reduce_lr_on_plateau_monitors_val_loss(fake_cifar10: Path, flag: str) -
             "--optimizer.lr 0.05 and --model.learning_rate 0.1 disagree",
         ),
         (["--model.optimizer.lr", "0.01", "--model.learning_rate", "0.1"], "--model.optimizer.lr 0.01 and"),
+        # Copied into --model.weight_decay, which takes no negative value: a traceback as config.yaml was written.
+        (["--optimizer", "AdamW", "--optimizer.weight_decay", "-1"], "--optimizer.weight_decay -1.0: the weight decay"),
+        (["--model.optimizer.weight_decay", "-0.5"], "--model.optimizer.weight_decay -0.5: the weight decay is at"),
         (["--model.lr_scheduler", "os.system"], "os.system"),
     ],
 )
