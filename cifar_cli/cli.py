@@ -280,13 +280,37 @@ def requires_save_dir(name: str) -> bool:
     return parameter is not None and parameter.default is inspect.Parameter.empty
 
 
+def logger_set_before(args: list[str]) -> Any:
+    """The logger the command line `args` and its configs set last (a flag's text, a config's value), or `...`
+    where none sets it (the default, W&B)."""
+    logger: Any = ...
+    for i, arg in enumerate(args):
+        flag, equals, value = arg.partition("=")
+        value = value if equals else args[i + 1] if i + 1 < len(args) else ""
+        if flag == LOGGER_FLAG:
+            logger = value
+        elif flag in CONFIG_FLAGS:
+            try:
+                with open(value, encoding="utf-8") as file:
+                    config = yaml.safe_load(file)
+            except (OSError, UnicodeDecodeError, yaml.YAMLError):
+                continue  # YAML text, or a file the parse refuses
+            sections = [config, *config.values()] if isinstance(config, dict) else []  # (and its subcommands')
+            for section in sections:
+                trainer = section.get("trainer") if isinstance(section, dict) else None
+                if isinstance(trainer, dict) and "logger" in trainer:
+                    logger = trainer["logger"]
+    return logger
+
+
 def added_logger_folders(argv: list[str]) -> list[str]:
     """The command line with a `--trainer.logger.save_dir` after each `--trainer.logger+=CSVLogger` (or
     `TensorBoardLogger`): the folder the logger before it was given on the command line, else `runs`, beside the
     default W&B run's. A logger added to the list starts with no arguments, not the first logger's (as one that
     replaces it does), and these classes require a folder: `--trainer.logger+=CSVLogger`, as the README gives it,
-    was refused with "the following arguments are required: save_dir Expected a <class 'bool'>". A save_dir
-    given after it still wins."""
+    was refused with "the following arguments are required: save_dir Expected a <class 'bool'>". So is one that
+    replaces no logger (`--trainer.logger CSVLogger` after configs/debug.yaml's `logger: false`); one that replaces
+    a logger takes its save_dir over. A save_dir given after it still wins."""
     args: list[str] = []
     i = 0
     while i < len(argv):
@@ -299,6 +323,14 @@ def added_logger_folders(argv: list[str]) -> list[str]:
             name = argv[i]
             args.append(name)
             i += 1
+        elif arg.partition("=")[0] == LOGGER_FLAG and (arg != LOGGER_FLAG or i < len(argv)):
+            replaced = logger_set_before(args[:-1])
+            name = arg.partition("=")[2] if arg != LOGGER_FLAG else argv[i]
+            if arg == LOGGER_FLAG:
+                args.append(name)
+                i += 1
+            if str(replaced).lower() not in ("false", "true", "none", "null", ""):
+                continue  # W&B's folder, or the logger's the config gave
         else:
             continue
         if requires_save_dir(name):

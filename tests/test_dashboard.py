@@ -510,3 +510,28 @@ def test_a_tensorboard_run_warns_of_no_deletion(image_folder: Path, recwarn) -> 
           "--trainer.enable_progress_bar", "false"])  # fmt: skip
     assert not [str(w.message) for w in recwarn if "exists and is not empty" in str(w.message)]
     assert Path("runs/version_0/metrics.csv").is_file()
+
+
+def test_a_logger_in_place_of_none_writes_under_runs(image_folder: Path, capsys, tmp_path: Path) -> None:
+    """`--trainer.logger CSVLogger` after configs/debug.yaml, whose `logger: false` leaves the class no `save_dir`
+    to take over (W&B's gives it one): the run was refused with jsonargparse's "the following arguments are
+    required: save_dir Expected a <class 'collections.abc.Iterable'> Expected a <class 'bool'>", and the printed
+    config held `save_dir: null`, which failed so too."""
+    replaced = ["--config", "configs/debug.yaml", "--trainer.logger", "CSVLogger", "--trainer.logger.save_dir", "logs"]
+    for args in (["--trainer.logger", "false", "--trainer.logger=TensorBoardLogger"], replaced):
+        with pytest.raises(SystemExit):
+            main(["fit", *args, "--print_config"])
+        logger = yaml.safe_load(capsys.readouterr().out)["trainer"]["logger"]
+        assert logger["init_args"]["save_dir"] == ("logs" if "logs" in args else "runs"), args
+    # A logger's own folder, from a config, is still the one the class takes over.
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("trainer:\n  logger: {class_path: WandbLogger, init_args: {save_dir: elsewhere}}\n")
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", "configs/debug.yaml", "--config", str(mine), "--trainer.logger", "CSVLogger",
+              "--print_config"])  # fmt: skip
+    assert yaml.safe_load(capsys.readouterr().out)["trainer"]["logger"]["init_args"]["save_dir"] == "elsewhere"
+    main(["fit", "--config", "configs/debug.yaml", "--data", "ImageFolderDataModule", "--data.root",
+          str(image_folder), "--data.val_size", "30", "--trainer.logger", "CSVLogger"])  # fmt: skip
+    (metrics,) = Path("runs/debug/runs").glob("**/metrics.csv")  # runs/ under the config's default_root_dir
+    with open(metrics, newline="") as file:
+        assert len([row for row in csv.DictReader(file) if row["val_acc"]]) == 1  # the one validation, logged
