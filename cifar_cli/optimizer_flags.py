@@ -199,10 +199,11 @@ def move_optimizer_flags(
             raise both_choose("lr_scheduler", "scheduler", scheduler, own, origin)
         model["lr_scheduler"], config["lr_scheduler"] = scheduler.clone(), None
         flags["lr_scheduler"] = "--lr_scheduler"
-    if model.get("lr_scheduler") is not None and model.get("lr_schedule") is not None:
-        raise UsageError(
-            f"{flags['lr_scheduler']} and --model.lr_schedule both schedule the learning rate: give one of them"
-        )
+    if model.get("lr_scheduler") is not None and (schedule := model.get("lr_schedule")) is not None:
+        file = origin("model.lr_schedule")
+        named = f"{file}'s model.lr_schedule ({schedule['class_path']})" if file else "--model.lr_schedule"
+        fix = " (--model.lr_schedule null drops the config's)" if file else ""
+        raise UsageError(f"{flags['lr_scheduler']} and {named} both schedule the learning rate: give one of them{fix}")
     if isinstance(model.get("optimizer"), Namespace):
         given_model = given_keys(given, "model")
         given_optimizer = None

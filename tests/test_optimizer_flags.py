@@ -220,3 +220,11 @@ def test_optimizer_flag_beside_a_config_that_chose_one_names_the_config(capsys, 
         f"--lr_scheduler ExponentialLR and {mine}'s model.lr_scheduler (torch.optim.lr_scheduler.StepLR) both choose "
         "the scheduler: give one of them (--model.lr_scheduler ExponentialLR replaces the config's)"
     )
+    # A torch scheduler beside the schedule a recipe sets: it spoke of a --model.lr_schedule never typed.
+    err = fails(
+        capsys, "fit", "--config", "configs/fast-cpu.yaml", "--lr_scheduler", "StepLR", "--lr_scheduler.step_size", "1"
+    )
+    assert err.endswith(
+        "--lr_scheduler and configs/fast-cpu.yaml's model.lr_schedule (cifar_cli.optim.WarmupLinearDecay) both "
+        "schedule the learning rate: give one of them (--model.lr_schedule null drops the config's)"
+    )
