@@ -649,7 +649,7 @@ class CifarCLI(LightningCLI):
                 try:
                     self.config_init = self.parser.instantiate_classes(self.config)
                 except UsageError as err:
-                    raise self._from_budget_config(err) from None
+                    raise self._from_config(err) from None
         self.datamodule = self._get(self.config_init, "data")
         self.model = self._get(self.config_init, "model")
         self._add_configure_optimizers_method_to_model(self.subcommand)
@@ -658,17 +658,20 @@ class CifarCLI(LightningCLI):
         self._restore_given_save_dir()
         self.announce()
 
-    def _from_budget_config(self, err: UsageError) -> UsageError:
-        """`err`, saying where the value came from when configs/budget.yaml, stacked on the tutorial recipe instead
-        of a fast one, set a whitening-bias schedule for a network without one: the user gave no such flag."""
+    def _from_config(self, err: UsageError) -> UsageError:
+        """`err`, saying where the value came from when a config set a whitening-bias schedule for a network without
+        one (configs/budget.yaml stacked on the tutorial recipe instead of a fast one, or a fast recipe with another
+        `--model.net`): the user gave no such flag."""
         config = self.config[self.subcommand] if self.subcommand else self.config
-        from_budget = config_given(config.get("config"), "budget.yaml")
-        if not from_budget or not str(err).startswith("--model.whiten_bias_until"):
+        if not str(err).startswith("--model.whiten_bias_until"):
             return err
-        return UsageError(
-            f"{err} (configs/budget.yaml sets it: stack it on configs/fast-cpu.yaml or configs/fast.yaml, whose "
-            "FastNet has one)"
-        )
+        if config_given(config.get("config"), "budget.yaml"):
+            return UsageError(
+                f"{err} (configs/budget.yaml sets it: stack it on configs/fast-cpu.yaml or configs/fast.yaml, whose "
+                "FastNet has one)"
+            )
+        file = self._config_that_sets(self.subcommand or "fit", "model.whiten_bias_until")
+        return UsageError(f"{err} ({file} sets it: --model.whiten_bias_until null unsets it)") if file else err
 
     def check_model_and_data(self) -> None:
         given = getattr(self, "_given", None)
@@ -938,13 +941,11 @@ class CifarCLI(LightningCLI):
         model_defaults = self._parser(subcommand).get_defaults().get("model") if checkpoint is not None else None
         config = self.config[subcommand]
         given = getattr(self, "_given", None)
-        configs = [*(self.config.get("config") or []), *(config.get("config") or [])]  # in the order they apply
-
-        def origin(key: str) -> str | None:
-            return config_that_sets(key, self._argv, configs, subcommand)
-
         flags = move_optimizer_flags(
-            config, model_defaults, given.get(subcommand) if given is not None else None, origin
+            config,
+            model_defaults,
+            given.get(subcommand) if given is not None else None,
+            lambda key: self._config_that_sets(subcommand, key),
         )
         if subcommand == "fit" and checkpoint is not None:
             saved = (checkpoint.get("hyper_parameters", {}).get("optimizer") or {}).get("class_path")
@@ -956,6 +957,12 @@ class CifarCLI(LightningCLI):
                     "from it; start a new run from its weights with --model.init_from instead"
                 )
         return flags
+
+    def _config_that_sets(self, subcommand: str, key: str) -> str | None:
+        """The config file that set `key` (`model.optimizer`) for the messages, None where a flag did (see
+        `config_that_sets`)."""
+        configs = [*(self.config.get("config") or []), *(self.config[subcommand].get("config") or [])]  # (in order)
+        return config_that_sets(key, self._argv, configs, subcommand)
 
     def _parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
         if self._only_subcommand is not None:

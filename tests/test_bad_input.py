@@ -286,6 +286,20 @@ CASES = [
         "TutorialCNN has none: leave it unset (configs/budget.yaml sets it: stack it on configs/fast-cpu.yaml or "
         "configs/fast.yaml, whose FastNet has one)",
     ),
+    # The fast recipe with another network: "leave it unset" of a setting the user never gave.
+    Case(
+        "fast_config_with_another_network",
+        [
+            "fit",
+            "--config",
+            str(REPO / "configs" / "fast.yaml"),
+            "--trainer.accelerator",
+            "cpu",
+            "--model.net",
+            "TutorialCNN",
+        ],  # fmt: skip
+        "TutorialCNN has none: leave it unset (configs/fast.yaml sets it: --model.whiten_bias_until null unsets it)",
+    ),
     Case("whiten_bias_until_above_one", ["fit", "--model.whiten_bias_until", "1.5"], "model.whiten_bias_until"),
     # The data decides them (a link): the flag was taken and silently replaced, while --model.class_names is refused.
     Case(
