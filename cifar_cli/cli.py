@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import enum
 import errno
 import gc
 import inspect
@@ -124,12 +125,21 @@ from cifar_cli.terminal import (
     true_stop_line,
 )
 
-# Checkpoint entry (under cifar_cli's own key): the folder `fit` ran in, where the data config's relative paths start.
 # A torch.device as its string (`cpu`, `cuda:0`), the form its constructor takes: jsonargparse wrote the default of
 # StochasticWeightAveraging's `device` as `Unable to serialize instance cpu`, with a warning, into --print_config
 # and the run's config.yaml, which then failed mid-run with a traceback.
 register_type(torch.device, str, torch.device)
+# A string enum as its value, where a parameter typed `str` defaults to one (Lightning's Timer: `interval: str =
+# Interval.step`): YAML could not write it, and `--trainer.callbacks+=Timer` ended in a traceback. jsonargparse
+# writes a parameter typed as the enum by its name itself, before YAML sees it.
+yaml.SafeDumper.add_multi_representer(
+    enum.Enum,
+    lambda dumper, value: (
+        dumper.represent_str(value.value) if isinstance(value, str) else dumper.represent_undefined(value)
+    ),
+)
 
+# Checkpoint entry (under cifar_cli's own key): the folder `fit` ran in, where the data config's relative paths start.
 WORKING_DIR_KEY = "working_dir"
 SEED_KEY = "seed"  # the run's seed, which a resume with `--seed_everything true` goes on with
 # The data modules' arguments that name files or folders.

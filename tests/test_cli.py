@@ -289,6 +289,21 @@ def test_print_config_writes_a_callbacks_device_as_its_name(capsys, tmp_path: Pa
     assert print_config(capsys, "--config", str(saved)) == printed
 
 
+def test_a_callback_whose_default_is_an_enum_runs_and_prints(image_folder: Path, capsys, tmp_path: Path) -> None:
+    """Lightning's Timer defaults `interval: str` to the enum `Interval.step`, which YAML could not write:
+    `--trainer.callbacks+=Timer` ended in a traceback ("cannot represent an object"), with --print_config too."""
+    timer = ["--trainer.callbacks+=Timer", "--trainer.callbacks.duration", "00:00:10:00"]
+    printed = print_config(capsys, *timer)
+    (callback,) = [c for c in yaml.safe_load(printed)["trainer"]["callbacks"] if c["class_path"].endswith(".Timer")]
+    assert callback["init_args"]["interval"] == "step"
+    saved = tmp_path / "printed.yaml"
+    saved.write_text(printed)
+    assert print_config(capsys, "--config", str(saved)) == printed
+    main(["fit", "--data", "ImageFolderDataModule", "--data.root", str(image_folder), "--data.val_size", "30",
+          *timer, "--trainer.max_epochs", "1", "--trainer.logger", "false"])  # fmt: skip
+    assert "interval: step" in Path("config.yaml").read_text()
+
+
 def test_print_config_shows_the_learning_rate_the_run_uses(capsys) -> None:
     model = yaml.safe_load(print_config(capsys))["model"]
     assert model["learning_rate"] == 2e-4 and model["optimizer"]["init_args"]["lr"] == 2e-4  # not Adam's own 1e-3
