@@ -660,6 +660,14 @@ class CifarCLI(LightningCLI):
                     self.config_init = self.parser.instantiate_classes(self.config)
                 except UsageError as err:
                     raise self._from_config(err) from None
+                except ValueError as err:
+                    # A class whose package is missing (`--trainer.logger MLFlowLogger` without mlflow): Lightning
+                    # says which and how to install it, in jsonargparse's traceback (in its text only, for a list).
+                    pattern = r"Problem with given class_path '([\w.]+)':\s+(Requirement '.+' not met\..*)"
+                    missing = next((m for e in causes(err) if (m := re.search(pattern, str(e)))), None)
+                    if missing is None:
+                        raise
+                    raise UsageError(f"{missing[1]}: {missing[2]}") from err
         self.datamodule = self._get(self.config_init, "data")
         self.model = self._get(self.config_init, "model")
         self._add_configure_optimizers_method_to_model(self.subcommand)

@@ -496,6 +496,13 @@ CASES = [
         setup=lambda: images(CLASSES_AB),
         caches=True,
     ),
+    # A logger whose package is missing (mlflow): Lightning's ModuleNotFoundError ended in a traceback.
+    Case(
+        "logger_package_missing",
+        [*FIT, "--trainer.logger+=MLFlowLogger"],
+        "cifar-cli: error: lightning.pytorch.loggers.MLFlowLogger: Requirement 'mlflow>=",
+        setup=lambda: images(CLASSES_AB),
+    ),
     Case(
         "precision_package_missing",
         [*FIT, "--trainer.precision", "transformer-engine"],
