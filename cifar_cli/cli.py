@@ -95,7 +95,7 @@ from cifar_cli.optimizer_flags import (
     without_settled_copies,
 )
 from cifar_cli.precision import announce_precision, choose_precision, show_held_warnings
-from cifar_cli.presets import shipped_config
+from cifar_cli.presets import shipped_config, shown
 from cifar_cli.pretrained import LOCAL_DIR, saved_timm_config, weights_from_checkpoint
 from cifar_cli.resume import (
     RUN_CONFIG_MARK,
@@ -1002,6 +1002,8 @@ class CifarCLI(LightningCLI):
                 raise before from err
             if (elsewhere := self._option_of_another_subcommand(err)) is not None:
                 raise elsewhere from err
+            if (early := config_before_subcommand(err, self._argv)) is not None:
+                raise early from err
             if (unset := self._required_set_to_null(err) or self._required_given_null(err)) is not None:
                 raise unset from err
             raise
@@ -1586,6 +1588,24 @@ def check_subcommand(argv: list[str] | None) -> None:
         close = difflib.get_close_matches(argv[0], SUBCOMMANDS, n=1)
         hint = f"; did you mean {close[0]}?" if close else ""
         raise UsageError(f"unknown subcommand '{argv[0]}': {names}{hint}")
+
+
+def config_before_subcommand(err: ArgumentError, argv: list[str]) -> UsageError | None:
+    """The refusal of a subcommand's config given before the subcommand (`cifar-cli --config configs/cpu.yaml fit`,
+    as some LightningCLI scripts take it), saying where it goes: jsonargparse's line said only that the option "is
+    not accepted before subcommand 'fit'"."""
+    match = re.search(r"Option '([\w.]+)' is not accepted before subcommand '(\w+)'", str(err))
+    at = next((i for i, arg in enumerate(argv) if arg in SUBCOMMANDS), None)
+    if match is None or at is None:
+        return None
+    configs = [flag_value(argv[:at], flag) for flag in CONFIG_FLAGS]
+    config = shown(next((c for c in configs if c is not None), "FILE"))
+    subcommand = match[2]
+    return UsageError(
+        f"--config {config} before the subcommand: a config there holds a section per subcommand ({subcommand}: "
+        f"{{{match[1].split('.')[0]}: ...}}), and '{match[1]}' is not one; give it after the subcommand: "
+        f"cifar-cli {subcommand} --config {config}"
+    )
 
 
 def check_model_help(argv: list[str] | None) -> None:

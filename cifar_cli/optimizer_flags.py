@@ -20,7 +20,7 @@ from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningCLI, ReduceLROnPlateau
 
 from cifar_cli.errors import UsageError
-from cifar_cli.presets import FOLDER, presets_folder
+from cifar_cli.presets import shown
 
 # The sections of a top-level config (`cifar-cli --config FILE fit`).
 LIGHTNING_SUBCOMMANDS = tuple(LightningCLI.subcommands())
@@ -136,8 +136,7 @@ def config_that_sets(key: str, argv: list[str], configs: list[Any], subcommand: 
             for name in key.split("."):
                 node = node.get(name) if isinstance(node, dict) else None
             if node is not None:
-                shipped = Path(str(path)).parent == presets_folder()
-                return str(FOLDER / Path(str(path)).name) if shipped else str(path)
+                return shown(path)
     return None
 
 

@@ -29,6 +29,13 @@ def names() -> list[str]:
     return sorted(path.name for path in folder.glob("*.yaml")) if folder is not None else []
 
 
+def shown(path: object) -> str:
+    """A config's path as cifar-cli's messages write it: `configs/NAME.yaml` for one of cifar-cli's own, which
+    `shipped_config` turned into its full path."""
+    folder = presets_folder()
+    return str(FOLDER / Path(str(path)).name) if folder is not None and Path(str(path)).parent == folder else str(path)
+
+
 def shipped_config(value: str) -> str | None:
     """The path of cifar-cli's own config for a `--config` value `configs/NAME.yaml` that names no file from the
     current folder; None for any other value (a file that is there, a path elsewhere, YAML text), which jsonargparse

@@ -180,6 +180,15 @@ CASES = [
         'cifar-cli: error: Parser key "model.lr_schedule.restarts": expected a list ([...]), got 0.5',
     ),
     Case("unknown_option", ["fit", "--trainer.max_epochs_x", "3"], "unrecognized arguments: --trainer.max_epochs_x"),
+    # A config before the subcommand, as some LightningCLI scripts take it: jsonargparse's line said only that the
+    # option "is not accepted before subcommand 'fit'".
+    Case(
+        "config_before_the_subcommand",
+        ["--config", "configs/cpu.yaml", "fit"],
+        "cifar-cli: error: --config configs/cpu.yaml before the subcommand: a config there holds a section per "
+        "subcommand (fit: {trainer: ...}), and 'trainer.accelerator' is not one; give it after the subcommand: "
+        "cifar-cli fit --config configs/cpu.yaml",
+    ),
     # argparse would take a prefix for the whole flag (this one for --trainer.max_epochs)
     Case("abbreviated_option", ["fit", "--trainer.max_epoch", "3"], "unrecognized arguments: --trainer.max_epoch"),
     Case(
