@@ -1326,8 +1326,10 @@ class CifarCLI(LightningCLI):
                 if "`val_check_interval`" not in str(err):
                     raise
                 trainer = self.trainer
+                file = self._config_that_sets(subcommand, "trainer.val_check_interval")
+                setting = f"{file}'s trainer.val_check_interval" if file else "--trainer.val_check_interval"
                 raise UsageError(
-                    f"--trainer.val_check_interval {trainer.val_check_interval}: more than the "
+                    f"{setting} {trainer.val_check_interval}: more than the "
                     f"{trainer.fit_loop.max_batches} training batches of an epoch, within which it counts while "
                     "--trainer.check_val_every_n_epoch is set: give fewer batches or a fraction of an epoch, or "
                     "--trainer.check_val_every_n_epoch null to count batches across epochs"

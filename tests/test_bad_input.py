@@ -1489,6 +1489,14 @@ def test_val_check_interval_beyond_an_epoch_is_one_line(tmp_path: Path, capfd) -
     assert "Traceback" not in err
     last = err.strip().splitlines()[-1]
     assert last.startswith("cifar-cli: error: --trainer.val_check_interval 10: more than the 3 training batches"), err
+    # The interval configs/budget.yaml sets: the line spoke of a flag never typed.
+    with pytest.raises(SystemExit):
+        main([*args, "--config", "configs/fast-cpu.yaml", "--config", "configs/budget.yaml",
+              "--model.net.widths", "[8, 8, 8]", "--trainer.check_val_every_n_epoch", "1"])  # fmt: skip
+    last = capfd.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("cifar-cli: error: configs/budget.yaml's trainer.val_check_interval 1000000: more than"), (
+        last
+    )
 
 
 def test_a_checkpoint_path_under_the_home_is_found(
