@@ -1743,8 +1743,11 @@ def main(args: ArgsType = None) -> None:
             check_subcommand(argv)
             check_model_help(argv)
             check_empty_configs(argv)
-            # The values the parse reads otherwise: the configs that come with cifar-cli, Lightning's plateau class,
-            # the folder of a logger added to the list.
+            # The values the parse reads otherwise: the configs that come with cifar-cli (given to --config, or to
+            # jsonargparse's PL_FIT__CONFIG), Lightning's plateau class, the folder of a logger added to the list.
+            for name, value in list(os.environ.items()):
+                if re.fullmatch(r"PL_(\w+__)?CONFIG", name) and (path := shipped_config(value)) is not None:
+                    os.environ[name] = path
             rewritten = argv
             if argv is not None:
                 rewritten = added_logger_folders(lightning_plateau(with_values(argv, CONFIG_FLAGS, shipped_config)))

@@ -436,6 +436,10 @@ def test_settings_from_the_environment_with_jsonargparse_s_default_env(fake_cifa
     assert max(values(metrics_rows("runs"), "epoch")) == 0
     capsys.readouterr()
     assert yaml.safe_load(print_config(capsys, "--trainer.max_epochs", "4"))["trainer"]["max_epochs"] == 4
+    # A config of cifar-cli's own by the name the README gives it, from any folder, as --config takes it.
+    assert not Path("configs").exists()
+    monkeypatch.setenv("PL_FIT__CONFIG", "configs/debug.yaml")
+    assert yaml.safe_load(print_config(capsys))["trainer"]["limit_train_batches"] == 10
 
 
 @pytest.mark.parametrize("named_by", ["WANDB_RUN_ID", "--trainer.logger.version"])
