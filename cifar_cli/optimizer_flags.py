@@ -260,17 +260,32 @@ def check_built(model: Any, flags: dict[str, str]) -> Any:
     """Build the model's optimizer and scheduler once over a dummy parameter, so that arguments torch refuses fail
     in one line now rather than with a traceback at the first step; the scheduler is stepped a few times, as
     some fail only then (StepLR with step_size 0 divides by it). Returns the scheduler built, or None."""
-    params = [{"params": [torch.zeros(1, requires_grad=True)], "lr": model.hparams.learning_rate}]
+    weight = torch.zeros(1, requires_grad=True)
+    params = [{"params": [weight], "lr": model.hparams.learning_rate}]
+    weight.grad = torch.zeros(1)
+
+    def closure() -> torch.Tensor:  # as Lightning steps every optimizer: LBFGS needs it, the others call it once
+        return torch.zeros(())
+
     try:
         optimizer = model.optimizer(params)
+        # One step, over a dense gradient as the network's are: SparseAdam refuses them only at the first step.
+        optimizer.step(closure=closure)
     except (TypeError, ValueError, RuntimeError) as err:
         raise UsageError(f"{flags['optimizer']}: {err}") from err
+    if isinstance(optimizer, torch.optim.LBFGS) and not all(p.is_contiguous() for p in model.parameters()):
+        # Its step flattens each gradient with view(), which a channels_last gradient does not allow: a traceback
+        # at the first step.
+        raise UsageError(
+            f"{flags['optimizer']} LBFGS flattens gradients with view(), which fails on "
+            f"{type(model.net).__name__}'s channels_last weights: add --model.channels_last false"
+        )
     if model.lr_scheduler is None:
         return None
     try:
         scheduler = model.lr_scheduler(optimizer)
         for _ in range(3):
-            optimizer.step()
+            optimizer.step(closure=closure)
             scheduler.step(0.0) if isinstance(
                 scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau
             ) else scheduler.step()

@@ -172,6 +172,10 @@ def test_reduce_lr_on_plateau_monitors_val_loss(fake_cifar10: Path, flag: str) -
         (["--optimizer", "AdamW", "--optimizer.weight_decay", "-1"], "--optimizer.weight_decay -1.0: the weight decay"),
         (["--model.optimizer.weight_decay", "-0.5"], "--model.optimizer.weight_decay -0.5: the weight decay is at"),
         (["--model.lr_scheduler", "os.system"], "os.system"),
+        # Optimizers that fail at their first step, in a traceback once the run's folder is written: one that
+        # takes only sparse gradients, and LBFGS, which flattens gradients with view(), over channels_last weights.
+        (["--optimizer", "SparseAdam"], "--optimizer: SparseAdam does not support dense gradients"),
+        (["--optimizer", "LBFGS"], "TutorialCNN's channels_last weights: add --model.channels_last false"),
     ],
 )
 def test_bad_optimizer_flags_fail_in_one_line(capsys, args: list[str], message: str) -> None:
