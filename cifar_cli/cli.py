@@ -94,7 +94,7 @@ from cifar_cli.optimizer_flags import (
     unsettled,
     without_settled_copies,
 )
-from cifar_cli.precision import announce_precision, choose_precision, show_held_warnings
+from cifar_cli.precision import announce_precision, choose_precision, default_precision, show_held_warnings
 from cifar_cli.presets import shipped_config, shown
 from cifar_cli.pretrained import LOCAL_DIR, saved_timm_config, weights_from_checkpoint
 from cifar_cli.resume import (
@@ -629,6 +629,7 @@ class CifarCLI(LightningCLI):
             raise UsageError(SCHEDULE_NEEDS_LENGTH)
         self.optimizer_flags = self._move_optimizer_flags(self.subcommand)
         check_optimizer_class(config)
+        self._check_fused_clipping(config)
         for callback in trainer.get("callbacks") or []:
             init = callback.get("init_args")
             monitor = str(init.get("monitor", "")) if init is not None else ""
@@ -675,6 +676,23 @@ class CifarCLI(LightningCLI):
         self.trainer = self.instantiate_trainer()
         self._restore_given_save_dir()
         self.announce()
+
+    def _check_fused_clipping(self, config: Namespace) -> None:
+        """Refuse a fused optimizer asked for (`--model.optimizer.fused true`) beside gradient clipping under mixed
+        precision, bf16-mixed too: Lightning refuses to clip a fused optimizer's gradients, at the first step, in a
+        traceback. Where fused is not asked for, cifar-cli leaves it off then (`build_optimizer`)."""
+        optimizer, trainer = config["model"].get("optimizer"), config["trainer"]
+        init = optimizer.get("init_args") if isinstance(optimizer, Namespace) else None
+        clip = trainer.get("gradient_clip_val")
+        if init is None or init.get("fused") is not True or not clip:
+            return
+        precision = trainer.get("precision") or (default_precision(trainer.get("accelerator")) or ("32-true",))[0]
+        if str(precision) in ("16", "16-mixed", "bf16", "bf16-mixed"):
+            raise UsageError(
+                f"{self.optimizer_flags['optimizer']}.fused true: Lightning's mixed precision ({precision}) cannot "
+                f"clip a fused optimizer's gradients (--trainer.gradient_clip_val {clip}): leave fused out, or the "
+                "clipping"
+            )
 
     def _from_config(self, err: UsageError) -> UsageError:
         """`err`, saying where the value came from when a config set a whitening-bias schedule for a network without

@@ -176,6 +176,11 @@ def test_reduce_lr_on_plateau_monitors_val_loss(fake_cifar10: Path, flag: str) -
         # takes only sparse gradients, and LBFGS, which flattens gradients with view(), over channels_last weights.
         (["--optimizer", "SparseAdam"], "--optimizer: SparseAdam does not support dense gradients"),
         (["--optimizer", "LBFGS"], "TutorialCNN's channels_last weights: add --model.channels_last false"),
+        # A fused optimizer asked for, beside clipping under mixed precision: Lightning refused it at the first step.
+        (
+            ["--model.optimizer.fused", "true", "--trainer.gradient_clip_val", "1", "--trainer.precision=bf16-mixed"],
+            "--model.optimizer.fused true: Lightning's mixed precision (bf16-mixed) cannot clip a fused optimizer's",
+        ),
     ],
 )
 def test_bad_optimizer_flags_fail_in_one_line(capsys, args: list[str], message: str) -> None:
