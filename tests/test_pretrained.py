@@ -502,8 +502,9 @@ def test_a_timm_checkpoint_carries_the_architecture_of_its_folder_or_hub_reposit
     assert "test_acc" in capsys.readouterr().out
     # A resumed run keeps the copy in its checkpoints.
     main(["fit", "--ckpt_path", str(checkpoint), *QUIET, "--trainer.max_epochs", "2"])
-    (resumed,) = [p for p in Path().glob("**/*.ckpt") if "epoch=1" in p.name]
-    assert torch.load(resumed, weights_only=True)["timm_config"] == saved
+    last = max(Path().glob("**/last*.ckpt"), key=lambda p: p.stat().st_mtime_ns)  # (last-v1.ckpt, resumed from best)
+    resumed = torch.load(last, weights_only=True)
+    assert resumed["epoch"] == 1 and resumed["timm_config"] == saved
 
 
 def test_the_config_of_an_hf_hub_network_is_read_from_the_hub_cache(tmp_path, monkeypatch) -> None:
