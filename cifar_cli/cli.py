@@ -1078,6 +1078,9 @@ class CifarCLI(LightningCLI):
             # Lightning restores the checkpoint's ModelCheckpoint state and warns that its folder differs from
             # this run's: only a run that trains on (fit) has use for that state.
             ignore_for_this_run(r"The dirpath has changed from")
+            # Nor that an EMA callback (a WeightAveraging) given again, with the fit's config, cannot restore its
+            # state: the checkpoint's weights are the average already, as Lightning saves them.
+            ignore_for_this_run(r"You're using the WeightAveraging callback, but loading a checkpoint outside")
         # The checkpoint's model and data settings become the defaults, so that `test --ckpt_path FILE` alone
         # evaluates the same network on the split it was trained with, and a flag or config still overrides them.
         saved = self.checkpoint.get(CHECKPOINT_KEY, {})

@@ -183,6 +183,12 @@ def test_testing_an_ema_checkpoint_asks_for_no_callbacks(fake_cifar10: Path, tmp
     for stage in ("test", "validate", "predict"):
         main([stage, "--ckpt_path", "steps/last.ckpt", "--trainer.enable_progress_bar", "false"])
     assert not [w for w in recwarn if asks in str(w.message)]
+    # With the fit's callbacks given too (its config passed again), Lightning warned at each that "the
+    # WeightAveraging state cannot be restored": the state is the fit's to go on with; the weights are the average.
+    for stage in ("test", "validate", "predict"):
+        main([stage, "--ckpt_path", "steps/last.ckpt", *ema_args("cifar_cli.averaging.EMA"),
+              "--trainer.enable_progress_bar", "false"])  # fmt: skip
+    assert not [w for w in recwarn if "WeightAveraging state cannot be restored" in str(w.message)]
     main(["fit", *cifar(fake_cifar10), *CSV_LOGGER, "--trainer.enable_progress_bar", "false",
           "--trainer.max_epochs", "2", "--ckpt_path", "steps/last.ckpt"])  # fmt: skip
     assert [w for w in recwarn if asks in str(w.message)]
