@@ -761,6 +761,14 @@ CASES = [
         "CIFAR10 is missing or corrupted",
     ),
     Case("folder_root_missing", FIT, "image folder images does not exist"),
+    # The JPEG copy's config before `make data`: the folder was said not to exist, with nothing on how to make it.
+    Case(
+        "jpeg_copy_not_unpacked",
+        ["fit", "--config", "configs/cifar10-jpg.yaml"],
+        "cifar-cli: error: image folder data/cifar10-jpg does not exist: expected ROOT/train/<class>/<image>.jpg (or "
+        ".png); `make data` in cifar-cli's folder unpacks the CIFAR-10 JPEG copy there (run from that folder, or give "
+        "--data.root)",
+    ),
     Case("folder_no_train", FIT, "image folder images has no train/ folder", {"images/val/a/x.png": b""}),
     Case("folder_no_class_folders", FIT, "images/train has no class folders", {"images/train/x.jpg": b""}),
     Case(

@@ -48,6 +48,10 @@ class _Listing(NamedTuple):
     skipped: list[Skipped]  # the files that are no images (`image_parts`), below <split>/
 
 
+# Where `make data` unpacks the JPEG copy of CIFAR-10's training images, configs/cifar10-jpg.yaml's `root`.
+JPEG_COPY = "data/cifar10-jpg"
+
+
 class ImageFolderDataModule(ImageDataModule):
     """Any image data set in class folders: `root/train/<class>/*.jpg|png|...`, optionally `root/val/` and `root/test/`.
 
@@ -110,7 +114,13 @@ class ImageFolderDataModule(ImageDataModule):
         try:
             if not self.root.is_dir():
                 what = "is a file, not a folder" if self.root.exists() else "does not exist"  # a data.zip, say
-                raise UsageError(f"image folder {self.root} {what}: {layout}")
+                unpack = (
+                    "; `make data` in cifar-cli's folder unpacks the CIFAR-10 JPEG copy there (run from that folder, "
+                    "or give --data.root)"
+                    if self.root.as_posix() == JPEG_COPY and not self.root.exists()
+                    else ""
+                )
+                raise UsageError(f"image folder {self.root} {what}: {layout}{unpack}")
             if not train.is_dir():
                 # The train/ folder itself passed as the root, a common slip: which folder to pass instead.
                 hint = (
