@@ -1259,7 +1259,7 @@ class CifarCLI(LightningCLI):
             if isinstance(save_dir, str) and save_dir.startswith("~"):
                 init_args.save_dir = save_dir = expand_home(save_dir)
             if root and save_dir and not os.path.isabs(save_dir) and not Path(save_dir).is_relative_to(root):
-                init_args.save_dir = os.path.join(root, save_dir)
+                init_args.save_dir = os.path.normpath(os.path.join(root, save_dir))  # (root/. as root)
                 self._given_save_dirs.append((init_args, save_dir))
 
     def _save_where_the_run_is(self, loggers: Any, ckpt_path: str, working_dir: Any) -> None:

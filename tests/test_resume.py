@@ -830,6 +830,16 @@ def test_config_of_a_run_under_default_root_dir_runs_again_under_another(fake_ci
     assert [p.relative_to("two").parts[0] for p in Path("two").rglob("config.yaml")] == ["runs"]
 
 
+def test_a_logger_in_the_current_folder_under_default_root_dir_prints_plain_paths(fake_cifar10: Path, capsys) -> None:
+    # A logger's `save_dir: .` (W&B's own default) under configs/debug.yaml's default_root_dir printed its run as
+    # `runs/debug/./lightning_logs/<id>` (a CSVLogger's as `exp/./version_0`).
+    main(["fit", *cifar(fake_cifar10), "--trainer.max_epochs", "1", "--trainer.default_root_dir", "exp",
+          "--trainer.logger", "CSVLogger", "--trainer.logger.save_dir", ".",
+          "--trainer.enable_progress_bar", "false"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "Run folder: exp/version_0\n" in out and "/./" not in out
+
+
 def test_default_root_dir_holds_the_folders_of_every_logger_of_a_list(fake_cifar10: Path) -> None:
     # Each logger's save_dir, not only a single logger's: a list's folders were made in the current folder.
     loggers = (
