@@ -84,6 +84,7 @@ from cifar_cli.classifier import SCHEDULE_NEEDS_LENGTH, ImageClassifier
 from cifar_cli.dashboard import RunCSVLogger, with_csv_logger
 from cifar_cli.data import ImageDataModule
 from cifar_cli.data.base import predicting_from
+from cifar_cli.data.batches import train_batches
 from cifar_cli.distributed import carry_spawned_state, exit_if_rank_failed, exit_if_spawned_rank_failed, watch_ranks
 from cifar_cli.errors import DEBUG_ENV, TrainingDiverged, UsageError, causes, debug_switch, debugging
 from cifar_cli.folders import claim_version_folder, hold_run_folder, release_folders
@@ -1336,25 +1337,48 @@ class CifarCLI(LightningCLI):
         self.config[subcommand]["ckpt_path"] = None
         return None, None
 
+    def _train_batches(self) -> int | None:
+        """The training batches of an epoch, as Lightning will count them (`fit_loop.max_batches`), where the data
+        module has listed its data (`check_data`, on a node's first process); else None."""
+        data, trainer = self.datamodule, self.trainer
+        images = getattr(data, "train_images", None) if isinstance(data, ImageDataModule) else None
+        if images is None:
+            return None
+        batches = train_batches(images, data.batch_size, trainer.world_size)
+        limit = trainer.limit_train_batches
+        return min(batches, limit) if isinstance(limit, int) else int(batches * limit)  # (Lightning's own rule)
+
+    def _check_val_check_interval(self, batches: int | None) -> None:
+        """Refuse a step count of `--trainer.val_check_interval` above the epoch's `batches` while validation counts
+        per epoch. Lightning refuses it once the run has started, in a traceback, with the run's config.yaml and W&B
+        run written: stacking `--trainer.check_val_every_n_epoch 1` on configs/budget.yaml does it."""
+        trainer = self.trainer
+        interval = trainer.val_check_interval
+        if batches is None or not isinstance(interval, int) or trainer.check_val_every_n_epoch is None:
+            return
+        if interval <= batches:
+            return
+        file = self._config_that_sets("fit", "trainer.val_check_interval")
+        setting = f"{file}'s trainer.val_check_interval" if file else "--trainer.val_check_interval"
+        raise UsageError(
+            f"{setting} {interval}: more than the {batches} training batches of an epoch, within which it counts "
+            "while --trainer.check_val_every_n_epoch is set: give fewer batches or a fraction of an epoch, or "
+            "--trainer.check_val_every_n_epoch null to count batches across epochs"
+        )
+
     def _run_subcommand(self, subcommand: str) -> None:
         if subcommand == "fit":
+            self._check_val_check_interval(self._train_batches())
             try:
                 with true_stop_line(self.trainer):
                     return super()._run_subcommand(subcommand)
             except ValueError as err:
-                # Lightning compares a step count with the epoch's batches only once the data is loaded, and refuses
-                # it in a traceback: stacking `--trainer.check_val_every_n_epoch 1` on configs/budget.yaml does it.
+                # Where the batches were not counted before the run (a DDP rank that did not list the data), Lightning's
+                # own check, in a traceback.
                 if "`val_check_interval`" not in str(err):
                     raise
-                trainer = self.trainer
-                file = self._config_that_sets(subcommand, "trainer.val_check_interval")
-                setting = f"{file}'s trainer.val_check_interval" if file else "--trainer.val_check_interval"
-                raise UsageError(
-                    f"{setting} {trainer.val_check_interval}: more than the "
-                    f"{trainer.fit_loop.max_batches} training batches of an epoch, within which it counts while "
-                    "--trainer.check_val_every_n_epoch is set: give fewer batches or a fraction of an epoch, or "
-                    "--trainer.check_val_every_n_epoch null to count batches across epochs"
-                ) from err
+                self._check_val_check_interval(self.trainer.fit_loop.max_batches)
+                raise
         # Lightning asks for the callbacks that wrote the checkpoint (a recipe's EMA, its ModelCheckpoint) whenever
         # the command lacks them: "Please add the following callbacks". Only a resumed fit goes on with their state;
         # test, validate and predict use the weights alone (EMA's average is the checkpoint's state_dict).

@@ -1497,6 +1497,15 @@ def test_val_check_interval_beyond_an_epoch_is_one_line(tmp_path: Path, capfd) -
     assert "Traceback" not in err
     last = err.strip().splitlines()[-1]
     assert last.startswith("cifar-cli: error: --trainer.val_check_interval 10: more than the 3 training batches"), err
+    # Refused before the run starts: it left the run's config.yaml and hparams.yaml, and W&B's offline run.
+    assert not Path("config.yaml").exists()
+    with pytest.raises(SystemExit):
+        main([*FIT, "--data.batch_size", "2", "--trainer.max_epochs", "1", "--trainer.check_val_every_n_epoch", "1",
+              "--trainer.val_check_interval", "10", "--trainer.logger", "CSVLogger", "--trainer.logger.save_dir",
+              "runs"])  # fmt: skip
+    assert "more than the 3 training batches" in capfd.readouterr().err and not Path("runs").exists()
+    # An interval within the epoch's batches (3, counted as Lightning counts them) still runs.
+    main([*args, "--trainer.check_val_every_n_epoch", "1", "--trainer.val_check_interval", "3"])
     # The interval configs/budget.yaml sets: the line spoke of a flag never typed.
     with pytest.raises(SystemExit):
         main([*args, "--config", "configs/fast-cpu.yaml", "--config", "configs/budget.yaml",

@@ -104,6 +104,7 @@ class ImageDataModule(LightningDataModule):
         self.placement_used: str | None = None  # `placement` resolved by `choose_placement` (auto: from free memory)
         self.decode_workers = usable_cpus()  # processes that decode image files (ImageFolderDataModule's flag)
         self.splits: dict[str, TensorImageDataset] = {}
+        self.train_images: int | None = None  # the training split's size, once `prepare` has listed the data
         # Names of the predicted images (paths or indices) in the order of the predict split, for predictions.csv.
         self.predict_names: list[str] = []
         self.mean: Tensor | None = None  # per channel, 0-255 scale, from the training split's images
@@ -344,6 +345,7 @@ class ImageDataModule(LightningDataModule):
         return DiskImages(cache), names
 
     def check_split_sizes(self, n_train: int, held_out: int) -> None:
+        self.train_images = n_train - held_out  # the training split's, known before it is loaded (`setup`)
         if held_out >= n_train:
             raise UsageError(
                 f"val_size/test_size hold out {held_out} of {n_train} training images, leaving none to train on: "

@@ -82,6 +82,17 @@ class EpochSampler(DistributedSampler):
         return list(super().__iter__())
 
 
+def batch_count(images: int, batch_size: int, drop_last: bool) -> int:
+    """The batches a pass over `images` takes: whole ones only with `drop_last`, unless fewer than one."""
+    return images // batch_size if drop_last and images >= batch_size else math.ceil(images / batch_size)
+
+
+def train_batches(images: int, batch_size: int, num_replicas: int) -> int:
+    """A rank's training batches an epoch over a split of `images` (ImageDataModule's training loader: a shard
+    padded as DistributedSampler pads it, whole batches)."""
+    return batch_count(math.ceil(images / num_replicas), batch_size, drop_last=True)
+
+
 class DeviceBatches:
     """The batches of one split, cut by index from its tensors on the device they live on; a DataLoader's stand-in.
 
@@ -166,8 +177,7 @@ class DeviceBatches:
         self._resume: dict[str, int] | None = None  # a loaded state, applied by the next pass
 
     def __len__(self) -> int:
-        n = len(self.sampler)
-        return n // self.batch_size if self.drop_last and n >= self.batch_size else math.ceil(n / self.batch_size)
+        return batch_count(len(self.sampler), self.batch_size, self.drop_last)
 
     def state_dict(self) -> dict[str, int]:
         # `hashed_order`: the epoch's order is EpochSampler's, not the `seed + epoch` one of earlier versions.
