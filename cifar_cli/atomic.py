@@ -48,13 +48,29 @@ def atomic_write(path: _PATH, write: Callable[[IO[bytes]], Any]) -> None:
         write(file)
 
 
+def missing_folders(path: Path) -> list[Path]:
+    """`path` and the folders above it that do not exist, deepest first: those that making `path` makes."""
+    return [folder for folder in [path, *path.parents] if not folder.exists()]
+
+
+def remove_empty_folders(folders: list[Path]) -> None:
+    """Remove `folders` (deepest first, as `missing_folders` lists them) while they are empty: one that holds
+    anything stays, and so do those above it. One that was never made (a make that failed part-way) is passed over."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            if os.path.exists(folder):  # (not Path.exists, which raises for a name too long to have been made)
+                break
+
+
 @contextlib.contextmanager
 def atomic_file(path: _PATH) -> Iterator[Path]:
     """A new empty file beside `path`, to fill by its name (other processes too: the decoding workers); when the
     block ends, it is fsynced and renamed to `path`, and the folder fsynced. When the block raises, the file is
     removed, and so are the folders made for it that are still empty: a failed write leaves nothing behind."""
     path = Path(path)
-    missing = [folder for folder in [path.parent, *path.parent.parents] if not folder.exists()]
+    missing = missing_folders(path.parent)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_partials(path)
     prefix = f".{path.name}.{socket.gethostname()}.{os.getpid()}."
@@ -76,11 +92,7 @@ def atomic_file(path: _PATH) -> Iterator[Path]:
     except BaseException as err:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(partial)
-        for folder in missing:  # deepest first; one another writer has filled stays
-            try:
-                folder.rmdir()
-            except OSError:
-                break
+        remove_empty_folders(missing)  # one another writer has filled stays
         full = next((e for e in causes(err) if isinstance(e, OSError) and e.errno in FULL), None)
         if full is not None and not full.filename:
             # torch.save's error for a full disk, and the OSError under it, name no file: the one-line error does.

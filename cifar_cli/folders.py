@@ -14,6 +14,7 @@ from typing import Any
 from lightning.fabric.utilities.rank_zero import _get_rank
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
+from cifar_cli.atomic import missing_folders, remove_empty_folders
 from cifar_cli.errors import UsageError
 
 # The folders this process holds (a lock's file descriptor, or None), each with the folders made for it: released
@@ -32,14 +33,14 @@ def hold_run_folder(logger: Any, folder: str) -> None:
     if int(os.environ.get("NODE_RANK", os.environ.get("GROUP_RANK", "0")) or 0) != 0:
         return
     path = Path(folder)
-    made = [f for f in [path, *path.parents] if not f.exists()]
+    made = missing_folders(path)
     os.makedirs(path, exist_ok=True)  # (not Path.mkdir: its error below a file names the deepest folder, not the first)
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as err:
         os.close(fd)
-        _remove_empty(made)
+        remove_empty_folders(made)
         if isinstance(err, BlockingIOError):
             raise UsageError(
                 f"another cifar-cli command without a logger is running in {folder}: this one would overwrite its "
@@ -57,7 +58,7 @@ def claim_version_folder(logger: CSVLogger | TensorBoardLogger) -> None:
     for _ in range(100):  # (a file named version_N, which Lightning does not count, would be met every time)
         version = logger.version
         folder = Path(logger.root_dir, version if isinstance(version, str) else f"version_{version}")
-        made = [f for f in folder.parents if not f.exists()]
+        made = missing_folders(folder.parent)
         os.makedirs(folder.parent, exist_ok=True)
         try:
             folder.mkdir()
@@ -74,12 +75,4 @@ def release_folders() -> None:
         fd, made = _HELD.pop()
         if fd is not None:
             os.close(fd)
-        _remove_empty(made)
-
-
-def _remove_empty(folders: list[Path]) -> None:
-    for folder in folders:  # deepest first; one that holds anything stays, and so do those above it
-        try:
-            folder.rmdir()
-        except OSError:
-            break
+        remove_empty_folders(made)

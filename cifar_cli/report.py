@@ -26,7 +26,13 @@ from jsonargparse import ArgumentParser
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from cifar_cli.atomic import atomic_write, atomic_write_text, refuse_unsafe_load
+from cifar_cli.atomic import (
+    atomic_write,
+    atomic_write_text,
+    missing_folders,
+    refuse_unsafe_load,
+    remove_empty_folders,
+)
 from cifar_cli.errors import UsageError
 from cifar_cli.resume import settings_changed, written_by_a_run
 
@@ -394,13 +400,11 @@ def make_folder(out: Path) -> None:
     if out.exists() and not out.is_dir():
         what = "a file, not a folder" if out.is_file() else "not a folder"
         raise UsageError(f"{out} is {what} for the report; {hint}")
-    missing = [folder for folder in [out, *out.parents] if not folder.exists()]
+    missing = missing_folders(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        for folder in missing:  # deepest first
-            with contextlib.suppress(OSError):
-                folder.rmdir()
+        remove_empty_folders(missing)
         if err.errno in (errno.ENOSPC, errno.EDQUOT):
             raise  # cifar-cli's own line for a full disk
         raise UsageError(f"{out}: cannot make the report's folder there ({err.strerror}); {hint}") from None
