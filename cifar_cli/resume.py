@@ -97,11 +97,9 @@ class _WithoutSlurmResume(_CheckpointConnector):
 
 def requeued_slurm_job() -> int:
     """How many times SLURM has requeued this job (SLURM_RESTART_COUNT), where this is a SLURM job Lightning
-    recognises (SLURMEnvironment.detect); 0 elsewhere."""
-    from lightning.fabric.plugins.environments import SLURMEnvironment
-
+    recognises (SLURMEnvironment.detect, without its warning, as in `pass_over_slurm_checkpoints`); 0 elsewhere."""
     count = os.environ.get("SLURM_RESTART_COUNT", "0")
-    return int(count) if SLURMEnvironment.detect() and count.isdigit() else 0
+    return int(count) if _is_srun_used() and count.isdigit() else 0
 
 
 def pass_over_slurm_checkpoints(trainer: Trainer) -> None:
