@@ -96,7 +96,7 @@ from cifar_cli.optimizer_flags import (
     without_settled_copies,
 )
 from cifar_cli.precision import announce_precision, choose_precision, default_precision, show_held_warnings
-from cifar_cli.presets import shipped_config, shown
+from cifar_cli.presets import read_config, shipped_config, shown
 from cifar_cli.pretrained import LOCAL_DIR, saved_timm_config, weights_from_checkpoint
 from cifar_cli.resume import (
     RUN_CONFIG_MARK,
@@ -301,11 +301,7 @@ def logger_set_before(args: list[str]) -> Any:
         if flag == LOGGER_FLAG:
             logger = value
         elif flag in CONFIG_FLAGS:
-            try:
-                with open(value, encoding="utf-8") as file:
-                    config = yaml.safe_load(file)
-            except (OSError, UnicodeDecodeError, yaml.YAMLError):
-                continue  # YAML text, or a file the parse refuses
+            config = read_config(value)
             sections = [config, *config.values()] if isinstance(config, dict) else []  # (and its subcommands')
             for section in sections:
                 trainer = section.get("trainer") if isinstance(section, dict) else None
@@ -1709,11 +1705,7 @@ def settled_configs(args: list[str]) -> list[str]:
     its contents without the pair (see `without_settled_copies`; jsonargparse's `--config` takes YAML text too)."""
 
     def settled(path: str) -> str | None:
-        try:
-            with open(path, encoding="utf-8") as file:
-                config = yaml.safe_load(file)
-        except (OSError, UnicodeDecodeError, yaml.YAMLError):
-            return None  # not a readable YAML file: the parse says what is wrong with it
+        config = read_config(path)
         return yaml.safe_dump(config, sort_keys=False) if without_settled_copies(config) else None
 
     return with_values(args, CONFIG_FLAGS, settled)

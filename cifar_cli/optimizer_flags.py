@@ -11,16 +11,14 @@ from __future__ import annotations
 import importlib
 import inspect
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningCLI, ReduceLROnPlateau
 
 from cifar_cli.errors import UsageError
-from cifar_cli.presets import shown
+from cifar_cli.presets import read_config, shown
 
 # The sections of a top-level config (`cifar-cli --config FILE fit`).
 LIGHTNING_SUBCOMMANDS = tuple(LightningCLI.subcommands())
@@ -127,10 +125,7 @@ def config_that_sets(key: str, argv: list[str], configs: list[Any], subcommand: 
     if any(arg == flag or arg.startswith((f"{flag}=", f"{flag}.")) for arg in argv):
         return None
     for path in reversed(configs):
-        try:
-            content = yaml.safe_load(path.get_content() if hasattr(path, "get_content") else Path(path).read_text())
-        except (OSError, UnicodeDecodeError, yaml.YAMLError, TypeError):
-            continue  # YAML text given to --config, or a file the parse has read already and refused
+        content = read_config(path)
         for section in (content, content.get(subcommand)) if isinstance(content, dict) else ():
             node = section
             for name in key.split("."):

@@ -5,6 +5,9 @@ that comes with cifar-cli."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from cifar_cli.errors import UsageError
 
@@ -51,3 +54,13 @@ def shipped_config(value: str) -> str | None:
     raise UsageError(
         f"--config {value}: no such file in {Path.cwd()}, nor among cifar-cli's own configs ({', '.join(names())})"
     )
+
+
+def read_config(path: Any) -> Any:
+    """A config file's contents as YAML (`path` a file's path, or jsonargparse's Path of one the parse read); None
+    where it is not a readable YAML file (YAML text given to --config, say), which the parse itself reports."""
+    try:
+        text = path.get_content() if hasattr(path, "get_content") else Path(path).read_text(encoding="utf-8")
+        return yaml.safe_load(text)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, TypeError):
+        return None
