@@ -3,6 +3,7 @@ checkpoint that keeps a run resumable (`LastCheckpoint`) with the clean stop on 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import os
@@ -10,6 +11,7 @@ import signal
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,14 +26,16 @@ from lightning.pytorch.callbacks import (
     Timer,
 )
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.trainer.connectors.signal_connector import _SignalConnector
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
 
-from cifar_cli.atomic import atomic_write
+from cifar_cli.atomic import atomic_write, remove_empty_folders
 from cifar_cli.data import ImageDataModule
+from cifar_cli.entry import StoppedBeforeStart, hand_signals_to_lightning
 from cifar_cli.errors import UsageError
 
 
@@ -548,6 +552,49 @@ class _StopVote:
         return bool(self.flag.item())
 
 
+_LIGHTNING_REGISTER = _SignalConnector.register_signal_handlers
+
+
+def _register_after_start(self: _SignalConnector) -> None:
+    hand_signals_to_lightning()
+    _LIGHTNING_REGISTER(self)
+
+
+def lightning_takes_signals() -> None:
+    """The start-up's stop on SIGTERM and SIGUSR1 (cifar_cli.entry) ends where the trainer installs its own handlers,
+    just before it runs its stage (its sanity check, training, testing): Lightning's `_SignalConnector` (private,
+    2.6) has no hook there."""
+    _SignalConnector.register_signal_handlers = _register_after_start
+
+
+# What a command's start writes in a new run's folder before anything is trained: config.yaml (RunConfigSaver),
+# hparams.yaml and metrics.csv (CSVLogger).
+START_FILES = ("config.yaml", "hparams.yaml", "metrics.csv")
+
+
+def remove_unstarted_run(trainer: Trainer, since: float) -> None:
+    """Remove the run folder of a command stopped before it began (StoppedBeforeStart), where this command made it
+    and it holds only what the start wrote: a folder that looked like a run, with a config.yaml and no checkpoint.
+    Never the shared folder of a run without a logger, nor a folder with anything older than `since` (the command's
+    start) or another file in it (a resumed run's)."""
+    if not trainer.loggers or not trainer.is_global_zero:
+        return
+    folder = run_dir(trainer)
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return
+    if any(
+        not e.is_file(follow_symlinks=False) or e.name not in START_FILES or e.stat().st_mtime < since - 2
+        for e in entries
+    ):  # fmt: skip  (2 s: file systems with a coarse clock)
+        return
+    for entry in entries:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(entry.path)
+    remove_empty_folders([Path(folder)])
+
+
 class Preemption(Callback):
     """A clean stop on SIGTERM (schedulers, spot instances, `kill`) and SIGINT (Ctrl-C) during training.
 
@@ -571,6 +618,7 @@ class Preemption(Callback):
 
     def __init__(self) -> None:
         self.signal: int | None = None
+        self.created = time.time()  # as the trainer is built: before the run's folder
         self._previous: dict[int, Any] = {}
         self._vote: _StopVote | None = None  # under DDP: the all-reduce started at the last batch end
         self._side: torch.cuda.Stream | None = None  # on a GPU: the stream that reads the votes
@@ -643,6 +691,9 @@ class Preemption(Callback):
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         self._vote = None  # never waited for: another rank may be gone
         self._restore()
+        if isinstance(exception, StoppedBeforeStart):
+            remove_unstarted_run(trainer, self.created)
+            return
         if not isinstance(exception, SIGTERMException):
             return
         signum = self.signal or signal.SIGTERM  # on another rank than the one signalled: report it as a SIGTERM

@@ -48,6 +48,7 @@ from cifar_cli.callbacks import (
     Preemption,
     drop_logger_only,
     epoch_label,
+    lightning_takes_signals,
     one_per_state_key,
     run_dir,
 )
@@ -86,6 +87,7 @@ from cifar_cli.data import ImageDataModule
 from cifar_cli.data.base import predicting_from
 from cifar_cli.data.batches import train_batches
 from cifar_cli.distributed import carry_spawned_state, exit_if_rank_failed, exit_if_spawned_rank_failed, watch_ranks
+from cifar_cli.entry import StoppedBeforeStart
 from cifar_cli.errors import DEBUG_ENV, TrainingDiverged, UsageError, causes, debug_switch, debugging
 from cifar_cli.folders import claim_version_folder, hold_run_folder, release_folders
 from cifar_cli.optimizer_flags import (
@@ -1768,6 +1770,7 @@ def finish_wandb_run(exit_code: int) -> None:
 def main(args: ArgsType = None) -> None:
     """Entry point of `cifar-cli` and `python -m cifar_cli`. Bad input ends in one line on stderr and exit code 2."""
     hooks.install()  # callback hooks called only where implemented (see cifar_cli.hooks)
+    lightning_takes_signals()  # from the start-up's stop on SIGTERM and SIGUSR1 (cifar_cli.entry)
     hooks.plain_cuda_check_without_gpu()
     silence_noise()
     # The summary at the end of a run gives the metrics and, offline, the `wandb sync` command; W&B's own closing
@@ -1818,6 +1821,11 @@ def main(args: ArgsType = None) -> None:
         # file, and a log read later shows them raw. A run that fails is still ended by the hook, which records the
         # exit code.
         finish_wandb_run(0)
+    except StoppedBeforeStart as stop:
+        # Preemption has removed the run folder the start made; its W&B run logged nothing worth a `wandb sync`.
+        print(stop.line(argv or []), file=sys.stderr, flush=True)
+        finish_wandb_run(128 + stop.signum)
+        raise SystemExit(128 + stop.signum) from None
     except SystemExit as stop:
         code = stop.code if isinstance(stop.code, int) else 1
         wandb = sys.modules.get("wandb")

@@ -34,6 +34,7 @@ from lightning.pytorch.trainer.call import _interrupt
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.multiprocessing.spawn import ProcessException, ProcessExitedException
 
+from cifar_cli.entry import StoppedBeforeStart, hand_signals_to_lightning
 from cifar_cli.errors import causes, debugging
 from cifar_cli.terminal import IGNORED_FOR_THIS_RUN, silence_noise
 
@@ -121,6 +122,7 @@ class _StateCarryingLauncher(_MultiProcessingLauncher):
         self._ignored = list(IGNORED_FOR_THIS_RUN)
         if threading.current_thread() is not threading.main_thread():
             return super().launch(function, *args, trainer=trainer, **kwargs)
+        hand_signals_to_lightning()  # the start-up's handler (cifar_cli.entry): the ranks take the signals now
         previous = signal.signal(signal.SIGTERM, self._pass_on)
         try:
             return super().launch(function, *args, trainer=trainer, **kwargs)
@@ -128,7 +130,7 @@ class _StateCarryingLauncher(_MultiProcessingLauncher):
             # A rank the signal reached before it set up its own handler (still importing torch, say) ended by it:
             # the run is stopped before training, as a process alone is by a SIGTERM then, not failed.
             if self._signalled is not None and failed.exit_code in (-self._signalled, 128 + self._signalled):
-                raise SystemExit(128 + self._signalled) from None
+                raise StoppedBeforeStart(self._signalled) from None
             raise
         finally:
             signal.signal(signal.SIGTERM, previous)

@@ -10,10 +10,63 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 from pathlib import Path
+from typing import Any
+
+# The signals that end a process at once by default, and that Lightning takes over only as the trainer starts to run:
+# a scheduler's stop (SIGTERM), and SLURM's warning before its time limit (SIGUSR1, `--signal=SIGUSR1@90`).
+START_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STAGES = {"fit": "training", "test": "testing", "validate": "validation", "predict": "prediction"}
+
+
+class StoppedBeforeStart(BaseException):
+    """One of START_SIGNALS came while the command started (imports, parsing, decoding the data, building the model
+    and the trainer). A BaseException, as KeyboardInterrupt: the code it interrupts passes it on, and cleans up."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+    def line(self, args: list[str]) -> str:
+        """What to print: what the command was about to do, and that it did none of it."""
+        name = signal.Signals(self.signum).name
+        stage = next((a for a in args if a in STAGES or a == "report"), None)
+        if stage == "fit":
+            return f"cifar-cli: stopped by {name} before training began: nothing was trained or saved"
+        if stage in STAGES:
+            return f"cifar-cli: stopped by {name} before {STAGES[stage]} began: nothing was saved"
+        return f"cifar-cli: stopped by {name}"
+
+
+def _stop_before_start(signum: int, frame: Any) -> None:
+    raise StoppedBeforeStart(signum)
+
+
+def stop_cleanly_before_start() -> None:
+    """Until the trainer runs, SIGTERM and SIGUSR1 end the command in one line with 128 + the signal's number, as
+    the clean stop does during training (and a Ctrl-C here): by default they killed the process without a word. A
+    signal the process was started ignoring (SIG_IGN) stays ignored."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for signum in START_SIGNALS:
+        if signal.getsignal(signum) == signal.SIG_DFL:
+            signal.signal(signum, _stop_before_start)
+
+
+def hand_signals_to_lightning() -> None:
+    """Put back the default action of START_SIGNALS where `stop_cleanly_before_start` set its own: called as the
+    trainer installs its handlers, which would otherwise call this one too (Lightning chains a SIGTERM handler
+    it finds), or leave SIGUSR1 to it (Lightning installs SLURM's requeue handler only where none is set)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for signum in START_SIGNALS:
+        if signal.getsignal(signum) is _stop_before_start:
+            signal.signal(signum, signal.SIG_DFL)
 
 
 def run() -> None:
+    stop_cleanly_before_start()
     matplotlib_folder()
     current_folder_modules()
     try:
@@ -21,7 +74,14 @@ def run() -> None:
     except KeyboardInterrupt:
         print("cifar-cli: interrupted by Ctrl-C", file=sys.stderr)
         raise SystemExit(128 + signal.SIGINT) from None
-    run_command()
+    except StoppedBeforeStart as stop:
+        print(stop.line(sys.argv[1:]), file=sys.stderr)
+        raise SystemExit(128 + stop.signum) from None
+    try:
+        run_command()
+    except StoppedBeforeStart as stop:  # one that came before or after `main`'s own handling of it
+        print(stop.line(sys.argv[1:]), file=sys.stderr)
+        raise SystemExit(128 + stop.signum) from None
 
 
 def current_folder_modules() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -278,6 +279,60 @@ def test_ctrl_c_while_the_command_imports_ends_in_one_line(monkeypatch: pytest.M
         entry.run()
     assert stop.value.code == 130
     assert capfd.readouterr().err == "cifar-cli: interrupted by Ctrl-C\n"
+
+
+# Runs cifar-cli's own entry point (`cifar-cli ARGS`) and sends this process the signal SIG at one moment of its
+# start-up, STAGE: as the command imports its modules, or as the trainer restores its state, the last thing before
+# Lightning installs its signal handlers.
+STARTING = """
+import builtins, os, signal, sys
+from lightning.pytorch.trainer.connectors.checkpoint_connector import _CheckpointConnector
+from cifar_cli.entry import run
+
+signum = int(os.environ["SIG"])
+if os.environ["STAGE"] == "import":
+    real_import = builtins.__import__
+
+    def importing(name, *args, **kwargs):
+        if name == "cifar_cli.cli":
+            os.kill(os.getpid(), signum)
+        return real_import(name, *args, **kwargs)
+
+    builtins.__import__ = importing
+else:
+    restore = _CheckpointConnector.restore_training_state
+
+    def restoring(self):
+        os.kill(os.getpid(), signum)
+        return restore(self)
+
+    _CheckpointConnector.restore_training_state = restoring
+sys.argv = ["cifar-cli", *sys.argv[1:]]
+run()
+"""
+
+
+@pytest.mark.parametrize(("stage", "signum"), [("import", signal.SIGTERM), ("trainer", signal.SIGUSR1),
+                                               ("trainer", signal.SIGTERM)])  # fmt: skip
+def test_a_signal_while_the_command_starts_ends_it_in_one_line(image_folder: Path, tmp_path: Path, stage: str,
+                                                               signum: int) -> None:  # fmt: skip
+    """SIGTERM (a scheduler's stop) or SIGUSR1 (SLURM's warning) before Lightning takes them over killed the process
+    without a word. Now one line, the exit code of a stop by that signal, and no run folder that looks like a run
+    with nothing in it: the folder the start made, with its config.yaml, is removed."""
+    script = tmp_path / "starting.py"
+    script.write_text(STARTING)
+    env = {**os.environ, "SIG": str(int(signum)), "STAGE": stage,
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}  # fmt: skip
+    args = ["fit", "--data", "ImageFolderDataModule", "--data.root", str(image_folder), "--data.val_size", "30",
+            "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1", *CSV_LOGGER]  # fmt: skip
+    done = subprocess.run([sys.executable, str(script), *args], env=env, capture_output=True, text=True, timeout=300)
+    name = signal.Signals(signum).name
+    assert done.returncode == 128 + signum, done.stderr[-3000:]
+    assert done.stderr.splitlines()[-1] == (
+        f"cifar-cli: stopped by {name} before training began: nothing was trained or saved"
+    )
+    assert "Traceback" not in done.stderr
+    assert not [p for p in Path("runs").rglob("*") if p.is_file()]
 
 
 def test_ckpt_path_last_without_a_run_starts_one(fake_cifar10: Path, capfd) -> None:
