@@ -82,11 +82,16 @@ def one_per_state_key(callbacks: list[Callback]) -> tuple[list[Callback], list[i
     --trainer.callbacks.monitor val_loss --trainer.callbacks.patience 10`, beside the default EarlyStopping on
     val_loss, gives it another patience; Lightning refused the pair in a traceback, as a checkpoint keeps one state
     a key (Lightning's own test of a callback's state, `_validate_callbacks_list`). Also returns the positions in
-    `callbacks` of those kept, in their new order, for the config's list to follow."""
+    `callbacks` of those kept, in their new order, for the config's list to follow.
+
+    LearningRateMonitor and DeviceStatsMonitor keep no state, but two of them log the same metrics under the same
+    names: a recipe's LearningRateMonitor and one added with `+=` logged every learning rate twice (two rows a step
+    in metrics.csv). They are one per run too."""
     kept: list[int] = []
     place: dict[str, int] = {}
     for i, callback in enumerate(callbacks):
-        key = callback.state_key if is_overridden("state_dict", instance=callback, parent=Callback) else None
+        stateful = is_overridden("state_dict", instance=callback, parent=Callback)
+        key = callback.state_key if stateful or isinstance(callback, LOGGER_ONLY) else None
         if key is None or key not in place:
             if key is not None:
                 place[key] = len(kept)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import csv
 import os
 from pathlib import Path
 
@@ -74,6 +75,29 @@ def test_a_callback_added_with_the_state_of_a_default_one_replaces_it(image_fold
     assert len(stops) == 1 and stops[0] < len(listed) - 1 and listed[stops[0]]["init_args"]["patience"] == 7
     main(["fit", "--config", "config.yaml", "--trainer.max_epochs", "1"])
     assert "twice" not in capsys.readouterr().err
+
+
+def test_a_learning_rate_monitor_added_to_a_recipe_that_has_one_runs_once(image_folder: Path, capsys) -> None:
+    """fast-cpu.yaml lists a LearningRateMonitor; `--trainer.callbacks+=LearningRateMonitor` added a second: both
+    ran, every learning rate was logged twice (two rows a step in metrics.csv) and config.yaml listed both. The
+    added one replaces the recipe's, with the line of any callback listed twice."""
+    main(["fit", "--config", f"{REPO}/configs/fast-cpu.yaml", "--trainer.callbacks+=LearningRateMonitor",
+          "--data", "ImageFolderDataModule", "--data.root", str(image_folder), "--data.val_size", "30",
+          "--data.batch_size", "16", "--model.net.init_args.widths", "[8, 16, 16]", "--trainer.max_epochs", "1",
+          "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "1", "--trainer.log_every_n_steps",
+          "1", "--trainer.enable_progress_bar", "false", "--trainer.logger", "CSVLogger",
+          "--trainer.logger.save_dir", "runs"])  # fmt: skip
+    lines = [line for line in capsys.readouterr().err.splitlines() if "LearningRateMonitor" in line]
+    assert lines == ["cifar-cli: --trainer.callbacks lists LearningRateMonitor twice: the later one's settings "
+                     "replace the earlier's"]  # fmt: skip
+    (run,) = Path("runs").glob("version_*")
+    listed = yaml.safe_load((run / "config.yaml").read_text())["trainer"]["callbacks"]
+    assert [c["init_args"] for c in listed if c["class_path"].endswith(".LearningRateMonitor")] == [
+        {"logging_interval": None, "log_momentum": False, "log_weight_decay": False}
+    ]
+    with open(run / "metrics.csv") as file:
+        steps = [row["step"] for row in csv.DictReader(file) if any(row[k] for k in row if k.startswith("lr-"))]
+    assert steps == ["0", "1", "2"]
 
 
 def test_learning_rate_monitor_stays_where_the_trainer_has_a_logger(capsys) -> None:
