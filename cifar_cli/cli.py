@@ -1131,9 +1131,20 @@ class CifarCLI(LightningCLI):
             epoch = progress.get("current", {}).get("processed", self.checkpoint.get("epoch") or 0)
             swa = (self.checkpoint.get("callbacks") or {}).get("StochasticWeightAveraging")
             averaged = swa.get("latest_update_epoch", -1) if isinstance(swa, dict) else -1  # -1: not yet
+            trainer = config["trainer"]
             if averaged >= 0 and epoch == averaged + 2:
                 epoch -= 1  # the epoch after SWA's last average is its BatchNorm pass, no epoch of training
-            trainer = config["trainer"]
+                limit, steps = trainer.get("max_epochs"), trainer.get("max_steps")
+                steps_left = steps is None or steps < 0 or steps > step
+                if steps_left and (limit is None or limit < 0 or limit > epoch):
+                    # Lightning's SWA counts that pass as an epoch and ends it with the average in the module, the
+                    # trained weights gone: a restart with more epochs trained none and ran the pass again.
+                    raise UsageError(
+                        f"--ckpt_path {ckpt_path} was saved after StochasticWeightAveraging's BatchNorm pass, which "
+                        f"replaced the trained weights with their average: no more epochs can train from it; resume "
+                        f"from a checkpoint of epoch {epoch} or before, or start a new run from it with "
+                        f"--model.init_from {ckpt_path}"
+                    )
             label = epoch_label(epoch, trainer.get("max_epochs"))
             # A run that ended, restarted by the same command (a requeued job): the limit it reached, if any.
             for unit, done in (("step", step), ("epoch", epoch)):

@@ -284,3 +284,24 @@ def test_a_finished_swa_run_restarted_trains_nothing_and_keeps_its_files(fake_ci
     assert "after its last epoch (2/2): nothing is left to train" in capsys.readouterr().err
     assert (last.read_bytes(), metrics.read_text()) == before
     assert swa_state(last)["n_averaged"] == 2
+
+
+def test_a_finished_swa_run_given_more_epochs_is_refused(fake_cifar10: Path, capsys) -> None:
+    """A finished run's last.ckpt holds SWA's average, BatchNorm statistics recomputed, in place of the trained
+    weights, and Lightning counts the BatchNorm pass as an epoch: raised from 2 to 3 epochs, the restart trained
+    nothing, ran the pass again and ended with "3 epochs and SWA BatchNorm pass". Refused in one line, before the
+    run folder is touched; a checkpoint from before the pass trains on."""
+    args = ["fit", *cifar(fake_cifar10), "--model.net", "FastNet", "--model.net.widths", "[8, 16, 16]",
+            "--trainer.enable_progress_bar", "false", "--trainer.callbacks+=StochasticWeightAveraging",
+            "--trainer.callbacks.swa_lrs", "0.01", "--model.lr_schedule", "null", *CSV_LOGGER]  # fmt: skip
+    main([*args, "--trainer.max_epochs", "2"])
+    (last,) = Path("runs").glob("**/checkpoints/last.ckpt")
+    (metrics,) = Path("runs").glob("**/metrics.csv")
+    before = last.read_bytes(), metrics.read_text()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        main([*args, "--trainer.max_epochs", "3", "--ckpt_path", "last"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"cifar-cli: error: --ckpt_path {last} was saved after StochasticWeightAveraging's ")
+    assert (last.read_bytes(), metrics.read_text()) == before
