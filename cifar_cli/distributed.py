@@ -13,6 +13,7 @@ record says that it lost contact.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import io
 import os
 import signal
@@ -28,6 +29,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import StochasticWeightAveraging
 from lightning.pytorch.strategies.launchers import subprocess_script
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.trainer.call import _interrupt
@@ -36,7 +38,7 @@ from torch.multiprocessing.spawn import ProcessException, ProcessExitedException
 
 from cifar_cli.entry import StoppedBeforeStart, hand_signals_to_lightning
 from cifar_cli.errors import causes, debugging
-from cifar_cli.terminal import IGNORED_FOR_THIS_RUN, silence_noise
+from cifar_cli.terminal import IGNORED_FOR_THIS_RUN, silence_noise, true_stop_line
 
 # Store key of the first failure: "rank leader message", where leader is the global rank of local rank 0 on the
 # failing rank's node.
@@ -150,7 +152,10 @@ class _StateCarryingLauncher(_MultiProcessingLauncher):
 
         def run(*args: Any, **kwargs: Any) -> Any:
             try:
-                return function(*args, **kwargs)
+                # Lightning's stop line is logged here, by rank 0: the filter the spawning process set is not in
+                # this interpreter.
+                with true_stop_line(trainer) if trainer is not None else contextlib.nullcontext():
+                    return function(*args, **kwargs)
             except SIGTERMException as stop:
                 # What Lightning does with it around `trainer.fit` in the process that calls it, here the
                 # spawning one: Preemption's on_exception saves last.ckpt, says how to resume and sets the code.
@@ -164,7 +169,8 @@ class _StateCarryingLauncher(_MultiProcessingLauncher):
 
     def get_extra_results(self, trainer: Trainer) -> dict[str, Any]:
         state = {"fit_loop": trainer.fit_loop.state_dict(), "checkpoints": [c.state_dict() for c in
-                 trainer.checkpoint_callbacks]}  # fmt: skip
+                 trainer.checkpoint_callbacks], "swa": [_swa_pass(c) for c in trainer.callbacks
+                 if isinstance(c, StochasticWeightAveraging)]}  # fmt: skip
         buffer = io.BytesIO()
         torch.save(state, buffer)  # as bytes, as Lightning sends the metrics: tensors would share memory
         return {**super().get_extra_results(trainer), "cifar_cli_state": buffer.getvalue(),
@@ -176,11 +182,20 @@ class _StateCarryingLauncher(_MultiProcessingLauncher):
             raise SystemExit(extra["cifar_cli_stopped"])  # rank 0 has said how to resume
         state = torch.load(io.BytesIO(extra["cifar_cli_state"]), weights_only=True)
         trainer.fit_loop.load_state_dict(state["fit_loop"])
+        # What SWA learns as training starts (whether it adds a BatchNorm pass, after how many epochs): the summary
+        # counted the pass as an epoch ("2 epochs" for a run of 1).
+        swa = [c for c in trainer.callbacks if isinstance(c, StochasticWeightAveraging)]
+        for callback, (batch_norm, epochs) in zip(swa, state.get("swa", [])):
+            callback._model_contains_batch_norm, callback._max_epochs = batch_norm, epochs  # private (Lightning 2.6)
         for callback, saved in zip(trainer.checkpoint_callbacks, state["checkpoints"]):
             # The folder rank 0 resolved at set-up, which this process never ran: load_state_dict keeps the best
             # score and the last checkpoint only where the folders agree.
             callback.dirpath = saved["dirpath"]
             callback.load_state_dict(saved)
+
+
+def _swa_pass(callback: StochasticWeightAveraging) -> tuple[bool, int | None]:
+    return bool(getattr(callback, "_model_contains_batch_norm", False)), getattr(callback, "_max_epochs", None)
 
 
 def exit_if_rank_failed(err: BaseException, usage: str | None) -> None:

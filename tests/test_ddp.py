@@ -351,6 +351,23 @@ def test_ddp_spawn_summary_has_the_ranks_epochs_steps_and_best_score(images: Pat
 
 
 @pytest.mark.slow
+def test_ddp_spawn_says_how_an_swa_run_ended(images: Path, tmp_path: Path) -> None:
+    """Under ddp_spawn rank 0 logs Lightning's stop line in a process of its own, without the filter that makes it
+    true, and SWA's BatchNorm pass is set up there alone: a run of 1 epoch read "`max_epochs=2` reached" and
+    "cifar-cli fit: 2 epochs"."""
+    args = [*BASE, *ONE_NODE, "--trainer.strategy", "ddp_spawn", "--data.root", str(images),
+            "--trainer.max_epochs", "1", "--model.net", "FastNet", "--model.net.widths", "[8, 16, 16]",
+            "--model.lr_schedule", "null", "--trainer.callbacks+=StochasticWeightAveraging",
+            "--trainer.callbacks.swa_lrs", "0.01"]  # fmt: skip
+    code, stdout, stderr = finish_with_output(start(args, tmp_path, ddp_env(free_port())))
+    assert code == 0, stderr[-2000:]
+    output = stdout + stderr
+    assert "`Trainer.fit` stopped: `max_epochs=1` reached, then StochasticWeightAveraging's BatchNorm pass." in output
+    assert "max_epochs=2" not in output
+    assert "cifar-cli fit: 1 epoch and SWA BatchNorm pass, step 10" in stdout, stdout[-2000:]
+
+
+@pytest.mark.slow
 def test_sigterm_to_the_spawning_process_stops_the_ranks_as_under_ddp(images: Path, tmp_path: Path) -> None:
     """Under ddp_spawn a SIGTERM (a scheduler's, `kill`) reaches the process that spawned the ranks: it died at once
     with 143 and no word, and the ranks trained on, orphaned. It goes on to the ranks now, which stop at the same
