@@ -702,14 +702,24 @@ class Preemption(Callback):
         if not isinstance(exception, SIGTERMException):
             return
         signum = self.signal or signal.SIGTERM  # on another rank than the one signalled: report it as a SIGTERM
+        # A SystemExit's code is the process's exit status.
+        exception.code = 128 + signum
+        if trainer.state.fn != TrainerFn.FITTING:
+            # validate, test, predict (Lightning's handler stops them at a batch end): nothing to resume, and a
+            # last.ckpt in their run folder would be the newest, for the next `fit --ckpt_path last` to take.
+            if trainer.is_global_zero:
+                stage = {TrainerFn.VALIDATING: "validation", TrainerFn.TESTING: "testing"}.get(
+                    trainer.state.fn, "prediction"
+                )
+                print(f"cifar-cli: stopped by {signal.Signals(signum).name} during {stage}: no results were written",
+                      file=sys.stderr, flush=True)  # fmt: skip
+            return
         last = next((c for c in trainer.checkpoint_callbacks if isinstance(c, LastCheckpoint)), None)
         if last is not None:
             path = last.save(trainer)
         else:
             path = os.path.join(run_dir(trainer), "checkpoints", "last.ckpt")
             trainer.save_checkpoint(path)
-        # A SystemExit's code is the process's exit status.
-        exception.code = 128 + signum
         if trainer.is_global_zero:
             config = os.path.join(run_dir(trainer), "config.yaml")
             command = f"cifar-cli fit --config {config}" if os.path.isfile(config) else "cifar-cli fit ..."

@@ -281,6 +281,25 @@ def test_ctrl_c_while_the_command_imports_ends_in_one_line(monkeypatch: pytest.M
     assert capfd.readouterr().err == "cifar-cli: interrupted by Ctrl-C\n"
 
 
+def test_sigterm_during_validate_says_so_and_saves_no_checkpoint(fake_cifar10: Path, capfd) -> None:
+    """A SIGTERM in `validate` (or `test`) saved a last.ckpt in the command's own run folder and printed "stopped by
+    SIGTERM in epoch 1/1, step 0; resume with: cifar-cli fit ...": a fit to resume that never ran, and the newest
+    last.ckpt, which the next `fit --ckpt_path last` would take."""
+    sys.path.insert(0, str(REPO / "tests"))
+    main(["fit", *cifar(fake_cifar10), *CSV_LOGGER, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2",
+          "--trainer.enable_progress_bar", "false"])  # fmt: skip
+    (trained,) = Path("runs").glob("**/checkpoints/last.ckpt")
+    capfd.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        main(["validate", *cifar(fake_cifar10), *CSV_LOGGER, "--ckpt_path", str(trained),
+              "--trainer.callbacks+=faults.SignalAt", "--trainer.callbacks.in_validation", "true",
+              "--trainer.callbacks.batch", "1", "--data.batch_size", "8"])  # fmt: skip
+    assert stop.value.code == 143
+    lines = capfd.readouterr().err.strip().splitlines()
+    assert lines[-1] == "cifar-cli: stopped by SIGTERM during validation: no results were written"
+    assert list(Path("runs").glob("**/checkpoints/last.ckpt")) == [trained]
+
+
 # Runs cifar-cli's own entry point (`cifar-cli ARGS`) and sends this process the signal SIG at one moment of its
 # start-up, STAGE: as the command imports its modules, or as the trainer restores its state, the last thing before
 # Lightning installs its signal handlers.
