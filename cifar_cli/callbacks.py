@@ -697,6 +697,11 @@ class Preemption(Callback):
         self._vote = None  # never waited for: another rank may be gone
         self._restore()
         if isinstance(exception, StoppedBeforeStart):
+            launcher = trainer.strategy.launcher
+            if launcher is not None and hasattr(launcher, "procs"):
+                # The ranks this process started (Lightning's DDP launcher), which would wait for it: the same stop,
+                # as Lightning's own SIGTERM handler passes the signal on.
+                launcher.kill(exception.signum)
             remove_unstarted_run(trainer, self.created)
             return
         if not isinstance(exception, SIGTERMException):

@@ -1834,7 +1834,8 @@ def main(args: ArgsType = None) -> None:
         finish_wandb_run(0)
     except StoppedBeforeStart as stop:
         # Preemption has removed the run folder the start made; its W&B run logged nothing worth a `wandb sync`.
-        print(stop.line(argv or []), file=sys.stderr, flush=True)
+        if local_rank_zero():  # a DDP run's other ranks, which their launcher stopped alike, say it once
+            print(stop.line(argv or []), file=sys.stderr, flush=True)
         finish_wandb_run(128 + stop.signum)
         raise SystemExit(128 + stop.signum) from None
     except SystemExit as stop:
