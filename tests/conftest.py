@@ -127,10 +127,12 @@ def offline_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("WANDB_QUIET", "true")  # (what the CLI sets by default; a test that asks removes it)
     monkeypatch.delenv("JSONARGPARSE_DEBUG", raising=False)
     # Python's own signal handlers, as a `cifar-cli` process starts with: a handler an earlier test's run left
-    # installed in this worker (the clean stop's, Lightning's) would change what Ctrl-C and SIGTERM do here.
+    # installed in this worker (the clean stop's, Lightning's, the start-up's) would change what Ctrl-C and SIGTERM do
+    # here.
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGUSR1, signal.SIG_DFL)  # (a test that calls cifar_cli.entry.run sets SIGTERM's too)
     yield
     # A command that fails leaves its W&B run to end at process exit (W&B records the exit code); tests share one
     # process, and some log to W&B without the CLI. The W&B service resolves relative run folders against its own
