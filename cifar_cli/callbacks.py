@@ -577,13 +577,18 @@ def lightning_takes_signals() -> None:
 START_FILES = ("config.yaml", "hparams.yaml", "metrics.csv")
 
 
+# Set where a command stopped before it began (remove_unstarted_run); cleared as a command starts (cli.main).
+UNSTARTED_RUN: list[bool] = []
+
+
 def remove_unstarted_run(trainer: Trainer, since: float) -> None:
-    """Remove the run folder of a command stopped before it began (StoppedBeforeStart), where this command made it
-    and it holds only what the start wrote: a folder that looked like a run, with a config.yaml and no checkpoint.
-    Never the shared folder of a run without a logger, nor a folder with anything older than `since` (the command's
-    start) or another file in it (a resumed run's)."""
+    """Remove the run folder of a command stopped before it began (StoppedBeforeStart, or a Ctrl-C then), where this
+    command made it and it holds only what the start wrote: a folder that looked like a run, with a config.yaml and
+    no checkpoint. Never the shared folder of a run without a logger, nor a folder with anything older than `since`
+    (the command's start, less 2 s for file systems with a coarse clock) or another file in it (a resumed run's)."""
     if not trainer.loggers or not trainer.is_global_zero:
         return
+    UNSTARTED_RUN.append(True)  # its W&B run logged nothing either: no `wandb sync` line for it
     folder = run_dir(trainer)
     try:
         entries = list(os.scandir(folder))
@@ -592,7 +597,7 @@ def remove_unstarted_run(trainer: Trainer, since: float) -> None:
     if any(
         not e.is_file(follow_symlinks=False) or e.name not in START_FILES or e.stat().st_mtime < since - 2
         for e in entries
-    ):  # fmt: skip  (2 s: file systems with a coarse clock)
+    ):
         return
     for entry in entries:
         with contextlib.suppress(FileNotFoundError):
@@ -624,11 +629,13 @@ class Preemption(Callback):
     def __init__(self) -> None:
         self.signal: int | None = None
         self.created = time.time()  # as the trainer is built: before the run's folder
+        self.training = False  # whether training has begun
         self._previous: dict[int, Any] = {}
         self._vote: _StopVote | None = None  # under DDP: the all-reduce started at the last batch end
         self._side: torch.cuda.Stream | None = None  # on a GPU: the stream that reads the votes
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.training = True
         # Installed here, after Lightning has installed its own SIGTERM handler, which this one replaces for the
         # training (Lightning's would also stop validations halfway). Both are restored when training ends.
         if threading.current_thread() is not threading.main_thread():
@@ -703,6 +710,9 @@ class Preemption(Callback):
                 # as Lightning's own SIGTERM handler passes the signal on.
                 launcher.kill(exception.signum)
             remove_unstarted_run(trainer, self.created)
+            return
+        if isinstance(exception, KeyboardInterrupt) and trainer.state.fn == TrainerFn.FITTING and not self.training:
+            remove_unstarted_run(trainer, self.created)  # a Ctrl-C before training began: as a SIGTERM then
             return
         if not isinstance(exception, SIGTERMException):
             return

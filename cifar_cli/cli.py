@@ -42,6 +42,7 @@ from torch import nn
 from cifar_cli import hooks
 from cifar_cli.atomic import AtomicCheckpointIO, atomic_csv_logs, atomic_write_text
 from cifar_cli.callbacks import (
+    UNSTARTED_RUN,
     FitTimer,
     LastCheckpoint,
     PredictionWriter,
@@ -1782,6 +1783,7 @@ def main(args: ArgsType = None) -> None:
     """Entry point of `cifar-cli` and `python -m cifar_cli`. Bad input ends in one line on stderr and exit code 2."""
     hooks.install()  # callback hooks called only where implemented (see cifar_cli.hooks)
     lightning_takes_signals()  # from the start-up's stop on SIGTERM and SIGUSR1 (cifar_cli.entry)
+    UNSTARTED_RUN.clear()
     hooks.plain_cuda_check_without_gpu()
     silence_noise()
     # The summary at the end of a run gives the metrics and, offline, the `wandb sync` command; W&B's own closing
@@ -1841,7 +1843,7 @@ def main(args: ArgsType = None) -> None:
     except SystemExit as stop:
         code = stop.code if isinstance(stop.code, int) else 1
         wandb = sys.modules.get("wandb")
-        if code in (128 + signal.SIGTERM, 128 + signal.SIGINT) and wandb is not None:
+        if code in (128 + signal.SIGTERM, 128 + signal.SIGINT) and wandb is not None and not UNSTARTED_RUN:
             # What a stopped offline run logged is kept, and W&B's closing lines that name it are off (WANDB_QUIET):
             # without this line only the run's resumption would have said how to upload it.
             if (line := sync_line(wandb.run)) is not None:

@@ -281,6 +281,24 @@ def test_ctrl_c_while_the_command_imports_ends_in_one_line(monkeypatch: pytest.M
     assert capfd.readouterr().err == "cifar-cli: interrupted by Ctrl-C\n"
 
 
+def test_ctrl_c_as_the_trainer_starts_leaves_no_run_folder(fake_cifar10: Path, monkeypatch, capfd) -> None:
+    """A Ctrl-C after the run folder and its config.yaml were written, before training began, left them: a run
+    folder with nothing trained, and the W&B run's `wandb sync` line. Removed, as after a SIGTERM then."""
+    from lightning.pytorch.trainer.connectors.checkpoint_connector import _CheckpointConnector
+
+    def ctrl_c(self: object) -> None:
+        assert list(Path("runs").glob("**/config.yaml"))  # written by now
+        os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(_CheckpointConnector, "restore_training_state", ctrl_c)
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", *cifar(fake_cifar10), "--trainer.logger", "WandbLogger", "--trainer.logger.save_dir", "runs",
+              "--trainer.logger.offline", "true"])  # fmt: skip
+    assert stop.value.code == 130
+    assert capfd.readouterr().err.strip().splitlines()[-1] == "cifar-cli: interrupted by Ctrl-C"
+    assert not [p for p in Path("runs").rglob("*") if p.is_file() and "wandb" not in p.parts]
+
+
 def test_sigterm_during_validate_says_so_and_saves_no_checkpoint(fake_cifar10: Path, capfd) -> None:
     """A SIGTERM in `validate` (or `test`) saved a last.ckpt in the command's own run folder and printed "stopped by
     SIGTERM in epoch 1/1, step 0; resume with: cifar-cli fit ...": a fit to resume that never ran, and the newest
