@@ -1056,6 +1056,30 @@ def test_seed_everything_true_draws_a_seed_said_and_recorded(image_folder: Path,
     assert seeds[0] != seeds[1] and all(isinstance(seed, int) and 0 <= seed < 2**32 for seed in seeds), seeds
 
 
+def test_an_evaluation_cut_short_sees_the_same_images_whatever_the_seed(image_folder: Path) -> None:
+    """With `--trainer.limit_val_batches` (configs/debug.yaml), `validate --ckpt_path` reproduces the run's own
+    validation, and `test` gives the same numbers, whatever `--seed_everything` the command has: the images an
+    evaluation cut short sees are the data's, not the seed's. Before, their order followed the command's seed, so
+    `validate` (seed 42 by default) scored other images than the seed-7 run had, and runs of other seeds were
+    compared on other images."""
+    data = ["--data", "ImageFolderDataModule", "--data.root", str(image_folder), "--data.val_size", "30",
+            "--data.batch_size", "8", "--trainer.limit_val_batches", "1",
+            "--trainer.limit_test_batches", "1"]  # fmt: skip
+    main(["fit", *data, *CSV_LOGGER, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2",
+          "--seed_everything", "7"])  # fmt: skip
+    (ckpt,) = checkpoints()
+    fitted = values(metrics_rows("runs"), "val_loss")
+    scores = {}
+    for seed in ("42", "8"):
+        for stage in ("validate", "test"):
+            save_dir = f"{stage}-{seed}"
+            main([stage, "--ckpt_path", str(ckpt), *data, "--trainer.logger", "CSVLogger", "--trainer.logger.save_dir",
+                  save_dir, "--seed_everything", seed])  # fmt: skip
+            scores[stage, seed] = values(metrics_rows(save_dir), "test_loss" if stage == "test" else "val_loss")
+    assert scores["validate", "42"] == scores["validate", "8"] == fitted
+    assert scores["test", "42"] == scores["test", "8"]
+
+
 def test_precision_flag_overrides_the_choice(fake_cifar10: Path, caplog, monkeypatch) -> None:
     monkeypatch.setattr(precision, "cpu_bf16", lambda: "AMX")
     with caplog.at_level(logging.INFO):

@@ -408,8 +408,10 @@ class ImageDataModule(LightningDataModule):
             scramble=split in ("val", "test"),  # predict keeps the split's order: predictions.csv lists it so
             num_replicas=trainer.world_size if trainer is not None else 1,
             rank=trainer.global_rank if trainer is not None else 0,
-            # Lightning's own seed variable, as its DistributedSampler uses: --seed_everything sets the order too.
-            seed=run_seed(),
+            # Training: Lightning's own seed variable, as its DistributedSampler uses, so --seed_everything sets the
+            # order too. Evaluation: the split's seed, so that one cut short (--trainer.limit_val_batches) sees the
+            # same images in every run and command, whatever their seed (`validate --ckpt_path` scores the run's).
+            seed=run_seed() if train else self.split_seed,
             with_index=not train,  # evaluation and predict name each image (cifar_cli.dashboard, PredictionWriter)
             augment=self.augment_batch if train and self.augment else None,
             device=None if on_device else device,  # host or disk: each batch is sent to the device ahead
