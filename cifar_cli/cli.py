@@ -545,6 +545,17 @@ class CifarCLI(LightningCLI):
         only = getattr(self, "_only_subcommand", None)
         return {only: every[only]} if only else every
 
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        # LightningCLI's header names Lightning's version alone; a run repeats bit for bit only with the same torch
+        # (README, Where runs go), so config.yaml and --print_config name torch's and torchvision's too.
+        import lightning.pytorch
+        import torchvision  # (imported by the data modules already)
+
+        versions = {"lightning.pytorch": lightning.pytorch.__version__, "torch": torch.__version__}
+        versions["torchvision"] = torchvision.__version__  # with the build (`+cu130`), as torch's
+        kwargs.setdefault("dump_header", [f"{name}=={v}" for name, v in versions.items()])
+        return super().init_parser(**kwargs)
+
     def setup_parser(self, add_subcommands: bool, main_kwargs: dict, subparser_kwargs: dict) -> None:
         super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
         self.parser.description = (

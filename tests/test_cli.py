@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision
 import yaml
 from conftest import write_image_folder
 from wandb_offline import read_run
@@ -1053,6 +1054,9 @@ def test_a_runs_config_yaml_trains_the_same_weights_again(image_folder: Path, tm
           "--trainer.max_epochs", "2", "--trainer.limit_train_batches", "2", *CSV_LOGGER])  # fmt: skip
     first = Path("runs/version_0")
     seed = yaml.safe_load((first / "config.yaml").read_text())["seed_everything"]
+    # The versions the arithmetic depends on, beside the config that repeats the run.
+    header = [line for line in (first / "config.yaml").read_text().splitlines() if line.startswith("# ")]
+    assert {f"# torch=={torch.__version__}", f"# torchvision=={torchvision.__version__}"} <= set(header), header
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "another-cache"))
     main(["fit", "--config", str(first / "config.yaml"), "--data.placement", "disk", "--data.decode_workers", "1"])
     main(["fit", "--config", str(first / "config.yaml"), "--seed_everything", str(seed + 1)])
