@@ -1043,8 +1043,10 @@ def test_precision_is_chosen_once_said_in_one_line_and_recorded(fake_cifar10: Pa
 def test_a_runs_config_yaml_trains_the_same_weights_again(image_folder: Path, tmp_path: Path, monkeypatch) -> None:
     """`fit --config runs/.../config.yaml` repeats the run bit for bit: stacked configs, flags, `--optimizer` and
     `--lr_scheduler`, and the seed `--seed_everything true` drew, all in the saved config as it is; whatever
-    `--data.placement` and `--data.decode_workers`, with the image cache built anew. Another seed trains others."""
-    folder = {"root": str(image_folder), "val_size": 30}
+    `--data.placement` and `--data.decode_workers`, with the image cache built anew or read. Another seed trains
+    other weights."""
+    monkeypatch.setattr("cifar_cli.data.images.PARALLEL_FROM", 1)  # the tiny folder decoded by a pool too
+    folder = {"root": str(image_folder), "val_size": 30, "decode_workers": 2}
     data = {"class_path": "cifar_cli.data.ImageFolderDataModule", "init_args": folder}
     (tmp_path / "data.yaml").write_text(yaml.safe_dump({"data": data}))
     (tmp_path / "recipe.yaml").write_text("model:\n  label_smoothing: 0.1\ndata:\n  init_args: {augment: true}\n")
@@ -1052,14 +1054,15 @@ def test_a_runs_config_yaml_trains_the_same_weights_again(image_folder: Path, tm
           "--optimizer", "SGD", "--optimizer.lr", "0.05", "--optimizer.momentum", "0.9",
           "--lr_scheduler", "StepLR", "--lr_scheduler.step_size", "1", "--seed_everything", "true",
           "--trainer.max_epochs", "2", "--trainer.limit_train_batches", "2", *CSV_LOGGER])  # fmt: skip
-    first = Path("runs/version_0")
-    seed = yaml.safe_load((first / "config.yaml").read_text())["seed_everything"]
+    saved = Path("runs/version_0/config.yaml")
+    seed = yaml.safe_load(saved.read_text())["seed_everything"]
     # The versions the arithmetic depends on, beside the config that repeats the run.
-    header = [line for line in (first / "config.yaml").read_text().splitlines() if line.startswith("# ")]
+    header = [line for line in saved.read_text().splitlines() if line.startswith("# ")]
     assert {f"# torch=={torch.__version__}", f"# torchvision=={torchvision.__version__}"} <= set(header), header
+    main(["fit", "--config", str(saved)])  # the cache the run built, read
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "another-cache"))
-    main(["fit", "--config", str(first / "config.yaml"), "--data.placement", "disk", "--data.decode_workers", "1"])
-    main(["fit", "--config", str(first / "config.yaml"), "--seed_everything", str(seed + 1)])
+    main(["fit", "--config", str(saved), "--data.placement", "disk", "--data.decode_workers", "1"])
+    main(["fit", "--config", str(saved), "--seed_everything", str(seed + 1)])
 
     def weights(run: str) -> dict[str, torch.Tensor]:
         return torch.load(Path("runs", run, "checkpoints", "last.ckpt"), weights_only=True)["state_dict"]
@@ -1067,11 +1070,13 @@ def test_a_runs_config_yaml_trains_the_same_weights_again(image_folder: Path, tm
     def metrics(run: str) -> list[dict[str, str]]:
         return [{k: v for k, v in row.items() if k != "fit_time"} for row in metrics_rows(f"runs/{run}")]
 
-    again, other = weights("version_1"), weights("version_2")
-    assert weights("version_0").keys() == again.keys()
-    assert all(torch.equal(tensor, again[name]) for name, tensor in weights("version_0").items())
-    assert metrics("version_0") == metrics("version_1")
-    assert not torch.equal(again["net.conv1.weight"], other["net.conv1.weight"])
+    first = weights("version_0")
+    for run in ("version_1", "version_2"):
+        again = weights(run)
+        assert first.keys() == again.keys()
+        assert all(torch.equal(tensor, again[name]) for name, tensor in first.items()), run
+        assert metrics("version_0") == metrics(run)
+    assert not torch.equal(first["net.conv1.weight"], weights("version_3")["net.conv1.weight"])
 
 
 def test_seed_everything_true_draws_a_seed_said_and_recorded(image_folder: Path, caplog) -> None:
