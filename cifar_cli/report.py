@@ -77,6 +77,9 @@ def read_metrics(path: Path) -> Rows:
             # A run's own folder: the run is in its first steps, or stopped within them (the hint said to pass the
             # folder of a run, which this is).
             hint = "the run has logged nothing yet (it is in its first steps, or stopped within them)"
+        if (path.parent / "predictions.csv").is_file():
+            # `predict` writes a run folder of its own, with no metrics.csv ever: not a run in its first steps.
+            hint = "it is the folder of a `predict`, which logs no metrics: its output is predictions.csv"
         with contextlib.suppress(OSError, UnicodeDecodeError, yaml.YAMLError, LookupError, TypeError, AttributeError):
             # The folder of a run with `--trainer.logger false` (default_root_dir): its config.yaml, no metrics.
             if yaml.safe_load(config.read_text())["trainer"].get("logger") is False:

@@ -298,6 +298,19 @@ def test_folder_of_a_run_without_a_logger(tmp_path: Path) -> None:
         write_report(tmp_path)
 
 
+def test_folder_of_a_predict_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`predict` writes its own run folder (config.yaml, predictions.csv) and logs no metrics: the line said the run
+    had logged nothing yet, as if it were still in its first steps."""
+    (tmp_path / "config.yaml").write_text(RUN_CONFIG_MARK + "trainer:\n  logger: {class_path: WandbLogger}\n")
+    (tmp_path / "predictions.csv").write_text("image,predicted,confidence,label\nx/0000.jpg,cat,0.9000,\n")
+    line = cli_fails(capsys, str(tmp_path))
+    assert line == (
+        f"cifar-cli: error: {tmp_path}: no metrics.csv in this folder; it is the folder of a `predict`, which logs "
+        "no metrics: its output is predictions.csv"
+    )
+    assert not (tmp_path / "report").exists()
+
+
 def test_main(fit_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     main([str(fit_run)])
     lines = capsys.readouterr().out.splitlines()
