@@ -62,9 +62,14 @@ class _TrueStopLine(logging.Filter):
         self.trainer = trainer
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if not record.getMessage().startswith("`Trainer.fit` stopped: `max_epochs="):
+        message, trainer = record.getMessage(), self.trainer
+        if message.startswith("`Trainer.fit` stopped:") and isinstance(trainer.progress_bar_callback, EpochLines):
+            # Lightning says it as it checks whether to start another epoch, after the last one's metrics are
+            # computed but before `on_train_end`, where that epoch's line would come: the log read "stopped", then
+            # one more epoch.
+            trainer.progress_bar_callback.print_pending(trainer, trainer.lightning_module)
+        if not message.startswith("`Trainer.fit` stopped: `max_epochs="):
             return True
-        trainer = self.trainer
         asked = swa_batchnorm_pass(trainer)
         if asked is not None:  # its pass counts one batch more than it trains: it is never cut short
             record.msg = f"`Trainer.fit` stopped: `max_epochs={asked}` reached, then StochasticWeightAveraging's "
@@ -222,15 +227,15 @@ class EpochLines(ProgressBar):
             self._validated = True
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._print_pending(trainer, pl_module)
+        self.print_pending(trainer, pl_module)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._print_pending(trainer, pl_module)
+        self.print_pending(trainer, pl_module)
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        self._print_pending(trainer, pl_module)  # a stop by SIGTERM comes after the epoch's metrics are computed
+        self.print_pending(trainer, pl_module)  # a stop by SIGTERM comes after the epoch's metrics are computed
 
-    def _print_pending(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def print_pending(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._pending is None or not self._enabled:
             return
         epoch, elapsed, validated = self._pending

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import itertools
 import json
+import logging
 import re
 import types
 from pathlib import Path
@@ -119,6 +120,25 @@ def test_epoch_lines_show_validation_metrics_only_for_epochs_that_validated(imag
     names = [re.findall(r"  ([a-z_]+) \d+\.\d{4}", line) for line in epochs]
     assert names == [["train_loss", "train_acc"], ["train_loss", "train_acc", "val_loss", "val_acc"],
                      ["train_loss", "train_acc"]]  # fmt: skip
+
+
+def test_the_last_epoch_s_line_comes_before_lightning_s_stop_line(image_folder: Path, capfd) -> None:
+    """A log read "epoch 1/2 ...", "`Trainer.fit` stopped: `max_epochs=2` reached.", then "epoch 2/2 ...": the
+    stop line came before the line of the epoch that it ended on."""
+    said = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    handler = logging.Handler()
+    handler.emit = lambda record: print(record.getMessage(), flush=True)  # in the order of the epoch lines
+    said.addHandler(handler)
+    try:
+        main([*FIT, "--data.root", str(image_folder), "--trainer.logger", "CSVLogger"])
+    finally:
+        said.removeHandler(handler)
+    lines = [line for line in capfd.readouterr().out.splitlines() if line.startswith(("epoch ", "`Trainer.fit`"))]
+    assert [line.split("  ")[0] for line in lines] == [
+        "epoch 1/2",
+        "epoch 2/2",
+        "`Trainer.fit` stopped: `max_epochs=2` reached.",
+    ]
 
 
 def test_swa_batchnorm_pass_is_named_and_the_epochs_count_as_given(image_folder: Path, capfd, caplog) -> None:
