@@ -521,6 +521,16 @@ class RunConfigSaver(SaveConfigCallback):
         }
 
 
+CKPT_PATH_HELP = {
+    "fit": "A checkpoint written by `cifar-cli fit`, whose run goes on from it, or `last`: the newest run's last.ckpt "
+    "under the logger's folder (runs/), a new run where there is none. Its settings are the defaults; flags and "
+    "configs given beside it override them. `~` is the home folder.",
+    "evaluate": "The checkpoint to use, written by `cifar-cli fit`, or `last`: the newest run's last.ckpt under the "
+    "logger's folder (runs/). Its settings are the defaults, so no other flag is needed; flags and configs given "
+    "beside it override them. `~` is the home folder.",
+}
+
+
 class CifarCLI(LightningCLI):
     """The command line: data modules by class path, the model's net and sizes linked from the data."""
 
@@ -562,6 +572,12 @@ class CifarCLI(LightningCLI):
             "Train and evaluate image classifiers: the subcommands below, and `cifar-cli report RUN_DIR`, which "
             "plots a finished run from its folder (see `cifar-cli report --help`)."
         )
+        # Lightning's help of --ckpt_path, from its Trainer methods' docstrings, offers "best", "hpc" and
+        # "registry", which cifar-cli refuses in a new process, and reads `last` as the previous fit's in the same one.
+        for subcommand, parser in getattr(self, "_subcommand_parsers", {}).items():
+            for action in parser._actions:
+                if action.dest == "ckpt_path":
+                    action.help = CKPT_PATH_HELP["fit" if subcommand == "fit" else "evaluate"]
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # `last.ckpt`, kept current for `fit --ckpt_path last`: `--last_checkpoint.every_n_minutes 10` (default),

@@ -716,6 +716,19 @@ def test_help_lists_every_subcommand_and_a_top_level_config_reaches_the_subcomma
     assert [p.name for p in checkpoints()] == ["epoch=0-step=2.ckpt"]
 
 
+@pytest.mark.parametrize("subcommand", ["fit", "validate", "test", "predict"])
+def test_help_of_ckpt_path_says_what_cifar_cli_takes(subcommand: str, capsys) -> None:
+    """`--help` gave Lightning's text for --ckpt_path: the keywords "best", "hpc" and "registry", which cifar-cli
+    refuses, and `last` as "the previous trainer.fit call's", where it is the newest run's last.ckpt."""
+    with pytest.raises(SystemExit) as exit_info:
+        main([subcommand, "--help"])
+    assert exit_info.value.code == 0
+    helped = capsys.readouterr().out
+    text = " ".join(helped[helped.index("  --ckpt_path CKPT_PATH") :].split("\n  --")[0].split())
+    assert "hpc" not in text and "registry" not in text and "best" not in text and "trainer.fit" not in text, text
+    assert "written by `cifar-cli fit`" in text and "`last`: the newest run's last.ckpt" in text, text
+
+
 def test_help_of_a_class_inside_the_data_module_names_its_flags_whole(image_folder: Path, capsys) -> None:
     """`--data.augment.help PhotoAugment` listed `--augment.erasing` and the like, which the command line refuses:
     the flags it lists are the ones that set the augmentation."""
