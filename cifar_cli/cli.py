@@ -521,6 +521,14 @@ class RunConfigSaver(SaveConfigCallback):
         }
 
 
+def whole_sentences(text: str | None) -> str | None:
+    """`text` up to its last full stop: Lightning describes each subcommand by its Trainer method's docstring cut at
+    the first line break, which for `test` and `predict` is mid-sentence ("... Useful to")."""
+    if not text or text.rstrip().endswith(".") or "." not in text:
+        return text
+    return text[: text.rindex(".") + 1]
+
+
 CKPT_PATH_HELP = {
     "fit": "A checkpoint written by `cifar-cli fit`, whose run goes on from it, or `last`: the newest run's last.ckpt "
     "under the logger's folder (runs/), a new run where there is none. Its settings are the defaults; flags and "
@@ -568,6 +576,9 @@ class CifarCLI(LightningCLI):
 
     def setup_parser(self, add_subcommands: bool, main_kwargs: dict, subparser_kwargs: dict) -> None:
         super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
+        if self.parser._subcommands_action is not None:
+            for choice in self.parser._subcommands_action._choices_actions:
+                choice.help = whole_sentences(choice.help)
         self.parser.description = (
             "Train and evaluate image classifiers: the subcommands below, and `cifar-cli report RUN_DIR`, which "
             "plots a finished run from its folder (see `cifar-cli report --help`)."
@@ -575,9 +586,13 @@ class CifarCLI(LightningCLI):
         # Lightning's help of --ckpt_path, from its Trainer methods' docstrings, offers "best", "hpc" and
         # "registry", which cifar-cli refuses in a new process, and reads `last` as the previous fit's in the same one.
         for subcommand, parser in getattr(self, "_subcommand_parsers", {}).items():
+            parser.description = whole_sentences(parser.description)
             for action in parser._actions:
                 if action.dest == "ckpt_path":
                     action.help = CKPT_PATH_HELP["fit" if subcommand == "fit" else "evaluate"]
+            for group in parser._action_groups:  # the method's flags, titled with its description (no full stop)
+                if any(a.dest == "ckpt_path" for a in group._group_actions) and group.title:
+                    group.title = whole_sentences(group.title).removesuffix(".")
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # `last.ckpt`, kept current for `fit --ckpt_path last`: `--last_checkpoint.every_n_minutes 10` (default),

@@ -716,6 +716,23 @@ def test_help_lists_every_subcommand_and_a_top_level_config_reaches_the_subcomma
     assert [p.name for p in checkpoints()] == ["epoch=0-step=2.ckpt"]
 
 
+def test_help_describes_each_subcommand_in_whole_sentences(capsys) -> None:
+    """Lightning takes each subcommand's description from its Trainer method's docstring, cut at the first line
+    break: `cifar-cli --help` read "... It's separated from fit to make sure you never run on your" for `test`, and
+    "... Useful to" for `predict`, as did their own `--help`."""
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    listed = " ".join(capsys.readouterr().out.split("Available subcommands:")[1].split())
+    assert "never run on your" not in listed and "Useful to" not in listed, listed
+    assert "test Perform one evaluation epoch over the test set." in listed, listed
+    for subcommand in ("test", "predict"):
+        with pytest.raises(SystemExit):
+            main([subcommand, "--help"])
+        helped = capsys.readouterr().out
+        assert helped.split("\n\n")[1].rstrip().endswith("."), helped
+        assert "never run on your" not in helped and "Useful to" not in helped, helped  # (the flags' group too)
+
+
 @pytest.mark.parametrize("subcommand", ["fit", "validate", "test", "predict"])
 def test_help_of_ckpt_path_says_what_cifar_cli_takes(subcommand: str, capsys) -> None:
     """`--help` gave Lightning's text for --ckpt_path: the keywords "best", "hpc" and "registry", which cifar-cli
