@@ -94,6 +94,7 @@ from cifar_cli.folders import claim_version_folder, hold_run_folder, release_fol
 from cifar_cli.optimizer_flags import (
     check_built,
     config_that_sets,
+    drop_settled_copies,
     move_optimizer_flags,
     unsettled,
     without_settled_copies,
@@ -1009,6 +1010,8 @@ class CifarCLI(LightningCLI):
             self._parse_arguments(parser, args)
             raise
         self._restore_given_save_dir()
+        if (getattr(self.parser, "print_config", None) or {}).get("skip_default"):
+            drop_settled_copies(self.config[subcommand].get("model"))
         print_if_requested(self.parser, self.config)
 
     def _move_optimizer_flags(self, subcommand: str) -> dict[str, str]:

@@ -107,6 +107,21 @@ def without_settled_copies(config: Any) -> bool:
     return removed
 
 
+def drop_settled_copies(model: Any) -> None:
+    """Remove from a parsed `model` the optimizer's `lr` (`weight_decay`) where it is the copy `settle` wrote of the
+    model's `learning_rate` (`weight_decay`), for `--print_config=skip_default`: it leaves out the model's value where
+    it is the default, and the copy left alone would read as the optimizer's own, given in the file, which a
+    `--model.learning_rate` beside it then disagreed with. The model's value, printed where it is not the default,
+    is the one the file gives."""
+    options = model.get("optimizer") if isinstance(model, Namespace) else None
+    init = options.get("init_args") if isinstance(options, Namespace) else None
+    if not isinstance(init, Namespace):
+        return
+    for name, model_name in SETTLED.items():
+        if name in init and init[name] == model.get(model_name):
+            del init[name]
+
+
 def given_keys(given: Namespace | None, *keys: str) -> dict[str, Any] | None:
     """The values under `keys` (e.g. "optimizer", "init_args") of `given`, the command line parsed without defaults
     (what the user gave, in flags or configs); None where that is not known."""

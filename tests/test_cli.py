@@ -344,6 +344,28 @@ def test_printed_config_takes_a_new_learning_rate(capsys, tmp_path: Path) -> Non
     assert err.endswith("--model.optimizer.lr 0.2 and --model.learning_rate 0.05 disagree: give the learning rate once")
 
 
+def test_config_printed_without_defaults_takes_a_new_learning_rate(capsys, tmp_path: Path) -> None:
+    """`--print_config=skip_default` (which `cifar-cli --help` offers) left out the model's learning rate, equal to its
+    default, and kept the optimizer's copy of it: the file read as one that gives the optimizer's `lr`, and
+    `--config FILE --model.learning_rate 1e-3` was refused ("--model.optimizer.lr 0.0002 and --model.learning_rate
+    0.001 disagree"), as was `--model.weight_decay` beside the printed `--optimizer AdamW`."""
+    saved = tmp_path / "short.yaml"
+    for args, change, key, value in (
+        ([], ["--model.learning_rate", "1e-3"], "learning_rate", 1e-3),
+        (["--optimizer", "AdamW"], ["--model.weight_decay", "0.1"], "weight_decay", 0.1),
+        (["--optimizer", "SGD", "--optimizer.lr", "0.05"], ["--model.learning_rate", "0.1"], "learning_rate", 0.1),
+    ):
+        with pytest.raises(SystemExit):
+            main(["fit", *args, "--print_config=skip_default"])
+        saved.write_text(capsys.readouterr().out)
+        model = yaml.safe_load(print_config(capsys, "--config", str(saved)))["model"]
+        full = yaml.safe_load(print_config(capsys, *args))["model"]
+        assert model == full, args  # the file runs as the command it was printed from
+        model = yaml.safe_load(print_config(capsys, "--config", str(saved), *change))["model"]
+        assert model[key] == value, (args, change)
+        assert model["optimizer"]["init_args"]["lr" if key == "learning_rate" else key] == value, (args, change)
+
+
 def test_printed_default_config_takes_another_optimizer(capsys, tmp_path: Path) -> None:
     """The default recipe's printed config spells out Adam, ImageClassifier's default: `--optimizer SGD` beside it
     chooses SGD, as it does without the file; an optimizer the file chose is still not replaced silently."""
