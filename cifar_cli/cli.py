@@ -1010,9 +1010,20 @@ class CifarCLI(LightningCLI):
             self._parse_arguments(parser, args)
             raise
         self._restore_given_save_dir()
-        if (getattr(self.parser, "print_config", None) or {}).get("skip_default"):
+        options = getattr(self.parser, "print_config", None) or {}
+        if options.get("skip_default"):
             drop_settled_copies(self.config[subcommand].get("model"))
-        print_if_requested(self.parser, self.config)
+        top_level = options.get("key") is None
+        try:
+            print_if_requested(self.parser, self.config)
+        except KeyError:
+            if not (top_level and options.get("skip_default")):
+                raise
+            # jsonargparse 4.53 compares the whole config with defaults that name no subcommand: a traceback.
+            raise UsageError(
+                "--print_config=skip_default before the subcommand: this jsonargparse cannot print it there; "
+                f"give it after the subcommand: cifar-cli {subcommand} --print_config=skip_default"
+            ) from None
 
     def _move_optimizer_flags(self, subcommand: str) -> dict[str, str]:
         """`move_optimizer_flags` on the subcommand's config: with `--ckpt_path`, what the parser gives without the

@@ -366,6 +366,19 @@ def test_config_printed_without_defaults_takes_a_new_learning_rate(capsys, tmp_p
         assert model["optimizer"]["init_args"]["lr" if key == "learning_rate" else key] == value, (args, change)
 
 
+def test_config_printed_without_defaults_before_the_subcommand_is_one_line(capsys) -> None:
+    """`cifar-cli --print_config=skip_default fit` ended in a traceback of jsonargparse's (4.53: the defaults it
+    compares with name no subcommand); the same flag after the subcommand prints."""
+    said = fails(capsys, "--print_config=skip_default", "fit")
+    assert said == (
+        "cifar-cli: error: --print_config=skip_default before the subcommand: this jsonargparse cannot print "
+        "it there; give it after the subcommand: cifar-cli fit --print_config=skip_default"
+    )
+    with pytest.raises(SystemExit):
+        main(["--print_config", "fit"])  # without skip_default, the form prints as before
+    assert yaml.safe_load(capsys.readouterr().out)["fit"]["model"]["learning_rate"] == 2e-4
+
+
 def test_printed_default_config_takes_another_optimizer(capsys, tmp_path: Path) -> None:
     """The default recipe's printed config spells out Adam, ImageClassifier's default: `--optimizer SGD` beside it
     chooses SGD, as it does without the file; an optimizer the file chose is still not replaced silently."""
