@@ -5,6 +5,11 @@ BIN := $(VENV)/bin
 ARGS ?=
 # The CIFAR-10 training images as JPEG class folders, for machines that cannot download CIFAR-10 (see README).
 CIFAR10_JPG ?= ../shared/data/cifar10-train-jpg.tar.gz
+# The archive's path as make's own file names need it (wildcard, prerequisites), a space escaped: unescaped, a path
+# like "My Drive/cifar.tar.gz" was two names, neither found. Recipes quote "$(CIFAR10_JPG)" instead.
+empty :=
+CIFAR10_JPG_FILE := $(subst $(empty) $(empty),\ ,$(CIFAR10_JPG))
+CIFAR10_JPG_FOUND := $(if $(wildcard $(CIFAR10_JPG_FILE)),$(CIFAR10_JPG_FILE))
 
 .PHONY: help fit test lint bench bench-gpu gpu-bundle bench-resume data clean
 
@@ -35,7 +40,7 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 # Where the JPEG copy is at hand (machines that cannot reach the CIFAR-10 server), as the archive or unpacked
 # already, `make fit` trains on it with configs/cifar10-jpg.yaml; elsewhere on CIFAR-10 itself, downloaded on first
 # use. `make fit DATA_CONFIG=` forces the download.
-ifneq ($(wildcard $(CIFAR10_JPG) data/cifar10-jpg/.unpacked),)
+ifneq ($(CIFAR10_JPG_FOUND)$(wildcard data/cifar10-jpg/.unpacked),)
 DATA_CONFIG ?= --config configs/cifar10-jpg.yaml
 endif
 
@@ -56,7 +61,7 @@ lint: $(VENV)/.installed-dev
 # The benchmarks (bench/run.py): one table, about 30 minutes on a 2-core CPU. They train on the JPEG copy.
 # `make bench ARGS="--smoke true"` checks in a minute that every part runs.
 bench: $(VENV)/.installed
-	@test -f data/cifar10-jpg/.unpacked || test -f $(CIFAR10_JPG) || \
+	@test -f data/cifar10-jpg/.unpacked || test -f "$(CIFAR10_JPG)" || \
 		{ echo "make bench: no CIFAR-10 JPEG archive at '$(CIFAR10_JPG)' and none unpacked in data/cifar10-jpg; set CIFAR10_JPG=path/to/cifar10-train-jpg.tar.gz"; exit 2; }
 	$(MAKE) data
 	$(BIN)/python -m bench.run $(ARGS)
@@ -76,7 +81,7 @@ gpu-bundle: $(BIN)/python
 		{ echo "make gpu-bundle: no CIFAR-10 JPEG archive at '$(CIFAR10_JPG)'; set CIFAR10_JPG=path/to/cifar10-train-jpg.tar.gz"; exit 2; }
 	rm -rf bundle.partial && mkdir -p bundle.partial/wheels
 	$(BIN)/pip download -q --no-deps --only-binary=:all: -d bundle.partial/wheels $(BUNDLE_WHEELS)
-	cp $(CIFAR10_JPG) bundle.partial/cifar10-train-jpg.tar.gz
+	cp "$(CIFAR10_JPG)" bundle.partial/cifar10-train-jpg.tar.gz
 	rm -rf bundle && mv bundle.partial bundle
 
 # Kill training at random moments (SIGKILL and SIGTERM), resume it, and count the runs that end with exactly the
@@ -89,12 +94,12 @@ bench-resume: $(VENV)/.installed data
 # tar's own lines on a damaged archive (three, from gzip and tar) name neither the target nor the variable to set.
 # The archive is a prerequisite only where it exists: a copy unpacked before needs no archive any more.
 data: data/cifar10-jpg/.unpacked
-data/cifar10-jpg/.unpacked: $(wildcard $(CIFAR10_JPG))
+data/cifar10-jpg/.unpacked: $(CIFAR10_JPG_FOUND)
 	@test -f "$(CIFAR10_JPG)" || \
 		{ echo "make data: no CIFAR-10 JPEG archive at '$(CIFAR10_JPG)'; set CIFAR10_JPG=path/to/cifar10-train-jpg.tar.gz"; exit 2; }
 	rm -rf data/cifar10-jpg.partial && mkdir -p data/cifar10-jpg.partial
-	@echo "tar -xzf $(CIFAR10_JPG) -C data/cifar10-jpg.partial"
-	@tar -xzf $(CIFAR10_JPG) -C data/cifar10-jpg.partial 2>/dev/null || \
+	@echo "tar -xzf '$(CIFAR10_JPG)' -C data/cifar10-jpg.partial"
+	@tar -xzf "$(CIFAR10_JPG)" -C data/cifar10-jpg.partial 2>/dev/null || \
 		{ rm -rf data/cifar10-jpg.partial; echo "make data: could not unpack '$(CIFAR10_JPG)': not a .tar.gz archive, a damaged one, or the disk is full"; exit 2; }
 	touch data/cifar10-jpg.partial/.unpacked
 	rm -rf data/cifar10-jpg && mv data/cifar10-jpg.partial data/cifar10-jpg

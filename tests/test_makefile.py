@@ -120,3 +120,40 @@ def test_data_from_a_damaged_archive_says_so_in_one_line_and_leaves_nothing(tmp_
     assert "tar:" not in done.stderr and "gzip:" not in done.stderr
     assert not (tmp_path / "data" / "cifar10-jpg.partial").exists()
     assert not (tmp_path / "data" / "cifar10-jpg").exists()
+
+
+def test_an_archive_path_with_spaces_unpacks_and_trains(tmp_path: Path) -> None:
+    # tar was handed the path in pieces: "not a .tar.gz archive, a damaged one", and `make fit` missed the archive.
+    (tmp_path / "src" / "train" / "cat").mkdir(parents=True)
+    (tmp_path / "src" / "train" / "cat" / "0.jpg").write_bytes(b"jpeg")
+    (tmp_path / "my data").mkdir()
+    with tarfile.open(tmp_path / "my data" / "images.tar.gz", "w:gz") as archive:
+        archive.add(tmp_path / "src" / "train", arcname="train")
+    (tmp_path / "pyproject.toml").touch()
+    (tmp_path / "venv" / "bin").mkdir(parents=True)
+    (tmp_path / "venv" / "bin" / "python").touch()
+    (tmp_path / "venv" / ".installed").touch()
+    archive_path = "CIFAR10_JPG=my data/images.tar.gz"
+    done = make(tmp_path, "-n", "fit", "VENV=venv", archive_path)
+    assert done.returncode == 0, done.stderr
+    assert "venv/bin/cifar-cli fit --config configs/cifar10-jpg.yaml" in done.stdout
+    done = make(tmp_path, "data", archive_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (tmp_path / "data" / "cifar10-jpg" / "train" / "cat" / "0.jpg").read_bytes() == b"jpeg"
+    assert make(tmp_path, "data", archive_path).stdout == "make: Nothing to be done for 'data'.\n"
+    # A newer archive is unpacked again.
+    os.utime(tmp_path / "my data" / "images.tar.gz", (2e9, 2e9))
+    assert "tar -xzf" in make(tmp_path, "data", archive_path).stdout
+
+
+def test_gpu_bundle_copies_an_archive_whose_path_has_spaces(tmp_path: Path) -> None:
+    (tmp_path / "venv" / "bin").mkdir(parents=True)
+    (tmp_path / "venv" / "bin" / "python").touch()
+    (tmp_path / "venv" / "bin" / "pip").write_text("#!/bin/sh\n")  # the wheels' download, not tried here
+    (tmp_path / "venv" / "bin" / "pip").chmod(0o755)
+    (tmp_path / "my data").mkdir()
+    (tmp_path / "my data" / "images.tar.gz").write_bytes(b"archive")
+    done = make(tmp_path, "gpu-bundle", "VENV=venv", "CIFAR10_JPG=my data/images.tar.gz")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (tmp_path / "bundle" / "cifar10-train-jpg.tar.gz").read_bytes() == b"archive"
+    assert not (tmp_path / "bundle.partial").exists()
