@@ -92,6 +92,7 @@ bench-resume: $(VENV)/.installed data
 # Unpack the JPEG copy into data/cifar10-jpg/train/<class>/, for configs/cifar10-jpg.yaml.
 # Unpacked beside, then renamed: an interrupted unpack leaves no half-filled data/cifar10-jpg.
 # tar's own lines on a damaged archive (three, from gzip and tar) name neither the target nor the variable to set.
+# An archive of another layout is refused before it is marked unpacked: marked, it failed only in `make fit`, and stayed.
 # The archive is a prerequisite only where it exists: a copy unpacked before needs no archive any more.
 data: data/cifar10-jpg/.unpacked
 data/cifar10-jpg/.unpacked: $(CIFAR10_JPG_FOUND)
@@ -101,6 +102,8 @@ data/cifar10-jpg/.unpacked: $(CIFAR10_JPG_FOUND)
 	@echo "tar -xzf '$(CIFAR10_JPG)' -C data/cifar10-jpg.partial"
 	@tar -xzf "$(CIFAR10_JPG)" -C data/cifar10-jpg.partial 2>/dev/null || \
 		{ rm -rf data/cifar10-jpg.partial; echo "make data: could not unpack '$(CIFAR10_JPG)': not a .tar.gz archive, a damaged one, or the disk is full"; exit 2; }
+	@test -d data/cifar10-jpg.partial/train || \
+		{ rm -rf data/cifar10-jpg.partial; echo "make data: '$(CIFAR10_JPG)' holds no train/ folder: expected train/<class>/<image>.jpg, as in the CIFAR-10 JPEG copy"; exit 2; }
 	touch data/cifar10-jpg.partial/.unpacked
 	rm -rf data/cifar10-jpg && mv data/cifar10-jpg.partial data/cifar10-jpg
 

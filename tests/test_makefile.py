@@ -157,3 +157,20 @@ def test_gpu_bundle_copies_an_archive_whose_path_has_spaces(tmp_path: Path) -> N
     assert done.returncode == 0, done.stdout + done.stderr
     assert (tmp_path / "bundle" / "cifar10-train-jpg.tar.gz").read_bytes() == b"archive"
     assert not (tmp_path / "bundle.partial").exists()
+
+
+def test_data_refuses_an_archive_without_train_and_leaves_nothing(tmp_path: Path) -> None:
+    # It was unpacked and marked complete: `make fit` then failed on data/cifar10-jpg, and `make data` with the right
+    # archive (older than the mark) did nothing.
+    (tmp_path / "src" / "cifar" / "train" / "cat").mkdir(parents=True)
+    (tmp_path / "src" / "cifar" / "train" / "cat" / "0.jpg").write_bytes(b"jpeg")
+    with tarfile.open(tmp_path / "nested.tar.gz", "w:gz") as archive:
+        archive.add(tmp_path / "src" / "cifar", arcname="cifar")
+    done = make(tmp_path, "data", "CIFAR10_JPG=nested.tar.gz")
+    assert done.returncode == 2
+    assert done.stdout.splitlines()[-1] == (
+        "make data: 'nested.tar.gz' holds no train/ folder: expected train/<class>/<image>.jpg, "
+        "as in the CIFAR-10 JPEG copy"
+    )
+    assert not (tmp_path / "data" / "cifar10-jpg").exists()
+    assert not (tmp_path / "data" / "cifar10-jpg.partial").exists()
