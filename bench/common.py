@@ -46,6 +46,18 @@ def command(function: Callable, prog: str) -> None:
         sys.exit(2)
 
 
+def check_output_folder(folder: Path, flag: str) -> None:
+    """Refuse `folder` (the value of `flag`) where no folder can be made or written in: a file in its path, a
+    read-only or foreign folder. Found by `mkdir` or a write, it ended in a traceback, after the images were
+    decoded. Checked without making anything, as bad input writes nothing."""
+    existing = next(path for path in (folder, *folder.parents) if path.exists())
+    why = "" if existing.is_dir() else f"{existing} is a file, not a folder"
+    if not why and not os.access(existing, os.W_OK | os.X_OK):
+        why = f"{existing} is not writable"
+    if why:
+        raise UsageError(f"{flag} {folder}: cannot make a folder there: {why}")
+
+
 def cifar_cli(args: list[str], cwd: Path, in_process: bool = False, timeout: float | None = None) -> tuple[float, str]:
     """Run `cifar-cli ARGS` in `cwd`; return its wall-clock seconds and its output. Fails loudly on errors, and
     on a process still running after `timeout` seconds (see `run_process`).

@@ -39,6 +39,7 @@ from bench.common import (
     SMOKE_LIMITS,
     airbench_arrays,
     best_checkpoint,
+    check_output_folder,
     cifar_cli,
     command,
     csv_logger,
@@ -212,6 +213,9 @@ def run(
         raise UsageError(f"{root_path} has no train/ folder: run `make data` or pass --root")
     if not smoke and not torch.cuda.is_available():
         raise UsageError("no CUDA GPU here; `--smoke true` runs the same steps on the CPU")
+    results_path = Path(results).resolve() if results else out_path
+    check_output_folder(out_path, "--out")
+    check_output_folder(results_path, "--results")
     sizes = (20, 20) if smoke else (VAL_SIZE, TEST_SIZE)
     start = time.perf_counter()
     # A folder it cannot use ends here (UsageError, one line), before anything is written.
@@ -219,7 +223,6 @@ def run(
     data.prepare_data()  # decodes the images into the cache every run reads, before anything is timed
     data.setup("fit")
     out_path.mkdir(parents=True, exist_ok=True)
-    results_path = Path(results).resolve() if results else out_path
     results_path.mkdir(parents=True, exist_ok=True)
     title = f"cifar-cli GPU check: {machine()}"
     measured: dict = {"machine": title, "decode_seconds": time.perf_counter() - start}

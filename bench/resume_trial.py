@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from jsonargparse.typing import PositiveInt
 
-from bench.common import CONFIGS, bench_env, command
+from bench.common import CONFIGS, bench_env, check_output_folder, command
 from cifar_cli.errors import UsageError
 
 RECIPE = ["--config", str(CONFIGS / "cifar10-jpg.yaml"), "--config", str(CONFIGS / "fast-cpu.yaml"),
@@ -97,6 +97,7 @@ def run(
     root_path, out_path = Path(root).resolve(), Path(out).resolve()
     if not (root_path / "train").is_dir():
         raise UsageError(f"{root_path} has no train/ folder: run `make data` or pass --root")
+    check_output_folder(out_path, "--out")
     data = ["--data.root", str(root_path)]
     start = time.perf_counter()
     if fit(data, fresh(out_path / "reference")).wait():

@@ -31,6 +31,7 @@ from rich.table import Table
 from bench.common import (
     CONFIGS,
     best_checkpoint,
+    check_output_folder,
     cifar_cli,
     command,
     csv_logger,
@@ -286,6 +287,7 @@ def run(
     root_path, out_path = Path(root).resolve(), Path(out).resolve()
     if not (root_path / "train").is_dir():
         raise UsageError(f"{root_path} has no train/ folder: run `make data` or pass --root")
+    check_output_folder(out_path, "--out")
     try:
         data = ImageFolderDataModule(str(root_path), val_size=val_size, test_size=test_size)
         data.prepare_data()  # builds the decoded cache once, before anything is timed

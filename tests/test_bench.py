@@ -393,3 +393,30 @@ def test_results_are_never_half_written(tmp_path: Path) -> None:
     assert done.returncode != 0 and "File too large" in done.stderr
     assert json.loads((out / "results.json").read_text()) == {"one": {"n": 1}}
     assert sorted(p.name for p in out.iterdir()) == ["results.json"]
+
+
+@pytest.mark.parametrize(
+    "module, args",
+    [
+        ("bench.run", ["--smoke", "true", "--out"]),
+        ("bench.gpu", ["--smoke", "true", "--out"]),
+        ("bench.gpu", ["--smoke", "true", "--results"]),
+        ("bench.resume_trial", ["--out"]),
+    ],
+)
+def test_bench_commands_refuse_an_output_folder_they_cannot_make_in_one_line(
+    module: str, args: list[str], tmp_path: Path
+) -> None:
+    # A traceback ending in NotADirectoryError (PermissionError in a read-only folder), and bench.run's came only
+    # after it had decoded the whole image folder.
+    write_image_folder(tmp_path / "images" / "train", {"a": 2, "b": 2})
+    (tmp_path / "file").write_text("")
+    done = subprocess.run([sys.executable, "-m", module, "--root", str(tmp_path / "images"), *args,
+                           str(tmp_path / "file" / "out")], cwd=REPO, capture_output=True, text=True)  # fmt: skip
+    prog = {"bench.run": "bench", "bench.gpu": "bench-gpu", "bench.resume_trial": "bench-resume"}[module]
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == (
+        f"{prog}: error: {args[-1]} {tmp_path / 'file' / 'out'}: cannot make a folder there: "
+        f"{tmp_path / 'file'} is a file, not a folder\n"
+    )
+    assert not (tmp_path / "file").read_text() and not list(tmp_path.glob("**/*out*"))
