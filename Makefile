@@ -23,7 +23,7 @@ help:
 	@echo "make bench-gpu [ARGS=...]     the GPU check (ARGS=\"--smoke true\": the same steps on the CPU)"
 	@echo "make bench-resume [ARGS=...]  kill training at random moments, resume, compare (ARGS=\"--trials 20\")"
 	@echo "make gpu-bundle               gather what the GPU check needs offline into bundle/"
-	@echo "make clean                    remove .venv, caches and build leftovers (not data/ or runs/)"
+	@echo "make clean                    remove .venv, caches and build leftovers (not data/, runs/ or a VENV elsewhere)"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -108,5 +108,11 @@ data/cifar10-jpg/.unpacked: $(CIFAR10_JPG_FOUND)
 	rm -rf data/cifar10-jpg && mv data/cifar10-jpg.partial data/cifar10-jpg
 
 # build/ and *.egg-info: what `pip install .` (not editable) or `pip wheel .` leave in the tree.
+# A VENV outside the repository is the user's own environment, which make only installed into: it stays.
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info bundle.partial data/cifar10-jpg.partial
+	rm -rf .pytest_cache .ruff_cache build *.egg-info bundle.partial data/cifar10-jpg.partial
+ifeq ($(filter $(CURDIR)/%,$(abspath $(VENV))),)
+	@echo "make clean: kept $(VENV), a virtual environment outside the repository"
+else
+	rm -rf $(VENV)
+endif
