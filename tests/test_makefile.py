@@ -18,7 +18,9 @@ def make(folder: Path, *args: str) -> subprocess.CompletedProcess:
     """`make ARGS` in `folder` as a user runs it: not as a sub-make of `make test`, which prints the folders it
     enters and leaves."""
     shutil.copy(REPO / "Makefile", folder / "Makefile")
-    env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
+    # Nor with the variables a `make test VENV=...` line sets, which make exports to the tests.
+    outer = ("MAKELEVEL", "MAKEFLAGS", "MFLAGS", "VENV", "CIFAR10_JPG", "ARGS", "DATA_CONFIG", "PYTHON")
+    env = {k: v for k, v in os.environ.items() if k not in outer}
     return subprocess.run(["make", *args], cwd=folder, capture_output=True, text=True, env=env)
 
 
