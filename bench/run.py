@@ -30,6 +30,7 @@ from rich.table import Table
 
 from bench.common import (
     CONFIGS,
+    SMOKE_LIMITS,
     best_checkpoint,
     check_output_folder,
     cifar_cli,
@@ -171,7 +172,7 @@ def bench_tutorial_recipe(data: ImageFolderDataModule, root: Path, out: Path, sm
 
 def bench_fast_cpu(root: Path, out: Path, smoke: bool, val_size: int) -> dict[str, float | None]:
     """d. configs/fast-cpu.yaml on the 45,000/5,000 split: fit seconds until val_acc first reaches each threshold."""
-    limits = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2"] if smoke else []
+    limits = SMOKE_LIMITS if smoke else []
     folder = out / "fast-cpu"
     cifar_cli(["fit", *data_args(root, val_size, 0), "--config", str(CONFIGS / "fast-cpu.yaml"), *limits,
                *csv_logger("logs")], folder, in_process=smoke)  # fmt: skip

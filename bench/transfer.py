@@ -47,7 +47,8 @@ def bench_transfer(root: Path, out: Path, smoke: bool, shots: tuple[int, ...] = 
     folder = out / "transfer"
     shots, val, test = ((5,), 5, 10) if smoke else (shots, 200, 1000)
     base = ["--config", str(CONFIGS / "cifar10-jpg.yaml"), "--config", str(CONFIGS / "fast-cpu.yaml")]
-    base += [*SMOKE_DEVICE, "--trainer.limit_val_batches", "2"] if smoke else []
+    # A smoke run's pretraining is a few batches too: a whole epoch on half the JPEG copy took minutes.
+    base += [*SMOKE_DEVICE, "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "2"] if smoke else []
     pretrain_root, _ = folders(root, folder, shots[0], val, test)
     epochs = "1" if smoke else "8"
     _, output = cifar_cli(

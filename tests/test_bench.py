@@ -420,3 +420,29 @@ def test_bench_commands_refuse_an_output_folder_they_cannot_make_in_one_line(
         f"{tmp_path / 'file'} is a file, not a folder\n"
     )
     assert not (tmp_path / "file").read_text() and not list(tmp_path.glob("**/*out*"))
+
+
+def test_smoke_fits_train_and_validate_a_few_batches_whatever_the_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `make bench ARGS="--smoke true"` pretrained a whole epoch on half the JPEG copy (25,000 images: 3 of its
+    # 5 minutes) and part d validated on all 5,000 images; the tiny folders of the tests hid both.
+    import bench.run
+    import bench.transfer
+
+    fits = []
+
+    def recorded(args: list[str], cwd: Path, **kwargs) -> tuple[float, str]:
+        if args[0] == "fit":
+            fits.append(args)
+        return cifar_cli(args, cwd, **kwargs)
+
+    monkeypatch.setattr(bench.transfer, "cifar_cli", recorded)
+    monkeypatch.setattr(bench.run, "cifar_cli", recorded)
+    write_image_folder(tmp_path / "images" / "train", {"a": 30, "b": 30, "c": 30, "d": 30})
+    run(root=str(tmp_path / "images"), out=str(tmp_path / "bench"), val_size=20, test_size=20, smoke=True,
+        parts=["fast_cpu", "transfer"])  # fmt: skip
+    assert len(fits) == 4
+    for args in fits:
+        flags = dict(zip(args[1::2], args[2::2]))  # every flag of these commands takes one value
+        assert flags.get("--trainer.limit_train_batches") == "2" and flags.get("--trainer.limit_val_batches") == "2"
