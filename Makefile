@@ -86,6 +86,7 @@ gpu-bundle: $(BIN)/python
 
 # Kill training at random moments (SIGKILL and SIGTERM), resume it, and count the runs that end with exactly the
 # uninterrupted run's weights: `make bench-resume ARGS="--trials 20"`. About 10 minutes on a 2-core CPU.
+# It exits non-zero when any differs.
 bench-resume: $(VENV)/.installed data
 	$(BIN)/python -m bench.resume_trial $(ARGS)
 

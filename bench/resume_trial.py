@@ -28,6 +28,7 @@ import torch
 from jsonargparse.typing import PositiveInt
 
 from bench.common import CONFIGS, bench_env, check_output_folder, command
+from cifar_cli.atomic import atomic_write_text
 from cifar_cli.errors import UsageError
 
 RECIPE = ["--config", str(CONFIGS / "cifar10-jpg.yaml"), "--config", str(CONFIGS / "fast-cpu.yaml"),
@@ -135,7 +136,10 @@ def run(
     exact = sum(r["equal"] and r["checkpoints_loadable"] for r in rows)
     summary = {"trials": trials, "exact": exact, "reference_seconds": round(duration, 1), "rows": rows}
     print(f"{exact} of {trials} interrupted and resumed runs ended with exactly the uninterrupted run's weights")
-    (out_path / "results.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_text(out_path / "results.json", json.dumps(summary, indent=2))
+    if exact < trials:  # a check, as the GPU check is: a CI job running it fails when resuming does
+        raise SystemExit(f"bench-resume: {trials - exact} of {trials} resumed runs did not end with the "
+                         f"uninterrupted run's weights (see {out_path / 'results.json'})")  # fmt: skip
     return summary
 
 

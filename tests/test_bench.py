@@ -446,3 +446,37 @@ def test_smoke_fits_train_and_validate_a_few_batches_whatever_the_folder(
     for args in fits:
         flags = dict(zip(args[1::2], args[2::2]))  # every flag of these commands takes one value
         assert flags.get("--trainer.limit_train_batches") == "2" and flags.get("--trainer.limit_val_batches") == "2"
+
+
+def test_resume_trials_that_differ_end_the_command_non_zero(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # "1 of 2 ... ended with exactly the uninterrupted run's weights", and exit code 0: a CI job running
+    # `make bench-resume` passed whatever resuming did.
+    import bench.resume_trial as trial
+
+    class Finished:
+        def wait(self) -> int:
+            return 0
+
+        def send_signal(self, signum: int) -> None:
+            pass
+
+    def fit(args: list[str], cwd: Path) -> Finished:
+        checkpoint = cwd / "logs" / "version_0" / "checkpoints" / "last.ckpt"
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        checkpoint.write_bytes(b"")
+        return Finished()
+
+    weights = {"reference": 0.0, "trial-0": 0.0, "trial-1": 1.0}
+    monkeypatch.setattr(trial, "fit", fit)
+    monkeypatch.setattr(trial, "wait_for_saves", lambda process, cwd, saves: None)
+    monkeypatch.setattr(trial, "final_state", lambda cwd: {"w": torch.full((1,), weights[cwd.name])})
+    monkeypatch.setattr(trial, "all_loadable", lambda cwd: True)
+    monkeypatch.setattr(trial.time, "sleep", lambda seconds: None)
+    (tmp_path / "train").mkdir()
+    with pytest.raises(SystemExit, match=r"^bench-resume: 1 of 2 resumed runs did not end with the uninterrupted "
+                       r"run's weights \(see .*results\.json\)$"):  # fmt: skip
+        trial.run(root=str(tmp_path), out=str(tmp_path / "out"), trials=2)
+    summary = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert summary["exact"] == 1 and [row["equal"] for row in summary["rows"]] == [True, False]
+    weights["trial-1"] = 0.0
+    assert trial.run(root=str(tmp_path), out=str(tmp_path / "out"), trials=2)["exact"] == 2
