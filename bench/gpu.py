@@ -191,7 +191,7 @@ def table(results: dict, title: str) -> Table:
 
 def run(
     root: str = "data/cifar10-jpg",
-    out: str = "runs/bench-gpu",
+    out: str | None = None,
     runs: PositiveInt = 5,
     smoke: bool = False,
     timeout: PositiveFloat = 300,
@@ -201,14 +201,16 @@ def run(
 
     Args:
         root: Image folder with `train/<class>/` (`make data` unpacks the CIFAR-10 JPEGs there).
-        out: Folder for the runs' files.
+        out: Folder for the runs' files. Default `runs/bench-gpu`, and `runs/bench-gpu-smoke` for a smoke run, which
+            leaves a whole run's results and logs alone.
         runs: Runs of configs/fast.yaml (seeds 0, 1, ...).
         smoke: Every step on the CPU with a few batches, to check that the command works.
         timeout: Seconds any one process (a cifar-cli run, the tutorial's code, the GPU tests) may take before it
             is killed and its step counted as failed.
         results: Folder for `results.json` and `results.txt`; default `out`.
     """
-    root_path, out_path = Path(root).resolve(), Path(out).resolve()
+    root_path = Path(root).resolve()
+    out_path = Path(out or ("runs/bench-gpu-smoke" if smoke else "runs/bench-gpu")).resolve()
     if not (root_path / "train").is_dir():
         raise UsageError(f"{root_path} has no train/ folder: run `make data` or pass --root")
     if not smoke and not torch.cuda.is_available():

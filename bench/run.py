@@ -13,8 +13,8 @@ h. `cifar-cli predict` on a folder of 10,000 of those photos at 224 px, decoded 
    and peak RSS (f to h: bench/scale.py).
 
 The GPU check is `make bench-gpu` (bench/gpu.py). Every cifar-cli run is the real command in its own process,
-started from a scratch folder under `runs/bench/`. `--smoke` shrinks every part to a few steps and runs cifar-cli
-and the tutorial's code in this process, for the test suite.
+started from a scratch folder under `runs/bench/` (`runs/bench-smoke/` with `--smoke`). `--smoke` shrinks every
+part to a few steps and runs cifar-cli and the tutorial's code in this process, for the test suite.
 """
 
 from __future__ import annotations
@@ -259,7 +259,7 @@ def table(results: dict, title: str) -> Table:
 
 def run(
     root: str = "data/cifar10-jpg",
-    out: str = "runs/bench",
+    out: str | None = None,
     val_size: PositiveInt = 5000,
     test_size: PositiveInt = 5000,
     smoke: bool = False,
@@ -270,7 +270,8 @@ def run(
 
     Args:
         root: Image folder with `train/<class>/` (`make data` unpacks the CIFAR-10 JPEGs there).
-        out: Folder for the runs' files; the results go to `results.json` and `results.txt` there.
+        out: Folder for the runs' files; the results go to `results.json` and `results.txt` there. Default
+            `runs/bench`, and `runs/bench-smoke` for a smoke run, which leaves a whole run's results and logs alone.
         val_size: Validation images held out of the training images.
         test_size: Test images held out for part c.
         smoke: A few steps of everything, to check that the benchmarks run.
@@ -285,7 +286,7 @@ def run(
         unknown = ", ".join(part for part in parts if part not in PARTS)
         raise UsageError(f"--parts: {f'no part {unknown}' if unknown else 'none given'}; "
                          f"choose from {', '.join(PARTS)}")  # fmt: skip
-    root_path, out_path = Path(root).resolve(), Path(out).resolve()
+    root_path, out_path = Path(root).resolve(), Path(out or ("runs/bench-smoke" if smoke else "runs/bench")).resolve()
     if not (root_path / "train").is_dir():
         raise UsageError(f"{root_path} has no train/ folder: run `make data` or pass --root")
     check_output_folder(out_path, "--out")

@@ -480,3 +480,22 @@ def test_resume_trials_that_differ_end_the_command_non_zero(tmp_path: Path, monk
     assert summary["exact"] == 1 and [row["equal"] for row in summary["rows"]] == [True, False]
     weights["trial-1"] = 0.0
     assert trial.run(root=str(tmp_path), out=str(tmp_path / "out"), trials=2)["exact"] == 2
+
+
+def test_a_smoke_run_leaves_a_whole_runs_results_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # `make bench ARGS="--smoke true"` after a 30-minute `make bench` replaced its results.json and results.txt
+    # with the smoke run's numbers, and its runs' logs with the smoke runs'.
+    import bench.gpu
+
+    write_image_folder(tmp_path / "images" / "train", {"a": 30, "b": 30})
+    monkeypatch.chdir(tmp_path)
+    whole = tmp_path / "runs" / "bench" / "results-pipeline.json"
+    whole.parent.mkdir(parents=True)
+    whole.write_text("{}")
+    run(root="images", val_size=10, test_size=10, smoke=True, parts=["pipeline"])
+    assert whole.read_text() == "{}"
+    assert json.loads((tmp_path / "runs" / "bench-smoke" / "results-pipeline.json").read_text())["pipeline"]
+    folders = []
+    monkeypatch.setattr(bench.gpu, "run_steps", lambda steps, measured, results, table: folders.append(results))
+    gpu_check(root="images", smoke=True)
+    assert folders == [tmp_path / "runs" / "bench-gpu-smoke"]
