@@ -15,6 +15,7 @@ python=${PYTHON:-python3}
 compgen -G "bundle/wheels/*.whl" > /dev/null \
     || { echo "gpu-offline: could not install bundle/wheels: no wheels there (run make gpu-bundle first)" >&2; exit 2; }
 site=$(mktemp -d)
+trap 'rm -rf "$site"' EXIT  # the wheels installed for this run only: each run left its folder in /tmp
 "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" bundle/wheels/*.whl \
     || { echo "gpu-offline: could not install bundle/wheels (run make gpu-bundle first)" >&2; exit 2; }
 export PYTHONPATH="$site:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1

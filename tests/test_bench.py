@@ -499,3 +499,17 @@ def test_a_smoke_run_leaves_a_whole_runs_results_alone(tmp_path: Path, monkeypat
     monkeypatch.setattr(bench.gpu, "run_steps", lambda steps, measured, results, table: folders.append(results))
     gpu_check(root="images", smoke=True)
     assert folders == [tmp_path / "runs" / "bench-gpu-smoke"]
+
+
+def test_gpu_offline_script_removes_its_installed_wheels(tmp_path: Path) -> None:
+    # Each run left a folder of installed wheels in /tmp, also when it stopped at a missing archive.
+    (tmp_path / "bench").mkdir()
+    shutil.copy(REPO / "bench" / "gpu-offline.sh", tmp_path / "bench")
+    (tmp_path / "bundle" / "wheels").mkdir(parents=True)
+    (tmp_path / "bundle" / "wheels" / "jsonargparse-4.53.0-py3-none-any.whl").touch()  # installed by `true`
+    (tmp_path / "tmp").mkdir()
+    env = {**os.environ, "PYTHON": "true", "TMPDIR": str(tmp_path / "tmp")}
+    done = subprocess.run([str(tmp_path / "bench" / "gpu-offline.sh"), str(tmp_path / "out")], capture_output=True,
+                          text=True, env=env)  # fmt: skip
+    assert done.returncode == 2 and "no bundle/cifar10-train-jpg.tar.gz" in done.stderr
+    assert list((tmp_path / "tmp").iterdir()) == []
