@@ -58,7 +58,10 @@ LOGGER_ONLY = (LearningRateMonitor, DeviceStatsMonitor)
 def warn_idle(callback: Callback, reason: str) -> None:
     """Say, once per callback, that it does nothing in this run and why: one line, as cifar-cli's other notices. A
     Python warning added its source path and line (two lines more) to every run without W&B, the README's own
-    `--trainer.logger CSVLogger` included."""
+    `--trainer.logger CSVLogger` included. Nothing for a default callback idle without W&B (cifar_cli.cli's
+    mark_defaults): the user chose the run's logger and never asked for it."""
+    if reason == NO_WANDB and getattr(callback, "listed_by_default", False):
+        return
     if not getattr(callback, "_warned_idle", False):
         rank_zero_only(print)(f"cifar-cli: {type(callback).__name__} does nothing: {reason}", file=sys.stderr)
         callback._warned_idle = True

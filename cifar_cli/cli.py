@@ -7,6 +7,7 @@ import difflib
 import enum
 import errno
 import gc
+import importlib
 import inspect
 import io
 import os
@@ -540,6 +541,37 @@ CKPT_PATH_HELP = {
 }
 
 
+# The tutorial's callbacks, the default of `--trainer.callbacks`.
+DEFAULT_CALLBACKS = [
+    {
+        "class_path": "lightning.pytorch.callbacks.EarlyStopping",
+        "init_args": {"monitor": "val_loss", "mode": "min", "patience": 3},
+    },
+    {
+        "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+        "init_args": {"monitor": "val_loss", "mode": "min", "save_top_k": 1},
+    },
+    {"class_path": "cifar_cli.callbacks.ImagePredictionLogger", "init_args": {"num_samples": 32}},
+    {"class_path": "cifar_cli.callbacks.PredictionWriter"},
+    {"class_path": "cifar_cli.dashboard.EvaluationLogger"},
+    {"class_path": "cifar_cli.dashboard.ModelArtifacts"},
+    {"class_path": "cifar_cli.callbacks.FitTimer"},
+]
+
+
+def mark_defaults(callbacks: list[Any]) -> None:
+    """Mark the callbacks that are the default list (`DEFAULT_CALLBACKS`, kept or extended with `+=`), so that the
+    W&B-only ones among them idle without a word in a run without W&B: the README's own `--trainer.logger CSVLogger`
+    said two `does nothing` lines at every run, of callbacks the user never asked for. jsonargparse keeps no record of
+    which values came from a default, so the list is told by its classes: one that starts with the default's, in its
+    order, is that list (configs/default.yaml and a run's config.yaml spell it out); any other was the user's own."""
+    classes = [getattr(importlib.import_module(path), name) for path, _, name in
+               (c["class_path"].rpartition(".") for c in DEFAULT_CALLBACKS)]  # fmt: skip
+    if [type(c) for c in callbacks[: len(classes)]] == classes:
+        for callback in callbacks[: len(classes)]:
+            callback.listed_by_default = True
+
+
 class CifarCLI(LightningCLI):
     """The command line: data modules by class path, the model's net and sizes linked from the data."""
 
@@ -623,21 +655,7 @@ class CifarCLI(LightningCLI):
                         "offline": wandb_offline(),
                     },
                 },
-                "trainer.callbacks": [
-                    {
-                        "class_path": "lightning.pytorch.callbacks.EarlyStopping",
-                        "init_args": {"monitor": "val_loss", "mode": "min", "patience": 3},
-                    },
-                    {
-                        "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                        "init_args": {"monitor": "val_loss", "mode": "min", "save_top_k": 1},
-                    },
-                    {"class_path": "cifar_cli.callbacks.ImagePredictionLogger", "init_args": {"num_samples": 32}},
-                    {"class_path": "cifar_cli.callbacks.PredictionWriter"},
-                    {"class_path": "cifar_cli.dashboard.EvaluationLogger"},
-                    {"class_path": "cifar_cli.dashboard.ModelArtifacts"},
-                    {"class_path": "cifar_cli.callbacks.FitTimer"},
-                ],
+                "trainer.callbacks": DEFAULT_CALLBACKS,
             }
         )
 
@@ -873,6 +891,7 @@ class CifarCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
         listed = list(config.get("callbacks") or [])
+        mark_defaults(listed)
         callbacks, kept = one_per_state_key(listed)
         trainer_config = self._get(self.config, "trainer", default={})
         given = trainer_config.get("callbacks")

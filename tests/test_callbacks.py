@@ -25,17 +25,38 @@ from cifar_cli.nets import TutorialCNN
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_image_logger_says_once_that_it_does_nothing_without_wandb(image_folder: Path, capsys) -> None:
+def test_default_wandb_callbacks_say_nothing_without_wandb(image_folder: Path, capsys) -> None:
+    """The README's `--trainer.logger CSVLogger`: the default callbacks that log only to W&B idle without a word. A
+    user who did not ask for them was told at every run that they did nothing."""
     main(["fit", "--data", "ImageFolderDataModule", "--data.root", str(image_folder), "--data.val_size", "30",
-          "--trainer.max_epochs", "3", "--trainer.logger", "CSVLogger"])  # fmt: skip
+          "--trainer.max_epochs", "2", "--trainer.logger", "CSVLogger"])  # fmt: skip
     lines = capsys.readouterr().err.splitlines()
-    idle = [line for line in lines if "does nothing" in line]
+    assert not [line for line in lines if "does nothing" in line]
+    assert not any("UserWarning" in line for line in lines)
+    assert not Path("runs/wandb").exists()
+
+
+def test_a_wandb_callback_the_user_listed_says_once_that_it_does_nothing_without_wandb(
+    image_folder: Path, capsys
+) -> None:
+    """One added with `+=` beside the defaults, or listed in a config (the fast recipes), is asked for: one line
+    each, once per run."""
+    main(["fit", "--data", "ImageFolderDataModule", "--data.root", str(image_folder), "--data.val_size", "30",
+          "--trainer.max_epochs", "3", "--trainer.logger", "CSVLogger",
+          "--trainer.callbacks+=cifar_cli.callbacks.ImagePredictionLogger"])  # fmt: skip
+    idle = [line for line in capsys.readouterr().err.splitlines() if "does nothing" in line]
+    assert idle == ["cifar-cli: ImagePredictionLogger does nothing: it logs to W&B and the trainer has no WandbLogger"]
+    Path("listed.yaml").write_text(
+        "trainer:\n  callbacks:\n    - class_path: cifar_cli.callbacks.ImagePredictionLogger\n"
+        "    - class_path: cifar_cli.dashboard.ModelArtifacts\n"
+    )
+    main(["fit", "--config", "listed.yaml", "--data", "ImageFolderDataModule", "--data.root", str(image_folder),
+          "--data.val_size", "30", "--trainer.max_epochs", "2", "--trainer.logger", "CSVLogger"])  # fmt: skip
+    idle = [line for line in capsys.readouterr().err.splitlines() if "does nothing" in line]
     assert idle == [
         "cifar-cli: ImagePredictionLogger does nothing: it logs to W&B and the trainer has no WandbLogger",
         "cifar-cli: ModelArtifacts does nothing: it logs to W&B and the trainer has no WandbLogger",
     ]
-    assert not any("UserWarning" in line for line in lines)
-    assert not Path("runs/wandb").exists()
 
 
 def test_debug_config_stacked_on_a_recipe_drops_the_learning_rate_monitor_and_trains(
