@@ -540,6 +540,11 @@ CKPT_PATH_HELP = {
     "beside it override them. `~` is the home folder.",
 }
 
+# Lightning's help of --weights_only, from its Trainer methods' docstrings, advises `false` for trusted checkpoints.
+WEIGHTS_ONLY_HELP = (
+    "cifar-cli always loads checkpoints weights-only (torch.load(weights_only=True)), whatever this says: true or "
+    "null change nothing, and false is refused."
+)
 
 # The tutorial's callbacks, the default of `--trainer.callbacks`.
 DEFAULT_CALLBACKS = [
@@ -623,6 +628,8 @@ class CifarCLI(LightningCLI):
             for action in parser._actions:
                 if action.dest == "ckpt_path":
                     action.help = CKPT_PATH_HELP["fit" if subcommand == "fit" else "evaluate"]
+                if action.dest == "weights_only":
+                    action.help = WEIGHTS_ONLY_HELP
             for group in parser._action_groups:  # the method's flags, titled with its description (no full stop)
                 if any(a.dest == "ckpt_path" for a in group._group_actions) and group.title:
                     group.title = whole_sentences(group.title).removesuffix(".")
@@ -1108,6 +1115,13 @@ class CifarCLI(LightningCLI):
         self.resume_step = 0
         self._run_origin: tuple[str, Any] | None = None  # the folder fit first ran in, where resumed from another
         subcommand = self.config.get("subcommand")
+        if subcommand and self.config[subcommand].get("weights_only") is False:
+            # Lightning hands it to torch.load; AtomicCheckpointIO loads weights-only whatever it says, and a
+            # checkpoint that needs more is refused: taken without a word, the flag read as if it had worked.
+            raise UsageError(
+                "--weights_only false: cifar-cli loads checkpoints weights-only, never running a checkpoint's pickled "
+                "code; leave the flag out"
+            )
         self._save_under_root_dir(subcommand)
         ckpt_path = subcommand and self.config[subcommand].get("ckpt_path")
         if isinstance(ckpt_path, str) and not ckpt_path.strip():

@@ -196,6 +196,9 @@ CASES = [
         ["tset"],
         "unknown subcommand 'tset': fit, validate, test, predict or report; did you mean test?",
     ),
+    # Lightning's help offered it, and it was taken without a word: cifar-cli loads every checkpoint weights-only.
+    Case("weights_only_false_fit", ["fit", "--weights_only", "false"], "--weights_only false: cifar-cli loads"),
+    Case("weights_only_false_test", [*TEST_CKPT, "--weights_only=false"], "--weights_only false: cifar-cli loads"),
     Case("no_subcommand", [], "give a subcommand: fit, validate, test, predict or report (cifar-cli --help)"),
     Case("unknown_data_class", ["fit", "--data", "NoSuchDataModule"], "NoSuchDataModule"),
     Case("unknown_net_class", ["fit", "--model.net", "NoSuchNet"], "NoSuchNet"),

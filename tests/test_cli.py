@@ -781,6 +781,26 @@ def test_help_of_ckpt_path_says_what_cifar_cli_takes(subcommand: str, capsys) ->
     assert "written by `cifar-cli fit`" in text and "`last`: the newest run's last.ckpt" in text, text
 
 
+@pytest.mark.parametrize("subcommand", ["fit", "validate", "test", "predict"])
+def test_help_of_weights_only_says_that_checkpoints_load_weights_only(subcommand: str, capsys) -> None:
+    """Lightning's help of --weights_only offered `false` for trusted checkpoints, which cifar-cli never does."""
+    with pytest.raises(SystemExit) as exit_info:
+        main([subcommand, "--help"])
+    assert exit_info.value.code == 0
+    helped = capsys.readouterr().out
+    text = " ".join(helped[helped.index("  --weights_only") :].split("\n  --")[0].split())
+    assert "weights_only=False" not in text and "always loads checkpoints weights-only" in text, text
+
+
+def test_weights_only_true_changes_nothing(image_folder: Path, capsys) -> None:
+    args = ["--data", "ImageFolderDataModule", "--data.root", str(image_folder), "--data.val_size", "30",
+            "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+            "--weights_only", "true"]  # fmt: skip
+    main(["fit", *args, "--trainer.max_epochs", "1"])
+    main(["test", *args, "--ckpt_path", "checkpoints/last.ckpt"])
+    assert "test_acc" in capsys.readouterr().out
+
+
 def test_help_of_a_class_inside_the_data_module_names_its_flags_whole(image_folder: Path, capsys) -> None:
     """`--data.augment.help PhotoAugment` listed `--augment.erasing` and the like, which the command line refuses:
     the flags it lists are the ones that set the augmentation."""
