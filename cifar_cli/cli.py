@@ -1766,6 +1766,41 @@ def check_model_help(argv: list[str] | None) -> None:
     )
 
 
+# The classes cifar-cli brings for the flags whose `--KEY.help CLASS` describes one, as `cifar-cli fit --help` and the
+# README name them.
+CLASS_HELP = {
+    "model.net": (["TutorialCNN", "FastNet", "TorchvisionNet", "TimmNet"], "; any nn.Module by its import path"),
+    "data": (["CIFAR10DataModule", "CIFAR100DataModule", "ImageFolderDataModule"], ""),
+    "data.augment": (["PhotoAugment"], ""),
+}
+
+
+def check_class_help(argv: list[str] | None) -> None:
+    """Refuse in one line a `--KEY.help` given no class. jsonargparse described the flag's base class
+    (`--model.net.help`: torch.nn.Module's, empty), or refused the line naming another flag (`--data.augment.help`:
+    "argument --data: expected one argument"). `--data.help` alone keeps jsonargparse's help of the data modules'
+    common settings."""
+    for i, arg in enumerate(argv or []):
+        if arg == "--help" or not arg.startswith("--") or not arg.endswith(".help") or arg == "--data.help":
+            continue
+        if i + 1 < len(argv) and not argv[i + 1].startswith("-"):
+            continue
+        key = arg[2 : -len(".help")]
+        names, more = CLASS_HELP.get(key, ([], ""))
+        known = f" (cifar-cli's: {', '.join(names)}{more})" if names else ""
+        raise UsageError(f"{arg} takes the class to describe: {arg} {names[0] if names else 'CLASS'}{known}")
+
+
+def class_help_hint(message: str) -> str:
+    """jsonargparse's refusal of `--KEY.help NAME` (`Expected a dot import path string: Nope`), with the classes
+    cifar-cli brings for KEY."""
+    match = re.match(r"--([\w.]+)\.help: ", message)
+    if match is None or match[1] not in CLASS_HELP or "Multiple subclasses" in message:
+        return message
+    names = CLASS_HELP[match[1]][0]
+    return f"{message}; cifar-cli's: {', '.join(names)} (--{match[1]}.help {names[0]})"
+
+
 def not_utf8(err: BaseException, argv: list[str] | None) -> str | None:
     """What to say where a value that is not UTF-8 (a folder named in Latin-1, say) failed to parse, naming its flag;
     None for another error. jsonargparse reads a --data.* value as YAML, which holds only Unicode text: the error was
@@ -1884,6 +1919,7 @@ def main(args: ArgsType = None) -> None:
             debug_switch()
             check_subcommand(argv)
             check_model_help(argv)
+            check_class_help(argv)
             check_empty_configs(argv)
             # The values the parse reads otherwise: the configs that come with cifar-cli (given to --config, or to
             # jsonargparse's PL_FIT__CONFIG), Lightning's plateau class, the folder of a logger added to the list.
@@ -1988,7 +2024,7 @@ def main(args: ArgsType = None) -> None:
             sys.exit(1)
         if cause is None or debug:
             raise
-        print(f"cifar-cli: error: {one_line(cause)}", file=sys.stderr)
+        print(f"cifar-cli: error: {class_help_hint(one_line(cause))}", file=sys.stderr)
         sys.exit(2)
     finally:
         release_folders()

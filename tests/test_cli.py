@@ -830,6 +830,43 @@ def test_model_help_says_where_the_model_settings_are(args: list[str], capsys) -
     assert "--model.net.help TutorialCNN" in said
 
 
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        # jsonargparse showed the empty help of torch.nn.Module, the networks' base.
+        (
+            ["--model.net.help"],
+            "--model.net.help takes the class to describe: --model.net.help TutorialCNN "
+            "(cifar-cli's: TutorialCNN, FastNet, TorchvisionNet, TimmNet; any nn.Module by its import path)",
+        ),
+        # "argument --data: expected one argument", naming another flag.
+        (
+            ["--data", "ImageFolderDataModule", "--data.augment.help"],
+            "--data.augment.help takes the class to "
+            "describe: --data.augment.help PhotoAugment (cifar-cli's: PhotoAugment)",
+        ),
+        (
+            ["--trainer.callbacks.help", "--trainer.max_epochs", "1"],
+            "--trainer.callbacks.help takes the class to describe: --trainer.callbacks.help CLASS",
+        ),
+        # "Expected a dot import path string: Nope", naming no class that is.
+        (
+            ["--model.net.help", "Nope"],
+            "--model.net.help: Expected a dot import path string: Nope; cifar-cli's: "
+            "TutorialCNN, FastNet, TorchvisionNet, TimmNet (--model.net.help TutorialCNN)",
+        ),
+        (
+            ["--data.help=Nope"],
+            "--data.help: Expected a dot import path string: Nope; cifar-cli's: "
+            "CIFAR10DataModule, CIFAR100DataModule, ImageFolderDataModule (--data.help CIFAR10DataModule)",
+        ),
+    ],
+    ids=["net-no-class", "augment-no-class", "callbacks-no-class", "net-unknown", "data-unknown"],
+)
+def test_help_of_a_class_without_a_known_class_names_the_classes(args: list[str], said: str, capsys) -> None:
+    assert fails(capsys, "fit", *args) == f"cifar-cli: error: {said}"
+
+
 def test_error_line_says_each_problem_once(capsys) -> None:
     """jsonargparse reports every branch of a Union: LightningCLI's --lr_scheduler is an LRScheduler or its own
     ReduceLROnPlateau (which is both, so its problem came twice), a callbacks entry a list or one callback."""
