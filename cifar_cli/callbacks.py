@@ -638,6 +638,15 @@ class Preemption(Callback):
         self._side: torch.cuda.Stream | None = None  # on a GPU: the stream that reads the votes
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # A SIGTERM since Lightning installed its handler (in the sanity check's last batch, after which Lightning's
+        # validation does not stop, or after the sanity check) came before anything was trained: the same stop as
+        # one before, not a step of training and a checkpoint. Under DDP it may have come to one rank only: the
+        # ranks agree on it as on a signal during training (a vote read at a batch end), with no collective here.
+        if trainer.received_sigterm:
+            if trainer.world_size == 1:
+                raise StoppedBeforeStart(signal.SIGTERM)
+            self.signal = self.signal or signal.SIGTERM
+            trainer._signal_connector.received_sigterm = False  # Lightning's check would stop this rank alone
         self.training = True
         # Installed here, after Lightning has installed its own SIGTERM handler, which this one replaces for the
         # training (Lightning's would also stop validations halfway). Both are restored when training ends.
@@ -722,6 +731,13 @@ class Preemption(Callback):
         signum = self.signal or signal.SIGTERM  # on another rank than the one signalled: report it as a SIGTERM
         # A SystemExit's code is the process's exit status.
         exception.code = 128 + signum
+        if trainer.state.fn == TrainerFn.FITTING and not self.training:
+            # During the sanity check (Lightning's handler stops it at a batch end): nothing was trained, and the
+            # checkpoint saved below would be step 0's, or a resumed run's own, over the one it resumed from.
+            remove_unstarted_run(trainer, self.created)
+            if trainer.is_global_zero:
+                print(StoppedBeforeStart(signum).line(["fit"]), file=sys.stderr, flush=True)
+            return
         if trainer.state.fn != TrainerFn.FITTING:
             # validate, test, predict (Lightning's handler stops them at a batch end): nothing to resume, and a
             # last.ckpt in their run folder would be the newest, for the next `fit --ckpt_path last` to take.

@@ -54,6 +54,7 @@ class SignalAt(Callback):
         rank: Under DDP, the only rank that sends it (to its own process); None: every rank.
         twice: Send it twice in a row (a second Ctrl-C before the clean stop).
         parent: Send it to the process that started this one instead (under ddp_spawn: the spawning process).
+        in_sanity_check: Send it during the sanity check's validation batch `batch` instead (before training).
     """
 
     def __init__(
@@ -65,15 +66,20 @@ class SignalAt(Callback):
         rank: int | None = None,
         twice: bool = False,
         parent: bool = False,
+        in_sanity_check: bool = False,
     ) -> None:
         self.signum, self.epoch, self.batch, self.in_validation, self.rank = signum, epoch, batch, in_validation, rank
-        self.twice, self.parent = twice, parent
+        self.twice, self.parent, self.in_sanity_check = twice, parent, in_sanity_check
         self.sent = False
 
     def _send(self, trainer: Trainer, batch_idx: int, validating: bool) -> None:
-        due = trainer.current_epoch == self.epoch and batch_idx == self.batch and validating == self.in_validation
+        if self.in_sanity_check:
+            due = trainer.sanity_checking and validating and batch_idx == self.batch
+        else:
+            due = not trainer.sanity_checking and trainer.current_epoch == self.epoch and batch_idx == self.batch
+            due = due and validating == self.in_validation
         due = due and self.rank in (None, trainer.global_rank)
-        if due and not self.sent and not trainer.sanity_checking:
+        if due and not self.sent:
             self.sent = True
             os.kill(os.getppid() if self.parent else os.getpid(), self.signum)
             if self.twice:

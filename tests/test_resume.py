@@ -372,6 +372,58 @@ def test_a_signal_while_the_command_starts_ends_it_in_one_line(image_folder: Pat
     assert not [p for p in Path("runs").rglob("*") if p.is_file()]
 
 
+# The sanity check's two validation batches: a signal in the first stops at its end (Lightning's handler); one in
+# the last, after which Lightning's validation does not stop, as training would start.
+SANITY = ["--data.batch_size", "8", "--trainer.num_sanity_val_steps", "2", "--trainer.limit_train_batches", "2",
+          "--trainer.enable_progress_bar", "false"]  # fmt: skip
+
+
+def in_sanity_check(signum: int, batch: int) -> list[str]:
+    return ["--trainer.callbacks+=faults.SignalAt", "--trainer.callbacks.in_sanity_check", "true",
+            "--trainer.callbacks.signum", str(int(signum)), "--trainer.callbacks.batch", str(batch)]  # fmt: skip
+
+
+@pytest.mark.parametrize(("signum", "batch"), [(signal.SIGTERM, 0), (signal.SIGTERM, 1), (signal.SIGINT, 1)])
+def test_a_signal_during_the_sanity_check_stops_before_training_began(fake_cifar10: Path, capfd, signum: int,
+                                                                      batch: int) -> None:  # fmt: skip
+    """A SIGTERM during the validation Lightning runs before training saved a step-0 last.ckpt (or trained a step
+    first) and printed "stopped by SIGTERM in epoch 1/2, step 0; resume with ...": a run to resume where nothing had
+    been trained. Now the stop before training began, as a Ctrl-C then: its line and exit code, no run folder."""
+    sys.path.insert(0, str(REPO / "tests"))
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", *cifar(fake_cifar10), *CSV_LOGGER, "--trainer.max_epochs", "2", *SANITY,
+              *in_sanity_check(signum, batch)])  # fmt: skip
+    assert stop.value.code == 128 + signum
+    last = capfd.readouterr().err.strip().splitlines()[-1]
+    if signum == signal.SIGINT:
+        assert last == "cifar-cli: interrupted by Ctrl-C"
+    else:
+        assert last == "cifar-cli: stopped by SIGTERM before training began: nothing was trained or saved"
+    assert not [p for p in Path("runs").rglob("*") if p.is_file()]
+
+
+@pytest.mark.parametrize(("signum", "batch"), [(signal.SIGTERM, 0), (signal.SIGTERM, 1), (signal.SIGINT, 0)])
+def test_a_signal_during_a_resumed_runs_sanity_check_keeps_the_checkpoint_it_resumed_from(
+    fake_cifar10: Path, capfd, signum: int, batch: int
+) -> None:
+    """The same stop in a run resumed with `--ckpt_path last` saved its last.ckpt again over the one it resumed
+    from (or after a step of training), and said "stopped in epoch 1/2" of a run in its second epoch."""
+    sys.path.insert(0, str(REPO / "tests"))
+    args = [*cifar(fake_cifar10), *CSV_LOGGER, "--trainer.max_epochs", "2", *SANITY]
+    main(["fit", *args, "--trainer.max_epochs", "1"])
+    (last,) = Path("runs").glob("**/checkpoints/last.ckpt")
+    checkpoints = {p: p.read_bytes() for p in last.parent.iterdir()}
+    capfd.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", *args, *in_sanity_check(signum, batch), "--ckpt_path", "last"])
+    assert stop.value.code == 128 + signum
+    if signum == signal.SIGTERM:
+        lines = capfd.readouterr().err.strip().splitlines()
+        assert lines[-1] == "cifar-cli: stopped by SIGTERM before training began: nothing was trained or saved"
+    assert {p: p.read_bytes() for p in last.parent.iterdir()} == checkpoints
+    assert (last.parent.parent / "config.yaml").is_file()
+
+
 def test_ckpt_path_last_without_a_run_starts_one(fake_cifar10: Path, capfd) -> None:
     main(["fit", *FAST, *cifar(fake_cifar10), "--trainer.max_epochs", "1", "--ckpt_path", "last", *CSV_LOGGER])
     err = capfd.readouterr().err
