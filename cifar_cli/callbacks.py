@@ -35,7 +35,7 @@ from torch import Tensor
 
 from cifar_cli.atomic import atomic_write, remove_empty_folders
 from cifar_cli.data import ImageDataModule
-from cifar_cli.entry import StoppedBeforeStart, hand_signals_to_lightning
+from cifar_cli.entry import StoppedBeforeStart, hand_signals_to_lightning, keep_stopping_cleanly
 from cifar_cli.errors import UsageError
 
 
@@ -564,8 +564,12 @@ _LIGHTNING_REGISTER = _SignalConnector.register_signal_handlers
 
 
 def _register_after_start(self: _SignalConnector) -> None:
-    hand_signals_to_lightning()
+    handed = hand_signals_to_lightning()
     _LIGHTNING_REGISTER(self)
+    if self.trainer.state.fn == TrainerFn.FITTING:
+        # SIGUSR1, which Lightning takes only for SLURM's requeue, ended the process at once, without a word, in the
+        # sanity check: until training begins (Preemption.on_train_start) it is the stop before training too.
+        keep_stopping_cleanly(handed)
 
 
 def lightning_takes_signals() -> None:
@@ -648,6 +652,7 @@ class Preemption(Callback):
             self.signal = self.signal or signal.SIGTERM
             trainer._signal_connector.received_sigterm = False  # Lightning's check would stop this rank alone
         self.training = True
+        hand_signals_to_lightning()  # (SIGUSR1, kept as the start-up's stop through the sanity check)
         # Installed here, after Lightning has installed its own SIGTERM handler, which this one replaces for the
         # training (Lightning's would also stop validations halfway). Both are restored when training ends.
         if threading.current_thread() is not threading.main_thread():

@@ -54,15 +54,24 @@ def stop_cleanly_before_start() -> None:
             signal.signal(signum, _stop_before_start)
 
 
-def hand_signals_to_lightning() -> None:
+def hand_signals_to_lightning() -> list[int]:
     """Put back the default action of START_SIGNALS where `stop_cleanly_before_start` set its own: called as the
     trainer installs its handlers, which would otherwise call this one too (Lightning chains a SIGTERM handler
-    it finds), or leave SIGUSR1 to it (Lightning installs SLURM's requeue handler only where none is set)."""
+    it finds), or leave SIGUSR1 to it (Lightning installs SLURM's requeue handler only where none is set). Returns
+    the signals it put back."""
     if threading.current_thread() is not threading.main_thread():
-        return
-    for signum in START_SIGNALS:
-        if signal.getsignal(signum) is _stop_before_start:
-            signal.signal(signum, signal.SIG_DFL)
+        return []
+    handed = [signum for signum in START_SIGNALS if signal.getsignal(signum) is _stop_before_start]
+    for signum in handed:
+        signal.signal(signum, signal.SIG_DFL)
+    return handed
+
+
+def keep_stopping_cleanly(signums: list[int]) -> None:
+    """Put `stop_cleanly_before_start`'s handler back for those of `signums` that no one has taken since."""
+    for signum in signums:
+        if signal.getsignal(signum) == signal.SIG_DFL:
+            signal.signal(signum, _stop_before_start)
 
 
 def run() -> None:

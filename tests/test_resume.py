@@ -318,9 +318,20 @@ def test_sigterm_during_validate_says_so_and_saves_no_checkpoint(fake_cifar10: P
     assert list(Path("runs").glob("**/checkpoints/last.ckpt")) == [trained]
 
 
+# The sanity check's two validation batches: a signal in the first stops at its end (Lightning's handler); one in
+# the last, after which Lightning's validation does not stop, as training would start.
+SANITY = ["--data.batch_size", "8", "--trainer.num_sanity_val_steps", "2", "--trainer.limit_train_batches", "2",
+          "--trainer.enable_progress_bar", "false"]  # fmt: skip
+
+
+def in_sanity_check(signum: int, batch: int) -> list[str]:
+    return ["--trainer.callbacks+=faults.SignalAt", "--trainer.callbacks.in_sanity_check", "true",
+            "--trainer.callbacks.signum", str(int(signum)), "--trainer.callbacks.batch", str(batch)]  # fmt: skip
+
+
 # Runs cifar-cli's own entry point (`cifar-cli ARGS`) and sends this process the signal SIG at one moment of its
 # start-up, STAGE: as the command imports its modules, or as the trainer restores its state, the last thing before
-# Lightning installs its signal handlers.
+# Lightning installs its signal handlers (or, "sanity", nothing: faults.SignalAt sends it in the sanity check).
 STARTING = """
 import builtins, os, signal, sys
 from lightning.pytorch.trainer.connectors.checkpoint_connector import _CheckpointConnector
@@ -336,7 +347,7 @@ if os.environ["STAGE"] == "import":
         return real_import(name, *args, **kwargs)
 
     builtins.__import__ = importing
-else:
+elif os.environ["STAGE"] == "trainer":
     restore = _CheckpointConnector.restore_training_state
 
     def restoring(self):
@@ -350,18 +361,21 @@ run()
 
 
 @pytest.mark.parametrize(("stage", "signum"), [("import", signal.SIGTERM), ("trainer", signal.SIGUSR1),
-                                               ("trainer", signal.SIGTERM)])  # fmt: skip
+                                               ("trainer", signal.SIGTERM), ("sanity", signal.SIGUSR1)])  # fmt: skip
 def test_a_signal_while_the_command_starts_ends_it_in_one_line(image_folder: Path, tmp_path: Path, stage: str,
                                                                signum: int) -> None:  # fmt: skip
     """SIGTERM (a scheduler's stop) or SIGUSR1 (SLURM's warning) before Lightning takes them over killed the process
     without a word. Now one line, the exit code of a stop by that signal, and no run folder that looks like a run
-    with nothing in it: the folder the start made, with its config.yaml, is removed."""
+    with nothing in it: the folder the start made, with its config.yaml, is removed. SIGUSR1, which Lightning takes
+    only for SLURM's requeue, still killed it so during the sanity check."""
     script = tmp_path / "starting.py"
     script.write_text(STARTING)
-    env = {**os.environ, "SIG": str(int(signum)), "STAGE": stage,
-           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}  # fmt: skip
+    path = os.pathsep.join([str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])  # tests/: faults
+    env = {**os.environ, "SIG": str(int(signum)), "STAGE": stage, "PYTHONPATH": path}
     args = ["fit", "--data", "ImageFolderDataModule", "--data.root", str(image_folder), "--data.val_size", "30",
             "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1", *CSV_LOGGER]  # fmt: skip
+    if stage == "sanity":
+        args += [*SANITY, *in_sanity_check(signum, 0)]
     done = subprocess.run([sys.executable, str(script), *args], env=env, capture_output=True, text=True, timeout=300)
     name = signal.Signals(signum).name
     assert done.returncode == 128 + signum, done.stderr[-3000:]
@@ -370,17 +384,6 @@ def test_a_signal_while_the_command_starts_ends_it_in_one_line(image_folder: Pat
     )
     assert "Traceback" not in done.stderr
     assert not [p for p in Path("runs").rglob("*") if p.is_file()]
-
-
-# The sanity check's two validation batches: a signal in the first stops at its end (Lightning's handler); one in
-# the last, after which Lightning's validation does not stop, as training would start.
-SANITY = ["--data.batch_size", "8", "--trainer.num_sanity_val_steps", "2", "--trainer.limit_train_batches", "2",
-          "--trainer.enable_progress_bar", "false"]  # fmt: skip
-
-
-def in_sanity_check(signum: int, batch: int) -> list[str]:
-    return ["--trainer.callbacks+=faults.SignalAt", "--trainer.callbacks.in_sanity_check", "true",
-            "--trainer.callbacks.signum", str(int(signum)), "--trainer.callbacks.batch", str(batch)]  # fmt: skip
 
 
 @pytest.mark.parametrize(("signum", "batch"), [(signal.SIGTERM, 0), (signal.SIGTERM, 1), (signal.SIGINT, 1)])
