@@ -641,11 +641,28 @@ class Preemption(Callback):
         self._vote: _StopVote | None = None  # under DDP: the all-reduce started at the last batch end
         self._side: torch.cuda.Stream | None = None  # on a GPU: the stream that reads the votes
 
+    def on_sanity_check_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Lightning's SIGTERM handler would stop the sanity check at a batch end, under DDP on the signalled rank
+        # alone, after a broadcast within the handler that the other ranks never join: the run hung. This one notes
+        # the signal; the sanity check ends, and the ranks agree on the stop there (a Ctrl-C interrupts at once).
+        self._install((signal.SIGTERM,))
+        if trainer.received_sigterm:  # one that came as Lightning's handler went in
+            self.signal = self.signal or signal.SIGTERM
+            trainer._signal_connector.received_sigterm = False
+
+    def on_sanity_check_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._restore()
+        signalled = self.signal is not None
+        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            signalled = trainer.strategy.reduce_boolean_decision(signalled, all=False)
+        if signalled:
+            raise StoppedBeforeStart(self.signal or signal.SIGTERM)  # on another rank: as a SIGTERM
+
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        # A SIGTERM since Lightning installed its handler (in the sanity check's last batch, after which Lightning's
-        # validation does not stop, or after the sanity check) came before anything was trained: the same stop as
-        # one before, not a step of training and a checkpoint. Under DDP it may have come to one rank only: the
-        # ranks agree on it as on a signal during training (a vote read at a batch end), with no collective here.
+        # A SIGTERM since Lightning installed its handler (with no sanity check, or after it) came before anything
+        # was trained: the same stop as one before, not a step of training and a checkpoint. Under DDP it may have
+        # come to one rank only: the ranks agree on it as on a signal during training (a vote read at a batch end),
+        # with no collective here.
         if trainer.received_sigterm:
             if trainer.world_size == 1:
                 raise StoppedBeforeStart(signal.SIGTERM)
@@ -655,9 +672,12 @@ class Preemption(Callback):
         hand_signals_to_lightning()  # (SIGUSR1, kept as the start-up's stop through the sanity check)
         # Installed here, after Lightning has installed its own SIGTERM handler, which this one replaces for the
         # training (Lightning's would also stop validations halfway). Both are restored when training ends.
+        self._install((signal.SIGTERM, signal.SIGINT))
+
+    def _install(self, signums: tuple[int, ...]) -> None:
         if threading.current_thread() is not threading.main_thread():
             return
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in signums:
             self._previous[signum] = signal.getsignal(signum)
             signal.signal(signum, self._handle)
 
@@ -722,7 +742,8 @@ class Preemption(Callback):
         self._restore()
         if isinstance(exception, StoppedBeforeStart):
             launcher = trainer.strategy.launcher
-            if launcher is not None and hasattr(launcher, "procs"):
+            # (In the sanity check every rank stops alike: they agreed on it.)
+            if launcher is not None and hasattr(launcher, "procs") and not trainer.sanity_checking:
                 # The ranks this process started (Lightning's DDP launcher), which would wait for it: the same stop,
                 # as Lightning's own SIGTERM handler passes the signal on.
                 launcher.kill(exception.signum)

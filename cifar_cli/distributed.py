@@ -105,6 +105,7 @@ class _StateCarryingLauncher(_MultiProcessingLauncher):
     process exits with 143. The spawning process died at once, with no word, and left the ranks training on."""
 
     _stopped: int | None = None  # in rank 0: the exit code of a stop by a signal (Preemption's), for the launcher
+    _stopped_before: int | None = None  # in rank 0: the signal of a stop before training (in the sanity check)
     _signalled: int | None = None  # in the spawning process: the signal passed on to the ranks
     _procs: list = []
     _ignored: list[str] = []  # the messages the spawning process ignores for this run, for the ranks
@@ -164,6 +165,12 @@ class _StateCarryingLauncher(_MultiProcessingLauncher):
                 trainer._teardown()
                 self._stopped = stop.code if isinstance(stop.code, int) else 128 + signal.SIGTERM
                 return None
+            except StoppedBeforeStart as stop:
+                # Preemption's, as the sanity check ends: every rank stops alike, and the spawning process says so.
+                _interrupt(trainer, stop)
+                trainer._teardown()
+                self._stopped_before = stop.signum
+                return None
 
         super()._wrapping_function(process_idx, trainer, run, *args)
 
@@ -174,10 +181,12 @@ class _StateCarryingLauncher(_MultiProcessingLauncher):
         buffer = io.BytesIO()
         torch.save(state, buffer)  # as bytes, as Lightning sends the metrics: tensors would share memory
         return {**super().get_extra_results(trainer), "cifar_cli_state": buffer.getvalue(),
-                "cifar_cli_stopped": self._stopped}  # fmt: skip
+                "cifar_cli_stopped": self._stopped, "cifar_cli_stopped_before": self._stopped_before}  # fmt: skip
 
     def update_main_process_results(self, trainer: Trainer, extra: dict[str, Any]) -> None:
         super().update_main_process_results(trainer, extra)
+        if extra.get("cifar_cli_stopped_before"):
+            raise StoppedBeforeStart(extra["cifar_cli_stopped_before"])  # cli.main says so
         if extra.get("cifar_cli_stopped"):
             raise SystemExit(extra["cifar_cli_stopped"])  # rank 0 has said how to resume
         state = torch.load(io.BytesIO(extra["cifar_cli_state"]), weights_only=True)

@@ -221,6 +221,25 @@ def test_signal_to_one_rank_stops_every_rank_and_resume_matches(images: Path, un
     assert_same_weights(tmp_path / "steps" / last, uninterrupted / "steps" / last)
 
 
+@pytest.mark.parametrize(
+    "where",
+    [["--trainer.callbacks.rank", "1"],
+     ["--trainer.callbacks.rank", "0", "--trainer.callbacks.parent", "true", "--trainer.strategy", "ddp_spawn"]],
+    ids=["ddp-rank-1", "ddp_spawn-parent"],
+)  # fmt: skip
+def test_sigterm_in_the_sanity_check_stops_every_rank_before_training(images: Path, tmp_path: Path, where: list[str]):
+    """A SIGTERM to rank 1 alone during the validation before training hung the run: Lightning's handler broadcast
+    from within it, which rank 0 never joined. Every rank stops after the sanity check now, as before training; under
+    ddp_spawn too (a SIGTERM to the spawning process, passed on to the ranks)."""
+    signal_at = ["--trainer.callbacks+=faults.SignalAt", "--trainer.callbacks.in_sanity_check", "true", *where]
+    args = [*BASE, *ONE_NODE, "--data.root", str(images), *signal_at]
+    code, stderr = finish(start(args, tmp_path, ddp_env(free_port())), timeout=120)
+    assert code == 143, stderr[-2000:]
+    stops = [line for line in stderr.splitlines() if line.startswith("cifar-cli: stopped by")]
+    assert stops == ["cifar-cli: stopped by SIGTERM before training began: nothing was trained or saved"]
+    assert not list(tmp_path.glob("**/*.ckpt"))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("schedule", [[], ["--model.lr_schedule", "WarmupLinearDecay"]], ids=["steps", "budget"])
 def test_training_steps_wait_for_no_collective(images: Path, tmp_path: Path, schedule: list[str]) -> None:
