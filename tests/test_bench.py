@@ -340,19 +340,22 @@ def test_resume_trials_say_why_a_folder_cannot_be_used_in_one_line(tmp_path: Pat
         resume_trials(root=str(tmp_path / "images"), out=str(tmp_path / "out"))
 
 
+class Finished:
+    """A `cifar-cli fit` process of bench.resume_trial that has ended, for a `fit` replaced in the test."""
+
+    def wait(self) -> int:
+        return 0
+
+    def send_signal(self, signum: int) -> None:
+        pass
+
+
 def test_resume_trials_start_in_fresh_folders_when_run_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # A second `make bench-resume` found the first one's last.ckpt in each trial's folder: it counted as a save,
     # the kill could come before the new run had saved, and `--ckpt_path last` then resumed the old finished run.
     import bench.resume_trial as trial
 
     found = []
-
-    class Finished:
-        def wait(self) -> int:
-            return 0
-
-        def send_signal(self, signum: int) -> None:
-            pass
 
     def fit(args: list[str], cwd: Path) -> Finished:
         cwd.mkdir(parents=True, exist_ok=True)
@@ -452,13 +455,6 @@ def test_resume_trials_that_differ_end_the_command_non_zero(tmp_path: Path, monk
     # "1 of 2 ... ended with exactly the uninterrupted run's weights", and exit code 0: a CI job running
     # `make bench-resume` passed whatever resuming did.
     import bench.resume_trial as trial
-
-    class Finished:
-        def wait(self) -> int:
-            return 0
-
-        def send_signal(self, signum: int) -> None:
-            pass
 
     def fit(args: list[str], cwd: Path) -> Finished:
         checkpoint = cwd / "logs" / "version_0" / "checkpoints" / "last.ckpt"
