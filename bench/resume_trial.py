@@ -127,10 +127,15 @@ def run(
             code = fit([*data, "--ckpt_path", "last"], cwd).wait()
             if resumes > 3:
                 break
-        state = final_state(cwd)
-        equal = state.keys() == expected.keys() and all(torch.equal(state[k], expected[k]) for k in expected)
+        # A trial whose resumes all failed has no final state to compare: a row that says so, not a traceback that
+        # lost the other trials' rows.
+        finished = code == 0 and any(cwd.glob("logs/**/checkpoints/last.ckpt"))
+        state = final_state(cwd) if finished else {}
+        equal = (
+            finished and state.keys() == expected.keys() and all(torch.equal(state[k], expected[k]) for k in expected)
+        )
         rows.append({"trial": trial, "signal": kind.name, "after_saves": saves, "then_s": round(delay, 2),
-                     "exit": killed, "resumes": resumes, "checkpoints_loadable": loadable,
+                     "exit": killed, "resumes": resumes, "finished": finished, "checkpoints_loadable": loadable,
                      "equal": equal})  # fmt: skip
         print(json.dumps(rows[-1]))
     exact = sum(r["equal"] and r["checkpoints_loadable"] for r in rows)

@@ -478,6 +478,38 @@ def test_resume_trials_that_differ_end_the_command_non_zero(tmp_path: Path, monk
     assert trial.run(root=str(tmp_path), out=str(tmp_path / "out"), trials=2)["exact"] == 2
 
 
+def test_a_trial_that_never_finishes_counts_as_not_exact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A trial whose resumes all failed before saving a last.ckpt ended `make bench-resume` in a traceback
+    # (max() of no checkpoints), without the other trials' rows or results.json.
+    import bench.resume_trial as trial
+
+    class Failed(Finished):
+        def wait(self) -> int:
+            return 1
+
+    def fit(args: list[str], cwd: Path) -> Finished:
+        if cwd.name == "reference":
+            checkpoint = cwd / "logs" / "version_0" / "checkpoints" / "last.ckpt"
+            checkpoint.parent.mkdir(parents=True, exist_ok=True)
+            checkpoint.write_bytes(b"")
+            return Finished()
+        return Failed()
+
+    monkeypatch.setattr(trial, "fit", fit)
+    monkeypatch.setattr(trial, "wait_for_saves", lambda process, cwd, saves: None)
+    monkeypatch.setattr(trial, "all_loadable", lambda cwd: True)
+    monkeypatch.setattr(trial.time, "sleep", lambda seconds: None)
+    real = trial.final_state  # a trial's: none to read
+    monkeypatch.setattr(
+        trial, "final_state", lambda cwd: {"w": torch.zeros(1)} if cwd.name == "reference" else real(cwd)
+    )
+    (tmp_path / "train").mkdir()
+    with pytest.raises(SystemExit, match=r"^bench-resume: 1 of 1 resumed runs did not end"):
+        trial.run(root=str(tmp_path), out=str(tmp_path / "out"), trials=1)
+    row = json.loads((tmp_path / "out" / "results.json").read_text())["rows"][0]
+    assert row["resumes"] == 4 and row["finished"] is False and row["equal"] is False
+
+
 def test_a_smoke_run_leaves_a_whole_runs_results_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # `make bench ARGS="--smoke true"` after a 30-minute `make bench` replaced its results.json and results.txt
     # with the smoke run's numbers, and its runs' logs with the smoke runs'.
