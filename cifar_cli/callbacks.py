@@ -35,7 +35,7 @@ from torch import Tensor
 
 from cifar_cli.atomic import atomic_write, remove_empty_folders
 from cifar_cli.data import ImageDataModule
-from cifar_cli.entry import StoppedBeforeStart, hand_signals_to_lightning, keep_stopping_cleanly
+from cifar_cli.entry import STAGES, StoppedBeforeStart, hand_signals_to_lightning, keep_stopping_cleanly
 from cifar_cli.errors import UsageError
 
 
@@ -768,9 +768,7 @@ class Preemption(Callback):
             # validate, test, predict (Lightning's handler stops them at a batch end): nothing to resume, and a
             # last.ckpt in their run folder would be the newest, for the next `fit --ckpt_path last` to take.
             if trainer.is_global_zero:
-                stage = {TrainerFn.VALIDATING: "validation", TrainerFn.TESTING: "testing"}.get(
-                    trainer.state.fn, "prediction"
-                )
+                stage = STAGES[trainer.state.fn.value]  # TrainerFn's values are the subcommands' names
                 print(f"cifar-cli: stopped by {signal.Signals(signum).name} during {stage}: no results were written",
                       file=sys.stderr, flush=True)  # fmt: skip
             return
