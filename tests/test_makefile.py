@@ -181,14 +181,14 @@ def test_data_refuses_an_archive_without_train_and_leaves_nothing(tmp_path: Path
 def test_clean_keeps_a_virtual_environment_outside_the_repository(tmp_path: Path) -> None:
     # `make clean VENV=~/venvs/ml` removed the user's own environment, which make had only installed into.
     (tmp_path / "repo").mkdir()
-    (tmp_path / "shared-venv" / "bin").mkdir(parents=True)
+    (tmp_path / "user-venv" / "bin").mkdir(parents=True)
     (tmp_path / "repo" / "venv" / "bin").mkdir(parents=True)
-    done = make(tmp_path / "repo", "clean", f"VENV={tmp_path / 'shared-venv'}")
+    done = make(tmp_path / "repo", "clean", f"VENV={tmp_path / 'user-venv'}")
     assert done.returncode == 0, done.stderr
-    assert (tmp_path / "shared-venv" / "bin").is_dir()
-    assert f"make clean: kept {tmp_path / 'shared-venv'}, a virtual environment outside the repository" in done.stdout
-    done = make(tmp_path / "repo", "clean", "VENV=../shared-venv")
-    assert done.returncode == 0 and (tmp_path / "shared-venv" / "bin").is_dir()
+    assert (tmp_path / "user-venv" / "bin").is_dir()
+    assert f"make clean: kept {tmp_path / 'user-venv'}, a virtual environment outside the repository" in done.stdout
+    done = make(tmp_path / "repo", "clean", "VENV=../user-venv")
+    assert done.returncode == 0 and (tmp_path / "user-venv" / "bin").is_dir()
     done = make(tmp_path / "repo", "clean", "VENV=venv")
     assert done.returncode == 0 and not (tmp_path / "repo" / "venv").exists()
     (tmp_path / "repo" / ".venv" / "bin").mkdir(parents=True)
