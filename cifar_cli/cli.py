@@ -689,6 +689,7 @@ class CifarCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         plain_numbers(config)
         trainer = config["trainer"]
+        record_wandb_mode(trainer.get("logger"))
         check_accelerator(trainer, config.get("config"))
         check_trainer_values(trainer)
         endless = trainer.get("max_epochs") == -1 and trainer.get("max_steps") in (None, -1)
@@ -1028,6 +1029,7 @@ class CifarCLI(LightningCLI):
                 self._parse_arguments(parser, args)
                 subcommand = self.config["subcommand"]
                 plain_numbers(self.config[subcommand])
+                record_wandb_mode(self.config[subcommand]["trainer"].get("logger"))
                 self._move_optimizer_flags(subcommand)
         except ArgumentError:
             # An incomplete config (`--data ImageFolderDataModule` without its root), which jsonargparse prints as a
@@ -1521,6 +1523,24 @@ def wandb_offline() -> bool:
     all the same, and WANDB_MODE=online, which W&B's own line advises, logged offline. A config or flag that sets
     `offline` wins over the variable."""
     return os.environ.get("WANDB_MODE", "offline").strip().lower() not in ("online", "run", "disabled")
+
+
+# WANDB_MODE's values that W&B runs without a server, and the `mode` of `wandb.init` that runs the same.
+WANDB_MODES_WITHOUT_SERVER = {"disabled": "disabled", "offline": "offline", "dryrun": "offline"}
+
+
+def record_wandb_mode(logger: Any) -> None:
+    """The mode W&B takes from WANDB_MODE, written into the W&B logger's `mode` where `offline: false` leaves it to the
+    variable (WANDB_MODE=disabled, or `--trainer.logger.offline false` beside WANDB_MODE=offline): config.yaml said
+    `offline: false` alone, and the same config run again without the variable logged live, or failed without a W&B
+    login. The logger hands `mode` to `wandb.init`, which runs as the variable did. A mode given is kept."""
+    mode = WANDB_MODES_WITHOUT_SERVER.get(os.environ.get("WANDB_MODE", "").strip().lower())
+    for entry in logger if isinstance(logger, list) else [logger]:
+        init = entry.get("init_args") if isinstance(entry, (dict, Namespace)) else None
+        if mode is None or init is None or not str(entry.get("class_path", "")).endswith(".WandbLogger"):
+            continue
+        if init.get("offline") is False and init.get("mode") is None:
+            init["mode"] = mode
 
 
 def wandb_dir_from_env(trainer: Trainer) -> None:

@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+import wandb
 import yaml
 from conftest import write_image_folder
 from wandb_offline import read_run
@@ -435,6 +436,30 @@ def test_wandb_mode_disabled_writes_no_wandb_run(fake_cifar10: Path, monkeypatch
     (run,) = Path("runs/cifar-cli").iterdir()
     assert (run / "metrics.csv").exists() and list((run / "checkpoints").glob("epoch=*.ckpt"))
     assert "wandb sync" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("mode", "flags", "wandb_runs"), [("disabled", [], 0), ("offline", ["--trainer.logger.offline", "false"], 2)]
+)
+def test_run_config_runs_again_as_wandb_mode_ran(
+    mode: str, flags: list[str], wandb_runs: int, fake_cifar10: Path, monkeypatch, capsys
+) -> None:
+    """config.yaml records the mode W&B took from WANDB_MODE where the logger's `offline: false` left it to the
+    variable: it said `offline: false` alone, and the same config run again without the variable logged live (here,
+    with no W&B login, it failed)."""
+    monkeypatch.setenv("WANDB_MODE", mode)
+    main(["fit", *cifar_args(fake_cifar10), "--trainer.max_epochs", "1", *flags])
+    (run,) = Path("runs/cifar-cli").iterdir()
+    monkeypatch.delenv("WANDB_MODE")
+    wandb.teardown()  # W&B keeps the settings it read from the environment for the process: read them again
+    main(["fit", "--config", str(run / "config.yaml")])
+    assert len(list(Path("runs/cifar-cli").iterdir())) == 2
+    assert len(list(Path("runs/wandb").glob("offline-run-*"))) == wandb_runs
+    # A mode asked for live: config.yaml says offline: false alone, as before.
+    monkeypatch.setenv("WANDB_MODE", "online")
+    capsys.readouterr()
+    logger = yaml.safe_load(print_config(capsys))["trainer"]["logger"]["init_args"]
+    assert (logger["offline"], logger["mode"]) == (False, None)
 
 
 @pytest.mark.parametrize(("mode", "offline"), [("online", False), ("disabled", False), ("offline", True)])
