@@ -74,11 +74,13 @@ bench-gpu: $(VENV)/.installed-dev data
 
 # For a GPU machine without network whose Python has torch, torchvision, lightning, torchmetrics, rich and pytest:
 # `make gpu-bundle` gathers here what else the GPU check needs (jsonargparse's wheels, the JPEG archive) into
-# bundle/ (17 MB); copy the repository with it there and run `bench/gpu-offline.sh OUT_DIR`.
+# bundle/ (17 MB); copy the repository with it there and run `bench/gpu-offline.sh OUT_DIR`. An archive that
+# `make data` would refuse is refused here, before bundle/ is touched: on the GPU machine it failed after the start-up.
 BUNDLE_WHEELS := jsonargparse==4.53.0 docstring_parser==0.18.0 typeshed_client==2.15.0
 gpu-bundle: $(BIN)/python
 	@test -f "$(CIFAR10_JPG)" || \
 		{ echo "make gpu-bundle: no CIFAR-10 JPEG archive at '$(CIFAR10_JPG)'; set CIFAR10_JPG=path/to/cifar10-train-jpg.tar.gz"; exit 2; }
+	@sh bench/jpg-archive.sh "make gpu-bundle" "$(CIFAR10_JPG)"
 	rm -rf bundle.partial && mkdir -p bundle.partial/wheels
 	$(BIN)/pip download -q --no-deps --only-binary=:all: -d bundle.partial/wheels $(BUNDLE_WHEELS)
 	cp "$(CIFAR10_JPG)" bundle.partial/cifar10-train-jpg.tar.gz
@@ -91,22 +93,16 @@ bench-resume: $(VENV)/.installed data
 	$(BIN)/python -m bench.resume_trial $(ARGS)
 
 # Unpack the JPEG copy into data/cifar10-jpg/train/<class>/, for configs/cifar10-jpg.yaml.
-# Unpacked beside, then renamed: an interrupted unpack leaves no half-filled data/cifar10-jpg.
-# tar's own lines on a damaged archive (three, from gzip and tar) name neither the target nor the variable to set.
-# An archive of another layout is refused before it is marked unpacked: marked, it failed only in `make fit`, and stayed.
+# bench/jpg-archive.sh unpacks it beside, then renames: an interrupted unpack leaves no half-filled data/cifar10-jpg.
+# It says in one line what tar's own lines on a damaged archive (three, from gzip and tar) did not: the target and
+# the variable to set. An archive of another layout is refused before it is marked unpacked: marked, it failed only
+# in `make fit`, and stayed. gpu-bundle and bench/gpu-offline.sh check the layout with the same script.
 # The archive is a prerequisite only where it exists: a copy unpacked before needs no archive any more.
 data: data/cifar10-jpg/.unpacked
 data/cifar10-jpg/.unpacked: $(CIFAR10_JPG_FOUND)
 	@test -f "$(CIFAR10_JPG)" || \
 		{ echo "make data: no CIFAR-10 JPEG archive at '$(CIFAR10_JPG)'; set CIFAR10_JPG=path/to/cifar10-train-jpg.tar.gz"; exit 2; }
-	rm -rf data/cifar10-jpg.partial && mkdir -p data/cifar10-jpg.partial
-	@echo "tar -xzf '$(CIFAR10_JPG)' -C data/cifar10-jpg.partial"
-	@tar -xzf "$(CIFAR10_JPG)" -C data/cifar10-jpg.partial 2>/dev/null || \
-		{ rm -rf data/cifar10-jpg.partial; echo "make data: could not unpack '$(CIFAR10_JPG)': not a .tar.gz archive, a damaged one, or the disk is full"; exit 2; }
-	@test -d data/cifar10-jpg.partial/train || \
-		{ rm -rf data/cifar10-jpg.partial; echo "make data: '$(CIFAR10_JPG)' holds no train/ folder: expected train/<class>/<image>.jpg, as in the CIFAR-10 JPEG copy"; exit 2; }
-	touch data/cifar10-jpg.partial/.unpacked
-	rm -rf data/cifar10-jpg && mv data/cifar10-jpg.partial data/cifar10-jpg
+	@sh bench/jpg-archive.sh "make data" "$(CIFAR10_JPG)" data/cifar10-jpg
 
 # build/ and *.egg-info: what `pip install .` (not editable) or `pip wheel .` leave in the tree.
 # A VENV outside the repository is the user's own environment, which make only installed into: it stays.

@@ -22,11 +22,12 @@ export PYTHONPATH="$site:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 if [ ! -f data/cifar10-jpg/.unpacked ]; then
     [ -f bundle/cifar10-train-jpg.tar.gz ] \
         || { echo "gpu-offline: no bundle/cifar10-train-jpg.tar.gz to unpack (run make gpu-bundle first)" >&2; exit 2; }
-    rm -rf data/cifar10-jpg.partial && mkdir -p data/cifar10-jpg.partial
-    tar -xzf bundle/cifar10-train-jpg.tar.gz -C data/cifar10-jpg.partial || exit 2
-    touch data/cifar10-jpg.partial/.unpacked
-    rm -rf data/cifar10-jpg && mv data/cifar10-jpg.partial data/cifar10-jpg
+    sh bench/jpg-archive.sh gpu-offline bundle/cifar10-train-jpg.tar.gz data/cifar10-jpg >&2 || exit 2
 fi
+# The layout checked before any step, as `make data` checks it: a folder of another layout (marked unpacked by an
+# earlier script, which did not check) failed in the first step, after the GPU machine's start-up.
+error=$(sh bench/jpg-archive.sh gpu-offline data/cifar10-jpg) \
+    || { echo "$error (remove data/cifar10-jpg to unpack bundle/cifar10-train-jpg.tar.gz again)" >&2; exit 2; }
 # results.json goes straight to OUT_DIR and is rewritten after every step: a call killed at the device's time
 # limit still returns the steps it finished.
 "$python" -m bench.gpu --out runs/bench-gpu --results "$out" "$@" 2>&1 | tee "$out/log.txt"

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -541,3 +542,45 @@ def test_gpu_offline_script_removes_its_installed_wheels(tmp_path: Path) -> None
                           text=True, env=env)  # fmt: skip
     assert done.returncode == 2 and "no bundle/cifar10-train-jpg.tar.gz" in done.stderr
     assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_gpu_offline_script_checks_the_data_s_layout_before_any_step(tmp_path: Path) -> None:
+    # An archive of another layout was unpacked and marked as the JPEG copy: the GPU check's first step failed on it,
+    # on the GPU machine, after its start-up.
+    (tmp_path / "bench").mkdir()
+    for script in ("gpu-offline.sh", "jpg-archive.sh"):
+        shutil.copy(REPO / "bench" / script, tmp_path / "bench")
+    (tmp_path / "bundle" / "wheels").mkdir(parents=True)
+    (tmp_path / "bundle" / "wheels" / "jsonargparse-4.53.0-py3-none-any.whl").touch()  # installed by `true`
+    (tmp_path / "src" / "cifar" / "train" / "cat").mkdir(parents=True)
+    (tmp_path / "src" / "cifar" / "train" / "cat" / "0.jpg").write_bytes(b"jpeg")
+    with tarfile.open(tmp_path / "bundle" / "cifar10-train-jpg.tar.gz", "w:gz") as archive:
+        archive.add(tmp_path / "src" / "cifar", arcname="cifar")
+    script = [str(tmp_path / "bench" / "gpu-offline.sh"), str(tmp_path / "out")]
+    done = subprocess.run(script, capture_output=True, text=True, env={**os.environ, "PYTHON": "true"})
+    assert done.returncode == 2
+    assert done.stderr.splitlines()[-1] == (
+        "gpu-offline: 'bundle/cifar10-train-jpg.tar.gz' holds no train/ folder: expected train/<class>/<image>.jpg, "
+        "as in the CIFAR-10 JPEG copy"
+    )
+    assert "tar:" not in done.stderr and "gzip:" not in done.stderr
+    assert not (tmp_path / "data" / "cifar10-jpg").exists() and not (tmp_path / "data" / "cifar10-jpg.partial").exists()
+    assert not (tmp_path / "out" / "log.txt").exists()  # no step started
+    # A folder marked unpacked that lacks train/ (unpacked by hand, or by an earlier script) is refused as well.
+    (tmp_path / "data" / "cifar10-jpg" / "cifar").mkdir(parents=True)
+    (tmp_path / "data" / "cifar10-jpg" / ".unpacked").touch()
+    done = subprocess.run(script, capture_output=True, text=True, env={**os.environ, "PYTHON": "true"})
+    assert done.returncode == 2
+    assert done.stderr == (
+        "gpu-offline: data/cifar10-jpg holds no train/ folder: expected train/<class>/<image>.jpg, as in the "
+        "CIFAR-10 JPEG copy (remove data/cifar10-jpg to unpack bundle/cifar10-train-jpg.tar.gz again)\n"
+    )
+    assert not (tmp_path / "out" / "log.txt").exists()
+    # The right archive is unpacked, and the check runs.
+    shutil.rmtree(tmp_path / "data")
+    with tarfile.open(tmp_path / "bundle" / "cifar10-train-jpg.tar.gz", "w:gz") as archive:
+        archive.add(tmp_path / "src" / "cifar" / "train", arcname="train")
+    done = subprocess.run(script, capture_output=True, text=True, env={**os.environ, "PYTHON": "true"})
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "data" / "cifar10-jpg" / "train" / "cat" / "0.jpg").read_bytes() == b"jpeg"
+    assert (tmp_path / "data" / "cifar10-jpg" / ".unpacked").exists() and (tmp_path / "out" / "log.txt").exists()

@@ -18,6 +18,8 @@ def make(folder: Path, *args: str) -> subprocess.CompletedProcess:
     """`make ARGS` in `folder` as a user runs it: not as a sub-make of `make test`, which prints the folders it
     enters and leaves."""
     shutil.copy(REPO / "Makefile", folder / "Makefile")
+    (folder / "bench").mkdir(exist_ok=True)
+    shutil.copy(REPO / "bench" / "jpg-archive.sh", folder / "bench")  # the layout check of data and gpu-bundle
     # Nor with the variables a `make test VENV=...` line sets, which make exports to the tests.
     outer = ("MAKELEVEL", "MAKEFLAGS", "MFLAGS", "VENV", "CIFAR10_JPG", "ARGS", "DATA_CONFIG", "PYTHON")
     env = {k: v for k, v in os.environ.items() if k not in outer}
@@ -109,7 +111,7 @@ def test_make_alone_lists_every_target_and_builds_nothing(tmp_path: Path) -> Non
     phony = next(line for line in (REPO / "Makefile").read_text().splitlines() if line.startswith(".PHONY:"))
     listed = [line.split()[1] for line in done.stdout.splitlines() if line.startswith("make ")]
     assert sorted(listed) == sorted(set(phony.split()[1:]) - {"help"})
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["Makefile"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["Makefile", "bench"]
 
 
 def test_data_from_a_damaged_archive_says_so_in_one_line_and_leaves_nothing(tmp_path: Path) -> None:
@@ -153,11 +155,15 @@ def test_gpu_bundle_copies_an_archive_whose_path_has_spaces(tmp_path: Path) -> N
     (tmp_path / "venv" / "bin" / "python").touch()
     (tmp_path / "venv" / "bin" / "pip").write_text("#!/bin/sh\n")  # the wheels' download, not tried here
     (tmp_path / "venv" / "bin" / "pip").chmod(0o755)
+    (tmp_path / "src" / "train" / "cat").mkdir(parents=True)
+    (tmp_path / "src" / "train" / "cat" / "0.jpg").write_bytes(b"jpeg")
     (tmp_path / "my data").mkdir()
-    (tmp_path / "my data" / "images.tar.gz").write_bytes(b"archive")
+    with tarfile.open(tmp_path / "my data" / "images.tar.gz", "w:gz") as archive:
+        archive.add(tmp_path / "src" / "train", arcname="train")
     done = make(tmp_path, "gpu-bundle", "VENV=venv", "CIFAR10_JPG=my data/images.tar.gz")
     assert done.returncode == 0, done.stdout + done.stderr
-    assert (tmp_path / "bundle" / "cifar10-train-jpg.tar.gz").read_bytes() == b"archive"
+    copied = (tmp_path / "bundle" / "cifar10-train-jpg.tar.gz").read_bytes()
+    assert copied == (tmp_path / "my data" / "images.tar.gz").read_bytes()
     assert not (tmp_path / "bundle.partial").exists()
 
 
@@ -193,3 +199,34 @@ def test_clean_keeps_a_virtual_environment_outside_the_repository(tmp_path: Path
     assert done.returncode == 0 and not (tmp_path / "repo" / "venv").exists()
     (tmp_path / "repo" / ".venv" / "bin").mkdir(parents=True)
     assert make(tmp_path / "repo", "clean").returncode == 0 and not (tmp_path / "repo" / ".venv").exists()
+
+
+def test_gpu_bundle_refuses_an_archive_without_train_and_leaves_nothing(tmp_path: Path) -> None:
+    # It was copied into bundle/ as it was: the GPU check then failed on the GPU machine, after its start-up.
+    (tmp_path / "venv" / "bin").mkdir(parents=True)
+    (tmp_path / "venv" / "bin" / "python").touch()
+    (tmp_path / "venv" / "bin" / "pip").write_text("#!/bin/sh\n")  # the wheels' download, not tried here
+    (tmp_path / "venv" / "bin" / "pip").chmod(0o755)
+    (tmp_path / "src" / "cifar" / "train" / "cat").mkdir(parents=True)
+    (tmp_path / "src" / "cifar" / "train" / "cat" / "0.jpg").write_bytes(b"jpeg")
+    with tarfile.open(tmp_path / "nested.tar.gz", "w:gz") as archive:
+        archive.add(tmp_path / "src" / "cifar", arcname="cifar")
+    (tmp_path / "bad.tar.gz").write_text("junk\n")
+    expected = {
+        "nested.tar.gz": "make gpu-bundle: 'nested.tar.gz' holds no train/ folder: expected train/<class>/<image>.jpg, "
+        "as in the CIFAR-10 JPEG copy",
+        "bad.tar.gz": "make gpu-bundle: could not read 'bad.tar.gz': not a .tar.gz archive, or a damaged one",
+    }
+    for archive, line in expected.items():
+        done = make(tmp_path, "gpu-bundle", "VENV=venv", f"CIFAR10_JPG={archive}")
+        assert done.returncode == 2
+        assert done.stdout.splitlines() == [line] and "tar:" not in done.stderr and "gzip:" not in done.stderr
+        assert not (tmp_path / "bundle").exists() and not (tmp_path / "bundle.partial").exists()
+    # The layout `make data` accepts, listed as tar lists a folder packed as `.`, is bundled.
+    with tarfile.open(tmp_path / "dotted.tar.gz", "w:gz") as archive:
+        archive.add(tmp_path / "src" / "cifar", arcname=".")
+    done = make(tmp_path, "gpu-bundle", "VENV=venv", "CIFAR10_JPG=dotted.tar.gz")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (tmp_path / "bundle" / "cifar10-train-jpg.tar.gz").read_bytes() == (tmp_path / "dotted.tar.gz").read_bytes()
+    assert make(tmp_path, "data", "CIFAR10_JPG=dotted.tar.gz").returncode == 0
+    assert (tmp_path / "data" / "cifar10-jpg" / "train" / "cat" / "0.jpg").read_bytes() == b"jpeg"
