@@ -613,12 +613,13 @@ def remove_unstarted_run(trainer: Trainer, since: float) -> None:
 
 
 class Preemption(Callback):
-    """A clean stop on SIGTERM (schedulers, spot instances, `kill`) and SIGINT (Ctrl-C) during training.
+    """A clean stop on SIGTERM (schedulers, spot instances, `kill`) and SIGINT (Ctrl-C) during training, and on
+    SIGUSR1 (SLURM's warning before its time limit) where Lightning's SLURM requeue does not take it.
 
     The signal is noted, and training stops at the end of the current training batch; a validation under way is
     finished first, never cut short (with weight averaging, the module holds the averaged weights during
     validation: a checkpoint taken there would lose the raw ones). `last.ckpt` is saved there, one line on
-    stderr gives the command that resumes, and the process exits with 128 + the signal's number (143, 130), as a
+    stderr gives the command that resumes, and the process exits with 128 + the signal's number (143, 130, 138), as a
     shell reports a process stopped by it. A second Ctrl-C stops at once, without saving.
 
     Under DDP a signal to any rank stops every rank at the same step, one batch later than a single process stops:
@@ -672,7 +673,11 @@ class Preemption(Callback):
         hand_signals_to_lightning()  # (SIGUSR1, kept as the start-up's stop through the sanity check)
         # Installed here, after Lightning has installed its own SIGTERM handler, which this one replaces for the
         # training (Lightning's would also stop validations halfway). Both are restored when training ends.
-        self._install((signal.SIGTERM, signal.SIGINT))
+        # SIGUSR1 too where Lightning left it at its default action, which ended the process at once, with no
+        # last.ckpt and no word: Lightning takes it only for SLURM's requeue (SLURMEnvironment's auto_requeue),
+        # whose handler stays.
+        unhandled = signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
+        self._install((signal.SIGTERM, signal.SIGINT, *((signal.SIGUSR1,) if unhandled else ())))
 
     def _install(self, signums: tuple[int, ...]) -> None:
         if threading.current_thread() is not threading.main_thread():

@@ -1988,12 +1988,13 @@ def main(args: ArgsType = None) -> None:
     except SystemExit as stop:
         code = stop.code if isinstance(stop.code, int) else 1
         wandb = sys.modules.get("wandb")
-        if code in (128 + signal.SIGTERM, 128 + signal.SIGINT) and wandb is not None and not UNSTARTED_RUN:
+        stopped = code in (128 + signal.SIGTERM, 128 + signal.SIGINT, 128 + signal.SIGUSR1)
+        if stopped and wandb is not None and not UNSTARTED_RUN:
             # What a stopped offline run logged is kept, and W&B's closing lines that name it are off (WANDB_QUIET):
             # without this line only the run's resumption would have said how to upload it.
             if (line := sync_line(wandb.run)) is not None:
                 print(line, file=sys.stderr, flush=True)
-        # A run stopped by a signal (Preemption: exit code 143 or 130) too, with that code, as the hook would.
+        # A run stopped by a signal (Preemption: exit code 143, 130 or 138) too, with that code, as the hook would.
         finish_wandb_run(code)
         raise
     except Exception as err:

@@ -386,6 +386,44 @@ def test_a_signal_while_the_command_starts_ends_it_in_one_line(image_folder: Pat
     assert not [p for p in Path("runs").rglob("*") if p.is_file()]
 
 
+@pytest.mark.parametrize("slurm", ["none", "without-requeue", "requeue"])
+def test_sigusr1_during_training_stops_as_sigterm_does_unless_slurm_requeues(image_folder: Path, slurm: str) -> None:
+    """SIGUSR1 (SLURM's warning before its time limit, `--signal=SIGUSR1@90`) during training, where Lightning takes
+    it for no requeue, killed the process at once (the signal's default action): no last.ckpt, no word, exit -10.
+    It stops as a SIGTERM does, with 128 + 10; under SLURM with auto_requeue, Lightning's requeue handles it as
+    before: its hpc_ckpt_1.ckpt, and training goes on (`scontrol`, missing here, fails with a warning)."""
+    path = os.pathsep.join([str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])  # tests/: faults
+    env = {**os.environ, "PYTHONPATH": path, **(SLURM_JOB if slurm != "none" else {})}
+    plugins = ["--trainer.plugins", "SLURMEnvironment", "--trainer.plugins.auto_requeue", str(slurm == "requeue")]
+    args = ["fit", "--data", "ImageFolderDataModule", "--data.root", str(image_folder), "--data.val_size", "30",
+            "--data.batch_size", "8", "--trainer.limit_train_batches", "4", "--trainer.max_epochs", "2",
+            *(CSV_LOGGER if slurm != "none" else []), "--trainer.enable_progress_bar", "false",
+            "--trainer.callbacks+=faults.SignalAt",
+            "--trainer.callbacks.signum", str(int(signal.SIGUSR1)),
+            "--trainer.callbacks.batch", "2", *(plugins if slurm != "none" else [])]  # fmt: skip
+    done = subprocess.run([sys.executable, "-m", "cifar_cli", *args], env=env, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    if slurm == "requeue":
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert Path("hpc_ckpt_1.ckpt").is_file() and "stopped by" not in done.stderr
+        (last,) = Path("runs").glob("**/checkpoints/last.ckpt")
+        assert torch.load(last, weights_only=True)["global_step"] == 8  # trained to the end
+        return
+    assert done.returncode == 128 + signal.SIGUSR1, done.stderr[-3000:]
+    (last,) = Path("runs").glob("**/checkpoints/last.ckpt")
+    config = last.parent.parent / "config.yaml"
+    lines = [line for line in done.stderr.splitlines() if line.startswith("cifar-cli: stopped by")]
+    assert lines == [
+        f"cifar-cli: stopped by SIGUSR1 in epoch 1/2, step 3; resume with: cifar-cli fit --config {config} "
+        f"--ckpt_path {last}"
+    ]
+    if slurm == "none":  # with the default W&B logger, offline: how to upload what it logged, as after a SIGTERM
+        (part,) = Path("runs/wandb").glob(f"offline-run-*-{last.parent.parent.name}")
+        assert f"\nUpload to W&B: wandb sync {part}\n" in done.stderr
+    assert torch.load(last, weights_only=True)["global_step"] == 3  # the batch under way when the signal came
+    assert not Path("hpc_ckpt_1.ckpt").exists()
+
+
 @pytest.mark.parametrize(("signum", "batch"), [(signal.SIGTERM, 0), (signal.SIGTERM, 1), (signal.SIGINT, 1)])
 def test_a_signal_during_the_sanity_check_stops_before_training_began(fake_cifar10: Path, capfd, signum: int,
                                                                       batch: int) -> None:  # fmt: skip
