@@ -149,6 +149,8 @@ FIT_METRICS = (
     "fit_time"
 )
 TEST_CKPT = ["test", "--ckpt_path", "model.ckpt"]
+# The pickled `open` names its module: io in Python 3.11, _io from 3.12 on.
+OPEN = f"{open.__module__}.open"
 CLASSES_AB = {"a": 4, "b": 4}
 CASES = [
     # Flags: sizes, types, names, choices.
@@ -1004,13 +1006,13 @@ CASES = [
     Case(
         "ckpt_pickle_runs_code",
         TEST_CKPT,
-        "weights-only loading refuses (GLOBAL io.open)",
+        f"weights-only loading refuses (GLOBAL {OPEN})",
         ckpt={"state_dict": {}, "x": Payload(Path("pwned"))},
     ),
     Case(
         "ckpt_plain_pickle_runs_code",
         TEST_CKPT,
-        "weights-only loading refuses (GLOBAL io.open)",
+        f"weights-only loading refuses (GLOBAL {OPEN})",
         setup=lambda: pickle_payload("model.ckpt"),
     ),
     Case(

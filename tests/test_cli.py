@@ -723,12 +723,12 @@ def test_the_command_runs_with_the_imports_frozen(monkeypatch: pytest.MonkeyPatc
     frozen = []
     real_main = cli.main
     monkeypatch.setattr(cli, "main", lambda: frozen.append(gc.get_freeze_count()))
-    assert gc.get_freeze_count() == 0
+    before = gc.get_freeze_count()  # 375 as Python 3.12.1 starts; 0 in 3.11 and 3.13
     try:
         cli.run()
     finally:
         gc.unfreeze()
-    assert frozen[0] > 100_000  # torch and Lightning alone make several hundred thousand objects
+    assert frozen[0] > before + 100_000  # torch and Lightning alone make several hundred thousand objects
     with pytest.raises(SystemExit):
         real_main(["fit", "--help"])
     assert gc.get_freeze_count() == 0
