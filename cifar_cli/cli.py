@@ -2008,8 +2008,8 @@ def main(args: ArgsType = None) -> None:
         if wandb_error is not None and not debug:
             # Going live without a login (outside a terminal, where W&B cannot ask for the key) or without a
             # connection: W&B's own error, in one line.
-            if wandb_offline():
-                why = "the default logs offline: --trainer.logger.offline true"
+            if wandb_offline():  # the logger's offline: false, from a flag or a config (a run's config.yaml)
+                why = "its offline: false asks for a live run; the default logs offline: --trainer.logger.offline true"
             else:  # WANDB_MODE=online made the default a live run
                 mode = os.environ["WANDB_MODE"]
                 why = f"WANDB_MODE={mode} asks for a live run; offline: --trainer.logger.offline true"

@@ -1344,8 +1344,12 @@ def test_evaluating_without_a_checkpoint_says_the_weights_are_untrained(fake_cif
 
 def test_wandb_failing_to_start_live_is_one_line(fake_cifar10: Path, capfd, monkeypatch: pytest.MonkeyPatch) -> None:
     """Going live without a login where W&B cannot ask for one (a batch job): its error, not its traceback."""
+    import functools
+
     import wandb
 
+    # wandb.init's signature kept: jsonargparse reads the W&B logger's keyword arguments (`mode`) from it.
+    @functools.wraps(wandb.init)
     def no_login(**kwargs: object) -> None:
         raise wandb.errors.UsageError("No API key configured. Use `wandb login` to log in.")
 
@@ -1355,8 +1359,8 @@ def test_wandb_failing_to_start_live_is_one_line(fake_cifar10: Path, capfd, monk
     assert stop.value.code == 1
     err = capfd.readouterr().err
     assert err.strip().splitlines()[-1] == (
-        "cifar-cli: error: W&B: No API key configured. Use `wandb login` to log in. (the default logs offline: "
-        "--trainer.logger.offline true, then `wandb sync`)"
+        "cifar-cli: error: W&B: No API key configured. Use `wandb login` to log in. (its offline: false asks for a "
+        "live run; the default logs offline: --trainer.logger.offline true, then `wandb sync`)"
     )
     assert "Traceback" not in err
     # WANDB_MODE=online makes the default a live run: the line said the default logs offline.
