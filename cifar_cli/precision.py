@@ -36,7 +36,9 @@ def default_precision(accelerator: object) -> tuple[str, str] | None:
     name = accelerator if isinstance(accelerator, str) else None if accelerator is None else "other"
     if name in (None, "auto", "gpu", "cuda") and torch.cuda.is_available():
         gpu = torch.cuda.get_device_name()
-        if torch.cuda.is_bf16_supported():
+        # Not where bf16 is only emulated (pre-Ampere: a T4, a V100), which torch's check counts by default: there
+        # it runs about as slow as fp32, and fp16 has the tensor cores.
+        if torch.cuda.is_bf16_supported(including_emulation=False):
             return "bf16-mixed", f"{gpu} supports bf16"
         return "16-mixed", f"{gpu} has no bf16"
     if name in (None, "auto", "cpu"):

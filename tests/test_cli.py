@@ -12,6 +12,7 @@ import subprocess
 import sys
 import zipfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -1174,6 +1175,19 @@ def test_default_precision_follows_the_hardware(monkeypatch, cuda, gpu_bf16, cpu
     monkeypatch.setattr(precision, "cpu_bf16", lambda: cpu_bf16)
     chosen = precision.default_precision(accelerator)
     assert (chosen and chosen[0]) == expected
+
+
+@pytest.mark.parametrize(("major", "name", "expected"), [(7, "Tesla T4", "16-mixed"), (9, "NVIDIA H100", "bf16-mixed")])
+def test_gpu_precision_is_bf16_only_where_the_gpu_computes_it(monkeypatch, major, name, expected) -> None:
+    """torch's `is_bf16_supported()` also says yes where bf16 is only emulated (a T4, a V100: a bf16 tensor can be
+    made there), about as slow as fp32; those GPUs have fp16 tensor cores, so 16-mixed. torch's own check runs here,
+    over a GPU of compute capability `major` whose bf16 tensors can be made."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda *a: SimpleNamespace(major=major, name=name))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: name)
+    monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda device: True)
+    assert precision.default_precision("gpu") == (expected, f"{name} {'has no' if major < 8 else 'supports'} bf16")
 
 
 def test_precision_is_chosen_once_said_in_one_line_and_recorded(fake_cifar10: Path, caplog, monkeypatch) -> None:
