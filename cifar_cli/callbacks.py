@@ -423,7 +423,9 @@ class LastCheckpoint(ModelCheckpoint):
         due = bool(self.every_n_steps) and trainer.global_step % self.every_n_steps == 0
         if self.every_n_minutes and (trainer.world_size == 1 or trainer.global_step % TIME_CHECK_STEPS == 0):
             late = time.monotonic() - self._last_save >= 60 * self.every_n_minutes
-            due = trainer.strategy.broadcast(late) or due
+            # Rank 0's clock for every rank; with one rank (DDP in a world of one too) there is no one to tell, and
+            # Lightning's broadcast would still send a pickled object through the GPU and back every step.
+            due = (trainer.strategy.broadcast(late) if trainer.world_size > 1 else late) or due
         if due:
             self.save(trainer)
 

@@ -412,3 +412,46 @@ def test_steps_that_log_nothing_convert_no_progress_bar_value(image_folder: Path
     assert set(lightnings) == set(range(1, 13))  # after every step
     assert set(ours) == {1, 4, 8, 12}  # after the logged steps 0, 3, 7 and 11 (and the epoch's end)
     assert ours.count(4) == ours.count(8) == 2  # the two prog_bar metrics, once each
+
+
+def test_last_checkpoint_broadcasts_nothing_a_step_in_a_world_of_one(image_folder: Path, monkeypatch) -> None:
+    """configs/ddp.yaml on a machine with one GPU runs DDP in one process: LastCheckpoint's time check, read every
+    step there, broadcast rank 0's verdict every step (under NCCL a pickled object through the GPU and back: a wait
+    for the GPU each step) to a world of one, where there is no other rank to tell."""
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from cifar_cli.callbacks import LastCheckpoint
+
+    class Steps(Callback):
+        """Marks the epoch's steps: from its first batch's start to the epoch's end."""
+
+        stepping = False
+
+        def on_train_batch_start(self, *args) -> None:
+            self.stepping = True
+
+        def on_train_epoch_end(self, *args) -> None:
+            self.stepping = False
+
+    steps = Steps()
+    broadcast_at: list[int] = []  # the step after which each broadcast within the epoch's steps came
+    original = DDPStrategy.broadcast
+
+    def broadcast(self, obj, src=0):
+        if steps.stepping:
+            broadcast_at.append(self.lightning_module.trainer.global_step)
+        return original(self, obj, src)
+
+    monkeypatch.setattr(DDPStrategy, "broadcast", broadcast)
+    data = ImageFolderDataModule(str(image_folder), val_size=30, batch_size=8)
+    model = ImageClassifier(TutorialCNN(3), class_names=["cat", "dog", "frog"])
+    trainer = Trainer(max_epochs=1, limit_val_batches=0, accelerator="cpu", devices=1, strategy="ddp", logger=False,
+                      callbacks=[steps, LastCheckpoint(every_n_minutes=10)], enable_progress_bar=False,
+                      enable_model_summary=False, default_root_dir="run")  # fmt: skip
+    try:
+        trainer.fit(model, data)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    assert trainer.global_step == 11  # 90 images, batch 8
+    assert broadcast_at == []
