@@ -8,7 +8,7 @@ least that runs it here:
   ToTensor, Normalize per sample), the same per-sample path.
 - The test set is a held-out part of the training images; the 45,000/5,000 split becomes (rest)/5,000.
 - Lightning 2 APIs: Accuracy(task=...), TQDMProgressBar(refresh_rate=20) for `progress_bar_refresh_rate=20`,
-  the accelerator found instead of `gpus=1`; the logger runs offline.
+  the accelerator found and one device of it for `gpus=1`; the logger runs offline.
 - Where wandb is not installed (the GPU check's machine may lack it), the logger is a CSVLogger and the image
   callback computes its predictions but has nowhere to log them.
 - A callback times training as cifar-cli's FitTimer does (first step to the end of the last validation), for the
@@ -205,6 +205,7 @@ def main(arrays_path: str, max_epochs: int = 2, val_size: int = 5000, limit_batc
     limits = {} if limit_batches is None else {"limit_train_batches": limit_batches, "limit_val_batches": limit_batches}
     trainer = pl.Trainer(
         max_epochs=max_epochs,
+        devices=1,  # the tutorial's gpus=1: on a machine with several GPUs, "auto" took them all under DDP
         logger=wandb_logger,
         callbacks=[
             early_stop_callback,

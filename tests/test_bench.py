@@ -584,3 +584,33 @@ def test_gpu_offline_script_checks_the_data_s_layout_before_any_step(tmp_path: P
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "data" / "cifar10-jpg" / "train" / "cat" / "0.jpg").read_bytes() == b"jpeg"
     assert (tmp_path / "data" / "cifar10-jpg" / ".unpacked").exists() and (tmp_path / "out" / "log.txt").exists()
+
+
+def test_tutorial_code_trains_on_one_gpu_as_its_gpus_1_did(tmp_path: Path, monkeypatch) -> None:
+    """The tutorial's `gpus=1` is one GPU: the accelerator found with Lightning's default devices ("auto") took every
+    GPU of a machine with several, DDP against the one-GPU epoch the GPU check compares cifar-cli's with."""
+    import lightning.pytorch as pl
+    from lightning.fabric.accelerators import cuda as fabric_cuda
+    from lightning.pytorch.accelerators import CUDAAccelerator
+    from lightning.pytorch.accelerators import cuda as pytorch_cuda
+
+    from bench import tutorial
+
+    # Lightning's view of a machine with 4 GPUs
+    for module in (fabric_cuda, pytorch_cuda):
+        monkeypatch.setattr(module, "num_cuda_devices", lambda: 4)
+    monkeypatch.setattr(fabric_cuda, "_get_all_visible_cuda_devices", lambda: [0, 1, 2, 3])
+    built: list[pl.Trainer] = []
+
+    def fit(trainer: pl.Trainer, *args, **kwargs) -> None:
+        built.append(trainer)
+        raise KeyboardInterrupt  # (no GPU here to train on)
+
+    monkeypatch.setattr(pl.Trainer, "fit", fit)
+    images = torch.randint(0, 256, (40, 32, 32, 3), dtype=torch.uint8).numpy()
+    torch.save({"train_images": images, "train_labels": [i % 10 for i in range(40)], "test_images": images[:10],
+                "test_labels": list(range(10))}, tmp_path / "arrays.pt")  # fmt: skip
+    with pytest.raises(KeyboardInterrupt):
+        tutorial.main(str(tmp_path / "arrays.pt"), 1, 10, 2)
+    (trainer,) = built
+    assert trainer.accelerator.__class__ is CUDAAccelerator and trainer.num_devices == 1
