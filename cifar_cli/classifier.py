@@ -558,9 +558,12 @@ class ImageClassifier(LightningModule):
             images = train[pick.to(train.device)].to(self.device)
             self.net.init_whitening(data.preprocess(images))
             # The same images give every rank the same filters; broadcasting rules out numerical differences,
-            # which DDP would never reconcile in a frozen layer.
-            for tensor in self.net.state_dict().values():
-                tensor.copy_(self.trainer.strategy.broadcast(tensor))
+            # which DDP would never reconcile in a frozen layer. One broadcast, from host memory: Lightning's
+            # broadcast pickles its object, and a GPU tensor unpickles onto the same GPU number on every rank.
+            state = self.net.state_dict()
+            sent = self.trainer.strategy.broadcast({name: tensor.cpu() for name, tensor in state.items()})
+            for name, tensor in state.items():
+                tensor.copy_(sent[name])
 
     def _optimizer_settings_over(self, checkpoint: dict[str, Any]) -> None:
         """Put the settings of the optimizer just built (learning rate, weight decay, momentum, ...) over those in

@@ -455,3 +455,42 @@ def test_last_checkpoint_broadcasts_nothing_a_step_in_a_world_of_one(image_folde
             torch.distributed.destroy_process_group()
     assert trainer.global_step == 11  # 90 images, batch 8
     assert broadcast_at == []
+
+
+def test_whitening_filters_reach_the_ranks_in_one_broadcast_from_host_memory(image_folder: Path, monkeypatch) -> None:
+    """FastNet's whitening filters, fitted at the start of a fit, are rank 0's on every rank: one broadcast of the
+    network's tensors, copied to host memory first. Broadcast one by one as they were, on GPUs, each was pickled from
+    its GPU and unpickled onto the same GPU number on every rank (rank 1 made a CUDA context on rank 0's GPU)."""
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from cifar_cli.nets import FastNet
+
+    sent: list = []  # what each broadcast during on_fit_start was given
+    original = DDPStrategy.broadcast
+
+    def broadcast(self, obj, src=0):
+        sent.append(obj)
+        return original(self, obj, src)
+
+    class Sent(Callback):
+        def on_fit_start(self, *args) -> None:
+            sent.clear()  # (the broadcasts before: Lightning's, of folder names)
+
+        def on_train_start(self, *args) -> None:
+            sent.append("train starts")
+
+    monkeypatch.setattr(DDPStrategy, "broadcast", broadcast)
+    data = ImageFolderDataModule(str(image_folder), val_size=30, batch_size=8)
+    model = ImageClassifier(FastNet(3, widths=(8, 8, 8)), class_names=["cat", "dog", "frog"])
+    trainer = Trainer(max_steps=1, limit_val_batches=0, accelerator="cpu", devices=1, strategy="ddp", logger=False,
+                      callbacks=[Sent()], enable_progress_bar=False, enable_model_summary=False,
+                      enable_checkpointing=False)  # fmt: skip
+    try:
+        trainer.fit(model, data)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    state, started, *_ = sent
+    assert started == "train starts" and state.keys() == model.net.state_dict().keys()
+    assert all(tensor.device.type == "cpu" for tensor in state.values())
+    assert torch.equal(state["whiten.weight"], model.net.whiten.weight)
