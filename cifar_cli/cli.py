@@ -781,8 +781,13 @@ class CifarCLI(LightningCLI):
     def check_model_and_data(self) -> None:
         given = getattr(self, "_given", None)
         check_linked_net_args(given.get(self.subcommand) if given and self.subcommand else given, self.datamodule)
-        scheduler = check_built(self.model, self.optimizer_flags)
-        callbacks = self._get(self.config_init, "trainer", default={}).get("callbacks") or []
+        trainer = self._get(self.config_init, "trainer", default={})
+        # Training on a GPU (as precision.default_precision decides it), the settings torch asserts on for the CPU's
+        # dummy weight are a GPU's own (Adam's capturable): not refused. (The dummy stays on the CPU: a tensor on a
+        # GPU here would give every DDP rank a CUDA context on GPU 0, and ddp_fork refuses a parent that has one.)
+        on_gpu = trainer.get("accelerator") in (None, "auto", "gpu", "cuda") and torch.cuda.is_available()
+        scheduler = check_built(self.model, self.optimizer_flags, on_gpu=on_gpu)
+        callbacks = trainer.get("callbacks") or []
         if self.subcommand == "fit":
             extra = self._cli_callbacks()
             check_monitors(self.model, [*callbacks, *extra], scheduler, self.optimizer_flags["lr_scheduler"])

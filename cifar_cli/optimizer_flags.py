@@ -266,10 +266,13 @@ def settle(
     init[name] = model[model_name]
 
 
-def check_built(model: Any, flags: dict[str, str]) -> Any:
+def check_built(model: Any, flags: dict[str, str], on_gpu: bool = False) -> Any:
     """Build the model's optimizer and scheduler once over a dummy parameter, so that arguments torch refuses fail
     in one line now rather than with a traceback at the first step; the scheduler is stepped a few times, as
-    some fail only then (StepLR with step_size 0 divides by it). Returns the scheduler built, or None."""
+    some fail only then (StepLR with step_size 0 divides by it). Returns the scheduler built, or None.
+
+    The dummy is on the CPU. torch asserts on the settings it takes for GPU weights only (Adam's `capturable`):
+    refused for a CPU run, and for a run `on_gpu` left to torch's own check at the first step (None returned)."""
     weight = torch.zeros(1, requires_grad=True)
     params = [{"params": [weight], "lr": model.hparams.learning_rate}]
     weight.grad = torch.zeros(1)
@@ -281,6 +284,10 @@ def check_built(model: Any, flags: dict[str, str]) -> Any:
         optimizer = model.optimizer(params)
         # One step, over a dense gradient as the network's are: SparseAdam refuses them only at the first step.
         optimizer.step(closure=closure)
+    except AssertionError as err:
+        if on_gpu:
+            return None
+        raise UsageError(f"{flags['optimizer']}: {err}") from err
     except (TypeError, ValueError, RuntimeError) as err:
         raise UsageError(f"{flags['optimizer']}: {err}") from err
     if isinstance(optimizer, torch.optim.LBFGS) and not all(p.is_contiguous() for p in model.parameters()):

@@ -47,6 +47,15 @@ def test_fit_with_gpu_config(fake_cifar10: Path) -> None:
         assert config["trainer"]["precision"] == "16-mixed" and "scale" in state["MixedPrecision"]
 
 
+def test_a_setting_only_a_gpu_takes_trains_on_the_gpu(fake_cifar10: Path) -> None:
+    """The optimizer's settings are tried before training, once, over a dummy weight: on the GPU the run trains on,
+    or Adam's `capturable`, which torch takes for GPU weights only, was refused (in a traceback)."""
+    gpu, debug = REPO / "configs" / "gpu.yaml", REPO / "configs" / "debug.yaml"
+    main(["fit", "--config", str(gpu), "--config", str(debug), "--data.data_dir", str(fake_cifar10),
+          "--data.val_size", "40", "--model.optimizer.capturable", "true"])  # fmt: skip
+    assert torch.load(best_checkpoint("runs/debug/checkpoints"), weights_only=True)["global_step"] == 5
+
+
 def test_fast_config_on_gpu(fake_cifar10: Path) -> None:
     fast, debug = REPO / "configs" / "fast.yaml", REPO / "configs" / "debug.yaml"
     main(["fit", "--config", str(fast), "--config", str(debug), "--data.data_dir", str(fake_cifar10),

@@ -10,6 +10,7 @@ import yaml
 from test_cli import CSV_LOGGER, cifar_args, fails, metrics_rows, print_config
 
 from cifar_cli.cli import main
+from cifar_cli.errors import UsageError
 
 TINY = ["--trainer.max_epochs", "2", "--trainer.limit_train_batches", "2", "--trainer.logger", "false"]
 # A net with BatchNorm layers, so that the norm group's factor shows.
@@ -176,6 +177,11 @@ def test_reduce_lr_on_plateau_monitors_val_loss(fake_cifar10: Path, flag: str) -
         # takes only sparse gradients, and LBFGS, which flattens gradients with view(), over channels_last weights.
         (["--optimizer", "SparseAdam"], "--optimizer: SparseAdam does not support dense gradients"),
         (["--optimizer", "LBFGS"], "TutorialCNN's channels_last weights: add --model.channels_last false"),
+        # A GPU's setting on the CPU: torch's step asserts, and the AssertionError was a traceback.
+        (
+            ["--model.optimizer.capturable", "true", "--trainer.accelerator", "cpu"],
+            "--model.optimizer: If capturable=True, params and state_steps must be on supported devices: ['cuda'",
+        ),
         # A fused optimizer asked for, beside clipping under mixed precision: Lightning refused it at the first step.
         (
             ["--model.optimizer.fused", "true", "--trainer.gradient_clip_val", "1", "--trainer.precision=bf16-mixed"],
@@ -237,3 +243,19 @@ def test_optimizer_flag_beside_a_config_that_chose_one_names_the_config(capsys, 
         "--lr_scheduler and configs/fast-cpu.yaml's model.lr_schedule (cifar_cli.optim.WarmupLinearDecay) both "
         "schedule the learning rate: give one of them (--model.lr_schedule null drops the config's)"
     )
+
+
+def test_a_gpu_only_optimizer_setting_is_left_to_the_gpu_run() -> None:
+    """The settings are tried over a dummy weight on the CPU, where torch asserts on Adam's `capturable` (GPU weights
+    only): a GPU run takes it, a CPU run is refused in one line."""
+    from functools import partial
+
+    from cifar_cli.classifier import ImageClassifier
+    from cifar_cli.nets import TutorialCNN
+    from cifar_cli.optimizer_flags import check_built
+
+    model = ImageClassifier(TutorialCNN(3), ["a", "b", "c"], optimizer=partial(torch.optim.Adam, capturable=True))
+    flags = {"optimizer": "--model.optimizer", "lr_scheduler": "--model.lr_scheduler"}
+    assert check_built(model, flags, on_gpu=True) is None
+    with pytest.raises(UsageError, match=r"^--model.optimizer: If capturable=True, params and state_steps must be on"):
+        check_built(model, flags)
