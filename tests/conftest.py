@@ -6,12 +6,14 @@ really lowers the loss. Nothing here reads the real data set or the network.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import pickle
 import signal
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 # Several pytest workers (make test: one per core), and the DDP tests' ranks beside them: torch's default of one
@@ -28,6 +30,21 @@ from torchvision.datasets import CIFAR10, CIFAR100  # noqa: E402
 from torchvision.io import encode_jpeg, write_png  # noqa: E402
 
 from cifar_cli.data import CIFAR10DataModule, CIFAR100DataModule  # noqa: E402
+
+
+@contextlib.contextmanager
+def one_process_world() -> Iterator[None]:
+    """Around a DDP run in this process (a world of one): the process group it starts ends with it, and so do the
+    variables Lightning sets for it (LOCAL_RANK, NODE_RANK, MASTER_PORT), which would make a later DDP run in this
+    process take itself for a rank another process launched, and wait for its peers."""
+    saved = dict(os.environ)
+    try:
+        yield
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def class_images(labels: np.ndarray, size: int = 32, seed: int = 0) -> np.ndarray:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import one_process_world
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import CSVLogger
@@ -448,11 +449,8 @@ def test_last_checkpoint_broadcasts_nothing_a_step_in_a_world_of_one(image_folde
     trainer = Trainer(max_epochs=1, limit_val_batches=0, accelerator="cpu", devices=1, strategy="ddp", logger=False,
                       callbacks=[steps, LastCheckpoint(every_n_minutes=10)], enable_progress_bar=False,
                       enable_model_summary=False, default_root_dir="run")  # fmt: skip
-    try:
+    with one_process_world():
         trainer.fit(model, data)
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
     assert trainer.global_step == 11  # 90 images, batch 8
     assert broadcast_at == []
 
@@ -485,11 +483,8 @@ def test_whitening_filters_reach_the_ranks_in_one_broadcast_from_host_memory(ima
     trainer = Trainer(max_steps=1, limit_val_batches=0, accelerator="cpu", devices=1, strategy="ddp", logger=False,
                       callbacks=[Sent()], enable_progress_bar=False, enable_model_summary=False,
                       enable_checkpointing=False)  # fmt: skip
-    try:
+    with one_process_world():
         trainer.fit(model, data)
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
     state, started, *_ = sent
     assert started == "train starts" and state.keys() == model.net.state_dict().keys()
     assert all(tensor.device.type == "cpu" for tensor in state.values())

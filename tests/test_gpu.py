@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import one_process_world
 from lightning.pytorch import Callback
 
 from cifar_cli.cli import main
@@ -142,15 +143,12 @@ def test_training_steps_that_log_nothing_never_wait_for_the_gpu(fake_cifar10: Pa
     back, no synchronize (Lightning's progress-bar conversion was one at every step: cifar_cli.hooks; fast.yaml's
     EMA was one every 5th step under Lightning's EMAWeightAveraging: cifar_cli.averaging.EMA; ddp.yaml in a world of
     one, LastCheckpoint's broadcast of its time check through NCCL, every step)."""
-    try:
+    with one_process_world():  # (ddp.yaml's)
         main(["fit", "--config", str(REPO / "configs" / config), "--data.data_dir", str(fake_cifar10),
               "--data.val_size", "40", "--data.batch_size", "8", "--trainer.max_epochs", "1",
               "--trainer.limit_val_batches", "1", "--trainer.logger", "false",
               "--trainer.callbacks+=test_gpu.SyncCounter",
               *(["--trainer.devices", "1"] if config == "ddp.yaml" else [])])  # fmt: skip
-    finally:
-        if torch.distributed.is_initialized():  # ddp.yaml's one-process group, which the process's exit would end
-            torch.distributed.destroy_process_group()
     counted = SyncCounter.last.syncs
     assert len(counted) >= 8, counted
     assert sum(counted.values()) == 0, counted
