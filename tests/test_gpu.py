@@ -1,4 +1,7 @@
-"""On a CUDA GPU: the batch path on the device, configs/gpu.yaml and fast.yaml end to end. Skipped without one."""
+"""On a CUDA GPU: the batch path on the device, configs/gpu.yaml and fast.yaml end to end. Skipped without one.
+
+The end-to-end runs also run on the CPU (`--trainer.accelerator cpu`), in every run of the suite: a GPU test that
+only a GPU machine runs went stale unseen (three expected a checkpoint or a step count that fit no longer gave)."""
 
 from __future__ import annotations
 
@@ -13,9 +16,11 @@ from lightning.pytorch import Callback
 
 from cifar_cli.cli import main
 from cifar_cli.data import CIFAR10DataModule, DeviceBatches
+from cifar_cli.precision import default_precision
 
 REPO = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.gpu
+# Each end-to-end test on the GPU (marked, skipped without one) and on the CPU.
+GPU_AND_CPU = pytest.mark.parametrize("accelerator", [pytest.param("gpu", marks=pytest.mark.gpu), "cpu"])
 
 
 def best_checkpoint(folder: str) -> Path:
@@ -24,6 +29,7 @@ def best_checkpoint(folder: str) -> Path:
     return ckpt
 
 
+@pytest.mark.gpu
 def test_preprocess_on_gpu_matches_cpu(fake_cifar10: Path) -> None:
     data = CIFAR10DataModule(str(fake_cifar10), val_size=40)
     data.setup("fit")
@@ -33,21 +39,25 @@ def test_preprocess_on_gpu_matches_cpu(fake_cifar10: Path) -> None:
     torch.testing.assert_close(on_gpu.cpu(), data.preprocess(images))
 
 
-def test_fit_with_gpu_config(fake_cifar10: Path) -> None:
+@GPU_AND_CPU
+def test_fit_with_gpu_config(fake_cifar10: Path, accelerator: str) -> None:
     gpu, debug = REPO / "configs" / "gpu.yaml", REPO / "configs" / "debug.yaml"
     main(["fit", "--config", str(gpu), "--config", str(debug), "--data.data_dir", str(fake_cifar10),
-          "--data.val_size", "40"])  # fmt: skip
+          "--data.val_size", "40", "--trainer.accelerator", accelerator])  # fmt: skip
     state = torch.load(best_checkpoint("runs/debug/checkpoints"), weights_only=True)
     assert state["global_step"] == 5  # 160 images / batch 32
     # The precision chosen for this GPU: bf16-mixed where it supports bf16, else 16-mixed, which trains with a
     # gradient scaler whose state the checkpoint keeps.
     config = yaml.safe_load(next(Path("runs/debug").rglob("config.yaml")).read_text())
-    if torch.cuda.is_bf16_supported(including_emulation=False):
+    if accelerator == "cpu":
+        assert config["trainer"]["precision"] == default_precision("cpu")[0]
+    elif torch.cuda.is_bf16_supported(including_emulation=False):
         assert config["trainer"]["precision"] == "bf16-mixed"
     else:
         assert config["trainer"]["precision"] == "16-mixed" and "scale" in state["MixedPrecision"]
 
 
+@pytest.mark.gpu
 def test_a_setting_only_a_gpu_takes_trains_on_the_gpu(fake_cifar10: Path) -> None:
     """The optimizer's settings are tried before training, once, over a dummy weight: on the GPU the run trains on,
     or Adam's `capturable`, which torch takes for GPU weights only, was refused (in a traceback)."""
@@ -57,14 +67,17 @@ def test_a_setting_only_a_gpu_takes_trains_on_the_gpu(fake_cifar10: Path) -> Non
     assert torch.load(best_checkpoint("runs/debug/checkpoints"), weights_only=True)["global_step"] == 5
 
 
-def test_fast_config_on_gpu(fake_cifar10: Path) -> None:
+@GPU_AND_CPU
+def test_fast_config_end_to_end(fake_cifar10: Path, accelerator: str) -> None:
     fast, debug = REPO / "configs" / "fast.yaml", REPO / "configs" / "debug.yaml"
     main(["fit", "--config", str(fast), "--config", str(debug), "--data.data_dir", str(fake_cifar10),
-          "--data.val_size", "40", "--data.batch_size", "32", "--trainer.check_val_every_n_epoch", "1"])  # fmt: skip
+          "--data.val_size", "40", "--data.batch_size", "32", "--trainer.check_val_every_n_epoch", "1",
+          "--trainer.accelerator", accelerator])  # fmt: skip
     state = torch.load(best_checkpoint("runs/debug/checkpoints"), weights_only=True)
     assert state["global_step"] == 5 and "current_model_state" in state  # EMA weights saved beside the raw ones
 
 
+@pytest.mark.gpu
 def test_batches_are_cut_on_the_gpu(fake_cifar10: Path) -> None:
     data = CIFAR10DataModule(str(fake_cifar10), val_size=40)
     data.setup("fit")
@@ -73,6 +86,7 @@ def test_batches_are_cut_on_the_gpu(fake_cifar10: Path) -> None:
     assert images.device.type == "cuda" and labels.device.type == "cuda" and images.dtype == torch.uint8
 
 
+@pytest.mark.gpu
 def test_host_and_disk_placement_send_the_device_placements_batches(fake_cifar10: Path) -> None:
     # The copy path of host and disk placement: page-locked staging buffers, a copy stream, events.
     cuda = torch.device("cuda")
@@ -95,10 +109,11 @@ def test_host_and_disk_placement_send_the_device_placements_batches(fake_cifar10
         assert len(got) == len(reference) and all(torch.equal(a, b) for a, b in zip(got, reference)), placement
 
 
-def test_pretrained_network_fits_on_gpu(image_folder: Path) -> None:
+@GPU_AND_CPU
+def test_pretrained_network_fits(image_folder: Path, accelerator: str) -> None:
     main(["fit", "--data", "ImageFolderDataModule", "--data.root", str(image_folder), "--data.val_size", "30",
           "--data.image_size", "64", "--data.placement", "host", "--data.augment", "PhotoAugment",
-          "--model.net", "TorchvisionNet", "--model.net.name", "resnet18", "--trainer.accelerator", "gpu",
+          "--model.net", "TorchvisionNet", "--model.net.name", "resnet18", "--trainer.accelerator", accelerator,
           "--trainer.devices", "1", "--trainer.max_epochs", "1", "--trainer.logger", "false"])  # fmt: skip
     # 90 training images, batch 32: 2 whole batches (training drops the short last one).
     assert torch.load(best_checkpoint("checkpoints"), weights_only=True)["global_step"] == 2
@@ -137,6 +152,7 @@ class SyncCounter(Callback):
         self._close()
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("config", ["gpu.yaml", "fast.yaml", "ddp.yaml"])
 def test_training_steps_that_log_nothing_never_wait_for_the_gpu(fake_cifar10: Path, config: str) -> None:
     """Between logged steps the host queues step after step without waiting for the GPU: no `.item()`, no copy
@@ -154,6 +170,7 @@ def test_training_steps_that_log_nothing_never_wait_for_the_gpu(fake_cifar10: Pa
     assert sum(counted.values()) == 0, counted
 
 
+@pytest.mark.gpu
 def test_stop_vote_waits_for_its_own_step_only(tmp_path: Path) -> None:
     """Preemption's DDP vote on a GPU (NCCL, a world of one process): started without a host sync, and read back
     while GPU work queued after it is still running, so a step never waits for the step queued since."""
