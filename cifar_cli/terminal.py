@@ -335,7 +335,8 @@ def sync_line(run: Any) -> str | None:
     """`Upload to W&B: wandb sync ...` for an offline W&B run (every part of it); None for an online run or none."""
     if run is None or not getattr(run, "offline", False):
         return None
-    return f"Upload to W&B: wandb sync {shlex.join(offline_parts(run.sync_dir, run.id))}"
+    # run.settings.sync_dir: run.sync_dir is newer than wandb 0.18, which pyproject.toml admits
+    return f"Upload to W&B: wandb sync {shlex.join(offline_parts(run.settings.sync_dir, run.id))}"
 
 
 def offline_parts(sync_dir: str, run_id: str) -> list[str]:
