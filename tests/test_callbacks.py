@@ -190,9 +190,9 @@ def test_progress_bar_reads_the_metrics_at_most_once_an_interval(image_folder: P
     reads: list[int] = []
     real = RichBar._update_metrics
 
-    def counted(self, trainer, pl_module) -> None:
+    def counted(self, trainer, pl_module, *args, **kwargs) -> None:  # Lightning 2.6.0 passes current, total_batches
         reads.append(trainer.global_step)
-        real(self, trainer, pl_module)
+        real(self, trainer, pl_module, *args, **kwargs)
 
     monkeypatch.setattr(RichBar, "_update_metrics", counted)
     data = ImageFolderDataModule(str(image_folder), val_size=30, batch_size=4)
@@ -226,8 +226,8 @@ def test_progress_bar_shows_a_csv_loggers_version_as_a_whole_number(image_folder
     shown: list[str] = []
 
     class Shown(RichBar):
-        def _update_metrics(self, trainer: Trainer, pl_module) -> None:
-            super()._update_metrics(trainer, pl_module)
+        def _update_metrics(self, trainer: Trainer, pl_module, *args, **kwargs) -> None:  # Lightning 2.6.0's args
+            super()._update_metrics(trainer, pl_module, *args, **kwargs)
             shown.extend(self._metric_component._generate_metrics_texts())
 
     data = ImageFolderDataModule(str(image_folder), val_size=30, batch_size=4)
