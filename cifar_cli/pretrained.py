@@ -500,7 +500,7 @@ class TimmNet(NamedNet):
         if importlib.util.find_spec("timm") is None:
             # `pip install 'cifar-cli[timm]'` asked PyPI for a cifar-cli it does not have: the extra is the folder's.
             raise UsageError(
-                "TimmNet needs timm: pip install 'timm>=1.0', or in cifar-cli's folder pip install -e '.[timm]'"
+                "TimmNet needs timm: pip install 'timm>=1.0.21', or in cifar-cli's folder pip install -e '.[timm]'"
             )
         import timm
 

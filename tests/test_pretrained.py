@@ -628,7 +628,7 @@ def test_timm_missing_or_unknown_name_fail_in_one_line(capsys, monkeypatch) -> N
     err = fails(capsys, "fit", "--model.net", "TimmNet")
     # `pip install 'cifar-cli[timm]'` failed: PyPI has no cifar-cli; the extra is installed from the repository.
     assert err.endswith(
-        "TimmNet needs timm: pip install 'timm>=1.0', or in cifar-cli's folder pip install -e '.[timm]'"
+        "TimmNet needs timm: pip install 'timm>=1.0.21', or in cifar-cli's folder pip install -e '.[timm]'"
     )
 
 
