@@ -100,7 +100,13 @@ from cifar_cli.optimizer_flags import (
     unsettled,
     without_settled_copies,
 )
-from cifar_cli.precision import announce_precision, choose_precision, default_precision, show_held_warnings
+from cifar_cli.precision import (
+    announce_precision,
+    choose_precision,
+    default_precision,
+    on_cuda,
+    show_held_warnings,
+)
 from cifar_cli.presets import read_config, shipped_config, shown
 from cifar_cli.pretrained import LOCAL_DIR, saved_timm_config, weights_from_checkpoint
 from cifar_cli.resume import (
@@ -782,11 +788,10 @@ class CifarCLI(LightningCLI):
         given = getattr(self, "_given", None)
         check_linked_net_args(given.get(self.subcommand) if given and self.subcommand else given, self.datamodule)
         trainer = self._get(self.config_init, "trainer", default={})
-        # Training on a GPU (as precision.default_precision decides it), the settings torch asserts on for the CPU's
-        # dummy weight are a GPU's own (Adam's capturable): not refused. (The dummy stays on the CPU: a tensor on a
-        # GPU here would give every DDP rank a CUDA context on GPU 0, and ddp_fork refuses a parent that has one.)
-        on_gpu = trainer.get("accelerator") in (None, "auto", "gpu", "cuda") and torch.cuda.is_available()
-        scheduler = check_built(self.model, self.optimizer_flags, on_gpu=on_gpu)
+        # Training on a GPU, the settings torch asserts on for the CPU's dummy weight are a GPU's own (Adam's
+        # capturable): not refused. (The dummy stays on the CPU: a tensor on a GPU here would give every DDP rank a
+        # CUDA context on GPU 0, and ddp_fork refuses a parent that has one.)
+        scheduler = check_built(self.model, self.optimizer_flags, on_gpu=on_cuda(trainer.get("accelerator")))
         callbacks = trainer.get("callbacks") or []
         if self.subcommand == "fit":
             extra = self._cli_callbacks()

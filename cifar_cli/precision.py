@@ -30,18 +30,27 @@ def cpu_bf16() -> str | None:
         return "AMX" if "amx_bf16" in flags else "AVX512-BF16" if "avx512_bf16" in flags else None
 
 
+def _accelerator_name(accelerator: object) -> str | None:
+    """The config's accelerator as a name: None (unset), a string as given, or "other" for an Accelerator instance."""
+    return accelerator if isinstance(accelerator, str) else None if accelerator is None else "other"
+
+
+def on_cuda(accelerator: object) -> bool:
+    """Whether a run on `accelerator` (a name from the config, or None/"auto") trains on a CUDA GPU here."""
+    return _accelerator_name(accelerator) in (None, "auto", "gpu", "cuda") and torch.cuda.is_available()
+
+
 def default_precision(accelerator: object) -> tuple[str, str] | None:
     """(precision, why) for a run on `accelerator` (a name from the config, or None/"auto"), or None to keep
     Lightning's default."""
-    name = accelerator if isinstance(accelerator, str) else None if accelerator is None else "other"
-    if name in (None, "auto", "gpu", "cuda") and torch.cuda.is_available():
+    if on_cuda(accelerator):
         gpu = torch.cuda.get_device_name()
         # Not where bf16 is only emulated (pre-Ampere: a T4, a V100), which torch's check counts by default: there
         # it runs about as slow as fp32, and fp16 has the tensor cores.
         if torch.cuda.is_bf16_supported(including_emulation=False):
             return "bf16-mixed", f"{gpu} supports bf16"
         return "16-mixed", f"{gpu} has no bf16"
-    if name in (None, "auto", "cpu"):
+    if _accelerator_name(accelerator) in (None, "auto", "cpu"):
         found = cpu_bf16()
         if found is not None:
             return "bf16-mixed", f"this CPU has {found}"
