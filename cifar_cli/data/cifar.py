@@ -113,19 +113,19 @@ class CIFAR10DataModule(ImageDataModule):
         if copy is not None and self._disk_copy(train=False) is not None:
             # Checked when the copy was made (a changed file changes its name): reading the data set again would
             # load it whole into memory, which disk placement keeps bounded.
-            self.check_split_sizes(len(copy[0]), self.val_size)  # before the trainer is built, not in `setup`
-            self._record_held_out(len(copy[0]))
+            self._check_split(len(copy[0]))  # before the trainer is built, not in `setup`
             return
         # Download once per node; torchvision verifies the MD5 sums.
         train = self._load(train=True, download=self.download)
         self._load(train=False, download=self.download)
-        self.check_split_sizes(len(train.data), self.val_size)
-        self._record_held_out(len(train.data))
+        self._check_split(len(train.data))
 
-    def _record_held_out(self, images: int) -> None:
-        """What decides which training images validation holds out (`split_indices`), for `check_held_out`: a
-        checkpoint validated with a larger --data.val_size or another --data.split_seed was scored, without a word,
-        on images it had trained on. Plain ints: weights-only loading of the checkpoint refuses PositiveInt."""
+    def _check_split(self, images: int) -> None:
+        """Refuse a --data.val_size that leaves nothing to train on (`check_split_sizes`), and record what decides
+        which training images validation holds out (`split_indices`), for `check_held_out`: a checkpoint validated
+        with a larger --data.val_size or another --data.split_seed was scored, without a word, on images it had
+        trained on. Plain ints: weights-only loading of the checkpoint refuses PositiveInt."""
+        self.check_split_sizes(images, self.val_size)
         self.held_out_from = {"images": images, "names": self.dataset_class.__name__, "val_size": int(self.val_size),
                               "test_size": 0, "split_seed": int(self.split_seed)}  # fmt: skip
 
@@ -190,8 +190,7 @@ class CIFAR10DataModule(ImageDataModule):
             labels = torch.tensor(train.targets, dtype=torch.long)
             test_images = torch.from_numpy(test.data).permute(0, 3, 1, 2).contiguous()
             test_labels = torch.tensor(test.targets, dtype=torch.long)
-        self.check_split_sizes(len(images), self.val_size)
-        self._record_held_out(len(images))
+        self._check_split(len(images))
         val_index, train_index = split_indices(len(images), [self.val_size], self.split_seed)
         self.splits = {
             "train": TensorImageDataset(rows_of(images, train_index), labels[train_index]),
