@@ -1623,9 +1623,22 @@ def refused_value(err: BaseException) -> str | None:
 
 
 def is_wandb_error(err: BaseException) -> bool:
-    """Whether `err` is one of W&B's own errors (a missing login, a server that does not answer)."""
+    """Whether `err` is one of W&B's own errors (a missing login, a server that does not answer, a bad setting)."""
     errors = sys.modules.get("wandb.errors")
     return errors is not None and isinstance(err, errors.Error)
+
+
+def going_live(err: BaseException) -> bool:
+    """Whether W&B's error `err` is one of going live: no login (`wandb.init` asks for the API key only in a
+    terminal), an API key or credentials refused, or no server to reach (wandb 0.31: a UsageError "No API key
+    configured. Use `wandb login` to log in.", an AuthenticationError, a CommError). Never for an `offline: true`
+    run, for which Lightning's WandbLogger sets WANDB_MODE=dryrun before `wandb.init`: it checks WANDB_API_KEY
+    offline too ("API key cannot start or end with whitespace"), and a run that stays offline needs no login."""
+    errors = sys.modules["wandb.errors"]
+    if os.environ.get("WANDB_MODE", "").strip().lower() == "dryrun":
+        return False
+    about_login = re.search(r"api[ _]?key|log ?in\b", str(err), re.IGNORECASE) is not None
+    return isinstance(err, errors.CommError) or (isinstance(err, errors.UsageError) and about_login)
 
 
 def out_of_space(err: BaseException) -> OSError | None:
@@ -2015,6 +2028,12 @@ def main(args: ArgsType = None) -> None:
             print(f"cifar-cli: error: {diverged}", file=sys.stderr)
             sys.exit(1)
         wandb_error = next((e for e in causes(err) if is_wandb_error(e)), None)
+        if wandb_error is not None and not debug and not going_live(wandb_error):
+            # An invalid project name or run id, a service that failed to start, an offline run's error: W&B's own
+            # message alone. The advice below is for live runs; it sent these to the offline run that had failed.
+            finish_wandb_run(1)
+            print(f"cifar-cli: error: W&B: {one_line(wandb_error)}", file=sys.stderr)
+            sys.exit(1)
         if wandb_error is not None and not debug:
             # Going live without a login (outside a terminal, where W&B cannot ask for the key) or without a
             # connection: W&B's own error, in one line.

@@ -1387,6 +1387,78 @@ def test_wandb_failing_to_start_live_is_one_line(fake_cifar10: Path, capfd, monk
     )
 
 
+def failing_wandb_init(monkeypatch: pytest.MonkeyPatch, error: Exception) -> None:
+    import functools
+
+    import wandb
+
+    @functools.wraps(wandb.init)  # its signature kept: jsonargparse reads the W&B logger's arguments from it
+    def init(**kwargs: object) -> None:
+        raise error
+
+    monkeypatch.setattr(wandb, "init", init)
+
+
+def wandb_error(name: str, message: str) -> Exception:
+    """One of W&B's errors, by its class name: the one W&B raises where its service process ends at start-up
+    (`ServicePollForTokenError`), or one of `wandb.errors`."""
+    import wandb
+    from wandb.sdk.lib.service.service_port_file import ServicePollForTokenError
+
+    return (
+        ServicePollForTokenError(message)
+        if name == "ServicePollForTokenError"
+        else getattr(wandb.errors, name)(message)
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "error", "said"),
+    [
+        # Real errors of W&B offline (wandb 0.31), for the default run and for one that asked to go live.
+        pytest.param(["--trainer.logger.project", "a/b"], {}, None, "Invalid project name 'a/b': cannot contain",
+                     id="project"),
+        pytest.param(["--trainer.logger.offline", "false", "--trainer.logger.project", "a/b"], {}, None,
+                     "Invalid project name", id="project-live"),
+        pytest.param(["--trainer.logger.id", "a/b"], {}, None, "Run ID cannot contain the characters", id="id"),
+        # W&B checks the key offline too, and an offline run needs none.
+        pytest.param([], {"WANDB_API_KEY": " key"}, None, "API key cannot start or end with whitespace", id="key"),
+        pytest.param([], {}, "ServicePollForTokenError", "wandb-core exited with code 2", id="service"),
+        pytest.param([], {}, "CommError", "no answer from api.wandb.ai", id="offline-comm"),
+    ],
+)  # fmt: skip
+def test_wandb_errors_other_than_going_live_are_one_line_without_the_live_run_advice(
+    fake_cifar10: Path, capfd, monkeypatch: pytest.MonkeyPatch, args: list[str], env: dict, error: str | None, said: str
+) -> None:
+    """The advice to log offline was given for every W&B error at start-up: to a default (offline) run with a bad
+    project name too, "its offline: false asks for a live run"."""
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    if error is not None:
+        failing_wandb_init(monkeypatch, wandb_error(error, said))
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", *cifar_args(fake_cifar10), "--trainer.max_epochs", "1", *args])
+    assert stop.value.code == 1
+    err = capfd.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"cifar-cli: error: W&B: {said}"), last
+    assert "live run" not in last and "Traceback" not in err
+
+
+@pytest.mark.parametrize("error", ["AuthenticationError", "CommError"])
+def test_wandb_refusing_or_unreachable_live_gets_the_live_run_advice(
+    fake_cifar10: Path, capfd, monkeypatch: pytest.MonkeyPatch, error: str
+) -> None:
+    failing_wandb_init(monkeypatch, wandb_error(error, "no answer from api.wandb.ai"))
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", *cifar_args(fake_cifar10), "--trainer.max_epochs", "1", "--trainer.logger.offline", "false"])
+    assert stop.value.code == 1
+    assert capfd.readouterr().err.strip().splitlines()[-1] == (
+        "cifar-cli: error: W&B: no answer from api.wandb.ai (its offline: false asks for a live run; the default logs "
+        "offline: --trainer.logger.offline true, then `wandb sync`)"
+    )
+
+
 def test_diverged_training_stops_in_one_line_and_checkpoints_no_nan_weights(fake_cifar10: Path, capfd) -> None:
     """A loss gone NaN: exit 1 with one line, before validation; before, the metrics dropped the NaN, the run
     ended 0 and its NaN weights were the best checkpoint."""
