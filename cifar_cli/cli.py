@@ -1628,6 +1628,15 @@ def is_wandb_error(err: BaseException) -> bool:
     return errors is not None and isinstance(err, errors.Error)
 
 
+def wandb_service_stopped(err: BaseException) -> bool:
+    """Whether `err` is W&B's word that its service process (wandb-core) ended before it answered: wandb 0.31 raises
+    a HandleAbandonedError, without a message and not one of `wandb.errors`, where wandb-core panics in `wandb.init`
+    (a WANDB_IDENTITY_TOKEN_FILE it cannot read, beside WANDB_API_KEY, in an offline run too), after its own lines
+    on stderr. Compared by name: the class is internal to wandb (`wandb.sdk.mailbox`)."""
+    kind = type(err)
+    return kind.__name__ == "HandleAbandonedError" and kind.__module__.startswith("wandb.")
+
+
 def going_live(err: BaseException) -> bool:
     """Whether W&B's error `err` is one of going live: no login (`wandb.init` asks for the API key only in a
     terminal), an API key or credentials refused, or no server to reach (wandb 0.31: a UsageError "No API key
@@ -2026,6 +2035,14 @@ def main(args: ArgsType = None) -> None:
         if diverged is not None and not debug:
             finish_wandb_run(1)
             print(f"cifar-cli: error: {diverged}", file=sys.stderr)
+            sys.exit(1)
+        if not debug and any(wandb_service_stopped(e) for e in causes(err)):
+            # Its teardown at exit fails the same way, and printed "Exception ignored in atexit callback" with a
+            # traceback of its own ("ConnectionResetError: Connection lost"): done here, its failure unsaid.
+            with contextlib.suppress(Exception):
+                sys.modules["wandb"].teardown()
+            print("cifar-cli: error: W&B: its service (wandb-core) stopped without an answer (its own error is above)",
+                  file=sys.stderr)  # fmt: skip
             sys.exit(1)
         wandb_error = next((e for e in causes(err) if is_wandb_error(e)), None)
         if wandb_error is not None and not debug and not going_live(wandb_error):

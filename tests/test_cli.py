@@ -1445,6 +1445,24 @@ def test_wandb_errors_other_than_going_live_are_one_line_without_the_live_run_ad
     assert "live run" not in last and "Traceback" not in err
 
 
+def test_wandb_service_stopping_at_start_up_is_one_line(
+    fake_cifar10: Path, capfd, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """wandb-core panics on an identity token file it cannot read (beside an API key, offline too): W&B raised an
+    error without a message, and the command ended in two tracebacks (the second from W&B's teardown at exit)."""
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    monkeypatch.setenv("WANDB_IDENTITY_TOKEN_FILE", str(Path("missing-token").absolute()))
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", *cifar_args(fake_cifar10), "--trainer.max_epochs", "1"])
+    assert stop.value.code == 1
+    err = capfd.readouterr().err
+    assert "failed to read identity token file" in err  # wandb-core's own line
+    assert err.strip().splitlines()[-1] == (
+        "cifar-cli: error: W&B: its service (wandb-core) stopped without an answer (its own error is above)"
+    )
+    assert "Traceback" not in err
+
+
 @pytest.mark.parametrize("error", ["AuthenticationError", "CommError"])
 def test_wandb_refusing_or_unreachable_live_gets_the_live_run_advice(
     fake_cifar10: Path, capfd, monkeypatch: pytest.MonkeyPatch, error: str
