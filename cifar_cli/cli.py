@@ -761,7 +761,10 @@ class CifarCLI(LightningCLI):
         clip = trainer.get("gradient_clip_val")
         if init is None or init.get("fused") is not True or not clip:
             return
-        precision = trainer.get("precision") or (default_precision(trainer.get("accelerator")) or ("32-true",))[0]
+        precision = (
+            trainer.get("precision")
+            or (default_precision(trainer.get("accelerator"), trainer.get("strategy")) or ("32-true",))[0]
+        )
         if str(precision) in ("16", "16-mixed", "bf16", "bf16-mixed"):
             raise UsageError(
                 f"{self.optimizer_flags['optimizer']}.fused true: Lightning's mixed precision ({precision}) cannot "

@@ -282,6 +282,12 @@ def check_built(model: Any, flags: dict[str, str], on_gpu: bool = False) -> Any:
 
     try:
         optimizer = model.optimizer(params)
+        # Adam's and AdamW's step first ask whether a CUDA graph is being captured, on the current CUDA stream, which
+        # initialises CUDA in this process on a GPU machine (torch 2.14, optim/optimizer.py): ddp_fork's ranks then
+        # cannot use CUDA. Nothing is captured here, and the optimizer is thrown away after the check.
+        for check in ("_accelerator_graph_capture_health_check", "_cuda_graph_capture_health_check"):
+            if hasattr(optimizer, check):
+                setattr(optimizer, check, lambda: None)
         # One step, over a dense gradient as the network's are: SparseAdam refuses them only at the first step.
         optimizer.step(closure=closure)
     except AssertionError as err:

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -21,6 +22,9 @@ import torchvision
 import wandb
 import yaml
 from conftest import write_image_folder
+from lightning.pytorch import Trainer
+from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from wandb_offline import read_run
 
 from cifar_cli import cli, precision
@@ -1169,7 +1173,7 @@ def test_error_test_without_test_split(capsys, tmp_path: Path) -> None:
     ],
 )
 def test_default_precision_follows_the_hardware(monkeypatch, cuda, gpu_bf16, cpu_bf16, accelerator, expected) -> None:
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: int(cuda))
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: gpu_bf16)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Some GPU")
     monkeypatch.setattr(precision, "cpu_bf16", lambda: cpu_bf16)
@@ -1182,12 +1186,137 @@ def test_gpu_precision_is_bf16_only_where_the_gpu_computes_it(monkeypatch, major
     """torch's `is_bf16_supported()` also says yes where bf16 is only emulated (a T4, a V100: a bf16 tensor can be
     made there), about as slow as fp32; those GPUs have fp16 tensor cores, so 16-mixed. torch's own check runs here,
     over a GPU of compute capability `major` whose bf16 tensors can be made."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda *a: SimpleNamespace(major=major, name=name))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: name)
     monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda device: True)
     assert precision.default_precision("gpu") == (expected, f"{name} {'has no' if major < 8 else 'supports'} bf16")
+
+
+# What initialises CUDA in this process (torch/cuda/__init__.py, torch 2.14): after it, ranks forked from this process
+# cannot use CUDA ("Cannot re-initialize CUDA in forked subprocess").
+CUDA_INIT = ("_lazy_init", "get_device_name", "get_device_properties", "get_device_capability", "is_bf16_supported")
+
+
+def fake_gpus(monkeypatch: pytest.MonkeyPatch, count: int = 2) -> list[str]:
+    """`count` CUDA GPUs on this machine, as torch and Lightning count them; the calls that would initialise CUDA
+    in this process are listed, and raise."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    called: list[str] = []
+    for name in CUDA_INIT:
+
+        def init(*args: object, _name: str = name, **kwargs: object) -> None:
+            called.append(_name)
+            raise RuntimeError(f"torch.cuda.{_name} initialised CUDA in the process that forks")
+
+        monkeypatch.setattr(torch.cuda, name, init)
+    return called
+
+
+@pytest.fixture
+def fresh_gpu_probe() -> Iterator[None]:
+    """`precision.gpu_apart` asked anew: it keeps its answer for the process."""
+    precision.gpu_apart.cache_clear()
+    yield
+    precision.gpu_apart.cache_clear()
+
+
+class Launched(Exception):
+    """Raised by the launcher in place of forking the ranks."""
+
+
+@pytest.mark.parametrize(
+    "strategy",
+    [
+        ["ddp_fork"],
+        ["ddp_notebook"],
+        ["ddp_fork_find_unused_parameters_true"],
+        ["lightning.pytorch.strategies.DDPStrategy", "--trainer.strategy.start_method", "fork"],
+    ],  # fmt: skip
+)
+def test_a_strategy_that_forks_has_the_gpu_read_in_a_child_process(
+    fake_cifar10: Path, monkeypatch, caplog, strategy: list[str]
+) -> None:
+    """On a GPU with a strategy that forks its ranks, the precision is chosen without initialising CUDA in the
+    process that forks (the name and bf16 of the GPU read in a child process): the ranks could not use CUDA. Nor
+    does the optimizer's check, whose Adam step asked torch for the current CUDA stream."""
+    called = fake_gpus(monkeypatch)
+    monkeypatch.setattr(precision, "gpu_apart", lambda: ("Some GPU", True))
+    launched = {}
+
+    def launch(self: _MultiProcessingLauncher, function: object, *args: object, trainer: Trainer, **kwargs: object):
+        launched.update(start_method=self._start_method, precision=trainer.precision)
+        raise Launched
+
+    monkeypatch.setattr(_MultiProcessingLauncher, "launch", launch)
+    with caplog.at_level(logging.INFO), pytest.raises(Launched):
+        main(["fit", *cifar_args(fake_cifar10), "--trainer.max_epochs", "1", "--trainer.strategy", *strategy])
+    assert not called
+    assert launched == {"start_method": "fork", "precision": "bf16-mixed"}
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Precision")]
+    assert said == ["Precision bf16-mixed (Some GPU supports bf16); --trainer.precision overrides"]
+
+
+def test_other_strategies_read_the_gpu_in_this_process(monkeypatch) -> None:
+    """The child process costs a start of torch and of CUDA: only where the strategy forks."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Some GPU")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    monkeypatch.setattr(precision, "gpu_apart", lambda: pytest.fail("read in a child process"))
+    for strategy in (None, "auto", "ddp", "ddp_spawn", "fsdp", DDPStrategy(start_method="forkserver")):
+        assert precision.default_precision("gpu", strategy) == ("16-mixed", "Some GPU has no bf16")
+    # In a notebook Lightning's "auto" forks (ddp_fork) for several GPUs.
+    monkeypatch.setattr(precision, "_IS_INTERACTIVE", True)
+    assert precision.forks("auto") and precision.forks(None) and not precision.forks("ddp_spawn")
+
+
+def test_the_gpu_probe_answers_in_a_child_process(fresh_gpu_probe) -> None:
+    """The child process that reads the GPU, for real: without a GPU it says so, and quickly."""
+    found = precision.gpu_apart()
+    if torch.cuda.device_count() == 0:
+        assert found == "a child process sees no CUDA GPU"
+    else:  # its name and bf16 compared with torch's in tests/test_gpu.py, where CUDA may start in this process
+        assert isinstance(found, tuple) and isinstance(found[0], str) and isinstance(found[1], bool), found
+
+
+@pytest.mark.parametrize(
+    ("probe", "timeout", "why"),
+    [
+        ("raise RuntimeError('No CUDA GPUs are available')", 60, "RuntimeError: No CUDA GPUs are available"),
+        ("import sys; sys.exit(3)", 60, "exit code 3"),
+        ("import time; time.sleep(60)", 1, "it took over 1 s"),
+        ("print('Some GPU')", 60, "it printed 'Some GPU'"),
+        ("print('[\"Some GPU\", false]')", 60, None),
+    ],
+)
+def test_a_gpu_probe_that_fails_leaves_16_mixed_and_says_why(fresh_gpu_probe, monkeypatch, probe, timeout, why):
+    """Where the child process cannot read the GPU, fp16 mixed precision, which every CUDA GPU runs, and the
+    precision line says why; no traceback."""
+    called = fake_gpus(monkeypatch)
+    monkeypatch.setattr(precision, "GPU_PROBE", probe)
+    monkeypatch.setattr(precision, "PROBE_TIMEOUT_S", timeout)
+    config = {"strategy": "ddp_fork", "accelerator": "auto"}
+    chosen = precision.choose_precision(config)
+    unread = "could not tell whether the GPU supports bf16 without initialising CUDA in the process that forks"
+    said = "Some GPU has no bf16" if why is None else f"{unread}: {why}"  # (None: a probe that answers)
+    assert chosen == ("16-mixed", f"Precision 16-mixed ({said}); --trainer.precision overrides")
+    assert config["precision"] == "16-mixed" and not called
+
+
+def test_a_gpu_is_counted_without_initialising_cuda(monkeypatch) -> None:
+    """`torch.cuda.is_available()` asks the CUDA runtime (cudaGetDeviceCount, which initialises the driver in this
+    process) unless PYTORCH_NVML_BASED_CUDA_CHECK=1; `torch.cuda.device_count()`, as Lightning counts, asks NVML."""
+    if not torch.cuda._is_compiled() or torch.cuda.is_initialized():
+        pytest.skip("needs torch built with CUDA, not yet initialised in this process")
+    monkeypatch.delenv("PYTORCH_NVML_BASED_CUDA_CHECK", raising=False)
+    asked = []
+    monkeypatch.setattr(torch._C, "_cuda_getDeviceCount", lambda: asked.append("the CUDA runtime") or 1)
+    monkeypatch.setattr(torch.cuda, "_device_count_nvml", lambda: 1)
+    assert precision.on_cuda("gpu") and precision.on_cuda(None) and not precision.on_cuda("cpu")
+    assert not asked
 
 
 def test_precision_is_chosen_once_said_in_one_line_and_recorded(fake_cifar10: Path, caplog, monkeypatch) -> None:

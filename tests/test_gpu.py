@@ -5,6 +5,9 @@ only a GPU machine runs went stale unseen (three expected a checkpoint or a step
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -14,6 +17,7 @@ import yaml
 from conftest import one_process_world
 from lightning.pytorch import Callback
 
+from cifar_cli import precision
 from cifar_cli.cli import main
 from cifar_cli.data import CIFAR10DataModule, DeviceBatches
 from cifar_cli.precision import default_precision
@@ -55,6 +59,42 @@ def test_fit_with_gpu_config(fake_cifar10: Path, accelerator: str) -> None:
         assert config["trainer"]["precision"] == "bf16-mixed"
     else:
         assert config["trainer"]["precision"] == "16-mixed" and "scale" in state["MixedPrecision"]
+
+
+@GPU_AND_CPU
+def test_fit_with_ddp_fork(image_folder: Path, accelerator: str) -> None:
+    """ddp_fork forks its ranks from the command's process, whose CUDA they cannot use once it is initialised there
+    ("Cannot re-initialize CUDA in forked subprocess"): the precision chosen for the GPU (read in a child process)
+    and the optimizer's check leave it uninitialised. A command of its own: this process may have initialised CUDA
+    in earlier tests (an image folder: the fake CIFAR-10's checksums are this process's)."""
+    gpu, debug = REPO / "configs" / "gpu.yaml", REPO / "configs" / "debug.yaml"
+    command = [sys.executable, "-m", "cifar_cli", "fit", "--config", str(gpu), "--config", str(debug),
+               "--data", "ImageFolderDataModule", "--data.root", str(image_folder), "--data.val_size", "30",
+               "--trainer.accelerator", accelerator, "--trainer.strategy", "ddp_fork"]  # fmt: skip
+    # One OpenMP thread: a rank forked after the command's process ran OpenMP work (decoding the folder) waited
+    # forever on OpenMP's pool, which a fork does not carry over; ddp_fork's own problem, not the one tested here.
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 0, run.stderr[-4000:]
+    # 90 training images, batch 32: 2 whole batches (training drops the short last one).
+    assert torch.load(best_checkpoint("runs/debug/checkpoints"), weights_only=True)["global_step"] == 2
+    if accelerator == "cpu":
+        said = f"Precision {default_precision('cpu')[0]} (this CPU"
+    elif torch.cuda.is_bf16_supported(including_emulation=False):
+        said = f"Precision bf16-mixed ({torch.cuda.get_device_name()} supports bf16)"
+    else:
+        said = f"Precision 16-mixed ({torch.cuda.get_device_name()} has no bf16)"
+    assert said in run.stderr
+
+
+@pytest.mark.gpu
+def test_the_gpu_probe_reads_the_gpu_as_torch_does_here() -> None:
+    precision.gpu_apart.cache_clear()
+    try:
+        found = precision.gpu_apart()
+    finally:
+        precision.gpu_apart.cache_clear()
+    assert found == (torch.cuda.get_device_name(), torch.cuda.is_bf16_supported(including_emulation=False))
 
 
 @pytest.mark.gpu

@@ -259,3 +259,24 @@ def test_a_gpu_only_optimizer_setting_is_left_to_the_gpu_run() -> None:
     assert check_built(model, flags, on_gpu=True) is None
     with pytest.raises(UsageError, match=r"^--model.optimizer: If capturable=True, params and state_steps must be on"):
         check_built(model, flags)
+
+
+@pytest.mark.parametrize("optimizer", [torch.optim.Adam, torch.optim.AdamW])
+def test_the_optimizer_check_leaves_cuda_uninitialised_on_a_gpu_machine(monkeypatch, optimizer) -> None:
+    """Adam's and AdamW's step ask torch for the current CUDA stream (is a CUDA graph being captured?), which
+    initialises CUDA in this process on a GPU machine, dummy weight on the CPU or not: the ranks that ddp_fork forks
+    from it then cannot use CUDA."""
+    from functools import partial
+
+    from test_cli import fake_gpus
+
+    from cifar_cli.classifier import ImageClassifier
+    from cifar_cli.nets import TutorialCNN
+    from cifar_cli.optimizer_flags import check_built
+
+    called = fake_gpus(monkeypatch)
+    scheduler = partial(torch.optim.lr_scheduler.StepLR, step_size=1)
+    model = ImageClassifier(TutorialCNN(3), ["a", "b", "c"], optimizer=optimizer, lr_scheduler=scheduler)
+    flags = {"optimizer": "--model.optimizer", "lr_scheduler": "--model.lr_scheduler"}
+    assert isinstance(check_built(model, flags, on_gpu=True), torch.optim.lr_scheduler.StepLR)
+    assert not called
