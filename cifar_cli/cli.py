@@ -134,6 +134,7 @@ from cifar_cli.terminal import (
     quiet_wandb,
     silence_noise,
     sync_line,
+    tensor_core_tip,
     true_stop_line,
 )
 
@@ -982,6 +983,7 @@ class CifarCLI(LightningCLI):
             slow = "a CPU computes fp16 in software, hundreds of times slower than bf16-mixed or 32-true"
             precision = trainer.precision, f"Precision 16-true: {slow} (--trainer.precision)"
         self._chosen_precision = precision  # said once the trainer passes its checks (announce)
+        tensor_core_tip(trainer.precision)
         if trainer.is_global_zero:
             for logger in getattr(self, "_counted", []):
                 claim_version_folder(logger)

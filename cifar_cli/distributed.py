@@ -38,7 +38,7 @@ from torch.multiprocessing.spawn import ProcessException, ProcessExitedException
 
 from cifar_cli.entry import StoppedBeforeStart, hand_signals_to_lightning
 from cifar_cli.errors import causes, debugging
-from cifar_cli.terminal import IGNORED_FOR_THIS_RUN, silence_noise, true_stop_line
+from cifar_cli.terminal import IGNORED_FOR_THIS_RUN, silence_noise, tensor_core_tip, true_stop_line
 
 # Store key of the first failure: "rank leader message", where leader is the global rank of local rank 0 on the
 # failing rank's node.
@@ -150,6 +150,8 @@ class _StateCarryingLauncher(_MultiProcessingLauncher):
         silence_noise()
         for message in self._ignored:
             warnings.filterwarnings("ignore", message=message)
+        if trainer is not None:  # as the spawning process has it (CifarCLI.instantiate_trainer)
+            tensor_core_tip(trainer.precision)
 
         def run(*args: Any, **kwargs: Any) -> Any:
             try:

@@ -48,6 +48,23 @@ _TIPS = _DropMessages(r"^💡 Tip: For seamless cloud ", r"Detected KeyboardInte
 _TIPS_LOGGER = "lightning.pytorch.utilities.rank_zero"
 
 
+# Lightning's advice, at the first run on an Ampere or later GPU while torch's float32 matmul precision is the default
+# ("highest"), to lower it (`_check_cuda_matmul_precision`, Lightning 2.6): right for a run in fp32. Under mixed or
+# 16-bit precision the matmuls and convolutions already run in 16 bits, which that setting does not touch: noise.
+_TENSOR_CORE_TIP = _DropMessages(r"^You are using a CUDA device \(.*\) that has Tensor Cores\. To properly utilize")
+SIXTEEN_BIT = ("16-mixed", "bf16-mixed", "16-true", "bf16-true")
+
+
+def tensor_core_tip(precision: str) -> None:
+    """Let Lightning's tensor-core tip show for a run in `precision` (the trainer's, as Lightning names it) in fp32,
+    not in 16 bits; torch's float32 matmul precision is left as it is."""
+    logger = logging.getLogger(_TIPS_LOGGER)
+    if str(precision) not in SIXTEEN_BIT:
+        logger.removeFilter(_TENSOR_CORE_TIP)
+    elif _TENSOR_CORE_TIP not in logger.filters:
+        logger.addFilter(_TENSOR_CORE_TIP)
+
+
 class _TrueStopLine(logging.Filter):
     """Lightning's "`Trainer.fit` stopped: `max_epochs=N` reached." as it is true of the trainer's run.
 

@@ -1319,6 +1319,43 @@ def test_a_gpu_is_counted_without_initialising_cuda(monkeypatch) -> None:
     assert not asked
 
 
+@pytest.mark.parametrize(
+    ("given", "shown"),
+    [([], False), (["--trainer.precision", "16-mixed"], False), (["--trainer.precision", "32-true"], True)],
+)
+def test_lightnings_tensor_core_tip_is_shown_for_fp32_runs_only(
+    fake_cifar10: Path, monkeypatch, caplog, given: list[str], shown: bool
+) -> None:
+    """Lightning's advice to lower torch's float32 matmul precision, on an Ampere GPU, is for fp32 runs: under
+    bf16-mixed (chosen here) or 16-mixed the matmuls run in 16 bits already. It was shown at every GPU run. The run
+    stops where Lightning sets up the GPU, right after its check; torch's setting is left as it is."""
+    from lightning.fabric.accelerators.cuda import _check_cuda_matmul_precision
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Some GPU")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))
+
+    def set_device(device: object) -> None:
+        raise Launched  # what CUDAAccelerator.setup_device does after the check
+
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
+    assert torch.get_float32_matmul_precision() == "highest"
+    _check_cuda_matmul_precision.cache_clear()  # Lightning's, once per process
+    try:
+        with caplog.at_level(logging.INFO), pytest.raises(Launched):
+            main(["fit", *cifar_args(fake_cifar10), "--trainer.max_epochs", "1", *given])
+    finally:
+        _check_cuda_matmul_precision.cache_clear()
+    said = [r.getMessage() for r in caplog.records]
+    tip = [m for m in said if m.startswith("You are using a CUDA device ('Some GPU') that has Tensor Cores")]
+    assert len(tip) == int(shown), said
+    precision_line = "Precision bf16-mixed (Some GPU supports bf16); --trainer.precision overrides"
+    assert (precision_line in said) == (not given)
+    assert torch.get_float32_matmul_precision() == "highest"
+
+
 def test_precision_is_chosen_once_said_in_one_line_and_recorded(fake_cifar10: Path, caplog, monkeypatch) -> None:
     monkeypatch.setattr(precision, "cpu_bf16", lambda: "AMX")
     with caplog.at_level(logging.INFO):
