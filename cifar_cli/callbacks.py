@@ -572,6 +572,12 @@ def _register_after_start(self: _SignalConnector) -> None:
         # SIGUSR1, which Lightning takes only for SLURM's requeue, ended the process at once, without a word, in the
         # sanity check: until training begins (Preemption.on_train_start) it is the stop before training too.
         keep_stopping_cleanly(handed)
+        return
+    # validate, test, predict: SIGUSR1 ended the process there too, from here to the trainer's teardown (which puts
+    # back its default action).
+    preemption = next((c for c in self.trainer.callbacks if isinstance(c, Preemption)), None)
+    if preemption is not None:
+        preemption.stop_evaluating_on_sigusr1(self.trainer)
 
 
 def lightning_takes_signals() -> None:
@@ -680,6 +686,35 @@ class Preemption(Callback):
         # whose handler stays.
         unhandled = signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
         self._install((signal.SIGTERM, signal.SIGINT, *((signal.SIGUSR1,) if unhandled else ())))
+
+    def stop_evaluating_on_sigusr1(self, trainer: Trainer) -> None:
+        """In `validate`, `test` and `predict`, as their trainer installs its signal handlers: SIGUSR1 stops them as
+        Lightning's SIGTERM handler does, at the end of a batch, where Lightning left it at its default action
+        (which ended the process at once, without a word): not where SLURM's requeue handler has it."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        if signal.getsignal(signal.SIGUSR1) != signal.SIG_DFL:
+            return
+
+        def stop(signum: int, frame: Any) -> None:
+            # What Lightning's SIGTERM handler does (its `_sigterm_notifier_fn`), without its line "Received SIGTERM"
+            # and its broadcast from within the handler, which the other ranks never join (see on_sanity_check_start).
+            if self.signal is None:
+                self.signal = signum
+                launcher = trainer.strategy.launcher
+                if launcher is not None:
+                    launcher.kill(signum)  # the ranks this process started: Lightning's DDP launcher
+            trainer._signal_connector.received_sigterm = True
+
+        self._previous[signal.SIGUSR1] = signal.SIG_DFL
+        signal.signal(signal.SIGUSR1, stop)
+
+    def on_predict_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any, **kwargs: Any) -> None:
+        # Lightning's evaluation loop stops at a batch end once its SIGTERM flag is set (but after the last batch,
+        # where the results are all there); its prediction loop (2.6) never reads the flag: a SIGTERM in `predict`
+        # wrote every prediction and exited with 0.
+        if trainer.received_sigterm and not trainer.predict_loop.batch_progress.is_last_batch:
+            raise SIGTERMException
 
     def _install(self, signums: tuple[int, ...]) -> None:
         if threading.current_thread() is not threading.main_thread():

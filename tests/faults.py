@@ -44,13 +44,15 @@ class FailOnRank(Callback):
 
 class SignalAt(Callback):
     """Sends a signal to this process at a chosen point of training: before a training batch, or during a
-    validation batch. For the tests of the clean stop, at moments a timer could only hit by chance.
+    validation batch (or, in `test` and `predict`, a test or prediction batch). For the tests of the clean stop, at
+    moments a timer could only hit by chance.
 
     Args:
         signum: The signal's number (15: SIGTERM, 2: SIGINT).
         epoch: The epoch it is sent in.
         batch: The training batch it is sent before; with `in_validation`, the validation batch it is sent in.
-        in_validation: Send it during that epoch's validation instead of during training.
+        in_validation: Send it during that epoch's validation instead of during training (in `test` and `predict`:
+            during their batch `batch`).
         rank: Under DDP, the only rank that sends it (to its own process); None: every rank.
         twice: Send it twice in a row (a second Ctrl-C before the clean stop).
         parent: Send it to the process that started this one instead (under ddp_spawn: the spawning process).
@@ -90,6 +92,14 @@ class SignalAt(Callback):
 
     def on_validation_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int,
                                   dataloader_idx: int = 0) -> None:  # fmt: skip
+        self._send(trainer, batch_idx, validating=True)
+
+    def on_test_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int,
+                            dataloader_idx: int = 0) -> None:  # fmt: skip
+        self._send(trainer, batch_idx, validating=True)
+
+    def on_predict_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int,
+                               dataloader_idx: int = 0) -> None:  # fmt: skip
         self._send(trainer, batch_idx, validating=True)
 
 

@@ -21,7 +21,9 @@ from test_cli import CSV_LOGGER, metrics_rows, values
 from wandb_offline import read_run
 
 from cifar_cli.atomic import AtomicCheckpointIO, atomic_csv_logs, atomic_write
+from cifar_cli.callbacks import START_FILES
 from cifar_cli.cli import main
+from cifar_cli.entry import STAGES
 from cifar_cli.optim import WarmupLinearDecay
 from cifar_cli.resume import config_changes, restart_config
 
@@ -316,6 +318,47 @@ def test_sigterm_during_validate_says_so_and_saves_no_checkpoint(fake_cifar10: P
     lines = capfd.readouterr().err.strip().splitlines()
     assert lines[-1] == "cifar-cli: stopped by SIGTERM during validation: no results were written"
     assert list(Path("runs").glob("**/checkpoints/last.ckpt")) == [trained]
+
+
+@pytest.mark.parametrize(("subcommand", "signum", "slurm"), [
+    ("validate", signal.SIGUSR1, "none"), ("test", signal.SIGUSR1, "none"), ("predict", signal.SIGUSR1, "none"),
+    ("predict", signal.SIGTERM, "none"), ("test", signal.SIGUSR1, "requeue"),
+])  # fmt: skip
+def test_a_signal_during_validate_test_or_predict_stops_it_in_one_line(image_folder: Path, subcommand: str,
+                                                                       signum: int, slurm: str) -> None:  # fmt: skip
+    """SIGUSR1 (SLURM's warning before its time limit, `kill -USR1`) during `validate`, `test` or `predict` killed
+    the process at once, the signal's default action (exit -10, not a word): Lightning takes it only for SLURM's
+    requeue, and cifar-cli took it only during training. And a SIGTERM in `predict` went unheeded: Lightning's
+    prediction loop never reads its SIGTERM flag, so the command wrote every prediction and exited 0. Both stop at
+    the end of the batch now, as a SIGTERM in `validate` or `test` does: one line, 128 + the signal's number, no
+    results and no checkpoint. Under SLURM with auto_requeue, Lightning's requeue handles SIGUSR1 as before: its
+    hpc_ckpt_1.ckpt, and the command runs to its end (`scontrol`, missing here, fails with a warning)."""
+    path = os.pathsep.join([str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])  # tests/: faults
+    env = {**os.environ, "PYTHONPATH": path, **(SLURM_JOB if slurm == "requeue" else {})}
+    plugins = ["--trainer.plugins", "SLURMEnvironment", "--trainer.plugins.auto_requeue", "true"]
+    # Untrained weights (no --ckpt_path), 4 batches of the 30 images each command reads; the signal in the second.
+    args = [subcommand, "--data", "ImageFolderDataModule", "--data.root", str(image_folder), "--data.val_size", "30",
+            "--data.batch_size", "8", *CSV_LOGGER, "--trainer.enable_progress_bar", "false",
+            "--trainer.callbacks+=faults.SignalAt", "--trainer.callbacks.in_validation", "true",
+            "--trainer.callbacks.batch", "1", "--trainer.callbacks.signum", str(int(signum)),
+            *(plugins if slurm == "requeue" else [])]  # fmt: skip
+    done = subprocess.run([sys.executable, "-m", "cifar_cli", *args], env=env, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    files = [p for p in Path("runs").rglob("*") if p.is_file()]
+    if slurm == "requeue":
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert Path("hpc_ckpt_1.ckpt").is_file() and "stopped by" not in done.stderr
+        assert "summary.json" in {p.name for p in files}
+        return
+    assert done.returncode == 128 + signum, done.stderr[-3000:]
+    lines = [line for line in done.stderr.splitlines() if line.startswith("cifar-cli: stopped by")]
+    assert lines == [
+        f"cifar-cli: stopped by {signal.Signals(signum).name} during {STAGES[subcommand]}: no results were written"
+    ]
+    assert "Traceback" not in done.stderr
+    # What the command's start wrote, and nothing after it: no predictions.csv, summary.json or checkpoint.
+    assert files and {p.name for p in files} <= set(START_FILES), files
+    assert not list(Path().rglob("*.ckpt"))
 
 
 # The sanity check's two validation batches: a signal in the first, or in the last, after which Lightning's own
