@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import StochasticWeightAveraging
 from lightning.pytorch.strategies.launchers import subprocess_script
@@ -102,7 +103,9 @@ def carry_spawned_state(trainer: Trainer) -> None:
 class _StateCarryingLauncher(_MultiProcessingLauncher):
     """Also a SIGTERM to the spawning process (a scheduler's, `kill`) stops the run as under ddp: it goes on to the
     ranks, whose Preemption stops them at the same step, saves last.ckpt and prints the line that resumes, and the
-    process exits with 143. The spawning process died at once, with no word, and left the ranks training on."""
+    process exits with 143. The spawning process died at once, with no word, and left the ranks training on. So
+    does a SIGUSR1 (SLURM's warning before its time limit, `kill -USR1`), exit code 138, except where it is the
+    requeue signal of SLURM's auto_requeue: that one is left as it was, to the ranks' Lightning."""
 
     _stopped: int | None = None  # in rank 0: the exit code of a stop by a signal (Preemption's), for the launcher
     _stopped_before: int | None = None  # in rank 0: the signal of a stop before training (in the sanity check)
@@ -126,7 +129,11 @@ class _StateCarryingLauncher(_MultiProcessingLauncher):
         if threading.current_thread() is not threading.main_thread():
             return super().launch(function, *args, trainer=trainer, **kwargs)
         hand_signals_to_lightning()  # the start-up's handler (cifar_cli.entry): the ranks take the signals now
-        previous = signal.signal(signal.SIGTERM, self._pass_on)
+        environment = self._strategy.cluster_environment
+        requeue = isinstance(environment, SLURMEnvironment) and environment.auto_requeue
+        requeue_signal = environment.requeue_signal if requeue else None
+        signums = [signal.SIGTERM, *([signal.SIGUSR1] if requeue_signal != signal.SIGUSR1 else [])]
+        previous = {signum: signal.signal(signum, self._pass_on) for signum in signums}
         try:
             return super().launch(function, *args, trainer=trainer, **kwargs)
         except ProcessExitedException as failed:
@@ -136,7 +143,8 @@ class _StateCarryingLauncher(_MultiProcessingLauncher):
                 raise StoppedBeforeStart(self._signalled) from None
             raise
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
 
     def _pass_on(self, signum: int, frame: Any) -> None:
         self._signalled = signum

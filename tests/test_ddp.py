@@ -387,17 +387,21 @@ def test_ddp_spawn_says_how_an_swa_run_ended(images: Path, tmp_path: Path) -> No
 
 
 @pytest.mark.slow
-def test_sigterm_to_the_spawning_process_stops_the_ranks_as_under_ddp(images: Path, tmp_path: Path) -> None:
-    """Under ddp_spawn a SIGTERM (a scheduler's, `kill`) reaches the process that spawned the ranks: it died at once
-    with 143 and no word, and the ranks trained on, orphaned. It goes on to the ranks now, which stop at the same
-    step, save last.ckpt and say how to resume, as under ddp; and no process of the run lives on."""
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
+def test_a_signal_to_the_spawning_process_stops_the_ranks_as_under_ddp(images: Path, tmp_path: Path,
+                                                                       signum: int) -> None:  # fmt: skip
+    """Under ddp_spawn a SIGTERM (a scheduler's, `kill`) or a SIGUSR1 (SLURM's warning before its time limit, where
+    no requeue takes it) reaches the process that spawned the ranks: it died at once with 143 (138) and no word,
+    and the ranks trained on, orphaned. It goes on to the ranks now, which stop at the same step, save last.ckpt and
+    say how to resume, as under ddp; and no process of the run lives on."""
     signal_parent = ["--trainer.callbacks+=faults.SignalAt", "--trainer.callbacks.batch", "5",
-                     "--trainer.callbacks.rank", "0", "--trainer.callbacks.parent", "true"]  # fmt: skip
+                     "--trainer.callbacks.rank", "0", "--trainer.callbacks.parent", "true",
+                     "--trainer.callbacks.signum", str(int(signum))]  # fmt: skip
     args = [*TRAIN, *ONE_NODE, "--trainer.strategy", "ddp_spawn", "--data.root", str(images), *signal_parent]
     proc = start(args, tmp_path, ddp_env(free_port()))
     code, stderr = finish(proc)
-    assert code == 143, stderr[-2000:]
-    assert "cifar-cli: stopped by SIGTERM in epoch 1/2, step " in stderr, stderr[-2000:]
+    assert code == 128 + signum, stderr[-2000:]
+    assert f"cifar-cli: stopped by {signal.Signals(signum).name} in epoch 1/2, step " in stderr, stderr[-2000:]
     assert f"resume with: cifar-cli fit --config {tmp_path / 'config.yaml'} --ckpt_path " in stderr, stderr[-2000:]
     stopped = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert 6 <= stopped["global_step"] < STEPS // 2
