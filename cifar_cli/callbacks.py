@@ -26,8 +26,9 @@ from lightning.pytorch.callbacks import (
     Timer,
 )
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.trainer.connectors.signal_connector import _SignalConnector
-from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.model_helpers import is_overridden
@@ -35,7 +36,13 @@ from torch import Tensor
 
 from cifar_cli.atomic import atomic_write, remove_empty_folders
 from cifar_cli.data import ImageDataModule
-from cifar_cli.entry import STAGES, StoppedBeforeStart, hand_signals_to_lightning, keep_stopping_cleanly
+from cifar_cli.entry import (
+    STAGES,
+    StoppedBeforeStart,
+    hand_signals_to_lightning,
+    keep_stopping_cleanly,
+    stop_cleanly_after_stage,
+)
 from cifar_cli.errors import UsageError
 
 
@@ -580,11 +587,26 @@ def _register_after_start(self: _SignalConnector) -> None:
         preemption.stop_evaluating_on_sigusr1(self.trainer)
 
 
+_LIGHTNING_TEARDOWN = _SignalConnector.teardown
+
+
+def _teardown_then_stop_cleanly(self: _SignalConnector) -> None:
+    _LIGHTNING_TEARDOWN(self)
+    # Not on the way out of a stop or a failure (INTERRUPTED), nor in a rank ddp_spawn started, which sends its
+    # results back and ends: the spawning process ends the command (cifar_cli.distributed).
+    if self.trainer.state.status == TrainerStatus.RUNNING and not isinstance(
+        self.trainer.strategy.launcher, _MultiProcessingLauncher
+    ):
+        stop_cleanly_after_stage(self.trainer.state.fn.value)
+
+
 def lightning_takes_signals() -> None:
     """The start-up's stop on SIGTERM and SIGUSR1 (cifar_cli.entry) ends where the trainer installs its own handlers,
-    just before it runs its stage (its sanity check, training, testing): Lightning's `_SignalConnector` (private,
-    2.6) has no hook there."""
+    just before it runs its stage (its sanity check, training, testing), and the stop after the stage begins where
+    the trainer puts back the handlers it found (the default action), after its stage: Lightning's
+    `_SignalConnector` (private, 2.6) has no hook there."""
     _SignalConnector.register_signal_handlers = _register_after_start
+    _SignalConnector.teardown = _teardown_then_stop_cleanly
 
 
 # What a command's start writes in a new run's folder before anything is trained: config.yaml (RunConfigSaver),
@@ -777,6 +799,10 @@ class Preemption(Callback):
         vote, self._vote = self._vote, None
         if vote is not None:  # every rank started it: let it finish before the process group goes
             vote.result()
+        # SIGUSR1 keeps this callback's handler (noted, no longer heeded) until the trainer's teardown, as SIGTERM
+        # goes back to Lightning's, which only notes it too: put back to its default action here, it killed the
+        # process. The teardown puts back what the trainer found, then cifar_cli.entry's stop after the stage.
+        self._previous.pop(signal.SIGUSR1, None)
         self._restore()
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:

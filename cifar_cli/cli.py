@@ -89,7 +89,7 @@ from cifar_cli.data import ImageDataModule
 from cifar_cli.data.base import predicting_from
 from cifar_cli.data.batches import train_batches
 from cifar_cli.distributed import carry_spawned_state, exit_if_rank_failed, exit_if_spawned_rank_failed, watch_ranks
-from cifar_cli.entry import StoppedBeforeStart
+from cifar_cli.entry import StoppedAfterStage, StoppedBeforeStart, end_stopping_after_stage
 from cifar_cli.errors import DEBUG_ENV, TrainingDiverged, UsageError, causes, debug_switch, debugging
 from cifar_cli.folders import claim_version_folder, hold_run_folder, release_folders
 from cifar_cli.optimizer_flags import (
@@ -2016,6 +2016,15 @@ def main(args: ArgsType = None) -> None:
         # file, and a log read later shows them raw. A run that fails is still ended by the hook, which records the
         # exit code.
         finish_wandb_run(0)
+    except StoppedAfterStage as stop:
+        if local_rank_zero():
+            print(stop.line(), file=sys.stderr, flush=True)
+        wandb = sys.modules.get("wandb")
+        # The summary that names an offline run's upload never came: the line, as after a stop during training.
+        if wandb is not None and (line := sync_line(wandb.run)) is not None:
+            print(line, file=sys.stderr, flush=True)
+        finish_wandb_run(128 + stop.signum)
+        raise SystemExit(128 + stop.signum) from None
     except StoppedBeforeStart as stop:
         # Preemption has removed the run folder the start made; its W&B run logged nothing worth a `wandb sync`.
         if local_rank_zero():  # a DDP run's other ranks, which their launcher stopped alike, say it once
@@ -2099,6 +2108,7 @@ def main(args: ArgsType = None) -> None:
         print(f"cifar-cli: error: {class_help_hint(one_line(cause))}", file=sys.stderr)
         sys.exit(2)
     finally:
+        end_stopping_after_stage()
         release_folders()
 
 

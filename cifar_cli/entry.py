@@ -39,6 +39,33 @@ class StoppedBeforeStart(BaseException):
         return f"cifar-cli: stopped by {name}"
 
 
+class StoppedAfterStage(BaseException):
+    """One of START_SIGNALS came after the trainer's stage had ended (from its teardown, which puts back their
+    default action, to the end of the command: W&B's checkpoint versions, the summary). A BaseException, as
+    StoppedBeforeStart."""
+
+    def __init__(self, signum: int, stage: str) -> None:
+        super().__init__(signum, stage)
+        self.signum, self.stage = signum, stage
+
+    def line(self) -> str:
+        saved = " (its checkpoints are saved)" if self.stage == "fit" else ""
+        return (
+            f"cifar-cli: stopped by {signal.Signals(self.signum).name} after {STAGES.get(self.stage, self.stage)} "
+            f"ended{saved}, before its summary"
+        )
+
+
+class _StopAfterStage:
+    """The handler of `stop_cleanly_after_stage`: a class, for `end_stopping_after_stage` to know it."""
+
+    def __init__(self, stage: str) -> None:
+        self.stage = stage
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        raise StoppedAfterStage(signum, self.stage)
+
+
 def _stop_before_start(signum: int, frame: Any) -> None:
     raise StoppedBeforeStart(signum)
 
@@ -61,7 +88,9 @@ def hand_signals_to_lightning() -> list[int]:
     the signals it put back."""
     if threading.current_thread() is not threading.main_thread():
         return []
-    handed = [signum for signum in START_SIGNALS if signal.getsignal(signum) is _stop_before_start]
+    # (Also the stop after an earlier stage, where a program runs a second one: Lightning would chain it too.)
+    handed = [signum for signum in START_SIGNALS if isinstance(signal.getsignal(signum), _StopAfterStage)
+              or signal.getsignal(signum) is _stop_before_start]  # fmt: skip
     for signum in handed:
         signal.signal(signum, signal.SIG_DFL)
     return handed
@@ -72,6 +101,27 @@ def keep_stopping_cleanly(signums: list[int]) -> None:
     for signum in signums:
         if signal.getsignal(signum) == signal.SIG_DFL:
             signal.signal(signum, _stop_before_start)
+
+
+def stop_cleanly_after_stage(stage: str) -> None:
+    """Once the trainer's stage (`stage`, a TrainerFn value) has ended, SIGTERM and SIGUSR1 end the command in one
+    line with 128 + the signal's number, as during the stage: the trainer's teardown put back their default action,
+    which killed the process without a word. Not where someone else has taken them (a signal ignored, say)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for signum in START_SIGNALS:
+        if signal.getsignal(signum) == signal.SIG_DFL:
+            signal.signal(signum, _StopAfterStage(stage))
+
+
+def end_stopping_after_stage() -> None:
+    """Put back the default action where `stop_cleanly_after_stage` set its handler: as the command ends (a later
+    command in the same process would have Lightning chain it to its own SIGTERM handler)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for signum in START_SIGNALS:
+        if isinstance(signal.getsignal(signum), _StopAfterStage):
+            signal.signal(signum, signal.SIG_DFL)
 
 
 def run() -> None:
@@ -90,6 +140,8 @@ def run() -> None:
         run_command()
     except StoppedBeforeStart as stop:  # one that came before or after `main`'s own handling of it
         print(stop.line(sys.argv[1:]), file=sys.stderr)
+        raise SystemExit(128 + stop.signum) from None
+    except StoppedAfterStage as stop:  # a second one, during `main`'s handling of the first
         raise SystemExit(128 + stop.signum) from None
 
 

@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import Checkpoint
 
 
 class FailOnRank(Callback):
@@ -57,6 +58,7 @@ class SignalAt(Callback):
         twice: Send it twice in a row (a second Ctrl-C before the clean stop).
         parent: Send it to the process that started this one instead (under ddp_spawn: the spawning process).
         in_sanity_check: Send it during the sanity check's validation batch `batch` instead (before training).
+        at_fit_end: Send it as fit ends instead (`on_fit_end`: after the trainer's teardown, before the summary).
     """
 
     def __init__(
@@ -69,12 +71,15 @@ class SignalAt(Callback):
         twice: bool = False,
         parent: bool = False,
         in_sanity_check: bool = False,
+        at_fit_end: bool = False,
     ) -> None:
         self.signum, self.epoch, self.batch, self.in_validation, self.rank = signum, epoch, batch, in_validation, rank
-        self.twice, self.parent, self.in_sanity_check = twice, parent, in_sanity_check
+        self.twice, self.parent, self.in_sanity_check, self.at_fit_end = twice, parent, in_sanity_check, at_fit_end
         self.sent = False
 
     def _send(self, trainer: Trainer, batch_idx: int, validating: bool) -> None:
+        if self.at_fit_end:
+            return
         if self.in_sanity_check:
             due = trainer.sanity_checking and validating and batch_idx == self.batch
         else:
@@ -94,6 +99,10 @@ class SignalAt(Callback):
                                   dataloader_idx: int = 0) -> None:  # fmt: skip
         self._send(trainer, batch_idx, validating=True)
 
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.at_fit_end and self.rank in (None, trainer.global_rank):
+            os.kill(os.getpid(), self.signum)
+
     def on_test_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int,
                             dataloader_idx: int = 0) -> None:  # fmt: skip
         self._send(trainer, batch_idx, validating=True)
@@ -101,6 +110,23 @@ class SignalAt(Callback):
     def on_predict_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int,
                                dataloader_idx: int = 0) -> None:  # fmt: skip
         self._send(trainer, batch_idx, validating=True)
+
+
+class SignalAsTrainingEnds(Checkpoint):
+    """Sends a signal to this process in `on_train_end`, after Preemption's: Lightning calls a Checkpoint's hooks
+    after every other callback's. The moment from the end of training to the trainer's teardown.
+
+    Args:
+        signum: The signal's number.
+    """
+
+    last_model_path = ""  # (what the summary reads from every checkpoint callback)
+
+    def __init__(self, signum: int = 15) -> None:
+        self.signum = signum
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        os.kill(os.getpid(), self.signum)
 
 
 # Seconds on the fake clock that TickClock advances; a test points Lightning's Timer at it.

@@ -361,6 +361,54 @@ def test_a_signal_during_validate_test_or_predict_stops_it_in_one_line(image_fol
     assert not list(Path().rglob("*.ckpt"))
 
 
+@pytest.mark.parametrize(("signum", "logger"), [(signal.SIGTERM, "csv"), (signal.SIGUSR1, "wandb")])
+def test_a_signal_after_training_ended_stops_in_one_line(image_folder: Path, signum: int, logger: str) -> None:
+    """A SIGTERM or SIGUSR1 after training had ended (from the trainer's teardown on: W&B's checkpoint versions, the
+    summary) killed the process at once, the signals' default action again there: exit -15 or -10, not a word.
+    Now one line and 128 + the signal's number (and, for an offline W&B run, how to upload it, which the summary
+    would have said); the checkpoints are whole, and no summary.json was written."""
+    path = os.pathsep.join([str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])  # tests/: faults
+    env = {**os.environ, "PYTHONPATH": path}
+    args = ["fit", "--data", "ImageFolderDataModule", "--data.root", str(image_folder), "--data.val_size", "30",
+            "--data.batch_size", "8", "--trainer.limit_train_batches", "2", "--trainer.max_epochs", "1",
+            *(CSV_LOGGER if logger == "csv" else []),
+            "--trainer.enable_progress_bar", "false", "--trainer.callbacks+=faults.SignalAt",
+            "--trainer.callbacks.at_fit_end", "true", "--trainer.callbacks.signum", str(int(signum))]  # fmt: skip
+    done = subprocess.run([sys.executable, "-m", "cifar_cli", *args], env=env, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert done.returncode == 128 + signum, done.stderr[-3000:]
+    lines = [line for line in done.stderr.splitlines() if line.startswith("cifar-cli: stopped by")]
+    assert lines == [
+        f"cifar-cli: stopped by {signal.Signals(signum).name} after training ended (its checkpoints are saved), "
+        "before its summary"
+    ]
+    assert "Traceback" not in done.stderr
+    (last,) = Path("runs").glob("**/checkpoints/last.ckpt")
+    assert torch.load(last, weights_only=True)["global_step"] == 2
+    assert not list(Path("runs").rglob("summary.json")) and not list(Path("runs").rglob("*.partial"))
+    if logger == "wandb":
+        (part,) = Path("runs/wandb").glob(f"offline-run-*-{last.parent.parent.name}")
+        assert f"\nUpload to W&B: wandb sync {part}\n" in done.stderr
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_a_signal_as_training_ends_is_taken_as_sigterm_is(image_folder: Path, signum: int) -> None:
+    """From Preemption's `on_train_end` (which put back SIGUSR1's default action) to the trainer's teardown, a
+    SIGUSR1 killed the process at once, where a SIGTERM goes to Lightning's handler, which notes it: training is
+    over, nothing stops, and the command ends as it would have. Now SIGUSR1 too."""
+    path = os.pathsep.join([str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])  # tests/: faults
+    env = {**os.environ, "PYTHONPATH": path}
+    args = ["fit", "--data", "ImageFolderDataModule", "--data.root", str(image_folder), "--data.val_size", "30",
+            "--data.batch_size", "8", "--trainer.limit_train_batches", "2", "--trainer.max_epochs", "1", *CSV_LOGGER,
+            "--trainer.enable_progress_bar", "false", "--trainer.callbacks+=faults.SignalAsTrainingEnds",
+            "--trainer.callbacks.signum", str(int(signum))]  # fmt: skip
+    done = subprocess.run([sys.executable, "-m", "cifar_cli", *args], env=env, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "stopped by" not in done.stderr
+    assert len(list(Path("runs").rglob("summary.json"))) == 1
+
+
 # The sanity check's two validation batches: a signal in the first, or in the last, after which Lightning's own
 # handler (Preemption's replaces it there) let the run go on into training.
 SANITY = ["--data.batch_size", "8", "--trainer.num_sanity_val_steps", "2", "--trainer.limit_train_batches", "2",
