@@ -662,6 +662,10 @@ class Preemption(Callback):
     Lightning already stops at a batch end on SIGTERM (its SIGTERMException), but exits with code 0 as if
     training had finished, saves nothing, stops in the middle of a validation, and ignores SIGINT until it
     interrupts the step wherever it is.
+
+    In `validate`, `test` and `predict`, Lightning's SIGTERM stop at a batch end stands (the line here says that
+    nothing was written); SIGUSR1 stops them the same way (`stop_evaluating_on_sigusr1`), and so does a SIGTERM in
+    `predict`, whose loop Lightning never stops (`on_predict_batch_end`).
     """
 
     def __init__(self) -> None:
