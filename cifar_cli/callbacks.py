@@ -26,7 +26,6 @@ from lightning.pytorch.callbacks import (
     Timer,
 )
 from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.trainer.connectors.signal_connector import _SignalConnector
 from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
 from lightning.pytorch.utilities import rank_zero_only
@@ -592,11 +591,7 @@ _LIGHTNING_TEARDOWN = _SignalConnector.teardown
 
 def _teardown_then_stop_cleanly(self: _SignalConnector) -> None:
     _LIGHTNING_TEARDOWN(self)
-    # Not on the way out of a stop or a failure (INTERRUPTED), nor in a rank ddp_spawn started, which sends its
-    # results back and ends: the spawning process ends the command (cifar_cli.distributed).
-    if self.trainer.state.status == TrainerStatus.RUNNING and not isinstance(
-        self.trainer.strategy.launcher, _MultiProcessingLauncher
-    ):
+    if self.trainer.state.status == TrainerStatus.RUNNING:  # not on the way out of a stop or a failure (INTERRUPTED)
         stop_cleanly_after_stage(self.trainer.state.fn.value)
 
 
@@ -803,10 +798,13 @@ class Preemption(Callback):
         vote, self._vote = self._vote, None
         if vote is not None:  # every rank started it: let it finish before the process group goes
             vote.result()
-        # SIGUSR1 keeps this callback's handler (noted, no longer heeded) until the trainer's teardown, as SIGTERM
-        # goes back to Lightning's, which only notes it too: put back to its default action here, it killed the
-        # process. The teardown puts back what the trainer found, then cifar_cli.entry's stop after the stage.
+        # SIGTERM and SIGUSR1 keep this callback's handler (noted, no longer heeded) until the trainer's teardown,
+        # which puts back what the trainer found, then cifar_cli.entry's stop after the stage. Put back here,
+        # SIGUSR1's default action killed the process, and Lightning's SIGTERM handler, under DDP, broadcast from
+        # within it to ranks that had ended their stage: under ddp_spawn a SIGTERM passed on as rank 0 logged its
+        # checkpoints to W&B failed rank 1 ("Connection closed by peer").
         self._previous.pop(signal.SIGUSR1, None)
+        self._previous.pop(signal.SIGTERM, None)
         self._restore()
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:

@@ -37,7 +37,14 @@ from lightning.pytorch.trainer.call import _interrupt
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.multiprocessing.spawn import ProcessException, ProcessExitedException
 
-from cifar_cli.entry import StoppedBeforeStart, hand_signals_to_lightning
+from cifar_cli.callbacks import lightning_takes_signals
+from cifar_cli.entry import (
+    StoppedAfterStage,
+    StoppedBeforeStart,
+    end_stopping_after_stage,
+    hand_signals_to_lightning,
+    stop_cleanly_after_stage,
+)
 from cifar_cli.errors import causes, debugging
 from cifar_cli.terminal import IGNORED_FOR_THIS_RUN, silence_noise, tensor_core_tip, true_stop_line
 
@@ -135,7 +142,7 @@ class _StateCarryingLauncher(_MultiProcessingLauncher):
         signums = [signal.SIGTERM, *([signal.SIGUSR1] if requeue_signal != signal.SIGUSR1 else [])]
         previous = {signum: signal.signal(signum, self._pass_on) for signum in signums}
         try:
-            return super().launch(function, *args, trainer=trainer, **kwargs)
+            results = super().launch(function, *args, trainer=trainer, **kwargs)
         except ProcessExitedException as failed:
             # A rank the signal reached before it set up its own handler (still importing torch, say) ended by it:
             # the run is stopped before training, as a process alone is by a SIGTERM then, not failed.
@@ -145,6 +152,13 @@ class _StateCarryingLauncher(_MultiProcessingLauncher):
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
+        stage = trainer.state.fn.value if trainer is not None and trainer.state.fn is not None else "fit"
+        if self._signalled is not None:
+            # Passed on once the ranks' stage had ended (W&B's checkpoint versions, in on_fit_end): they finished
+            # it and sent their results; the command ends here, as a process alone does then.
+            raise StoppedAfterStage(self._signalled, stage)
+        stop_cleanly_after_stage(stage)  # (the ranks' teardown put it in place in their processes, not here)
+        return results
 
     def _pass_on(self, signum: int, frame: Any) -> None:
         self._signalled = signum
@@ -160,6 +174,9 @@ class _StateCarryingLauncher(_MultiProcessingLauncher):
             warnings.filterwarnings("ignore", message=message)
         if trainer is not None:  # as the spawning process has it (CifarCLI.instantiate_trainer)
             tensor_core_tip(trainer.precision)
+        # The signal handling the command set up in its own interpreter (cifar_cli.callbacks): without it, a SIGUSR1
+        # passed on in `validate` and a signal passed on after the rank's stage had ended killed the rank.
+        lightning_takes_signals()
 
         def run(*args: Any, **kwargs: Any) -> Any:
             try:
@@ -181,6 +198,14 @@ class _StateCarryingLauncher(_MultiProcessingLauncher):
                 trainer._teardown()
                 self._stopped_before = stop.signum
                 return None
+            except StoppedAfterStage:
+                # The signal the spawning process passed on, after this rank's stage had ended: its results go
+                # home, and the spawning process, which knows the signal, says so.
+                return None
+            finally:
+                # Until this rank has sent its results and ended; the spawning process passes the signal on and
+                # stops the command itself. (Killed by it here, the rank was taken for one stopped before training.)
+                end_stopping_after_stage(signal.SIG_IGN)
 
         super()._wrapping_function(process_idx, trainer, run, *args)
 

@@ -114,14 +114,14 @@ def stop_cleanly_after_stage(stage: str) -> None:
             signal.signal(signum, _StopAfterStage(stage))
 
 
-def end_stopping_after_stage() -> None:
-    """Put back the default action where `stop_cleanly_after_stage` set its handler: as the command ends (a later
-    command in the same process would have Lightning chain it to its own SIGTERM handler)."""
+def end_stopping_after_stage(action: signal.Handlers = signal.SIG_DFL) -> None:
+    """Put back the default action (or `action`) where `stop_cleanly_after_stage` set its handler: as the command
+    ends (a later command in the same process would have Lightning chain it to its own SIGTERM handler)."""
     if threading.current_thread() is not threading.main_thread():
         return
     for signum in START_SIGNALS:
         if isinstance(signal.getsignal(signum), _StopAfterStage):
-            signal.signal(signum, signal.SIG_DFL)
+            signal.signal(signum, action)
 
 
 def run() -> None:

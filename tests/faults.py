@@ -101,7 +101,7 @@ class SignalAt(Callback):
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.at_fit_end and self.rank in (None, trainer.global_rank):
-            os.kill(os.getpid(), self.signum)
+            os.kill(os.getppid() if self.parent else os.getpid(), self.signum)
 
     def on_test_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int,
                             dataloader_idx: int = 0) -> None:  # fmt: skip

@@ -417,6 +417,24 @@ def test_a_signal_to_the_spawning_process_stops_the_ranks_as_under_ddp(images: P
         pytest.fail("a process of the run lived on after it ended")
 
 
+def test_a_signal_to_the_spawning_process_after_training_ended_stops_in_one_line(images: Path, tmp_path: Path):
+    """Under ddp_spawn a SIGTERM to the spawning process once the ranks' training had ended (in `on_fit_end`, where
+    W&B's checkpoint versions are logged) went on to the ranks, which it killed there: the command said "stopped by
+    SIGTERM before training began: nothing was trained or saved" of a run trained to its end. Now the ranks finish,
+    and the command ends as a process alone does then."""
+    signal_parent = ["--trainer.callbacks+=faults.SignalAt", "--trainer.callbacks.at_fit_end", "true",
+                     "--trainer.callbacks.rank", "0", "--trainer.callbacks.parent", "true"]  # fmt: skip
+    args = [*BASE, *ONE_NODE, "--trainer.strategy", "ddp_spawn", "--trainer.max_epochs", "1",
+            "--data.root", str(images), *signal_parent]  # fmt: skip
+    code, stderr = finish(start(args, tmp_path, ddp_env(free_port())), timeout=120)
+    assert code == 143, stderr[-2000:]
+    stops = [line for line in stderr.splitlines() if line.startswith("cifar-cli: stopped by")]
+    assert stops == [
+        "cifar-cli: stopped by SIGTERM after training ended (its checkpoints are saved), before its summary"
+    ]
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == STEPS // 2
+
+
 @pytest.mark.slow
 def test_a_csv_logger_run_under_ddp_spawn_restarts_with_its_changes_recorded_once(images: Path, tmp_path: Path):
     """`--trainer.strategy ddp_spawn --trainer.logger CSVLogger` stopped before training with "Can't pickle local
