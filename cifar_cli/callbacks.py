@@ -37,7 +37,9 @@ from cifar_cli.atomic import atomic_write, remove_empty_folders
 from cifar_cli.data import ImageDataModule
 from cifar_cli.entry import (
     STAGES,
+    START_SIGNALS,
     StoppedBeforeStart,
+    after_stage_handler,
     hand_signals_to_lightning,
     keep_stopping_cleanly,
     stop_cleanly_after_stage,
@@ -589,19 +591,38 @@ def _register_after_start(self: _SignalConnector) -> None:
 _LIGHTNING_TEARDOWN = _SignalConnector.teardown
 
 
+# Set in a rank that ddp_spawn started (lightning_takes_signals): after its stage, the signals are ignored there.
+_IGNORED_AFTER_STAGE: list[bool] = []
+
+
 def _teardown_then_stop_cleanly(self: _SignalConnector) -> None:
+    if self.trainer.state.status != TrainerStatus.RUNNING:  # on the way out of a stop or a failure (INTERRUPTED)
+        _LIGHTNING_TEARDOWN(self)
+        return
+    stage, ignore = self.trainer.state.fn.value, bool(_IGNORED_AFTER_STAGE)
+    # The stop after the stage goes in as the trainer puts back the default action it found, in its place: put in
+    # after it, a signal in between met the default action and killed the process (a ddp_spawn rank, as its peer
+    # passed the signal on at the same moment: 1 run in 13 with the CPUs busy).
+    after = after_stage_handler(stage, ignore)
+    for signum in START_SIGNALS:
+        if self._original_handlers.get(signum) == signal.SIG_DFL:
+            self._original_handlers[signum] = after
     _LIGHTNING_TEARDOWN(self)
-    if self.trainer.state.status == TrainerStatus.RUNNING:  # not on the way out of a stop or a failure (INTERRUPTED)
-        stop_cleanly_after_stage(self.trainer.state.fn.value)
+    stop_cleanly_after_stage(stage, ignore=ignore)  # (the signals the trainer had not taken)
 
 
-def lightning_takes_signals() -> None:
+def lightning_takes_signals(spawned_rank: bool = False) -> None:
     """The start-up's stop on SIGTERM and SIGUSR1 (cifar_cli.entry) ends where the trainer installs its own handlers,
     just before it runs its stage (its sanity check, training, testing), and the stop after the stage begins where
     the trainer puts back the handlers it found (the default action), after its stage: Lightning's
-    `_SignalConnector` (private, 2.6) has no hook there."""
+    `_SignalConnector` (private, 2.6) has no hook there. In a `spawned_rank` (ddp_spawn) the signals are ignored
+    after the stage instead: its results go home, and the spawning process, which passed the signal on, says so and
+    ends the command. A handler that raised there could fire as the rank was putting it away, outside any `try`:
+    the rank failed, and the command with it (1 run in 3 with the CPUs busy)."""
     _SignalConnector.register_signal_handlers = _register_after_start
     _SignalConnector.teardown = _teardown_then_stop_cleanly
+    if spawned_rank:
+        _IGNORED_AFTER_STAGE.append(True)
 
 
 # What a command's start writes in a new run's folder before anything is trained: config.yaml (RunConfigSaver),

@@ -41,7 +41,6 @@ from cifar_cli.callbacks import lightning_takes_signals
 from cifar_cli.entry import (
     StoppedAfterStage,
     StoppedBeforeStart,
-    end_stopping_after_stage,
     hand_signals_to_lightning,
     stop_cleanly_after_stage,
 )
@@ -176,7 +175,7 @@ class _StateCarryingLauncher(_MultiProcessingLauncher):
             tensor_core_tip(trainer.precision)
         # The signal handling the command set up in its own interpreter (cifar_cli.callbacks): without it, a SIGUSR1
         # passed on in `validate` and a signal passed on after the rank's stage had ended killed the rank.
-        lightning_takes_signals()
+        lightning_takes_signals(spawned_rank=True)
 
         def run(*args: Any, **kwargs: Any) -> Any:
             try:
@@ -198,14 +197,6 @@ class _StateCarryingLauncher(_MultiProcessingLauncher):
                 trainer._teardown()
                 self._stopped_before = stop.signum
                 return None
-            except StoppedAfterStage:
-                # The signal the spawning process passed on, after this rank's stage had ended: its results go
-                # home, and the spawning process, which knows the signal, says so.
-                return None
-            finally:
-                # Until this rank has sent its results and ended; the spawning process passes the signal on and
-                # stops the command itself. (Killed by it here, the rank was taken for one stopped before training.)
-                end_stopping_after_stage(signal.SIG_IGN)
 
         super()._wrapping_function(process_idx, trainer, run, *args)
 

@@ -103,15 +103,21 @@ def keep_stopping_cleanly(signums: list[int]) -> None:
             signal.signal(signum, _stop_before_start)
 
 
-def stop_cleanly_after_stage(stage: str) -> None:
+def stop_cleanly_after_stage(stage: str, ignore: bool = False) -> None:
     """Once the trainer's stage (`stage`, a TrainerFn value) has ended, SIGTERM and SIGUSR1 end the command in one
     line with 128 + the signal's number, as during the stage: the trainer's teardown put back their default action,
-    which killed the process without a word. Not where someone else has taken them (a signal ignored, say)."""
+    which killed the process without a word. Not where someone else has taken them (a signal ignored, say). With
+    `ignore`, they are ignored instead (a ddp_spawn rank, whose spawning process ends the command)."""
     if threading.current_thread() is not threading.main_thread():
         return
     for signum in START_SIGNALS:
         if signal.getsignal(signum) == signal.SIG_DFL:
-            signal.signal(signum, _StopAfterStage(stage))
+            signal.signal(signum, after_stage_handler(stage, ignore))
+
+
+def after_stage_handler(stage: str, ignore: bool = False) -> signal.Handlers | _StopAfterStage:
+    """The handler `stop_cleanly_after_stage` installs."""
+    return signal.SIG_IGN if ignore else _StopAfterStage(stage)
 
 
 def end_stopping_after_stage(action: signal.Handlers = signal.SIG_DFL) -> None:
