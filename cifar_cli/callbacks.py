@@ -150,8 +150,16 @@ def logged_step(trainer: Trainer) -> int:
 
 
 def last_checkpoint(trainer: Trainer) -> str | None:
-    """The path of the run's `last.ckpt` (or of any ModelCheckpoint's last checkpoint), once one is saved."""
-    return next((c.last_model_path for c in trainer.checkpoint_callbacks if c.last_model_path), None)
+    """The path of the run's `last.ckpt` (or of any ModelCheckpoint's last checkpoint), once one is saved. (A
+    Checkpoint of another kind, a user's own, has no `last_model_path`: the summary failed on it.)"""
+    paths = (getattr(c, "last_model_path", None) for c in trainer.checkpoint_callbacks)
+    return next((path for path in paths if path), None)
+
+
+def model_checkpoint(trainer: Trainer) -> ModelCheckpoint | None:
+    """The first ModelCheckpoint, whose best checkpoint the summary names. Lightning's `trainer.checkpoint_callback`
+    is the first Checkpoint of any kind: a user's own, listed first, has no best path or score."""
+    return next((c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)), None)
 
 
 class ImagePredictionLogger(Callback):

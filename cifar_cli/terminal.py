@@ -23,7 +23,15 @@ from rich.table import Table
 from rich.text import Text
 
 from cifar_cli.atomic import atomic_write_text
-from cifar_cli.callbacks import FitTimer, RichBar, last_checkpoint, run_dir, swa_batchnorm_pass, trainer_epoch_label
+from cifar_cli.callbacks import (
+    FitTimer,
+    RichBar,
+    last_checkpoint,
+    model_checkpoint,
+    run_dir,
+    swa_batchnorm_pass,
+    trainer_epoch_label,
+)
 
 # Columns of the end summary when stdout is a file: wide enough for a metric table, narrow enough for a log viewer.
 LOG_COLUMNS = 100
@@ -311,7 +319,7 @@ def print_summary(trainer: Trainer, stage: str) -> None:
         return
     console = get_console() if is_terminal() else Console(width=LOG_COLUMNS)
     metrics = epoch_metrics(trainer.callback_metrics)
-    best = trainer.checkpoint_callback if stage == "fit" else None
+    best = model_checkpoint(trainer) if stage == "fit" else None
     scored = best is not None and best.best_model_path and best.best_model_score is not None
     # A checkpoint evaluated by test or validate restores no loop state: its epoch and step would read 0.
     epochs = trainer.current_epoch
@@ -375,7 +383,7 @@ def write_summary(trainer: Trainer, stage: str, metrics: dict[str, float]) -> No
     if stage == "fit" and not metrics and os.path.exists(path):
         # `--ckpt_path last` on a run that had already ended trains nothing and logs nothing: its summary stays.
         return
-    best = trainer.checkpoint_callback if stage == "fit" else None
+    best = model_checkpoint(trainer) if stage == "fit" else None
     last = last_checkpoint(trainer)
     score = best.best_model_score if best is not None else None
     summary = {

@@ -120,8 +120,6 @@ class SignalAsTrainingEnds(Checkpoint):
         signum: The signal's number.
     """
 
-    last_model_path = ""  # (what the summary reads from every checkpoint callback)
-
     def __init__(self, signum: int = 15) -> None:
         self.signum = signum
 

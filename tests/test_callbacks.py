@@ -12,12 +12,12 @@ import torch
 import yaml
 from conftest import one_process_world
 from lightning.pytorch import Callback, Trainer
-from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.callbacks import Checkpoint, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.trainer import call
 
 from cifar_cli import hooks
-from cifar_cli.callbacks import RichBar, drop_logger_only
+from cifar_cli.callbacks import RichBar, drop_logger_only, last_checkpoint, model_checkpoint
 from cifar_cli.classifier import ImageClassifier
 from cifar_cli.cli import main
 from cifar_cli.data import ImageFolderDataModule
@@ -489,3 +489,14 @@ def test_whitening_filters_reach_the_ranks_in_one_broadcast_from_host_memory(ima
     assert started == "train starts" and state.keys() == model.net.state_dict().keys()
     assert all(tensor.device.type == "cpu" for tensor in state.values())
     assert torch.equal(state["whiten.weight"], model.net.whiten.weight)
+
+
+def test_the_summary_reads_model_checkpoints_past_a_checkpoint_of_another_kind(tmp_path: Path) -> None:
+    """A user's own Checkpoint (Lightning's base class: no best or last path) listed first is what Lightning's
+    `trainer.checkpoint_callback` returns; the summary read its `best_model_path` and `last_model_path`, and
+    failed with an AttributeError after training."""
+    saver = ModelCheckpoint(dirpath=tmp_path)
+    saver.last_model_path = str(tmp_path / "last.ckpt")
+    trainer = Trainer(callbacks=[Checkpoint(), saver], logger=False, enable_progress_bar=False)
+    assert model_checkpoint(trainer) is saver
+    assert last_checkpoint(trainer) == str(tmp_path / "last.ckpt")
