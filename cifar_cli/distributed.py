@@ -176,6 +176,13 @@ class _StateCarryingLauncher(_MultiProcessingLauncher):
         # The signal handling the command set up in its own interpreter (cifar_cli.callbacks): without it, a SIGUSR1
         # passed on in `validate` and a signal passed on after the rank's stage had ended killed the rank.
         lightning_takes_signals(spawned_rank=True)
+        if self._start_method == "fork":
+            # GNU OpenMP (torch's CPU threads on Linux) cannot start its threads again in a forked process once the
+            # parent has used them: the rank waited forever at its first parallel operation (ddp_fork, 1 device of a
+            # 2-core CPU, an image folder decoded in the parent; Lightning gave the rank 2 threads). One thread a
+            # rank, set before Lightning's choice, which leaves a set OMP_NUM_THREADS alone.
+            os.environ["OMP_NUM_THREADS"] = "1"
+            torch.set_num_threads(1)
 
         def run(*args: Any, **kwargs: Any) -> Any:
             try:

@@ -71,9 +71,9 @@ def test_fit_with_ddp_fork(image_folder: Path, accelerator: str) -> None:
     command = [sys.executable, "-m", "cifar_cli", "fit", "--config", str(gpu), "--config", str(debug),
                "--data", "ImageFolderDataModule", "--data.root", str(image_folder), "--data.val_size", "30",
                "--trainer.accelerator", accelerator, "--trainer.strategy", "ddp_fork"]  # fmt: skip
-    # One OpenMP thread: a rank forked after the command's process ran OpenMP work (decoding the folder) waited
-    # forever on OpenMP's pool, which a fork does not carry over; ddp_fork's own problem, not the one tested here.
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    # Without OMP_NUM_THREADS (which make test sets to 1): the rank, forked after the command's process had used
+    # OpenMP's threads (decoding the folder), waited forever at its first parallel operation with more than one.
+    env = {**{k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}, "PYTHONPATH": str(REPO)}
     run = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert run.returncode == 0, run.stderr[-4000:]
     # 90 training images, batch 32: 2 whole batches (training drops the short last one).
