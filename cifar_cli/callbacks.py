@@ -610,13 +610,13 @@ def _teardown_then_stop_cleanly(self: _SignalConnector) -> None:
     stage, ignore = self.trainer.state.fn.value, bool(_IGNORED_AFTER_STAGE)
     # The stop after the stage goes in as the trainer puts back the default action it found, in its place: put in
     # after it, a signal in between met the default action and killed the process (a ddp_spawn rank, as its peer
-    # passed the signal on at the same moment: 1 run in 13 with the CPUs busy).
+    # passed the signal on at the same moment).
     after = after_stage_handler(stage, ignore)
     for signum in START_SIGNALS:
         if self._original_handlers.get(signum) == signal.SIG_DFL:
             self._original_handlers[signum] = after
     _LIGHTNING_TEARDOWN(self)
-    stop_cleanly_after_stage(stage, ignore=ignore)  # (the signals the trainer had not taken)
+    stop_cleanly_after_stage(stage, ignore=ignore)  # (where the trainer recorded none: a teardown without a start)
 
 
 def lightning_takes_signals(spawned_rank: bool = False) -> None:
@@ -626,7 +626,7 @@ def lightning_takes_signals(spawned_rank: bool = False) -> None:
     `_SignalConnector` (private, 2.6) has no hook there. In a `spawned_rank` (ddp_spawn) the signals are ignored
     after the stage instead: its results go home, and the spawning process, which passed the signal on, says so and
     ends the command. A handler that raised there could fire as the rank was putting it away, outside any `try`:
-    the rank failed, and the command with it (1 run in 3 with the CPUs busy)."""
+    the rank failed, and the command with it (with the teardown's race: 3 runs in 19 with the CPUs busy)."""
     _SignalConnector.register_signal_handlers = _register_after_start
     _SignalConnector.teardown = _teardown_then_stop_cleanly
     if spawned_rank:

@@ -1960,6 +1960,17 @@ def finish_wandb_run(exit_code: int) -> None:
         wandb.finish(exit_code=exit_code)
 
 
+def finish_stopped_wandb_run(code: int) -> None:
+    """End the W&B run of a command stopped by a signal (Preemption's exit code 143, 130 or 138, or a stop after the
+    stage), with that code, as W&B's exit hook would. What a stopped offline run logged is kept, and W&B's closing
+    lines that name it are off (WANDB_QUIET): without the `wandb sync` line printed here, only the run's resumption
+    would have said how to upload it."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and not UNSTARTED_RUN and (line := sync_line(wandb.run)) is not None:
+        print(line, file=sys.stderr, flush=True)
+    finish_wandb_run(code)
+
+
 def main(args: ArgsType = None) -> None:
     """Entry point of `cifar-cli` and `python -m cifar_cli`. Bad input ends in one line on stderr and exit code 2."""
     hooks.install()  # callback hooks called only where implemented (see cifar_cli.hooks)
@@ -2019,11 +2030,8 @@ def main(args: ArgsType = None) -> None:
     except StoppedAfterStage as stop:
         if local_rank_zero():
             print(stop.line(), file=sys.stderr, flush=True)
-        wandb = sys.modules.get("wandb")
         # The summary that names an offline run's upload never came: the line, as after a stop during training.
-        if wandb is not None and (line := sync_line(wandb.run)) is not None:
-            print(line, file=sys.stderr, flush=True)
-        finish_wandb_run(128 + stop.signum)
+        finish_stopped_wandb_run(128 + stop.signum)
         raise SystemExit(128 + stop.signum) from None
     except StoppedBeforeStart as stop:
         # Preemption has removed the run folder the start made; its W&B run logged nothing worth a `wandb sync`.
@@ -2033,15 +2041,10 @@ def main(args: ArgsType = None) -> None:
         raise SystemExit(128 + stop.signum) from None
     except SystemExit as stop:
         code = stop.code if isinstance(stop.code, int) else 1
-        wandb = sys.modules.get("wandb")
-        stopped = code in (128 + signal.SIGTERM, 128 + signal.SIGINT, 128 + signal.SIGUSR1)
-        if stopped and wandb is not None and not UNSTARTED_RUN:
-            # What a stopped offline run logged is kept, and W&B's closing lines that name it are off (WANDB_QUIET):
-            # without this line only the run's resumption would have said how to upload it.
-            if (line := sync_line(wandb.run)) is not None:
-                print(line, file=sys.stderr, flush=True)
-        # A run stopped by a signal (Preemption: exit code 143, 130 or 138) too, with that code, as the hook would.
-        finish_wandb_run(code)
+        if code in (128 + signal.SIGTERM, 128 + signal.SIGINT, 128 + signal.SIGUSR1):
+            finish_stopped_wandb_run(code)
+        else:
+            finish_wandb_run(code)
         raise
     except Exception as err:
         debug = debugging()
