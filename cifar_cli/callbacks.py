@@ -544,20 +544,25 @@ class RichBar(RichProgressBar):
             self._update_metrics(trainer, pl_module)
 
 
-class _StopVote:
-    """An all-reduce (sum) of the ranks' stop flags, started at one batch end and read at the next, so that neither
-    the host nor the training stream waits for it (torch.distributed's async work; Lightning has no such
-    collective).
+def _distributed(trainer: Trainer) -> bool:
+    """Whether the trainer's ranks are more than one, in a process group."""
+    return trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
 
-    On a GPU the sum is copied into pinned host memory on a side stream, behind the all-reduce, and an event marks
+
+class _StopVote:
+    """An all-reduce (max) of the ranks' signals (their numbers, 0 for none), started at one batch end and read at the
+    next, so that neither the host nor the training stream waits for it (torch.distributed's async work; Lightning
+    has no such collective). Every rank learns which signal stops it, whichever rank it came to.
+
+    On a GPU the result is copied into pinned host memory on a side stream, behind the all-reduce, and an event marks
     the copy: waiting for that event at the next batch end waits for the previous step's kernels and the vote
     only, never for the ones queued since (reading the device tensor would wait for those too), and the training
     stream never waits for the other ranks' vote.
     """
 
-    def __init__(self, signalled: bool, device: torch.device, side: torch.cuda.Stream | None = None) -> None:
-        self.flag = torch.full((1,), int(signalled), dtype=torch.int32, device=device)  # a kernel, no copy
-        self.work = torch.distributed.all_reduce(self.flag, async_op=True)
+    def __init__(self, signum: int, device: torch.device, side: torch.cuda.Stream | None = None) -> None:
+        self.flag = torch.full((1,), int(signum), dtype=torch.int32, device=device)  # a kernel, no copy
+        self.work = torch.distributed.all_reduce(self.flag, op=torch.distributed.ReduceOp.MAX, async_op=True)
         self.event: torch.cuda.Event | None = None
         if self.flag.is_cuda:
             side = side or torch.cuda.current_stream(device)
@@ -569,13 +574,13 @@ class _StopVote:
                 self.event.record(side)
             self.flag.record_stream(side)  # used there: the allocator keeps it until the copy is done
 
-    def result(self) -> bool:
-        """Whether any rank had been signalled when the vote started."""
+    def result(self) -> int:
+        """The signal a rank had been sent when the vote started (the highest number of those), or 0."""
         if self.event is not None:
             self.event.synchronize()
-            return bool(self.host.item())
+            return int(self.host.item())
         self.work.wait()
-        return bool(self.flag.item())
+        return int(self.flag.item())
 
 
 _LIGHTNING_REGISTER = _SignalConnector.register_signal_handlers
@@ -593,7 +598,7 @@ def _register_after_start(self: _SignalConnector) -> None:
     # back its default action).
     preemption = next((c for c in self.trainer.callbacks if isinstance(c, Preemption)), None)
     if preemption is not None:
-        preemption.stop_evaluating_on_sigusr1(self.trainer)
+        preemption.take_evaluation_signals(self.trainer)
 
 
 _LIGHTNING_TEARDOWN = _SignalConnector.teardown
@@ -688,8 +693,8 @@ class Preemption(Callback):
     interrupts the step wherever it is.
 
     In `validate`, `test` and `predict`, Lightning's SIGTERM stop at a batch end stands (the line here says that
-    nothing was written); SIGUSR1 stops them the same way (`stop_evaluating_on_sigusr1`), and so does a SIGTERM in
-    `predict`, whose loop Lightning never stops (`on_predict_batch_end`).
+    nothing was written); SIGUSR1 stops them the same way, and so does a SIGTERM in `predict`, whose loop Lightning
+    never stops (`on_predict_batch_end`). Under DDP the ranks vote there too (`take_evaluation_signals`).
     """
 
     def __init__(self) -> None:
@@ -712,7 +717,7 @@ class Preemption(Callback):
     def on_sanity_check_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._restore()
         signalled = self.signal is not None
-        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        if _distributed(trainer):
             signalled = trainer.strategy.reduce_boolean_decision(signalled, all=False)
         if signalled:
             raise StoppedBeforeStart(self.signal or signal.SIGTERM)  # on another rank: as a SIGTERM
@@ -737,13 +742,24 @@ class Preemption(Callback):
         unhandled = signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
         self._install((signal.SIGTERM, signal.SIGINT, *((signal.SIGUSR1,) if unhandled else ())))
 
-    def stop_evaluating_on_sigusr1(self, trainer: Trainer) -> None:
-        """In `validate`, `test` and `predict`, as their trainer installs its signal handlers: SIGUSR1 stops them as
-        Lightning's SIGTERM handler does, at the end of a batch, where Lightning left it at its default action
-        (which ended the process at once, without a word): not where SLURM's requeue handler has it."""
+    def take_evaluation_signals(self, trainer: Trainer) -> None:
+        """In `validate`, `test` and `predict`, as their trainer installs its signal handlers.
+
+        One process: SIGUSR1 stops them as Lightning's SIGTERM handler does, at the end of a batch, where Lightning
+        left it at its default action (which ended the process at once, without a word): not where SLURM's requeue
+        handler has it.
+
+        Under DDP, SIGTERM and SIGUSR1 are only noted, and the ranks vote at every batch end, as during training
+        (`_vote_to_stop_evaluating`): Lightning's handler broadcast from within it, which the other ranks never
+        joined, and stopped the signalled rank alone: a signal to one rank hung every rank.
+        """
         if threading.current_thread() is not threading.main_thread():
             return
-        if signal.getsignal(signal.SIGUSR1) != signal.SIG_DFL:
+        usr1 = (signal.SIGUSR1,) if signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL else ()
+        if _distributed(trainer):
+            self._install((signal.SIGTERM, *usr1))
+            return
+        if not usr1:
             return
 
         def stop(signum: int, frame: Any) -> None:
@@ -759,10 +775,39 @@ class Preemption(Callback):
         self._previous[signal.SIGUSR1] = signal.SIG_DFL
         signal.signal(signal.SIGUSR1, stop)
 
+    def _vote_to_stop_evaluating(self, trainer: Trainer) -> None:
+        """Under DDP in `validate`, `test` and `predict`, at a batch end: read the vote started at the batch end
+        before, and stop here (Lightning's flag) if any rank had been signalled, or start the next vote. Every rank
+        has as many batches (the distributed sampler pads the shards), so all stop at the same batch."""
+        if trainer.state.fn == TrainerFn.FITTING or not _distributed(trainer):
+            return  # (fit's validations: the training's vote, read at their end)
+        if not self._stop_on_vote(trainer):
+            self._vote = _StopVote(self.signal or 0, trainer.strategy.root_device)
+
+    def _end_evaluation_vote(self, trainer: Trainer) -> None:
+        if trainer.state.fn == TrainerFn.FITTING:
+            return
+        vote, self._vote = self._vote, None
+        if vote is not None:  # every rank started it: let it finish before the process group goes
+            vote.result()
+
+    def on_validation_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any, **kwargs: Any) -> None:
+        self._vote_to_stop_evaluating(trainer)
+
+    def on_test_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any, **kwargs: Any) -> None:
+        self._vote_to_stop_evaluating(trainer)
+
+    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._end_evaluation_vote(trainer)
+
+    def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._end_evaluation_vote(trainer)
+
     def on_predict_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any, **kwargs: Any) -> None:
         # Lightning's evaluation loop stops at a batch end once its SIGTERM flag is set (but after the last batch,
         # where the results are all there); its prediction loop (2.6) never reads the flag: a SIGTERM in `predict`
         # wrote every prediction and exited with 0.
+        self._vote_to_stop_evaluating(trainer)
         if trainer.received_sigterm and not trainer.predict_loop.batch_progress.is_last_batch:
             raise SIGTERMException
 
@@ -789,28 +834,34 @@ class Preemption(Callback):
             return  # stopped there, the checkpoint would lose the gradients of the accumulation's batches so far
         signalled = self.signal is not None
         if trainer.world_size > 1:
-            vote, self._vote = self._vote, None
-            signalled = vote is not None and vote.result() or signalled
+            signalled = self._stop_on_vote(trainer) or signalled
             signalled = trainer.strategy.reduce_boolean_decision(signalled, all=False)
         if signalled:
             trainer._signal_connector.received_sigterm = True
 
+    def _stop_on_vote(self, trainer: Trainer) -> bool:
+        """Read the vote started at the last batch end: a signal that any rank had then stops this one too, at this
+        point (Lightning's flag), and is the one this rank reports unless it had its own."""
+        vote, self._vote = self._vote, None
+        signum = vote.result() if vote is not None else 0
+        if signum:
+            self.signal = self.signal or signum
+            trainer._signal_connector.received_sigterm = True
+        return bool(signum)
+
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any, **kwargs: Any) -> None:
-        if trainer.world_size == 1 or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        if not _distributed(trainer):
             self._stop_if_signalled(trainer)
             return
         if trainer.state.fn != TrainerFn.FITTING or trainer.fit_loop._should_accumulate():
             return  # (every rank accumulates alike: all read the vote at the batch that ends the accumulation)
         # The vote started at the last batch end has had a whole step to finish on every rank; every rank reads
-        # the same sum, so all stop here, or all start the next vote.
-        vote, self._vote = self._vote, None
-        if vote is not None and vote.result():
-            trainer._signal_connector.received_sigterm = True
-        else:
+        # the same result, so all stop here, or all start the next vote.
+        if not self._stop_on_vote(trainer):
             device = trainer.strategy.root_device
             if device.type == "cuda" and self._side is None:
                 self._side = torch.cuda.Stream(device)
-            self._vote = _StopVote(self.signal is not None, device, self._side)
+            self._vote = _StopVote(self.signal or 0, device, self._side)
 
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Held during a validation: Lightning checks the flag after every validation batch.
@@ -818,6 +869,7 @@ class Preemption(Callback):
             trainer._signal_connector.received_sigterm = False
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._end_evaluation_vote(trainer)
         self._stop_if_signalled(trainer)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -853,7 +905,7 @@ class Preemption(Callback):
             return
         if not isinstance(exception, SIGTERMException):
             return
-        signum = self.signal or signal.SIGTERM  # on another rank than the one signalled: report it as a SIGTERM
+        signum = self.signal or signal.SIGTERM  # (one agreed at a validation or epoch end only: SIGTERM)
         # A SystemExit's code is the process's exit status.
         exception.code = 128 + signum
         if trainer.state.fn == TrainerFn.FITTING and not self.training:

@@ -177,6 +177,12 @@ class _StateCarryingLauncher(_MultiProcessingLauncher):
         # passed on in `validate` and a signal passed on after the rank's stage had ended killed the rank.
         lightning_takes_signals(spawned_rank=True)
         if self._start_method == "fork":
+            # A forked rank inherits the handler that passes signals on from the spawning process: Lightning took
+            # it for a user's own and left SIGUSR1 to it, which passed nothing on from here: a SIGUSR1 to a rank was
+            # ignored, and the run trained on to its end. Their default action, as a spawned rank starts with.
+            for signum in (signal.SIGTERM, signal.SIGUSR1):
+                if getattr(signal.getsignal(signum), "__func__", None) is _StateCarryingLauncher._pass_on:
+                    signal.signal(signum, signal.SIG_DFL)
             # GNU OpenMP (torch's CPU threads on Linux) cannot start its threads again in a forked process once the
             # parent has used them: the rank waited forever at its first parallel operation (ddp_fork, 1 device of a
             # 2-core CPU, an image folder decoded in the parent; Lightning gave the rank 2 threads). One thread a

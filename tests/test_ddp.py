@@ -22,6 +22,8 @@ import pytest
 import torch
 from conftest import write_image_folder
 
+from cifar_cli.entry import STAGES
+
 # One pytest worker runs every DDP test (make test: --dist loadgroup): two of them side by side would share the
 # 2 cores four ways and run past their timeouts.
 pytestmark = pytest.mark.xdist_group("ddp")
@@ -310,6 +312,64 @@ def test_validation_of_two_processes_counts_each_image_once(images: Path, uninte
     # Equal but for the order of the sums (each rank's, then theirs)
     assert metrics["two"].keys() == {"val_acc", "val_loss"}
     assert metrics["two"] == pytest.approx(metrics["one"], rel=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "ddp_fork"])
+def test_sigusr1_to_one_rank_stops_every_rank_and_names_it(images: Path, tmp_path: Path, strategy: str) -> None:
+    """SIGUSR1 to rank 1 alone, before its 4th batch: every rank stops at step 5 (the vote started at the end of the
+    4th is read at the end of the 5th), and rank 0's line names SIGUSR1, not the SIGTERM it reported for another
+    rank's signal. Under ddp_fork the signal was ignored and the run trained on to its end: the forked rank had
+    inherited the spawning process's handler, which Lightning and cifar-cli left in place."""
+    signal_rank_1 = ["--trainer.callbacks+=faults.SignalAt", "--trainer.callbacks.batch", "3",
+                     "--trainer.callbacks.rank", "1", "--trainer.callbacks.signum", "10"]  # fmt: skip
+    args = [*TRAIN, "--trainer.strategy", strategy, *ONE_NODE, "--data.root", str(images), *signal_rank_1]
+    code, stderr = finish(start(args, tmp_path, ddp_env(free_port())), timeout=120)
+    assert code == 138, stderr[-2000:]
+    stops = [line for line in stderr.splitlines() if line.startswith("cifar-cli: stopped by")]
+    assert len(stops) == 1 and stops[0].startswith("cifar-cli: stopped by SIGUSR1 in epoch 1/2, step 5; "), stderr
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("subcommand", "signum"),
+    [("validate", signal.SIGTERM), ("test", signal.SIGUSR1), ("predict", signal.SIGTERM)],
+    ids=["validate", "test-SIGUSR1", "predict"],
+)
+def test_a_signal_to_one_rank_stops_every_rank_of_an_evaluation(
+    images: Path, uninterrupted: Path, tmp_path: Path, subcommand: str, signum: int
+) -> None:
+    """A SIGTERM or SIGUSR1 to rank 1 alone in `validate`, `test` or `predict` hung both ranks until the
+    process group's timeout: Lightning's handler broadcast from within it, which rank 0 never joined, and stopped
+    rank 1 alone. Every rank stops at the same batch now, as in training: rank 0's one line names the signal rank 1
+    was sent, the command exits with 128 + its number, and no results are written."""
+    data = tmp_path / "data"
+    (data / "train").mkdir(parents=True)
+    for source in sorted((images / "train").rglob("*.jpg"))[:30]:  # a test split for `test`, a folder to predict
+        target = data / "test" / source.parent.name / source.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(source.read_bytes())
+    (data / "train").rmdir()
+    (data / "train").symlink_to(images / "train")
+    ckpt = uninterrupted / "steps" / f"epoch=1-step={STEPS}.ckpt"
+    args = [subcommand, "--trainer.accelerator", "cpu", "--trainer.strategy", "ddp", *ONE_NODE,
+            "--trainer.logger", "false", "--trainer.enable_progress_bar", "false", "--ckpt_path", str(ckpt),
+            "--data", "ImageFolderDataModule", "--data.root", str(data), "--data.val_size", "30",
+            "--data.batch_size", "2", "--data.cache_dir", "cache",
+            *(["--data.predict_root", str(data / "test" / "cat")] if subcommand == "predict" else []),
+            # rank 1 alone, in its evaluation batch 1 (of 8)
+            "--trainer.callbacks+=faults.SignalAt", "--trainer.callbacks.in_validation", "true",
+            "--trainer.callbacks.batch", "1", "--trainer.callbacks.rank", "1",
+            "--trainer.callbacks.signum", str(int(signum))]  # fmt: skip
+    code, stderr = finish(start(args, tmp_path / "run", ddp_env(free_port())), timeout=120)
+    name = signal.Signals(signum).name
+    assert code == 128 + signum, stderr[-2000:]
+    stops = [line for line in stderr.splitlines() if line.startswith("cifar-cli: stopped by")]
+    assert stops == [f"cifar-cli: stopped by {name} during {STAGES[subcommand]}: no results were written"], stderr
+    assert "Traceback" not in stderr, stderr[-2000:]
+    written = {p.name for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    assert not written & {"confusion_val.csv", "confusion_test.csv", "predictions.csv", "summary.json"}, written
 
 
 @pytest.mark.slow
