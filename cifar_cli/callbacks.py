@@ -352,6 +352,16 @@ class FitTimer(Timer):
     def __init__(self, duration: str | dict[str, int] | None = None) -> None:
         super().__init__(duration=duration, interval="step")
 
+    def on_fit_start(self, trainer: Trainer, *args: Any, **kwargs: Any) -> None:
+        # A restart whose checkpoint had spent the budget stops here, before its first step; the command's resume
+        # line says so ("nothing is left to train"), and Lightning's "Time limit reached" after it read as if this
+        # run had trained to its limit.
+        verbose, self._verbose = self._verbose, self._verbose and not self._offset
+        try:
+            super().on_fit_start(trainer, *args, **kwargs)
+        finally:
+            self._verbose = verbose
+
     def on_train_batch_end(self, trainer: Trainer, *args: Any, **kwargs: Any) -> None:
         # Lightning's Timer broadcasts rank 0's verdict after every batch, a blocking collective each step under
         # DDP; there the clock is read every TIME_CHECK_STEPS steps, so a run may end up to 9 steps past its limit.

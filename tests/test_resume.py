@@ -642,14 +642,17 @@ def test_ckpt_path_last_of_a_run_ended_by_max_steps_says_nothing_is_left_to_trai
 
 
 def test_ckpt_path_last_of_a_run_whose_time_budget_is_spent_says_nothing_is_left_to_train(
-    fake_cifar10: Path, capfd
+    fake_cifar10: Path, capfd, caplog
 ) -> None:
     """The same command after `--trainer.max_time` ended the run: the line said "epoch 8/1000", the run stopped
-    before its first step, and an empty offline W&B part lengthened the `wandb sync` command."""
+    before its first step, and an empty offline W&B part lengthened the `wandb sync` command. Lightning's "Time
+    limit reached" followed the line, as if the restart had trained to its limit: it is the first run's alone."""
     args = ["fit", *cifar(fake_cifar10), "--trainer.max_epochs", "1000", "--trainer.max_time", "00:00:00:01",
             "--trainer.enable_progress_bar", "false"]  # fmt: skip
     main(args)
     wandb.finish()
+    assert "Time limit reached. Elapsed time is " in caplog.text  # (Lightning's logging)
+    caplog.clear()
     (last,) = Path("runs").glob("**/checkpoints/last.ckpt")
     step = torch.load(last, weights_only=True)["global_step"]
     (part,) = Path("runs/wandb").glob("offline-run-*")
@@ -661,6 +664,7 @@ def test_ckpt_path_last_of_a_run_whose_time_budget_is_spent_says_nothing_is_left
         f"cifar-cli: resuming from {last} at step {step}, after its time budget (00:00:00:01): nothing is left to "
         "train; raise --trainer.max_time to train on\n"
     ) in err
+    assert "Time limit reached" not in caplog.text
     assert "wandb sync" not in out and list(Path("runs/wandb").glob("offline-run-*")) == [part]
     main([*args, "--trainer.max_time", "00:00:01:00", "--trainer.max_steps", str(step + 2), "--ckpt_path", "last"])
     assert "nothing is left to train" not in capfd.readouterr().err
