@@ -599,14 +599,17 @@ _LIGHTNING_REGISTER = _SignalConnector.register_signal_handlers
 def _register_after_start(self: _SignalConnector) -> None:
     handed = hand_signals_to_lightning()
     _LIGHTNING_REGISTER(self)
+    preemption = next((c for c in self.trainer.callbacks if isinstance(c, Preemption)), None)
     if self.trainer.state.fn == TrainerFn.FITTING:
+        if preemption is not None and _distributed(self.trainer):
+            preemption.note_signals_before_training()
+            return
         # SIGUSR1, which Lightning takes only for SLURM's requeue, ended the process at once, without a word, in the
         # sanity check: until training begins (Preemption.on_train_start) it is the stop before training too.
         keep_stopping_cleanly(handed)
         return
     # validate, test, predict: SIGUSR1 ended the process there too, from here to the trainer's teardown (which puts
     # back its default action).
-    preemption = next((c for c in self.trainer.callbacks if isinstance(c, Preemption)), None)
     if preemption is not None:
         preemption.take_evaluation_signals(self.trainer)
 
@@ -714,23 +717,38 @@ class Preemption(Callback):
         self._previous: dict[int, Any] = {}
         self._vote: _StopVote | None = None  # under DDP: the all-reduce started at the last batch end
         self._side: torch.cuda.Stream | None = None  # on a GPU: the stream that reads the votes
+        self._noting = False  # under DDP, from the trainer's handlers to training: signals noted only
+
+    def note_signals_before_training(self) -> None:
+        """Under DDP in `fit`, as the trainer installs its signal handlers: SIGTERM, and SIGUSR1 where Lightning left
+        it (not SLURM's requeue), are noted from here, and the ranks agree on the stop at the sanity check's end (or,
+        without one, at the first batch end's vote). Lightning's SIGTERM handler broadcast from within it, and the
+        start-up's SIGUSR1 stop ended the signalled rank alone: a signal to one rank as the trainer restored a
+        checkpoint or set up the model failed the run ("rank 1 failed: exited with code 143 without a report")."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        usr1 = (signal.SIGUSR1,) if signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL else ()
+        self._install((signal.SIGTERM, *usr1))
+        self._noting = True
 
     def on_sanity_check_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Lightning's SIGTERM handler would stop the sanity check at a batch end, under DDP on the signalled rank
         # alone, after a broadcast within the handler that the other ranks never join: the run hung. This one notes
         # the signal; the sanity check ends, and the ranks agree on the stop there (a Ctrl-C interrupts at once).
-        self._install((signal.SIGTERM,))
+        if not self._noting:
+            self._install((signal.SIGTERM,))
         if trainer.received_sigterm:  # one that came as Lightning's handler went in
             self.signal = self.signal or signal.SIGTERM
             trainer._signal_connector.received_sigterm = False
 
     def on_sanity_check_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._restore()
-        signalled = self.signal is not None
-        if _distributed(trainer):
-            signalled = trainer.strategy.reduce_boolean_decision(signalled, all=False)
-        if signalled:
-            raise StoppedBeforeStart(self.signal or signal.SIGTERM)  # on another rank: as a SIGTERM
+        if not self._noting:  # (under DDP the signals stay noted until training takes them)
+            self._restore()
+        signum = self.signal or 0
+        if _distributed(trainer):  # every rank stops, with the signal one was sent
+            signum = _StopVote(signum, trainer.strategy.root_device).result()
+        if signum:
+            raise StoppedBeforeStart(self.signal or signum)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # A SIGTERM since Lightning installed its handler (with no sanity check, or after it) came before anything
@@ -742,7 +760,7 @@ class Preemption(Callback):
                 raise StoppedBeforeStart(signal.SIGTERM)
             self.signal = self.signal or signal.SIGTERM
             trainer._signal_connector.received_sigterm = False  # Lightning's check would stop this rank alone
-        self.training = True
+        self.training, self._noting = True, False
         hand_signals_to_lightning()  # (SIGUSR1, kept as the start-up's stop through the sanity check)
         # Installed here, after Lightning has installed its own SIGTERM handler, which this one replaces for the
         # training (Lightning's would also stop validations halfway). Both are restored when training ends.

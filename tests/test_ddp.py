@@ -314,6 +314,23 @@ def test_validation_of_two_processes_counts_each_image_once(images: Path, uninte
     assert metrics["two"] == pytest.approx(metrics["one"], rel=1e-6)
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
+def test_a_signal_to_one_rank_as_training_starts_stops_every_rank(images: Path, tmp_path: Path, signum: int):
+    """A signal to rank 1 alone between the sanity check and training's own handlers: a SIGTERM met Lightning's
+    handler, which broadcast from within it to ranks that never joined, and the run hung; a SIGUSR1 met the
+    start-up's stop, which ended rank 1 alone ("rank 1 failed: exited with code 138 without a report"). Both are
+    noted from the trainer's start now, and the ranks stop together at the first batch end's vote."""
+    signal_at = ["--trainer.callbacks+=faults.SignalAt", "--trainer.callbacks.at_train_start", "true",
+                 "--trainer.callbacks.rank", "1", "--trainer.callbacks.signum", str(int(signum))]  # fmt: skip
+    args = [*TRAIN, *ONE_NODE, "--data.root", str(images), *signal_at]
+    code, stderr = finish(start(args, tmp_path, ddp_env(free_port())), timeout=120)
+    assert code == 128 + signum, stderr[-2000:]
+    stops = [line for line in stderr.splitlines() if line.startswith("cifar-cli: stopped by")]
+    name = signal.Signals(signum).name
+    assert len(stops) == 1 and stops[0].startswith(f"cifar-cli: stopped by {name} in epoch 1/2, step 2; "), stderr
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "ddp_fork"])
 def test_sigusr1_to_one_rank_stops_every_rank_and_names_it(images: Path, tmp_path: Path, strategy: str) -> None:
