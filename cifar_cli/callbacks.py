@@ -810,7 +810,7 @@ class Preemption(Callback):
         if trainer.state.fn == TrainerFn.FITTING or not _distributed(trainer):
             return  # (fit's validations: the training's vote, read at their end)
         if not self._stop_on_vote(trainer):
-            self._vote = _StopVote(self.signal or 0, trainer.strategy.root_device)
+            self._start_vote(trainer)
 
     def _end_evaluation_vote(self, trainer: Trainer) -> None:
         if trainer.state.fn == TrainerFn.FITTING:
@@ -886,10 +886,13 @@ class Preemption(Callback):
         # The vote started at the last batch end has had a whole step to finish on every rank; every rank reads
         # the same result, so all stop here, or all start the next vote.
         if not self._stop_on_vote(trainer):
-            device = trainer.strategy.root_device
-            if device.type == "cuda" and self._side is None:
-                self._side = torch.cuda.Stream(device)
-            self._vote = _StopVote(self.signal or 0, device, self._side)
+            self._start_vote(trainer)
+
+    def _start_vote(self, trainer: Trainer) -> None:
+        device = trainer.strategy.root_device
+        if device.type == "cuda" and self._side is None:
+            self._side = torch.cuda.Stream(device)
+        self._vote = _StopVote(self.signal or 0, device, self._side)
 
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Held during a validation: Lightning checks the flag after every validation batch.
