@@ -160,6 +160,8 @@ class ImageClassifier(LightningModule):
         # Not a buffer: DDP would overwrite every rank's sums with rank 0's before each step.
         self._window: Tensor | None = None
         self._window_images = 0
+        # Under DDP, at a logged step: every rank's window sums and image count, being summed (`_sum_window`).
+        self._window_sum: tuple[Tensor, Any] | None = None
         self._logged_stages: set[str] = set()  # stages that called self.log since their epoch began
         self._steps_total: float | None = None  # training steps and, with a time budget, the steps it holds
         self._trainer_steps: float | None = None  # the steps max_epochs or max_steps allow, without a schedule
@@ -309,11 +311,43 @@ class ImageClassifier(LightningModule):
         # on_train_batch_end).
         last = self._trainer is not None and batch_idx + 1 >= self.trainer.num_training_batches
         if last or self._logs("train", batch_idx):
-            self._log_window()
+            if self._distributed():
+                self._window_means()  # a loss gone NaN stops the run here, before the optimizer step (see below)
+                self._window_sum = self._sum_window()  # logged in on_train_batch_end
+            else:
+                self._log_window()
         return loss
 
+    def _distributed(self) -> bool:
+        """Whether the trainer's ranks are more than one, in a process group."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return False
+        return self._trainer is not None and self._trainer.world_size > 1
+
+    def _sum_window(self) -> tuple[Tensor, Any]:
+        """Start summing the window's sums and image count over the ranks, without waiting (torch.distributed's
+        async work): every rank calls it at the same batches, the logged ones (`_logs`, the epoch's last)."""
+        count = torch.full((1,), self._window_images, dtype=self._window.dtype, device=self._window.device)
+        sums = torch.cat((self._window, count))  # (a kernel, no copy from the host)
+        return sums, torch.distributed.all_reduce(sums, async_op=True)
+
     def _log_window(self) -> None:
-        """Log the window's means as the step values of the training metrics (and add them to the epoch's)."""
+        """Log the window's means as the step values of the training metrics (and add them to the epoch's).
+
+        Under DDP the step values are the means over every rank's images: the metrics' forward returns the window
+        it is given, unsynchronised, and train_loss_step and train_acc_step were rank 0's half of the images (the
+        step curves of two GPUs were not those of one with the same batches). The sums started at the logged step's
+        training_step are read here, in on_train_batch_end, after the step's gradient all-reduce: no step waits on a
+        collective of its own. Each rank then adds the means over every rank with its own image count to its epoch
+        sums, which over the ranks (the epoch's value, a checkpoint's) still hold every image once. At a step that
+        stops training the sums are started here."""
+        summing, self._window_sum = self._window_sum, None
+        if summing is None and self._distributed() and self._window_images:
+            summing = self._sum_window()
+        if summing is not None:
+            sums, work = summing
+            work.wait()
+            self._window = sums[:2] / sums[2] * self._window_images
         self._flush_window(log=True)
         for metric in METRICS:
             name = f"train_{metric}"
@@ -674,6 +708,8 @@ class ImageClassifier(LightningModule):
         return next(timers, None)
 
     def on_train_batch_end(self, outputs: Any, batch: Batch, batch_idx: int) -> None:
+        if self._window_sum is not None:  # under DDP: the step values of a logged step, summed over the ranks
+            self._log_window()
         # Stop when the schedule has run its course. A run cut off by the budget instead validates at once (Lightning
         # validates when a Timer stops it), so its last model can still be the best.
         self.update_budget()

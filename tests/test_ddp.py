@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import write_image_folder
+from wandb_offline import OfflineRun, read_run
 
 from cifar_cli.entry import STAGES
 
@@ -533,3 +534,102 @@ def test_a_csv_logger_run_under_ddp_spawn_restarts_with_its_changes_recorded_onc
     assert "max_epochs: 2\n" in (run / "config.yaml").read_text()
     with open(run / "metrics.csv", newline="") as file:
         assert {row["epoch"] for row in csv.DictReader(file)} == {"0", "1"}
+
+
+# The default W&B logger, offline (as configs/default.yaml has it), in place of BASE's `--trainer.logger false`; the
+# callbacks that log to it are the default ones.
+WANDB = ["--trainer.logger", "WandbLogger", "--trainer.logger.offline", "true", "--trainer.logger.save_dir", "runs"]
+
+
+def wandb_run(folder: Path) -> tuple[str, OfflineRun]:
+    """The id and records of the one offline W&B run under `folder`/runs/wandb."""
+    (run,) = (folder / "runs" / "wandb").glob("offline-run-*")
+    return run.name.rsplit("-", 1)[1], read_run(run)
+
+
+def history(run: OfflineRun) -> list[tuple[int, dict[str, float], list[str]]]:
+    """Each history row as its step, its scalars and the panels (images, tables) it holds."""
+    rows = []
+    for row in run.history:
+        panels = sorted(k.rsplit("/", 1)[0] for k in row if k.endswith("/_type"))
+        scalars = {k: v for k, v in row.items() if not k.startswith("_") and k.split("/")[0] not in panels
+                   and k != "trainer/global_step"}  # fmt: skip
+        rows.append((row["trainer/global_step"], scalars, panels))
+    return rows
+
+
+def prediction_rows(run: OfflineRun, key: str) -> dict[int, list]:
+    """The prediction table's rows by image index: label, predicted, confidence, correct."""
+    table = run.table(key)
+    assert table["columns"][:6] == ["index", "image", "label", "predicted", "confidence", "correct"]
+    return {row[0]: row[2:6] for row in table["data"]}
+
+
+@pytest.mark.slow
+def test_wandb_under_ddp_holds_one_run_as_one_process_logs_it(images: Path, tmp_path: Path) -> None:
+    """The W&B dashboard of a DDP fit (2 ranks, 5 images a batch each) is the one of a one-process fit with 10 a
+    batch, which trains the same images at each step: one offline run and one `wandb sync` line, each metric once at
+    each step with the same value (the step values too: they were rank 0's half of each step's images), the same
+    tables, example captions and confusion matrices, and the two model versions logged once. Then `validate` of 29
+    images (rank 1's shard padded with a repeat, left out): every table and count holds each image once."""
+    fit = [*BASE, "--data.root", str(images), *WANDB, "--trainer.precision", "32-true",
+           "--trainer.log_every_n_steps", "3"]  # fmt: skip
+    runs = {}
+    for name, placement in (("two", ONE_NODE), ("one", ["--trainer.strategy", "auto", "--trainer.devices", "1",
+                                                         "--data.batch_size", "10"])):  # fmt: skip
+        code, stdout, stderr = finish_with_output(start([*fit, *placement], tmp_path / name, ddp_env(free_port())))
+        assert code == 0, stderr[-2000:]
+        run_id, run = wandb_run(tmp_path / name)
+        assert (stdout + stderr).count("wandb sync") == 1 and f"-{run_id}\n" in stdout, stdout[-2000:]
+        runs[name] = run_id, run
+    (two_id, two), (_, one) = runs["two"], runs["one"]
+
+    rows = history(two)
+    assert [(step, sorted(scalars), panels) for step, scalars, panels in rows] == [
+        (step, sorted(scalars), panels) for step, scalars, panels in history(one)
+    ]
+    steps = [step for step, scalars, _ in rows if "train_loss_step" in scalars]
+    assert steps == [2, 5, 8, 11, 14, 17]  # every 3rd step, once each
+    for (_, scalars, _), (_, expected, _) in zip(rows, history(one)):
+        for clock in (scalars, expected):  # fit_time: seconds of training
+            clock.pop("fit_time", None)
+        assert scalars == pytest.approx(expected, rel=1e-4)  # (DDP sums the gradients in another order)
+    captions = [[row["examples/captions"] for row in run.history if "examples/captions" in row] for run in (two, one)]
+    assert len(captions[0]) == 2 and captions[0] == captions[1]
+    predictions = prediction_rows(two, "val_predictions")
+    assert sorted(predictions) == list(range(30))
+    expected = prediction_rows(one, "val_predictions")
+    assert {i: row[:2] + row[3:] for i, row in predictions.items()} == {
+        i: row[:2] + row[3:] for i, row in expected.items()
+    }
+    confidences = [expected[i][2] for i in predictions]  # rounded to 4 places
+    assert [row[2] for row in predictions.values()] == pytest.approx(confidences, abs=2e-4)
+    assert two.table("val_confusion_matrix_table")["data"] == one.table("val_confusion_matrix_table")["data"]
+    for run_id, run in runs.values():
+        models = [
+            (a["name"], a["metadata"]["file"], sorted(a["aliases"])) for a in run.artifacts if a["type"] == "model"
+        ]
+        assert models == [(f"model-{run_id}", f"epoch=1-step={STEPS}.ckpt", ["best", "latest"]),
+                          (f"model-{run_id}", "last.ckpt", ["latest"])]  # fmt: skip
+
+    (best,) = (tmp_path / "two" / "runs").glob(f"*/{two_id}/checkpoints/epoch=1-step={STEPS}.ckpt")
+    validate = ["validate", "--trainer.accelerator", "cpu", "--trainer.strategy", "ddp", *ONE_NODE, *WANDB,
+                "--trainer.enable_progress_bar", "false", "--data", "ImageFolderDataModule", "--data.root", str(images),
+                "--data.val_size", "29", "--data.batch_size", "7", "--data.cache_dir", "cache",
+                "--ckpt_path", str(best)]  # fmt: skip
+    code, stdout, stderr = finish_with_output(start(validate, tmp_path / "validate", ddp_env(free_port())))
+    assert code == 0, stderr[-2000:]
+    assert (stdout + stderr).count("wandb sync") == 1, stdout[-2000:]
+    run_id, run = wandb_run(tmp_path / "validate")
+    predictions = prediction_rows(run, "val_predictions")
+    assert sorted(predictions) == list(range(29))
+    (confusion,) = (tmp_path / "validate" / "runs").glob(f"*/{run_id}/confusion_val.csv")
+    with open(confusion, newline="") as file:
+        header, *matrix = list(csv.reader(file))
+    counts = {(actual, header[j]): int(n) for actual, *row in matrix for j, n in enumerate(row, 1)}
+    assert sum(counts.values()) == 29
+    assert {(a, p): n for a, p, n in run.table("val_confusion_matrix_table")["data"]} == counts
+    (examples,) = [row["examples/captions"] for row in run.history if "examples/captions" in row]
+    sample = torch.randperm(29, generator=torch.Generator().manual_seed(0)).tolist()  # as the logger draws it
+    assert examples == [f"Pred: {predictions[i][1]}, Label: {predictions[i][0]}" for i in sample]
+    assert run.summary["val_acc"] == pytest.approx(sum(row[3] for row in predictions.values()) / 29)
