@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import write_image_folder
-from wandb_offline import OfflineRun, read_run
+from wandb_offline import OfflineRun, read_run, records
 
 from cifar_cli.entry import STAGES
 
@@ -633,3 +633,37 @@ def test_wandb_under_ddp_holds_one_run_as_one_process_logs_it(images: Path, tmp_
     sample = torch.randperm(29, generator=torch.Generator().manual_seed(0)).tolist()  # as the logger draws it
     assert examples == [f"Pred: {predictions[i][1]}, Label: {predictions[i][0]}" for i in sample]
     assert run.summary["val_acc"] == pytest.approx(sum(row[3] for row in predictions.values()) / 29)
+
+
+@pytest.mark.slow
+def test_a_wandb_run_stopped_under_ddp_goes_on_in_the_same_run(images: Path, tmp_path: Path) -> None:
+    """SIGTERM to rank 1 of a DDP fit with W&B: exit 143, one stop line and one `wandb sync` line (rank 0's), and
+    the offline run whole, ended with 143. `--ckpt_path last` goes on in the same W&B run: a second offline part of
+    the same id, from step 7 on, which the sync line names after the first, and the model versions logged once."""
+    args = [*BASE, *ONE_NODE, "--data.root", str(images), *WANDB, "--trainer.log_every_n_steps", "2"]
+    signal_rank_1 = ["--trainer.callbacks+=faults.SignalAt", "--trainer.callbacks.batch", "5",
+                     "--trainer.callbacks.rank", "1"]  # fmt: skip
+    code, stdout, stderr = finish_with_output(start([*args, *signal_rank_1], tmp_path, ddp_env(free_port())))
+    assert code == 143, stderr[-2000:]
+    stops = [line for line in stderr.splitlines() if line.startswith("cifar-cli: stopped by")]
+    assert len(stops) == 1 and stops[0].startswith("cifar-cli: stopped by SIGTERM in epoch 1/2, step 7; "), stderr
+    run_id, stopped = wandb_run(tmp_path)
+    (part,) = (tmp_path / "runs" / "wandb").glob("offline-run-*")
+    assert [line for line in (stdout + stderr).splitlines() if "wandb sync" in line] == [
+        f"Upload to W&B: wandb sync runs/wandb/{part.name}"
+    ]
+    exits = [r.exit.exit_code for r in records(next(part.glob("run-*.wandb"))) if r.WhichOneof("record_type") == "exit"]
+    assert exits == [143] and not stopped.artifacts  # (its checkpoints' versions come as the resumed run ends)
+    assert [row["trainer/global_step"] for row in stopped.history] == [1, 3, 5]  # every 2nd step, once each
+
+    code, stdout, stderr = finish_with_output(start([*args, "--ckpt_path", "last"], tmp_path, ddp_env(free_port())))
+    assert code == 0, stderr[-2000:]
+    first, second = sorted((tmp_path / "runs" / "wandb").glob("offline-run-*"))
+    assert first == part and second.name.endswith(f"-{run_id}")
+    syncs = [line for line in (stdout + stderr).splitlines() if "wandb sync" in line]
+    assert syncs == [f"Upload to W&B: wandb sync runs/wandb/{first.name} runs/wandb/{second.name}"]
+    resumed = read_run(second)
+    steps = [row["trainer/global_step"] for row in resumed.history if "train_loss_step" in row]
+    assert steps == [7, 9, 11, 13, 15, 17]
+    models = sorted((a["name"], sorted(a["aliases"])) for a in resumed.artifacts if a["type"] == "model")
+    assert models == [(f"model-{run_id}", ["best", "latest"]), (f"model-{run_id}", ["latest"])]
