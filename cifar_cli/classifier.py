@@ -17,7 +17,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import LambdaLR
-from torchmetrics import MeanMetric
+from torchmetrics import MeanMetric, Metric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from cifar_cli.averaging import Lookahead
@@ -562,6 +562,15 @@ class ImageClassifier(LightningModule):
         return {"index": index, "predicted": predicted, "confidence": confidence, "label": labels}
 
     def setup(self, stage: str) -> None:
+        # Under ddp_spawn on a CPU the module reaches each rank through torch.multiprocessing, which puts every CPU
+        # tensor in memory the ranks share; Lightning copies the parameters and buffers back apart
+        # (`_disable_module_memory_sharing`), not the metrics' states. A state only update()d from its start (the
+        # confusion matrices) was one tensor for both ranks: `validate` and `test` counted every image twice.
+        for metric in self.modules():
+            if isinstance(metric, Metric):
+                for name, value in metric.metric_state.items():
+                    if isinstance(value, Tensor) and value.is_shared():
+                        setattr(metric, name, value.clone())
         mean, std = getattr(self.net, "input_mean", None), getattr(self.net, "input_std", None)
         data = self.trainer.datamodule if self._trainer is not None else None
         if self.init_normalization is not None and isinstance(data, ImageDataModule):

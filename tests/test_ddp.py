@@ -571,7 +571,8 @@ def test_wandb_under_ddp_holds_one_run_as_one_process_logs_it(images: Path, tmp_
     batch, which trains the same images at each step: one offline run and one `wandb sync` line, each metric once at
     each step with the same value (the step values too: they were rank 0's half of each step's images), the same
     tables, example captions and confusion matrices, and the two model versions logged once. Then `validate` of 29
-    images (rank 1's shard padded with a repeat, left out): every table and count holds each image once."""
+    images under ddp_spawn (whose ranks log to the W&B run the spawning process started; rank 1's shard padded with
+    a repeat, left out): one run, and every table and count holds each image once."""
     fit = [*BASE, "--data.root", str(images), *WANDB, "--trainer.precision", "32-true",
            "--trainer.log_every_n_steps", "3"]  # fmt: skip
     runs = {}
@@ -613,7 +614,7 @@ def test_wandb_under_ddp_holds_one_run_as_one_process_logs_it(images: Path, tmp_
                           (f"model-{run_id}", "last.ckpt", ["latest"])]  # fmt: skip
 
     (best,) = (tmp_path / "two" / "runs").glob(f"*/{two_id}/checkpoints/epoch=1-step={STEPS}.ckpt")
-    validate = ["validate", "--trainer.accelerator", "cpu", "--trainer.strategy", "ddp", *ONE_NODE, *WANDB,
+    validate = ["validate", "--trainer.accelerator", "cpu", "--trainer.strategy", "ddp_spawn", *ONE_NODE, *WANDB,
                 "--trainer.enable_progress_bar", "false", "--data", "ImageFolderDataModule", "--data.root", str(images),
                 "--data.val_size", "29", "--data.batch_size", "7", "--data.cache_dir", "cache",
                 "--ckpt_path", str(best)]  # fmt: skip
