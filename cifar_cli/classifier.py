@@ -569,7 +569,8 @@ class ImageClassifier(LightningModule):
         for metric in self.modules():
             if isinstance(metric, Metric):
                 for name, value in metric.metric_state.items():
-                    if isinstance(value, Tensor) and value.is_shared():
+                    # (is_shared() is always True of a CUDA tensor: the GPU's states are each rank's own)
+                    if isinstance(value, Tensor) and not value.is_cuda and value.is_shared():
                         setattr(metric, name, value.clone())
         mean, std = getattr(self.net, "input_mean", None), getattr(self.net, "input_std", None)
         data = self.trainer.datamodule if self._trainer is not None else None
