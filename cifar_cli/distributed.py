@@ -22,6 +22,7 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -31,6 +32,7 @@ import torch.distributed as dist
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import StochasticWeightAveraging
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.strategies.launchers import subprocess_script
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.trainer.call import _interrupt
@@ -141,7 +143,8 @@ class _StateCarryingLauncher(_MultiProcessingLauncher):
         signums = [signal.SIGTERM, *([signal.SIGUSR1] if requeue_signal != signal.SIGUSR1 else [])]
         previous = {signum: signal.signal(signum, self._pass_on) for signum in signums}
         try:
-            results = super().launch(function, *args, trainer=trainer, **kwargs)
+            with _without_wandb_service_notice(trainer):
+                results = super().launch(function, *args, trainer=trainer, **kwargs)
         except ProcessExitedException as failed:
             # A rank the signal reached before it set up its own handler (still importing torch, say) ended by it:
             # the run is stopped before training, as a process alone is by a SIGTERM then, not failed.
@@ -240,6 +243,31 @@ class _StateCarryingLauncher(_MultiProcessingLauncher):
             # score and the last checkpoint only where the folders agree.
             callback.dirpath = saved["dirpath"]
             callback.load_state_dict(saved)
+
+
+@contextlib.contextmanager
+def _without_wandb_service_notice(trainer: Trainer | None) -> Iterator[None]:
+    """Lightning's WandbLogger calls `wandb.require("service")` as the ranks are spawned (it is pickled for them),
+    and wandb 0.19 and later answer each time that the call does nothing: "wandb: WARNING `wandb.require('service')`
+    is a no-op as it is now the default behavior", on every ddp_spawn run with W&B, about code the user cannot
+    change. That line is dropped by its text, so a wandb whose call still does something, and says nothing, is
+    untouched."""
+    if trainer is None or not any(isinstance(logger, WandbLogger) for logger in trainer.loggers):
+        yield
+        return
+    import wandb
+
+    termwarn = wandb.termwarn
+
+    def termwarn_but_the_notice(string: str, *args: Any, **kwargs: Any) -> None:
+        if "wandb.require('service')" not in str(string):
+            termwarn(string, *args, **kwargs)
+
+    wandb.termwarn = termwarn_but_the_notice
+    try:
+        yield
+    finally:
+        wandb.termwarn = termwarn
 
 
 def _swa_pass(callback: StochasticWeightAveraging) -> tuple[bool, int | None]:
