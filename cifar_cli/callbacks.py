@@ -860,11 +860,12 @@ class Preemption(Callback):
             return
         if trainer.fit_loop._should_accumulate():
             return  # stopped there, the checkpoint would lose the gradients of the accumulation's batches so far
-        signalled = self.signal is not None
-        if trainer.world_size > 1:
-            signalled = self._stop_on_vote(trainer) or signalled
-            signalled = trainer.strategy.reduce_boolean_decision(signalled, all=False)
-        if signalled:
+        if _distributed(trainer):
+            self._stop_on_vote(trainer)
+            # Every rank waits here for the others, with the signal one was sent (as at a batch end, but blocking)
+            signum = _StopVote(self.signal or 0, trainer.strategy.root_device).result()
+            self.signal = self.signal or signum or None
+        if self.signal is not None:
             trainer._signal_connector.received_sigterm = True
 
     def _stop_on_vote(self, trainer: Trainer) -> bool:
@@ -936,7 +937,7 @@ class Preemption(Callback):
             return
         if not isinstance(exception, SIGTERMException):
             return
-        signum = self.signal or signal.SIGTERM  # (one agreed at a validation or epoch end only: SIGTERM)
+        signum = self.signal or signal.SIGTERM  # (Lightning's own stop at a batch end, without a vote)
         # A SystemExit's code is the process's exit status.
         exception.code = 128 + signum
         if trainer.state.fn == TrainerFn.FITTING and not self.training:

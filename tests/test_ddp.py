@@ -315,6 +315,21 @@ def test_validation_of_two_processes_counts_each_image_once(images: Path, uninte
     assert metrics["two"] == pytest.approx(metrics["one"], rel=1e-6)
 
 
+def test_sigusr1_to_one_rank_during_a_validation_is_named_by_rank_0(images: Path, tmp_path: Path) -> None:
+    """SIGUSR1 to rank 1 alone during the validation at the end of the first epoch: the validation is finished, the
+    ranks agree at its end, and every rank stops there (step 9, the epoch's last). Rank 0's line named SIGTERM and
+    the command exited 143: the ranks' agreement there carried no signal, only that there was one."""
+    signal_at = ["--trainer.callbacks+=faults.SignalAt", "--trainer.callbacks.in_validation", "true",
+                 "--trainer.callbacks.batch", "1", "--trainer.callbacks.rank", "1",
+                 "--trainer.callbacks.signum", "10"]  # fmt: skip
+    args = [*TRAIN, *ONE_NODE, "--data.root", str(images), "--data.batch_size", "5", *signal_at]
+    code, stderr = finish(start(args, tmp_path, ddp_env(free_port())), timeout=120)
+    assert code == 138, stderr[-2000:]
+    stops = [line for line in stderr.splitlines() if line.startswith("cifar-cli: stopped by")]
+    assert len(stops) == 1 and stops[0].startswith("cifar-cli: stopped by SIGUSR1 in epoch "), stderr
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 9
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
 def test_a_signal_to_one_rank_as_training_starts_stops_every_rank(images: Path, tmp_path: Path, signum: int):
     """A signal to rank 1 alone between the sanity check and training's own handlers: a SIGTERM met Lightning's
