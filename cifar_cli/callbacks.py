@@ -554,9 +554,15 @@ class RichBar(RichProgressBar):
             self._update_metrics(trainer, pl_module)
 
 
-def _distributed(trainer: Trainer) -> bool:
+def distributed_run(trainer: Trainer) -> bool:
     """Whether the trainer's ranks are more than one, in a process group."""
-    return trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
+    return torch.distributed.is_available() and torch.distributed.is_initialized() and trainer.world_size > 1
+
+
+def _unhandled_sigusr1() -> tuple[int, ...]:
+    """SIGUSR1, where it is at its default action (which ends the process at once, without a word): not where
+    Lightning has SLURM's requeue handler on it, nor a user's."""
+    return (signal.SIGUSR1,) if signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL else ()
 
 
 class _StopVote:
@@ -601,7 +607,7 @@ def _register_after_start(self: _SignalConnector) -> None:
     _LIGHTNING_REGISTER(self)
     preemption = next((c for c in self.trainer.callbacks if isinstance(c, Preemption)), None)
     if self.trainer.state.fn == TrainerFn.FITTING:
-        if preemption is not None and _distributed(self.trainer):
+        if preemption is not None and distributed_run(self.trainer):
             preemption.note_signals_before_training()
             return
         # SIGUSR1, which Lightning takes only for SLURM's requeue, ended the process at once, without a word, in the
@@ -717,7 +723,6 @@ class Preemption(Callback):
         self._previous: dict[int, Any] = {}
         self._vote: _StopVote | None = None  # under DDP: the all-reduce started at the last batch end
         self._side: torch.cuda.Stream | None = None  # on a GPU: the stream that reads the votes
-        self._noting = False  # under DDP, from the trainer's handlers to training: signals noted only
 
     def note_signals_before_training(self) -> None:
         """Under DDP in `fit`, as the trainer installs its signal handlers: SIGTERM, and SIGUSR1 where Lightning left
@@ -727,25 +732,23 @@ class Preemption(Callback):
         checkpoint or set up the model failed the run ("rank 1 failed: exited with code 143 without a report")."""
         if threading.current_thread() is not threading.main_thread():
             return
-        usr1 = (signal.SIGUSR1,) if signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL else ()
-        self._install((signal.SIGTERM, *usr1))
-        self._noting = True
+        self._install((signal.SIGTERM, *_unhandled_sigusr1()))
 
     def on_sanity_check_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Lightning's SIGTERM handler would stop the sanity check at a batch end, under DDP on the signalled rank
         # alone, after a broadcast within the handler that the other ranks never join: the run hung. This one notes
         # the signal; the sanity check ends, and the ranks agree on the stop there (a Ctrl-C interrupts at once).
-        if not self._noting:
+        if not distributed_run(trainer):  # (under DDP noted already, since the trainer's start)
             self._install((signal.SIGTERM,))
         if trainer.received_sigterm:  # one that came as Lightning's handler went in
             self.signal = self.signal or signal.SIGTERM
             trainer._signal_connector.received_sigterm = False
 
     def on_sanity_check_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not self._noting:  # (under DDP the signals stay noted until training takes them)
+        if not distributed_run(trainer):  # (under DDP the signals stay noted until training takes them)
             self._restore()
         signum = self.signal or 0
-        if _distributed(trainer):  # every rank stops, with the signal one was sent
+        if distributed_run(trainer):  # every rank stops, with the signal one was sent
             signum = _StopVote(signum, trainer.strategy.root_device).result()
         if signum:
             raise StoppedBeforeStart(self.signal or signum)
@@ -760,15 +763,14 @@ class Preemption(Callback):
                 raise StoppedBeforeStart(signal.SIGTERM)
             self.signal = self.signal or signal.SIGTERM
             trainer._signal_connector.received_sigterm = False  # Lightning's check would stop this rank alone
-        self.training, self._noting = True, False
+        self.training = True
         hand_signals_to_lightning()  # (SIGUSR1, kept as the start-up's stop through the sanity check)
         # Installed here, after Lightning has installed its own SIGTERM handler, which this one replaces for the
         # training (Lightning's would also stop validations halfway). Both are restored when training ends.
         # SIGUSR1 too where Lightning left it at its default action, which ended the process at once, with no
         # last.ckpt and no word: Lightning takes it only for SLURM's requeue (SLURMEnvironment's auto_requeue),
         # whose handler stays.
-        unhandled = signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
-        self._install((signal.SIGTERM, signal.SIGINT, *((signal.SIGUSR1,) if unhandled else ())))
+        self._install((signal.SIGTERM, signal.SIGINT, *_unhandled_sigusr1()))
 
     def take_evaluation_signals(self, trainer: Trainer) -> None:
         """In `validate`, `test` and `predict`, as their trainer installs its signal handlers.
@@ -783,8 +785,8 @@ class Preemption(Callback):
         """
         if threading.current_thread() is not threading.main_thread():
             return
-        usr1 = (signal.SIGUSR1,) if signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL else ()
-        if _distributed(trainer):
+        usr1 = _unhandled_sigusr1()
+        if distributed_run(trainer):
             self._install((signal.SIGTERM, *usr1))
             return
         if not usr1:
@@ -807,16 +809,18 @@ class Preemption(Callback):
         """Under DDP in `validate`, `test` and `predict`, at a batch end: read the vote started at the batch end
         before, and stop here (Lightning's flag) if any rank had been signalled, or start the next vote. Every rank
         has as many batches (the distributed sampler pads the shards), so all stop at the same batch."""
-        if trainer.state.fn == TrainerFn.FITTING or not _distributed(trainer):
+        if trainer.state.fn == TrainerFn.FITTING or not distributed_run(trainer):
             return  # (fit's validations: the training's vote, read at their end)
         if not self._stop_on_vote(trainer):
             self._start_vote(trainer)
 
     def _end_evaluation_vote(self, trainer: Trainer) -> None:
-        if trainer.state.fn == TrainerFn.FITTING:
-            return
+        if trainer.state.fn != TrainerFn.FITTING:  # (fit's: at the end of training)
+            self._finish_vote()
+
+    def _finish_vote(self) -> None:
         vote, self._vote = self._vote, None
-        if vote is not None:  # every rank started it: let it finish before the process group goes
+        if vote is not None:  # every rank started it: let it finish before the next collective, or the group's end
             vote.result()
 
     def on_validation_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any, **kwargs: Any) -> None:
@@ -860,7 +864,7 @@ class Preemption(Callback):
             return
         if trainer.fit_loop._should_accumulate():
             return  # stopped there, the checkpoint would lose the gradients of the accumulation's batches so far
-        if _distributed(trainer):
+        if distributed_run(trainer):
             self._stop_on_vote(trainer)
             # Every rank waits here for the others, with the signal one was sent (as at a batch end, but blocking)
             signum = _StopVote(self.signal or 0, trainer.strategy.root_device).result()
@@ -879,7 +883,7 @@ class Preemption(Callback):
         return bool(signum)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any, **kwargs: Any) -> None:
-        if not _distributed(trainer):
+        if not distributed_run(trainer):
             self._stop_if_signalled(trainer)
             return
         if trainer.state.fn != TrainerFn.FITTING or trainer.fit_loop._should_accumulate():
@@ -908,9 +912,7 @@ class Preemption(Callback):
         self._stop_if_signalled(trainer)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        vote, self._vote = self._vote, None
-        if vote is not None:  # every rank started it: let it finish before the process group goes
-            vote.result()
+        self._finish_vote()
         # SIGTERM and SIGUSR1 keep this callback's handler (noted, no longer heeded) until the trainer's teardown,
         # which puts back what the trainer found, then cifar_cli.entry's stop after the stage. Put back here,
         # SIGUSR1's default action killed the process, and Lightning's SIGTERM handler, under DDP, broadcast from

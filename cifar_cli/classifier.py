@@ -21,7 +21,7 @@ from torchmetrics import MeanMetric, Metric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from cifar_cli.averaging import Lookahead
-from cifar_cli.callbacks import TIME_CHECK_STEPS
+from cifar_cli.callbacks import TIME_CHECK_STEPS, distributed_run
 from cifar_cli.checkpoints import load_checkpoint
 from cifar_cli.data import ImageDataModule
 from cifar_cli.errors import TrainingDiverged, UsageError
@@ -319,10 +319,7 @@ class ImageClassifier(LightningModule):
         return loss
 
     def _distributed(self) -> bool:
-        """Whether the trainer's ranks are more than one, in a process group."""
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            return False
-        return self._trainer is not None and self._trainer.world_size > 1
+        return self._trainer is not None and distributed_run(self._trainer)
 
     def _sum_window(self) -> tuple[Tensor, Any]:
         """Start summing the window's sums and image count over the ranks, without waiting (torch.distributed's
