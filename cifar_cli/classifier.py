@@ -33,6 +33,7 @@ Batch = tuple[Tensor, ...]  # (images, labels) in training; (images, labels, ind
 TTA = Literal["none", "flip", "flip-shift"]
 # Checkpoint entry holding the training metrics' running sums.
 METRICS_KEY = "cifar_cli_train_metrics"
+WINDOW_KEY = "window"  # in METRICS_KEY: the loss sum, correct count and images since the last logged step
 # Optimizer settings that choose how the update is computed, not what it is: a resumed run keeps its checkpoint's.
 IMPLEMENTATION_KEYS = ("fused", "foreach", "capturable", "differentiable")
 # Steps before the pace of training, and with it the steps that fit in a time budget, is first estimated.
@@ -310,12 +311,19 @@ class ImageClassifier(LightningModule):
         # values whatever log_every_n_steps says, and they would be those of the previous logged step again (see
         # on_train_batch_end).
         last = self._trainer is not None and batch_idx + 1 >= self.trainer.num_training_batches
-        if last or self._logs("train", batch_idx):
+        if last or self._writes_step_values():
+            self._logged_stages.add("train")
             if self._distributed():
                 self._window_means()  # a loss gone NaN stops the run here, before the optimizer step (see below)
                 self._window_sum = self._sum_window()  # logged in on_train_batch_end
             else:
                 self._log_window()
+        elif "train" not in self._logged_stages:
+            # The epoch's first batch in this process: Lightning reports a metric's epoch value only if it was
+            # logged in this process. The metrics are logged as they are; the window goes on to the next logged step,
+            # so that its value covers every step since the previous one, across a resume too (on_load_checkpoint).
+            self._logged_stages.add("train")
+            self._log_train_metrics()
         return loss
 
     def _distributed(self) -> bool:
@@ -346,6 +354,9 @@ class ImageClassifier(LightningModule):
             work.wait()
             self._window = sums[:2] / sums[2] * self._window_images
         self._flush_window(log=True)
+        self._log_train_metrics()
+
+    def _log_train_metrics(self) -> None:
         for metric in METRICS:
             name = f"train_{metric}"
             self.log(name, getattr(self, name), on_step=True, on_epoch=True, prog_bar=True)
@@ -375,20 +386,21 @@ class ImageClassifier(LightningModule):
         return means
 
     def _logs(self, stage: str, batch_idx: int) -> bool:
-        """Whether this batch logs: the first of every epoch (or of a resumed one: Lightning reports a metric's
-        epoch value only if it was logged in this process), and in training the steps whose values the logger
-        writes (every `log_every_n_steps`, as Lightning counts them); other batches only update the metrics."""
-        trainer = self._trainer
-        if batch_idx == 0 or trainer is None or stage not in self._logged_stages:
+        """Whether this evaluation batch logs: the first of every epoch (Lightning reports a metric's epoch value
+        only if it was logged in this process); the others only update the metrics."""
+        if batch_idx == 0 or self._trainer is None or stage not in self._logged_stages:
             self._logged_stages.add(stage)
             return True
-        # With accumulate_grad_batches Lightning writes a step's values at the batch that ends its accumulation: the
-        # steps' other batches keep adding to the window, or the written value would be that last batch's alone.
-        return (
-            stage == "train"
-            and (self.global_step + 1) % trainer.log_every_n_steps == 0
-            and not trainer.fit_loop._should_accumulate()
-        )
+        return False
+
+    def _writes_step_values(self) -> bool:
+        """Whether the logger writes this training step's values: every `log_every_n_steps`, as Lightning counts
+        them. With accumulate_grad_batches at the batch that ends the step's accumulation: the step's other batches
+        keep adding to the window, or the written value would be that last batch's alone."""
+        trainer = self._trainer
+        if trainer is None:
+            return True
+        return (self.global_step + 1) % trainer.log_every_n_steps == 0 and not trainer.fit_loop._should_accumulate()
 
     def on_train_start(self) -> None:
         # Lightning hands a resumed run's loader state to the loader in `fit_loop.setup_data`, but only while it is
@@ -396,6 +408,8 @@ class ImageClassifier(LightningModule):
         # setup_data before the checkpoint is restored, so the state would be dropped and the epoch would start
         # over at batch 0. Handing it over here, before the first batch is drawn, resumes at the next batch.
         self.trainer.fit_loop._load_combined_loader_states()
+        if self._window is not None:  # restored from a checkpoint before the module moved to its device
+            self._window = self._window.to(self.device)
         # Whatever follows training progress follows a time budget too: the schedule, progressive resizing, the
         # whitening bias and lookahead (which, without a schedule, kept counting the steps of max_epochs that the
         # budget cut off).
@@ -519,19 +533,32 @@ class ImageClassifier(LightningModule):
             or trainer.fit_loop.epoch_loop.batch_progress.current.processed >= trainer.num_training_batches
         ):
             return  # the epoch's batches are done: a resumed run starts the next epoch from zero
-        window = self._window_means() if self._window_images else None
-        saved = {}
+        # Under DDP each rank holds the sums of its own batches: the checkpoint keeps their totals over the ranks,
+        # which rank 0 alone takes back (on_load_checkpoint). Every rank saves a checkpoint at the same step
+        # (Lightning's save_checkpoint ends in a barrier), so these collectives are met by all.
+        synced = trainer.world_size > 1
+        # Under DDP a logged step hands its window to the metrics in on_train_batch_end, after the callbacks' (a
+        # checkpoint saved at that step): it goes into copies of the sums, as the next moment will have it.
+        flushing = self._window_sum is not None and self._window_images
+        means = self._window_means() if flushing else None
+        saved: dict[str, Any] = {}
         for name, index in (("train_acc", 1), ("train_loss", 0)):
-            # The window goes into a copy of the sums: it stays whole for the next logged step's values.
-            metric = copy.deepcopy(getattr(self, name))
-            if window is not None:
-                metric.update(window[index], weight=self._window_images)
-            # Under DDP each rank holds the sums of its own batches: the checkpoint keeps their totals over the
-            # ranks, which rank 0 alone takes back (on_load_checkpoint). Every rank saves a checkpoint at the same
-            # step (Lightning's save_checkpoint ends in a barrier), so this collective is met by all.
-            with metric.sync_context(should_sync=trainer.world_size > 1):
+            metric = getattr(self, name)
+            if means is not None:
+                metric = copy.deepcopy(metric)
+                metric.update(means[index], weight=self._window_images)
+            with metric.sync_context(should_sync=synced):
                 state = {k: v.clone() if isinstance(v, Tensor) else v for k, v in metric.metric_state.items()}
             saved[name] = {"state": state, "updates": metric._update_count}
+        # Otherwise the window is kept whole: the steps since the last logged one, whose sums the next logged
+        # step's values include (after a resume too).
+        window = torch.zeros(3, device=self.device)
+        if self._window_images and not flushing:
+            window[:2] = self._window
+            window[2] = self._window_images
+        if synced:
+            torch.distributed.all_reduce(window)
+        saved[WINDOW_KEY] = window.cpu()
         checkpoint[METRICS_KEY] = saved
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -539,7 +566,11 @@ class ImageClassifier(LightningModule):
             self._resumed_from = checkpoint  # its optimizer state is restored after on_fit_start
         if self._trainer is not None and self.global_rank != 0:
             return  # rank 0 takes the sums of every rank's batches so far; the others count on from zero
-        for name, saved in checkpoint.get(METRICS_KEY, {}).items():
+        saved_metrics = dict(checkpoint.get(METRICS_KEY, {}))
+        window = saved_metrics.pop(WINDOW_KEY, None)  # (absent from checkpoints that added it to the sums)
+        if window is not None and window[2] > 0:
+            self._window, self._window_images = window[:2].clone(), int(window[2])
+        for name, saved in saved_metrics.items():
             metric = getattr(self, name)
             if set(saved["state"]) != set(metric._defaults):
                 continue  # saved by an earlier version, whose training accuracy kept other sums

@@ -157,13 +157,12 @@ def test_optimizer_and_schedule_are_injected() -> None:
 
 
 def test_training_metrics_count_every_image_of_the_epoch_and_log_window_means(monkeypatch) -> None:
-    # Three steps of an epoch of three, logging every 2 steps: the first step, the second (step 1 + 1 = 2) and the
-    # epoch's last log; the epoch's values are the exact means over all 7 images, whatever was logged.
+    # Three steps of an epoch of three, logging every 2 steps: the second (step 1 + 1 = 2) and the epoch's last log
+    # their window's means; the first logs the metrics untouched, for their epoch values, and its window goes on to
+    # the second. The epoch's values are the exact means over all 7 images, whatever was logged.
     model = make()
-    logged: list[tuple[str, float]] = []
-    monkeypatch.setattr(
-        model, "log", lambda name, metric, **kwargs: logged.append((name, float(metric._forward_cache)))
-    )
+    logged: list[tuple[str, torch.Tensor | None]] = []
+    monkeypatch.setattr(model, "log", lambda name, metric, **kwargs: logged.append((name, metric._forward_cache)))
     trainer = SimpleNamespace(num_training_batches=3, log_every_n_steps=2, global_step=0,
                               fit_loop=SimpleNamespace(_should_accumulate=lambda: False))  # fmt: skip
     model._trainer = trainer
@@ -176,10 +175,13 @@ def test_training_metrics_count_every_image_of_the_epoch_and_log_window_means(mo
         model._train_metrics(F.cross_entropy(x, y), x, y, step)
     assert model.train_acc.compute().item() == pytest.approx(4 / 7)
     assert model.train_loss.compute().item() == pytest.approx(float(sum(losses)) / 7)
-    # Logged: each step alone, each the mean over its images (2 of 3 right, then 1 of 2 twice).
+    # Logged: no step value at the first, then the mean over the images of steps 1 and 2 (3 of 5 right) and of
+    # step 3 (1 of 2).
     assert [name for name, _ in logged] == ["train_loss", "train_acc"] * 3
-    assert [value for _, value in logged[1::2]] == pytest.approx([2 / 3, 1 / 2, 1 / 2])
-    assert [value for _, value in logged[::2]] == pytest.approx([float(s) / len(y) for s, y in zip(losses, labels)])
+    assert logged[:2] == [("train_loss", None), ("train_acc", None)]
+    assert [float(value) for _, value in logged[3::2]] == pytest.approx([3 / 5, 1 / 2])
+    window_losses = [float(losses[0] + losses[1]) / 5, float(losses[2]) / 2]
+    assert [float(value) for _, value in logged[2::2]] == pytest.approx(window_losses)
     assert model._window_images == 0
     # Each rank keeps its own sums: a buffer would be overwritten with rank 0's by DDP before every step.
     assert not [name for name, _ in model.named_buffers() if "window" in name]
@@ -212,8 +214,7 @@ def test_logged_step_values_with_gradient_accumulation_cover_every_batch_since_t
                                         "2", "--trainer.log_every_n_steps", "2")  # fmt: skip
     assert len(losses) == 8
     assert [int(row["step"]) for row in rows] == [1, 3]
-    # (The first batch logs alone, so that the epoch's values are reported; Lightning does not write it.)
-    assert float(rows[0]["train_loss_step"]) == pytest.approx(sum(losses[1:4]) / 3, rel=1e-5)
+    assert float(rows[0]["train_loss_step"]) == pytest.approx(sum(losses[:4]) / 4, rel=1e-5)
     assert float(rows[1]["train_loss_step"]) == pytest.approx(sum(losses[4:]) / 4, rel=1e-5)
     assert values(metrics_rows("runs"), "train_loss_epoch") == [pytest.approx(sum(losses) / 8, rel=1e-5)]
 
@@ -246,13 +247,13 @@ def test_a_time_limit_mid_epoch_writes_the_step_values_of_its_last_steps(
 
 
 def test_a_checkpoint_within_an_epoch_leaves_the_logged_step_values_whole(fake_cifar10: Path) -> None:
-    # 8 steps, logged at the 4th and 8th (the first logs alone), last.ckpt saved after the 3rd and 6th: the values
-    # written are the means over steps 2 to 4 and 5 to 8. Before, each save emptied the sums of the steps since the
-    # last logged one into the epoch's, and the values written were those of the 4th step alone, of the 7th and 8th.
+    # 8 steps, logged at the 4th and 8th, last.ckpt saved after the 3rd and 6th: the values written are the means
+    # over steps 1 to 4 and 5 to 8. Before, each save emptied the sums of the steps since the last logged one into
+    # the epoch's, and the values written were those of the 4th step alone, of the 7th and 8th.
     losses, rows = fit_in_batches_of_20(fake_cifar10, "--trainer.max_epochs", "1", "--trainer.log_every_n_steps", "4",
                                         "--last_checkpoint.every_n_steps", "3")  # fmt: skip
     assert [int(row["step"]) for row in rows] == [3, 7]
-    assert float(rows[0]["train_loss_step"]) == pytest.approx(sum(losses[1:4]) / 3, rel=1e-5)
+    assert float(rows[0]["train_loss_step"]) == pytest.approx(sum(losses[:4]) / 4, rel=1e-5)
     assert float(rows[1]["train_loss_step"]) == pytest.approx(sum(losses[4:]) / 4, rel=1e-5)
     assert values(metrics_rows("runs"), "train_loss_epoch") == [pytest.approx(sum(losses) / 8, rel=1e-5)]
 

@@ -41,6 +41,7 @@ TRAIN = [
     # A checkpoint every 3 steps, all kept: a mid-epoch one to resume from, and the weights after the last step.
     "--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.dirpath", "steps",
     "--trainer.callbacks.every_n_train_steps", "3", "--trainer.callbacks.save_top_k", "-1",
+    "--trainer.log_every_n_steps", "2",
 ]  # fmt: skip
 ONE_NODE = ["--trainer.devices", "2"]
 TWO_NODES = ["--trainer.devices", "1", "--trainer.num_nodes", "2"]
@@ -125,6 +126,18 @@ def uninterrupted(images: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     assert int(counts.sum()) == 30 and len(mistakes["index"]) == int(counts.sum() - counts.trace())
     assert len(set(mistakes["index"].tolist())) == len(mistakes["index"])
     return run
+
+
+@pytest.mark.slow
+def test_checkpoints_under_ddp_hold_every_image_of_the_epoch_once(uninterrupted: Path) -> None:
+    """The training-metric sums of a mid-epoch checkpoint: the metrics' and the window of steps since the last
+    logged one (every 2nd), over both ranks. At step 6 (a logged one) the window is being summed over the ranks when
+    ModelCheckpoint saves, and it goes into the metrics' sums: a resumed run counted its images twice before."""
+    for step, logged, window in ((3, 20, 10), (6, 60, 0)):
+        sums = torch.load(uninterrupted / "steps" / f"epoch=0-step={step}.ckpt", weights_only=True)
+        sums = sums["cifar_cli_train_metrics"]
+        for name in ("train_loss", "train_acc"):
+            assert (float(sums[name]["state"]["weight"]), float(sums["window"][2])) == (logged, window)
 
 
 @pytest.mark.slow
@@ -213,9 +226,10 @@ def test_signal_to_one_rank_stops_every_rank_and_resume_matches(images: Path, un
     stopped = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert stopped["global_step"] == 7
     # The epoch's training-metric sums so far are both ranks': 7 batches of 5 images each (rank 0's alone before,
-    # which a resumed run counted for both ranks).
+    # which a resumed run counted for both ranks), in the metrics' sums and the window of steps not yet logged.
+    sums = stopped["cifar_cli_train_metrics"]
     for name in ("train_loss", "train_acc"):
-        assert float(stopped["cifar_cli_train_metrics"][name]["state"]["weight"]) == 7 * 5 * 2
+        assert float(sums[name]["state"]["weight"]) + float(sums["window"][2]) == 7 * 5 * 2
     code, stderr = finish(start([*args, "--ckpt_path", "last"], tmp_path, ddp_env(free_port())))
     assert code == 0, stderr[-2000:]
     # rank 0's line, not one per rank; the epoch stopped in goes on

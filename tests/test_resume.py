@@ -83,7 +83,8 @@ def uninterrupted_last(tmp_path: Path, args: list[str], then: str) -> Path:
 def test_resumed_run_ends_with_exactly_the_uninterrupted_weights(
     fake_cifar10: Path, tmp_path: Path, resume_at: str, placement: str
 ):
-    args = [*FAST, *cifar(fake_cifar10), *EVERY_STEP, "--trainer.max_epochs", "3", "--trainer.log_every_n_steps", "1",
+    # Logged every 3rd step: a resume in the middle of the steps between two logged ones (at step 2 of 5).
+    args = [*FAST, *cifar(fake_cifar10), *EVERY_STEP, "--trainer.max_epochs", "3", "--trainer.log_every_n_steps", "3",
             "--data.placement", placement]  # fmt: skip
     os.chdir(tmp_path / "full" if (tmp_path / "full").mkdir() is None else tmp_path)
     main(["fit", *args, *CSV_LOGGER])
@@ -103,6 +104,13 @@ def test_resumed_run_ends_with_exactly_the_uninterrupted_weights(
     resumed_acc = {row["epoch"]: row["train_acc_epoch"] for row in metrics_rows("runs") if row["train_acc_epoch"]}
     assert resumed_acc == {e: acc for e, acc in epoch_acc.items() if int(e) >= start // 5}
     assert values(metrics_rows("runs"), "val_acc") == values(metrics_rows(str(first)), "val_acc")[start // 5 :]
+    # And the step values: the first logged one after the resume covers the steps before it too (the checkpoint
+    # holds their sums), as in the uninterrupted run. Before, it covered only the steps since the resume.
+    step_rows = [(row["step"], row["train_loss_step"], row["train_acc_step"]) for row in metrics_rows(str(first))
+                 if row["train_loss_step"] and int(row["step"]) >= start]  # fmt: skip
+    resumed_rows = [(row["step"], row["train_loss_step"], row["train_acc_step"]) for row in metrics_rows("runs")
+                    if row["train_loss_step"]]  # fmt: skip
+    assert resumed_rows == step_rows and len(step_rows) >= 3
 
 
 @pytest.mark.parametrize(
