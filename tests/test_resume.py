@@ -58,6 +58,13 @@ def assert_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> 
     assert not different, f"{len(different)} of {len(a)} tensors differ, e.g. {different[:3]}"
 
 
+def rows_from(folder: str, step: int = 0) -> list[dict[str, str]]:
+    """The metrics.csv rows of the run under `folder` from `step` on, without the training time (`fit_time`)."""
+    return [
+        {k: v for k, v in row.items() if k != "fit_time"} for row in metrics_rows(folder) if int(row["step"]) >= step
+    ]
+
+
 def uninterrupted_last(tmp_path: Path, args: list[str], then: str) -> Path:
     """`fit` with `args`, whole, in `tmp_path/reference`: its last.ckpt. The current folder is then `tmp_path/then`,
     for the interrupted run to compare with it."""
@@ -104,13 +111,10 @@ def test_resumed_run_ends_with_exactly_the_uninterrupted_weights(
     resumed_acc = {row["epoch"]: row["train_acc_epoch"] for row in metrics_rows("runs") if row["train_acc_epoch"]}
     assert resumed_acc == {e: acc for e, acc in epoch_acc.items() if int(e) >= start // 5}
     assert values(metrics_rows("runs"), "val_acc") == values(metrics_rows(str(first)), "val_acc")[start // 5 :]
-    # And the step values: the first logged one after the resume covers the steps before it too (the checkpoint
-    # holds their sums), as in the uninterrupted run. Before, it covered only the steps since the resume.
-    step_rows = [(row["step"], row["train_loss_step"], row["train_acc_step"]) for row in metrics_rows(str(first))
-                 if row["train_loss_step"] and int(row["step"]) >= start]  # fmt: skip
-    resumed_rows = [(row["step"], row["train_loss_step"], row["train_acc_step"]) for row in metrics_rows("runs")
-                    if row["train_loss_step"]]  # fmt: skip
-    assert resumed_rows == step_rows and len(step_rows) >= 3
+    # And every row logged from the checkpoint on, but the training time: the step values too, whose first after
+    # the resume covers the steps before it (the checkpoint holds their sums). Before, it covered only those since.
+    logged = rows_from(str(first), start)
+    assert rows_from("runs") == logged and sum(bool(row["train_loss_step"]) for row in logged) >= 3
 
 
 @pytest.mark.parametrize(
@@ -140,7 +144,8 @@ def test_stop_on_a_signal_then_resume_ends_with_the_uninterrupted_weights(
     # With airbench's alternating flip and whitening-bias schedule, which also resume exactly (the bias freezes
     # at step 6 of 12, where the mid-epoch case stops).
     args = [*FAST, *cifar(fake_cifar10), *CSV_LOGGER, "--trainer.max_epochs", "3", "--data.val_size", "64",
-            "--data.batch_size", "32", "--data.flip", "alternate", "--model.whiten_bias_until", "0.5"]  # fmt: skip
+            "--data.batch_size", "32", "--data.flip", "alternate", "--model.whiten_bias_until", "0.5",
+            "--trainer.log_every_n_steps", "2"]  # fmt: skip
     reference = uninterrupted_last(tmp_path, args, then="stopped")
     sys.path.insert(0, str(REPO / "tests"))
     with pytest.raises(SystemExit) as stop:
@@ -151,6 +156,10 @@ def test_stop_on_a_signal_then_resume_ends_with_the_uninterrupted_weights(
     main(["fit", *args, "--ckpt_path", "last"])
     (last,) = Path().glob("runs/**/last.ckpt")
     assert_identical(tensors(last), tensors(reference))
+    # The resumed run's metrics.csv, the rows logged before the stop kept, is the uninterrupted run's but for the
+    # times, its step values too (logged every 2nd step, across the stop).
+    logged = rows_from(str(reference.parents[2]))
+    assert rows_from("runs") == logged and sum(bool(row["train_loss_step"]) for row in logged) >= 3
 
 
 def test_a_signal_within_a_gradient_accumulation_stops_where_it_ends_and_resumes_exactly(
