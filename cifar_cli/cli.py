@@ -1408,7 +1408,8 @@ class CifarCLI(LightningCLI):
             init_args.save_dir = save_dir
 
     def _find_last(self, subcommand: str) -> tuple[dict[str, Any] | None, str | None]:
-        """`--ckpt_path last`: the newest loadable `last.ckpt` under the save folder of the configured logger."""
+        """`--ckpt_path last`: the newest `last.ckpt` under the save folder of the configured logger (one that does not
+        load stops the command: it is the run the user asks to continue)."""
         trainer = self.config[subcommand]["trainer"]
         logger = trainer.get("logger")
         # Of a list of loggers, the first's folder is the run's (`--trainer.logger+=CSVLogger` beside W&B).
