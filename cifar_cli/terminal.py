@@ -55,6 +55,12 @@ class _DropMessages(logging.Filter):
 _TIPS = _DropMessages(r"^💡 Tip: For seamless cloud ", r"Detected KeyboardInterrupt, attempting graceful shutdown")
 _TIPS_LOGGER = "lightning.pytorch.utilities.rank_zero"
 
+# Lightning's SIGTERM handler, which `validate`, `test` and `predict` keep in one process, logs "[rank: 0] Received
+# SIGTERM: 15" as the signal arrives: a second line for one stop, before cifar-cli's own, which says what stopped
+# and what was kept (callbacks.Preemption). Training's stop, whose handler is cifar-cli's, never printed it.
+_SIGTERM_LINE = _DropMessages(r"Received SIGTERM: ")
+_SIGNAL_LOGGER = "lightning.pytorch.trainer.connectors.signal_connector"
+
 
 # Lightning's advice, at the first run on an Ampere or later GPU while torch's float32 matmul precision is the default
 # ("highest"), to lower it (`_check_cuda_matmul_precision`, Lightning 2.6): right for a run in fp32. Under mixed or
@@ -131,6 +137,9 @@ def silence_noise() -> None:
     logger = logging.getLogger(_TIPS_LOGGER)
     if _TIPS not in logger.filters:
         logger.addFilter(_TIPS)
+    logger = logging.getLogger(_SIGNAL_LOGGER)
+    if _SIGTERM_LINE not in logger.filters:
+        logger.addFilter(_SIGTERM_LINE)
     # torch 2.9 deprecated `LeafSpec`, which Lightning's own `_pytree` still builds at every fit.
     warnings.filterwarnings(
         "ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning
