@@ -540,6 +540,17 @@ def test_a_checkpoint_of_a_run_with_a_val_folder_is_not_validated_on_train_once_
         "data and the --data flags it was trained with"
     )
     main(["test", *data, "--data.val_size", "8", "--ckpt_path", str(ckpt)])  # test/ is still there
+    # Without --data.val_size, its default (5,000) is held out of the 40 images of train/: refused as too many, which
+    # read "leaving none to train on" alone, in a command that trains nothing, and named no folder gone.
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["validate", *data, "--ckpt_path", str(ckpt)])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"cifar-cli: error: val_size/test_size hold out 5000 of 40 training images ({tmp_path / 'data'} has no val/ "
+        "folder: validation images are held out of train/), leaving none to train on: choose --data.val_size (and "
+        "--data.test_size) with a sum below 40"
+    )
 
 
 def test_a_class_the_held_out_splits_take_whole_is_said_in_fit(tmp_path: Path, capfd) -> None:

@@ -344,12 +344,13 @@ class ImageDataModule(LightningDataModule):
         remove_other_versions(cache)
         return DiskImages(cache), names
 
-    def check_split_sizes(self, n_train: int, held_out: int) -> None:
+    def check_split_sizes(self, n_train: int, held_out: int, note: str = "") -> None:
+        """Refuse held-out sizes that leave no training image; `note`, in parentheses, says where they come from."""
         self.train_images = n_train - held_out  # the training split's, known before it is loaded (`setup`)
         if held_out >= n_train:
             raise UsageError(
-                f"val_size/test_size hold out {held_out} of {n_train} training images, leaving none to train on: "
-                f"choose --data.val_size (and --data.test_size) with a sum below {n_train}"
+                f"val_size/test_size hold out {held_out} of {n_train} training images{f' ({note})' if note else ''}, "
+                f"leaving none to train on: choose --data.val_size (and --data.test_size) with a sum below {n_train}"
             )
 
     def preprocess(self, images: Tensor) -> Tensor:

@@ -244,11 +244,24 @@ class ImageFolderDataModule(ImageDataModule):
         test = 0 if (self.root / "test").is_dir() else self.test_size
         return val + test
 
+    def _check_split_sizes(self, listings: dict[str, _Listing]) -> None:
+        """`check_split_sizes`, naming the split folders that are missing: a `validate` or `test` of a run that had
+        its own val/, moved away since, was told that --data.val_size's default left "none to train on", of a
+        folder that has a val/ as far as its user knows."""
+        missing = [(split, name) for split, name, size in (("val", "validation", self.val_size),
+                   ("test", "test", self.test_size)) if size and split not in listings]  # fmt: skip
+        note = ""
+        if missing:
+            folders = " or ".join(f"{split}/" for split, _ in missing)
+            note = f"{self.root} has no {folders} folder: {' and '.join(n for _, n in missing)} images are held out "
+            note += "of train/"
+        self.check_split_sizes(len(listings["train"].paths), self._held_out(), note)
+
     def prepare_files(self, stage: str) -> None:
         # Every check before any decoding, and every folder decoded before any cache is written: bad data stops
         # the command with nothing written.
         listings = self._listings()
-        self.check_split_sizes(len(listings["train"].paths), self._held_out())
+        self._check_split_sizes(listings)
         self.held_out_from = self._held_out_record(listings)
         if stage == "fit":
             self._say_untrained_classes(listings)
@@ -303,7 +316,7 @@ class ImageFolderDataModule(ImageDataModule):
         # their sizes and times takes about a second, which every run paid twice.
         prepared, self._prepared_listings = self._prepared_listings, None
         listings = prepared or self._listings()
-        self.check_split_sizes(len(listings["train"].paths), self._held_out())
+        self._check_split_sizes(listings)
         self.held_out_from = self._held_out_record(listings)
         if prepared is None:  # `prepare` said it of its listing
             self._say_skipped(listings)
