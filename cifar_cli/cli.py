@@ -889,10 +889,15 @@ class CifarCLI(LightningCLI):
         if logits is not None and logits != (1, classes):
             # Cross-entropy and the confusion matrices failed at the first step with a shape error, after the run's
             # folder was created; a net with more logits than classes could even train, on logits no label has.
+            # A num_classes argument is set to the data's by the CLI (its link): then it is the forward that is off.
+            remedy = (
+                f"cifar-cli set its num_classes to {classes}; its forward must return one logit per class"
+                if "num_classes" in inspect.signature(type(net)).parameters
+                else "give it a num_classes argument, which cifar-cli sets, for its last layer"
+            )
             raise UsageError(
                 f"--model.net {name} returns logits of shape {list(logits)} for one image, not [1, {classes}] for "
-                f"the data's {classes} classes: give it a num_classes argument, which cifar-cli sets, for its last "
-                "layer"
+                f"the data's {classes} classes: {remedy}"
             )
         if low is not None and (problem := input_problem(net, (channels, low, low), channels_last)) is not None:
             takes = smallest_side(net, channels, low, side, channels_last)

@@ -123,6 +123,20 @@ def force_unsafe_load(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch, "load", refuse)
 
 
+# A network with a num_classes argument whose forward drops the first logit.
+SLICED_NET = """from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, num_classes))
+
+    def forward(self, x):
+        return self.head(x)[:, 1:]
+"""
+
+
 def importable_here(monkeypatch: pytest.MonkeyPatch) -> None:
     """Modules in the test's folder importable, without writing their bytecode there."""
     monkeypatch.syspath_prepend(os.getcwd())
@@ -439,6 +453,15 @@ CASES = [
         ["fit", "--model.net", "torch.nn.Flatten"],
         "cifar-cli: error: --model.net Flatten returns logits of shape [1, 3072] for one image, not [1, 10] for the "
         "data's 10 classes: give it a num_classes argument, which cifar-cli sets, for its last layer",
+    ),
+    # One that has the argument, and drops a logit in its forward: the advice to give it one was beside the point.
+    Case(
+        "net_with_num_classes_logits_not_one_per_class",
+        ["fit", "--model.net", "sliced_module.Net"],
+        "cifar-cli: error: --model.net Net returns logits of shape [1, 9] for one image, not [1, 10] for the data's "
+        "10 classes: cifar-cli set its num_classes to 10; its forward must return one logit per class",
+        {"sliced_module.py": SLICED_NET},
+        env=importable_here,
     ),
     Case(
         "lr_schedule_peak_above_one",
