@@ -41,6 +41,7 @@ from torch.multiprocessing.spawn import ProcessException, ProcessExitedException
 
 from cifar_cli.callbacks import lightning_takes_signals
 from cifar_cli.entry import (
+    START_SIGNALS,
     StoppedAfterStage,
     StoppedBeforeStart,
     hand_signals_to_lightning,
@@ -379,6 +380,11 @@ def _find_failure(store: dist.Store | None, leader: int) -> Failure | str | None
 
 
 def _exit_status(code: int) -> str:
+    if code - 128 in (*START_SIGNALS, signal.SIGINT):
+        # The clean stop of a rank sent a signal of its own while the ranks start (its line is local rank 0's
+        # alone): a signal to one rank is agreed on by all only once the trainer has taken the signals.
+        name = signal.Signals(code - 128).name
+        return f"stopped by {name}, sent to it alone; a signal sent to rank 0 or to every rank stops the run cleanly"
     if code < 0:
         return f"killed by {signal.Signals(-code).name}, without a report (out of memory, or killed by hand)"
     return f"exited with code {code} without a report"

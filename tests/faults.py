@@ -61,6 +61,7 @@ class SignalAt(Callback):
         at_fit_end: Send it as fit ends instead (`on_fit_end`: after the trainer's teardown, before the summary).
         at_train_start: Send it as training starts instead (`on_train_start`, before Preemption's: after the sanity
             check, before training's signal handlers).
+        at_setup: Send it in the callbacks' `setup` instead (the ranks joined, before the trainer's signal handlers).
     """
 
     def __init__(
@@ -75,14 +76,15 @@ class SignalAt(Callback):
         in_sanity_check: bool = False,
         at_fit_end: bool = False,
         at_train_start: bool = False,
+        at_setup: bool = False,
     ) -> None:
         self.signum, self.epoch, self.batch, self.in_validation, self.rank = signum, epoch, batch, in_validation, rank
         self.twice, self.parent, self.in_sanity_check, self.at_fit_end = twice, parent, in_sanity_check, at_fit_end
-        self.at_train_start = at_train_start
+        self.at_train_start, self.at_setup = at_train_start, at_setup
         self.sent = False
 
     def _send(self, trainer: Trainer, batch_idx: int, validating: bool) -> None:
-        if self.at_fit_end or self.at_train_start:
+        if self.at_fit_end or self.at_train_start or self.at_setup:
             return
         if self.in_sanity_check:
             due = trainer.sanity_checking and validating and batch_idx == self.batch
@@ -102,6 +104,10 @@ class SignalAt(Callback):
     def on_validation_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int,
                                   dataloader_idx: int = 0) -> None:  # fmt: skip
         self._send(trainer, batch_idx, validating=True)
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self.at_setup and self.rank in (None, trainer.global_rank):
+            os.kill(os.getppid() if self.parent else os.getpid(), self.signum)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.at_train_start and self.rank in (None, trainer.global_rank):

@@ -361,6 +361,21 @@ def test_a_signal_to_one_rank_as_training_starts_stops_every_rank(images: Path, 
     assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
 
 
+def test_a_signal_to_one_rank_as_the_ranks_start_is_named_as_such(images: Path, tmp_path: Path) -> None:
+    """A SIGTERM to rank 1 alone while the ranks set up (before the trainer's handlers) ends that rank's start: the
+    run ends as its failure, and the line says what stopped it and how a signal stops a run cleanly. It said
+    "exited with code 143 without a report", as for a crash."""
+    signal_at = ["--trainer.callbacks+=faults.SignalAt", "--trainer.callbacks.at_setup", "true",
+                 "--trainer.callbacks.rank", "1"]  # fmt: skip
+    code, stderr = finish(start([*TRAIN, *ONE_NODE, "--data.root", str(images), *signal_at], tmp_path,
+                                ddp_env(free_port())), timeout=120)  # fmt: skip
+    assert code == 1, stderr[-2000:]
+    assert errors(stderr) == [
+        "cifar-cli: error: rank 1 failed: stopped by SIGTERM, sent to it alone; a signal sent to rank 0 or to every "
+        "rank stops the run cleanly"
+    ], stderr[-2000:]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "ddp_fork"])
 def test_sigusr1_to_one_rank_stops_every_rank_and_names_it(images: Path, tmp_path: Path, strategy: str) -> None:
