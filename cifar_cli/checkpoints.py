@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pickle
 import re
+import unicodedata
 import warnings
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from lightning.pytorch.cli import LightningArgumentParser
 
 from cifar_cli.atomic import refuse_unsafe_load
 from cifar_cli.data import ImageDataModule
+from cifar_cli.data.folder import same_name
 from cifar_cli.errors import UsageError
 from cifar_cli.optimizer_flags import import_class
 from cifar_cli.pretrained import fit_problems
@@ -184,6 +186,8 @@ def check_same_classes(
     if saved is None or list(saved) == names:
         return
     saved = list(saved)
+    if [same_name(c) for c in saved] == [same_name(c) for c in names]:
+        return  # the same classes in the same order, one side's names decomposed (a copy of the folder from a Mac)
     if len(saved) != len(names):
         differ = f"it has {len(saved)} classes, the data {len(names)}"
     else:
@@ -193,6 +197,14 @@ def check_same_classes(
     changes = [f"{what} {', '.join(classes[:3])}{', ...' if len(classes) > 3 else ''}"
                for what, classes in (("lacks", lacks), ("adds", adds)) if classes]  # fmt: skip
     detail = f" (the data {'; '.join(changes)})" if changes else ""
+    if sorted(map(same_name, saved)) == sorted(map(same_name, names)):
+        # Decomposed (NFD) accents sort before other letters, composed ones after every ASCII letter.
+        form = "NFC" if all(unicodedata.is_normalized("NFC", c) for c in saved) else "NFD"
+        detail = (
+            " (the same names in another Unicode form, as macOS writes them, which sorts them in another order: "
+            f"rename the data's class folders to the checkpoint's form, {form}: `convmv -r -f utf8 -t utf8 "
+            f"--{form.lower()} --notest DIR`)"
+        )
     advice = "pass the data it was trained on"
     trained_with = str((checkpoint.get(CHECKPOINT_KEY, {}).get("data") or {}).get("class_path", "")).rpartition(".")[2]
     if data is not None and trained_with and trained_with != type(data).__name__:

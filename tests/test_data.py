@@ -7,6 +7,7 @@ import hashlib
 import os
 import pathlib
 import shutil
+import unicodedata
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from conftest import write_image_folder
 
+from cifar_cli.checkpoints import check_same_classes
 from cifar_cli.cli import main
 from cifar_cli.data import (
     IMAGE_SUFFIXES,
@@ -381,6 +383,49 @@ def test_class_folder_names_that_are_not_utf8_train_test_and_predict(image_folde
     main(["predict", "--ckpt_path", str(ckpt), "--trainer.logger", "false"])
     rows = Path("predictions.csv").read_bytes().splitlines()
     assert rows[1].startswith(b"test/caf\xe9/0000.png,") and rows[1].endswith(b",caf\\xe9")
+
+
+def test_class_folder_names_in_macos_unicode_form_match_train(image_folder: Path, capsys) -> None:
+    # macOS writes names decomposed (NFD: `e` and a combining accent), Linux keeps them as typed (NFC): a test/ copied
+    # from a Mac beside a train/ made on Linux was refused as "has classes that train/ lacks: épée", a name that
+    # looks like train/'s and that `ls` shows alike.
+    for split in ("train", "test"):
+        os.replace(image_folder / split / "cat", image_folder / split / unicodedata.normalize("NFC", "épée"))
+    os.replace(image_folder / "test" / "épée", image_folder / "test" / unicodedata.normalize("NFD", "épée"))
+    data = ImageFolderDataModule(str(image_folder), val_size=30)
+    data.setup("test")
+    assert data.class_names == ["dog", "frog", unicodedata.normalize("NFC", "épée")]
+    labels = data.splits["test"].labels.tolist()
+    assert [labels[i] for i, name in enumerate(data.predict_names) if "/dog/" in name] == [0] * 10
+    assert labels.count(2) == 10
+    # The same name twice in train/, spelled both ways: two classes that read alike; refused, naming the folders.
+    write_image_folder(image_folder / "train", {unicodedata.normalize("NFD", "épée"): 4}, seed=2)
+    with pytest.raises(SystemExit):
+        main(["fit", "--data", "ImageFolderDataModule", "--data.root", str(image_folder), "--data.val_size", "30",
+              "--trainer.logger", "false"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert "cifar-cli: error: " in err and "the same name in two Unicode forms" in err
+    assert not Path("checkpoints").exists()
+
+
+def test_checkpoint_tests_a_copy_of_its_folder_with_names_in_macos_unicode_form(image_folder: Path, capsys) -> None:
+    # The same folder copied through a Mac (names decomposed, NFD): `test --ckpt_path` was refused as "trained on
+    # other classes: its class 2 is 'öl', the data's 'öl'".
+    nfc, nfd = unicodedata.normalize("NFC", "öl"), unicodedata.normalize("NFD", "öl")
+    for split in ("train", "test"):
+        os.replace(image_folder / split / "frog", image_folder / split / nfc)
+    main(["fit", "--data", "ImageFolderDataModule", "--data.root", str(image_folder), "--data.val_size", "30",
+          "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1", "--trainer.logger", "false"])  # fmt: skip
+    (ckpt,) = Path("checkpoints").glob("epoch=*.ckpt")
+    for split in ("train", "test"):
+        os.replace(image_folder / split / nfc, image_folder / split / nfd)
+    main(["test", "--ckpt_path", str(ckpt), "--trainer.logger", "false"])
+    assert len(Path("confusion_test.csv").read_text().splitlines()) == 4
+    # A name whose other form sorts elsewhere puts the classes in another order: refused, saying why.
+    nfd_order = ["dog", unicodedata.normalize("NFD", "épée"), "zebra"]
+    trained = {"hyper_parameters": {"class_names": ["dog", "zebra", unicodedata.normalize("NFC", "épée")]}}
+    with pytest.raises(UsageError, match="the same names in another Unicode form"):
+        check_same_classes(SimpleNamespace(class_names=nfd_order), trained, "model.ckpt", "test")
 
 
 def test_class_folders_that_are_links_are_read(tmp_path: Path, capsys) -> None:

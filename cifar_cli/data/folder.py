@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import unicodedata
 from pathlib import Path
 from typing import NamedTuple
 
@@ -35,6 +36,13 @@ def class_name(folder: str) -> str:
     another system) with those bytes as `\\xe9`, as `ls -b` shows them. The metrics' names, the CSV files and W&B
     take UTF-8 only: such a name ended `fit` in a UnicodeEncodeError at the first validation."""
     return os.fsencode(folder).decode(errors="backslashreplace")
+
+
+def same_name(name: str) -> str:
+    """A class name as it compares with another: in Unicode's composed form (NFC). macOS writes names decomposed
+    (NFD: `e` and a combining accent), Linux keeps them as typed: a val/ or test/ copied from a Mac beside a train/
+    made elsewhere was refused as having a class `épée` that train/ lacks, a name that reads and lists alike."""
+    return unicodedata.normalize("NFC", name)
 
 
 class _Listing(NamedTuple):
@@ -130,6 +138,16 @@ class ImageFolderDataModule(ImageDataModule):
                 )
                 raise UsageError(f"image folder {self.root} has no train/ folder: {layout}{hint}")
             classes = sorted(class_name(d.name) for d in train.iterdir() if d.is_dir() and not d.name.startswith("."))
+            forms: dict[str, list[str]] = {}
+            for name in classes:
+                forms.setdefault(same_name(name), []).append(name)
+            twice = next((names for names in forms.values() if len(names) > 1), None)
+            if twice:
+                # Two classes whose names read alike everywhere they are shown (metrics, confusion matrices).
+                raise UsageError(
+                    f"{train} has class folders {' and '.join(ascii(name) for name in twice)}, the same name in two "
+                    "Unicode forms (macOS writes names decomposed): move the images of one into the other"
+                )
         except PermissionError as err:  # the command's own handler reads a denied path as one it cannot write in
             raise UsageError(
                 f"cannot read folder {err.filename} (permission denied): make it readable (chmod a+rx)"
@@ -171,7 +189,9 @@ class ImageFolderDataModule(ImageDataModule):
             )
         paths = [folder.joinpath(*parts) for parts in found]
         names = ["/".join([split, *parts]) for parts in found]
-        classes = [class_name(parts[0]) for parts in found]
+        # Each folder as the train/ class of the same name, in whichever Unicode form train/ spells it.
+        spelled = {same_name(name): name for name in self._classes}
+        classes = [spelled.get(same_name(name), name) for name in (class_name(parts[0]) for parts in found)]
         unknown = sorted(set(classes) - set(self._classes))
         if unknown:
             raise UsageError(f"{folder} has classes that train/ lacks: {', '.join(unknown)}")
