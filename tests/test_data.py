@@ -829,6 +829,26 @@ def test_an_image_that_may_not_be_read_is_one_line_naming_it(tmp_path: Path, mon
     )
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_every_bad_image_of_a_folder_is_named_in_one_line(tmp_path: Path, monkeypatch, capsys, workers: int) -> None:
+    # A photo collection with a few broken files stopped at the first: removed, the next run decoded the folder again
+    # up to the second, and so on, once per bad file.
+    monkeypatch.setattr("cifar_cli.data.images.PARALLEL_FROM", 1)
+    monkeypatch.setattr("cifar_cli.data.images.CHUNK", 4)
+    train = tmp_path / "data" / "train"
+    write_image_folder(train, {"cat": 8, "dog": 8})
+    (train / "cat" / "0003.jpg").write_bytes(b"\xff\xd8\xffjunk")
+    (train / "dog" / "0012.jpg").write_bytes(b"")
+    (train / "dog" / "0015.jpg").write_bytes(b"<html>403</html>")
+    with pytest.raises(SystemExit):
+        main(["fit", "--data", "ImageFolderDataModule", "--data.root", str(tmp_path / "data"), "--data.val_size", "2",
+              "--data.decode_workers", str(workers), "--trainer.logger", "false"])  # fmt: skip
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert line.startswith(f"cifar-cli: error: cannot decode image {train}/cat/0003.jpg (")
+    assert line.endswith(f"; 2 more of the 16 images cannot be used either: {train}/dog/0012.jpg, {train}/dog/0015.jpg")
+    assert not list((tmp_path / "cache").glob("**/*.npy"))
+
+
 def test_folders_that_may_not_be_read_are_said(tmp_path: Path, monkeypatch, capsys) -> None:
     # A class's subfolder of another user's was passed over without a word: its images were left out of training.
     root, train = tmp_path / "data", tmp_path / "data" / "train"

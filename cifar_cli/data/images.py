@@ -197,7 +197,8 @@ def decode_images(paths: Sequence[Path], size: int, workers: int = 1, label: str
     out = torch.empty(len(paths), 3, size, size, dtype=torch.uint8)
 
     def keep(start: int, rows: np.ndarray | None) -> None:
-        out[start : start + len(rows)] = torch.from_numpy(rows)
+        if rows is not None:  # None: a chunk with a bad image, which `_decode` refuses once all are decoded
+            out[start : start + len(rows)] = torch.from_numpy(rows)
 
     _decode(paths, size, workers, label, keep, None, 0)
     return out
@@ -235,15 +236,20 @@ def _decode(
     offset: int,
 ) -> None:
     """Decode `paths` in chunks: each chunk's rows go to `keep(start, rows)`, or, with `file`, into that file at
-    `offset` (then `keep` gets None)."""
+    `offset` (then `keep` gets None). Files that are no usable images end it in one UsageError naming them all, once
+    every chunk is decoded."""
     row_bytes = 3 * size * size
     tasks = [(start, list(paths[start : start + CHUNK])) for start in range(0, len(paths), CHUNK)]
+    bad: list[tuple[int, str]] = []  # (index, UsageError's line) of each file that is no usable image
     with progress(len(paths), label or "decoding images") as advance:
         if workers <= 1 or len(paths) < PARALLEL_FROM:
             with _one_thread():
                 for start, chunk in tasks:
-                    keep(start, _decode_chunk(chunk, size, file, offset + start * row_bytes))
+                    rows, failed = _decode_chunk(chunk, size, file, offset + start * row_bytes)
+                    keep(start, rows)
+                    bad += [(start + i, line) for i, line in failed]
                     advance(len(chunk))
+            _refuse_bad(paths, bad)
             return
         # fork, as torch's DataLoader workers on Linux: a pool of workers started in 60 ms here, with torch imported
         # already, where forkserver took 3.9 s and spawn 13 s (both import torch in a new process).
@@ -261,11 +267,28 @@ def _decode(
                     # Popped, so that the finished task's rows are freed once kept: a future holds its result, and
                     # all of them held, decoding into memory took twice the decoded size at its peak.
                     start, count = running.pop(done)
-                    keep(start, done.result())  # a worker's UsageError (a bad image) is raised here as it was
+                    rows, failed = done.result()
+                    keep(start, rows)
+                    bad += [(start + i, line) for i, line in failed]
                     advance(count)
             except BaseException:
                 pool.shutdown(wait=True, cancel_futures=True)
                 raise
+    _refuse_bad(paths, bad)
+
+
+def _refuse_bad(paths: Sequence[Path], bad: list[tuple[int, str]]) -> None:
+    """One line on the files that are no usable images, if any: the first's reason, and every other's path (up to
+    five). Stopping at the first, a collection with a few broken photos took a run, decoding the folder again, per
+    file."""
+    if not bad:
+        return
+    bad.sort()  # the folder's order, as the workers' chunks finish in any
+    first, others = bad[0][1], [str(paths[i]) for i, _ in bad[1:]]
+    if not others:
+        raise UsageError(first)
+    listed = ", ".join(others[:5]) + (f", ... ({len(others) - 5} more)" if len(others) > 5 else "")
+    raise UsageError(f"{first}; {len(others)} more of the {len(paths)} images cannot be used either: {listed}")
 
 
 def _start_worker(parent: int) -> None:
@@ -283,19 +306,27 @@ def _start_worker(parent: int) -> None:
             os._exit(1)
 
 
-def _decode_chunk(paths: list[Path], size: int, file: str | None, offset: int) -> np.ndarray | None:
-    """Decode images into a `(n, 3, size, size)` array; return it, or write it into `file` at `offset`."""
+def _decode_chunk(
+    paths: list[Path], size: int, file: str | None, offset: int
+) -> tuple[np.ndarray | None, list[tuple[int, str]]]:
+    """Decode images into a `(n, 3, size, size)` array; return it, or write it into `file` at `offset` (and return
+    None), with the index and reason of each file that is no usable image (its row left unwritten: the command stops
+    with nothing kept)."""
     rows = np.empty((len(paths), 3, size, size), dtype=np.uint8)
+    failed: list[tuple[int, str]] = []
     for i, path in enumerate(paths):
-        rows[i] = decode_square(path, size).numpy()
-    if file is None:
-        return rows
+        try:
+            rows[i] = decode_square(path, size).numpy()
+        except UsageError as err:
+            failed.append((i, str(err)))
+    if file is None or failed:
+        return (None if failed else rows), failed
     fd = os.open(file, os.O_WRONLY)
     try:
         write_at(fd, rows, offset)
     finally:
         os.close(fd)
-    return None
+    return None, failed
 
 
 @contextlib.contextmanager
