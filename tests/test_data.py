@@ -849,6 +849,25 @@ def test_every_bad_image_of_a_folder_is_named_in_one_line(tmp_path: Path, monkey
     assert not list((tmp_path / "cache").glob("**/*.npy"))
 
 
+def test_images_of_val_and_test_that_are_copies_of_training_images_are_said(image_folder: Path, capsys) -> None:
+    # Photos copied into both train/ and val/ (a folder sorted twice, a burst of identical shots): validation scored
+    # images the network trained on as unseen, and nothing said so.
+    shutil.copytree(image_folder / "test", image_folder / "val")
+    shutil.copy(image_folder / "train" / "dog" / "0045.jpg", image_folder / "val" / "dog" / "copy.jpg")
+    shutil.copy(image_folder / "train" / "cat" / "0001.jpg", image_folder / "test" / "frog" / "IMG 1.jpg")
+    shutil.copy(image_folder / "train" / "cat" / "0002.jpg", image_folder / "test" / "cat" / "IMG 2.jpg")
+    data = ImageFolderDataModule(str(image_folder))
+    data.prepare("fit")
+    err = capsys.readouterr().err
+    assert (
+        f"cifar-cli: 3 images of val/ and test/ in {image_folder} are copies of training images (e.g. val/dog/copy.jpg "
+        "of train/dog/0045.jpg): their scores count images the network trained on; remove them from one side"
+    ) in err
+    data.prepare("test")  # said by the fit that decodes the folders since they changed
+    ImageFolderDataModule(str(image_folder)).prepare("fit")
+    assert "copies" not in capsys.readouterr().err
+
+
 def test_folders_that_may_not_be_read_are_said(tmp_path: Path, monkeypatch, capsys) -> None:
     # A class's subfolder of another user's was passed over without a word: its images were left out of training.
     root, train = tmp_path / "data", tmp_path / "data" / "train"

@@ -291,7 +291,10 @@ class ImageFolderDataModule(ImageDataModule):
             other = "; or predict a folder of images with --data.predict_root DIR" if stage == "predict" else ""
             raise UsageError(f"{type(self).__name__} has no test split: {self._missing_split_hint('test')}{other}")
         self._say_skipped(listings)
-        self._write_caches([listing for listing in listings.values() if self._cached(listing) is None])
+        to_decode = [listing for listing in listings.values() if self._cached(listing) is None]
+        if stage == "fit" and to_decode:
+            self._say_copies(listings)
+        self._write_caches(to_decode)
         self._prepared_listings = listings
 
     def _held_out_sizes(self, listings: dict[str, _Listing]) -> list[int]:
@@ -330,6 +333,45 @@ class ImageFolderDataModule(ImageDataModule):
             f"{'them' if len(untrained) > 1 else 'it'}; add images, hold out fewer, or draw another split "
             "(--data.split_seed)"
         )
+
+    def _say_copies(self, listings: dict[str, _Listing]) -> None:
+        """One line when images of val/ or test/ are copies of training images, byte for byte (a photo sorted into
+        two folders): their scores count images the network trained on as unseen. A line, not a refusal, as for
+        `_say_untrained_classes`. Said by the `fit` that decodes the folders after they changed, which reads every
+        file anyway: reading only those of a training image's size, 50,000 CIFAR-sized JPEGs and a test/ of 5,000
+        took 3.5 s (small files' sizes collide; photos' rarely do), a cost every later `fit` would pay again."""
+        splits = [split for split in ("val", "test") if split in listings]
+        if not splits:
+            return
+        train = listings["train"]
+        sizes: dict[int, list[int]] = {}
+        for i, path in enumerate(train.paths):
+            sizes.setdefault(path.stat().st_size, []).append(i)
+        digests: dict[int, bytes] = {}
+
+        def digest(path: Path) -> bytes:
+            return hashlib.sha1(path.read_bytes()).digest()
+
+        copies: list[tuple[str, str]] = []  # (the copy's name, the training image's)
+        for split in splits:
+            for path, name in zip(listings[split].paths, listings[split].names):
+                same_size = sizes.get(path.stat().st_size, [])
+                if not same_size:
+                    continue
+                mine = digest(path)
+                for i in same_size:
+                    if i not in digests:
+                        digests[i] = digest(train.paths[i])
+                    if digests[i] == mine:
+                        copies.append((name, train.names[i]))
+                        break
+        if copies:
+            where = " and ".join(f"{split}/" for split in splits if any(n.startswith(f"{split}/") for n, _ in copies))
+            self.notice(
+                f"{len(copies)} image{'s'[: len(copies) - 1]} of {where} in {self.root} "
+                f"{'are copies' if len(copies) > 1 else 'is a copy'} of training images (e.g. {copies[0][0]} of "
+                f"{copies[0][1]}): their scores count images the network trained on; remove them from one side"
+            )
 
     def load_splits(self) -> None:
         # The listing `prepare` made moments before in this process, if any: listing 50,000 files and reading
