@@ -536,12 +536,14 @@ class TimmNet(NamedNet):
                 (Path(folder) / "config.json").write_text(json.dumps(saved))
                 return timm.create_model(LOCAL_DIR + folder, pretrained=False, num_classes=num_classes)
 
+        no_network = False
         try:
             try:
                 with hub_offline():  # weights in the cache load without a request to the Hub
                     model = create()
             except OSError:  # not in the cache: download, where the Hub can be reached
-                if hub_unreachable():
+                no_network = hub_unreachable()
+                if no_network:
                     raise
                 model = create()
         except RuntimeError as err:
@@ -551,6 +553,12 @@ class TimmNet(NamedNet):
         except OSError as err:  # the Hub unreachable and the file not in its cache
             from huggingface_hub import constants
 
+            # As torchvision's weights are said: the exception's name (LocalEntryNotFoundError) told no user why.
+            reason = (
+                f"{urllib.parse.urlsplit(constants.ENDPOINT).hostname} does not resolve: no network"
+                if no_network
+                else type(err).__name__
+            )
             # The folder huggingface_hub reads, from HF_HUB_CACHE, HF_HOME or XDG_CACHE_HOME: it was named from
             # HF_HOME alone, ~/.cache/huggingface/hub wherever that was unset.
             if _WEIGHTS_FROM_CHECKPOINT.get():
@@ -558,11 +566,11 @@ class TimmNet(NamedNet):
                 # is its repository's config.json: the advice to pass a weights file, which a checkpoint ignores,
                 # led nowhere.
                 raise UsageError(
-                    f"cannot download the timm network config of {name} ({type(err).__name__}): the checkpoint holds "
+                    f"cannot download the timm network config of {name} ({reason}): the checkpoint holds "
                     f"its weights, not its architecture; run once online to fill {constants.HF_HUB_CACHE}"
                 ) from err
             raise UsageError(
-                f"cannot download the timm weights of {name} ({type(err).__name__}): run once online to fill "
+                f"cannot download the timm weights of {name} ({reason}): run once online to fill "
                 f"{constants.HF_HUB_CACHE}, or pass --model.net.weights_path FILE"
             ) from err
         self.model = model

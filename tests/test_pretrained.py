@@ -581,8 +581,8 @@ def test_timm_weights_from_the_cache_without_a_request_and_no_retries_offline(
         monkeypatch.setattr(constants, "HF_HUB_CACHE", "/data/hf-cache")
         err = fails(capsys, "fit", "--model.net", "TimmNet", "--model.net.pretrained", "true")
         assert err.endswith(
-            "cannot download the timm weights of resnet18 (LocalEntryNotFoundError): run once online to fill "
-            "/data/hf-cache, or pass --model.net.weights_path FILE"
+            "cannot download the timm weights of resnet18 (huggingface.co does not resolve: no network): run once "
+            "online to fill /data/hf-cache, or pass --model.net.weights_path FILE"
         )
     else:
         TimmNet(num_classes=3, image_shape=(3, 32, 32), pretrained=True)
@@ -612,8 +612,8 @@ def test_an_hf_hub_network_of_a_checkpoint_off_the_hub_names_its_config(monkeypa
     with weights_from_checkpoint(), pytest.raises(UsageError) as err:
         TimmNet(num_classes=3, image_shape=(3, 32, 32), name=name, pretrained=True)
     assert str(err.value) == (
-        f"cannot download the timm network config of {name} (LocalEntryNotFoundError): the checkpoint holds its "
-        "weights, not its architecture; run once online to fill /data/hf-cache"
+        f"cannot download the timm network config of {name} (huggingface.co does not resolve: no network): the "
+        "checkpoint holds its weights, not its architecture; run once online to fill /data/hf-cache"
     )
 
 
