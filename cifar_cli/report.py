@@ -322,7 +322,9 @@ def per_class_lines(rows: Rows, stage: str, order: list[str]) -> list[str]:
         return []
     lines = ["| class | precision | recall | acc |", "|---|---|---|---|"]
     for name in classes:
-        lines.append(f"| {name} | " + " | ".join(fmt(last_value(rows, p + name)) for p in prefixes) + " |")
+        # A `|` in a class folder's name would end its cell: the row's numbers went under the wrong headings.
+        cell = name.replace("|", "\\|")
+        lines.append(f"| {cell} | " + " | ".join(fmt(last_value(rows, p + name)) for p in prefixes) + " |")
     return lines
 
 

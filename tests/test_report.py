@@ -196,6 +196,20 @@ def test_test_only_run(tmp_path: Path) -> None:
     assert "Training time" not in report and "loss.png" not in report
 
 
+def test_a_class_name_with_a_pipe_keeps_its_table_row(tmp_path: Path) -> None:
+    """A class folder named `cats|dogs` (Linux allows it): its `|` split the Markdown table's row into one column
+    more, shifting its precision, recall and accuracy under the wrong headings."""
+    run = tmp_path / "test-run"
+    run.mkdir()
+    classes = ["cats|dogs", "fish"]
+    cells = {f"test_{metric}/{name}": 0.5 for metric in ("precision", "recall", "acc") for name in classes}
+    write_csv(run / "metrics.csv", [{"epoch": 0, "step": 0, "test_acc": 0.5, "test_loss": 1.0, **cells}])
+    write_confusion(run / "confusion_test.csv", classes)
+    write_report(run)
+    report = (run / "report" / "report.md").read_text()
+    assert "| cats\\|dogs | 0.5000 | 0.5000 | 0.5000 |" in report
+
+
 def test_several_validations_an_epoch_are_all_drawn_and_scored(tmp_path: Path) -> None:
     """`--trainer.val_check_interval 0.5`: two validations an epoch. The report kept the last of each epoch, so the
     best (here the first epoch's middle one) was missed."""
