@@ -868,6 +868,21 @@ def test_images_of_val_and_test_that_are_copies_of_training_images_are_said(imag
     assert "copies" not in capsys.readouterr().err
 
 
+def test_a_class_that_val_or_test_lacks_is_said(image_folder: Path, capsys) -> None:
+    # A val/ without one of train/'s classes: that class's validation recall and accuracy read 0 in metrics.csv, the
+    # report and W&B, as though the network missed every image of it, and nothing said the class had none.
+    write_image_folder(image_folder / "val", {"cat": 3, "frog": 3}, seed=2)
+    data = ImageFolderDataModule(str(image_folder))
+    data.prepare("fit")
+    assert (
+        f"cifar-cli: {image_folder}/val has no images of class dog: its val_recall/dog and val_acc/dog read 0 with "
+        "nothing to score"
+    ) in capsys.readouterr().err
+    shutil.rmtree(image_folder / "test" / "frog")
+    data.prepare("test")
+    assert f"{image_folder}/test has no images of class frog: its test_recall/frog" in capsys.readouterr().err
+
+
 def test_folders_that_may_not_be_read_are_said(tmp_path: Path, monkeypatch, capsys) -> None:
     # A class's subfolder of another user's was passed over without a word: its images were left out of training.
     root, train = tmp_path / "data", tmp_path / "data" / "train"

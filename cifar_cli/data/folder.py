@@ -285,6 +285,9 @@ class ImageFolderDataModule(ImageDataModule):
         self.held_out_from = self._held_out_record(listings)
         if stage == "fit":
             self._say_untrained_classes(listings)
+        scored = {"fit": "val", "validate": "val", "test": "test"}.get(stage)
+        if scored in listings:
+            self._say_absent_classes(scored, listings[scored])
         needs_test = stage == "test" or (stage == "predict" and self.predict_root is None)
         if needs_test and "test" not in listings and not self.test_size:
             # predict reads the test split only where it is given no folder of its own
@@ -332,6 +335,25 @@ class ImageFolderDataModule(ImageDataModule):
             "out for validation or testing (--data.val_size, --data.test_size): the network never learns "
             f"{'them' if len(untrained) > 1 else 'it'}; add images, hold out fewer, or draw another split "
             "(--data.split_seed)"
+        )
+
+    def _say_absent_classes(self, split: str, listing: _Listing) -> None:
+        """One line when a val/ or test/ folder has no images of some of train/'s classes: their recall and accuracy
+        read 0 (`class_scores`, as torchmetrics gives them) in metrics.csv, the report and W&B, as though the network
+        had missed every image of them."""
+        absent = sorted(set(range(len(self._classes))) - set(listing.labels.tolist()))
+        if not absent:
+            return
+        names = [self._classes[i] for i in absent]
+        listed = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        scores = (
+            f"its {split}_recall/{names[0]} and {split}_acc/{names[0]}"
+            if len(names) == 1
+            else f"their {split}_recall/<class> and {split}_acc/<class>"
+        )
+        self.notice(
+            f"{self.root / split} has no images of class{'es' if len(names) > 1 else ''} {listed}: {scores} read 0 "
+            "with nothing to score"
         )
 
     def _say_copies(self, listings: dict[str, _Listing]) -> None:
