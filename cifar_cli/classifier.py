@@ -311,29 +311,34 @@ class ImageClassifier(LightningModule):
         # values whatever log_every_n_steps says, and they would be those of the previous logged step again (see
         # on_train_batch_end).
         last = self._trainer is not None and batch_idx + 1 >= self.trainer.num_training_batches
+        first = "train" not in self._logged_stages
+        self._logged_stages.add("train")
         if last or self._writes_step_values():
-            self._logged_stages.add("train")
             if self._distributed():
                 self._window_means()  # a loss gone NaN stops the run here, before the optimizer step (see below)
                 self._window_sum = self._sum_window()  # logged in on_train_batch_end
             else:
                 self._log_window()
-        elif "train" not in self._logged_stages:
+        elif first:
             # The epoch's first batch in this process: Lightning reports a metric's epoch value only if it was
             # logged in this process. The metrics are logged as they are; the window goes on to the next logged step,
             # so that its value covers every step since the previous one, across a resume too (on_load_checkpoint).
-            self._logged_stages.add("train")
             self._log_train_metrics()
         return loss
 
     def _distributed(self) -> bool:
         return self._trainer is not None and distributed_run(self._trainer)
 
+    def _window_row(self) -> Tensor:
+        """The window as one tensor on the device: its loss sum, correct count and image count."""
+        count = torch.full((1,), self._window_images, dtype=self._window.dtype, device=self._window.device)
+        return torch.cat((self._window, count))  # (a kernel, no copy from the host)
+
     def _sum_window(self) -> tuple[Tensor, Any]:
         """Start summing the window's sums and image count over the ranks, without waiting (torch.distributed's
-        async work): every rank calls it at the same batches, the logged ones (`_logs`, the epoch's last)."""
-        count = torch.full((1,), self._window_images, dtype=self._window.dtype, device=self._window.device)
-        sums = torch.cat((self._window, count))  # (a kernel, no copy from the host)
+        async work): every rank calls it at the same batches, the logged ones (`_writes_step_values`, the epoch's
+        last)."""
+        sums = self._window_row()
         return sums, torch.distributed.all_reduce(sums, async_op=True)
 
     def _log_window(self) -> None:
@@ -552,10 +557,7 @@ class ImageClassifier(LightningModule):
             saved[name] = {"state": state, "updates": metric._update_count}
         # Otherwise the window is kept whole: the steps since the last logged one, whose sums the next logged
         # step's values include (after a resume too).
-        window = torch.zeros(3, device=self.device)
-        if self._window_images and not flushing:
-            window[:2] = self._window
-            window[2] = self._window_images
+        window = self._window_row() if self._window_images and not flushing else torch.zeros(3, device=self.device)
         if synced:
             torch.distributed.all_reduce(window)
         saved[WINDOW_KEY] = window.cpu()
