@@ -868,6 +868,37 @@ def test_images_of_val_and_test_that_are_copies_of_training_images_are_said(imag
     assert "copies" not in capsys.readouterr().err
 
 
+def test_copies_within_train_on_both_sides_of_the_drawn_split_are_said(tmp_path: Path, capsys) -> None:
+    # A photo saved twice in train/, whose copies the validation split drawn from train/ put on both sides: the
+    # network was scored on an image it trained on, and nothing said so.
+    root = tmp_path / "data"
+    write_image_folder(root / "train", {"cat": 10, "dog": 10})
+    data = ImageFolderDataModule(str(root), val_size=5, test_size=3)
+    val_index, test_index, train_index = split_indices(20, [5, 3], data.split_seed)
+    names = [f"{c}/{i:04d}.jpg" for i, c in enumerate(["cat"] * 10 + ["dog"] * 10)]
+    held_val, held_test, trained = (names[int(index[0])] for index in (val_index, test_index, train_index))
+    shutil.copy(root / "train" / trained, root / "train" / held_val)  # a held-out image is a copy of a trained one
+    shutil.copy(root / "train" / trained, root / "train" / held_test)
+    shutil.copy(root / "train" / names[int(val_index[1])], root / "train" / names[int(test_index[1])])  # held out both
+    data.prepare("fit")
+    said = [line for line in capsys.readouterr().err.splitlines() if "cop" in line]
+    first = min(f"train/{held_val}", f"train/{held_test}")
+    assert said == [
+        f"cifar-cli: 2 images of train/ in {root} held out for validation and test are copies of images trained on "
+        f"(e.g. {first} of train/{trained}): their scores count images the network trained on; remove the copies "
+        "from train/"
+    ]
+    data.setup("fit")  # the split the line names is the one the data module draws: a validation image trained on
+    val, train = data.splits["val"].images, data.splits["train"].images
+    assert any(torch.equal(image, other) for image in val for other in train)
+    # Said once, by the fit that decodes the folder; nothing where no split is drawn from train/.
+    ImageFolderDataModule(str(root), val_size=5, test_size=3).prepare("fit")
+    write_image_folder(root / "val", {"cat": 2, "dog": 2}, seed=1)
+    write_image_folder(root / "test", {"cat": 2, "dog": 2}, seed=2)
+    ImageFolderDataModule(str(root)).prepare("fit")
+    assert "held out for" not in capsys.readouterr().err
+
+
 def test_a_class_that_val_or_test_lacks_is_said(image_folder: Path, capsys) -> None:
     # A val/ without one of train/'s classes: that class's validation recall and accuracy read 0 in metrics.csv, the
     # report and W&B, as though the network missed every image of it, and nothing said the class had none.

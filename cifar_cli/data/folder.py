@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import os
 import unicodedata
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -358,12 +359,15 @@ class ImageFolderDataModule(ImageDataModule):
 
     def _say_copies(self, listings: dict[str, _Listing]) -> None:
         """One line when images of val/ or test/ are copies of training images, byte for byte (a photo sorted into
-        two folders): their scores count images the network trained on as unseen. A line, not a refusal, as for
-        `_say_untrained_classes`. Said by the `fit` that decodes the folders after they changed, which reads every
-        file anyway: reading only those of a training image's size, 50,000 CIFAR-sized JPEGs and a test/ of 5,000
-        took 3.5 s (small files' sizes collide; photos' rarely do), a cost every later `fit` would pay again."""
+        two folders), and one when copies within train/ fall on both sides of the validation or test split drawn
+        from it (a photo saved twice): their scores count images the network trained on as unseen. Lines, not
+        refusals, as for `_say_untrained_classes`. Said by the `fit` that decodes the folders after they changed,
+        which reads every file anyway: only files of another's size are read, which for small images (whose sizes
+        collide) is nearly all: 50,000 CIFAR-sized JPEGs with 5,000 held out took 1.2 s, a cost every later `fit` would
+        pay again."""
         splits = [split for split in ("val", "test") if split in listings]
-        if not splits:
+        drawn = self._held_out_sizes(listings)
+        if not splits and not any(drawn):
             return
         train = listings["train"]
         sizes: dict[int, list[int]] = {}
@@ -371,8 +375,10 @@ class ImageFolderDataModule(ImageDataModule):
             sizes.setdefault(path.stat().st_size, []).append(i)
         digests: dict[int, bytes] = {}
 
-        def digest(path: Path) -> bytes:
-            return hashlib.sha1(path.read_bytes()).digest()
+        def digest(i: int) -> bytes:
+            if i not in digests:
+                digests[i] = hashlib.sha1(train.paths[i].read_bytes()).digest()
+            return digests[i]
 
         copies: list[tuple[str, str]] = []  # (the copy's name, the training image's)
         for split in splits:
@@ -380,13 +386,10 @@ class ImageFolderDataModule(ImageDataModule):
                 same_size = sizes.get(path.stat().st_size, [])
                 if not same_size:
                     continue
-                mine = digest(path)
-                for i in same_size:
-                    if i not in digests:
-                        digests[i] = digest(train.paths[i])
-                    if digests[i] == mine:
-                        copies.append((name, train.names[i]))
-                        break
+                mine = hashlib.sha1(path.read_bytes()).digest()
+                match = next((i for i in same_size if digest(i) == mine), None)
+                if match is not None:
+                    copies.append((name, train.names[match]))
         if copies:
             where = " and ".join(f"{split}/" for split in splits if any(n.startswith(f"{split}/") for n, _ in copies))
             self.notice(
@@ -394,6 +397,41 @@ class ImageFolderDataModule(ImageDataModule):
                 f"{'are copies' if len(copies) > 1 else 'is a copy'} of training images (e.g. {copies[0][0]} of "
                 f"{copies[0][1]}): their scores count images the network trained on; remove them from one side"
             )
+        if any(drawn):
+            self._say_drawn_copies(train, drawn, sizes, digest)
+
+    def _say_drawn_copies(
+        self, train: _Listing, drawn: list[int], sizes: dict[int, list[int]], digest: Callable[[int], bytes]
+    ) -> None:
+        """`_say_copies`' line on copies within train/ that the split drawn from it puts on both sides. The split
+        stays as drawn: it depends on the listing alone, which checkpoints record (`_held_out_record`) to refuse
+        evaluating on images their run trained on; grouping copies would draw another split from the same record."""
+        *held_out, _ = split_indices(len(train.paths), drawn, self.split_seed)
+        held = [False] * len(train.paths)
+        for index in held_out:
+            for i in index.tolist():
+                held[i] = True
+        copies: list[tuple[int, int]] = []  # (the held-out copy, an image trained on)
+        for same_size in sizes.values():
+            if len(same_size) < 2 or all(held[i] for i in same_size) or not any(held[i] for i in same_size):
+                continue
+            groups: dict[bytes, list[int]] = {}
+            for i in same_size:
+                groups.setdefault(digest(i), []).append(i)
+            for group in groups.values():
+                trained = next((i for i in group if not held[i]), None)
+                if trained is not None:
+                    copies += [(i, trained) for i in group if held[i]]
+        if not copies:
+            return
+        copies.sort()
+        names = [split for split, size in zip(("validation", "test"), drawn) if size]
+        self.notice(
+            f"{len(copies)} image{'s'[: len(copies) - 1]} of train/ in {self.root} held out for "
+            f"{' and '.join(names)} {'are copies' if len(copies) > 1 else 'is a copy'} of images trained on (e.g. "
+            f"{train.names[copies[0][0]]} of {train.names[copies[0][1]]}): their scores count images the network "
+            "trained on; remove the copies from train/"
+        )
 
     def load_splits(self) -> None:
         # The listing `prepare` made moments before in this process, if any: listing 50,000 files and reading
