@@ -33,14 +33,14 @@ from jsonargparse import Namespace
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import ReduceLROnPlateau
-from PIL import Image
+from PIL import Image, features
 
 from cifar_cli.callbacks import FitTimer
 from cifar_cli.checks import check_linked_net_args, check_monitors
 from cifar_cli.classifier import ImageClassifier
 from cifar_cli.cli import main
 from cifar_cli.data import CIFAR10DataModule, ImageFolderDataModule, decode_images
-from cifar_cli.data.images import decode_rgb
+from cifar_cli.data.images import decode_rgb, image_suffixes, read_formats
 from cifar_cli.errors import UsageError
 from cifar_cli.nets import TutorialCNN
 
@@ -844,7 +844,7 @@ CASES = [
         "folder_web_page_named_jpg",  # a scraped image whose server sent an error page: torchvision's reason said
         # "Only jpeg, png, webp and gif are currently supported ... rely on `decode_avif` and `decode_heic` directly"
         FIT,
-        "cannot decode image images/train/a/page.jpg (not an image: its contents are no JPEG, PNG, GIF, WebP or BMP): "
+        f"cannot decode image images/train/a/page.jpg (not an image: its contents are no {read_formats()}): "
         "remove or replace the file",
         {"images/train/a/page.jpg": "<!DOCTYPE html>\n<html><body>403 Forbidden</body></html>\n"},
         lambda: images(CLASSES_AB),
@@ -1278,7 +1278,7 @@ def test_odd_images_of_mixed_sizes_train_and_predict(tmp_path: Path, capfd) -> N
           "--trainer.enable_progress_bar", "false"])  # fmt: skip
     said = [line for line in capfd.readouterr().err.splitlines() if "skipped" in line]
     assert said == [
-        "cifar-cli: skipped 2 files of images/train that are not .bmp/.gif/.jpeg/.jpg/.png/.webp images "
+        f"cifar-cli: skipped 2 files of images/train that are not {'/'.join(sorted(image_suffixes()))} images "
         "(.tif: 1, .txt: 1; e.g. images/train/README.txt)"
     ]
     (ckpt,) = Path().glob("**/checkpoints/epoch=*.ckpt")
@@ -1291,9 +1291,21 @@ def test_odd_images_of_mixed_sizes_train_and_predict(tmp_path: Path, capfd) -> N
 ORIENTATIONS = {3: lambda a: np.rot90(a, 2), 6: lambda a: np.rot90(a, -1), 8: lambda a: np.rot90(a, 1)}
 
 
-@pytest.mark.parametrize("suffix", [".jpg", ".png", ".webp"])
+def phone_formats(*suffixes: str) -> None:
+    """Skip the test where Pillow can write none of the files it needs: HEIC through pillow-heif (the `dev` extra),
+    AVIF by itself (its wheels from 11.3)."""
+    if any(suffix.lower() in (".heic", ".heif") for suffix in suffixes):
+        pytest.importorskip("pillow_heif").register_heif_opener()
+    if ".avif" in suffixes and not features.check("avif"):
+        pytest.skip("this Pillow has no AVIF codec")
+
+
+@pytest.mark.parametrize("suffix", [".jpg", ".png", ".webp", ".heic", ".avif"])
 @pytest.mark.parametrize("orientation", sorted(ORIENTATIONS))
 def test_exif_rotated_photo_decodes_upright(suffix: str, orientation: int, tmp_path: Path) -> None:
+    # pillow-heif writes the turn as HEIF's own rotation (`irot`, which viewers apply) and keeps the EXIF tag too, as
+    # iPhones do: turned by both, the photo would lie on its other side (a quarter) or upside down (a half).
+    phone_formats(suffix)
     stored = gradient(24, 40)  # landscape pixels, shown as a portrait where the tag turns them a quarter
     exif = Image.Exif()
     exif[0x0112] = orientation
@@ -1303,7 +1315,57 @@ def test_exif_rotated_photo_decodes_upright(suffix: str, orientation: int, tmp_p
     shown = torch.from_numpy(ORIENTATIONS[orientation](stored).copy()).permute(2, 0, 1)
     decoded = decode_rgb(path)
     assert decoded.shape == shown.shape
-    assert (decoded.int() - shown.int()).abs().max() <= (8 if suffix == ".jpg" else 0)
+    assert (decoded.int() - shown.int()).abs().max() <= (8 if suffix in (".jpg", ".heic", ".avif") else 0)
+
+
+def test_ten_bit_heic_decodes_to_8_bit_rgb(tmp_path: Path) -> None:
+    # An iPhone's HDR photos are 10-bit HEIC: torchvision's decode_heic returns uint16 for them, Pillow (through
+    # pillow-heif) 8-bit RGB, as every other image here.
+    phone_formats(".heic")
+    import pillow_heif
+
+    rgb = gradient(24, 40)
+    deep = pillow_heif.from_bytes(mode="RGB;16", size=(40, 24), data=(rgb.astype(np.uint16) * 257).tobytes())
+    deep.save(tmp_path / "hdr.heic", quality=95)
+    assert pillow_heif.open_heif(tmp_path / "hdr.heic", convert_hdr_to_8bit=False).info["bit_depth"] == 10
+    decoded = decode_rgb(tmp_path / "hdr.heic")
+    assert decoded.dtype == torch.uint8 and decoded.shape == (3, 24, 40)
+    assert (decoded.int() - torch.from_numpy(rgb).permute(2, 0, 1).int()).abs().max() <= 8
+
+
+def test_heic_and_avif_photos_train_and_predict_upright(capfd) -> None:
+    """Phone photos (`IMG_0001.HEIC`, as iPhones name them) and AVIFs are read as every other image, upright: they
+    were skipped, with a count line."""
+    phone_formats(".heic", ".avif")
+    train = Path("images/train")
+    write_image_folder(train, {"a": 6, "b": 6})
+    for i, jpg in enumerate(sorted(train.glob("*/*.jpg"))[::2]):  # half of each class
+        with Image.open(jpg) as image:
+            image.save(jpg.with_name(f"IMG_{i:04d}{('.HEIC', '.avif', '.heif')[i % 3]}"), quality=95)
+        jpg.unlink()
+    assert len(list(train.glob("*/IMG_*"))) == 6
+    photos = Path("photos")  # a portrait photo stored as landscape pixels, turned by its tag (6), and as a PNG
+    photos.mkdir()
+    stored = gradient(24, 40)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    for name in ("IMG_0100.HEIC", "IMG_0101.avif"):
+        Image.fromarray(stored).save(photos / name, exif=exif.tobytes(), quality=95)
+    Image.fromarray(ORIENTATIONS[6](stored)).save(photos / "upright.png")
+    capfd.readouterr()
+    main([*FIT, "--trainer.max_epochs", "1", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"])
+    assert "skipped" not in capfd.readouterr().err
+    (ckpt,) = Path().glob("**/checkpoints/epoch=*.ckpt")
+    main(["predict", "--ckpt_path", str(ckpt), "--data.predict_root", "photos", "--trainer.logger", "false"])
+    assert "skipped" not in capfd.readouterr().err
+    with open("predictions.csv", newline="") as f:
+        assert [row["image"] for row in csv.DictReader(f)] == ["IMG_0100.HEIC", "IMG_0101.avif", "upright.png"]
+    data = ImageFolderDataModule("images", val_size=2, predict_root="photos")
+    data.setup("fit")
+    assert len(data.splits["train"]) + len(data.splits["val"]) == 12
+    data.setup("predict")
+    heic, avif, png = data.splits["predict"].images.int()  # 32x32, as the model saw them
+    assert (heic - png).abs().max() <= 8 and (avif - png).abs().max() <= 8
 
 
 def test_decode_images_keeps_mixed_sizes_square(tmp_path: Path) -> None:

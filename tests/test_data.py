@@ -21,18 +21,19 @@ from conftest import write_image_folder
 from cifar_cli.checkpoints import check_same_classes
 from cifar_cli.cli import main
 from cifar_cli.data import (
-    IMAGE_SUFFIXES,
     CIFAR10DataModule,
     CIFAR100DataModule,
     DeviceBatches,
     ImageFolderDataModule,
     TensorImageDataset,
+    image_suffixes,
     list_images,
     random_crop,
     random_crop_flip,
     random_flip,
     split_indices,
 )
+from cifar_cli.data import images as image_files
 from cifar_cli.errors import UsageError
 
 
@@ -695,8 +696,8 @@ def test_image_replaced_by_one_of_the_same_size_and_time_rebuilds_the_cache(tmp_
         *(
             (
                 {"train": {"a": 3, "b": 3}, split: None},
-                rf"^\S+/root/{split} has no images \(.bmp, .*\): put them in {split}/<class>/, or remove the folder to "
-                rf"hold out --data.{split}_size images of train/ instead$",
+                rf"^\S+/root/{split} has no images \((?:\.avif, )?\.bmp, .*\): put them in {split}/<class>/, or remove "
+                rf"the folder to hold out --data.{split}_size images of train/ instead$",
             )
             for split in ("val", "test")
         ),
@@ -732,7 +733,9 @@ def test_a_root_that_is_a_file_or_the_train_folder_itself_says_so(tmp_path: Path
     )
 
 
-NOT_IMAGES = "that are not .bmp/.gif/.jpeg/.jpg/.png/.webp images"
+# The suffixes read: .avif, .heic and .heif among them where Pillow reads them (pillow-heif installed, for HEIC).
+READ = "/".join(sorted(image_suffixes()))
+NOT_IMAGES = f"that are not {READ} images"
 
 
 def test_files_that_are_not_images_are_skipped_and_said_in_one_line(tmp_path: Path, capsys) -> None:
@@ -784,10 +787,44 @@ def test_files_that_are_not_images_are_skipped_and_said_in_one_line(tmp_path: Pa
     predict.setup("predict")
     assert len(predict.splits["predict"]) == 2
     assert capsys.readouterr().err.splitlines() == [
-        f"cifar-cli: skipped 1 file of {photos} that is not a .bmp/.gif/.jpeg/.jpg/.png/.webp image "
-        f"(.tif: 1; e.g. {photos}/x/scan.tif)",
+        f"cifar-cli: skipped 1 file of {photos} that is not a {READ} image (.tif: 1; e.g. {photos}/x/scan.tif)",
         both,
     ]
+
+
+def test_phone_photos_without_their_decoder_are_skipped_saying_how_to_read_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """Without pillow-heif, and with a Pillow that reads no AVIF, HEIC and AVIF photos are skipped, and the line says
+    how to read them: a folder of iPhone photos was skipped with a count, and no word on why or what to do."""
+    monkeypatch.setattr(image_files, "reads_heif", lambda: False)
+    monkeypatch.setattr(image_files, "reads_avif", lambda: False)
+    root, train = tmp_path / "data", tmp_path / "data" / "train"
+    write_image_folder(train, {"cat": 4, "dog": 4})
+    for name in ("cat/IMG_0001.HEIC", "cat/IMG_0002.heic", "dog/IMG_0003.heif", "dog/web.avif"):
+        (train / name).write_bytes(b"\0")  # never opened: skipped by its suffix
+    capsys.readouterr()
+    main(["fit", "--data", "ImageFolderDataModule", "--data.root", str(root), "--data.val_size", "2",
+          "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1", "--trainer.logger", "false"])  # fmt: skip
+    said = [line for line in capsys.readouterr().err.splitlines() if "skipped" in line]
+    heic = "pip install 'pillow-heif>=1.0' (or in cifar-cli's folder pip install -e '.[heic]')"
+    assert said == [
+        f"cifar-cli: skipped 4 files of {train} that are not .bmp/.gif/.jpeg/.jpg/.png/.webp images (.heic: 2, "
+        f".avif: 1, .heif: 1; e.g. {train}/cat/IMG_0001.HEIC); to read the .heic/.heif files, {heic} and the .avif "
+        "files, a Pillow that reads AVIF (pip install -U pillow), or convert them to JPEG"
+    ]
+    # A predict folder of phone photos alone has no images it reads: said with the same advice.
+    (ckpt,) = Path("checkpoints").glob("epoch=*.ckpt")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "IMG_0004.HEIC").write_bytes(b"\0")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["predict", "--ckpt_path", str(ckpt), "--data.predict_root", str(photos), "--trainer.logger", "false"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"cifar-cli: error: --data.predict_root {photos} has no images (.bmp, .gif, .jpeg, .jpg, .png, .webp; to "
+        f"read the .heic files, {heic}, or convert them to JPEG)"
+    )
 
 
 def test_image_folder_undecodable_file(tmp_path: Path) -> None:
@@ -926,7 +963,7 @@ def test_folders_that_may_not_be_read_are_said(tmp_path: Path, monkeypatch, caps
     data.setup("fit")
     assert len(data.splits["train"]) + len(data.splits["val"]) == 8
     assert capsys.readouterr().err.splitlines()[0] == (
-        f"cifar-cli: skipped 1 file of {train} that is not a .bmp/.gif/.jpeg/.jpg/.png/.webp image (folder you may "
+        f"cifar-cli: skipped 1 file of {train} that is not a {READ} image (folder you may "
         f"not read: 1; e.g. {train}/cat/more)"
     )
     # A predict folder that may not be read at all: one line saying so, not that it has no images.
@@ -1036,7 +1073,7 @@ def test_list_images_finds_what_pathlib_finds_in_its_order(tmp_path: Path) -> No
     by_pathlib = sorted(
         p
         for p in root.rglob("*")
-        if p.suffix.lower() in IMAGE_SUFFIXES
+        if p.suffix.lower() in image_suffixes()
         and not any(part.startswith(".") for part in p.relative_to(root).parts)
         and p.is_file()
     )

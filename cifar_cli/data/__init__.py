@@ -16,7 +16,7 @@ from cifar_cli.data.base import ImageDataModule
 from cifar_cli.data.batches import DeviceBatches, TensorImageDataset, split_indices
 from cifar_cli.data.cifar import CIFAR10DataModule, CIFAR100DataModule
 from cifar_cli.data.folder import ImageFolderDataModule
-from cifar_cli.data.images import IMAGE_SUFFIXES, decode_images, list_images
+from cifar_cli.data.images import IMAGE_SUFFIXES, decode_images, image_suffixes, list_images
 from cifar_cli.data.photo import PhotoAugment
 from cifar_cli.data.storage import DiskImages
 
@@ -32,6 +32,7 @@ __all__ = [
     "PhotoAugment",
     "TensorImageDataset",
     "decode_images",
+    "image_suffixes",
     "list_images",
     "random_crop",
     "random_crop_flip",

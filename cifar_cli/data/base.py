@@ -19,11 +19,11 @@ from cifar_cli.atomic import atomic_file
 from cifar_cli.data.augment import BatchAugment, Flip, alternating_mirror, random_crop_flip
 from cifar_cli.data.batches import DeviceBatches, TensorImageDataset
 from cifar_cli.data.images import (
-    IMAGE_SUFFIXES,
     Skipped,
     decode_images,
     decode_images_to_npy,
     list_images,
+    no_images,
     skipped_line,
     usable_cpus,
 )
@@ -320,7 +320,7 @@ class ImageDataModule(LightningDataModule):
         skipped: list[Skipped] = []
         paths = list_images(root, skipped)
         if not paths:
-            raise UsageError(f"--data.predict_root {root} has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            raise UsageError(f"--data.predict_root {root} has {no_images(skipped)}")
         self.notice(skipped_line(root, skipped))  # a README or a .tif among the images: said, not an error
         _, size, _ = self.image_shape  # square, as every data module here
         names = [p.relative_to(root).as_posix() for p in paths]

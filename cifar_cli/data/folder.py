@@ -18,7 +18,7 @@ from cifar_cli.atomic import atomic_file
 from cifar_cli.data.augment import BatchAugment, Flip
 from cifar_cli.data.base import ImageDataModule
 from cifar_cli.data.batches import TensorImageDataset, split_indices
-from cifar_cli.data.images import IMAGE_SUFFIXES, Skipped, decode_images_to_npy, image_parts, skipped_line
+from cifar_cli.data.images import Skipped, decode_images_to_npy, image_parts, no_images, skipped_line
 from cifar_cli.data.placement import Placement
 from cifar_cli.data.storage import (
     DiskImages,
@@ -198,7 +198,7 @@ class ImageFolderDataModule(ImageDataModule):
             raise UsageError(f"{folder} has classes that train/ lacks: {', '.join(unknown)}")
         if not paths:
             # An empty val/ or test/ would validate on nothing (no val_loss for ModelCheckpoint) or test nothing.
-            what = f"{folder} has no images ({', '.join(sorted(IMAGE_SUFFIXES))})"
+            what = f"{folder} has {no_images(skipped)}"
             if split == "train":
                 raise UsageError(what)
             raise UsageError(
@@ -211,7 +211,7 @@ class ImageFolderDataModule(ImageDataModule):
                 # A class without training images would be an output the network never learns.
                 raise UsageError(
                     f"class folder{'s' if len(empty) > 1 else ''} {', '.join(empty)} in {folder} "
-                    f"{'have' if len(empty) > 1 else 'has'} no images ({', '.join(sorted(IMAGE_SUFFIXES))}): "
+                    f"{'have' if len(empty) > 1 else 'has'} {no_images(skipped)}: "
                     "add images or remove the folder"
                 )
         fingerprint = files_fingerprint(paths, names, self.image_size)  # a changed image rebuilds the cache

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import multiprocessing
 import os
 import re
@@ -26,9 +27,54 @@ from cifar_cli.errors import UsageError
 # Not TIFF: Pillow reads it, but clips 16-bit and float TIFFs to 0-255 (a 16-bit grey image came out near white).
 PILLOW_SUFFIXES = frozenset({".bmp"})
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".gif", ".webp", *PILLOW_SUFFIXES})
+# Phone photos (HEIC, iPhones' default) and AVIF, which Pillow alone reads where it can: `image_suffixes()` holds
+# them then. Not torchvision's decode_heic/decode_avif: decode_image does not detect either format, they take no
+# EXIF orientation, and need torchvision-extra-decoders, whose 0.0.2 fails to load beside torch 2.14 (`undefined
+# symbol: _ZN5torch3jit17parseSchemaOrNameERKSsb`); torchvision 0.29 deprecates its decoders besides. Pillow reads
+# AVIF itself (its wheels from 11.3), HEIC once pillow-heif registers its opener; both turn 10-bit images to 8-bit
+# RGB, and pillow-heif applies the HEIF rotation (`irot`, which viewers show) and resets the EXIF tag that iPhones
+# repeat it in, so that `ImageOps.exif_transpose` does not turn the photo twice.
+HEIF_SUFFIXES = frozenset({".heic", ".heif"})
+AVIF_SUFFIXES = frozenset({".avif"})
 
 # One skipped file: its path components below the listed folder, and what it is ("broken link", ".txt", ...).
 Skipped = tuple[list[str], str]
+
+
+@functools.cache
+def reads_heif() -> bool:
+    """Whether pillow-heif is installed; its Pillow opener is registered then (HEIC and HEIF files)."""
+    try:
+        import pillow_heif
+    except ImportError:
+        return False
+    pillow_heif.register_heif_opener()
+    return True
+
+
+@functools.cache
+def reads_avif() -> bool:
+    """Whether this Pillow reads AVIF (wheels from 11.3 do; a Pillow built without libavif does not)."""
+    from PIL import features
+
+    return bool(features.check("avif"))
+
+
+def image_suffixes() -> frozenset[str]:
+    """The suffixes of the files read as images: IMAGE_SUFFIXES, and HEIC/HEIF and AVIF where Pillow reads them."""
+    return (
+        IMAGE_SUFFIXES
+        | (HEIF_SUFFIXES if reads_heif() else frozenset())
+        | (AVIF_SUFFIXES if reads_avif() else frozenset())
+    )
+
+
+def read_formats() -> str:
+    """The formats read, in words: `JPEG, PNG, GIF, WebP, BMP, HEIC or AVIF`."""
+    formats = ["JPEG", "PNG", "GIF", "WebP", "BMP"]
+    formats += ["HEIC"] if reads_heif() else []
+    formats += ["AVIF"] if reads_avif() else []
+    return f"{', '.join(formats[:-1])} or {formats[-1]}"
 
 
 def list_images(folder: Path, skipped: list[Skipped] | None = None) -> list[Path]:
@@ -47,10 +93,11 @@ def image_parts(folder: Path, skipped: list[Skipped] | None = None, class_folder
     included (2-core Xeon). With `class_folders`, links to folders directly in `folder` are followed: they are class
     folders, counted as such.
 
-    Files that are not images of IMAGE_SUFFIXES, broken links, links to folders and folders it may not read are
+    Files that are not images of `image_suffixes()`, broken links, links to folders and folders it may not read are
     appended to `skipped`, when it is given, with what they are (`skipped_line` says so); hidden files are not.
     """
     found: list[list[str]] = []
+    suffixes = image_suffixes()
 
     def walk(directory: str, parts: list[str]) -> None:
         try:
@@ -71,7 +118,7 @@ def image_parts(folder: Path, skipped: list[Skipped] | None = None, class_folder
                 walk(entry.path, [*parts, entry.name])
                 continue
             suffix = os.path.splitext(entry.name)[1].lower()
-            if suffix in IMAGE_SUFFIXES and entry.is_file():
+            if suffix in suffixes and entry.is_file():
                 found.append([*parts, entry.name])
             elif skipped is not None:
                 skipped.append(([*parts, entry.name], _kind(entry, suffix)))
@@ -90,7 +137,7 @@ def _kind(entry: os.DirEntry, suffix: str) -> str:
             return "link to a folder"
         if not entry.is_file():
             return "broken link"
-    if suffix in IMAGE_SUFFIXES:
+    if suffix in image_suffixes():
         return "not a regular file"  # a named pipe or a socket named like an image
     return suffix or "no suffix"
 
@@ -106,12 +153,39 @@ def skipped_line(folder: Path, skipped: Sequence[Skipped]) -> str | None:
         return None
     kinds = Counter(kind for _, kind in skipped)
     counts = ", ".join(f"{kind}: {n}" for kind, n in sorted(kinds.items(), key=lambda item: (-item[1], item[0])))
-    suffixes = "/".join(sorted(IMAGE_SUFFIXES))
+    suffixes = "/".join(sorted(image_suffixes()))
     if len(skipped) == 1:
         what = f"1 file of {folder} that is not a {suffixes} image"
     else:
         what = f"{len(skipped)} files of {folder} that are not {suffixes} images"
-    return f"skipped {what} ({counts}; e.g. {folder.joinpath(*min(skipped)[0])})"
+    advice = how_to_read(skipped)
+    return f"skipped {what} ({counts}; e.g. {folder.joinpath(*min(skipped)[0])}){f'; {advice}' if advice else ''}"
+
+
+def no_images(skipped: Sequence[Skipped]) -> str:
+    """`no images (.bmp, .gif, ...)`, for a folder without any, with `how_to_read` its skipped photos."""
+    advice = how_to_read(skipped)
+    return f"no images ({', '.join(sorted(image_suffixes()))}{f'; {advice}' if advice else ''})"
+
+
+def how_to_read(skipped: Sequence[Skipped]) -> str | None:
+    """How to read the skipped HEIC/HEIF and AVIF files, which a package would read; None when there are none.
+
+    `to read the .heic files, pip install 'pillow-heif>=1.0' (or in cifar-cli's folder pip install -e '.[heic]'),
+    or convert them to JPEG`. Not `pip install 'cifar-cli[heic]'`: PyPI has no cifar-cli (see TimmNet's advice)."""
+    kinds = {kind for _, kind in skipped}
+    ways = []
+    heif = sorted(kinds & HEIF_SUFFIXES)
+    if heif:
+        ways.append(
+            f"the {'/'.join(heif)} files, pip install 'pillow-heif>=1.0' (or in cifar-cli's folder pip install -e "
+            "'.[heic]')"
+        )
+    if kinds & AVIF_SUFFIXES:
+        ways.append("the .avif files, a Pillow that reads AVIF (pip install -U pillow)")
+    if not ways:
+        return None
+    return f"to read {' and '.join(ways)}, or convert them to JPEG"
 
 
 def decode_rgb(path: Path) -> Tensor:
@@ -121,8 +195,12 @@ def decode_rgb(path: Path) -> Tensor:
     if path.stat().st_size == 0:
         raise UsageError(f"image {path} is empty (0 bytes): remove or replace the file")
     # Read here, not by torchvision's read_file, which takes no file name that is not UTF-8 (a Latin-1 `café.jpg`).
+    suffix = path.suffix.lower()
+    if suffix in HEIF_SUFFIXES:
+        reads_heif()  # registers pillow-heif's opener in this process (a spawned worker's too)
     try:
-        data = None if path.suffix.lower() in PILLOW_SUFFIXES else np.fromfile(path, dtype=np.uint8)
+        pillow_only = suffix in PILLOW_SUFFIXES or suffix in HEIF_SUFFIXES or suffix in AVIF_SUFFIXES
+        data = None if pillow_only else np.fromfile(path, dtype=np.uint8)
     except PermissionError as err:
         # Said here: the command's own handler reads a denied path as a folder it cannot write in.
         raise UsageError(
@@ -153,8 +231,8 @@ def _webp_with_exif(data: np.ndarray) -> bool:
 def _decode_with_pillow(path: Path, error: RuntimeError | None) -> Tensor:
     # torchvision refuses some valid files that Pillow reads, such as animated WebP ("Animated webp files are not
     # supported"); Pillow is the fallback only, as it is slower and loads lazily (errors surface at convert). It
-    # reads PILLOW_SUFFIXES (BMP), and WebPs with EXIF, alone (`error` None): torchvision reads none of the former
-    # and ignores the latter's orientation.
+    # reads PILLOW_SUFFIXES (BMP), HEIC and AVIF, and WebPs with EXIF, alone (`error` None): torchvision reads none
+    # of the former (see HEIF_SUFFIXES) and ignores the latter's orientation.
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
@@ -169,7 +247,8 @@ def _decode_with_pillow(path: Path, error: RuntimeError | None) -> Tensor:
         if isinstance(err, UnidentifiedImageError) and (error is None or reason.startswith("Unsupported image file")):
             # Neither knows the format (a web server's error page saved as .jpg): torchvision's reason listed its own
             # formats and pointed to its Python functions for AVIF and HEIC.
-            reason = "not an image: its contents are no JPEG, PNG, GIF, WebP or BMP"
+            # A cut-short HEIC or AVIF is said so too: Pillow drops pillow-heif's and libavif's reasons.
+            reason = f"not an image: its contents are no {read_formats()}"
         raise UsageError(f"cannot decode image {path} ({reason}): remove or replace the file") from err
     return torch.from_numpy(rgb.copy()).permute(2, 0, 1)
 
