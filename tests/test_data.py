@@ -586,6 +586,12 @@ def test_a_checkpoint_of_a_run_with_a_val_folder_is_not_validated_on_train_once_
         "data and the --data flags it was trained with"
     )
     main(["test", *data, "--data.val_size", "8", "--ckpt_path", str(ckpt)])  # test/ is still there
+    # Nor does `test` need --data.val_size: it reads test/ and no validation split, and draws none from train/ (its
+    # default, 5,000 of these 40 images, was refused as leaving "none to train on"). predict reads test/ alike.
+    capsys.readouterr()
+    main(["test", *data, "--ckpt_path", str(ckpt)])
+    assert "test_acc" in capsys.readouterr().out
+    main(["predict", *data, "--ckpt_path", str(ckpt)])
     # Without --data.val_size, its default (5,000) is held out of the 40 images of train/: refused as too many, which
     # read "leaving none to train on" alone, in a command that trains nothing, and named no folder gone.
     capsys.readouterr()

@@ -115,6 +115,7 @@ class ImageFolderDataModule(ImageDataModule):
         # From the checkpoint when predicting from it (see ImageDataModule.saved): `root` may not exist here.
         self._classes = list(self.saved["class_names"]) if self.saved is not None else self._find_classes()
         self._prepared_listings: dict[str, _Listing] | None = None  # `prepare`'s, for the `setup` that follows
+        self._stage: str | None = None  # the stage prepared or set up for (`_held_out_sizes`)
         self.save_hyperparameters()
 
     def _find_classes(self) -> list[str]:
@@ -260,27 +261,23 @@ class ImageFolderDataModule(ImageDataModule):
         splits = [split for split in ("train", "val", "test") if (self.root / split).is_dir()]
         return {split: self._list_folder(split) for split in splits}
 
-    def _held_out(self) -> int:
-        val = 0 if (self.root / "val").is_dir() else self.val_size
-        test = 0 if (self.root / "test").is_dir() else self.test_size
-        return val + test
-
     def _check_split_sizes(self, listings: dict[str, _Listing]) -> None:
         """`check_split_sizes`, naming the split folders that are missing: a `validate` or `test` of a run that had
         its own val/, moved away since, was told that --data.val_size's default left "none to train on", of a
-        folder that has a val/ as far as its user knows."""
-        missing = [(split, name) for split, name, size in (("val", "validation", self.val_size),
-                   ("test", "test", self.test_size)) if size and split not in listings]  # fmt: skip
+        folder that has a val/ as far as its user knows (a `test` now draws none: `_held_out_sizes`)."""
+        sizes = self._held_out_sizes(listings)
+        missing = [(split, name) for split, name, size in zip(("val", "test"), ("validation", "test"), sizes) if size]
         note = ""
         if missing:
             folders = " or ".join(f"{split}/" for split, _ in missing)
             note = f"{self.root} has no {folders} folder: {' and '.join(n for _, n in missing)} images are held out "
             note += "of train/"
-        self.check_split_sizes(len(listings["train"].paths), self._held_out(), note)
+        self.check_split_sizes(len(listings["train"].paths), sum(sizes), note)
 
     def prepare_files(self, stage: str) -> None:
         # Every check before any decoding, and every folder decoded before any cache is written: bad data stops
         # the command with nothing written.
+        self._stage = stage
         listings = self._listings()
         self._check_split_sizes(listings)
         self.held_out_from = self._held_out_record(listings)
@@ -301,9 +298,16 @@ class ImageFolderDataModule(ImageDataModule):
         self._write_caches(to_decode)
         self._prepared_listings = listings
 
+    def setup(self, stage: str) -> None:
+        self._stage = stage  # (`prepare` sets it on the node's first process only)
+        super().setup(stage)
+
     def _held_out_sizes(self, listings: dict[str, _Listing]) -> list[int]:
-        """The validation and test images held out of train/: none for a split that has its own folder."""
-        return [0 if "val" in listings else self.val_size, 0 if "test" in listings else self.test_size]
+        """The validation and test images held out of train/: none for a split that has its own folder, nor for
+        validation where `test` and `predict` read a test/ folder and no validation split: the `test` of a run whose
+        val/ had since been moved away was refused, as --data.val_size's default (5,000) left none to train on."""
+        evaluating = self._stage in ("test", "predict") and "test" in listings
+        return [0 if "val" in listings or evaluating else self.val_size, 0 if "test" in listings else self.test_size]
 
     def _held_out_record(self, listings: dict[str, _Listing]) -> dict[str, int | str]:
         """What decides which images of train/ the validation and test splits hold out (`split_indices`): the
