@@ -14,6 +14,14 @@ import threading
 from pathlib import Path
 from typing import Any
 
+if sys.platform == "win32":
+    # Before anything else: native Windows lacks SIGUSR1 (below), flock (cifar_cli/folders.py) and fork (the decoding
+    # workers), and the command ended in a traceback of its import.
+    raise SystemExit(
+        "cifar-cli: native Windows is not supported: run it in WSL 2 (Windows Subsystem for Linux), where CUDA GPUs "
+        "work too"
+    )
+
 # The signals that end a process at once by default, and that Lightning takes over only as the trainer starts to run:
 # a scheduler's stop (SIGTERM), and SLURM's warning before its time limit (SIGUSR1, `--signal=SIGUSR1@90`).
 START_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)

@@ -1701,3 +1701,14 @@ def test_a_folder_whose_name_is_not_utf8_is_one_line_naming_it(command: list[str
         f"cifar-cli: error: {flag} 'donn\\xe9es': the name is not UTF-8, which cifar-cli's configs (YAML) cannot "
         "hold: rename it, or link it under a UTF-8 name (ln -s) and give that"
     )
+
+
+def test_native_windows_is_refused_in_one_line() -> None:
+    # On native Windows the command's first import failed (signal.SIGUSR1), in a traceback that named no remedy.
+    code = "import sys; sys.platform = 'win32'; sys.argv = ['cifar-cli', 'fit']; import cifar_cli.entry"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert (run.returncode, run.stderr) == (
+        1,
+        "cifar-cli: native Windows is not supported: run it in WSL 2 (Windows Subsystem for Linux), where CUDA GPUs "
+        "work too\n",
+    )
