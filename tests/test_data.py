@@ -1111,3 +1111,13 @@ def test_caches_of_versions_before_npy_are_removed_once_the_npy_cache_is_in_plac
     data.setup("fit")
     assert sorted(p.name for p in cache.glob("*.pt")) == [other.name]
     assert len(list(cache.glob("*.npy"))) == 2 and len(data.splits["train"]) == 90
+
+
+def test_a_pillow_without_avif_reads_none_without_a_warning(monkeypatch: pytest.MonkeyPatch, recwarn) -> None:
+    # Pillow before 11.3 knows no "avif" feature, and features.check warned of it on every command: the GPU check
+    # installs cifar-cli without its dependencies, beside the machine's own Pillow.
+    from PIL import features
+
+    monkeypatch.setattr(features, "modules", {k: v for k, v in features.modules.items() if k != "avif"})
+    assert image_files.reads_avif.__wrapped__() is False
+    assert not recwarn.list

@@ -57,7 +57,9 @@ def reads_avif() -> bool:
     """Whether this Pillow reads AVIF (wheels from 11.3 do; a Pillow built without libavif does not)."""
     from PIL import features
 
-    return bool(features.check("avif"))
+    # Looked up among the modules, not by features.check, which warns of an unknown feature in a Pillow before 11.3
+    # (the GPU check installs cifar-cli without its dependencies, beside the machine's Pillow).
+    return "avif" in features.modules and bool(features.check_module("avif"))
 
 
 def image_suffixes() -> frozenset[str]:
