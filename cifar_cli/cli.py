@@ -96,6 +96,7 @@ from cifar_cli.optimizer_flags import (
     check_built,
     config_that_sets,
     drop_settled_copies,
+    import_class,
     move_optimizer_flags,
     unsettled,
     without_settled_copies,
@@ -404,6 +405,45 @@ def argument_before_class(err: ArgumentError, argv: list[str]) -> UsageError | N
     else:
         fix = f"--lr_scheduler CLASS {flag} {value} (any torch.optim.lr_scheduler class, such as StepLR)"
     return UsageError(f"{flag} {value} is given before the {what}'s class: {fix}")
+
+
+LIST_ENTRIES = {"trainer.callbacks": "the last callback of the list", "trainer.logger": "the logger"}
+
+
+def argument_of_last_entry(err: ArgumentError, argv: list[str]) -> UsageError | None:
+    """The error for `--trainer.callbacks.KEY VALUE` (or `--trainer.logger.KEY`) whose class has no argument KEY.
+    The flag sets an argument of the list's last entry, as LightningCLI documents; without a `+=` before it that is
+    the default list's last, FitTimer, which the user never named. jsonargparse's line named it, then
+    "'lightning.Callback':" (the Union's other branch) with nothing after the colon."""
+    message = str(err)
+    key = re.match(r'Parser key "([\w.]+)":', message)
+    # The class given comes first; the Union's base class after it refuses every argument, also one that the
+    # class given takes but refused for its value (`--trainer.callbacks.decay 2` after EMA): that keeps its line.
+    problem = re.search(r"Problem with given class_path '([\w.]+)':\s*(?:Option '(\w+)' is not accepted)?", message)
+    if key is None or key[1] not in LIST_ENTRIES or problem is None or problem[2] is None:
+        return None
+    class_path, name = problem[1], problem[2]
+    flags = (f"--{key[1]}.{name}", f"--{key[1]}.init_args.{name}")
+    flag, value = next(((f, v) for f in flags if (v := flag_value(argv, f)) is not None), (None, None))
+    if flag is None:
+        return None  # from a config: jsonargparse's line names the class and the key there
+    short = class_path.rpartition(".")[2]
+    position = next(i for i, arg in enumerate(argv) if arg.partition("=")[0] == flag)
+    named = any(arg.partition("=")[0] in (f"--{key[1]}", f"--{key[1]}+") for arg in argv[:position])
+    where = LIST_ENTRIES[key[1]]
+    if key[1] == "trainer.logger" and f"--{key[1]}+" in (arg.partition("=")[0] for arg in argv[:position]):
+        where = "the last logger of the list"
+    if key[1] == "trainer.callbacks" and not named:
+        return UsageError(
+            f"{flag} {value}: {where}, {short} (of the default list or a config's), has no argument {name}; add the "
+            f"callback it is for first, then its arguments: --trainer.callbacks+=CLASS {flag} {value}"
+        )
+    cls = import_class(class_path)
+    signature = inspect.signature(cls).parameters.values() if cls is not None else []
+    known = [p.name for p in signature if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f"did you mean {close[0]}?" if close else f"its arguments: {', '.join(known)}"
+    return UsageError(f"{flag} {value}: {where}, {short}, has no argument {name}; {hint}")
 
 
 class RunConfigSaver(SaveConfigCallback):
@@ -1122,6 +1162,8 @@ class CifarCLI(LightningCLI):
         except ArgumentError as err:
             if (before := argument_before_class(err, self._argv)) is not None:
                 raise before from err
+            if (entry := argument_of_last_entry(err, self._argv)) is not None:
+                raise entry from err
             if (elsewhere := self._option_of_another_subcommand(err)) is not None:
                 raise elsewhere from err
             if (early := config_before_subcommand(err, self._argv)) is not None:

@@ -917,6 +917,29 @@ def test_error_line_says_each_problem_once(capsys) -> None:
     )
 
 
+def test_error_argument_of_the_last_callback_or_logger_names_that_class(capsys) -> None:
+    """`--trainer.callbacks.KEY` (and `.logger.KEY`) sets an argument of the list's last entry, as LightningCLI
+    documents. Without a `+=` before it, that entry is the default list's last, FitTimer, which the user never named:
+    jsonargparse's line named it, then "'lightning.Callback':" and nothing after the colon."""
+    assert fails(capsys, "fit", "--trainer.callbacks.monitor", "val_acc") == (
+        "cifar-cli: error: --trainer.callbacks.monitor val_acc: the last callback of the list, FitTimer (of the "
+        "default list or a config's), has no argument monitor; add the callback it is for first, then its arguments: "
+        "--trainer.callbacks+=CLASS --trainer.callbacks.monitor val_acc"
+    )
+    assert fails(capsys, "fit", "--trainer.callbacks+=EarlyStopping", "--trainer.callbacks.monitr=val_acc") == (
+        "cifar-cli: error: --trainer.callbacks.monitr val_acc: the last callback of the list, EarlyStopping, has no "
+        "argument monitr; did you mean monitor?"
+    )
+    # A value the class refuses keeps jsonargparse's line, not the base class's refusal of every argument after it.
+    said = fails(capsys, "fit", "--trainer.callbacks+=cifar_cli.averaging.EMA", "--trainer.callbacks.decay", "2")
+    assert 'Parser key "decay": Not of type ClosedUnitInterval: 2 does not conform' in said, said
+    said = fails(capsys, "fit", "--trainer.logger", "CSVLogger", "--trainer.logger.project", "x")
+    assert said.startswith(
+        "cifar-cli: error: --trainer.logger.project x: the logger, CSVLogger, has no argument project; its arguments: "
+        "save_dir, name, version, prefix, flush_logs_every_n_steps"
+    ), said
+
+
 def test_error_wrong_type_in_flag_and_config(capsys, tmp_path: Path) -> None:
     assert 'Parser key "model.learning_rate"' in fails(capsys, "fit", "--model.learning_rate", "fast")
     config = tmp_path / "bad.yaml"
