@@ -407,6 +407,64 @@ def argument_before_class(err: ArgumentError, argv: list[str]) -> UsageError | N
     return UsageError(f"{flag} {value} is given before the {what}'s class: {fix}")
 
 
+# The flags that take a class, each with the class's base and what the message calls it.
+CLASS_FLAGS = {
+    "trainer.callbacks": ("lightning.pytorch.callbacks.Callback", "callback"),
+    "trainer.logger": ("lightning.pytorch.loggers.Logger", "logger"),
+    "optimizer": ("torch.optim.Optimizer", "optimizer"),
+    "model.optimizer": ("torch.optim.Optimizer", "optimizer"),
+    "lr_scheduler": ("torch.optim.lr_scheduler.LRScheduler", "scheduler"),
+    "model.lr_scheduler": ("torch.optim.lr_scheduler.LRScheduler", "scheduler"),
+    "data": ("lightning.pytorch.LightningDataModule", "data module"),
+    "model.net": ("torch.nn.Module", "network"),
+}
+
+
+def unknown_class(err: ArgumentError, argv: list[str]) -> UsageError | None:
+    """The error for a class name that a flag taking a class cannot resolve (`--optimizer adam`), or an import path
+    of a class of another kind (`--trainer.callbacks+=torch.nn.Linear`), with the close name among the classes
+    loaded of the flag's kind, as jsonargparse resolves a name against those. Its line read "Expected a path but adam
+    either not accessible or invalid Expected a dot import path string: adam". A module that fails to import keeps
+    jsonargparse's line, which says why."""
+    match = re.match(
+        r'Parser key "([\w.]+)":\s*(?:- )?Expected a path but (\S+) either not accessible or invalid', str(err)
+    )
+    if (
+        match is None
+        or match[1] not in CLASS_FLAGS
+        or "No module named" in str(err)
+        or not re.fullmatch(r"[\w.]+", match[2])
+    ):
+        return None
+    key, name = match[1], match[2]
+    flag = None
+    for i, arg in enumerate(argv):
+        option, equals, value = arg.partition("=")
+        value = value if equals else argv[i + 1] if i + 1 < len(argv) else None
+        if option in (f"--{key}", f"--{key}+") and value == name:
+            flag = f"--{key}+={name}" if option.endswith("+") else f"--{key} {name}"
+    if flag is None:
+        return None  # from a config: jsonargparse's line names the key
+    base_path, what = CLASS_FLAGS[key]
+    base, found = import_class(base_path), import_class(name) if "." in name else None
+    if found is not None and base is not None and not issubclass(found, base):
+        return UsageError(f"{flag}: {name} is not a {what} ({base_path})")
+    subclasses, seen = [base] if base is not None else [], set()
+    while subclasses:
+        cls = subclasses.pop()
+        if cls not in seen:
+            seen.add(cls)
+            subclasses.extend(cls.__subclasses__())
+    names = sorted({cls.__name__ for cls in seen - {base} if not cls.__name__.startswith("_")})  # (not Optimizer)
+    lower = {n.lower(): n for n in names}
+    short = name.rpartition(".")[2]  # (torch.optim.Adamm: Adam)
+    close = [lower[short.lower()]] if short.lower() in lower else difflib.get_close_matches(short, names, n=1)
+    hint = f"; did you mean {close[0]}?" if close else ""
+    return UsageError(
+        f"{flag}: no {what} class is named {name}{hint} (a class by its name, or by its import path: mymodule.MyClass)"
+    )
+
+
 LIST_ENTRIES = {"trainer.callbacks": "the last callback of the list", "trainer.logger": "the logger"}
 
 
@@ -1170,6 +1228,8 @@ class CifarCLI(LightningCLI):
                 raise early from err
             if (unset := self._required_set_to_null(err) or self._required_given_null(err)) is not None:
                 raise unset from err
+            if (unknown := unknown_class(err, self._argv)) is not None:  # (after `--model.net null`'s)
+                raise unknown from err
             raise
         self._given = given_settings(parser, args)
         self.checkpoint: dict[str, Any] | None = None

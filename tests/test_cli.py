@@ -912,9 +912,44 @@ def test_error_line_says_each_problem_once(capsys) -> None:
         "trainer.callbacks", "lightning.pytorch.callbacks.EarlyStopping", "monitor"
     )
     assert fails(capsys, "fit", "--trainer.callbacks+=EarlyStop") == (
-        'cifar-cli: error: Parser key "trainer.callbacks": Expected a path but EarlyStop either not accessible or '
-        "invalid Expected a dot import path string: EarlyStop"
+        "cifar-cli: error: --trainer.callbacks+=EarlyStop: no callback class is named EarlyStop; did you mean "
+        "EarlyStopping? (a class by its name, or by its import path: mymodule.MyClass)"
     )
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["--optimizer", "adam"], "--optimizer adam: no optimizer class is named adam; did you mean Adam?"),
+        (["--model.optimizer=sgd"], "--model.optimizer sgd: no optimizer class is named sgd; did you mean SGD?"),
+        (
+            ["--lr_scheduler", "StepLr"],
+            "--lr_scheduler StepLr: no scheduler class is named StepLr; did you mean StepLR?",
+        ),
+        (
+            ["--trainer.logger", "csvlogger"],
+            "--trainer.logger csvlogger: no logger class is named csvlogger; did you mean CSVLogger?",
+        ),
+        (
+            ["--trainer.logger+=WandLogger"],
+            "--trainer.logger+=WandLogger: no logger class is named WandLogger; did you mean WandbLogger?",
+        ),
+        (
+            ["--data", "ImageFolder"],
+            "--data ImageFolder: no data module class is named ImageFolder; did you mean ImageFolderDataModule?",
+        ),
+        (["--model.net", "Fastnet"], "--model.net Fastnet: no network class is named Fastnet; did you mean FastNet?"),
+        (
+            ["--trainer.callbacks+=torch.nn.Linear"],
+            "--trainer.callbacks+=torch.nn.Linear: torch.nn.Linear is not a callback "
+            "(lightning.pytorch.callbacks.Callback)",
+        ),
+    ],
+)
+def test_error_unknown_class_name_says_what_it_is_not(args: list[str], said: str, capsys) -> None:
+    """A class name jsonargparse cannot resolve for a flag that takes a class: its line read "Expected a path but
+    adam either not accessible or invalid Expected a dot import path string: adam", for `--optimizer adam`."""
+    assert fails(capsys, "fit", *args).startswith(f"cifar-cli: error: {said}")
 
 
 def test_error_argument_of_the_last_callback_or_logger_names_that_class(capsys) -> None:

@@ -149,7 +149,7 @@ def test_reduce_lr_on_plateau_monitors_val_loss(fake_cifar10: Path, flag: str) -
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--optimizer", "NotAnOptimizer"], 'Parser key "optimizer"'),
+        (["--optimizer", "NotAnOptimizer"], "--optimizer NotAnOptimizer: no optimizer class is named NotAnOptimizer ("),
         (["--lr_scheduler", "CosineAnnealingLR", "--lr_scheduler.T_max", "-1"], "--lr_scheduler.T_max -1"),
         (["--lr_scheduler", "CosineAnnealingWarmRestarts", "--lr_scheduler.T_0", "-1"], "--lr_scheduler.T_0 -1"),
         (["--optimizer", "SGD", "--optimizer.momentum", "-1"], "--optimizer: Invalid momentum value: -1"),
