@@ -1910,11 +1910,29 @@ def config_before_subcommand(err: ArgumentError, argv: list[str]) -> UsageError 
     if match is None or at is None:
         return None
     configs = [flag_value(argv[:at], flag) for flag in CONFIG_FLAGS]
-    config = shown(next((c for c in configs if c is not None), "FILE"))
-    subcommand = match[2]
+    given = next((c for c in configs if c is not None), None)
+    subcommand, section = match[2], match[1].split(".")[0]
+    variable = os.environ.get("PL_CONFIG") if os.getenv("JSONARGPARSE_DEFAULT_ENV", "").lower() == "true" else None
+    if given is None and variable:
+        # Lightning's "A full configuration yaml would be parsed from PL_CONFIG": jsonargparse reads it as the config
+        # before the subcommand, but from the variable only the chosen subcommand's section, where `cifar-cli
+        # --config FILE fit` takes every section.
+        config = shown(variable)
+        if section in SUBCOMMANDS:
+            return UsageError(
+                f"PL_CONFIG={config}: read from the variable, the config's sections other than {subcommand}'s are "
+                f"refused ({section}:); give it on the command line, cifar-cli --config {config} {subcommand}, or its "
+                f"{subcommand}: section alone"
+            )
+        return UsageError(
+            f"PL_CONFIG={config}: the config before the subcommand holds a section per subcommand ({subcommand}: "
+            f"{{{section}: ...}}), and '{match[1]}' is not one; give {subcommand}'s config as "
+            f"PL_{subcommand.upper()}__CONFIG={config} (or cifar-cli {subcommand} --config {config})"
+        )
+    config = shown(given or "FILE")
     return UsageError(
         f"--config {config} before the subcommand: a config there holds a section per subcommand ({subcommand}: "
-        f"{{{match[1].split('.')[0]}: ...}}), and '{match[1]}' is not one; give it after the subcommand: "
+        f"{{{section}: ...}}), and '{match[1]}' is not one; give it after the subcommand: "
         f"cifar-cli {subcommand} --config {config}"
     )
 

@@ -508,6 +508,27 @@ def test_settings_from_the_environment_with_jsonargparse_s_default_env(fake_cifa
     assert yaml.safe_load(print_config(capsys))["trainer"]["limit_train_batches"] == 10
 
 
+def test_pl_config_refused_names_the_variable_and_where_the_config_goes(monkeypatch, capsys) -> None:
+    """Lightning documents "A full configuration yaml would be parsed from PL_CONFIG if set": with subcommands, the
+    config before the subcommand, a section per subcommand. A fit config there, or one with another subcommand's
+    section (which jsonargparse refuses from the variable, not from `--config FILE fit`), was refused as a `--config
+    FILE` before the subcommand, which the command line did not hold, and the second as "(fit: {test: ...})"."""
+    Path("my.yaml").write_text("trainer:\n  max_epochs: 1\n")
+    Path("all.yaml").write_text("fit:\n  trainer:\n    max_epochs: 1\ntest:\n  trainer:\n    logger: false\n")
+    monkeypatch.setenv("JSONARGPARSE_DEFAULT_ENV", "true")
+    monkeypatch.setenv("PL_CONFIG", "my.yaml")
+    assert fails(capsys, "fit") == (
+        "cifar-cli: error: PL_CONFIG=my.yaml: the config before the subcommand holds a section per subcommand (fit: "
+        "{trainer: ...}), and 'trainer.max_epochs' is not one; give fit's config as PL_FIT__CONFIG=my.yaml (or "
+        "cifar-cli fit --config my.yaml)"
+    )
+    monkeypatch.setenv("PL_CONFIG", "all.yaml")
+    assert fails(capsys, "fit") == (
+        "cifar-cli: error: PL_CONFIG=all.yaml: read from the variable, the config's sections other than fit's are "
+        "refused (test:); give it on the command line, cifar-cli --config all.yaml fit, or its fit: section alone"
+    )
+
+
 @pytest.mark.parametrize("named_by", ["WANDB_RUN_ID", "--trainer.logger.version"])
 def test_a_new_run_named_as_an_earlier_one_is_refused_before_it_starts(
     named_by: str, fake_cifar10: Path, monkeypatch, capsys
