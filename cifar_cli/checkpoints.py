@@ -48,6 +48,18 @@ def load_checkpoint(ckpt_path: str, flag: str | None = None) -> dict[str, Any]:
             f"{flag}: Lightning's best is that of a fit in the same process; pass the path fit printed as its best "
             "checkpoint (best_checkpoint in the run's summary.json), or last for the newest run's last.ckpt"
         )
+    if not path.exists() and ckpt_path == "hpc":
+        # Lightning's help of --ckpt_path names it beside best; it loads that file for any later command of a SLURM
+        # job, which cifar-cli declines (cli.py), and "no such file" said nothing of that.
+        raise UsageError(
+            f"{flag}: Lightning's hpc is the hpc_ckpt_N.ckpt its SLURM requeue saves wherever the step is, which "
+            "cifar-cli does not resume; pass last for the newest run's last.ckpt, or a checkpoint's path"
+        )
+    if not path.exists() and (ckpt_path == "registry" or ckpt_path.startswith("registry:")):
+        raise UsageError(
+            f"{flag}: Lightning's registry (Lightning AI's model registry) is not read by cifar-cli; pass a "
+            "checkpoint's path, or last for the newest run's last.ckpt"
+        )
     if path.exists() and not path.is_file():
         raise UsageError(f"{flag} is not a regular file (a device, pipe or socket); {FROM_FIT}")
     if not path.is_file():

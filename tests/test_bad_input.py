@@ -280,6 +280,20 @@ CASES = [
         )
         for subcommand in ("test", "validate", "predict", "fit")
     ),
+    # Lightning's other names for --ckpt_path, which its help lists beside best: they read "no such file".
+    Case(
+        "ckpt_path_hpc",
+        ["test", "--ckpt_path", "hpc"],
+        "cifar-cli: error: --ckpt_path hpc: Lightning's hpc is the hpc_ckpt_N.ckpt its SLURM requeue saves wherever "
+        "the step is, which cifar-cli does not resume; pass last for the newest run's last.ckpt, or a checkpoint's "
+        "path",
+    ),
+    Case(
+        "ckpt_path_registry",
+        ["fit", "--ckpt_path", "registry:my-model:latest"],
+        "cifar-cli: error: --ckpt_path registry:my-model:latest: Lightning's registry (Lightning AI's model registry) "
+        "is not read by cifar-cli; pass a checkpoint's path, or last for the newest run's last.ckpt",
+    ),
     # numpy's generator takes 0 to 2**32 - 1; Lightning's seed_everything raised its ValueError in a traceback
     *(
         Case(
