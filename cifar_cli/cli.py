@@ -794,6 +794,7 @@ class CifarCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         plain_numbers(config)
         trainer = config["trainer"]
+        offline_unless_given(trainer.get("logger"), getattr(self, "_given", None), self.subcommand)
         record_wandb_mode(trainer.get("logger"))
         check_accelerator(trainer, config.get("config"))
         check_trainer_values(trainer)
@@ -1147,6 +1148,7 @@ class CifarCLI(LightningCLI):
                 self._parse_arguments(parser, args)
                 subcommand = self.config["subcommand"]
                 plain_numbers(self.config[subcommand])
+                offline_unless_given(self.config[subcommand]["trainer"].get("logger"), self._given, subcommand)
                 record_wandb_mode(self.config[subcommand]["trainer"].get("logger"))
                 self._move_optimizer_flags(subcommand)
         except ArgumentError:
@@ -1650,6 +1652,29 @@ def wandb_offline() -> bool:
 
 # WANDB_MODE's values that W&B runs without a server, and the `mode` of `wandb.init` that runs the same.
 WANDB_MODES_WITHOUT_SERVER = {"disabled": "disabled", "offline": "offline", "dryrun": "offline"}
+
+
+def offline_unless_given(logger: Any, given: Namespace | None, subcommand: str | None) -> None:
+    """`offline` of a W&B logger that the command line and configs name without setting it: cifar-cli's default
+    (`wandb_offline`), which the default logger has, not the class's `false`. Named in place of none
+    (`--trainer.logger WandbLogger` after configs/debug.yaml's `logger: false`), the logger started from its class's
+    defaults and asked for a live run: without a W&B login it stopped saying its `offline: false` did, which the user
+    never wrote; with one, it logged live without a word. Written into the config, so that config.yaml and
+    --print_config run again as this run did. `given` is `given_settings`' (None where it could not be read: left)."""
+    if given is None:
+        return
+    said = given.get(f"{subcommand}.trainer.logger" if subcommand else "trainer.logger")
+    entries = logger if isinstance(logger, list) else [logger]
+    said_entries = said if isinstance(said, list) else [said]
+    if len(entries) != len(said_entries):  # entries it cannot pair with those given: left as they are
+        return
+    for entry, named in zip(entries, said_entries):
+        init = entry.get("init_args") if isinstance(entry, (dict, Namespace)) else None
+        if init is None or not str(entry.get("class_path", "")).endswith(".WandbLogger"):
+            continue
+        named_init = named.get("init_args") if isinstance(named, (dict, Namespace)) else None
+        if named_init is None or "offline" not in named_init:
+            init["offline"] = wandb_offline()
 
 
 def record_wandb_mode(logger: Any) -> None:

@@ -1632,6 +1632,34 @@ def test_wandb_failing_to_start_live_is_one_line(fake_cifar10: Path, capfd, monk
     )
 
 
+def test_a_wandb_logger_named_without_offline_logs_offline(
+    fake_cifar10: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A W&B logger named in place of none (configs/debug.yaml's `logger: false`) started from its class's `offline:
+    false`: a live run, which stopped without a W&B login blaming an `offline: false` the user never wrote, and
+    with one logged live without a word. It logs offline as the default logger does, in the printed config too."""
+    named = ["--trainer.logger", "false", "--trainer.logger", "WandbLogger"]
+    monkeypatch.delenv("WANDB_MODE")
+    for extra, offline in (([], [True]), (["--trainer.logger+=CSVLogger"], [True, None])):
+        with pytest.raises(SystemExit):
+            main(["fit", *cifar_args(fake_cifar10), *named, *extra, "--print_config"])
+        printed = yaml.safe_load(capsys.readouterr().out)["trainer"]["logger"]
+        entries = printed if isinstance(printed, list) else [printed]
+        assert [entry["init_args"].get("offline") for entry in entries] == offline
+    with pytest.raises(SystemExit):  # given, it is kept
+        main(["fit", *cifar_args(fake_cifar10), *named, "--trainer.logger.offline", "false", "--print_config"])
+    assert yaml.safe_load(capsys.readouterr().out)["trainer"]["logger"]["init_args"]["offline"] is False
+    monkeypatch.setenv("WANDB_MODE", "online")  # where the default logs live, so does the one named
+    with pytest.raises(SystemExit):
+        main(["fit", *cifar_args(fake_cifar10), *named, "--print_config"])
+    assert yaml.safe_load(capsys.readouterr().out)["trainer"]["logger"]["init_args"]["offline"] is False
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    main(["fit", *cifar_args(fake_cifar10), *named, "--trainer.logger.save_dir", "runs", "--trainer.max_epochs", "1"])
+    (config,) = Path("runs").glob("*/*/config.yaml")
+    assert yaml.safe_load(config.read_text())["trainer"]["logger"]["init_args"]["offline"] is True
+    assert list(Path("runs", "wandb").glob("offline-run-*"))
+
+
 def failing_wandb_init(monkeypatch: pytest.MonkeyPatch, error: Exception) -> None:
     import functools
 
