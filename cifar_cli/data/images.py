@@ -43,10 +43,14 @@ Skipped = tuple[list[str], str]
 
 @functools.cache
 def reads_heif() -> bool:
-    """Whether pillow-heif is installed; its Pillow opener is registered then (HEIC and HEIF files)."""
+    """Whether pillow-heif 1.1 or later is installed; its Pillow opener is registered then (HEIC and HEIF files).
+    1.0 misplaces the pixels of a turned photo (see pyproject.toml): its files are skipped as without it, and
+    `how_to_read` says to install 1.1."""
     try:
         import pillow_heif
     except ImportError:
+        return False
+    if tuple(int(part) for part in re.findall(r"\d+", pillow_heif.__version__)[:2]) < (1, 1):
         return False
     pillow_heif.register_heif_opener()
     return True
@@ -173,14 +177,14 @@ def no_images(skipped: Sequence[Skipped]) -> str:
 def how_to_read(skipped: Sequence[Skipped]) -> str | None:
     """How to read the skipped HEIC/HEIF and AVIF files, which a package would read; None when there are none.
 
-    `to read the .heic files, pip install 'pillow-heif>=1.0' (or in cifar-cli's folder pip install -e '.[heic]'),
+    `to read the .heic files, pip install 'pillow-heif>=1.1' (or in cifar-cli's folder pip install -e '.[heic]'),
     or convert them to JPEG`. Not `pip install 'cifar-cli[heic]'`: PyPI has no cifar-cli (see TimmNet's advice)."""
     kinds = {kind for _, kind in skipped}
     ways = []
     heif = sorted(kinds & HEIF_SUFFIXES)
     if heif:
         ways.append(
-            f"the {'/'.join(heif)} files, pip install 'pillow-heif>=1.0' (or in cifar-cli's folder pip install -e "
+            f"the {'/'.join(heif)} files, pip install 'pillow-heif>=1.1' (or in cifar-cli's folder pip install -e "
             "'.[heic]')"
         )
     if kinds & AVIF_SUFFIXES:
