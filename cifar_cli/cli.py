@@ -401,7 +401,11 @@ def argument_before_class(err: ArgumentError, argv: list[str]) -> UsageError | N
             "under init_args"
         )
     if group == "optimizer":
-        fix = f"--optimizer Adam {flag} {value} (or --model.optimizer.{name} {value} alone, for the default optimizer)"
+        # Not "--optimizer Adam" alone: after a config that chose SGD, that advice trained another optimizer.
+        fix = (
+            f"--optimizer CLASS {flag} {value} (a torch.optim class, such as Adam or SGD), or --model.optimizer.{name} "
+            f"{value} alone for the model's optimizer (Adam, or the one a config chose)"
+        )
     else:
         fix = f"--lr_scheduler CLASS {flag} {value} (any torch.optim.lr_scheduler class, such as StepLR)"
     return UsageError(f"{flag} {value} is given before the {what}'s class: {fix}")

@@ -229,8 +229,9 @@ CASES = [
         Case(
             f"optimizer_argument_{name}",
             ["fit", *args],
-            "cifar-cli: error: --optimizer.lr 0.01 is given before the optimizer's class: --optimizer Adam "
-            "--optimizer.lr 0.01 (or --model.optimizer.lr 0.01 alone, for the default optimizer)",
+            "cifar-cli: error: --optimizer.lr 0.01 is given before the optimizer's class: --optimizer CLASS "
+            "--optimizer.lr 0.01 (a torch.optim class, such as Adam or SGD), or --model.optimizer.lr 0.01 alone for "
+            "the model's optimizer (Adam, or the one a config chose)",
         )
         for name, args in [
             ("without_its_class", ["--optimizer.lr", "0.01"]),
