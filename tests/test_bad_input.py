@@ -1727,3 +1727,19 @@ def test_native_windows_is_refused_in_one_line() -> None:
         "cifar-cli: native Windows is not supported: run it in WSL 2 (Windows Subsystem for Linux), where CUDA GPUs "
         "work too\n",
     )
+
+
+@pytest.mark.parametrize("suffix", [".avif", ".heic"])
+def test_a_cut_short_phone_photo_is_named_as_such(suffix: str, tmp_path: Path) -> None:
+    # Pillow drops libavif's reason (and pillow-heif's for a file cut short early): a cut-short AVIF was "not an
+    # image: its contents are no JPEG, PNG, GIF, WebP, BMP, HEIC or AVIF", which it is.
+    phone_formats(suffix)
+    path = tmp_path / f"photo{suffix}"
+    Image.fromarray(gradient(64, 64)).save(path, quality=90)
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(UsageError) as refused:
+        decode_rgb(path)
+    assert str(refused.value) == (
+        f"cannot decode image {path} (a damaged or cut-short {suffix[1:].upper()} file: no image could be read from "
+        "it): remove or replace the file"
+    )

@@ -253,10 +253,29 @@ def _decode_with_pillow(path: Path, error: RuntimeError | None) -> Tensor:
         if isinstance(err, UnidentifiedImageError) and (error is None or reason.startswith("Unsupported image file")):
             # Neither knows the format (a web server's error page saved as .jpg): torchvision's reason listed its own
             # formats and pointed to its Python functions for AVIF and HEIC.
-            # A cut-short HEIC or AVIF is said so too: Pillow drops pillow-heif's and libavif's reasons.
             reason = f"not an image: its contents are no {read_formats()}"
+            family = _heif_family(path)
+            if family is not None:  # Pillow drops libavif's reason, and pillow-heif's for a file cut short early
+                reason = f"a damaged or cut-short {family} file: no image could be read from it"
         raise UsageError(f"cannot decode image {path} ({reason}): remove or replace the file") from err
     return torch.from_numpy(rgb.copy()).permute(2, 0, 1)
+
+
+# The brands of an ISO base media file's `ftyp` box that name HEIF images (HEIC, iPhones' photos) and AVIF images.
+HEIF_BRANDS = {b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1"}
+AVIF_BRANDS = {b"avif", b"avis"}
+
+
+def _heif_family(path: Path) -> str | None:
+    """`HEIC` or `AVIF` for a file that begins as one (its `ftyp` box and brand), None for any other."""
+    try:
+        with open(path, "rb") as file:
+            head = file.read(12)
+    except OSError:
+        return None
+    if head[4:8] != b"ftyp":
+        return None
+    return "AVIF" if head[8:12] in AVIF_BRANDS else "HEIC" if head[8:12] in HEIF_BRANDS else None
 
 
 def usable_cpus() -> int:
