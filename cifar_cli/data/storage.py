@@ -35,8 +35,8 @@ def cache_path(cache_dir: Path, name: str, source: Path, fingerprint: str) -> Pa
 
 
 # Raised when the same file decodes to other pixels than before, so that caches decoded the old way are rebuilt.
-# 2: EXIF orientation applied.
-DECODING_VERSION = 2
+# 2: EXIF orientation applied. 3: JPEGs at least twice the size decoded reduced (`_decode_jpeg_reduced`).
+DECODING_VERSION = 3
 
 
 def stat_key(path: Path) -> str:
