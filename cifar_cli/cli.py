@@ -798,8 +798,7 @@ class CifarCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         plain_numbers(config)
         trainer = config["trainer"]
-        offline_unless_given(trainer.get("logger"), getattr(self, "_given", None), self.subcommand)
-        record_wandb_mode(trainer.get("logger"))
+        settle_wandb_logger(trainer.get("logger"), getattr(self, "_given", None), self.subcommand)
         check_accelerator(trainer, config.get("config"))
         check_trainer_values(trainer)
         endless = trainer.get("max_epochs") == -1 and trainer.get("max_steps") in (None, -1)
@@ -1152,8 +1151,7 @@ class CifarCLI(LightningCLI):
                 self._parse_arguments(parser, args)
                 subcommand = self.config["subcommand"]
                 plain_numbers(self.config[subcommand])
-                offline_unless_given(self.config[subcommand]["trainer"].get("logger"), self._given, subcommand)
-                record_wandb_mode(self.config[subcommand]["trainer"].get("logger"))
+                settle_wandb_logger(self.config[subcommand]["trainer"].get("logger"), self._given, subcommand)
                 self._move_optimizer_flags(subcommand)
         except ArgumentError:
             # An incomplete config (`--data ImageFolderDataModule` without its root), which jsonargparse prints as a
@@ -1658,6 +1656,19 @@ def wandb_offline() -> bool:
 WANDB_MODES_WITHOUT_SERVER = {"disabled": "disabled", "offline": "offline", "dryrun": "offline"}
 
 
+def settle_wandb_logger(logger: Any, given: Namespace | None, subcommand: str | None) -> None:
+    """The W&B logger's `offline` and `mode` as the run takes them, written into its config (`offline_unless_given`,
+    then `record_wandb_mode`, which reads the `offline` the first settles)."""
+    offline_unless_given(logger, given, subcommand)
+    record_wandb_mode(logger)
+
+
+def wandb_init_args(entry: Any) -> Any:
+    """The `init_args` of a logger's config entry that is a W&B logger, None for any other."""
+    init = entry.get("init_args") if isinstance(entry, (dict, Namespace)) else None
+    return init if init is not None and str(entry.get("class_path", "")).endswith(".WandbLogger") else None
+
+
 def offline_unless_given(logger: Any, given: Namespace | None, subcommand: str | None) -> None:
     """`offline` of a W&B logger that the command line and configs name without setting it: cifar-cli's default
     (`wandb_offline`), which the default logger has, not the class's `false`. Named in place of none
@@ -1673,8 +1684,8 @@ def offline_unless_given(logger: Any, given: Namespace | None, subcommand: str |
     if len(entries) != len(said_entries):  # entries it cannot pair with those given: left as they are
         return
     for entry, named in zip(entries, said_entries):
-        init = entry.get("init_args") if isinstance(entry, (dict, Namespace)) else None
-        if init is None or not str(entry.get("class_path", "")).endswith(".WandbLogger"):
+        init = wandb_init_args(entry)
+        if init is None:
             continue
         named_init = named.get("init_args") if isinstance(named, (dict, Namespace)) else None
         if named_init is None or "offline" not in named_init:
@@ -1688,8 +1699,8 @@ def record_wandb_mode(logger: Any) -> None:
     login. The logger hands `mode` to `wandb.init`, which runs as the variable did. A mode given is kept."""
     mode = WANDB_MODES_WITHOUT_SERVER.get(os.environ.get("WANDB_MODE", "").strip().lower())
     for entry in logger if isinstance(logger, list) else [logger]:
-        init = entry.get("init_args") if isinstance(entry, (dict, Namespace)) else None
-        if mode is None or init is None or not str(entry.get("class_path", "")).endswith(".WandbLogger"):
+        init = wandb_init_args(entry)
+        if mode is None or init is None:
             continue
         if init.get("offline") is False and init.get("mode") is None:
             init["mode"] = mode

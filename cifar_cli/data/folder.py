@@ -411,21 +411,18 @@ class ImageFolderDataModule(ImageDataModule):
         stays as drawn: it depends on the listing alone, which checkpoints record (`_held_out_record`) to refuse
         evaluating on images their run trained on; grouping copies would draw another split from the same record."""
         *held_out, _ = split_indices(len(train.paths), drawn, self.split_seed)
-        held = [False] * len(train.paths)
-        for index in held_out:
-            for i in index.tolist():
-                held[i] = True
+        held = set(torch.cat(held_out).tolist())
         copies: list[tuple[int, int]] = []  # (the held-out copy, an image trained on)
         for same_size in sizes.values():
-            if len(same_size) < 2 or all(held[i] for i in same_size) or not any(held[i] for i in same_size):
+            if len(same_size) < 2 or all(i in held for i in same_size) or held.isdisjoint(same_size):
                 continue
             groups: dict[bytes, list[int]] = {}
             for i in same_size:
                 groups.setdefault(digest(i), []).append(i)
             for group in groups.values():
-                trained = next((i for i in group if not held[i]), None)
+                trained = next((i for i in group if i not in held), None)
                 if trained is not None:
-                    copies += [(i, trained) for i in group if held[i]]
+                    copies += [(i, trained) for i in group if i in held]
         if not copies:
             return
         copies.sort()

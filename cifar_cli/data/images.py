@@ -13,6 +13,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -22,6 +23,9 @@ from torchvision.transforms.v2 import functional as TF
 
 from cifar_cli.data.storage import create_npy, write_at
 from cifar_cli.errors import UsageError
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
 
 # Suffixes torchvision.io.decode_image reads (and Pillow, for the files it cannot), and those Pillow alone reads.
 # Not TIFF: Pillow reads it, but clips 16-bit and float TIFFs to 0-255 (a 16-bit grey image came out near white).
@@ -239,11 +243,11 @@ def _decode_with_pillow(path: Path, error: RuntimeError | None) -> Tensor:
     # supported"); Pillow is the fallback only, as it is slower and loads lazily (errors surface at convert). It
     # reads PILLOW_SUFFIXES (BMP), HEIC and AVIF, and WebPs with EXIF, alone (`error` None): torchvision reads none
     # of the former (see HEIF_SUFFIXES) and ignores the latter's orientation.
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as image:
-            rgb = np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+            rgb = _upright_rgb(image)
     except Exception as err:  # Pillow raises UnidentifiedImageError, OSError, SyntaxError, ValueError for bad files
         cause = err if error is None else error
         reason = " ".join(str(cause).split()) or type(cause).__name__
@@ -258,6 +262,14 @@ def _decode_with_pillow(path: Path, error: RuntimeError | None) -> Tensor:
             if family is not None:  # Pillow drops libavif's reason, and pillow-heif's for a file cut short early
                 reason = f"a damaged or cut-short {family} file: no image could be read from it"
         raise UsageError(f"cannot decode image {path} ({reason}): remove or replace the file") from err
+    return rgb
+
+
+def _upright_rgb(image: Image) -> Tensor:
+    """A Pillow image as a `(3, H, W)` uint8 RGB tensor, turned by its EXIF orientation as viewers show it."""
+    from PIL import ImageOps
+
+    rgb = np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
     return torch.from_numpy(rgb.copy()).permute(2, 0, 1)
 
 
@@ -308,17 +320,16 @@ def _decode_jpeg_reduced(path: Path, size: int) -> Tensor | None:
     photo took 56 ms to decode in full and 21 ms so, for 32 px (64 and 25 ms for 224 px; one core); the pixels at
     224 px differ by 2 levels on average from the full decode's, resized alike. RGB and grayscale JPEGs only: CMYK
     ones keep torchvision's conversion."""
-    from PIL import Image, ImageOps
+    from PIL import Image
 
     try:
         with Image.open(path) as image:
             if image.format != "JPEG" or image.mode not in ("RGB", "L") or min(image.size) < 2 * size:
                 return None
             image.draft(image.mode, (size, size))
-            rgb = np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+            return _upright_rgb(image)
     except Exception:  # a file Pillow cannot read: decode_rgb says why, as for every image
         return None
-    return torch.from_numpy(rgb.copy()).permute(2, 0, 1)
 
 
 def decode_images(paths: Sequence[Path], size: int, workers: int = 1, label: str = "") -> Tensor:
